@@ -1,0 +1,13 @@
+"""distconv: distributed converter between Megatron checkpoints and Hugging Face folders."""
+
+from distconv.errors import DistconvError
+
+
+def export(*args, **kwargs):
+    """Megatron torch_dist -> HF folder; see ``distconv.export.export``."""
+    from distconv.export import export as _export
+
+    return _export(*args, **kwargs)
+
+
+__all__ = ["DistconvError", "export"]

@@ -1,0 +1,270 @@
+"""The export pipeline: describe -> plan -> (read -> gather -> map -> write) per group -> commit.
+
+``export()`` is also the post-training hook: inside a job whose ``torch.distributed`` group
+already exists it reuses that group and leaves it as it was; in a plain process it runs as a
+group of one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distconv.checkpoint import Checkpoint, describe
+from distconv.errors import DistconvError
+from distconv.families import FAMILIES, Family, pick_family
+from distconv.gather import Comm
+from distconv.plan import Plan, make_plan
+from distconv.read import read_slices
+from distconv.spec import ModelSpec, arg, spec_from_args
+from distconv.write import (
+    OutputFolder,
+    ShardWriter,
+    write_config,
+    write_generation_config,
+    write_index,
+    write_tokenizer,
+)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """``5GB`` -> 5_000_000_000 (decimal units like transformers; KiB/MiB/GiB binary)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise DistconvError(f"cannot read size {text!r}; use e.g. 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
+    if path is None:
+        return None, None
+    from transformers import AutoConfig
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            return AutoConfig.from_pretrained(str(path)), path
+        data = json.loads(path.read_text())
+        return AutoConfig.for_model(**data), path.parent
+    except (OSError, ValueError, KeyError) as e:
+        raise DistconvError(f"--hf-config {path}: cannot read an HF config: {e}") from None
+
+
+def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | None]:
+    """The tokenizer from ``--tokenizer``, else from args' ``tokenizer_model`` if it is a local HF folder."""
+    from transformers import AutoTokenizer
+
+    candidate = explicit if explicit is not None else arg(args, "tokenizer_model")
+    if candidate is None or not Path(candidate).is_dir():
+        if explicit is not None:
+            raise DistconvError(f"--tokenizer {explicit} is not a folder holding an HF tokenizer")
+        return None, None
+    try:
+        return AutoTokenizer.from_pretrained(str(candidate)), str(candidate)
+    except (OSError, ValueError) as e:
+        if explicit is not None:
+            raise DistconvError(f"--tokenizer {explicit}: {e}") from None
+        return None, None
+
+
+def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any) -> tuple[int, str]:
+    if config is not None:
+        return int(config.vocab_size), "--hf-config vocab_size"
+    if tokenizer is not None:
+        return len(tokenizer), "the tokenizer's size"
+    if arg(args, "vocab_size") is not None:
+        return int(args.vocab_size), "args.vocab_size"
+    return spec.padded_vocab_size, "nothing (no --hf-config, tokenizer or args.vocab_size): padded size kept"
+
+
+def _check_against_hf(plan: Plan, config: Any) -> None:
+    """The outputs must be exactly the HF model's state dict: no tensor missing, none extra."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if getattr(config, "tie_word_embeddings", False):
+        aliases |= set(getattr(model, "all_tied_weights_keys", None) or {})
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in aliases}
+    produced = {o.name: o.shape for o in plan.outputs}
+    missing = sorted(set(expected) - set(produced))
+    extra = sorted(set(produced) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(produced) if expected[n] != produced[n])
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if extra:
+        problems.append(f"not used by {config.architectures[0]}: {', '.join(extra[:8])}{' ...' if len(extra) > 8 else ''}")
+    if wrong:
+        problems.append("shape mismatch: " + ", ".join(f"{n} {produced[n]} vs HF {expected[n]}" for n in wrong[:8]))
+    if problems:
+        raise DistconvError("the mapped tensors do not match the HF model: " + "; ".join(problems))
+
+
+class _Job:
+    """Everything stages 1-2 decide, identical on every rank."""
+
+    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, world, rank):
+        self.ckpt: Checkpoint = describe(load, iteration)
+        spec = spec_from_args(self.ckpt.args)
+        user_config, self.config_dir = _load_hf_config(hf_config)
+        arch = (user_config.architectures or [None])[0] if user_config is not None else None
+        self.family: Family = pick_family(FAMILIES, spec, arch)
+        self.tokenizer, self.tokenizer_source = _load_tokenizer(tokenizer, self.ckpt.args)
+        vocab, self.vocab_source = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args)
+        self.spec = spec.with_vocab(vocab)
+        has_output = "output_layer.weight" in self.ckpt.tensors
+        if has_output == self.spec.tie_embeddings:
+            raise DistconvError(
+                f"args say tie_embeddings={self.spec.tie_embeddings} but the checkpoint "
+                f"{'has' if has_output else 'has no'} output_layer.weight"
+            )
+        if user_config is not None:
+            self.family.check_config(user_config, self.spec)
+        self.config = user_config if user_config is not None else self.family.hf_config(self.spec)
+        if dtype not in ("auto", *DTYPES):
+            raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16 or fp32")
+        self.dtype = self.spec.train_dtype if dtype == "auto" else DTYPES[dtype]
+        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, parse_size(max_shard_size), parse_size(window))
+        _check_against_hf(self.plan, self.config)
+        self.folder = OutputFolder(save, overwrite) if rank == 0 else None
+
+    def summary(self, world: int) -> str:
+        ckpt, spec, plan = self.ckpt, self.spec, self.plan
+        tp = arg(ckpt.args, "tensor_model_parallel_size", default=1)
+        pp = arg(ckpt.args, "pipeline_model_parallel_size", default=1)
+        return "\n".join([
+            f"checkpoint  {ckpt.path} (iteration {ckpt.iteration}, {ckpt.format}, trained at TP{tp} PP{pp}, saved by {ckpt.writers} ranks)",
+            f"model       {self.family.architecture} ({'from --hf-config' if self.config_dir else 'inferred from args'}): "
+            f"{spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads}/{spec.num_query_groups}",
+            f"vocab       {spec.vocab_size} of {spec.padded_vocab_size} padded rows, from {self.vocab_source}",
+            f"plan        {world} rank(s), {len(plan.groups)} groups, {plan.total_bytes / 1e9:.3f} GB of {str(self.dtype).removeprefix('torch.')} "
+            f"into {len(plan.files)} file(s); optimizer and other state ({ckpt.other_bytes / 1e9:.3f} GB) not read",
+        ])
+
+
+def _say(comm: Comm, quiet: bool, text: str) -> None:
+    if comm.rank == 0 and not quiet:
+        print(text, flush=True)
+
+
+def export(
+    load: str | Path,
+    save: str | Path,
+    *,
+    iteration: int | str | None = None,
+    hf_config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    dtype: str = "auto",
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    device: str = "auto",
+    window: str | int = "1GiB",
+    timeout_s: float = 1800.0,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Convert a Megatron torch_dist checkpoint into an HF folder; collective over all ranks.
+
+    Returns a small report (the same on every rank). Raises ``DistconvError`` on every rank
+    if any rank fails; ``save`` is then left untouched.
+    """
+    comm = Comm.setup(device, timeout_s)
+    try:
+        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet)
+    finally:
+        comm.close()
+
+
+def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet):
+    start = time.perf_counter()
+    job, error = None, None
+    try:
+        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, comm.world, comm.rank)
+    except Exception as e:  # every rank hits the same planning error; agree() reports it once
+        error = e
+    comm.agree(error)
+    assert job is not None
+    _say(comm, quiet, job.summary(comm.world))
+
+    writer, folder = None, job.folder
+    try:
+        if comm.rank == 0:
+            writer = ShardWriter(folder.create(), job.plan.outputs)
+        comm.agree(None)
+        pending: BaseException | None = None
+        for group in job.plan.groups:
+            mine, error = [], None
+            try:
+                mine = read_slices(job.ckpt.path, group.reads_of(comm.rank), job.dtype)
+            except Exception as e:
+                error = e
+            comm.agree(error or pending)
+            full = comm.gather(group, mine, job.dtype)
+            if full is not None:
+                try:
+                    for item, tensor in zip(group.items, full):
+                        for name, out in job.family.export_tensor(item.name, tensor, job.spec):
+                            writer.write(name, out.contiguous())
+                except Exception as e:
+                    pending = e
+        if comm.rank == 0 and pending is None:
+            try:
+                _finish(job, writer, folder.tmp)
+            except Exception as e:
+                pending = e
+        comm.agree(pending)
+        if comm.rank == 0:
+            folder.commit()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        if folder is not None:
+            folder.abort()
+        raise
+    seconds = time.perf_counter() - start
+    total = job.plan.total_bytes
+    _say(comm, quiet, f"wrote {job.family.architecture} to {Path(save).absolute()}: {len(job.plan.outputs)} tensors, "
+                      f"{total / 1e9:.3f} GB in {seconds:.1f} s")
+    return {
+        "architecture": job.family.architecture,
+        "save": str(Path(save).absolute()),
+        "tensors": len(job.plan.outputs),
+        "bytes_written": total,
+        "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)},
+        "seconds": seconds,
+        "vocab_size": job.spec.vocab_size,
+        "vocab_source": job.vocab_source,
+    }
+
+
+def _finish(job: _Job, writer: ShardWriter, tmp: Path) -> None:
+    """Close the shards, then config, generation config, tokenizer, and the index last."""
+    writer.close()
+    write_config(tmp, job.config, job.dtype)
+    write_generation_config(tmp, job.config, job.config_dir)
+    if job.tokenizer is not None:
+        write_tokenizer(tmp, job.tokenizer)
+    write_index(tmp, job.plan.outputs)
+
+
+def main_export(opts: Any) -> int:
+    """CLI entry for ``distconv export``."""
+    export(
+        opts.load, opts.save, iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer,
+        dtype=opts.dtype, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device,
+        window=opts.window, timeout_s=opts.timeout, quiet=opts.quiet,
+    )
+    return 0
+

@@ -1,0 +1,220 @@
+"""The vocabulary of declarative mappings: name rules, tensor transforms, model families.
+
+A family is data: a table of ``Rule``s (Megatron name pattern -> HF name patterns, with a
+transform), the ``ModelSpec`` values it can express, and a table of HF config fields. The same
+table serves export (Megatron -> HF) and import (HF -> Megatron). Everything here is pure: no
+I/O, no collectives, and it works on ``meta`` tensors, which is how the plan learns the output
+names and shapes before any byte is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from transformers import PretrainedConfig
+
+from distconv.errors import DistconvError
+from distconv.spec import ModelSpec
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+class Transform:
+    """Turns one Megatron tensor into HF tensors (``export``) and back (``import_``)."""
+
+    def export(self, t: torch.Tensor, spec: ModelSpec) -> Tensors:
+        return (t,)
+
+    def import_(self, ts: Tensors, spec: ModelSpec) -> torch.Tensor:
+        return ts[0]
+
+
+class SplitQKV(Transform):
+    """Megatron's fused ``linear_qkv`` is grouped per KV head: ``[q_g (r heads), k_g, v_g] x ng``."""
+
+    def export(self, t: torch.Tensor, spec: ModelSpec) -> Tensors:
+        ng, hd = spec.num_query_groups, spec.head_dim
+        r = spec.num_attention_heads // ng
+        rest = t.shape[1:]
+        w = t.reshape(ng, r + 2, hd, *rest)
+        return (
+            w[:, :r].reshape(ng * r * hd, *rest),
+            w[:, r].reshape(ng * hd, *rest),
+            w[:, r + 1].reshape(ng * hd, *rest),
+        )
+
+    def import_(self, ts: Tensors, spec: ModelSpec) -> torch.Tensor:
+        ng, hd = spec.num_query_groups, spec.head_dim
+        r = spec.num_attention_heads // ng
+        q, k, v = ts
+        rest = q.shape[1:]
+        grouped = (q.reshape(ng, r, hd, *rest), k.reshape(ng, 1, hd, *rest), v.reshape(ng, 1, hd, *rest))
+        return torch.cat(grouped, dim=1).reshape(ng * (r + 2) * hd, *rest)
+
+
+class SplitGateUp(Transform):
+    """Gated ``linear_fc1`` is stored ``[gate; up]`` (independent of TP in torch_dist)."""
+
+    def export(self, t: torch.Tensor, spec: ModelSpec) -> Tensors:
+        gate, up = t.chunk(2, dim=0)
+        return gate, up
+
+    def import_(self, ts: Tensors, spec: ModelSpec) -> torch.Tensor:
+        return torch.cat(ts, dim=0)
+
+
+class VocabRows(Transform):
+    """Embedding/output rows: drop Megatron's vocab padding on export, pad with zeros on import."""
+
+    def export(self, t: torch.Tensor, spec: ModelSpec) -> Tensors:
+        return (t[: spec.vocab_size or t.shape[0]],)
+
+    def import_(self, ts: Tensors, spec: ModelSpec) -> torch.Tensor:
+        (t,) = ts
+        pad = spec.padded_vocab_size - t.shape[0]
+        return torch.cat([t, t.new_zeros(pad, *t.shape[1:])]) if pad else t
+
+
+COPY = Transform()
+QKV = SplitQKV()
+GATE_UP = SplitGateUp()
+VOCAB = VocabRows()
+
+_PLACEHOLDER = re.compile(r"\{(\w+)\}")
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    parts = _PLACEHOLDER.split(pattern)
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>\\d+)" for i, p in enumerate(parts))
+    return re.compile(regex + "$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """``megatron`` (first spelling is canonical; others are accepted aliases) <-> ``hf`` names."""
+
+    megatron: str | tuple[str, ...]
+    hf: str | tuple[str, ...]
+    transform: Transform = COPY
+
+    @property
+    def megatron_names(self) -> tuple[str, ...]:
+        return (self.megatron,) if isinstance(self.megatron, str) else self.megatron
+
+    @property
+    def hf_names(self) -> tuple[str, ...]:
+        return (self.hf,) if isinstance(self.hf, str) else self.hf
+
+    def match(self, name: str) -> dict[str, str] | None:
+        for pattern in self.megatron_names:
+            m = _compile(pattern).match(name)
+            if m:
+                return m.groupdict()
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One HF architecture: its rules, what it can express, and how its config is built."""
+
+    architecture: str
+    config_class: type[PretrainedConfig]
+    rules: tuple[Rule, ...]
+    requires: dict[str, Any]  # ModelSpec field -> required value (or a predicate)
+    config_fields: tuple[tuple[str, Callable[[ModelSpec], Any]], ...]  # HF field <- spec
+    detect: Callable[[ModelSpec], bool] = lambda spec: True
+
+    def unsupported(self, spec: ModelSpec) -> list[str]:
+        """Reasons this family cannot express ``spec`` exactly (empty when it can)."""
+        reasons = []
+        for field, need in self.requires.items():
+            have = getattr(spec, field)
+            ok = need(have) if callable(need) else have == need
+            if not ok:
+                reasons.append(f"{field}={have!r}")
+        return reasons
+
+    def hf_config(self, spec: ModelSpec) -> PretrainedConfig:
+        values = {name: fn(spec) for name, fn in self.config_fields}
+        config = self.config_class(**{k: v for k, v in values.items() if v is not None})
+        config.architectures = [self.architecture]
+        return config
+
+    def check_config(self, config: PretrainedConfig, spec: ModelSpec) -> None:
+        """A user-given HF config must agree with the checkpoint on every architectural field."""
+        conflicts = []
+        for name, fn in self.config_fields:
+            if name in _ADVISORY_FIELDS:
+                continue
+            ours, theirs = fn(spec), _hf_value(config, name)
+            if name == "vocab_size":
+                if theirs > spec.padded_vocab_size:
+                    conflicts.append(f"vocab_size: HF config {theirs} > checkpoint padded vocab {spec.padded_vocab_size}")
+            elif name == "rope_scaling" and _rope(ours) != theirs:
+                conflicts.append(f"rope scaling: HF config {theirs!r}, checkpoint {_rope(ours)!r}")
+            elif name != "rope_scaling" and ours is not None and theirs != ours and not _close(theirs, ours):
+                conflicts.append(f"{name}: HF config {theirs!r}, checkpoint {ours!r}")
+        if conflicts:
+            raise DistconvError("--hf-config conflicts with the checkpoint: " + "; ".join(conflicts))
+
+    def rule_for(self, megatron_name: str) -> tuple[Rule, dict[str, str]]:
+        for rule in self.rules:
+            groups = rule.match(megatron_name)
+            if groups is not None:
+                return rule, groups
+        raise DistconvError(f"{self.architecture} has no mapping for checkpoint tensor {megatron_name}")
+
+    def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec) -> list[tuple[str, torch.Tensor]]:
+        """Map one Megatron tensor (per-layer name) to its HF tensors."""
+        rule, groups = self.rule_for(name)
+        out = rule.transform.export(t, spec)
+        return [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
+
+
+def _rope(scaling: dict[str, Any] | None) -> tuple[str, float] | None:
+    if not scaling or scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return None
+    return scaling.get("rope_type", scaling.get("type")), float(scaling.get("factor", 1.0))
+
+
+def _hf_value(config: PretrainedConfig, name: str) -> Any:
+    """A config field, looking inside transformers v5's ``rope_parameters`` for RoPE settings."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if name == "rope_theta":
+        return getattr(config, "rope_theta", None) or rope.get("rope_theta")
+    if name == "rope_scaling":
+        return _rope(getattr(config, "rope_scaling", None) or rope)
+    return getattr(config, name, None)
+
+
+def _close(a: Any, b: Any) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= 1e-9 * max(abs(a), abs(b), 1)
+
+
+# Fields that do not change the weights' meaning; a user's HF config may set them freely.
+_ADVISORY_FIELDS = {"max_position_embeddings", "initializer_range", "torch_dtype", "bos_token_id", "eos_token_id"}
+
+
+def pick_family(families: Sequence[Family], spec: ModelSpec, architecture: str | None) -> Family:
+    """The family named by ``architecture`` (from --hf-config), else the first that detects."""
+    if architecture is not None:
+        by_name = {f.architecture: f for f in families}
+        if architecture not in by_name:
+            raise DistconvError(f"unsupported HF architecture {architecture}; supported: {', '.join(sorted(by_name))}")
+        family = by_name[architecture]
+    else:
+        family = next(f for f in families if f.detect(spec))
+    reasons = family.unsupported(spec)
+    if reasons:
+        raise DistconvError(
+            f"the checkpoint's model cannot be exported as {family.architecture} exactly: "
+            f"{', '.join(reasons)} (unsupported combination)"
+        )
+    return family
+
+
+def names(rules: Iterable[Rule]) -> list[str]:
+    return [n for r in rules for n in r.megatron_names]

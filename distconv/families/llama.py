@@ -1,0 +1,62 @@
+"""Llama: RMSNorm, SwiGLU, RoPE, GQA/MQA, no biases. The base table for its relatives."""
+
+from __future__ import annotations
+
+from transformers import LlamaConfig
+
+from distconv.families.base import GATE_UP, QKV, VOCAB, Family, Rule
+
+L = "decoder.layers.{layer}."
+H = "model.layers.{layer}."
+
+RULES = (
+    Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
+    Rule((L + "self_attention.linear_qkv.layer_norm_weight", L + "input_layernorm.weight"), H + "input_layernorm.weight"),
+    Rule(L + "self_attention.linear_qkv.weight", (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"), QKV),
+    Rule(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight"),
+    Rule((L + "mlp.linear_fc1.layer_norm_weight", L + "pre_mlp_layernorm.weight"), H + "post_attention_layernorm.weight"),
+    Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GATE_UP),
+    Rule(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight"),
+    Rule("decoder.final_layernorm.weight", "model.norm.weight"),
+    Rule("output_layer.weight", "lm_head.weight", VOCAB),
+)
+
+REQUIRES = dict(
+    normalization="RMSNorm",
+    gated_mlp=True,
+    activation="silu",
+    position_embedding="rope",
+    add_bias_linear=False,
+    add_qkv_bias=False,
+    qk_layernorm=False,
+    rotary_percent=1.0,
+    rotary_interleaved=False,
+    zero_centered_gamma=False,
+    window_size=None,
+)
+
+CONFIG_FIELDS = (
+    ("vocab_size", lambda s: s.vocab_size or s.padded_vocab_size),
+    ("hidden_size", lambda s: s.hidden_size),
+    ("intermediate_size", lambda s: s.ffn_hidden_size),
+    ("num_hidden_layers", lambda s: s.num_layers),
+    ("num_attention_heads", lambda s: s.num_attention_heads),
+    ("num_key_value_heads", lambda s: s.num_query_groups),
+    ("head_dim", lambda s: s.head_dim),
+    ("hidden_act", lambda s: s.activation),
+    ("rms_norm_eps", lambda s: s.norm_epsilon),
+    ("max_position_embeddings", lambda s: s.max_position_embeddings),
+    ("tie_word_embeddings", lambda s: s.tie_embeddings),
+    ("initializer_range", lambda s: s.init_std),
+    ("rope_theta", lambda s: s.rotary_base),
+    ("rope_scaling", lambda s: s.rope_scaling),
+)
+
+
+LLAMA = Family(
+    architecture="LlamaForCausalLM",
+    config_class=LlamaConfig,
+    rules=RULES,
+    requires=REQUIRES,
+    config_fields=CONFIG_FIELDS + (("attention_bias", lambda s: False), ("mlp_bias", lambda s: False)),
+)

@@ -1,0 +1,19 @@
+"""Qwen2: Llama plus biases on q/k/v (and none on o_proj or the MLP)."""
+
+from __future__ import annotations
+
+from transformers import Qwen2Config
+
+from distconv.families.base import QKV, Family, Rule
+from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, H, L
+
+QWEN2 = Family(
+    architecture="Qwen2ForCausalLM",
+    config_class=Qwen2Config,
+    rules=RULES + (
+        Rule(L + "self_attention.linear_qkv.bias", (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"), QKV),
+    ),
+    requires={**REQUIRES, "add_qkv_bias": True},
+    config_fields=CONFIG_FIELDS,
+    detect=lambda spec: spec.add_qkv_bias,
+)

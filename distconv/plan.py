@@ -1,0 +1,203 @@
+"""Stage 2: decide which rank reads which slice, in which streaming group, into which HF file.
+
+The plan is a pure function of the checkpoint description, the family, the world size and
+the options, so every rank computes the same plan without talking to the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import torch
+
+from distconv.checkpoint import Checkpoint, TensorInfo
+from distconv.errors import DistconvError
+from distconv.families import Family
+from distconv.spec import ModelSpec
+
+_STACKED = re.compile(r"^(?P<prefix>decoder\.layers\.)(?P<sub>[A-Za-z_].*)$")
+_PER_LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One logical Megatron tensor (one layer's slice of a stacked key): the unit of mapping."""
+
+    name: str  # per-layer name the mappings use, e.g. decoder.layers.3.mlp.linear_fc2.weight
+    key: str  # checkpoint key
+    index: tuple[int, ...]  # leading indices into the stored tensor
+    shape: tuple[int, ...]
+    layer: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """A box of a stored tensor that one rank loads, and where it lands in its item."""
+
+    item: int  # position in the group's items
+    rank: int
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dest: tuple[slice, ...]  # inside the item tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One HF tensor and the safetensors file it goes to."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: str
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclasses.dataclass
+class Group:
+    """What is read, gathered and written together; rank 0 holds one group at a time."""
+
+    items: list[Item]
+    reads: list[Read]
+
+    def reads_of(self, rank: int) -> list[Read]:
+        return [r for r in self.reads if r.rank == rank]
+
+
+@dataclasses.dataclass
+class Plan:
+    groups: list[Group]
+    outputs: list[Output]
+    files: list[str]
+    dtype: torch.dtype
+    world: int
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
+    def bytes_read_by(self, rank: int) -> int:
+        return sum(
+            _numel(r.sizes) * self.dtype.itemsize for g in self.groups for r in g.reads if r.rank == rank
+        )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def items_of(tensor: TensorInfo, num_layers: int) -> list[Item]:
+    """Split a stored tensor into per-layer items (stacked ``decoder.layers.*`` keys)."""
+    m = _STACKED.match(tensor.key)
+    if m and tensor.shape and tensor.shape[0] == num_layers:
+        return [
+            Item(f"{m['prefix']}{layer}.{m['sub']}", tensor.key, (layer,), tensor.shape[1:], layer)
+            for layer in range(num_layers)
+        ]
+    per_layer = _PER_LAYER.match(tensor.key)
+    layer = int(per_layer["layer"]) if per_layer else None
+    return [Item(tensor.key, tensor.key, (), tensor.shape, layer)]
+
+
+def _reads_for(item: Item, pos: int, tensor: TensorInfo, world: int) -> list[Read]:
+    """Intersect the item's box with every stored chunk; the chunk's writer rank reads it."""
+    lead = len(item.index)
+    box_off = item.index + (0,) * len(item.shape)
+    box_size = (1,) * lead + item.shape
+    reads = []
+    for chunk in tensor.chunks:
+        lo = tuple(max(a, b) for a, b in zip(box_off, chunk.offsets))
+        hi = tuple(min(a + s, b + t) for a, s, b, t in zip(box_off, box_size, chunk.offsets, chunk.sizes))
+        if any(h <= l for l, h in zip(lo, hi)):
+            continue
+        sizes = tuple(h - l for l, h in zip(lo, hi))
+        dest = tuple(slice(l, h) for l, h in zip(lo[lead:], hi[lead:]))
+        reads.append(Read(pos, chunk.writer % world, tensor.key, tensor.shape, lo, sizes, dest))
+    covered = sum(_numel(r.sizes) for r in reads)
+    if covered != _numel(item.shape):
+        raise DistconvError(f"checkpoint tensor {item.key} is incomplete: its stored chunks cover {covered} of {_numel(item.shape)} elements of {item.name}")
+    return reads
+
+
+def _order(item: Item) -> tuple[int, int, str]:
+    if item.key.startswith("embedding."):
+        return (0, 0, item.name)
+    if item.layer is not None:
+        return (1, item.layer, item.name)
+    return (2, 0, item.name)
+
+
+def _split(items: list[Item], window: int, itemsize: int) -> list[list[Item]]:
+    """Cut a run of items into pieces of at most ``window`` bytes (an item is never cut)."""
+    pieces: list[list[Item]] = [[]]
+    size = 0
+    for item in items:
+        n = _numel(item.shape) * itemsize
+        if pieces[-1] and size + n > window:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(item)
+        size += n
+    return pieces
+
+
+def make_plan(
+    ckpt: Checkpoint,
+    spec: ModelSpec,
+    family: Family,
+    dtype: torch.dtype,
+    world: int,
+    max_shard_size: int,
+    window: int = 1 << 30,
+) -> Plan:
+    """Items grouped per layer (split by ``window`` bytes), their reads, and the HF outputs."""
+    items = sorted((i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers)), key=_order)
+    by_unit: dict[tuple[int, int | str], list[Item]] = {}
+    for item in items:
+        unit = _order(item)
+        by_unit.setdefault((unit[0], item.layer if item.layer is not None else item.name), []).append(item)
+
+    groups: list[Group] = []
+    named: list[tuple[str, torch.Tensor]] = []
+    for unit_items in by_unit.values():
+        for piece in _split(unit_items, window, dtype.itemsize):
+            reads = []
+            for pos, item in enumerate(piece):
+                reads += _reads_for(item, pos, ckpt.tensors[item.key], world)
+                meta = torch.empty(item.shape, dtype=dtype, device="meta")
+                named += family.export_tensor(item.name, meta, spec)
+            groups.append(Group(piece, reads))
+
+    outputs, files = _assign_files(named, max_shard_size)
+    return Plan(groups, outputs, files, dtype, world)
+
+
+def _assign_files(named: list[tuple[str, torch.Tensor]], max_shard_size: int) -> tuple[list[Output], list[str]]:
+    """Fill safetensors files in order, each at most ``max_shard_size`` bytes (HF naming)."""
+    seen: set[str] = set()
+    shard_of: list[int] = []
+    shard, size = 0, 0
+    for name, t in named:
+        if name in seen:
+            raise DistconvError(f"two checkpoint tensors map to the same HF tensor {name}")
+        seen.add(name)
+        n = t.numel() * t.element_size()
+        if size and size + n > max_shard_size:
+            shard, size = shard + 1, 0
+        shard_of.append(shard)
+        size += n
+    total = shard + 1
+    files = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    outputs = [Output(name, tuple(t.shape), t.dtype, files[s]) for (name, t), s in zip(named, shard_of)]
+    return outputs, files

@@ -1,0 +1,131 @@
+"""A version-independent description of the model, read from Megatron-LM's training args."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any
+
+import torch
+
+from distconv.errors import DistconvError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The architecture facts every mapping and HF config builder needs."""
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    padded_vocab_size: int
+    max_position_embeddings: int
+    normalization: str  # "RMSNorm" | "LayerNorm"
+    norm_epsilon: float
+    gated_mlp: bool  # swiglu
+    activation: str  # HF hidden_act name
+    add_bias_linear: bool
+    add_qkv_bias: bool
+    qk_layernorm: bool
+    tie_embeddings: bool
+    position_embedding: str
+    rotary_base: float
+    rotary_percent: float
+    rotary_interleaved: bool
+    rope_scaling: dict[str, Any] | None
+    window_size: tuple[int, int] | None
+    zero_centered_gamma: bool
+    init_std: float
+    train_dtype: torch.dtype
+    vocab_size: int | None = None  # the true (unpadded) vocab, once known
+
+    def with_vocab(self, vocab_size: int) -> "ModelSpec":
+        if vocab_size > self.padded_vocab_size:
+            raise DistconvError(
+                f"vocab size {vocab_size} is larger than the checkpoint's padded vocab {self.padded_vocab_size}"
+            )
+        return dataclasses.replace(self, vocab_size=vocab_size)
+
+
+def arg(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` that ``args`` holds and is not None (args were renamed over time)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def _activation(args: argparse.Namespace) -> str:
+    if arg(args, "swiglu", default=False):
+        return "silu"
+    if arg(args, "squared_relu", default=False):
+        return "relu2"
+    if arg(args, "openai_gelu", default=False):
+        return "gelu_new"
+    if arg(args, "bias_gelu_fusion", default=False):
+        return "gelu_fast"
+    return "gelu"
+
+
+def _rope_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
+    if arg(args, "use_rope_scaling", default=False):
+        # megatron-core hard-codes Llama 3's low/high frequency factors and original length
+        return {
+            "rope_type": "llama3",
+            "factor": float(arg(args, "rope_scaling_factor", default=8.0)),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    factor = arg(args, "rotary_seq_len_interpolation_factor")
+    if factor:
+        return {"rope_type": "linear", "factor": float(factor)}
+    return None
+
+
+def spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    """Read the model-defining Megatron-LM args (0.12 to 0.19 spellings)."""
+    missing = [n for n in ("num_layers", "hidden_size", "num_attention_heads") if arg(args, n) is None]
+    if missing:
+        raise DistconvError(f"checkpoint args lack {', '.join(missing)}: cannot describe the model")
+    heads = int(args.num_attention_heads)
+    hidden = int(args.hidden_size)
+    groups = int(args.num_query_groups) if arg(args, "group_query_attention", default=False) else heads
+    padded = arg(args, "padded_vocab_size")
+    if padded is None:
+        raise DistconvError("checkpoint args lack padded_vocab_size")
+    window = arg(args, "window_size")
+    dtype = torch.bfloat16 if arg(args, "bf16", default=False) else (
+        torch.float16 if arg(args, "fp16", default=False) else torch.float32
+    )
+    return ModelSpec(
+        num_layers=int(args.num_layers),
+        hidden_size=hidden,
+        ffn_hidden_size=int(arg(args, "ffn_hidden_size", default=4 * hidden)),
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        head_dim=int(arg(args, "kv_channels", default=hidden // heads)),
+        padded_vocab_size=int(padded),
+        max_position_embeddings=int(arg(args, "max_position_embeddings", "seq_length")),
+        normalization=arg(args, "normalization", default="LayerNorm"),
+        norm_epsilon=float(arg(args, "norm_epsilon", "layernorm_epsilon", default=1e-5)),
+        gated_mlp=bool(arg(args, "swiglu", default=False)),
+        activation=_activation(args),
+        add_bias_linear=bool(arg(args, "add_bias_linear", default=True)),
+        add_qkv_bias=bool(arg(args, "add_qkv_bias", default=False)),
+        qk_layernorm=bool(arg(args, "qk_layernorm", default=False)),
+        tie_embeddings=not arg(args, "untie_embeddings_and_output_weights", default=False),
+        position_embedding=arg(args, "position_embedding_type", default="learned_absolute"),
+        rotary_base=float(arg(args, "rotary_base", default=10000)),
+        rotary_percent=float(arg(args, "rotary_percent", default=1.0)),
+        rotary_interleaved=bool(arg(args, "rotary_interleaved", default=False)),
+        rope_scaling=_rope_scaling(args),
+        window_size=tuple(window) if window else None,
+        zero_centered_gamma=bool(arg(args, "layernorm_zero_centered_gamma", "apply_layernorm_1p", default=False)),
+        init_std=float(arg(args, "init_method_std", default=0.02)),
+        train_dtype=dtype,
+    )

@@ -1,0 +1,213 @@
+"""Build real Megatron-LM-style torch_dist checkpoints with megatron-core on CPU.
+
+Run under torchrun (gloo), once, with as many ranks as the largest layout needs::
+
+    torchrun --nproc-per-node 4 -m distconv.testing.build --out DIR [--only NAME ...]
+
+For every model in ``FIXTURES`` it builds the model at TP1PP1 with seeded random weights,
+records megatron-core's own logits on fixed tokens (``DIR/refs/NAME.pt``), saves it, then
+re-loads those weights into the model at each other TP x PP layout through
+``dist_checkpointing`` and saves that layout too: ``DIR/NAME/tp{T}pp{P}/`` is a Megatron-LM save
+root (``latest_checkpointed_iteration.txt``, ``iter_XXXXXXX/`` or ``release/``, ``common.pt``
+with ``args``) with optimizer state beside the weights, as training leaves it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distconv.testing.megatron_cpu import (
+    build_gpt,
+    forward_logits,
+    megatron_args,
+    patch_cuda_for_cpu,
+    randomize_,
+)
+
+ALL_LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
+TOKENIZER_VOCAB = 250
+
+
+@dataclasses.dataclass(frozen=True)
+class Fixture:
+    """One model to build: Megatron-LM args, a seed and the layouts to save."""
+
+    args: dict[str, Any]
+    seed: int
+    layouts: tuple[tuple[int, int], ...] = ALL_LAYOUTS
+    iteration: int | str = 100  # a number or "release"
+    bf16: bool = False  # save bf16 weights (values chosen exactly representable)
+    tokenizer: bool = False  # point args.tokenizer_model at a local HF tokenizer
+
+
+FIXTURES: dict[str, Fixture] = {
+    "llama": Fixture(dict(untie_embeddings_and_output_weights=True), seed=1, tokenizer=True),
+    "llama_tied_mqa": Fixture(
+        dict(untie_embeddings_and_output_weights=False, num_query_groups=1,
+             use_rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000),
+        seed=2, layouts=((1, 1), (2, 2)), iteration="release",
+    ),
+    "mistral": Fixture(dict(vocab_size=250, rotary_base=1000000, layernorm_epsilon=1e-6), seed=3),
+    "qwen2": Fixture(dict(add_qkv_bias=True, bf16=True, params_dtype=torch.bfloat16), seed=4, bf16=True),
+    "qwen3": Fixture(
+        dict(qk_layernorm=True, kv_channels=32, untie_embeddings_and_output_weights=False,
+             layernorm_epsilon=1e-6),
+        seed=5,
+    ),
+}
+
+REFERENCE_TOKENS_SHAPE = (2, 12)
+
+
+def layout_dir(out: Path, name: str, tp: int, pp: int) -> Path:
+    return out / name / f"tp{tp}pp{pp}"
+
+
+def write_tokenizer(path: Path) -> None:
+    """A small local HF tokenizer (word-level, ``TOKENIZER_VOCAB`` tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, TOKENIZER_VOCAB)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(str(path))
+
+
+def _optimizer_state(model: torch.nn.Module, seed: int) -> dict[str, Any]:
+    """Adam moments laid out like the model (``optimizer.state.*`` keys, fully_reshardable)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {}
+
+    def walk(x: Any) -> None:
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, ShardedTensor):
+            for moment in ("exp_avg", "exp_avg_sq"):
+                data = torch.randn(x.local_shape, generator=gen)
+                out[f"{moment}.{x.key}.{len(out)}"] = dataclasses.replace(
+                    x, key=f"optimizer.state.{moment}.{x.key}", data=data, dtype=torch.float32
+                )
+
+    walk(sd)
+    return out
+
+
+def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx: Fixture) -> None:
+    """Save like Megatron-LM: iteration folder, common state, tracker file written last."""
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    iter_name = "release" if fx.iteration == "release" else f"iter_{int(fx.iteration):07d}"
+    ckpt = root / iter_name
+    if dist.get_rank() == 0:
+        ckpt.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    state = {
+        "model": model.sharded_state_dict(),
+        "optimizer": {"state": _optimizer_state(model, fx.seed + 1000), "param_groups": [{"lr": 1e-4}]},
+        "args": args,
+        "checkpoint_version": 3.0,
+        "iteration": 0 if fx.iteration == "release" else int(fx.iteration),
+        "opt_param_scheduler": {"max_lr": 1e-4, "num_steps": 100},
+        "num_floating_point_operations_so_far": 0,
+    }
+    strategy = FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy(), parallel_state.get_data_parallel_group()
+    )
+    dist_checkpointing.save(state, str(ckpt), sharded_strategy=strategy)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (root / "latest_checkpointed_iteration.txt").write_text(str(fx.iteration))
+    dist.barrier()
+
+
+def build_fixture(name: str, fx: Fixture, out: Path) -> None:
+    from megatron.core import dist_checkpointing, parallel_state
+
+    world = dist.get_world_size()
+    rank = dist.get_rank()
+    base_args = megatron_args(**fx.args)
+    if fx.tokenizer:
+        tok_dir = out / "tokenizer"
+        if rank == 0 and not tok_dir.exists():
+            write_tokenizer(tok_dir)
+        dist.barrier()
+        base_args.tokenizer_model = str(tok_dir)
+
+    first = None
+    for tp, pp in fx.layouts:
+        parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tp, pp)
+        args = argparse.Namespace(**vars(base_args))
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+        args.world_size, args.data_parallel_size = world, world // (tp * pp)
+        model = build_gpt(args, tp, pp)
+        if first is None:
+            assert (tp, pp) == (1, 1), "the first layout is the reference"
+            randomize_(model, fx.seed, bf16_exact=fx.bf16)
+            if rank == 0:
+                gen = torch.Generator().manual_seed(fx.seed + 7)
+                true_vocab = fx.args.get("vocab_size") or (TOKENIZER_VOCAB if fx.tokenizer else args.padded_vocab_size)
+                tokens = torch.randint(0, true_vocab, REFERENCE_TOKENS_SHAPE, generator=gen)
+                logits = forward_logits(model, tokens)
+                (out / "refs").mkdir(parents=True, exist_ok=True)
+                torch.save({"tokens": tokens, "logits": logits.float()}, out / "refs" / f"{name}.pt")
+        else:
+            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(first))
+            model.load_state_dict(loaded["model"])
+        if fx.bf16:
+            model = model.to(torch.bfloat16)
+        root = layout_dir(out, name, tp, pp)
+        save_layout(model, args, root, fx)
+        if first is None:
+            iter_name = "release" if fx.iteration == "release" else f"iter_{int(fx.iteration):07d}"
+            first = root / iter_name
+    parallel_state.destroy_model_parallel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--only", nargs="*", help="fixture names (default: all)")
+    parser.add_argument("--layouts", nargs="*", help="restrict layouts, e.g. 2x2 1x1")
+    opts = parser.parse_args()
+    patch_cuda_for_cpu()
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    names = opts.only or list(FIXTURES)
+    for name in names:
+        fx = FIXTURES[name]
+        if opts.layouts:
+            wanted = {tuple(int(x) for x in s.split("x")) for s in opts.layouts}
+            fx = dataclasses.replace(fx, layouts=tuple(l for l in fx.layouts if l in wanted or l == (1, 1)))
+        if dist.get_rank() == 0:
+            print(f"building {name} at {', '.join(f'TP{t}PP{p}' for t, p in fx.layouts)}", flush=True)
+        build_fixture(name, fx, opts.out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,169 @@
+"""Stage 6 (rank 0): stream HF safetensors shards, then config, tokenizer and index, atomically.
+
+Every file goes into a hidden sibling folder that is renamed onto ``--save`` only when all of
+it is written and flushed, so an interrupted run never leaves a folder that looks complete.
+Shards are written tensor by tensor: the header is known from the plan, so no shard is ever
+built in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+
+from distconv.errors import DistconvError
+from distconv.plan import Output
+
+_ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+INDEX = "model.safetensors.index.json"
+
+
+class OutputFolder:
+    """A temporary sibling of ``save`` that becomes ``save`` on ``commit``."""
+
+    def __init__(self, save: str | Path, overwrite: bool) -> None:
+        self.save = Path(save).absolute()
+        if self.save.exists() and (not self.save.is_dir() or any(self.save.iterdir())) and not overwrite:
+            raise DistconvError(f"--save {self.save} exists and is not empty; pass --overwrite to replace it")
+        self.tmp = self.save.parent / f".{self.save.name}.distconv-partial-{uuid.uuid4().hex[:8]}"
+
+    def create(self) -> Path:
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise DistconvError(f"cannot create output folder next to {self.save}: {e}") from None
+        return self.tmp
+
+    def commit(self) -> None:
+        old = None
+        if self.save.exists():
+            old = self.save.parent / f".{self.save.name}.distconv-old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.save, old)
+        os.replace(self.tmp, self.save)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _header(outputs: list[Output]) -> bytes:
+    meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for o in outputs:
+        meta[o.name] = {"dtype": _ST_DTYPES[o.dtype], "shape": list(o.shape), "data_offsets": [offset, offset + o.nbytes]}
+        offset += o.nbytes
+    raw = json.dumps(meta, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardWriter:
+    """Writes the planned outputs, in plan order, into their safetensors files."""
+
+    def __init__(self, folder: Path, outputs: list[Output]) -> None:
+        self.folder = folder
+        self.outputs = outputs
+        self.next = 0
+        self.file: BinaryIO | None = None
+        self.file_name: str | None = None
+        self.bytes_written = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.next >= len(self.outputs):
+            raise DistconvError(f"internal: unplanned output tensor {name}")
+        out = self.outputs[self.next]
+        if (name, tuple(tensor.shape), tensor.dtype) != (out.name, out.shape, out.dtype):
+            raise DistconvError(
+                f"internal: expected {out.name} {out.shape} {out.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
+            )
+        if out.file != self.file_name:
+            self._open(out.file)
+        data = tensor.detach().to("cpu").contiguous()
+        assert self.file is not None
+        self.file.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        self.bytes_written += out.nbytes
+        self.next += 1
+
+    def _open(self, file_name: str) -> None:
+        self._close_file()
+        self.file = open(self.folder / file_name, "wb")
+        self.file_name = file_name
+        self.file.write(_header([o for o in self.outputs if o.file == file_name]))
+
+    def _close_file(self) -> None:
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            self.file = None
+
+    def close(self) -> None:
+        """Finish the last file; every planned tensor must have been written."""
+        self._close_file()
+        if self.next != len(self.outputs):
+            missing = self.outputs[self.next].name
+            raise DistconvError(f"internal: output incomplete, {missing} and later tensors were never written")
+
+    def abort(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def write_index(folder: Path, outputs: list[Output]) -> None:
+    index = {
+        "metadata": {"total_size": sum(o.nbytes for o in outputs)},
+        "weight_map": {o.name: o.file for o in outputs},
+    }
+    _write_json(folder / INDEX, index)
+
+
+def write_config(folder: Path, config: Any, dtype: torch.dtype) -> None:
+    """``config.json`` from transformers' own config class, with ``dtype`` and ``torch_dtype``.
+
+    RoPE settings are also written in the pre-v5 spelling (``rope_theta``/``rope_scaling``)
+    so serving engines on older transformers read them too.
+    """
+    config.dtype = dtype
+    data = config.to_diff_dict()
+    dtype_name = str(dtype).removeprefix("torch.")
+    data["dtype"] = data["torch_dtype"] = dtype_name
+    rope = data.get("rope_parameters")
+    if isinstance(rope, dict):
+        data.setdefault("rope_theta", rope.get("rope_theta"))
+        if rope.get("rope_type", "default") != "default":
+            data.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+    _write_json(folder / "config.json", data)
+
+
+def write_generation_config(folder: Path, config: Any, source: Path | None) -> None:
+    """Copy the given ``generation_config.json`` if there is one, else derive it from config."""
+    if source is not None and (source / "generation_config.json").exists():
+        shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
+        return
+    from transformers import GenerationConfig
+
+    GenerationConfig.from_model_config(config).save_pretrained(str(folder))
+
+
+def write_tokenizer(folder: Path, tokenizer: Any) -> None:
+    tokenizer.save_pretrained(str(folder))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
