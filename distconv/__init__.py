@@ -4,8 +4,8 @@ from distconv.errors import DistconvError
 
 
 def export(*args, **kwargs):
-    """Megatron torch_dist -> HF folder; see ``distconv.export.export``."""
-    from distconv.export import export as _export
+    """Megatron torch_dist -> HF folder; see ``distconv.pipeline.export``."""
+    from distconv.pipeline import export as _export
 
     return _export(*args, **kwargs)
 

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         if opts.command == "export":
-            from distconv.export import main_export
+            from distconv.pipeline import main_export
 
             return main_export(opts)
     except DistconvError as e:

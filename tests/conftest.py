@@ -1,0 +1,73 @@
+"""Shared, session-wide fixtures: real megatron-core checkpoints built once per test run.
+
+Set ``DISTCONV_FIXTURES=/some/dir`` to reuse checkpoints built earlier by
+``torchrun --nproc-per-node 4 -m distconv.testing.build --out /some/dir`` (local iteration only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env.get('PYTHONPATH', '')}"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Launch ``torchrun --standalone --nproc-per-node nproc ARGS`` and capture its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+    return proc
+
+
+def distconv_cli(*args: str, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the real CLI: plain ``python -m distconv`` for one rank, torchrun otherwise."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "distconv", *args]
+        return subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return torchrun(nproc, "-m", "distconv", *args, timeout=timeout, check=False)
+
+
+def run_export_jobs(nproc: int, jobs: list[dict], workdir: Path) -> list[dict]:
+    """Many ``distconv.export`` calls in one torchrun launch (see tests/export_jobs.py)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    jobs_file, results_file = workdir / f"jobs{nproc}.json", workdir / f"results{nproc}.json"
+    jobs_file.write_text(json.dumps(jobs))
+    torchrun(nproc, str(ROOT / "tests" / "export_jobs.py"), str(jobs_file), str(results_file), timeout=1200)
+    return json.loads(results_file.read_text())
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory) -> Path:
+    """Every model of ``distconv.testing.build.FIXTURES`` at its layouts, with reference logits."""
+    cached = os.environ.get("DISTCONV_FIXTURES")
+    if cached and (Path(cached) / "refs").is_dir():
+        return Path(cached)
+    out = tmp_path_factory.mktemp("megatron")
+    torchrun(4, "-m", "distconv.testing.build", "--out", str(out), timeout=1500)
+    return out
+
+
+def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of an exported folder as transformers loads it (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits

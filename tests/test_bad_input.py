@@ -1,0 +1,121 @@
+"""Bad input: one readable message from rank 0, non-zero exit on every rank, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import distconv_cli
+from distconv.testing.build import layout_dir
+
+
+def _copy(built: Path, name: str, tp: int, pp: int, dst: Path) -> Path:
+    root = dst / f"{name}_tp{tp}pp{pp}"
+    shutil.copytree(layout_dir(built, name, tp, pp), root)
+    return root
+
+
+def _assert_clean_failure(proc, out: Path, *needles: str) -> None:
+    assert proc.returncode != 0
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("distconv: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]  # one message, from rank 0 only
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert not out.exists(), "no output folder may be left behind"
+    assert not [p for p in out.parent.iterdir() if "distconv-partial" in p.name]
+    if "torch.distributed.run" in proc.args:
+        # torchrun reports each rank's exit status: every rank ended non-zero (none hung); the
+        # first to exit exits 1 by itself, torchrun may then stop the others, which are exiting too
+        codes = dict(re.findall(r"rank\s*: (\d+) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", proc.stderr))
+        assert sorted(codes) == [str(r) for r in range(nproc_of(proc))], proc.stderr[-3000:]
+        assert all(int(c) != 0 for c in codes.values()) and "1" in codes.values()
+
+
+def nproc_of(proc) -> int:
+    return int(next(a for a in proc.args if a.startswith("--nproc-per-node=")).split("=")[1])
+
+
+def test_missing_shard_file_on_two_ranks(built, tmp_path):
+    root = _copy(built, "llama", 2, 2, tmp_path)
+    (root / "iter_0000100" / "__1_0.distcp").unlink()
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), nproc=2, timeout=120)
+    _assert_clean_failure(proc, out, "__1_0.distcp", "missing")
+
+
+def test_truncated_shard_file(built, tmp_path):
+    root = _copy(built, "qwen3", 2, 2, tmp_path)
+    shard = root / "iter_0000100" / "__2_1.distcp"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), timeout=120)
+    _assert_clean_failure(proc, out, "__2_1.distcp", "truncated")
+
+
+def test_not_a_megatron_checkpoint(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(tmp_path / "empty"), "--save", str(out), timeout=120)
+    _assert_clean_failure(proc, out, "not a Megatron checkpoint")
+
+
+def test_unfinished_save_is_refused(built, tmp_path):
+    root = _copy(built, "llama", 1, 1, tmp_path)
+    (root / "iter_0000100" / "metadata.json").unlink()
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), timeout=120)
+    _assert_clean_failure(proc, out, "did not finish")
+
+
+def _edit_args(root: Path, **changes) -> None:
+    common = root / "iter_0000100" / "common.pt"
+    state = torch.load(common, weights_only=False)  # our own fixture, trusted
+    for k, v in changes.items():
+        setattr(state["args"], k, v)
+    torch.save(state, common)
+
+
+def test_unsupported_architecture_on_two_ranks(built, tmp_path):
+    root = _copy(built, "llama", 2, 1, tmp_path)
+    _edit_args(root, normalization="LayerNorm")
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), nproc=2, timeout=120)
+    _assert_clean_failure(proc, out, "LlamaForCausalLM", "normalization='LayerNorm'")
+
+
+def test_learned_absolute_positions_are_refused(built, tmp_path):
+    root = _copy(built, "llama", 1, 1, tmp_path)
+    _edit_args(root, position_embedding_type="learned_absolute")
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), timeout=120)
+    _assert_clean_failure(proc, out, "position_embedding='learned_absolute'")
+
+
+def test_args_that_contradict_the_tensors(built, tmp_path):
+    root = _copy(built, "llama", 1, 1, tmp_path)
+    _edit_args(root, untie_embeddings_and_output_weights=False)
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), timeout=120)
+    _assert_clean_failure(proc, out, "output_layer.weight")
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("num_hidden_layers", 3, "num_hidden_layers: HF config 3, checkpoint 4"),
+    ("num_key_value_heads", 4, "num_key_value_heads: HF config 4, checkpoint 2"),
+])
+def test_hf_config_conflict_names_both_values(built, tmp_path, field, value, needle):
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 250,
+              "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(layout_dir(built, "llama", 1, 1)), "--save", str(out),
+                        "--hf-config", str(tmp_path / "config.json"), timeout=120)
+    _assert_clean_failure(proc, out, needle)

@@ -1,0 +1,182 @@
+"""End to end: real megatron-core checkpoints -> distconv export -> transformers logits.
+
+The proof of a mapping is that transformers' logits on the exported folder equal
+megatron-core's own forward pass (recorded when the checkpoint was built) on the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import distconv_cli, hf_logits, run_export_jobs
+from distconv.testing.build import FIXTURES, layout_dir
+
+TOL = 1e-4
+CASES = [(name, tp, pp) for name, fx in FIXTURES.items() for tp, pp in fx.layouts]
+TRAINING_WORLD = 4  # the fixtures are saved by 4 ranks (TP x PP x DP = 4)
+OTHER_WORLD = 2
+
+
+def mistral_config(out: Path) -> Path:
+    """An HF Mistral config written by hand from the mistral fixture's Megatron args."""
+    a = FIXTURES["mistral"].args
+    config = {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+        "vocab_size": a["vocab_size"], "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+        "rms_norm_eps": a["layernorm_epsilon"], "rope_theta": float(a["rotary_base"]),
+        "max_position_embeddings": 128, "sliding_window": None, "tie_word_embeddings": False,
+        "hidden_act": "silu",
+    }
+    path = out / "mistral_config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _job(built: Path, out: Path, name: str, tp: int, pp: int, world: int, **extra) -> dict:
+    job = {"load": str(layout_dir(built, name, tp, pp)), "save": str(out / f"{name}_tp{tp}pp{pp}_w{world}"), **extra}
+    if name == "mistral":
+        job["hf_config"] = str(mistral_config(out))
+    return job
+
+
+@pytest.fixture(scope="module")
+def exported(built, tmp_path_factory) -> dict[tuple, dict]:
+    """Every case exported at the training world size and at another, in two torchrun launches."""
+    out = tmp_path_factory.mktemp("exports")
+    done: dict[tuple, dict] = {}
+    for world in (TRAINING_WORLD, OTHER_WORLD):
+        keys = [(n, tp, pp, world) for n, tp, pp in CASES]
+        jobs = [_job(built, out, *k) for k in keys]
+        extra = {}
+        if world == OTHER_WORLD:
+            extra = {
+                ("llama", 2, 1, world, "bf16"): _job(built, out / "bf16", "llama", 2, 1, world, dtype="bf16"),
+                ("llama", 2, 2, world, "shards"): _job(built, out / "shards", "llama", 2, 2, world, max_shard_size="200KB"),
+            }
+        results = run_export_jobs(world, jobs + list(extra.values()), out)
+        for key, job, result in zip(keys + list(extra), jobs + list(extra.values()), results):
+            done[key] = {**result, "save": Path(job["save"])}
+    return done
+
+
+def _check_logits(built: Path, name: str, folder: Path) -> float:
+    ref = torch.load(built / "refs" / f"{name}.pt")
+    logits = hf_logits(folder, ref["tokens"])
+    vocab = logits.shape[-1]
+    # megatron's padded vocab rows are not part of the model; compare the real ones
+    return (logits - ref["logits"][..., :vocab]).abs().max().item()
+
+
+@pytest.mark.parametrize("world", [TRAINING_WORLD, OTHER_WORLD], ids=["training-world", "other-world"])
+@pytest.mark.parametrize("name,tp,pp", CASES, ids=[f"{n}-tp{t}pp{p}" for n, t, p in CASES])
+def test_logits_match_megatron(exported, built, name, tp, pp, world):
+    result = exported[(name, tp, pp, world)]
+    assert result["ok"], result.get("error")
+    assert result["group_alive"], "export must leave the caller's process group as it was"
+    assert _check_logits(built, name, result["save"]) <= TOL
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_folder_is_a_complete_hf_model(exported, name):
+    folder = exported[(name, 2, 2, TRAINING_WORLD)]["save"]
+    config = json.loads((folder / "config.json").read_text())
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    expected_arch = {"llama": "LlamaForCausalLM", "llama_tied_mqa": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[name]
+    assert config["architectures"] == [expected_arch]
+    tied = not FIXTURES[name].args.get("untie_embeddings_and_output_weights", True)
+    assert config["tie_word_embeddings"] is tied
+    assert ("lm_head.weight" in index["weight_map"]) is (not tied)
+    total = 0
+    for tensor_name, file in index["weight_map"].items():
+        with safe_open(str(folder / file), "pt") as f:
+            t = f.get_tensor(tensor_name)
+            total += t.numel() * t.element_size()
+    assert index["metadata"]["total_size"] == total
+    assert (folder / "generation_config.json").exists()
+    assert not any(p.name.startswith(".") for p in folder.parent.iterdir() if "distconv" in p.name)
+
+
+def test_vocab_trimmed_from_the_right_source(exported):
+    # llama: the tokenizer (250 of 256 rows); mistral: --hf-config; qwen3: nothing known, padded kept
+    llama = exported[("llama", 1, 1, TRAINING_WORLD)]["report"]
+    mistral = exported[("mistral", 1, 1, TRAINING_WORLD)]["report"]
+    qwen3 = exported[("qwen3", 1, 1, TRAINING_WORLD)]["report"]
+    assert (llama["vocab_size"], mistral["vocab_size"], qwen3["vocab_size"]) == (250, 250, 256)
+    assert "tokenizer" in llama["vocab_source"] and "hf-config" in mistral["vocab_source"]
+    folder = exported[("llama", 1, 1, TRAINING_WORLD)]["save"]
+    assert (folder / "tokenizer.json").exists()
+    assert json.loads((folder / "config.json").read_text())["vocab_size"] == 250
+
+
+def test_dtype_auto_keeps_bf16_training_dtype(exported):
+    folder = exported[("qwen2", 2, 2, OTHER_WORLD)]["save"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"
+    with safe_open(str(folder / "model-00001-of-00001.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+def test_bf16_output_is_the_fp32_export_rounded(exported):
+    bf16 = exported[("llama", 2, 1, OTHER_WORLD, "bf16")]
+    fp32 = exported[("llama", 2, 1, OTHER_WORLD)]
+    assert bf16["ok"], bf16.get("error")
+    ref = _tensors(fp32["save"])
+    got = _tensors(bf16["save"])
+    assert set(got) == set(ref)
+    for name, t in got.items():
+        assert t.dtype == torch.bfloat16
+        assert torch.equal(t, ref[name].to(torch.bfloat16)), name
+    assert json.loads((bf16["save"] / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_max_shard_size_splits_files(exported, built):
+    result = exported[("llama", 2, 2, OTHER_WORLD, "shards")]
+    assert result["ok"], result.get("error")
+    folder = result["save"]
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and files[0].endswith(f"-of-{len(files):05d}.safetensors")
+    for file in files:  # each file's tensor bytes stay under the limit unless one tensor alone exceeds it
+        tensors = _tensors(folder, only=file)
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert size <= 200_000 or len(tensors) == 1
+    assert _check_logits(built, "llama", folder) <= TOL
+
+
+def test_cli_single_process_without_torchrun(built, tmp_path):
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(layout_dir(built, "qwen3", 2, 2)), "--save", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Qwen3ForCausalLM (inferred from args)" in proc.stdout
+    assert _check_logits(built, "qwen3", out) <= TOL
+
+
+def test_cli_torchrun_iteration_folder_and_overwrite(built, tmp_path):
+    """--load may name one iteration folder; a non-empty --save needs --overwrite."""
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    load = layout_dir(built, "llama_tied_mqa", 2, 2) / "release"
+    proc = distconv_cli("export", "--load", str(load), "--save", str(out), nproc=2)
+    assert proc.returncode != 0 and "--overwrite" in proc.stderr
+    proc = distconv_cli("export", "--load", str(load), "--save", str(out), "--overwrite", nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not (out / "stale.txt").exists()
+    assert _check_logits(built, "llama_tied_mqa", out) <= TOL
+
+
+def _tensors(folder: Path, only: str | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        if only and file.name != only:
+            continue
+        with safe_open(str(file), "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -1,0 +1,55 @@
+"""The plan, computed from a real checkpoint's metadata: what each rank reads, and how much."""
+
+from __future__ import annotations
+
+import torch
+
+from distconv.checkpoint import describe
+from distconv.families import FAMILIES, pick_family
+from distconv.plan import make_plan
+from distconv.spec import spec_from_args
+from distconv.testing.build import layout_dir
+
+
+def _plan(built, name, tp, pp, world, window=1 << 30):
+    ckpt = describe(layout_dir(built, name, tp, pp))
+    spec = spec_from_args(ckpt.args).with_vocab(250)
+    family = pick_family(FAMILIES, spec, None)
+    return ckpt, make_plan(ckpt, spec, family, torch.float32, world, 5 * 10**9, window)
+
+
+def test_optimizer_state_is_present_but_never_read(built):
+    ckpt, plan = _plan(built, "llama", 2, 2, 4)
+    assert ckpt.other_bytes > ckpt.weight_bytes  # Adam moments as training leaves them
+    keys = {r.key for g in plan.groups for r in g.reads}
+    assert keys == set(ckpt.tensors) and not any(k.startswith("optimizer.") for k in keys)
+    read = sum(plan.bytes_read_by(r) for r in range(4))
+    assert read == ckpt.weight_bytes  # every weight byte exactly once, nothing else
+
+
+def test_training_world_reads_what_each_rank_saved(built):
+    ckpt, plan = _plan(built, "qwen3", 2, 2, ckpt_world := 4)
+    assert ckpt.writers == ckpt_world
+    by_file = {(c.file, c.offsets): c.writer for t in ckpt.tensors.values() for c in t.chunks}
+    for group in plan.groups:
+        for read in group.reads:
+            chunk = next(c for c in ckpt.tensors[read.key].chunks if all(
+                o <= ro and ro + rs <= o + s for o, s, ro, rs in zip(c.offsets, c.sizes, read.offsets, read.sizes)))
+            assert read.rank == by_file[(chunk.file, chunk.offsets)]
+    assert all(plan.bytes_read_by(r) > 0 for r in range(4))
+
+
+def test_every_world_size_is_served(built):
+    for world in (1, 3, 7):
+        ckpt, plan = _plan(built, "llama", 2, 2, world)
+        assert sum(plan.bytes_read_by(r) for r in range(world)) == ckpt.weight_bytes
+        assert {r.rank for g in plan.groups for r in g.reads} <= set(range(world))
+
+
+def test_groups_are_bounded_by_the_window_not_the_model(built):
+    window = 40_000
+    ckpt, plan = _plan(built, "llama", 1, 1, 1, window=window)
+    for group in plan.groups:
+        sizes = [torch.Size(i.shape).numel() * 4 for i in group.items]
+        assert sum(sizes) <= window or len(sizes) == 1
+    assert len({i.layer for g in plan.groups for i in g.items if i.layer is not None}) == 4
