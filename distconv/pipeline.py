@@ -134,6 +134,9 @@ class _Job:
         if user_config is not None:
             self.family.check_config(user_config, self.spec)
         self.config = user_config if user_config is not None else self.family.hf_config(self.spec)
+        if user_config is None and self.tokenizer is not None:
+            self.config.bos_token_id = self.tokenizer.bos_token_id
+            self.config.eos_token_id = self.tokenizer.eos_token_id
         if dtype not in ("auto", *DTYPES):
             raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16 or fp32")
         self.dtype = self.spec.train_dtype if dtype == "auto" else DTYPES[dtype]
