@@ -60,7 +60,10 @@ class Comm:
         dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
         return cls(dist.get_rank(), world, dev, owns, control, data)
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Destroy the groups this run made (after a barrier when every rank got here)."""
+        if clean and self.control is not None:
+            dist.barrier(group=self.control)
         for group in (self.data, self.control):
             if group is not None:
                 dist.destroy_process_group(group)

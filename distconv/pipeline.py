@@ -188,9 +188,12 @@ def export(
     """
     comm = Comm.setup(device, timeout_s)
     try:
-        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet)
-    finally:
-        comm.close()
+        report = _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet)
+    except BaseException:
+        comm.close(clean=False)
+        raise
+    comm.close()
+    return report
 
 
 def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet):
@@ -257,8 +260,9 @@ def _stream(comm: Comm, job: _Job) -> None:
         comm.agree(error)
         if comm.rank == 0:
             folder.commit()
+        prefetch.close(wait=True)
     except BaseException:
-        prefetch.close()
+        prefetch.close(wait=False)  # its thread may sit in a collective that peers left
         if shards is not None:
             shards.abort()
         if comm.rank == 0:

@@ -59,14 +59,16 @@ class Prefetcher:
                 yield tensors, None
             done += len(batch)
 
-    def close(self) -> None:
-        """Stop early (after an error): let the thread finish its current call."""
+    def close(self, wait: bool) -> None:
+        """Stop reading ahead; with ``wait``, also let the thread finish (it is a daemon)."""
         self._stop.set()
-        while self._thread.is_alive():
+        while True:
             try:
-                self._queue.get(timeout=0.1)
+                self._queue.get_nowait()  # unblock a pending put
             except queue.Empty:
-                pass
+                if not wait or not self._thread.is_alive():
+                    return
+                self._thread.join(timeout=0.1)
 
 
 class WriterThread:
