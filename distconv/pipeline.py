@@ -244,7 +244,7 @@ def _stream(comm: Comm, job: _Job) -> None:
                 shards.write(name, out.contiguous())
 
     writer = WriterThread(write_group) if shards else None
-    prefetch = Prefetcher(Reader(job.ckpt.path, job.ckpt.metadata), plan, comm.rank, job.window)
+    prefetch = Prefetcher(Reader(job.ckpt.path, job.ckpt.metadata), plan, comm.rank, job.window, comm.overlap_reads)
     try:
         for index, (tensors, error) in enumerate(prefetch):
             comm.agree(error or (writer.error if writer else None))

@@ -118,7 +118,7 @@ def _optimizer_state(model: torch.nn.Module, seed: int, shared: bool = False) ->
 
 
 def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx: Fixture,
-                shared_moments: bool = False) -> None:
+                shared_moments: bool = False, optimizer: bool = True) -> None:
     """Save like Megatron-LM: iteration folder, common state, tracker file written last."""
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -133,7 +133,8 @@ def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx
     dist.barrier()
     state = {
         "model": model.sharded_state_dict(),
-        "optimizer": {"state": _optimizer_state(model, fx.seed + 1000, shared_moments), "param_groups": [{"lr": 1e-4}]},
+        "optimizer": {"state": _optimizer_state(model, fx.seed + 1000, shared_moments) if optimizer else {},
+                      "param_groups": [{"lr": 1e-4}]},
         "args": args,
         "checkpoint_version": 3.0,
         "iteration": 0 if fx.iteration == "release" else int(fx.iteration),
