@@ -203,6 +203,8 @@ def _hf_value(config: PretrainedConfig, name: str) -> Any:
         return getattr(config, "rope_theta", None) or rope.get("rope_theta")
     if name == "rope_scaling":
         return _rope(getattr(config, "rope_scaling", None) or rope)
+    if name == "head_dim" and getattr(config, "head_dim", None) is None:  # HF's default when unset
+        return config.hidden_size // config.num_attention_heads
     return getattr(config, name, None)
 
 
