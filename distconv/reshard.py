@@ -57,13 +57,15 @@ def plan_reshard(load: str | Path, iteration: int | str | None, tp: int, pp: int
                             "and start the next job with --no-load-optim --no-load-rng (or --finetune)")
     if ep != 1:
         raise DistconvError("--expert-model-parallel-size: reshard handles dense GPT models only (EP 1)")
+    pending = "resharding legacy mp_rank_* checkpoints needs the legacy reader, which is not in this build yet"
     try:
         ckpt = describe(load, iteration)
     except DistconvError as e:
         if "legacy" in str(e):
-            raise DistconvError(f"{e}: resharding legacy mp_rank_* checkpoints needs the legacy reader, which is "
-                                "not in this build yet") from None
+            raise DistconvError(f"{e}: {pending}") from None
         raise
+    if ckpt.format != "torch_dist":
+        raise DistconvError(f"{ckpt.path} is a {ckpt.format} checkpoint: {pending}")
     source_spec = spec_from_args(ckpt.args)
     vocab = arg(ckpt.args, "vocab_size")
     divisible_by = int(arg(ckpt.args, "make_vocab_size_divisible_by", default=128))

@@ -32,8 +32,10 @@ MODELS = {  # name -> (config class name, config overrides, dtype)
     "llama_mha": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500000.0), torch.float32),
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True), torch.bfloat16),
     "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False), torch.float32),
+    # the window (64) is longer than the test sequence, so megatron-core's full attention agrees
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False), torch.float32),
 }
-IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 1, 2), ("qwen3", 2, 1)]
+IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 1, 2), ("qwen3", 2, 1), ("mistral", 1, 1)]
 
 
 @torch.no_grad()
@@ -261,6 +263,23 @@ def test_import_refuses_what_megatron_cannot_express(tmp_path):
         LLAMA.spec_from_hf_config(config, 256, torch.float32)
 
 
+def test_reshard_refuses_legacy_sources_pending_the_legacy_reader(tmp_path):
+    from distconv.reshard import plan_reshard
+
+    (tmp_path / "iter_0000010" / "mp_rank_00").mkdir(parents=True)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10")
+    with pytest.raises(DistconvError, match="needs the legacy reader"):
+        plan_reshard(tmp_path, None, 1, 1, 1, False)
+
+
+def test_cli_bad_input_under_torchrun_is_one_error(tmp_path):
+    proc = distconv_cli("import", "--source", "mindspore", "--load", str(tmp_path), "--save", str(tmp_path / "out"),
+                        "--num-layers", "4", nproc=2)
+    assert proc.returncode != 0
+    assert proc.stderr.count("distconv: error:") == 1 and "--hidden-size" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_import_args_read_back_as_the_same_spec():
     from transformers import Qwen3Config
 
@@ -268,5 +287,18 @@ def test_import_args_read_back_as_the_same_spec():
     from distconv.importer import megatron_args
     from distconv.spec import spec_from_args
 
-    spec = QWEN3.spec_from_hf_config(Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32), 256, torch.bfloat16)
-    assert spec_from_args(megatron_args(spec, 2, 2, 1, 64, None)).with_vocab(VOCAB) == spec
+    from transformers import LlamaConfig, MistralConfig
+
+    from distconv.families.llama import LLAMA
+    from distconv.families.mistral import MISTRAL
+
+    cases = [
+        (QWEN3, Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32)),
+        (MISTRAL, MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=64)),
+        (LLAMA, LlamaConfig(**SMALL, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+        (LLAMA, LlamaConfig(**SMALL, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    ]
+    for family, config in cases:
+        spec = family.spec_from_hf_config(config, 256, torch.bfloat16)
+        assert spec_from_args(megatron_args(spec, 2, 2, 1, 64, None)).with_vocab(VOCAB) == spec, family.architecture
