@@ -27,7 +27,7 @@ from distconv.gather import Comm
 from distconv.layout import TP_AXIS, Shard, check_layout, extra_states, padded_vocab, shards_of, split_name
 from distconv.megatron_write import MegatronRoot, extra_state_object, save_and_commit, sharded_tensor
 from distconv.plan import Read, items_of
-from distconv.read import read_slices
+from distconv.read import Reader
 from distconv.spec import ModelSpec, arg, spec_from_args
 
 # replicated per-layer tensors and top-level tensors megatron-core's dense GPT saves
@@ -128,11 +128,12 @@ def reshard(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, ep:
             error = e
         comm.agree(error)
         # one collective load per stored dtype, every rank taking part
+        reader = Reader(job.ckpt.path, job.ckpt.metadata)
         for dtype in sorted({t.dtype for t in job.ckpt.tensors.values()}, key=str):
             todo = [(n, s, r) for n, s in mine if job.ckpt.tensors[s.key].dtype == dtype and (r := _read(s, job.ckpt, n))]
             loaded, error = [], None
             try:
-                loaded = read_slices(job.ckpt.path, [r for _, _, r in todo], dtype)
+                loaded = reader.read([r for _, _, r in todo], dtype)
             except Exception as e:
                 error = e
             comm.agree(error)
