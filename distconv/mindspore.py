@@ -184,6 +184,9 @@ def import_mindspore(load: str | Path, save: str | Path, *, ms_config: str | Non
         try:
             values = model_settings(ms_config, ms_args)
             source = MindSporeSource(load, values.get("true_vocab_size"))
+            rows = source.files.shape(source.to_ms["model.embed_tokens.weight"])[0]
+            if values.get("padded_vocab_size") not in (None, rows):
+                raise DistconvError(f"--padded-vocab-size {values['padded_vocab_size']} but the embedding has {rows} rows")
             tied = "lm_head.weight" not in source.names()
             if values.get("untie_embeddings_and_output_weights") and tied:
                 raise DistconvError("--untie-embeddings-and-output-weights given but the checkpoint has no output layer")

@@ -35,7 +35,7 @@ MODELS = {  # name -> (config class name, config overrides, dtype)
     # the window (64) is longer than the test sequence, so megatron-core's full attention agrees
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False), torch.float32),
 }
-IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 1, 2), ("qwen3", 2, 1), ("mistral", 1, 1)]
+IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2)]
 
 
 @torch.no_grad()
@@ -248,6 +248,23 @@ def test_mindspore_unmapped_names_are_listed(tmp_path):
     ms = to_mindspore(hf, tmp_path / "ms", LEGACY_MS, fused)
     with pytest.raises(DistconvError, match=r"no mapping: model\.layers\.0\.attention\.w_qkv\.weight, model\.layers\.0\.feed_forward\.w_gate_hidden"):
         MindSporeSource(ms)
+
+
+def test_mindspore_flags_and_config_file_from_the_command_line(tmp_path):
+    from distconv.cli import _parser
+    from distconv.mindspore import model_settings
+
+    (tmp_path / "m.json").write_text(json.dumps({"num_layers": 2, "hidden_size": 8, "norm_epsilon": 1e-6}))
+    opts = _parser().parse_args(["import", "--source", "mindspore", "--load", "x", "--save", "y", "--ms-config",
+                                 str(tmp_path / "m.json"), "--num-layers", "4", "--ffn-hidden-size", "16",
+                                 "--num-attention-heads", "2", "--swiglu", "--tensor-model-parallel-size", "2"])
+    values = model_settings(opts.ms_config, opts)
+    assert values == {"num_layers": 4, "hidden_size": 8, "norm_epsilon": 1e-6, "ffn_hidden_size": 16,
+                      "num_attention_heads": 2, "swiglu": True}
+    assert opts.tensor_model_parallel_size == 2
+    (tmp_path / "bad.json").write_text(json.dumps({"num_layer": 2}))
+    with pytest.raises(DistconvError, match="unknown keys num_layer"):
+        model_settings(str(tmp_path / "bad.json"), opts)
 
 
 def test_import_refuses_what_megatron_cannot_express(tmp_path):
