@@ -69,6 +69,21 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
         tokenizer_model=None,
         window_size=None,
         num_experts=None,
+        moe_ffn_hidden_size=None,
+        moe_router_topk=2,
+        moe_router_pre_softmax=False,
+        moe_router_score_function="softmax",
+        moe_router_topk_scaling_factor=None,
+        moe_router_enable_expert_bias=False,
+        moe_router_num_groups=None,
+        moe_router_group_topk=None,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.0,
+        moe_shared_expert_intermediate_size=None,
+        moe_shared_expert_gate=False,
+        moe_layer_freq=1,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type="allgather",
         multi_latent_attention=False,
         bf16=False,
         fp16=False,
@@ -79,6 +94,7 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None,
         world_size=1,
         data_parallel_size=1,
         ckpt_format="torch_dist",
@@ -91,12 +107,39 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
     return argparse.Namespace(**args)
 
 
+def _moe_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """MoE TransformerConfig fields from args (CPU: allgather dispatcher, no grouped GEMM)."""
+    if not args.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=args.num_experts,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
+        moe_router_topk=args.moe_router_topk,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_layer_freq=args.moe_layer_freq,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+
+
 def transformer_config(args: argparse.Namespace, tp: int, pp: int):
     """The TransformerConfig Megatron-LM derives from ``args`` (the fields our fixtures use)."""
     from megatron.core.transformer import TransformerConfig
 
     activation = F.silu if args.swiglu else (F.gelu)
     return TransformerConfig(
+        **_moe_fields(args),
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -131,10 +174,16 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int):
     """A megatron-core ``GPTModel`` (local layer spec) for this rank's pipeline stage."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     config = transformer_config(args, tp, pp)
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    if args.num_experts and args.moe_layer_freq != 1:  # dense and MoE layers mixed
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization)
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
+            qk_layernorm=args.qk_layernorm, normalization=args.normalization,
+        )
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
