@@ -97,7 +97,14 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if getattr(config, "tie_word_embeddings", False):
         aliases |= set(getattr(model, "all_tied_weights_keys", None) or {})
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in aliases}
+    state = {n: t for n, t in model.state_dict().items() if n not in aliases}
+    try:  # transformers 5 fuses some weights (MoE experts) at load: compare in the hub (saved) format
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except ImportError:
+        pass
+    expected = {n: tuple(t.shape) for n, t in state.items()}
     produced = {o.name: o.shape for o in plan.outputs}
     missing = sorted(set(expected) - set(produced))
     extra = sorted(set(produced) - set(expected))

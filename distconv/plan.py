@@ -18,6 +18,14 @@ from distconv.spec import ModelSpec
 
 _STACKED = re.compile(r"^(?P<prefix>decoder\.layers\.)(?P<sub>[A-Za-z_].*)$")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.")
+# grouped expert tensors carry an expert axis after the layer axis (SequentialMLP and GroupedMLP alike)
+_GROUPED_EXPERTS = ".mlp.experts.experts."
+# per-expert spellings of other versions and formats -> the canonical ``mlp.experts.{e}.``
+_PER_EXPERT = (
+    re.compile(r"\.mlp\.experts\.local_experts\.(?P<e>\d+)\.(?P<rest>.+)$"),  # SequentialMLP module keys
+    re.compile(r"\.mlp\.experts\.experts\.(?P<e>\d+)\.(?P<rest>.+)$"),  # singleton local shards
+    re.compile(r"\.mlp\.experts\.(?P<rest>[a-z_0-9]+\.(?:weight|bias))(?P<e>\d+)$"),  # TEGroupedMLP weight{e}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,17 +105,41 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def items_of(tensor: TensorInfo, num_layers: int) -> list[Item]:
-    """Split a stored tensor into per-layer items (stacked ``decoder.layers.*`` keys)."""
+def expert_name(name: str) -> str:
+    """A per-expert tensor name in its canonical form ``...mlp.experts.{e}.linear_fc1.weight``."""
+    for pattern in _PER_EXPERT:
+        m = pattern.search(name)
+        if m:
+            return f"{name[: m.start()]}.mlp.experts.{m['e']}.{m['rest']}"
+    return name
+
+
+def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None) -> list[Item]:
+    """Split a stored tensor into per-layer (and per-expert) items.
+
+    Stacked ``decoder.layers.*`` keys have a leading layer axis; grouped expert keys
+    (``mlp.experts.experts.*``) then an expert axis. Per-layer keys (``decoder.layers.{i}.*``,
+    non-homogeneous models) and per-expert keys keep their index in the name.
+    """
     m = _STACKED.match(tensor.key)
     if m and tensor.shape and tensor.shape[0] == num_layers:
-        return [
-            Item(f"{m['prefix']}{layer}.{m['sub']}", tensor.key, (layer,), tensor.shape[1:], layer)
-            for layer in range(num_layers)
-        ]
-    per_layer = _PER_LAYER.match(tensor.key)
-    layer = int(per_layer["layer"]) if per_layer else None
-    return [Item(tensor.key, tensor.key, (), tensor.shape, layer)]
+        layers = [((l,), f"{m['prefix']}{l}.{m['sub']}", l) for l in range(num_layers)]
+        shape = tensor.shape[1:]
+    else:
+        per_layer = _PER_LAYER.match(tensor.key)
+        layers = [((), tensor.key, int(per_layer["layer"]) if per_layer else None)]
+        shape = tensor.shape
+    items = []
+    for index, name, layer in layers:
+        if _GROUPED_EXPERTS in name and num_experts and shape and shape[0] == num_experts:
+            head, tail = name.split(_GROUPED_EXPERTS, 1)
+            items += [
+                Item(f"{head}.mlp.experts.{e}.{tail}", tensor.key, index + (e,), shape[1:], layer)
+                for e in range(num_experts)
+            ]
+        else:
+            items.append(Item(expert_name(name), tensor.key, index, shape, layer))
+    return items
 
 
 def _reads_for(item: Item, pos: int, tensor: TensorInfo, world: int) -> list[Read]:
@@ -162,7 +194,9 @@ def make_plan(
     window: int = 1 << 30,
 ) -> Plan:
     """Items grouped per layer (split by ``window`` bytes), their reads, and the HF outputs."""
-    items = sorted((i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers)), key=_order)
+    items = sorted(
+        (i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers, spec.num_experts)), key=_order
+    )
     by_unit: dict[tuple[int, int | str], list[Item]] = {}
     for item in items:
         unit = _order(item)
