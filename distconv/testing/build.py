@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distconv.testing.expert_keys import save_expert_key_form
 from distconv.testing.megatron_cpu import (
     build_gpt,
     forward_logits,
@@ -48,6 +49,7 @@ class Fixture:
     iteration: int | str = 100  # a number or "release"
     bf16: bool = False  # save bf16 weights (values chosen exactly representable)
     tokenizer: bool = False  # point args.tokenizer_model at a local HF tokenizer
+    expert_key_forms: tuple[str, ...] = ()  # also save the reference with per-expert keys (expert_keys.FORMS)
 
 
 FIXTURES: dict[str, Fixture] = {
@@ -64,7 +66,7 @@ FIXTURES: dict[str, Fixture] = {
              layernorm_epsilon=1e-6),
         seed=5,
     ),
-    "mixtral": Fixture(dict(MOE_BASE), seed=6, layouts=MOE_LAYOUTS),
+    "mixtral": Fixture(dict(MOE_BASE), seed=6, layouts=MOE_LAYOUTS, expert_key_forms=("sequential", "grouped_gemm")),
     "qwen2_moe": Fixture(
         dict(MOE_BASE, num_layers=4, moe_layer_freq=[0, 1, 1, 1], add_qkv_bias=True, moe_router_pre_softmax=True,
              moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True, layernorm_epsilon=1e-6),
@@ -208,6 +210,9 @@ def build_fixture(name: str, fx: Fixture, out: Path) -> None:
         if first is None:
             iter_name = "release" if fx.iteration == "release" else f"iter_{int(fx.iteration):07d}"
             first = root / iter_name
+            reference_args = args
+    for form in fx.expert_key_forms:
+        save_expert_key_form(first, out / name / f"{form}_keys", reference_args, form)
     parallel_state.destroy_model_parallel()
 
 
