@@ -65,6 +65,17 @@ class ModelSpec:
     v_head_dim: int | None = None
     mtp_num_layers: int = 0
 
+    @property
+    def moe_group_score_topk(self) -> int | None:
+        """Experts per group whose scores rank a group in group-limited routing (megatron-core: k / groups)."""
+        return self.moe_topk // self.moe_group_topk if self.moe_group_topk else None
+
+    @property
+    def moe_shared_experts(self) -> int | None:
+        """The shared expert's width in routed experts, when it is a whole number of them."""
+        shared, routed = self.moe_shared_ffn_hidden_size, self.moe_ffn_hidden_size
+        return shared // routed if shared and routed and shared % routed == 0 else None
+
     def with_vocab(self, vocab_size: int) -> "ModelSpec":
         if vocab_size > self.padded_vocab_size:
             raise DistconvError(
@@ -95,6 +106,17 @@ def _activation(args: argparse.Namespace) -> str:
 
 
 def _rope_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
+    if arg(args, "multi_latent_attention", default=False) and arg(args, "rope_type", default="yarn") == "yarn":
+        # MLA's YaRN; 0.16 has no CLI args for the last three (MLATransformerConfig defaults)
+        return {
+            "rope_type": "yarn",
+            "factor": float(arg(args, "rotary_scaling_factor", default=40.0)),
+            "original_max_position_embeddings": int(arg(args, "original_max_position_embeddings", default=4096)),
+            "beta_fast": float(arg(args, "beta_fast", default=32.0)),
+            "beta_slow": float(arg(args, "beta_slow", default=1.0)),
+            "mscale": float(arg(args, "mscale", default=1.0)),
+            "mscale_all_dim": float(arg(args, "mscale_all_dim", default=0.0)),
+        }
     if arg(args, "use_rope_scaling", default=False):
         # megatron-core hard-codes Llama 3's low/high frequency factors and original length
         return {
