@@ -1,8 +1,9 @@
-"""Mixture-of-experts export: real megatron-core MoE checkpoints saved with expert parallelism.
+"""Mixture-of-experts and MLA export: real megatron-core checkpoints saved with expert parallelism.
 
-Each MoE fixture is saved at TP1PP1, EP2, PP2xEP2 and TP2xEP2 (expert TP 2; Mixtral also with
-expert TP 1), exported at the training world size (4) and at another (2), and transformers'
-logits must equal megatron-core's own forward pass on the same tokens.
+Each MoE fixture (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 with multi-latent attention) is
+saved at TP1PP1, EP2, PP2xEP2 and TP2xEP2 (expert TP 2; Mixtral also with expert TP 1),
+exported at the training world size (4) and at another (2), and transformers' logits must equal
+megatron-core's own forward pass on the same tokens.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ TOL = 1e-4
 TRAINING_WORLD, OTHER_WORLD = 4, 2
 MOE = [name for name, fx in FIXTURES.items() if fx.args.get("num_experts")]
 CASES = [(name, layout_dir(Path(), name, *parallel(l)).name) for name in MOE for l in FIXTURES[name].layouts]
-ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+        "deepseek_v3": "DeepseekV3ForCausalLM"}
 KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
 WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
 
@@ -68,9 +70,10 @@ def _mixtral_config(**override) -> dict:
     return {**config, **override}
 
 
-def _logits_diff(built: Path, name: str, folder: Path, **config_override) -> float:
+def _logits_diff(built: Path, name: str, folder: Path, zero: str | None = None, **config_override) -> float:
+    """Max |HF - megatron-core| logits; optionally with config fields changed or one HF tensor zeroed."""
     ref = torch.load(built / "refs" / f"{name}.pt")
-    if config_override:
+    if config_override or zero:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(str(folder))
@@ -78,6 +81,8 @@ def _logits_diff(built: Path, name: str, folder: Path, **config_override) -> flo
             setattr(config, k, v)
         model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=torch.float32).eval()
         with torch.no_grad():
+            if zero:
+                model.get_parameter_or_buffer(zero).zero_()
             logits = model(ref["tokens"]).logits
     else:
         logits = hf_logits(folder, ref["tokens"])
@@ -110,6 +115,16 @@ def test_router_semantics_decide_the_logits(exported, built):
     assert _logits_diff(built, "qwen3_moe", qwen3, norm_topk_prob=False) > 100 * TOL
 
 
+@pytest.mark.parametrize("change", [
+    dict(routed_scaling_factor=1.0), dict(norm_topk_prob=False), dict(n_group=1, topk_group=1),
+    dict(rope_interleave=False), dict(zero="model.layers.1.mlp.gate.e_score_correction_bias"),
+], ids=["scaling", "norm-topk", "groups", "rope-interleave", "expert-bias"])
+def test_deepseek_routing_and_rope_decide_the_logits(exported, built, change):
+    """Each DeepSeek-V3 router and rope setting the export writes is needed to match megatron-core."""
+    folder = exported[("deepseek_v3", "tp1pp2ep2", TRAINING_WORLD)]["save"]
+    assert _logits_diff(built, "deepseek_v3", folder, **change) > 100 * TOL
+
+
 def test_hf_configs_carry_the_moe_layout(exported):
     config = lambda name: json.loads((exported[(name, "tp1pp2ep2", OTHER_WORLD)]["save"] / "config.json").read_text())  # noqa: E731
     mixtral, qwen2, qwen3 = config("mixtral"), config("qwen2_moe"), config("qwen3_moe")
@@ -118,6 +133,10 @@ def test_hf_configs_carry_the_moe_layout(exported):
     assert (qwen2["shared_expert_intermediate_size"], qwen2["qkv_bias"]) == (48, True)
     # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (an attribute alias)
     assert (qwen3["num_local_experts"], qwen3["num_experts_per_tok"], qwen3["head_dim"]) == (8, 3, 32)
+    ds = config("deepseek_v3")
+    assert (ds["first_k_dense_replace"], ds["n_shared_experts"], ds["n_group"], ds["topk_group"]) == (1, 2, 2, 1)
+    assert (ds["routed_scaling_factor"], ds["norm_topk_prob"], ds["q_lora_rank"], ds["qk_nope_head_dim"]) == (2.5, True, 24, 16)
+    assert ds["rope_parameters"]["rope_type"] == "yarn" and ds["rope_parameters"]["mscale_all_dim"] == 1.0
 
 
 def test_windowed_export_splits_layers_into_expert_groups(exported, built):
@@ -179,6 +198,9 @@ def test_expert_items_from_every_key_spelling():
     assert [i.shape for i in router] == [(3, 4), (3, 4)]  # the router's expert axis is not split
 
 
+DS = FIXTURES["deepseek_v3"].args
+
+
 def _spec(**args):
     return spec_from_args(megatron_args(**{**FIXTURES["mixtral"].args, **args})).with_vocab(256)
 
@@ -188,6 +210,7 @@ def _spec(**args):
     (dict(moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=True), "Qwen2MoeForCausalLM"),
     (dict(qk_layernorm=True), "Qwen3MoeForCausalLM"),
     (dict(num_experts=None), "LlamaForCausalLM"),
+    (FIXTURES["deepseek_v3"].args, "DeepseekV3ForCausalLM"),
 ])
 def test_family_inferred_from_args(args, arch):
     assert pick_family(FAMILIES, _spec(**args), None).architecture == arch
@@ -200,6 +223,12 @@ def test_family_inferred_from_args(args, arch):
     (dict(moe_expert_capacity_factor=1.0), "moe_capacity_factor"),
     (dict(moe_layer_freq=[0, 1]), "moe_layers"),  # Mixtral has no dense layers
     (dict(moe_shared_expert_intermediate_size=64), "moe_shared_gate"),  # Qwen2-MoE's shared expert is gated
+    (dict(DS, moe_router_enable_expert_bias=False), "moe_expert_bias"),  # HF always adds its correction bias
+    (dict(DS, moe_router_score_function="softmax"), "moe_score_function"),
+    (dict(DS, moe_router_topk=6, moe_router_group_topk=2, num_experts=12, moe_router_num_groups=4), "moe_group_score_topk"),
+    (dict(DS, moe_shared_expert_intermediate_size=24), "moe_shared_experts"),  # not a whole number of experts
+    (dict(DS, moe_layer_freq=[1, 0]), "moe_layers"),  # HF: dense layers only first
+    (dict(DS, mtp_num_layers=1), "mtp_num_layers"),
 ])
 def test_routing_hf_cannot_express_is_a_clear_error(args, named):
     with pytest.raises(DistconvError, match=named):

@@ -80,7 +80,8 @@ FIXTURES: dict[str, Fixture] = {
     "deepseek_v3": Fixture(
         dict(MOE_BASE, num_experts=8, moe_ffn_hidden_size=16, moe_layer_freq=[0, 1], multi_latent_attention=True,
              qk_layernorm=True, group_query_attention=False, q_lora_rank=24, kv_lora_rank=32, qk_head_dim=16,
-             qk_pos_emb_head_dim=8, v_head_dim=16, rope_type="rope", moe_router_score_function="sigmoid",
+             qk_pos_emb_head_dim=8, v_head_dim=16, rope_type="yarn", rotary_scaling_factor=4.0, mscale=1.0,
+             mscale_all_dim=1.0, max_position_embeddings=16384, moe_router_score_function="sigmoid",
              moe_router_enable_expert_bias=True, moe_router_num_groups=2, moe_router_group_topk=1,
              moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32, layernorm_epsilon=1e-6),
         seed=9, layouts=MOE_LAYOUTS[:4],
