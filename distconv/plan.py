@@ -7,11 +7,12 @@ the options, so every rank computes the same plan without talking to the others.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 
 import torch
 
-from distconv.checkpoint import Checkpoint, TensorInfo
+from distconv.checkpoint import Checkpoint, Chunk, TensorInfo
 from distconv.errors import DistconvError
 from distconv.families import Family
 from distconv.spec import ModelSpec
@@ -142,13 +143,23 @@ def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None
     return items
 
 
-def _reads_for(item: Item, pos: int, tensor: TensorInfo, world: int) -> list[Read]:
-    """Intersect the item's box with every stored chunk; the chunk's writer rank reads it."""
+def _chunks_by_index(tensor: TensorInfo, lead: int) -> dict[tuple[int, ...], list[Chunk]]:
+    """The chunks touching each leading index (layer, expert): items look up theirs, not scan all."""
+    by_index: dict[tuple[int, ...], list[Chunk]] = {}
+    for chunk in tensor.chunks:
+        ranges = [range(o, o + s) for o, s in zip(chunk.offsets[:lead], chunk.sizes[:lead])]
+        for index in itertools.product(*ranges):
+            by_index.setdefault(index, []).append(chunk)
+    return by_index
+
+
+def _reads_for(item: Item, pos: int, tensor: TensorInfo, chunks: list[Chunk], world: int) -> list[Read]:
+    """Intersect the item's box with the stored chunks; the chunk's writer rank reads it."""
     lead = len(item.index)
     box_off = item.index + (0,) * len(item.shape)
     box_size = (1,) * lead + item.shape
     reads = []
-    for chunk in tensor.chunks:
+    for chunk in chunks:
         lo = tuple(max(a, b) for a, b in zip(box_off, chunk.offsets))
         hi = tuple(min(a + s, b + t) for a, s, b, t in zip(box_off, box_size, chunk.offsets, chunk.sizes))
         if any(h <= l for l, h in zip(lo, hi)):
@@ -204,11 +215,16 @@ def make_plan(
 
     groups: list[Group] = []
     named: list[tuple[str, torch.Tensor]] = []
+    indexes: dict[str, dict[tuple[int, ...], list[Chunk]]] = {}
     for unit_items in by_unit.values():
         for piece in _split(unit_items, window, dtype.itemsize):
             reads = []
             for pos, item in enumerate(piece):
-                reads += _reads_for(item, pos, ckpt.tensors[item.key], world)
+                tensor = ckpt.tensors[item.key]
+                if item.key not in indexes:
+                    indexes[item.key] = _chunks_by_index(tensor, len(item.index))
+                chunks = indexes[item.key].get(item.index, [])
+                reads += _reads_for(item, pos, tensor, chunks, world)
                 meta = torch.empty(item.shape, dtype=dtype, device="meta")
                 named += family.export_tensor(item.name, meta, spec)
             groups.append(Group(piece, reads))

@@ -29,7 +29,7 @@ TRAINING_WORLD, OTHER_WORLD = 4, 2
 MOE = [name for name, fx in FIXTURES.items() if fx.args.get("num_experts")]
 CASES = [(name, layout_dir(Path(), name, *parallel(l)).name) for name in MOE for l in FIXTURES[name].layouts]
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-        "deepseek_v3": "DeepseekV3ForCausalLM"}
+        "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM"}
 KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
 WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
 
@@ -48,6 +48,11 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
                     "load": str(built / "mixtral" / f"{form}_keys"), "save": str(out / f"mixtral_{form}")}
             jobs[("mixtral", "tp1pp2ep2", world, "window")] = {
                 "load": str(built / "mixtral" / "tp1pp2ep2"), "save": str(out / "mixtral_window"), "window": WINDOW}
+            hub = json.loads((done[("deepseek_v3", "tp1pp1", TRAINING_WORLD)]["save"] / "config.json").read_text())
+            hub_config = out / "deepseek_hub.json"  # as the hub writes it: one MTP layer, old field names
+            hub_config.write_text(json.dumps({**hub, "num_nextn_predict_layers": 1}))
+            jobs[("deepseek_v3", "tp1pp2ep2", world, "hf_config")] = {
+                "load": str(built / "deepseek_v3" / "tp1pp2ep2"), "save": str(out / "ds_hf_config"), "hf_config": str(hub_config)}
             wrong = out / "mixtral_top1.json"
             wrong.write_text(json.dumps(_mixtral_config(num_experts_per_tok=1)))
             jobs[("mixtral", "tp1pp1ep2", world, "conflict")] = {
@@ -150,6 +155,12 @@ def test_windowed_export_splits_layers_into_expert_groups(exported, built):
         assert sum(torch.Size(i.shape).numel() * 4 for i in group.items) <= WINDOW or len(group.items) == 1
 
 
+def test_deepseek_hub_config_is_accepted(exported, built):
+    result = exported[("deepseek_v3", "tp1pp2ep2", OTHER_WORLD, "hf_config")]
+    assert result["ok"], result.get("error")
+    assert _logits_diff(built, "deepseek_v3", result["save"]) <= TOL
+
+
 def test_conflicting_hf_config_is_refused(exported):
     result = exported[("mixtral", "tp1pp1ep2", OTHER_WORLD, "conflict")]
     assert not result["ok"] and "num_experts_per_tok" in result["error"]
@@ -229,6 +240,7 @@ def test_family_inferred_from_args(args, arch):
     (dict(DS, moe_shared_expert_intermediate_size=24), "moe_shared_experts"),  # not a whole number of experts
     (dict(DS, moe_layer_freq=[1, 0]), "moe_layers"),  # HF: dense layers only first
     (dict(DS, mtp_num_layers=1), "mtp_num_layers"),
+    (dict(DS, layernorm_epsilon=1e-5), "norm_epsilon"),  # HF's latent norms have a fixed 1e-6
 ])
 def test_routing_hf_cannot_express_is_a_clear_error(args, named):
     with pytest.raises(DistconvError, match=named):

@@ -3,6 +3,7 @@
 Megatron's MLA rotates the rope slice de-interleaved, which is HF's ``rope_interleave=True``:
 the weights copy unchanged. HF ranks a group by its top-2 expert scores, megatron-core by its
 top ``moe_router_topk / moe_router_group_topk``: the two agree when that is 2 (or with no groups).
+HF's latent q/kv RMSNorms use a fixed epsilon of 1e-6, megatron-core one epsilon for every norm.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ DEEPSEEK_V3 = Family(
         **MOE_REQUIRES,
         "multi_latent_attention": True,
         "qk_layernorm": True,  # HF always normalises the latent q and kv
+        "norm_epsilon": lambda eps: abs(eps - 1e-6) <= 1e-15,  # ... with eps 1e-6, whatever rms_norm_eps says
         "moe_layers": _leading_dense,
         "moe_score_function": "sigmoid",
         "moe_expert_bias": True,  # HF always adds e_score_correction_bias
@@ -70,4 +72,5 @@ DEEPSEEK_V3 = Family(
         ("num_mtp_layers", lambda s: s.mtp_num_layers),
     ),
     detect=lambda spec: spec.multi_latent_attention,
+    nullable=("q_lora_rank",),  # None: a plain q_proj
 )

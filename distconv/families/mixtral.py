@@ -22,7 +22,6 @@ MIXTRAL = Family(
         ("intermediate_size", lambda s: s.moe_ffn_hidden_size),
         ("num_local_experts", lambda s: s.num_experts),
         ("num_experts_per_tok", lambda s: s.moe_topk),
-        ("router_jitter_noise", lambda s: 0.0),
     ),
     detect=lambda spec: bool(spec.num_experts),
 )

@@ -86,6 +86,14 @@ FIXTURES: dict[str, Fixture] = {
              moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32, layernorm_epsilon=1e-6),
         seed=9, layouts=MOE_LAYOUTS[:4],
     ),
+    # the other MLA query path (linear_q_proj, no q LoRA), plain RoPE, ungrouped routing, all layers MoE
+    "deepseek_v3_q_proj": Fixture(
+        dict(MOE_BASE, multi_latent_attention=True, qk_layernorm=True, group_query_attention=False, kv_lora_rank=32,
+             qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=32, rope_type="rope", moe_router_score_function="sigmoid",
+             moe_router_enable_expert_bias=True, moe_shared_expert_intermediate_size=32, moe_ffn_hidden_size=32,
+             layernorm_epsilon=1e-6),
+        seed=10, layouts=((1, 1), (1, 2, 2)),
+    ),
 }
 
 REFERENCE_TOKENS_SHAPE = (2, 12)
