@@ -132,8 +132,8 @@ def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None
         shape = tensor.shape
     items = []
     for index, name, layer in layers:
-        if _GROUPED_EXPERTS in name and num_experts and shape and shape[0] == num_experts:
-            head, tail = name.split(_GROUPED_EXPERTS, 1)
+        head, grouped, tail = name.partition(_GROUPED_EXPERTS)
+        if grouped and not tail[:1].isdigit() and num_experts and shape and shape[0] == num_experts:
             items += [
                 Item(f"{head}.mlp.experts.{e}.{tail}", tensor.key, index + (e,), shape[1:], layer)
                 for e in range(num_experts)

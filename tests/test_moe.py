@@ -202,8 +202,9 @@ def test_expert_items_from_every_key_spelling():
     ]
     per_layer = items_of(info("decoder.layers.5.mlp.experts.experts.linear_fc2.weight", (3, 4, 8)), 6, 3)
     assert [(i.name, i.index, i.layer) for i in per_layer][-1] == ("decoder.layers.5.mlp.experts.2.linear_fc2.weight", (2,), 5)
-    for key in ("decoder.layers.mlp.experts.local_experts.2.linear_fc2.weight", "decoder.layers.mlp.experts.linear_fc2.weight2"):
-        items = items_of(info(key, (6, 4, 8)), 6, 3)
+    for key in ("decoder.layers.mlp.experts.local_experts.2.linear_fc2.weight", "decoder.layers.mlp.experts.linear_fc2.weight2",
+                "decoder.layers.mlp.experts.experts.2.linear_fc2.weight"):
+        items = items_of(info(key, (6, 3, 8)), 6, 3)  # 3 rows: as many as experts, yet not an expert axis
         assert [(i.name, i.index) for i in items][1] == ("decoder.layers.1.mlp.experts.2.linear_fc2.weight", (1,))
     router = items_of(info("decoder.layers.mlp.router.weight", (2, 3, 4)), 2, 3)
     assert [i.shape for i in router] == [(3, 4), (3, 4)]  # the router's expert axis is not split
