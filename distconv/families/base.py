@@ -127,6 +127,7 @@ class Family:
     config_fields: tuple[tuple[str, Callable[[ModelSpec], Any]], ...]  # HF field <- spec
     detect: Callable[[ModelSpec], bool] = lambda spec: True
     spec_fields: tuple[tuple[str, Callable[[PretrainedConfig], Any]], ...] = ()  # spec field <- HF config (import)
+    nullable: tuple[str, ...] = ()  # HF fields where None is a value (written and compared), not "unset"
 
     def unsupported(self, spec: ModelSpec) -> list[str]:
         """Reasons this family cannot express ``spec`` exactly (empty when it can)."""
@@ -140,7 +141,7 @@ class Family:
 
     def hf_config(self, spec: ModelSpec) -> PretrainedConfig:
         values = {name: fn(spec) for name, fn in self.config_fields}
-        config = self.config_class(**{k: v for k, v in values.items() if v is not None})
+        config = self.config_class(**{k: v for k, v in values.items() if v is not None or k in self.nullable})
         config.architectures = [self.architecture]
         return config
 
@@ -171,7 +172,7 @@ class Family:
                     conflicts.append(f"vocab_size: HF config {theirs} > checkpoint padded vocab {spec.padded_vocab_size}")
             elif name == "rope_scaling" and _rope(ours) != theirs:
                 conflicts.append(f"rope scaling: HF config {theirs!r}, checkpoint {_rope(ours)!r}")
-            elif name != "rope_scaling" and ours is not None and theirs != ours and not _close(theirs, ours):
+            elif name != "rope_scaling" and (ours is not None or name in self.nullable) and theirs != ours and not _close(theirs, ours):
                 conflicts.append(f"{name}: HF config {theirs!r}, checkpoint {ours!r}")
         if conflicts:
             raise DistconvError("--hf-config conflicts with the checkpoint: " + "; ".join(conflicts))
@@ -230,7 +231,8 @@ def _close(a: Any, b: Any) -> bool:
 
 
 # Fields that do not change the weights' meaning; a user's HF config may set them freely.
-_ADVISORY_FIELDS = {"max_position_embeddings", "initializer_range", "torch_dtype", "bos_token_id", "eos_token_id"}
+_ADVISORY_FIELDS = {"max_position_embeddings", "initializer_range", "torch_dtype", "bos_token_id", "eos_token_id",
+                    "num_mtp_layers"}  # MTP heads are not part of the HF model's weights
 
 
 def pick_family(families: Sequence[Family], spec: ModelSpec, architecture: str | None) -> Family:

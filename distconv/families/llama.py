@@ -33,6 +33,9 @@ REQUIRES = dict(
     rotary_interleaved=False,
     zero_centered_gamma=False,
     window_size=None,
+    num_experts=None,
+    multi_latent_attention=False,
+    mtp_num_layers=0,
 )
 
 CONFIG_FIELDS = (
