@@ -150,7 +150,7 @@ def _moe_and_mla(args: argparse.Namespace, num_layers: int) -> dict[str, Any]:
     experts = arg(args, "num_experts")
     mla = bool(arg(args, "multi_latent_attention", default=False))
     routing = arg(args, "moe_router_load_balancing_type", default="aux_loss")
-    return dict(
+    fields = dict(
         num_experts=int(experts) if experts else None,
         moe_layers=_moe_layers(args, num_layers),
         moe_ffn_hidden_size=arg(args, "moe_ffn_hidden_size", "ffn_hidden_size") if experts else None,
@@ -173,6 +173,9 @@ def _moe_and_mla(args: argparse.Namespace, num_layers: int) -> dict[str, Any]:
         v_head_dim=arg(args, "v_head_dim") if mla else None,
         mtp_num_layers=int(arg(args, "mtp_num_layers", default=0) or 0),
     )
+    if not experts:  # a dense model: router settings mean nothing, keep the defaults
+        fields = {k: v for k, v in fields.items() if not k.startswith("moe_")}
+    return fields
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:

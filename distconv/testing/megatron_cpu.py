@@ -160,8 +160,14 @@ def _mla_fields(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` completed with ``megatron_args`` defaults for fields it lacks (e.g. MoE off)."""
+    return megatron_args(**vars(args))
+
+
 def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
     """The TransformerConfig Megatron-LM derives from ``args`` (the fields our fixtures use)."""
+    args = with_defaults(args)
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
     activation = F.silu if args.swiglu else (F.gelu)
@@ -205,6 +211,7 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
 
     ``init=False`` skips weight initialisation (fast; for benchmarks that fill weights later).
     """
+    args = with_defaults(args)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
