@@ -210,7 +210,7 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
         for group in job.plan.groups:
             mine, error = [], None
             try:
-                mine = read_slices(job.ckpt.path, group.reads_of(comm.rank), job.dtype)
+                mine = read_slices(job.ckpt, group.reads_of(comm.rank), job.dtype)
             except Exception as e:
                 error = e
             comm.agree(error or pending)

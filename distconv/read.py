@@ -1,5 +1,8 @@
 """Stage 3: each rank loads its planned slices with megatron-core ``dist_checkpointing.load``.
 
+(Legacy ``mp_rank_*`` checkpoints are read by ``distconv.legacy.read_legacy`` instead: each
+rank opens only the rank files its reads name.)
+
 The request is a dict of ``ShardedTensor``s built from the plan (no model instance, no
 transformer-engine). ``load`` is collective over the default process group, so every rank
 calls it once per group, with an empty request when it owns nothing there.
@@ -11,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from distconv.checkpoint import safe_globals
+from distconv.checkpoint import Checkpoint, safe_globals
 from distconv.errors import DistconvError
 from distconv.plan import Read
 
@@ -32,8 +35,19 @@ def _sharded_tensor(read: Read, dtype: torch.dtype, device: torch.device):
     )
 
 
-def read_slices(folder: Path, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
-    """Load ``reads`` (this rank's part of one group) as tensors of ``dtype`` on CPU."""
+def read_slices(ckpt: Checkpoint, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
+    """Load ``reads`` (this rank's part of one group) as tensors of ``dtype`` on CPU.
+
+    Collective for torch_dist (every rank calls it once per group); local for legacy.
+    """
+    if ckpt.format == "legacy":
+        from distconv.legacy import read_legacy
+
+        return read_legacy(ckpt, reads, dtype)
+    return _read_dist(ckpt.path, reads, dtype)
+
+
+def _read_dist(folder: Path, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
     from megatron.core import dist_checkpointing
 
     request = {f"r{i}": _sharded_tensor(r, dtype, torch.device("cpu")) for i, r in enumerate(reads)}

@@ -42,6 +42,11 @@ class ModelSpec:
     train_dtype: torch.dtype
     vocab_size: int | None = None  # the true (unpadded) vocab, once known
 
+    @property
+    def plain_mha(self) -> bool:
+        """Multi-head attention with ``heads * head_dim == hidden`` (no GQA, no custom head size)."""
+        return self.num_query_groups == self.num_attention_heads and self.num_attention_heads * self.head_dim == self.hidden_size
+
     def with_vocab(self, vocab_size: int) -> "ModelSpec":
         if vocab_size > self.padded_vocab_size:
             raise DistconvError(
