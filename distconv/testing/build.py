@@ -61,6 +61,12 @@ FIXTURES: dict[str, Fixture] = {
              layernorm_epsilon=1e-6),
         seed=5,
     ),
+    "gpt2": Fixture(
+        dict(position_embedding_type="learned_absolute", normalization="LayerNorm", swiglu=False,
+             add_bias_linear=True, group_query_attention=False, num_query_groups=4, ffn_hidden_size=256,
+             bias_gelu_fusion=True, vocab_size=250),
+        seed=6, layouts=((1, 1), (2, 2)),
+    ),
 }
 
 REFERENCE_TOKENS_SHAPE = (2, 12)

@@ -95,7 +95,13 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int):
     """The TransformerConfig Megatron-LM derives from ``args`` (the fields our fixtures use)."""
     from megatron.core.transformer import TransformerConfig
 
-    activation = F.silu if args.swiglu else (F.gelu)
+    activation, fusion = F.silu, False
+    if not args.swiglu:  # as Megatron-LM: exact GELU, or the tanh form of the fused bias_gelu
+        activation, fusion = F.gelu, bool(args.bias_gelu_fusion)
+        if args.openai_gelu:
+            from megatron.core.transformer.utils import openai_gelu
+
+            activation, fusion = openai_gelu, False
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -118,7 +124,7 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=args.init_method_std,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fusion,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
