@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--window", default="1GiB", help="largest group rank 0 gathers at once (default 1GiB)")
     exp.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     exp.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    exp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
+                     help="safetensors shards (default), or torch: one model.pt holding {model_state_dict, model_config}")
     return parser
 
 

@@ -25,12 +25,14 @@ from distconv.spec import ModelSpec, arg, spec_from_args
 from distconv.write import (
     OutputFolder,
     ShardWriter,
+    TorchFileWriter,
     write_config,
     write_generation_config,
     write_index,
     write_tokenizer,
 )
 
+FORMATS = ("safetensors", "torch")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -116,7 +118,10 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
 class _Job:
     """Everything stages 1-2 decide, identical on every rank."""
 
-    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, world, rank):
+    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, world, rank, fmt="safetensors"):
+        if fmt not in FORMATS:
+            raise DistconvError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
+        self.format = fmt
         self.ckpt: Checkpoint = describe(load, iteration)
         spec = spec_from_args(self.ckpt.args)
         user_config, self.config_dir = _load_hf_config(hf_config)
@@ -140,7 +145,8 @@ class _Job:
         if dtype not in ("auto", *DTYPES):
             raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16 or fp32")
         self.dtype = self.spec.train_dtype if dtype == "auto" else DTYPES[dtype]
-        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, parse_size(max_shard_size), parse_size(window))
+        shard_size = parse_size(max_shard_size) if fmt == "safetensors" else 1 << 62  # torch: one model.pt
+        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, shard_size, parse_size(window))
         _check_against_hf(self.plan, self.config)
         self.folder = OutputFolder(save, overwrite) if rank == 0 else None
 
@@ -177,6 +183,7 @@ def export(
     window: str | int = "1GiB",
     timeout_s: float = 1800.0,
     quiet: bool = False,
+    format: str = "safetensors",
 ) -> dict[str, Any]:
     """Convert a Megatron torch_dist checkpoint into an HF folder; collective over all ranks.
 
@@ -185,16 +192,16 @@ def export(
     """
     comm = Comm.setup(device, timeout_s)
     try:
-        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet)
+        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet, format)
     finally:
         comm.close()
 
 
-def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet):
+def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet, fmt):
     start = time.perf_counter()
     job, error = None, None
     try:
-        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, comm.world, comm.rank)
+        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, comm.world, comm.rank, fmt)
     except Exception as e:  # every rank hits the same planning error; agree() reports it once
         error = e
     comm.agree(error)
@@ -204,7 +211,8 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     writer, folder = None, job.folder
     try:
         if comm.rank == 0:
-            writer = ShardWriter(folder.create(), job.plan.outputs)
+            writer_class = ShardWriter if job.format == "safetensors" else TorchFileWriter
+            writer = writer_class(folder.create(), job.plan.outputs)
         comm.agree(None)
         pending: BaseException | None = None
         for group in job.plan.groups:
@@ -252,14 +260,18 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     }
 
 
-def _finish(job: _Job, writer: ShardWriter, tmp: Path) -> None:
+def _finish(job: _Job, writer: ShardWriter | TorchFileWriter, tmp: Path) -> None:
     """Close the shards, then config, generation config, tokenizer, and the index last."""
+    if isinstance(writer, TorchFileWriter):
+        job.config.dtype = job.dtype
+        writer.config = job.config.to_dict()
     writer.close()
     write_config(tmp, job.config, job.dtype)
     write_generation_config(tmp, job.config, job.config_dir)
     if job.tokenizer is not None:
         write_tokenizer(tmp, job.tokenizer)
-    write_index(tmp, job.plan.outputs)
+    if job.format == "safetensors":
+        write_index(tmp, job.plan.outputs)
 
 
 def main_export(opts: Any) -> int:
@@ -267,7 +279,7 @@ def main_export(opts: Any) -> int:
     export(
         opts.load, opts.save, iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer,
         dtype=opts.dtype, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device,
-        window=opts.window, timeout_s=opts.timeout, quiet=opts.quiet,
+        window=opts.window, timeout_s=opts.timeout, quiet=opts.quiet, format=opts.format,
     )
     return 0
 
