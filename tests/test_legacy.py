@@ -26,22 +26,26 @@ from distconv.families.gpt2 import CONV1D, FUSED_QKV
 from distconv.inspector import inspect_checkpoint
 from distconv.legacy import _qkv_to_core
 from distconv.spec import spec_from_args
-from distconv.testing.build import FIXTURES, layout_dir
+from distconv.testing.build import FIXTURES, layout_dir, torch_format_dir
 from distconv.testing.legacy import LEGACY_FIXTURES, PADDED_VOCAB, VOCAB, hf_model
 from distconv.testing.megatron_cpu import megatron_args
 
 TOL = 1e-4
 CASES = [(name, tp, pp) for name, fx in LEGACY_FIXTURES.items() for tp, pp in fx.layouts]
+# megatron-core models saved by megatron-core itself in the torch format (local module keys)
+CORE_TORCH = [(name, tp, pp) for name, fx in FIXTURES.items() for tp, pp in fx.torch_format]
 ARCH = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}
 WORLD = 2
 
 
 @pytest.fixture(scope="module")
-def exported(legacy_built, tmp_path_factory) -> dict[tuple, dict]:
-    """Every legacy case, the zip, and a ``--format torch`` export, in one torchrun launch."""
+def exported(legacy_built, built, tmp_path_factory) -> dict[tuple, dict]:
+    """Every legacy case, the zip, a ``--format torch`` export and the core torch-format saves, in one torchrun launch."""
     out = tmp_path_factory.mktemp("legacy_exports")
     jobs = {case: {"load": str(legacy_built / case[0] / f"tp{case[1]}pp{case[2]}"), "save": str(out / "_".join(map(str, case)))} for case in CASES}
     jobs["zip"] = {"load": str(legacy_built / "gpt2_v0.zip"), "save": str(out / "zip")}
+    for name, tp, pp in CORE_TORCH:
+        jobs[("core", name, tp, pp)] = {"load": str(torch_format_dir(built, name, tp, pp)), "save": str(out / f"core_{name}_{tp}_{pp}")}
     jobs["torch"] = {"load": str(legacy_built / "gpt2_v3" / "tp2pp2"), "save": str(out / "torch"), "format": "torch"}
     results = run_export_jobs(WORLD, list(jobs.values()), out)
     return {key: {**r, "save": Path(job["save"])} for (key, job), r in zip(jobs.items(), results)}
@@ -63,6 +67,20 @@ def test_legacy_logits_match_the_original_hf_model(exported, legacy_built, name,
     config = json.loads((result["save"] / "config.json").read_text())
     if name.startswith("gpt2"):
         assert config["activation_function"] == LEGACY_FIXTURES[name].activation
+
+
+@pytest.mark.parametrize("name,tp,pp", CORE_TORCH, ids=[f"{n}-tp{t}pp{p}" for n, t, p in CORE_TORCH])
+def test_core_torch_format_logits_match_megatron(exported, built, name, tp, pp):
+    result = exported[("core", name, tp, pp)]
+    assert result["ok"], result.get("error")
+    ref = torch.load(built / "refs" / f"{name}.pt")
+    logits = hf_logits(result["save"], ref["tokens"])
+    assert (logits - ref["logits"][..., : logits.shape[-1]]).abs().max().item() <= TOL
+    # the same weights as megatron-core's own torch_dist save of that model
+    legacy = inspect_checkpoint(torch_format_dir(built, name, tp, pp))
+    dist = inspect_checkpoint(layout_dir(built, name, tp, pp))
+    assert legacy["format"] == "legacy" and legacy["model_bytes"] == dist["model_bytes"]
+    assert legacy["hf_family"] == dist["hf_family"]
 
 
 def test_each_rank_reads_only_its_own_files(exported):
