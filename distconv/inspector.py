@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,8 @@ def render(report: dict[str, Any]) -> str:
 
 def main_inspect(opts: Any) -> int:
     """CLI entry for ``distconv inspect``."""
-    report = inspect_checkpoint(opts.ckpt, opts.iteration)
+    with warnings.catch_warnings():  # megatron-core warns about missing TE/Apex on import
+        warnings.simplefilter("ignore", UserWarning)
+        report = inspect_checkpoint(opts.ckpt, opts.iteration)
     print(json.dumps(report, indent=1) if opts.json else render(report), flush=True)
     return 0
