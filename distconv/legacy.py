@@ -3,7 +3,7 @@
 ``describe_legacy`` turns the per-rank files into the same ``Checkpoint`` description the
 torch_dist path produces: megatron-core key names, global shapes, and chunks whose offsets
 place each rank's piece in the global tensor (TP split axis, PP layer offset). The plan and the
-gather stages then work unchanged; ``read_legacy`` loads each planned box from the one file
+gather stages then work unchanged; ``LegacyReader`` loads each planned box from the one file
 that holds it. Both legacy (non-core) GPT models (``language_model.{embedding, encoder|
 transformer, output_layer}``) and megatron-core models saved in this format (local module
 keys) are understood. Files are opened with ``torch.load(weights_only=True, mmap=True)`` and
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import re
 import zipfile
 from pathlib import Path
@@ -290,19 +289,6 @@ def _assemble(by_rank: dict[tuple[int, int], list[_Piece]], files: dict[tuple[in
 # ---------------------------------------------------------------- reading (stage 3, legacy)
 
 
-@functools.lru_cache(maxsize=64)
-def _model_tensors(folder: str, name: str, stamp: tuple[int, int]) -> dict[str, torch.Tensor]:
-    del stamp  # part of the cache key only: a rewritten file is opened again
-    path = Path(folder)
-    state = open_rank_file(path, name)
-    return {
-        f"{i}:{key}": t
-        for i, model in enumerate(_models(state, f"{folder}/{name}"))
-        for key, t in _flatten(model).items()
-        if isinstance(t, torch.Tensor)
-    }
-
-
 def _qkv_to_core(t: torch.Tensor, version: float, head_dim: int) -> torch.Tensor:
     """One rank's fused QKV rows from checkpoint_version 0 / 1.0 order to ``[np, 3, hn]``."""
     if version >= 2.0:
@@ -314,30 +300,50 @@ def _qkv_to_core(t: torch.Tensor, version: float, head_dim: int) -> torch.Tensor
     return t.reshape(3, heads, head_dim, *rest).transpose(0, 1).reshape(t.shape)
 
 
-def read_legacy(ckpt: Checkpoint, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
-    """This rank's planned boxes, each cut from the one rank file that holds it."""
-    version = float(ckpt.common.get("checkpoint_version", 0))
-    args = ckpt.args
-    head_dim = int(arg(args, "kv_channels", default=args.hidden_size // args.num_attention_heads))
-    out = []
-    for read in reads:
-        chunk = next(
-            c for c in ckpt.tensors[read.key].chunks
-            if all(co <= o and o + s <= co + cs for o, s, co, cs in zip(read.offsets, read.sizes, c.offsets, c.sizes))
-        )
-        path = ckpt.path / chunk.file if ckpt.path.is_dir() else ckpt.path
-        try:
-            stat = path.stat()
-        except OSError:
-            raise DistconvError(f"checkpoint file {path} is missing") from None
-        source = _model_tensors(str(ckpt.path), chunk.file, (stat.st_mtime_ns, stat.st_size)).get(chunk.source)
-        if source is None:
-            raise DistconvError(f"{path}: tensor {chunk.source} disappeared since the checkpoint was described")
-        if read.key.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-            source = _qkv_to_core(source, version, head_dim)
-        box = tuple(
-            slice(o - co + so, o - co + so + s)
-            for o, s, co, so in zip(read.offsets, read.sizes, chunk.offsets, chunk.source_offsets)
-        )
-        out.append(source[box].to(dtype).clone())
-    return out
+class LegacyReader:
+    """Stage 3 for legacy checkpoints: each planned box is cut from the one rank file holding it.
+
+    Reading is local (no collective); a rank opens only the files its reads name, each once
+    per export (memory-mapped, so only the bytes sliced are read).
+    """
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.version = float(ckpt.common.get("checkpoint_version", 0))
+        args = ckpt.args
+        self.head_dim = int(arg(args, "kv_channels", default=args.hidden_size // args.num_attention_heads))
+        self._files: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self._files:
+            folder = self.ckpt.path
+            if folder.is_dir() and not (folder / name).exists():
+                raise DistconvError(f"checkpoint file {folder / name} is missing")
+            state = open_rank_file(folder, name)
+            self._files[name] = {
+                f"{i}:{key}": t
+                for i, model in enumerate(_models(state, f"{folder}/{name}"))
+                for key, t in _flatten(model).items()
+                if isinstance(t, torch.Tensor)
+            }
+        return self._files[name]
+
+    def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
+        """This rank's planned boxes as CPU tensors of ``dtype``."""
+        out = []
+        for read in reads:
+            chunk = next(
+                c for c in self.ckpt.tensors[read.key].chunks
+                if all(co <= o and o + s <= co + cs for o, s, co, cs in zip(read.offsets, read.sizes, c.offsets, c.sizes))
+            )
+            source = self._tensors(chunk.file).get(chunk.source)
+            if source is None:
+                raise DistconvError(f"{self.ckpt.path}/{chunk.file}: tensor {chunk.source} disappeared since the checkpoint was described")
+            if read.key.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+                source = _qkv_to_core(source, self.version, self.head_dim)
+            box = tuple(
+                slice(o - co + so, o - co + so + s)
+                for o, s, co, so in zip(read.offsets, read.sizes, chunk.offsets, chunk.source_offsets)
+            )
+            out.append(source[box].to(dtype).clone())
+        return out

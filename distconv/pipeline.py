@@ -20,7 +20,9 @@ from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.gather import Comm
 from distconv.plan import Plan, make_plan
-from distconv.read import read_slices
+from distconv.stream import Prefetcher, WriterThread
+from distconv.legacy import LegacyReader
+from distconv.read import Reader
 from distconv.spec import ModelSpec, arg, spec_from_args
 from distconv.write import (
     OutputFolder,
@@ -118,10 +120,12 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
 class _Job:
     """Everything stages 1-2 decide, identical on every rank."""
 
-    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, world, rank, fmt="safetensors"):
+    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world, fmt="safetensors"):
         if fmt not in FORMATS:
             raise DistconvError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
         self.format = fmt
+        if fmt == "torch":  # one model.pt, written by one rank
+            max_shard_size, writers = 1 << 62, 1
         self.ckpt: Checkpoint = describe(load, iteration)
         spec = spec_from_args(self.ckpt.args)
         user_config, self.config_dir = _load_hf_config(hf_config)
@@ -145,10 +149,10 @@ class _Job:
         if dtype not in ("auto", *DTYPES):
             raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16 or fp32")
         self.dtype = self.spec.train_dtype if dtype == "auto" else DTYPES[dtype]
-        shard_size = parse_size(max_shard_size) if fmt == "safetensors" else 1 << 62  # torch: one model.pt
-        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, shard_size, parse_size(window))
+        self.window = parse_size(window)
+        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, parse_size(max_shard_size), self.window, writers)
         _check_against_hf(self.plan, self.config)
-        self.folder = OutputFolder(save, overwrite) if rank == 0 else None
+        self.folder = OutputFolder(save, overwrite)
 
     def summary(self, world: int) -> str:
         ckpt, spec, plan = self.ckpt, self.spec, self.plan
@@ -181,6 +185,7 @@ def export(
     overwrite: bool = False,
     device: str = "auto",
     window: str | int = "1GiB",
+    writers: int = 1,
     timeout_s: float = 1800.0,
     quiet: bool = False,
     format: str = "safetensors",
@@ -192,58 +197,22 @@ def export(
     """
     comm = Comm.setup(device, timeout_s)
     try:
-        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet, format)
+        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, format)
     finally:
         comm.close()
 
 
-def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet, fmt):
+def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, fmt):
     start = time.perf_counter()
     job, error = None, None
     try:
-        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, comm.world, comm.rank, fmt)
+        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world, fmt)
     except Exception as e:  # every rank hits the same planning error; agree() reports it once
         error = e
     comm.agree(error)
     assert job is not None
     _say(comm, quiet, job.summary(comm.world))
-
-    writer, folder = None, job.folder
-    try:
-        if comm.rank == 0:
-            writer_class = ShardWriter if job.format == "safetensors" else TorchFileWriter
-            writer = writer_class(folder.create(), job.plan.outputs)
-        comm.agree(None)
-        pending: BaseException | None = None
-        for group in job.plan.groups:
-            mine, error = [], None
-            try:
-                mine = read_slices(job.ckpt, group.reads_of(comm.rank), job.dtype)
-            except Exception as e:
-                error = e
-            comm.agree(error or pending)
-            full = comm.gather(group, mine, job.dtype)
-            if full is not None:
-                try:
-                    for item, tensor in zip(group.items, full):
-                        for name, out in job.family.export_tensor(item.name, tensor, job.spec):
-                            writer.write(name, out.contiguous())
-                except Exception as e:
-                    pending = e
-        if comm.rank == 0 and pending is None:
-            try:
-                _finish(job, writer, folder.tmp)
-            except Exception as e:
-                pending = e
-        comm.agree(pending)
-        if comm.rank == 0:
-            folder.commit()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        if folder is not None:
-            folder.abort()
-        raise
+    _stream(comm, job)
     seconds = time.perf_counter() - start
     total = job.plan.total_bytes
     _say(comm, quiet, f"wrote {job.family.architecture} to {Path(save).absolute()}: {len(job.plan.outputs)} tensors, "
@@ -260,12 +229,70 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     }
 
 
-def _finish(job: _Job, writer: ShardWriter | TorchFileWriter, tmp: Path) -> None:
-    """Close the shards, then config, generation config, tokenizer, and the index last."""
-    if isinstance(writer, TorchFileWriter):
-        job.config.dtype = job.dtype
-        writer.config = job.config.to_dict()
-    writer.close()
+def _stream(comm: Comm, job: _Job) -> None:
+    """Read ahead, gather, and map + write behind, group by group; commit on success only."""
+    plan, folder = job.plan, job.folder
+    folder.name_run(comm.shared_token())
+    error = None
+    if comm.rank == 0:
+        try:
+            folder.create()
+        except Exception as e:
+            error = e
+    comm.agree(error)
+    mine = [o for g in plan.groups if g.writer == comm.rank for o in g.outputs]
+    shards = _shard_writer(job, folder.tmp, mine) if mine else None
+
+    def write_group(index: int, full: list[torch.Tensor]) -> None:
+        group = plan.groups[index]
+        for item, tensor in zip(group.items, full):
+            for name, out in job.family.export_tensor(item.name, tensor, job.spec):
+                shards.write(name, out.contiguous())
+
+    writer = WriterThread(write_group) if shards else None
+    reader = LegacyReader(job.ckpt) if job.ckpt.format == "legacy" else Reader(job.ckpt.path, job.ckpt.metadata)
+    prefetch = Prefetcher(reader, plan, comm.rank, job.window)
+    try:
+        for index, (tensors, error) in enumerate(prefetch):
+            comm.agree(error or (writer.error if writer else None))
+            full = comm.gather(plan.groups[index], tensors, plan.dtype)
+            if full is not None:
+                writer.put(index, full)
+        error = writer.join() if writer else None
+        if shards is not None and error is None:
+            error = _attempt(shards.close)
+        comm.agree(error)  # every shard file is complete
+        if comm.rank == 0:
+            error = _attempt(lambda: _finish(job, folder.tmp))
+        comm.agree(error)
+        if comm.rank == 0:
+            folder.commit()
+    except BaseException:
+        prefetch.close()
+        if shards is not None:
+            shards.abort()
+        if comm.rank == 0:
+            folder.abort()
+        raise
+
+
+def _shard_writer(job: _Job, tmp: Path, outputs: list) -> ShardWriter | TorchFileWriter:
+    if job.format == "safetensors":
+        return ShardWriter(tmp, outputs)
+    job.config.dtype = job.dtype
+    return TorchFileWriter(tmp, outputs, job.config.to_dict())
+
+
+def _attempt(fn) -> BaseException | None:
+    try:
+        fn()
+    except Exception as e:
+        return e
+    return None
+
+
+def _finish(job: _Job, tmp: Path) -> None:
+    """After the shards: config, generation config, tokenizer, and the index last."""
     write_config(tmp, job.config, job.dtype)
     write_generation_config(tmp, job.config, job.config_dir)
     if job.tokenizer is not None:
@@ -279,7 +306,7 @@ def main_export(opts: Any) -> int:
     export(
         opts.load, opts.save, iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer,
         dtype=opts.dtype, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device,
-        window=opts.window, timeout_s=opts.timeout, quiet=opts.quiet, format=opts.format,
+        window=opts.window, writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, format=opts.format,
     )
     return 0
 
