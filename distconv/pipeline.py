@@ -20,8 +20,8 @@ from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.gather import Comm
 from distconv.plan import Plan, make_plan
-from distconv.stream import Prefetcher, WriterThread
 from distconv.legacy import LegacyReader
+from distconv.stream import Prefetcher, WriterThread
 from distconv.read import Reader
 from distconv.spec import ModelSpec, arg, spec_from_args
 from distconv.write import (
@@ -190,7 +190,7 @@ def export(
     quiet: bool = False,
     format: str = "safetensors",
 ) -> dict[str, Any]:
-    """Convert a Megatron torch_dist checkpoint into an HF folder; collective over all ranks.
+    """Convert a Megatron checkpoint (torch_dist or legacy) into an HF folder; collective over all ranks.
 
     Returns a small report (the same on every rank). Raises ``DistconvError`` on every rank
     if any rank fails; ``save`` is then left untouched.

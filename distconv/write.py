@@ -126,7 +126,7 @@ class ShardWriter:
 
 
 class TorchFileWriter:
-    """``--format torch``: the planned outputs in one ``model.pt`` (rank 0 holds them all).
+    """``--format torch``: the planned outputs in one ``model.pt`` (the one writer rank holds them all).
 
     The file is ``{"model_state_dict": {HF name: tensor}, "model_config": HF config dict}``,
     loadable with ``torch.load(weights_only=True)``.
