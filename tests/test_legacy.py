@@ -43,6 +43,7 @@ def exported(legacy_built, built, tmp_path_factory) -> dict[tuple, dict]:
     """Every legacy case, the zip, a ``--format torch`` export and the core torch-format saves, in one torchrun launch."""
     out = tmp_path_factory.mktemp("legacy_exports")
     jobs = {case: {"load": str(legacy_built / case[0] / f"tp{case[1]}pp{case[2]}"), "save": str(out / "_".join(map(str, case)))} for case in CASES}
+    jobs["vpp"] = {"load": str(legacy_built / "gpt2_v3" / "tp2pp2vpp2"), "save": str(out / "vpp")}
     jobs["zip"] = {"load": str(legacy_built / "gpt2_v0.zip"), "save": str(out / "zip")}
     for name, tp, pp in CORE_TORCH:
         jobs[("core", name, tp, pp)] = {"load": str(torch_format_dir(built, name, tp, pp)), "save": str(out / f"core_{name}_{tp}_{pp}")}
@@ -87,6 +88,16 @@ def test_each_rank_reads_only_its_own_files(exported):
     # TP2 PP2 files at 2 ranks: writer = pp*TP + tp, rank = writer % 2, so both ranks read
     report = exported[("gpt2_v3", 2, 2)]["report"]
     assert all(int(b) > 0 for b in report["bytes_read"].values())
+
+
+def test_virtual_pipeline_chunks(exported, legacy_built):
+    result = exported["vpp"]
+    assert result["ok"], result.get("error")
+    tokens = torch.load(legacy_built / "refs" / "gpt2_v3.pt")["tokens"]
+    assert _max_diff(legacy_built, "gpt2_v3", hf_logits(result["save"], tokens)) <= TOL
+    report = inspect_checkpoint(legacy_built / "gpt2_v3" / "tp2pp2vpp2")
+    assert report["layout"]["virtual_pipeline_model_parallel_size"] == 2
+    assert report["model_bytes"] == _expected_legacy_bytes("gpt2_v3")
 
 
 def test_zip_release(exported, legacy_built):

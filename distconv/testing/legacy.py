@@ -156,43 +156,57 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t, torch.zeros(PADDED_VOCAB - t.shape[0], *t.shape[1:])])
 
 
-def write_layout(fx: LegacyFixture, model: torch.nn.Module, root: Path, tp: int, pp: int) -> Path:
+def _model_chunk(fx: LegacyFixture, sd: dict[str, torch.Tensor], config: Any, t: int, tp: int, p: int, pp: int, v: int, vpp: int) -> dict[str, Any]:
+    """The model dict of TP rank ``t``, stage ``p``, virtual stage ``v`` (layers numbered locally).
+
+    With virtual stages, chunk ``v`` of stage ``p`` holds global layers from ``(v * pp + p) * n``
+    on, ``n = layers / (pp * vpp)``: the interleaved schedule's assignment.
+    """
+    gpt2 = fx.family == "gpt2"
+    embed = _padded(sd["transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"])
+    per_chunk = config.num_hidden_layers // (pp * vpp)
+    first, last = p == 0 and v == 0, p == pp - 1 and v == vpp - 1
+    lm: dict[str, Any] = {}
+    encoder: dict[str, torch.Tensor] = {}
+    if first:
+        lm["embedding"] = {"word_embeddings": {"weight": _split(embed, 0, tp, t)}}
+        if gpt2:
+            lm["embedding"]["position_embeddings"] = {"weight": sd["transformer.wpe.weight"]}
+    for local in range(per_chunk):
+        layer = (v * pp + p) * per_chunk + local
+        for k, x in _layer_tensors(fx, sd, config, layer, tp, t, fx.version or 0.0).items():
+            encoder[f"layers.{local}.{k}"] = x
+    model_sd: dict[str, Any] = {"language_model": lm}
+    if last:
+        final = "final_layernorm" if fx.old_names else "final_norm"
+        if gpt2:
+            encoder[f"{final}.weight"], encoder[f"{final}.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
+            if pp > 1:  # tied head on the last stage
+                model_sd["word_embeddings_for_head"] = {"weight": _split(embed, 0, tp, t)}
+        else:
+            encoder[f"{final}.weight"] = sd["model.norm.weight"]
+            lm["output_layer"] = {"weight": _split(_padded(sd["lm_head.weight"]), 0, tp, t)}
+    lm["transformer" if fx.old_names else "encoder"] = encoder
+    return model_sd
+
+
+def write_layout(fx: LegacyFixture, model: torch.nn.Module, root: Path, tp: int, pp: int, vpp: int = 1) -> Path:
     """Write ``root`` as a Megatron-LM save root; returns the iteration folder."""
     config = model.config
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    version = fx.version or 0.0
-    gpt2 = fx.family == "gpt2"
+    sd = {k: x.detach().clone() for k, x in model.state_dict().items()}
     iter_dir = root / ("release" if fx.iteration == "release" else f"iter_{int(fx.iteration):07d}")
-    per_stage = config.num_hidden_layers // pp
-    embed = _padded(sd["transformer.wte.weight" if gpt2 else "model.embed_tokens.weight"])
     gen = torch.Generator().manual_seed(fx.seed + 100)
     for p in range(pp):
         for t in range(tp):
-            lm: dict[str, Any] = {}
-            encoder: dict[str, torch.Tensor] = {}
-            if p == 0:
-                lm["embedding"] = {"word_embeddings": {"weight": _split(embed, 0, tp, t)}}
-                if gpt2:
-                    lm["embedding"]["position_embeddings"] = {"weight": sd["transformer.wpe.weight"]}
-            for local in range(per_stage):
-                for k, v in _layer_tensors(fx, sd, config, p * per_stage + local, tp, t, version).items():
-                    encoder[f"layers.{local}.{k}"] = v
-            model_sd: dict[str, Any] = {"language_model": lm}
-            if p == pp - 1:
-                final = "final_layernorm" if fx.old_names else "final_norm"
-                if gpt2:
-                    encoder[f"{final}.weight"], encoder[f"{final}.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
-                    if pp > 1:  # tied head on the last stage
-                        model_sd["word_embeddings_for_head"] = {"weight": _split(embed, 0, tp, t)}
-                else:
-                    encoder[f"{final}.weight"] = sd["model.norm.weight"]
-                    lm["output_layer"] = {"weight": _split(_padded(sd["lm_head.weight"]), 0, tp, t)}
-            lm["transformer" if fx.old_names else "encoder"] = encoder
-            params = [x for x in _flat_tensors(model_sd)]
+            chunks = [_model_chunk(fx, sd, config, t, tp, p, pp, v, vpp) for v in range(vpp)]
+            models = {"model": chunks[0]} if vpp == 1 else {f"model{v}": c for v, c in enumerate(chunks)}
+            args = _args(fx, config, tp, pp)
+            args.virtual_pipeline_model_parallel_size = vpp if vpp > 1 else None
+            params = [x for c in chunks for x in _flat_tensors(c)]
             state = {
-                "args": _args(fx, config, tp, pp),
+                "args": args,
                 "iteration": 0 if fx.iteration == "release" else fx.iteration,
-                "model": model_sd,
+                **models,
                 "optimizer": {
                     "optimizer": {
                         "state": {i: {"step": torch.tensor(5.0), "exp_avg": torch.randn(x.shape, generator=gen),
@@ -246,4 +260,6 @@ def build_all(out: Path) -> Path:
             iter_dir = write_layout(fx, model, out / name / f"tp{tp}pp{pp}", tp, pp)
             if name == "gpt2_v0" and (tp, pp) == (1, 1):
                 write_zip(iter_dir, out / "gpt2_v0.zip")
+        if name == "gpt2_v3":  # interleaved pipeline schedule: model0/model1 per file
+            write_layout(fx, model, out / name / "tp2pp2vpp2", 2, 2, vpp=2)
     return out
