@@ -160,6 +160,15 @@ def test_gpt2_family_inference_and_round_trip():
         pick_family(FAMILIES, spec_from_args(megatron_args(**{**FIXTURES["gpt2"].args, "group_query_attention": True, "num_query_groups": 2})), None)
 
 
+def test_pre_2023_rope_flag_is_read():
+    args = megatron_args()
+    del args.position_embedding_type
+    args.use_rotary_position_embeddings = True
+    assert spec_from_args(args).position_embedding == "rope"
+    args.use_rotary_position_embeddings = False
+    assert spec_from_args(args).position_embedding == "learned_absolute"
+
+
 def _expected_legacy_bytes(name: str) -> int:
     """Model bytes computed from the HF original: its parameters plus Megatron's vocab padding."""
     model = hf_model(LEGACY_FIXTURES[name])
