@@ -26,7 +26,7 @@ from distconv.families.gpt2 import CONV1D, FUSED_QKV
 from distconv.inspector import inspect_checkpoint
 from distconv.legacy import _qkv_to_core
 from distconv.spec import spec_from_args
-from distconv.testing.build import FIXTURES, layout_dir, torch_format_dir
+from distconv.testing.build import FIXTURES, layout_dir, parallel, torch_format_dir
 from distconv.testing.legacy import LEGACY_FIXTURES, PADDED_VOCAB, VOCAB, hf_model
 from distconv.testing.megatron_cpu import megatron_args
 
@@ -199,13 +199,17 @@ def test_inspect_legacy(legacy_built, name):
 @pytest.mark.parametrize("name", list(FIXTURES))
 def test_inspect_torch_dist(built, name):
     fx = FIXTURES[name]
-    reports = [inspect_checkpoint(layout_dir(built, name, tp, pp)) for tp, pp in fx.layouts]
+    layouts = [parallel(layout) for layout in fx.layouts]
+    reports = [inspect_checkpoint(layout_dir(built, name, *layout)) for layout in layouts]
     # mistral has no sliding window in its args, so without --hf-config it is a Llama
     expected = {"llama": "LlamaForCausalLM", "llama_tied_mqa": "LlamaForCausalLM", "mistral": "LlamaForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-    for (tp, pp), report in zip(fx.layouts, reports):
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+                "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM"}
+    for (tp, pp, ep, _), report in zip(layouts, reports):
         assert report["format"] == "torch_dist" and report["iteration"] == fx.iteration
-        assert (report["layout"]["tensor_model_parallel_size"], report["layout"]["pipeline_model_parallel_size"]) == (tp, pp)
+        lay = report["layout"]
+        assert (lay["tensor_model_parallel_size"], lay["pipeline_model_parallel_size"], lay["expert_model_parallel_size"]) == (tp, pp, ep)
         if name in expected:  # fixtures added later by other features are checked by their own tests
             assert report["hf_family"] == expected[name]
         assert report["model_bytes"] == sum(t["bytes"] for t in report["tensors"])
@@ -215,7 +219,8 @@ def test_inspect_torch_dist(built, name):
     a = megatron_args(**fx.args)
     layers = {t["name"]: t["shape"] for t in reports[0]["tensors"]}
     assert layers["embedding.word_embeddings.weight"] == [a.padded_vocab_size, a.hidden_size]
-    assert layers["decoder.layers.self_attention.linear_proj.weight"][0] == a.num_layers
+    if not a.num_experts:  # dense layers are stacked along a leading num_layers axis
+        assert layers["decoder.layers.self_attention.linear_proj.weight"][0] == a.num_layers
 
 
 def test_inspect_cli_text_and_json(legacy_built, built):
