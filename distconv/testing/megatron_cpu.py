@@ -166,8 +166,8 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
 
     activation, fusion = F.silu, False
     if not args.swiglu:  # as Megatron-LM: exact GELU, or the tanh form of the fused bias_gelu
-        activation, fusion = F.gelu, bool(args.bias_gelu_fusion)
-        if args.openai_gelu:
+        activation, fusion = F.gelu, bool(getattr(args, "bias_gelu_fusion", False))
+        if getattr(args, "openai_gelu", False):
             from megatron.core.transformer.utils import openai_gelu
 
             activation, fusion = openai_gelu, False
