@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     exp.add_argument("--quiet", action="store_true", help="print nothing but errors")
     _import_parsers(sub)
+    exp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
+                     help="safetensors shards (default), or torch: one model.pt holding {model_state_dict, model_config}")
+    ins = sub.add_parser("inspect", help="describe a Megatron checkpoint from its metadata (no torchrun)")
+    ins.add_argument("ckpt", help="Megatron-LM save root, one iter_XXXXXXX/release folder, or a legacy .zip")
+    ins.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration (default: the tracker's)")
+    ins.add_argument("--json", action="store_true", help="print a JSON report")
     return parser
 
 
@@ -78,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
             from distconv.reshard import main_reshard
 
             return main_reshard(opts)
+        if opts.command == "inspect":
+            from distconv.inspector import main_inspect
+
+            return main_inspect(opts)
     except DistconvError as e:
         if rank == 0:
             print(f"distconv: error: {e}", file=sys.stderr, flush=True)

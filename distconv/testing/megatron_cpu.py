@@ -170,7 +170,13 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
     args = with_defaults(args)
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
-    activation = F.silu if args.swiglu else (F.gelu)
+    activation, fusion = F.silu, False
+    if not args.swiglu:  # as Megatron-LM: exact GELU, or the tanh form of the fused bias_gelu
+        activation, fusion = F.gelu, bool(getattr(args, "bias_gelu_fusion", False))
+        if getattr(args, "openai_gelu", False):
+            from megatron.core.transformer.utils import openai_gelu
+
+            activation, fusion = openai_gelu, False
     config_class = MLATransformerConfig if args.multi_latent_attention else TransformerConfig
     return config_class(
         **_moe_fields(args),
@@ -196,7 +202,7 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=args.init_method_std,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fusion,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
