@@ -62,8 +62,8 @@ class Comm:
         dev = torch.device("cuda", torch.cuda.current_device()) if want_cuda else torch.device("cpu")
         return cls(dist.get_rank(), world, dev, owns, control, data, overlap)
 
-    def close(self, clean: bool = True) -> None:
-        """Destroy the groups this run made (after a barrier when every rank got here)."""
+    def close(self, clean: bool = False) -> None:
+        """Destroy the groups this run made; ``clean``: every rank got here, barrier first."""
         if clean and self.control is not None:
             dist.barrier(group=self.control)
         for group in (self.data, self.control):

@@ -329,21 +329,22 @@ class LegacyReader:
         return self._files[name]
 
     def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
-        """This rank's planned boxes as CPU tensors of ``dtype``."""
+        """This rank's planned boxes as CPU tensors of ``dtype`` (a box may span rank files)."""
         out = []
         for read in reads:
-            chunk = next(
-                c for c in self.ckpt.tensors[read.key].chunks
-                if all(co <= o and o + s <= co + cs for o, s, co, cs in zip(read.offsets, read.sizes, c.offsets, c.sizes))
-            )
-            source = self._tensors(chunk.file).get(chunk.source)
-            if source is None:
-                raise DistconvError(f"{self.ckpt.path}/{chunk.file}: tensor {chunk.source} disappeared since the checkpoint was described")
-            if read.key.endswith(("linear_qkv.weight", "linear_qkv.bias")):
-                source = _qkv_to_core(source, self.version, self.head_dim)
-            box = tuple(
-                slice(o - co + so, o - co + so + s)
-                for o, s, co, so in zip(read.offsets, read.sizes, chunk.offsets, chunk.source_offsets)
-            )
-            out.append(source[box].to(dtype).clone())
+            box = torch.empty(read.sizes, dtype=dtype)
+            for chunk in self.ckpt.tensors[read.key].chunks:
+                lo = [max(o, co) for o, co in zip(read.offsets, chunk.offsets)]
+                hi = [min(o + s, co + cs) for o, s, co, cs in zip(read.offsets, read.sizes, chunk.offsets, chunk.sizes)]
+                if any(h <= l for l, h in zip(lo, hi)):
+                    continue
+                source = self._tensors(chunk.file).get(chunk.source)
+                if source is None:
+                    raise DistconvError(f"{self.ckpt.path}/{chunk.file}: tensor {chunk.source} disappeared since the checkpoint was described")
+                if read.key.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+                    source = _qkv_to_core(source, self.version, self.head_dim)
+                src = tuple(slice(l - co + so, h - co + so) for l, h, co, so in zip(lo, hi, chunk.offsets, chunk.source_offsets))
+                dst = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, read.offsets))
+                box[dst] = source[src]
+            out.append(box)
         return out

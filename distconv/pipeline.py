@@ -212,7 +212,7 @@ def export(
     except BaseException:
         comm.close(clean=False)
         raise
-    comm.close()
+    comm.close(clean=True)
     return report
 
 

@@ -8,7 +8,8 @@ family is involved: tensors keep their keys, values and dtypes; only the vocab p
 are re-padded for the new TP like Megatron-LM pads (``make_vocab_size_divisible_by x TP``).
 
 Not carried over: optimizer state, RNG state, ``_extra_state`` contents (written empty, as the
-local and non-fp8 TE specs save them). Legacy ``mp_rank_*`` sources need the legacy reader.
+local and non-fp8 TE specs save them). Legacy ``mp_rank_*`` sources are read with the legacy
+reader (QKV rows put in megatron-core order) and written as torch_dist (checkpoint_version 3.0).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from distconv.checkpoint import Checkpoint, describe
 from distconv.errors import DistconvError
 from distconv.gather import Comm
+from distconv.legacy import LegacyReader
 from distconv.layout import TP_AXIS, Shard, check_layout, extra_states, padded_vocab, shards_of, split_name
 from distconv.megatron_write import MegatronRoot, extra_state_object, save_and_commit, sharded_tensor
 from distconv.plan import Read, items_of
@@ -57,15 +59,7 @@ def plan_reshard(load: str | Path, iteration: int | str | None, tp: int, pp: int
                             "and start the next job with --no-load-optim --no-load-rng (or --finetune)")
     if ep != 1:
         raise DistconvError("--expert-model-parallel-size: reshard handles dense GPT models only (EP 1)")
-    pending = "resharding legacy mp_rank_* checkpoints needs the legacy reader, which is not in this build yet"
-    try:
-        ckpt = describe(load, iteration)
-    except DistconvError as e:
-        if "legacy" in str(e):
-            raise DistconvError(f"{e}: {pending}") from None
-        raise
-    if ckpt.format != "torch_dist":
-        raise DistconvError(f"{ckpt.path} is a {ckpt.format} checkpoint: {pending}")
+    ckpt = describe(load, iteration)
     source_spec = spec_from_args(ckpt.args)
     vocab = arg(ckpt.args, "vocab_size")
     divisible_by = int(arg(ckpt.args, "make_vocab_size_divisible_by", default=128))
@@ -87,19 +81,28 @@ def plan_reshard(load: str | Path, iteration: int | str | None, tp: int, pp: int
     args.world_size, args.data_parallel_size = tp * pp, 1
     common = {k: v for k, v in ckpt.common.items() if k not in ("optimizer", "content_metadata", "rng_state")}
     common["args"] = args
+    common["checkpoint_version"] = 3.0  # legacy sources are read into megatron-core's QKV order
     return ReshardJob(ckpt, spec, shards, args, common)
+
+
+def _source_key(shard: Shard, ckpt: Checkpoint) -> str:
+    """The source key holding ``shard``: stacked like the target, or per layer (legacy sources)."""
+    return shard.key if shard.key in ckpt.tensors else shard.name
 
 
 def _read(shard: Shard, ckpt: Checkpoint, n: int) -> Read | None:
     """The part of ``shard`` that exists in the source (vocab rows past the source's padding do not)."""
-    info = ckpt.tensors[shard.key]
-    offsets, sizes = list(shard.offsets), list((1,) * (len(info.shape) - len(shard.sizes)) + shard.sizes)
+    key = _source_key(shard, ckpt)
+    info = ckpt.tensors[key]
+    lead = len(info.shape) - len(shard.sizes)  # 1 for a stacked source, 0 for a per-layer one
+    offsets = list(shard.offsets[len(shard.offsets) - len(shard.sizes) - lead:])
+    sizes = list((1,) * lead + shard.sizes)
     if shard.key in VOCAB_KEYS:
         sizes[0] = max(0, min(offsets[0] + sizes[0], info.shape[0]) - offsets[0])
         if sizes[0] == 0:
             return None
     dest = tuple(slice(0, s) for s in sizes[len(sizes) - len(shard.sizes):])
-    return Read(n, 0, shard.key, info.shape, tuple(offsets), tuple(sizes), dest)
+    return Read(n, 0, key, info.shape, tuple(offsets), tuple(sizes), dest)
 
 
 def reshard(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
@@ -128,9 +131,10 @@ def reshard(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, ep:
             error = e
         comm.agree(error)
         # one collective load per stored dtype, every rank taking part
-        reader = Reader(job.ckpt.path, job.ckpt.metadata)
+        reader = LegacyReader(job.ckpt) if job.ckpt.format == "legacy" else Reader(job.ckpt.path, job.ckpt.metadata)
         for dtype in sorted({t.dtype for t in job.ckpt.tensors.values()}, key=str):
-            todo = [(n, s, r) for n, s in mine if job.ckpt.tensors[s.key].dtype == dtype and (r := _read(s, job.ckpt, n))]
+            todo = [(n, s, r) for n, s in mine
+                    if job.ckpt.tensors[_source_key(s, job.ckpt)].dtype == dtype and (r := _read(s, job.ckpt, n))]
             loaded, error = [], None
             try:
                 loaded = reader.read([r for _, _, r in todo], dtype)
@@ -143,7 +147,7 @@ def reshard(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, ep:
                 state[f"t{n}"] = full
         for n, shard in mine:  # vocab chunks wholly beyond the source's rows stay zero
             if f"t{n}" not in state:
-                state[f"t{n}"] = torch.zeros(shard.sizes, dtype=job.ckpt.tensors[shard.key].dtype)
+                state[f"t{n}"] = torch.zeros(shard.sizes, dtype=job.ckpt.tensors[_source_key(shard, job.ckpt)].dtype)
         state = {k: sharded_tensor(job.shards[int(k[1:])], v) for k, v in state.items()}
         for n, extra in enumerate(extra_states(job.spec, tp, pp)):
             if extra.target_rank % comm.world == comm.rank:

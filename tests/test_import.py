@@ -99,7 +99,7 @@ def to_mindspore(hf: Path, out: Path, table: list[tuple[str, str]], extra: dict 
 
 
 @pytest.fixture(scope="module")
-def jobs(tmp_path_factory, built) -> dict:
+def jobs(tmp_path_factory, built, legacy_built) -> dict:
     """Build the sources, run every distributed job in one launch, return paths and results."""
     work = tmp_path_factory.mktemp("import")
     hf = {name: make_hf(work / "hf", name) for name in MODELS}
@@ -137,6 +137,11 @@ def jobs(tmp_path_factory, built) -> dict:
     add("reshard mha", op="reshard", load=meg("llama_mha", 2, 2), save=meg("llama_mha", 4, 1), tp=4, pp=1)
     add("check mha", op="check", root=meg("llama_mha", 4, 1), tp=4, pp=1, tokens=TOKENS, logits_out=str(work / "mha_tp4.pt"))
     add("export mha resharded", op="export", load=meg("llama_mha", 4, 1), save=str(work / "back" / "mha_tp4pp1"))
+    # legacy mp_rank_* (Llama-style, TP2 PP2) -> torch_dist TP1 PP2
+    legacy = str(legacy_built / "llama_v3" / "tp2pp2")
+    add("reshard legacy", op="reshard", load=legacy, save=meg("legacy_llama", 1, 2), tp=1, pp=2)
+    add("export legacy orig", op="export", load=legacy, save=str(work / "back" / "legacy_orig"))
+    add("export legacy resharded", op="export", load=meg("legacy_llama", 1, 2), save=str(work / "back" / "legacy_tp1pp2"))
     # refusals
     add("reshard fx tp4", op="reshard", load=fx, save=str(work / "bad1"), tp=4, pp=1)
     add("reshard optimizer", op="reshard", load=fx, save=str(work / "bad2"), tp=1, pp=2, with_optimizer=True)
@@ -280,13 +285,13 @@ def test_import_refuses_what_megatron_cannot_express(tmp_path):
         LLAMA.spec_from_hf_config(config, 256, torch.float32)
 
 
-def test_reshard_refuses_legacy_sources_pending_the_legacy_reader(tmp_path):
-    from distconv.reshard import plan_reshard
-
-    (tmp_path / "iter_0000010" / "mp_rank_00").mkdir(parents=True)
-    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10")
-    with pytest.raises(DistconvError, match="needs the legacy reader"):
-        plan_reshard(tmp_path, None, 1, 1, 1, False)
+def test_reshard_legacy_mp_rank_to_torch_dist(jobs):
+    """Legacy TP2 x PP2 files -> torch_dist TP1 PP2: exports of both are the same tensors."""
+    ok(jobs, "reshard legacy")
+    ok(jobs, "export legacy orig")
+    ok(jobs, "export legacy resharded")
+    orig, new = tensors(jobs["work"] / "back" / "legacy_orig"), tensors(jobs["work"] / "back" / "legacy_tp1pp2")
+    assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
 
 def test_cli_bad_input_under_torchrun_is_one_error(tmp_path):
