@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from distconv.checkpoint import Checkpoint, describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.gather import Comm
+from distconv import marker
+from distconv.progress import Tracker, plan_text
 from distconv.plan import Plan, make_plan
 from distconv.read import read_slices
 from distconv.spec import ModelSpec, arg, spec_from_args
@@ -142,7 +143,11 @@ class _Job:
         self.dtype = self.spec.train_dtype if dtype == "auto" else DTYPES[dtype]
         self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, parse_size(max_shard_size), parse_size(window))
         _check_against_hf(self.plan, self.config)
-        self.folder = OutputFolder(save, overwrite) if rank == 0 else None
+        self.source = marker.source_of(self.ckpt, {
+            "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": parse_size(max_shard_size),
+            "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source})
+        self.done = rank == 0 and not overwrite and marker.finished(save, self.source)
+        self.folder = OutputFolder(save, overwrite) if rank == 0 and not self.done else None
 
     def summary(self, world: int) -> str:
         ckpt, spec, plan = self.ckpt, self.spec, self.plan
@@ -177,21 +182,28 @@ def export(
     window: str | int = "1GiB",
     timeout_s: float = 1800.0,
     quiet: bool = False,
+    dry_run: bool = False,
+    report: str | Path | None = None,
 ) -> dict[str, Any]:
     """Convert a Megatron torch_dist checkpoint into an HF folder; collective over all ranks.
 
     Returns a small report (the same on every rank). Raises ``DistconvError`` on every rank
-    if any rank fails; ``save`` is then left untouched.
+    if any rank fails; ``save`` is then left untouched. A ``save`` that already holds a
+    finished export of the same source and options (its ``distconv.json`` checks out) is
+    skipped unless ``overwrite``. ``dry_run`` prints the plan and reads nothing; ``report``
+    also writes the JSON run report to that path.
     """
     comm = Comm.setup(device, timeout_s)
     try:
-        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet)
+        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet,
+                    dry_run, report)
     finally:
         comm.close()
 
 
-def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet):
-    start = time.perf_counter()
+def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet,
+         dry_run=False, report_path=None):
+    tracker = Tracker(comm.rank, comm.world, comm.control, quiet)
     job, error = None, None
     try:
         job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, comm.world, comm.rank)
@@ -200,6 +212,14 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     comm.agree(error)
     assert job is not None
     _say(comm, quiet, job.summary(comm.world))
+    if dry_run:
+        _say(comm, False, plan_text(job.plan, job.ckpt, Path(save).absolute()))
+        return {"dry_run": True, "tensors": len(job.plan.outputs), "files": job.plan.files,
+                "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)}}
+    if marker.rank0_value(comm, job.done):
+        _say(comm, quiet, f"{Path(save).absolute()} already holds this export (its {marker.MARKER} checks out): skipped")
+        return {"skipped": True, "save": str(Path(save).absolute()), "tensors": len(job.plan.outputs)}
+    tracker.planned(job.plan)
 
     writer, folder = None, job.folder
     try:
@@ -222,9 +242,13 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
                             writer.write(name, out.contiguous())
                 except Exception as e:
                     pending = e
+            tracker.group_done(group, writer.bytes_written if writer is not None else 0)
+        tracker.converted()
+        report = tracker.report()
         if comm.rank == 0 and pending is None:
             try:
                 _finish(job, writer, folder.tmp)
+                marker.write_marker(folder.tmp, job.source, len(job.plan.outputs), report)
             except Exception as e:
                 pending = e
         comm.agree(pending)
@@ -236,19 +260,17 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
         if folder is not None:
             folder.abort()
         raise
-    seconds = time.perf_counter() - start
+    report = tracker.finished(report, report_path)
+    seconds = report["seconds"]["total"]
     total = job.plan.total_bytes
     _say(comm, quiet, f"wrote {job.family.architecture} to {Path(save).absolute()}: {len(job.plan.outputs)} tensors, "
-                      f"{total / 1e9:.3f} GB in {seconds:.1f} s")
+                      f"{total / 1e9:.3f} GB in {seconds:.1f} s ({report['write_gbps']:.3f} GB/s)")
     return {
         "architecture": job.family.architecture,
         "save": str(Path(save).absolute()),
-        "tensors": len(job.plan.outputs),
-        "bytes_written": total,
-        "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)},
-        "seconds": seconds,
         "vocab_size": job.spec.vocab_size,
         "vocab_source": job.vocab_source,
+        **report,
     }
 
 
@@ -267,7 +289,7 @@ def main_export(opts: Any) -> int:
     export(
         opts.load, opts.save, iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer,
         dtype=opts.dtype, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device,
-        window=opts.window, timeout_s=opts.timeout, quiet=opts.quiet,
+        window=opts.window, timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
     )
     return 0
 
