@@ -63,7 +63,9 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
 
 def hf_logits(hf: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
     except (OSError, ValueError) as e:
