@@ -137,6 +137,8 @@ def test_source_file_disappears_mid_run(built, tmp_path):
     assert proc.returncode != 0
     errors = [l for l in stderr.splitlines() if l.startswith("distconv: error:")]
     assert len(errors) == 1 and last in errors[0] and "No such file" in errors[0], stderr[-3000:]
+    # torchelastic's error file is written: torchrun's summary carries the message, not <N/A>
+    assert re.search(r"error_file: /\S+", stderr) and "DistconvError: reading" in stderr, stderr[-3000:]
     codes = dict(re.findall(r"rank\s*: (\d+) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", stderr))
     assert sorted(codes) == ["0", "1"] and all(int(c) != 0 for c in codes.values()), stderr[-3000:]
     _assert_nothing_complete(out)
