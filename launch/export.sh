@@ -22,7 +22,8 @@ shift 2
 PYTHON=${PYTHON:-python}
 NNODES=${NNODES:-1}
 if [ -z "${NPROC:-}" ]; then
-    NPROC=$("$PYTHON" -m distconv layout "$LOAD" --nodes "$NNODES")
+    # an unreadable checkpoint gives 1 process here; distconv itself then reports the problem
+    NPROC=$("$PYTHON" -m distconv layout "$LOAD" --nodes "$NNODES" 2>/dev/null || echo 1)
     GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
     if [ "${GPUS:-0}" -gt 0 ] && [ "$NPROC" -gt "$GPUS" ]; then NPROC=$GPUS; fi
 fi

@@ -52,6 +52,35 @@ def test_report_counts_what_was_written(reported):
     assert [r["rank"] for r in report["ranks"]] == [0] and report["ranks"][0]["peak_rss_bytes"] > 100e6
 
 
+def test_progress_bars_only_on_a_terminal(reported, built, tmp_path):
+    _, _, piped = reported
+    assert "read+gather" not in piped.stderr  # stderr was a pipe: no bars
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    proc = subprocess.Popen([sys.executable, "-m", "distconv", "export", "--load", str(layout_dir(built, "qwen3", 1, 1)),
+                             "--save", str(tmp_path / "hf")], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=slave, cwd=ROOT)
+    os.close(slave)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        data += chunk
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, data.decode(errors="replace")[-3000:]
+    text = data.decode(errors="replace")
+    assert "read+gather" in text and "write" in text and "100%" in text and "B/s" in text, text[-3000:]
+
+
 def test_marker_checksums_match_the_files(reported):
     out, _, _ = reported
     marker = json.loads((out / "distconv.json").read_text())
@@ -91,8 +120,10 @@ def test_dry_run_reads_no_tensor(built, tmp_path):
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
-def test_launch_script_on_two_nodes(built, tmp_path):
-    """Two launch/export.sh "nodes" (one process each) meet through torchrun's c10d rendezvous."""
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_launch_script_on_two_nodes(built, tmp_path, rendezvous):
+    """Two launch/export.sh "nodes" (one process each) meet through torchrun's c10d rendezvous,
+    or a static one when each node is given its NODE_RANK."""
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
@@ -100,8 +131,9 @@ def test_launch_script_on_two_nodes(built, tmp_path):
     env = {**subprocess_env(), "PYTHON": sys.executable, "NNODES": "2", "NPROC": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": "test-two-nodes"}
     cmd = ["bash", str(ROOT / "launch" / "export.sh"), str(layout_dir(built, "llama", 1, 2)), str(out)]
-    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for _ in range(2)]
+    node_env = [env, env] if rendezvous == "c10d" else [{**env, "NODE_RANK": str(r)} for r in range(2)]
+    nodes = [subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for e in node_env]
     results = [n.communicate(timeout=600) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(e[-3000:] for _, e in results)
     assert sum("plan        2 rank(s)" in o for o, _ in results) == 1  # rank 0 alone prints
@@ -111,9 +143,9 @@ def test_launch_script_on_two_nodes(built, tmp_path):
 def test_watch_exports_each_new_iteration(built, tmp_path):
     root, save = tmp_path / "run", tmp_path / "hf"
     shutil.copytree(layout_dir(built, "llama", 1, 1), root)
-    watcher = subprocess.Popen(
-        [sys.executable, "-m", "distconv", "export", "--watch", str(root), "--save", str(save),
-         "--poll", "0.2", "--watch-timeout", "10"],
+    watcher = subprocess.Popen(  # 2 ranks: rank 0 looks, both export
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "distconv", "export", "--watch", str(root), "--save", str(save), "--poll", "0.2", "--watch-timeout", "10"],
         env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         end = time.monotonic() + 300
@@ -128,6 +160,7 @@ def test_watch_exports_each_new_iteration(built, tmp_path):
         watcher.kill()
     assert watcher.returncode == 0, stderr[-3000:]
     assert "iteration 100 -> " in stdout and "iteration 200 -> " in stdout
+    assert stdout.count("plan        2 rank(s)") == 2  # rank 0 alone prints, once per export
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000100", "iter_0000200"]
     assert json.loads((save / "iter_0000200" / "distconv.json").read_text())["source"]["iteration"] == 200
 
