@@ -60,6 +60,7 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]  # model weights only
     other_bytes: int  # optimizer and other non-model tensor bytes (never read)
     writers: int  # how many ranks wrote tensor files
+    metadata: Any = None  # the DCP Metadata, parsed once with the allow-list
 
     @property
     def weight_bytes(self) -> int:
@@ -243,4 +244,4 @@ def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint
     if not tensors:
         raise DistconvError(f"{folder} holds no model tensors")
     writers = 1 + max((c.writer for t in tensors.values() for c in t.chunks), default=0)
-    return Checkpoint(folder, iteration, fmt, args, common, tensors, other, writers)
+    return Checkpoint(folder, iteration, fmt, args, common, tensors, other, writers, metadata)

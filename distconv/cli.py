@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     exp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where gathering happens (auto: NCCL on CUDA if available)")
     exp.add_argument("--window", default="1GiB", help="largest group rank 0 gathers at once (default 1GiB)")
+    exp.add_argument("--writers", type=int, default=1, help="ranks that write safetensors files in parallel (default 1: rank 0)")
     exp.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     exp.add_argument("--quiet", action="store_true", help="print nothing but errors")
     exp.add_argument("--dry-run", action="store_true", help="print the plan (reads per rank, output files) and stop")
@@ -102,6 +103,7 @@ def _dispatch(opts: argparse.Namespace) -> int:
             opts.watch, opts.save, poll_s=opts.poll, idle_timeout_s=opts.watch_timeout, once=opts.once,
             device=opts.device, timeout_s=opts.timeout, quiet=opts.quiet, hf_config=opts.hf_config,
             tokenizer=opts.tokenizer, dtype=opts.dtype, max_shard_size=opts.max_shard_size, window=opts.window,
+            writers=opts.writers,
         ) else 0
     if opts.command == "export":
         from distconv.pipeline import main_export

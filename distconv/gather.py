@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,8 @@ class Comm:
     world: int
     device: torch.device
     owns_group: bool
-    control: dist.ProcessGroup | None
+    control: dist.ProcessGroup | None  # gloo, for agreement (main thread)
+    data: dist.ProcessGroup | None  # the tensors' backend, for gathering (main thread)
 
     @classmethod
     def setup(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Comm":
@@ -51,13 +53,17 @@ class Comm:
                 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         world = dist.get_world_size()
         use_cuda = want_cuda and "nccl" in str(dist.get_backend()).lower()
+        # The default group is left to megatron-core's loads (the reader thread); the main
+        # thread talks over its own groups so the two never interleave collectives.
         control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
+        data = dist.new_group(backend="nccl" if use_cuda else "gloo", timeout=timeout) if world > 1 else None
         dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-        return cls(dist.get_rank(), world, dev, owns, control)
+        return cls(dist.get_rank(), world, dev, owns, control, data)
 
     def close(self) -> None:
-        if self.control is not None:
-            dist.destroy_process_group(self.control)
+        for group in (self.data, self.control):
+            if group is not None:
+                dist.destroy_process_group(group)
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -79,27 +85,49 @@ class Comm:
         rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
         raise DistconvError(message if rank == 0 else f"{message} (on rank {rank})") from error
 
+    def shared_token(self) -> str:
+        """A random token chosen by rank 0 and known to every rank."""
+        token = [uuid.uuid4().hex[:8]]
+        if self.world > 1:
+            dist.broadcast_object_list(token, src=0, group=self.control)
+        return token[0]
+
     def gather(self, group: Group, mine: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor] | None:
-        """Assemble the group's items on rank 0 from every rank's slices (None elsewhere)."""
-        if self.rank != 0:
+        """Assemble the group's items on its writer rank from every rank's slices.
+
+        Returns the items on the writer, None elsewhere. A rank's slices travel as one packed
+        message. Where a single read is the whole item, that tensor is used as is.
+        """
+        dst = group.writer
+        if self.rank != dst:
             if mine:
-                dist.send(_pack(mine, self.device), dst=0)
+                dist.send(_pack(mine, self.device), dst=dst, group=self.data)
             return None
-        full = [torch.empty(item.shape, dtype=dtype) for item in group.items]
-        for read, t in zip(group.reads_of(0), mine):
-            full[read.item][read.dest] = t.reshape(full[read.item][read.dest].shape)
+        full: list[torch.Tensor | None] = [None] * len(group.items)
+        for read, t in zip(group.reads_of(dst), mine):
+            if t.shape == group.items[read.item].shape and full[read.item] is None:
+                full[read.item] = t  # the read is the whole item: no copy
+            else:
+                _place(full, group, read, t, dtype)
         pending = []
-        for src in range(1, self.world):
-            reads = group.reads_of(src)
+        for src in range(self.world):
+            reads = group.reads_of(src) if src != dst else []
             if reads:
                 buf = torch.empty(_packed_size(reads, dtype), dtype=torch.uint8, device=self.device)
-                pending.append((reads, buf, dist.irecv(buf, src=src)))
+                pending.append((reads, buf, dist.irecv(buf, src=src, group=self.data)))
         for reads, buf, work in pending:
             work.wait()
             host = buf.cpu()
             for read, t in zip(reads, _unpack(host, reads, dtype)):
-                full[read.item][read.dest] = t.reshape(full[read.item][read.dest].shape)
-        return full
+                _place(full, group, read, t, dtype)
+        return full  # type: ignore[return-value]
+
+
+def _place(full: list, group: Group, read, t: torch.Tensor, dtype: torch.dtype) -> None:
+    if full[read.item] is None:
+        full[read.item] = torch.empty(group.items[read.item].shape, dtype=dtype)
+    target = full[read.item][read.dest]
+    target.copy_(t.reshape(target.shape))
 
 
 def _as_user_error(error: BaseException) -> DistconvError:

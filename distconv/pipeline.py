@@ -21,7 +21,8 @@ from distconv.gather import Comm
 from distconv import marker
 from distconv.progress import Tracker, plan_text
 from distconv.plan import Plan, make_plan
-from distconv.read import read_slices
+from distconv.stream import Prefetcher, WriterThread
+from distconv.read import Reader
 from distconv.spec import ModelSpec, arg, spec_from_args
 from distconv.write import (
     OutputFolder,
@@ -117,7 +118,7 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
 class _Job:
     """Everything stages 1-2 decide, identical on every rank."""
 
-    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, world, rank):
+    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world):
         self.ckpt: Checkpoint = describe(load, iteration)
         spec = spec_from_args(self.ckpt.args)
         user_config, self.config_dir = _load_hf_config(hf_config)
@@ -141,13 +142,14 @@ class _Job:
         if dtype not in ("auto", *DTYPES):
             raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16 or fp32")
         self.dtype = self.spec.train_dtype if dtype == "auto" else DTYPES[dtype]
-        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, parse_size(max_shard_size), parse_size(window))
+        self.window = parse_size(window)
+        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, parse_size(max_shard_size), self.window, writers)
         _check_against_hf(self.plan, self.config)
         self.source = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": parse_size(max_shard_size),
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source})
-        self.done = rank == 0 and not overwrite and marker.finished(save, self.source)
-        self.folder = OutputFolder(save, overwrite) if rank == 0 and not self.done else None
+        self.done = not overwrite and marker.finished(save, self.source)
+        self.folder = None if self.done else OutputFolder(save, overwrite)
 
     def summary(self, world: int) -> str:
         ckpt, spec, plan = self.ckpt, self.spec, self.plan
@@ -180,6 +182,7 @@ def export(
     overwrite: bool = False,
     device: str = "auto",
     window: str | int = "1GiB",
+    writers: int = 1,
     timeout_s: float = 1800.0,
     quiet: bool = False,
     dry_run: bool = False,
@@ -195,18 +198,18 @@ def export(
     """
     comm = Comm.setup(device, timeout_s)
     try:
-        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet,
-                    dry_run, report)
+        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers,
+                    quiet, dry_run, report)
     finally:
         comm.close()
 
 
-def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, quiet,
+def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet,
          dry_run=False, report_path=None):
     tracker = Tracker(comm.rank, comm.world, comm.control, quiet)
     job, error = None, None
     try:
-        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, comm.world, comm.rank)
+        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world)
     except Exception as e:  # every rank hits the same planning error; agree() reports it once
         error = e
     comm.agree(error)
@@ -220,51 +223,11 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
         _say(comm, quiet, f"{Path(save).absolute()} already holds this export (its {marker.MARKER} checks out): skipped")
         return {"skipped": True, "save": str(Path(save).absolute()), "tensors": len(job.plan.outputs)}
     tracker.planned(job.plan)
-
-    writer, folder = None, job.folder
-    try:
-        if comm.rank == 0:
-            writer = ShardWriter(folder.create(), job.plan.outputs)
-        comm.agree(None)
-        pending: BaseException | None = None
-        for group in job.plan.groups:
-            mine, error = [], None
-            try:
-                mine = read_slices(job.ckpt.path, group.reads_of(comm.rank), job.dtype)
-            except Exception as e:
-                error = e
-            comm.agree(error or pending)
-            full = comm.gather(group, mine, job.dtype)
-            if full is not None:
-                try:
-                    for item, tensor in zip(group.items, full):
-                        for name, out in job.family.export_tensor(item.name, tensor, job.spec):
-                            writer.write(name, out.contiguous())
-                except Exception as e:
-                    pending = e
-            tracker.group_done(group, writer.bytes_written if writer is not None else 0)
-        tracker.converted()
-        report = tracker.report()
-        if comm.rank == 0 and pending is None:
-            try:
-                _finish(job, writer, folder.tmp)
-                marker.write_marker(folder.tmp, job.source, len(job.plan.outputs), report)
-            except Exception as e:
-                pending = e
-        comm.agree(pending)
-        if comm.rank == 0:
-            folder.commit()
-    except BaseException:
-        if writer is not None:
-            writer.abort()
-        if folder is not None:
-            folder.abort()
-        raise
+    report = _stream(comm, job, tracker)
     report = tracker.finished(report, report_path)
-    seconds = report["seconds"]["total"]
     total = job.plan.total_bytes
     _say(comm, quiet, f"wrote {job.family.architecture} to {Path(save).absolute()}: {len(job.plan.outputs)} tensors, "
-                      f"{total / 1e9:.3f} GB in {seconds:.1f} s ({report['write_gbps']:.3f} GB/s)")
+                      f"{total / 1e9:.3f} GB in {report['seconds']['total']:.1f} s ({report['write_gbps']:.3f} GB/s)")
     return {
         "architecture": job.family.architecture,
         "save": str(Path(save).absolute()),
@@ -274,14 +237,72 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     }
 
 
-def _finish(job: _Job, writer: ShardWriter, tmp: Path) -> None:
-    """Close the shards, then config, generation config, tokenizer, and the index last."""
-    writer.close()
+def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
+    """Read ahead, gather, and map + write behind, group by group; commit on success only."""
+    plan, folder = job.plan, job.folder
+    folder.name_run(comm.shared_token())
+    error = None
+    if comm.rank == 0:
+        try:
+            folder.create()
+        except Exception as e:
+            error = e
+    comm.agree(error)
+    mine = [o for g in plan.groups if g.writer == comm.rank for o in g.outputs]
+    shards = ShardWriter(folder.tmp, mine) if mine else None
+
+    def write_group(index: int, full: list[torch.Tensor]) -> None:
+        group = plan.groups[index]
+        for item, tensor in zip(group.items, full):
+            for name, out in job.family.export_tensor(item.name, tensor, job.spec):
+                shards.write(name, out.contiguous())
+
+    writer = WriterThread(write_group) if shards else None
+    prefetch = Prefetcher(Reader(job.ckpt.path, job.ckpt.metadata), plan, comm.rank, job.window)
+    try:
+        for index, (tensors, error) in enumerate(prefetch):
+            comm.agree(error or (writer.error if writer else None))
+            full = comm.gather(plan.groups[index], tensors, plan.dtype)
+            if full is not None:
+                writer.put(index, full)
+            tracker.group_done(plan.groups[index], shards.bytes_written if shards else 0)
+        error = writer.join() if writer else None
+        if shards is not None and error is None:
+            error = _attempt(shards.close)
+        tracker.converted(shards.bytes_written if shards else 0)
+        comm.agree(error)  # every shard file is complete
+        report = tracker.report()
+        if comm.rank == 0:
+            error = _attempt(lambda: _finish(job, folder.tmp, report))
+        comm.agree(error)
+        if comm.rank == 0:
+            folder.commit()
+        return report
+    except BaseException:
+        prefetch.close()
+        if shards is not None:
+            shards.abort()
+        if comm.rank == 0:
+            folder.abort()
+        raise
+
+
+def _attempt(fn) -> BaseException | None:
+    try:
+        fn()
+    except Exception as e:
+        return e
+    return None
+
+
+def _finish(job: _Job, tmp: Path, report: dict[str, Any]) -> None:
+    """After the shards: config, generation config, tokenizer, the index, and the marker last."""
     write_config(tmp, job.config, job.dtype)
     write_generation_config(tmp, job.config, job.config_dir)
     if job.tokenizer is not None:
         write_tokenizer(tmp, job.tokenizer)
     write_index(tmp, job.plan.outputs)
+    marker.write_marker(tmp, job.source, len(job.plan.outputs), report)
 
 
 def main_export(opts: Any) -> int:
@@ -289,7 +310,8 @@ def main_export(opts: Any) -> int:
     export(
         opts.load, opts.save, iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer,
         dtype=opts.dtype, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device,
-        window=opts.window, timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
+        window=opts.window, writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run,
+        report=opts.report,
     )
     return 0
 

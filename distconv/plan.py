@@ -7,6 +7,7 @@ the options, so every rank computes the same plan without talking to the others.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 
 import torch
@@ -63,22 +64,41 @@ class Output:
 
 @dataclasses.dataclass
 class Group:
-    """What is read, gathered and written together; rank 0 holds one group at a time."""
+    """What is read, gathered and written together; its writer holds one group at a time."""
 
     items: list[Item]
     reads: list[Read]
+    outputs: list[Output] = dataclasses.field(default_factory=list)
+    writer: int = 0  # the rank that gathers, maps and writes this group
 
     def reads_of(self, rank: int) -> list[Read]:
         return [r for r in self.reads if r.rank == rank]
 
+    @property
+    def nbytes(self) -> int:
+        return sum(o.nbytes for o in self.outputs)
+
 
 @dataclasses.dataclass
 class Plan:
-    groups: list[Group]
-    outputs: list[Output]
+    groups: list[Group]  # in processing order (writers' ranges interleaved)
+    outputs: list[Output]  # in model order
     files: list[str]
     dtype: torch.dtype
     world: int
+    writers: list[int]  # ranks that write safetensors files
+
+    def batches(self, limit: int) -> list[list[int]]:
+        """Consecutive groups read by one ``load`` call, at most ``limit`` bytes each."""
+        out: list[list[int]] = [[]]
+        size = 0
+        for i, g in enumerate(self.groups):
+            if out[-1] and size + g.nbytes > limit:
+                out.append([])
+                size = 0
+            out[-1].append(i)
+            size += g.nbytes
+        return out
 
     @property
     def total_bytes(self) -> int:
@@ -160,8 +180,16 @@ def make_plan(
     world: int,
     max_shard_size: int,
     window: int = 1 << 30,
+    writers: int = 1,
 ) -> Plan:
-    """Items grouped per layer (split by ``window`` bytes), their reads, and the HF outputs."""
+    """Items grouped per layer (split by ``window`` bytes), their reads, and the HF outputs.
+
+    With ``writers`` > 1 the groups are cut into that many contiguous ranges of about equal
+    bytes; each range is written by its own rank into its own files, and the ranges are
+    interleaved in the processing order so that the writers work at the same time.
+    """
+    if not 1 <= writers <= world:
+        raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
     items = sorted((i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers)), key=_order)
     by_unit: dict[tuple[int, int | str], list[Item]] = {}
     for item in items:
@@ -169,35 +197,64 @@ def make_plan(
         by_unit.setdefault((unit[0], item.layer if item.layer is not None else item.name), []).append(item)
 
     groups: list[Group] = []
-    named: list[tuple[str, torch.Tensor]] = []
+    named: list[list[tuple[str, torch.Tensor]]] = []
     for unit_items in by_unit.values():
         for piece in _split(unit_items, window, dtype.itemsize):
-            reads = []
+            reads, outs = [], []
             for pos, item in enumerate(piece):
                 reads += _reads_for(item, pos, ckpt.tensors[item.key], world)
                 meta = torch.empty(item.shape, dtype=dtype, device="meta")
-                named += family.export_tensor(item.name, meta, spec)
+                outs += family.export_tensor(item.name, meta, spec)
             groups.append(Group(piece, reads))
+            named.append(outs)
 
-    outputs, files = _assign_files(named, max_shard_size)
-    return Plan(groups, outputs, files, dtype, world)
+    ranges = _ranges([sum(t.numel() * t.element_size() for _, t in outs) for outs in named], writers)
+    writer_ranks = [i * world // writers for i in range(writers)]
+    outputs, files = _assign_files(named, ranges, max_shard_size)
+    for group_outputs, group, r in zip(outputs, groups, [r for r, rng in enumerate(ranges) for _ in rng]):
+        group.outputs, group.writer = group_outputs, writer_ranks[r]
+    order = [g for batch in itertools.zip_longest(*ranges) for g in batch if g is not None]
+    flat = [o for outs in outputs for o in outs]
+    return Plan([groups[g] for g in order], flat, files, dtype, world, writer_ranks[: len(ranges)])
 
 
-def _assign_files(named: list[tuple[str, torch.Tensor]], max_shard_size: int) -> tuple[list[Output], list[str]]:
-    """Fill safetensors files in order, each at most ``max_shard_size`` bytes (HF naming)."""
+def _ranges(sizes: list[int], parts: int) -> list[range]:
+    """Cut group indices into ``parts`` contiguous ranges of about equal total size."""
+    total, bounds, acc = sum(sizes), [0], 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if len(bounds) < parts and acc >= total * len(bounds) / parts and i + 1 < len(sizes):
+            bounds.append(i + 1)
+    bounds.append(len(sizes))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _assign_files(
+    named: list[list[tuple[str, torch.Tensor]]], ranges: list[range], max_shard_size: int
+) -> tuple[list[list[Output]], list[str]]:
+    """Fill safetensors files in order, each at most ``max_shard_size`` bytes (HF naming);
+    a writer's range always starts a new file."""
     seen: set[str] = set()
-    shard_of: list[int] = []
-    shard, size = 0, 0
-    for name, t in named:
-        if name in seen:
-            raise DistconvError(f"two checkpoint tensors map to the same HF tensor {name}")
-        seen.add(name)
-        n = t.numel() * t.element_size()
-        if size and size + n > max_shard_size:
+    shard_of: list[list[int]] = []
+    shard, size = -1, 0
+    starts = {rng.start for rng in ranges}
+    for g, outs in enumerate(named):
+        if g in starts:
             shard, size = shard + 1, 0
-        shard_of.append(shard)
-        size += n
+        shard_of.append([])
+        for name, t in outs:
+            if name in seen:
+                raise DistconvError(f"two checkpoint tensors map to the same HF tensor {name}")
+            seen.add(name)
+            n = t.numel() * t.element_size()
+            if size and size + n > max_shard_size:
+                shard, size = shard + 1, 0
+            shard_of[-1].append(shard)
+            size += n
     total = shard + 1
     files = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-    outputs = [Output(name, tuple(t.shape), t.dtype, files[s]) for (name, t), s in zip(named, shard_of)]
+    outputs = [
+        [Output(name, tuple(t.shape), t.dtype, files[s]) for (name, t), s in zip(outs, shards)]
+        for outs, shards in zip(named, shard_of)
+    ]
     return outputs, files

@@ -54,21 +54,28 @@ class Tracker:
         from tqdm import tqdm
 
         total_read = sum(plan.bytes_read_by(r) for r in range(plan.world))
+        mine = sum(g.nbytes for g in plan.groups if g.writer == 0)
         common = dict(unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, dynamic_ncols=True)
         self.read_bar = tqdm(total=total_read, desc="read+gather", position=0, **common)
-        self.write_bar = tqdm(total=plan.total_bytes, desc="write      ", position=1, **common)
+        desc = "write      " if mine == plan.total_bytes else "write (rank 0's files)"
+        self.write_bar = tqdm(total=mine, desc=desc, position=1, **common)
 
     def group_done(self, group: Any, bytes_written: int) -> None:
-        """One group has been gathered (and, on rank 0, written up to ``bytes_written``)."""
+        """Rank 0 has passed one group; its own files hold ``bytes_written`` bytes so far."""
         if self.read_bar is not None:
             assert self.plan is not None
             self.read_bar.update(sum(_read_bytes(r, self.plan) for r in group.reads))
+            self._wrote(bytes_written)
+
+    def _wrote(self, bytes_written: int) -> None:
+        if self.write_bar is not None:
             self.write_bar.update(bytes_written - self.written)
         self.written = bytes_written
 
-    def converted(self) -> None:
-        """Every group is done; close the bars."""
+    def converted(self, bytes_written: int) -> None:
+        """Every group is read, gathered and written; close the bars."""
         self._mark("convert")
+        self._wrote(bytes_written)
         for bar in (self.read_bar, self.write_bar):
             if bar is not None:
                 bar.close()
@@ -123,11 +130,12 @@ def plan_text(plan: Plan, ckpt: Any, save: Path) -> str:
         files = sorted({c.file for t in ckpt.tensors.values() for c in t.chunks if c.writer % plan.world == rank})
         lines.append(f"  rank {rank}: {len(reads)} slices of {len({r.key for r in reads})} tensors, "
                      f"{plan.bytes_read_by(rank) / 1e6:.3f} MB from {', '.join(files) or 'nothing'}")
-    lines.append(f"and rank 0 would write {save}/ (atomically), {len(plan.outputs)} tensors, "
-                 f"{plan.total_bytes / 1e6:.3f} MB:")
+    lines.append(f"and would write {save}/ (atomically), {len(plan.outputs)} tensors, {plan.total_bytes / 1e6:.3f} MB:")
+    writer_of = {o.file: g.writer for g in plan.groups for o in g.outputs}
     for file in plan.files:
         outs = [o for o in plan.outputs if o.file == file]
-        lines.append(f"  {file}: {len(outs)} tensors, {sum(o.nbytes for o in outs) / 1e6:.3f} MB of tensor data")
+        lines.append(f"  {file}: {len(outs)} tensors, {sum(o.nbytes for o in outs) / 1e6:.3f} MB of tensor data "
+                     f"(written by rank {writer_of.get(file, 0)})")
     lines.append("  config.json, generation_config.json, model.safetensors.index.json, distconv.json"
-                 " (and the tokenizer files when there is a tokenizer)")
+                 " (and the tokenizer files when there is a tokenizer), by rank 0")
     return "\n".join(lines)

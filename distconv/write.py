@@ -35,7 +35,11 @@ class OutputFolder:
         self.save = Path(save).absolute()
         if self.save.exists() and (not self.save.is_dir() or any(self.save.iterdir())) and not overwrite:
             raise DistconvError(f"--save {self.save} exists and is not empty; pass --overwrite to replace it")
-        self.tmp = self.save.parent / f".{self.save.name}.distconv-partial-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.save.parent / f".{self.save.name}.distconv-partial"
+
+    def name_run(self, token: str) -> None:
+        """Give this run's temporary folder a name every rank agrees on."""
+        self.tmp = self.save.parent / f".{self.save.name}.distconv-partial-{token}"
 
     def create(self) -> Path:
         try:

@@ -58,6 +58,8 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
             extra = {
                 ("llama", 2, 1, world, "bf16"): _job(built, out / "bf16", "llama", 2, 1, world, dtype="bf16"),
                 ("llama", 2, 2, world, "shards"): _job(built, out / "shards", "llama", 2, 2, world, max_shard_size="200KB"),
+                ("qwen3", 2, 2, world, "writers"): _job(built, out / "writers", "qwen3", 2, 2, world, writers=2,
+                                                        max_shard_size="100KB", window="60KB"),
             }
         results = run_export_jobs(world, jobs + list(extra.values()), out)
         for key, job, result in zip(keys + list(extra), jobs + list(extra.values()), results):
@@ -148,6 +150,15 @@ def test_max_shard_size_splits_files(exported, built):
         size = sum(t.numel() * t.element_size() for t in tensors.values())
         assert size <= 200_000 or len(tensors) == 1
     assert _check_logits(built, "llama", folder) <= TOL
+
+
+def test_parallel_writers_and_small_windows(exported, built):
+    """--writers 2: both ranks write their own files; tiny --window splits layers into groups."""
+    result = exported[("qwen3", 2, 2, OTHER_WORLD, "writers")]
+    assert result["ok"], result.get("error")
+    index = json.loads((result["save"] / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    assert _check_logits(built, "qwen3", result["save"]) <= TOL
 
 
 def test_cli_single_process_without_torchrun(built, tmp_path):

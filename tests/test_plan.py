@@ -53,3 +53,14 @@ def test_groups_are_bounded_by_the_window_not_the_model(built):
         sizes = [torch.Size(i.shape).numel() * 4 for i in group.items]
         assert sum(sizes) <= window or len(sizes) == 1
     assert len({i.layer for g in plan.groups for i in g.items if i.layer is not None}) == 4
+
+
+def test_writers_own_disjoint_files_and_interleave(built):
+    ckpt = describe(layout_dir(built, "llama", 2, 2))
+    spec = spec_from_args(ckpt.args).with_vocab(250)
+    plan = make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, 4, 10**6, 1 << 30, writers=2)
+    assert plan.writers == [0, 2]
+    files = {w: {o.file for g in plan.groups if g.writer == w for o in g.outputs} for w in plan.writers}
+    assert files[0] and files[2] and not files[0] & files[2]
+    assert [g.writer for g in plan.groups[:2]] == [0, 2]  # the two writers' ranges alternate
+    assert [o.name for o in plan.outputs][0] == "model.embed_tokens.weight"

@@ -83,14 +83,18 @@ def write_tokenizer(path: Path) -> None:
     fast.save_pretrained(str(path))
 
 
-def _optimizer_state(model: torch.nn.Module, seed: int) -> dict[str, Any]:
-    """Adam moments laid out like the model (``optimizer.state.*`` keys, fully_reshardable)."""
+def _optimizer_state(model: torch.nn.Module, seed: int, shared: bool = False) -> dict[str, Any]:
+    """Adam moments laid out like the model (``optimizer.state.*`` keys, fully_reshardable).
+
+    ``shared=True`` makes every moment a view of one random buffer (no memory per tensor).
+    """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     sd = model.sharded_state_dict()
     apply_factories(sd)
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {}
+    pool = torch.randn(max((p.numel() for p in model.parameters()), default=1), generator=gen) if shared else None
 
     def walk(x: Any) -> None:
         if isinstance(x, dict):
@@ -101,7 +105,10 @@ def _optimizer_state(model: torch.nn.Module, seed: int) -> dict[str, Any]:
                 walk(v)
         elif isinstance(x, ShardedTensor):
             for moment in ("exp_avg", "exp_avg_sq"):
-                data = torch.randn(x.local_shape, generator=gen)
+                if pool is not None:
+                    data = pool[: torch.Size(x.local_shape).numel()].view(x.local_shape)
+                else:
+                    data = torch.randn(x.local_shape, generator=gen)
                 out[f"{moment}.{x.key}.{len(out)}"] = dataclasses.replace(
                     x, key=f"optimizer.state.{moment}.{x.key}", data=data, dtype=torch.float32
                 )
@@ -110,7 +117,8 @@ def _optimizer_state(model: torch.nn.Module, seed: int) -> dict[str, Any]:
     return out
 
 
-def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx: Fixture) -> None:
+def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx: Fixture,
+                shared_moments: bool = False) -> None:
     """Save like Megatron-LM: iteration folder, common state, tracker file written last."""
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -125,7 +133,7 @@ def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx
     dist.barrier()
     state = {
         "model": model.sharded_state_dict(),
-        "optimizer": {"state": _optimizer_state(model, fx.seed + 1000), "param_groups": [{"lr": 1e-4}]},
+        "optimizer": {"state": _optimizer_state(model, fx.seed + 1000, shared_moments), "param_groups": [{"lr": 1e-4}]},
         "args": args,
         "checkpoint_version": 3.0,
         "iteration": 0 if fx.iteration == "release" else int(fx.iteration),

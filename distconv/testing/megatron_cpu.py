@@ -91,7 +91,7 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
     return argparse.Namespace(**args)
 
 
-def transformer_config(args: argparse.Namespace, tp: int, pp: int):
+def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
     """The TransformerConfig Megatron-LM derives from ``args`` (the fields our fixtures use)."""
     from megatron.core.transformer import TransformerConfig
 
@@ -124,16 +124,20 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int):
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        perform_initialization=init,
     )
 
 
-def build_gpt(args: argparse.Namespace, tp: int, pp: int):
-    """A megatron-core ``GPTModel`` (local layer spec) for this rank's pipeline stage."""
+def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
+    """A megatron-core ``GPTModel`` (local layer spec) for this rank's pipeline stage.
+
+    ``init=False`` skips weight initialisation (fast; for benchmarks that fill weights later).
+    """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    config = transformer_config(args, tp, pp)
+    config = transformer_config(args, tp, pp, init)
     spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
     return GPTModel(
         config=config,

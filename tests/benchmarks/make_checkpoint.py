@@ -1,0 +1,66 @@
+"""Generate a large, real megatron-core torch_dist checkpoint for the benchmark (under torchrun).
+
+    torchrun --nproc-per-node 4 tests/benchmarks/make_checkpoint.py --out DIR --gb 2 [--tp 2 --pp 2]
+
+A Llama-shaped ``GPTModel`` (hidden 1024, GQA, SwiGLU, untied, bf16) with as many layers as
+the requested weight size needs, random bf16 weights, and Adam moments (fp32 ``exp_avg`` and
+``exp_avg_sq``, laid out like the weights) as training leaves them, saved like Megatron-LM.
+The moments are views of one random buffer per rank so that generating them costs no memory;
+their bytes on disk are real.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distconv.testing.build import Fixture, save_layout
+from distconv.testing.megatron_cpu import build_gpt, megatron_args, patch_cuda_for_cpu
+
+HIDDEN, FFN, HEADS, GROUPS, VOCAB = 1024, 2816, 16, 4, 32000
+
+
+def shape_args(gb: float, tp: int, pp: int, world: int) -> argparse.Namespace:
+    kv = HIDDEN // HEADS
+    per_layer = ((HEADS + 2 * GROUPS) * kv * HIDDEN + HIDDEN * HEADS * kv + 3 * FFN * HIDDEN + 2 * HIDDEN) * 2
+    embeddings = 2 * VOCAB * HIDDEN * 2
+    layers = max(pp, round((gb * 1e9 - embeddings) / per_layer) // pp * pp)
+    return megatron_args(
+        num_layers=layers, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
+        num_query_groups=GROUPS, padded_vocab_size=VOCAB, vocab_size=VOCAB, max_position_embeddings=4096,
+        seq_length=4096, bf16=True, params_dtype=torch.bfloat16, tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp, world_size=world, data_parallel_size=world // (tp * pp),
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--gb", type=float, default=2.0, help="model weight size in GB (bf16)")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--pp", type=int, default=2)
+    opts = parser.parse_args()
+    patch_cuda_for_cpu()
+    dist.init_process_group("gloo")
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(opts.tp, opts.pp)
+    args = shape_args(opts.gb, opts.tp, opts.pp, dist.get_world_size())
+    model = build_gpt(args, opts.tp, opts.pp, init=False).to(torch.bfloat16)
+    gen = torch.Generator().manual_seed(dist.get_rank())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+    if dist.get_rank() == 0:
+        print(f"generating {args.num_layers} layers, {opts.gb} GB of bf16 weights at TP{opts.tp} PP{opts.pp}", flush=True)
+    save_layout(model, args, opts.out, Fixture(args={}, seed=0, iteration=1000), shared_moments=True)
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
