@@ -124,17 +124,26 @@ def test_dry_run_reads_no_tensor(built, tmp_path):
 def test_launch_script_on_two_nodes(built, tmp_path, rendezvous):
     """Two launch/export.sh "nodes" (one process each) meet through torchrun's c10d rendezvous,
     or a static one when each node is given its NODE_RANK."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
     out = tmp_path / "hf"
-    env = {**subprocess_env(), "PYTHON": sys.executable, "NNODES": "2", "NPROC": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": "test-two-nodes"}
     cmd = ["bash", str(ROOT / "launch" / "export.sh"), str(layout_dir(built, "llama", 1, 2)), str(out)]
-    node_env = [env, env] if rendezvous == "c10d" else [{**env, "NODE_RANK": str(r)} for r in range(2)]
-    nodes = [subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-             for e in node_env]
-    results = [n.communicate(timeout=600) for n in nodes]
+    for attempt in range(3):  # the free port may be taken by another process before torchrun binds it
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        env = {**subprocess_env(), "PYTHON": sys.executable, "NNODES": "2", "NPROC": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": "test-two-nodes"}
+        node_env = [env, env] if rendezvous == "c10d" else [{**env, "NODE_RANK": str(r)} for r in range(2)]
+        nodes = [subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                 for e in node_env]
+        end = time.monotonic() + 600
+        while any(n.poll() is None for n in nodes) and not any(n.poll() for n in nodes) and time.monotonic() < end:
+            time.sleep(0.2)
+        for n in nodes:  # once one node failed, the other would wait for it until the rendezvous times out
+            if n.poll() is None and any(m.poll() for m in nodes):
+                n.terminate()
+        results = [n.communicate(timeout=120) for n in nodes]
+        if not any("EADDRINUSE" in e for _, e in results):
+            break
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(e[-3000:] for _, e in results)
     assert sum("plan        2 rank(s)" in o for o, _ in results) == 1  # rank 0 alone prints
     assert _max_diff(built, out) <= TOL
