@@ -2,9 +2,10 @@
 
 The pipeline calls a ``Tracker`` at a few points (after planning, after each group, before
 and after finishing). Bars are tqdm's (bytes, with rates), shown only on a terminal and
-without ``--quiet``. The report (phase times, bytes, GB/s, peak RSS of every rank, tensor
-count) is gathered to rank 0 over the control group and stored in the output's marker
-(``distconv.json``) and, with ``--report PATH``, in a file of its own.
+without ``--quiet``. The report (phase times, bytes, GB/s, peak RSS of every rank and, when
+gathering on GPUs, peak CUDA memory, tensor count) is gathered to rank 0 over the control
+group and stored in the output's marker (``distconv.json``) and, with ``--report PATH``, in a
+file of its own.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from distconv.plan import Plan
+
 
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (``ru_maxrss`` is KiB on Linux)."""
@@ -84,6 +87,8 @@ class Tracker:
         """Collective: the run report with every rank's peak memory, on every rank."""
         mine = {"rank": self.rank, "host": os.uname().nodename, "peak_rss_bytes": peak_rss_bytes(),
                 "bytes_read": self.plan.bytes_read_by(self.rank) if self.plan else 0}
+        if torch.cuda.is_initialized():  # NCCL gathering: device memory too
+            mine["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         ranks = [mine]
         if self.world > 1:
             ranks = [None] * self.world
