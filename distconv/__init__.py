@@ -10,4 +10,11 @@ def export(*args, **kwargs):
     return _export(*args, **kwargs)
 
 
-__all__ = ["DistconvError", "export"]
+def import_hf(*args, **kwargs):
+    """HF folder -> Megatron torch_dist; see ``distconv.importer.import_hf``."""
+    from distconv.importer import import_hf as _import_hf
+
+    return _import_hf(*args, **kwargs)
+
+
+__all__ = ["DistconvError", "export", "import_hf"]

@@ -55,7 +55,37 @@ def _parser() -> argparse.ArgumentParser:
     lay = sub.add_parser("layout", help="print the training's model-parallel size (TP x PP x EP), for launchers")
     lay.add_argument("load", help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
     lay.add_argument("--nodes", type=int, default=1, help="print processes per node for this many nodes (rounded up)")
+    _import_parsers(sub)
     return parser
+
+
+def _layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="target TP (default 1)")
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP (default 1)")
+    p.add_argument("--expert-model-parallel-size", type=int, default=1, help="target EP (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    p.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
+    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+
+
+def _import_parsers(sub: argparse._SubParsersAction) -> None:
+    from distconv.mindspore import add_model_args
+
+    imp = sub.add_parser("import", help="HF (or MindSpore Transformers) safetensors -> Megatron torch_dist checkpoint")
+    imp.add_argument("--load", required=True, help="HF model folder, or MindSpore safetensors file/folder with --source mindspore")
+    imp.add_argument("--save", required=True, help="Megatron-LM save root to create (atomically)")
+    imp.add_argument("--source", default="hf", choices=["hf", "mindspore"], help="what --load is (default hf)")
+    imp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype (auto: the source's)")
+    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128, help="vocab padding unit, times TP (Megatron-LM default 128)")
+    imp.add_argument("--iteration", default="release", type=lambda s: s if s == "release" else int(s), help="iteration folder to write (default release)")
+    _layout_args(imp)
+    add_model_args(imp)
+    res = sub.add_parser("reshard", help="Megatron torch_dist checkpoint -> the same at another TP/PP")
+    res.add_argument("--load", required=True, help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
+    res.add_argument("--save", required=True, help="Megatron-LM save root to create (atomically)")
+    res.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration to read (default: the tracker's)")
+    res.add_argument("--with-optimizer", action="store_true", help="also reshard optimizer state (not supported yet: an error)")
+    _layout_args(res)
 
 
 class Stopped(SystemExit):
@@ -121,10 +151,18 @@ def _dispatch(opts: argparse.Namespace) -> int:
                   f"max |diff| {result['max_abs_diff']:.3e}, mean {result['mean_abs_diff']:.3e}, top-1 agreement "
                   f"{result['top1_agreement']:.2%} -> {'OK' if result['ok'] else 'MISMATCH'} (tolerance {opts.tol:g})")
         return 0 if result["ok"] else 1
-    if opts.command == "layout":
-        from distconv.layout import layout_size
+    if opts.command == "import":
+        from distconv.importer import main_import
 
-        size = layout_size(opts.load)
+        return main_import(opts)
+    if opts.command == "reshard":
+        from distconv.reshard import main_reshard
+
+        return main_reshard(opts)
+    if opts.command == "layout":
+        from distconv.parallelism import model_parallel_size
+
+        size = model_parallel_size(opts.load)
         print(-(-size // max(1, opts.nodes)))
         return 0
     return 2

@@ -30,6 +30,7 @@ class Comm:
     owns_group: bool
     control: dist.ProcessGroup | None  # gloo, for agreement (main thread)
     data: dist.ProcessGroup | None  # the tensors' backend, for gathering (main thread)
+    overlap_reads: bool = True
 
     @classmethod
     def setup(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Comm":
@@ -45,22 +46,26 @@ class Comm:
         timeout = datetime.timedelta(seconds=timeout_s)
         if want_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        if owns:
-            backend = "cpu:gloo,cuda:nccl" if want_cuda else "gloo"
+        if owns:  # megatron-core's loads only need CPU collectives: gloo suffices by default
             if "WORLD_SIZE" in os.environ:
-                dist.init_process_group(backend, timeout=timeout)
+                dist.init_process_group("gloo", timeout=timeout)
             else:
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+                dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         world = dist.get_world_size()
-        use_cuda = want_cuda and "nccl" in str(dist.get_backend()).lower()
         # The default group is left to megatron-core's loads (the reader thread); the main
-        # thread talks over its own groups so the two never interleave collectives.
+        # thread talks over its own groups so the two never interleave collectives. A
+        # caller's NCCL default group would put two NCCL communicators to work at once on
+        # one GPU, which can deadlock, so then reads do not run ahead.
+        overlap = "nccl" not in str(dist.get_backend()).lower()
         control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-        data = dist.new_group(backend="nccl" if use_cuda else "gloo", timeout=timeout) if world > 1 else None
-        dev = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-        return cls(dist.get_rank(), world, dev, owns, control, data)
+        data = dist.new_group(backend="nccl" if want_cuda else "gloo", timeout=timeout) if world > 1 else None
+        dev = torch.device("cuda", torch.cuda.current_device()) if want_cuda else torch.device("cpu")
+        return cls(dist.get_rank(), world, dev, owns, control, data, overlap)
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Destroy the groups this run made (after a barrier when every rank got here)."""
+        if clean and self.control is not None:
+            dist.barrier(group=self.control)
         for group in (self.data, self.control):
             if group is not None:
                 dist.destroy_process_group(group)
@@ -117,10 +122,17 @@ class Comm:
                 pending.append((reads, buf, dist.irecv(buf, src=src, group=self.data)))
         for reads, buf, work in pending:
             work.wait()
-            host = buf.cpu()
+            host = buf if buf.device.type == "cpu" else _to_host(buf)
             for read, t in zip(reads, _unpack(host, reads, dtype)):
                 _place(full, group, read, t, dtype)
         return full  # type: ignore[return-value]
+
+
+def _to_host(buf: torch.Tensor) -> torch.Tensor:
+    """GPU -> CPU through pinned memory (a DMA copy, no pageable staging)."""
+    host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
+    host.copy_(buf)
+    return host
 
 
 def _place(full: list, group: Group, read, t: torch.Tensor, dtype: torch.dtype) -> None:

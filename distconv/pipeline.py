@@ -99,7 +99,14 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if getattr(config, "tie_word_embeddings", False):
         aliases |= set(getattr(model, "all_tied_weights_keys", None) or {})
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items() if n not in aliases}
+    state = {n: t for n, t in model.state_dict().items() if n not in aliases}
+    try:  # transformers 5 fuses some weights (MoE experts) at load: compare in the hub (saved) format
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except ImportError:
+        pass
+    expected = {n: tuple(t.shape) for n, t in state.items()}
     produced = {o.name: o.shape for o in plan.outputs}
     missing = sorted(set(expected) - set(produced))
     extra = sorted(set(produced) - set(expected))
@@ -155,10 +162,14 @@ class _Job:
         ckpt, spec, plan = self.ckpt, self.spec, self.plan
         tp = arg(ckpt.args, "tensor_model_parallel_size", default=1)
         pp = arg(ckpt.args, "pipeline_model_parallel_size", default=1)
+        ep = arg(ckpt.args, "expert_model_parallel_size", default=1)
+        etp = arg(ckpt.args, "expert_tensor_parallel_size", default=tp)
+        experts = f" EP{ep}" + (f" ETP{etp}" if etp != tp else "") if spec.num_experts else ""
         return "\n".join([
-            f"checkpoint  {ckpt.path} (iteration {ckpt.iteration}, {ckpt.format}, trained at TP{tp} PP{pp}, saved by {ckpt.writers} ranks)",
+            f"checkpoint  {ckpt.path} (iteration {ckpt.iteration}, {ckpt.format}, trained at TP{tp} PP{pp}{experts}, saved by {ckpt.writers} ranks)",
             f"model       {self.family.architecture} ({'from --hf-config' if self.config_dir else 'inferred from args'}): "
-            f"{spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads}/{spec.num_query_groups}",
+            f"{spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads}/{spec.num_query_groups}"
+            + (f", {spec.num_experts} experts (top {spec.moe_topk}) in {sum(spec.moe_layers)} layers" if spec.num_experts else ""),
             f"vocab       {spec.vocab_size} of {spec.padded_vocab_size} padded rows, from {self.vocab_source}",
             f"plan        {world} rank(s), {len(plan.groups)} groups, {plan.total_bytes / 1e9:.3f} GB of {str(self.dtype).removeprefix('torch.')} "
             f"into {len(plan.files)} file(s); optimizer and other state ({ckpt.other_bytes / 1e9:.3f} GB) not read",
@@ -198,10 +209,13 @@ def export(
     """
     comm = Comm.setup(device, timeout_s)
     try:
-        return _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers,
-                    quiet, dry_run, report)
-    finally:
-        comm.close()
+        result = _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers,
+                      quiet, dry_run, report)
+    except BaseException:
+        comm.close(clean=False)
+        raise
+    comm.close()
+    return result
 
 
 def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet,
@@ -258,7 +272,7 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
                 shards.write(name, out.contiguous())
 
     writer = WriterThread(write_group) if shards else None
-    prefetch = Prefetcher(Reader(job.ckpt.path, job.ckpt.metadata), plan, comm.rank, job.window)
+    prefetch = Prefetcher(Reader(job.ckpt.path, job.ckpt.metadata), plan, comm.rank, job.window, comm.overlap_reads)
     try:
         for index, (tensors, error) in enumerate(prefetch):
             comm.agree(error or (writer.error if writer else None))
@@ -277,9 +291,10 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
         comm.agree(error)
         if comm.rank == 0:
             folder.commit()
+        prefetch.close(wait=True)
         return report
     except BaseException:
-        prefetch.close()
+        prefetch.close(wait=False)  # its thread may sit in a collective that peers left
         if shards is not None:
             shards.abort()
         if comm.rank == 0:

@@ -12,13 +12,21 @@ import re
 
 import torch
 
-from distconv.checkpoint import Checkpoint, TensorInfo
+from distconv.checkpoint import Checkpoint, Chunk, TensorInfo
 from distconv.errors import DistconvError
 from distconv.families import Family
 from distconv.spec import ModelSpec
 
 _STACKED = re.compile(r"^(?P<prefix>decoder\.layers\.)(?P<sub>[A-Za-z_].*)$")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.")
+# grouped expert tensors carry an expert axis after the layer axis (SequentialMLP and GroupedMLP alike)
+_GROUPED_EXPERTS = ".mlp.experts.experts."
+# per-expert spellings of other versions and formats -> the canonical ``mlp.experts.{e}.``
+_PER_EXPERT = (
+    re.compile(r"\.mlp\.experts\.local_experts\.(?P<e>\d+)\.(?P<rest>.+)$"),  # SequentialMLP module keys
+    re.compile(r"\.mlp\.experts\.experts\.(?P<e>\d+)\.(?P<rest>.+)$"),  # singleton local shards
+    re.compile(r"\.mlp\.experts\.(?P<rest>[a-z_0-9]+\.(?:weight|bias))(?P<e>\d+)$"),  # TEGroupedMLP weight{e}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,26 +125,60 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def items_of(tensor: TensorInfo, num_layers: int) -> list[Item]:
-    """Split a stored tensor into per-layer items (stacked ``decoder.layers.*`` keys)."""
+def expert_name(name: str) -> str:
+    """A per-expert tensor name in its canonical form ``...mlp.experts.{e}.linear_fc1.weight``."""
+    for pattern in _PER_EXPERT:
+        m = pattern.search(name)
+        if m:
+            return f"{name[: m.start()]}.mlp.experts.{m['e']}.{m['rest']}"
+    return name
+
+
+def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None) -> list[Item]:
+    """Split a stored tensor into per-layer (and per-expert) items.
+
+    Stacked ``decoder.layers.*`` keys have a leading layer axis; grouped expert keys
+    (``mlp.experts.experts.*``) then an expert axis. Per-layer keys (``decoder.layers.{i}.*``,
+    non-homogeneous models) and per-expert keys keep their index in the name.
+    """
     m = _STACKED.match(tensor.key)
     if m and tensor.shape and tensor.shape[0] == num_layers:
-        return [
-            Item(f"{m['prefix']}{layer}.{m['sub']}", tensor.key, (layer,), tensor.shape[1:], layer)
-            for layer in range(num_layers)
-        ]
-    per_layer = _PER_LAYER.match(tensor.key)
-    layer = int(per_layer["layer"]) if per_layer else None
-    return [Item(tensor.key, tensor.key, (), tensor.shape, layer)]
+        layers = [((l,), f"{m['prefix']}{l}.{m['sub']}", l) for l in range(num_layers)]
+        shape = tensor.shape[1:]
+    else:
+        per_layer = _PER_LAYER.match(tensor.key)
+        layers = [((), tensor.key, int(per_layer["layer"]) if per_layer else None)]
+        shape = tensor.shape
+    items = []
+    for index, name, layer in layers:
+        head, grouped, tail = name.partition(_GROUPED_EXPERTS)
+        if grouped and not tail[:1].isdigit() and num_experts and shape and shape[0] == num_experts:
+            items += [
+                Item(f"{head}.mlp.experts.{e}.{tail}", tensor.key, index + (e,), shape[1:], layer)
+                for e in range(num_experts)
+            ]
+        else:
+            items.append(Item(expert_name(name), tensor.key, index, shape, layer))
+    return items
 
 
-def _reads_for(item: Item, pos: int, tensor: TensorInfo, world: int) -> list[Read]:
-    """Intersect the item's box with every stored chunk; the chunk's writer rank reads it."""
+def _chunks_by_index(tensor: TensorInfo, lead: int) -> dict[tuple[int, ...], list[Chunk]]:
+    """The chunks touching each leading index (layer, expert): items look up theirs, not scan all."""
+    by_index: dict[tuple[int, ...], list[Chunk]] = {}
+    for chunk in tensor.chunks:
+        ranges = [range(o, o + s) for o, s in zip(chunk.offsets[:lead], chunk.sizes[:lead])]
+        for index in itertools.product(*ranges):
+            by_index.setdefault(index, []).append(chunk)
+    return by_index
+
+
+def _reads_for(item: Item, pos: int, tensor: TensorInfo, chunks: list[Chunk], world: int) -> list[Read]:
+    """Intersect the item's box with the stored chunks; the chunk's writer rank reads it."""
     lead = len(item.index)
     box_off = item.index + (0,) * len(item.shape)
     box_size = (1,) * lead + item.shape
     reads = []
-    for chunk in tensor.chunks:
+    for chunk in chunks:
         lo = tuple(max(a, b) for a, b in zip(box_off, chunk.offsets))
         hi = tuple(min(a + s, b + t) for a, s, b, t in zip(box_off, box_size, chunk.offsets, chunk.sizes))
         if any(h <= l for l, h in zip(lo, hi)):
@@ -190,7 +232,9 @@ def make_plan(
     """
     if not 1 <= writers <= world:
         raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
-    items = sorted((i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers)), key=_order)
+    items = sorted(
+        (i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers, spec.num_experts)), key=_order
+    )
     by_unit: dict[tuple[int, int | str], list[Item]] = {}
     for item in items:
         unit = _order(item)
@@ -198,11 +242,16 @@ def make_plan(
 
     groups: list[Group] = []
     named: list[list[tuple[str, torch.Tensor]]] = []
+    indexes: dict[str, dict[tuple[int, ...], list[Chunk]]] = {}
     for unit_items in by_unit.values():
         for piece in _split(unit_items, window, dtype.itemsize):
             reads, outs = [], []
             for pos, item in enumerate(piece):
-                reads += _reads_for(item, pos, ckpt.tensors[item.key], world)
+                tensor = ckpt.tensors[item.key]
+                if item.key not in indexes:
+                    indexes[item.key] = _chunks_by_index(tensor, len(item.index))
+                chunks = indexes[item.key].get(item.index, [])
+                reads += _reads_for(item, pos, tensor, chunks, world)
                 meta = torch.empty(item.shape, dtype=dtype, device="meta")
                 outs += family.export_tensor(item.name, meta, spec)
             groups.append(Group(piece, reads))

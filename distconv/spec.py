@@ -41,6 +41,40 @@ class ModelSpec:
     init_std: float
     train_dtype: torch.dtype
     vocab_size: int | None = None  # the true (unpadded) vocab, once known
+    # mixture of experts (num_experts None: dense)
+    num_experts: int | None = None
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE (True) or dense MLP
+    moe_ffn_hidden_size: int | None = None
+    moe_topk: int = 1
+    moe_pre_softmax: bool = False  # softmax over all experts before top-k (else top-k of logits, then softmax)
+    moe_score_function: str = "softmax"  # "softmax" | "sigmoid"
+    moe_scaling_factor: float | None = None
+    moe_expert_bias: bool = False  # router.expert_bias added to scores for selection only
+    moe_num_groups: int | None = None
+    moe_group_topk: int | None = None
+    moe_shared_ffn_hidden_size: int | None = None
+    moe_shared_gate: bool = False
+    moe_capacity_factor: float | None = None  # token dropping
+    moe_routing_type: str = "aux_loss"
+    # multi-latent attention
+    multi_latent_attention: bool = False
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_head_dim: int | None = None
+    qk_pos_emb_head_dim: int | None = None
+    v_head_dim: int | None = None
+    mtp_num_layers: int = 0
+
+    @property
+    def moe_group_score_topk(self) -> int | None:
+        """Experts per group whose scores rank a group in group-limited routing (megatron-core: k / groups)."""
+        return self.moe_topk // self.moe_group_topk if self.moe_group_topk else None
+
+    @property
+    def moe_shared_experts(self) -> int | None:
+        """The shared expert's width in routed experts, when it is a whole number of them."""
+        shared, routed = self.moe_shared_ffn_hidden_size, self.moe_ffn_hidden_size
+        return shared // routed if shared and routed and shared % routed == 0 else None
 
     def with_vocab(self, vocab_size: int) -> "ModelSpec":
         if vocab_size > self.padded_vocab_size:
@@ -72,6 +106,17 @@ def _activation(args: argparse.Namespace) -> str:
 
 
 def _rope_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
+    if arg(args, "multi_latent_attention", default=False) and arg(args, "rope_type", default="yarn") == "yarn":
+        # MLA's YaRN; 0.16 has no CLI args for the last three (MLATransformerConfig defaults)
+        return {
+            "rope_type": "yarn",
+            "factor": float(arg(args, "rotary_scaling_factor", default=40.0)),
+            "original_max_position_embeddings": int(arg(args, "original_max_position_embeddings", default=4096)),
+            "beta_fast": float(arg(args, "beta_fast", default=32.0)),
+            "beta_slow": float(arg(args, "beta_slow", default=1.0)),
+            "mscale": float(arg(args, "mscale", default=1.0)),
+            "mscale_all_dim": float(arg(args, "mscale_all_dim", default=0.0)),
+        }
     if arg(args, "use_rope_scaling", default=False):
         # megatron-core hard-codes Llama 3's low/high frequency factors and original length
         return {
@@ -85,6 +130,49 @@ def _rope_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
     if factor:
         return {"rope_type": "linear", "factor": float(factor)}
     return None
+
+
+def _moe_layers(args: argparse.Namespace, num_layers: int) -> tuple[bool, ...]:
+    """Which layers are MoE: ``moe_layer_freq`` is an int N (every N-th layer) or a 0/1 list."""
+    if not arg(args, "num_experts"):
+        return (False,) * num_layers
+    freq = arg(args, "moe_layer_freq", default=1)
+    if isinstance(freq, str) and freq.strip().isdigit():
+        freq = int(freq)
+    if isinstance(freq, int):
+        return tuple(i % freq == 0 for i in range(num_layers))
+    if isinstance(freq, (list, tuple)) and len(freq) == num_layers:
+        return tuple(bool(x) for x in freq)
+    raise DistconvError(f"cannot read moe_layer_freq={freq!r} for {num_layers} layers")
+
+
+def _moe_and_mla(args: argparse.Namespace, num_layers: int) -> dict[str, Any]:
+    experts = arg(args, "num_experts")
+    mla = bool(arg(args, "multi_latent_attention", default=False))
+    routing = arg(args, "moe_router_load_balancing_type", default="aux_loss")
+    return dict(
+        num_experts=int(experts) if experts else None,
+        moe_layers=_moe_layers(args, num_layers),
+        moe_ffn_hidden_size=arg(args, "moe_ffn_hidden_size", "ffn_hidden_size") if experts else None,
+        moe_topk=int(arg(args, "moe_router_topk", default=2)),
+        moe_pre_softmax=bool(arg(args, "moe_router_pre_softmax", default=False)),
+        moe_score_function=arg(args, "moe_router_score_function", default="softmax"),
+        moe_scaling_factor=arg(args, "moe_router_topk_scaling_factor"),
+        moe_expert_bias=bool(arg(args, "moe_router_enable_expert_bias", default=False)),
+        moe_num_groups=arg(args, "moe_router_num_groups"),
+        moe_group_topk=arg(args, "moe_router_group_topk"),
+        moe_shared_ffn_hidden_size=arg(args, "moe_shared_expert_intermediate_size"),
+        moe_shared_gate=bool(arg(args, "moe_shared_expert_gate", default=False)),
+        moe_capacity_factor=arg(args, "moe_expert_capacity_factor"),
+        moe_routing_type=routing if isinstance(routing, str) else ",".join(routing),
+        multi_latent_attention=mla,
+        q_lora_rank=arg(args, "q_lora_rank") if mla else None,
+        kv_lora_rank=arg(args, "kv_lora_rank") if mla else None,
+        qk_head_dim=arg(args, "qk_head_dim") if mla else None,
+        qk_pos_emb_head_dim=arg(args, "qk_pos_emb_head_dim") if mla else None,
+        v_head_dim=arg(args, "v_head_dim") if mla else None,
+        mtp_num_layers=int(arg(args, "mtp_num_layers", default=0) or 0),
+    )
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
@@ -128,4 +216,5 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
         zero_centered_gamma=bool(arg(args, "layernorm_zero_centered_gamma", "apply_layernorm_1p", default=False)),
         init_std=float(arg(args, "init_method_std", default=0.02)),
         train_dtype=dtype,
+        **_moe_and_mla(args, int(args.num_layers)),
     )

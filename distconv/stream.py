@@ -21,16 +21,25 @@ from distconv.read import Reader
 class Prefetcher:
     """Reads this rank's slices of every group, in plan order, ahead of the consumer."""
 
-    def __init__(self, reader: Reader, plan: Plan, rank: int, batch_bytes: int) -> None:
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
+    def __init__(self, reader: Reader, plan: Plan, rank: int, batch_bytes: int, threaded: bool = True) -> None:
+        """``threaded=False`` reads each batch only when the consumer reaches it."""
         self._total = len(plan.groups)
         self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, args=(reader, plan, rank, batch_bytes), name="distconv-reader", daemon=True
-        )
-        self._thread.start()
+        steps = self._steps(reader, plan, rank, batch_bytes)
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._thread: threading.Thread | None = None
+        if threaded:
+            self._thread = threading.Thread(target=self._fill, args=(steps,), name="distconv-reader", daemon=True)
+            self._thread.start()
+            self._next = self._queue.get
+        else:
+            self._next = lambda: next(steps)
 
-    def _run(self, reader: Reader, plan: Plan, rank: int, batch_bytes: int) -> None:
+    def _fill(self, steps) -> None:
+        for step in steps:
+            self._queue.put(step)
+
+    def _steps(self, reader: Reader, plan: Plan, rank: int, batch_bytes: int):
         for batch in plan.batches(batch_bytes):
             if self._stop.is_set():
                 return
@@ -38,20 +47,20 @@ class Prefetcher:
             try:
                 tensors = reader.read(reads, plan.dtype)
             except BaseException as e:  # handed to the consumer, which makes every rank agree
-                self._queue.put((batch, None, e))
+                yield batch, None, e
                 return
             per_group, at = [], 0
             for g in batch:
                 n = len(plan.groups[g].reads_of(rank))
                 per_group.append(tensors[at : at + n])
                 at += n
-            self._queue.put((batch, per_group, None))
+            yield batch, per_group, None
 
     def __iter__(self):
         """Yields ``(tensors, error)`` per group in plan order; after an error, only the error."""
         done = 0
         while done < self._total:
-            batch, per_group, error = self._queue.get()
+            batch, per_group, error = self._next()
             if error is not None:
                 yield None, error
                 return
@@ -59,14 +68,16 @@ class Prefetcher:
                 yield tensors, None
             done += len(batch)
 
-    def close(self) -> None:
-        """Stop early (after an error): let the thread finish its current call."""
+    def close(self, wait: bool) -> None:
+        """Stop reading ahead; with ``wait``, also let the thread finish (it is a daemon)."""
         self._stop.set()
-        while self._thread.is_alive():
+        while self._thread is not None:
             try:
-                self._queue.get(timeout=0.1)
+                self._queue.get_nowait()  # unblock a pending put
             except queue.Empty:
-                pass
+                if not wait or not self._thread.is_alive():
+                    return
+                self._thread.join(timeout=0.1)
 
 
 class WriterThread:

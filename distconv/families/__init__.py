@@ -1,11 +1,15 @@
 """Model families, in detection order: the first whose ``detect`` accepts a spec is chosen."""
 
 from distconv.families.base import Family, pick_family
+from distconv.families.deepseek_v3 import DEEPSEEK_V3
 from distconv.families.llama import LLAMA
 from distconv.families.mistral import MISTRAL
+from distconv.families.mixtral import MIXTRAL
+from distconv.families.qwen2_moe import QWEN2_MOE
+from distconv.families.qwen3_moe import QWEN3_MOE
 from distconv.families.qwen2 import QWEN2
 from distconv.families.qwen3 import QWEN3
 
-FAMILIES: tuple[Family, ...] = (QWEN3, QWEN2, MISTRAL, LLAMA)
+FAMILIES: tuple[Family, ...] = (DEEPSEEK_V3, QWEN2_MOE, QWEN3_MOE, MIXTRAL, QWEN3, QWEN2, MISTRAL, LLAMA)
 
 __all__ = ["FAMILIES", "Family", "pick_family"]

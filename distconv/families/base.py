@@ -126,6 +126,8 @@ class Family:
     requires: dict[str, Any]  # ModelSpec field -> required value (or a predicate)
     config_fields: tuple[tuple[str, Callable[[ModelSpec], Any]], ...]  # HF field <- spec
     detect: Callable[[ModelSpec], bool] = lambda spec: True
+    spec_fields: tuple[tuple[str, Callable[[PretrainedConfig], Any]], ...] = ()  # spec field <- HF config (import)
+    nullable: tuple[str, ...] = ()  # HF fields where None is a value (written and compared), not "unset"
 
     def unsupported(self, spec: ModelSpec) -> list[str]:
         """Reasons this family cannot express ``spec`` exactly (empty when it can)."""
@@ -139,9 +141,24 @@ class Family:
 
     def hf_config(self, spec: ModelSpec) -> PretrainedConfig:
         values = {name: fn(spec) for name, fn in self.config_fields}
-        config = self.config_class(**{k: v for k, v in values.items() if v is not None})
+        config = self.config_class(**{k: v for k, v in values.items() if v is not None or k in self.nullable})
         config.architectures = [self.architecture]
         return config
+
+    def spec_from_hf_config(self, config: PretrainedConfig, padded_vocab_size: int, dtype: torch.dtype) -> ModelSpec:
+        """The inverse of ``hf_config`` (import): ``spec_fields`` read the HF config.
+
+        The result is then checked both ways: the family must express it (``unsupported``) and
+        the HF config rebuilt from it must agree with ``config`` (``check_config``), so an HF
+        field this family cannot carry into Megatron is an error, not silently dropped.
+        """
+        values = {name: fn(config) for name, fn in self.spec_fields}
+        spec = ModelSpec(**values, padded_vocab_size=padded_vocab_size, train_dtype=dtype)
+        reasons = self.unsupported(spec)
+        if reasons:
+            raise DistconvError(f"{self.architecture} model cannot be expressed in Megatron exactly: {', '.join(reasons)}")
+        self.check_config(config, spec)
+        return spec
 
     def check_config(self, config: PretrainedConfig, spec: ModelSpec) -> None:
         """A user-given HF config must agree with the checkpoint on every architectural field."""
@@ -155,7 +172,7 @@ class Family:
                     conflicts.append(f"vocab_size: HF config {theirs} > checkpoint padded vocab {spec.padded_vocab_size}")
             elif name == "rope_scaling" and _rope(ours) != theirs:
                 conflicts.append(f"rope scaling: HF config {theirs!r}, checkpoint {_rope(ours)!r}")
-            elif name != "rope_scaling" and ours is not None and theirs != ours and not _close(theirs, ours):
+            elif name != "rope_scaling" and (ours is not None or name in self.nullable) and theirs != ours and not _close(theirs, ours):
                 conflicts.append(f"{name}: HF config {theirs!r}, checkpoint {ours!r}")
         if conflicts:
             raise DistconvError("--hf-config conflicts with the checkpoint: " + "; ".join(conflicts))
@@ -187,7 +204,26 @@ def _hf_value(config: PretrainedConfig, name: str) -> Any:
         return getattr(config, "rope_theta", None) or rope.get("rope_theta")
     if name == "rope_scaling":
         return _rope(getattr(config, "rope_scaling", None) or rope)
+    if name == "head_dim" and getattr(config, "head_dim", None) is None:  # HF's default when unset
+        return config.hidden_size // config.num_attention_heads
     return getattr(config, name, None)
+
+
+def rope_from_hf(config: PretrainedConfig) -> dict[str, Any] | None:
+    """HF RoPE scaling as ``ModelSpec.rope_scaling`` (what megatron-core can express), or an error."""
+    scaling = getattr(config, "rope_scaling", None) or getattr(config, "rope_parameters", None) or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return None
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": factor}
+    llama3 = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 8192}
+    if kind == "llama3" and all(float(scaling.get(k, v)) == v for k, v in llama3.items() if k not in ("rope_type", "factor")):
+        return llama3
+    raise DistconvError(f"RoPE scaling {scaling!r} has no megatron-core equivalent (supported: linear, llama3 with "
+                        "low/high frequency factors 1/4 and original length 8192)")
 
 
 def _close(a: Any, b: Any) -> bool:
@@ -195,7 +231,8 @@ def _close(a: Any, b: Any) -> bool:
 
 
 # Fields that do not change the weights' meaning; a user's HF config may set them freely.
-_ADVISORY_FIELDS = {"max_position_embeddings", "initializer_range", "torch_dtype", "bos_token_id", "eos_token_id"}
+_ADVISORY_FIELDS = {"max_position_embeddings", "initializer_range", "torch_dtype", "bos_token_id", "eos_token_id",
+                    "num_mtp_layers"}  # MTP heads are not part of the HF model's weights
 
 
 def pick_family(families: Sequence[Family], spec: ModelSpec, architecture: str | None) -> Family:

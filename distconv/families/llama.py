@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import LlamaConfig
 
-from distconv.families.base import GATE_UP, QKV, VOCAB, Family, Rule
+from distconv.families.base import GATE_UP, QKV, VOCAB, Family, Rule, _hf_value, rope_from_hf
 
 L = "decoder.layers.{layer}."
 H = "model.layers.{layer}."
@@ -33,6 +33,9 @@ REQUIRES = dict(
     rotary_interleaved=False,
     zero_centered_gamma=False,
     window_size=None,
+    num_experts=None,
+    multi_latent_attention=False,
+    mtp_num_layers=0,
 )
 
 CONFIG_FIELDS = (
@@ -52,6 +55,39 @@ CONFIG_FIELDS = (
     ("rope_scaling", lambda s: s.rope_scaling),
 )
 
+# ModelSpec field <- HF config (import); padded_vocab_size and train_dtype come from the importer
+SPEC_FIELDS = (
+    ("num_layers", lambda c: c.num_hidden_layers),
+    ("hidden_size", lambda c: c.hidden_size),
+    ("ffn_hidden_size", lambda c: c.intermediate_size),
+    ("num_attention_heads", lambda c: c.num_attention_heads),
+    ("num_query_groups", lambda c: c.num_key_value_heads or c.num_attention_heads),
+    ("head_dim", lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads),
+    ("max_position_embeddings", lambda c: c.max_position_embeddings),
+    ("normalization", lambda c: "RMSNorm"),
+    ("norm_epsilon", lambda c: c.rms_norm_eps),
+    ("gated_mlp", lambda c: True),
+    ("activation", lambda c: c.hidden_act),
+    ("add_bias_linear", lambda c: bool(getattr(c, "attention_bias", False) or getattr(c, "mlp_bias", False))),
+    ("add_qkv_bias", lambda c: bool(getattr(c, "attention_bias", False))),
+    ("qk_layernorm", lambda c: False),
+    ("tie_embeddings", lambda c: bool(c.tie_word_embeddings)),
+    ("position_embedding", lambda c: "rope"),
+    ("rotary_base", lambda c: float(_hf_value(c, "rope_theta"))),
+    ("rotary_percent", lambda c: 1.0),
+    ("rotary_interleaved", lambda c: False),
+    ("rope_scaling", rope_from_hf),
+    ("window_size", lambda c: None),
+    ("zero_centered_gamma", lambda c: False),
+    ("init_std", lambda c: c.initializer_range),
+    ("vocab_size", lambda c: c.vocab_size),
+)
+
+
+def spec_fields(**overrides) -> tuple:
+    """``SPEC_FIELDS`` with some fields replaced (for relatives of Llama)."""
+    return tuple((name, overrides.get(name, fn)) for name, fn in SPEC_FIELDS)
+
 
 LLAMA = Family(
     architecture="LlamaForCausalLM",
@@ -59,4 +95,5 @@ LLAMA = Family(
     rules=RULES,
     requires=REQUIRES,
     config_fields=CONFIG_FIELDS + (("attention_bias", lambda s: False), ("mlp_bias", lambda s: False)),
+    spec_fields=SPEC_FIELDS,
 )

@@ -6,7 +6,7 @@ import dataclasses
 
 from transformers import MistralConfig
 
-from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES
+from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, spec_fields
 from distconv.families.base import Family
 from distconv.spec import ModelSpec
 
@@ -23,4 +23,5 @@ MISTRAL = Family(
     requires={**REQUIRES, "window_size": lambda w: w is None or w[1] == 0},
     config_fields=CONFIG_FIELDS + (("sliding_window", _sliding_window),),
     detect=lambda spec: spec.window_size is not None,
+    spec_fields=spec_fields(window_size=lambda c: (c.sliding_window - 1, 0) if c.sliding_window else None),
 )

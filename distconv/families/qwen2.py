@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import Qwen2Config
 
 from distconv.families.base import QKV, Family, Rule
-from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, H, L
+from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, H, L, spec_fields
 
 QWEN2 = Family(
     architecture="Qwen2ForCausalLM",
@@ -16,4 +16,9 @@ QWEN2 = Family(
     requires={**REQUIRES, "add_qkv_bias": True},
     config_fields=CONFIG_FIELDS,
     detect=lambda spec: spec.add_qkv_bias,
+    spec_fields=spec_fields(
+        add_bias_linear=lambda c: False,
+        add_qkv_bias=lambda c: True,
+        window_size=lambda c: (c.sliding_window - 1, 0) if getattr(c, "use_sliding_window", False) else None,
+    ),
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import Qwen3Config
 
 from distconv.families.base import Family, Rule
-from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, H, L
+from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, H, L, spec_fields
 
 QWEN3 = Family(
     architecture="Qwen3ForCausalLM",
@@ -17,4 +17,8 @@ QWEN3 = Family(
     requires={**REQUIRES, "qk_layernorm": True},
     config_fields=CONFIG_FIELDS + (("attention_bias", lambda s: False),),
     detect=lambda spec: spec.qk_layernorm,
+    spec_fields=spec_fields(
+        qk_layernorm=lambda c: True,
+        window_size=lambda c: (c.sliding_window - 1, 0) if getattr(c, "use_sliding_window", False) else None,
+    ),
 )

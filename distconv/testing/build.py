@@ -6,8 +6,8 @@ Run under torchrun (gloo), once, with as many ranks as the largest layout needs:
 
 For every model in ``FIXTURES`` it builds the model at TP1PP1 with seeded random weights,
 records megatron-core's own logits on fixed tokens (``DIR/refs/NAME.pt``), saves it, then
-re-loads those weights into the model at each other TP x PP layout through
-``dist_checkpointing`` and saves that layout too: ``DIR/NAME/tp{T}pp{P}/`` is a Megatron-LM save
+re-loads those weights into the model at each other TP x PP (x EP [x ETP]) layout through
+``dist_checkpointing`` and saves that layout too: ``DIR/NAME/tp{T}pp{P}[ep{E}][etp{X}]/`` is a Megatron-LM save
 root (``latest_checkpointed_iteration.txt``, ``iter_XXXXXXX/`` or ``release/``, ``common.pt``
 with ``args``) with optimizer state beside the weights, as training leaves it.
 """
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distconv.testing.expert_keys import save_expert_key_form
 from distconv.testing.megatron_cpu import (
     build_gpt,
     forward_logits,
@@ -32,7 +33,10 @@ from distconv.testing.megatron_cpu import (
 )
 
 ALL_LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
+# MoE: EP2, PP2xEP2, TP2xEP2 (expert TP = TP = 2), TP2xEP2 with expert TP 1
+MOE_LAYOUTS = ((1, 1), (1, 1, 2), (1, 2, 2), (2, 1, 2), (2, 1, 2, 1))
 TOKENIZER_VOCAB = 250
+MOE_BASE = dict(num_layers=2, num_experts=4, moe_ffn_hidden_size=32, moe_router_topk=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +45,11 @@ class Fixture:
 
     args: dict[str, Any]
     seed: int
-    layouts: tuple[tuple[int, int], ...] = ALL_LAYOUTS
+    layouts: tuple[tuple[int, ...], ...] = ALL_LAYOUTS  # (tp, pp[, ep[, etp]])
     iteration: int | str = 100  # a number or "release"
     bf16: bool = False  # save bf16 weights (values chosen exactly representable)
     tokenizer: bool = False  # point args.tokenizer_model at a local HF tokenizer
+    expert_key_forms: tuple[str, ...] = ()  # also save the reference with per-expert keys (expert_keys.FORMS)
 
 
 FIXTURES: dict[str, Fixture] = {
@@ -61,13 +66,48 @@ FIXTURES: dict[str, Fixture] = {
              layernorm_epsilon=1e-6),
         seed=5,
     ),
+    "mixtral": Fixture(dict(MOE_BASE), seed=6, layouts=MOE_LAYOUTS, expert_key_forms=("sequential", "grouped_gemm")),
+    "qwen2_moe": Fixture(
+        dict(MOE_BASE, num_layers=4, moe_layer_freq=[0, 1, 1, 1], add_qkv_bias=True, moe_router_pre_softmax=True,
+             moe_shared_expert_intermediate_size=48, moe_shared_expert_gate=True, layernorm_epsilon=1e-6),
+        seed=7, layouts=MOE_LAYOUTS[:4],
+    ),
+    "qwen3_moe": Fixture(
+        dict(MOE_BASE, qk_layernorm=True, kv_channels=32, num_experts=8, moe_router_topk=3,
+             untie_embeddings_and_output_weights=False, layernorm_epsilon=1e-6),
+        seed=8, layouts=MOE_LAYOUTS[:4],
+    ),
+    "deepseek_v3": Fixture(
+        dict(MOE_BASE, num_experts=8, moe_ffn_hidden_size=16, moe_layer_freq=[0, 1], multi_latent_attention=True,
+             qk_layernorm=True, group_query_attention=False, q_lora_rank=24, kv_lora_rank=32, qk_head_dim=16,
+             qk_pos_emb_head_dim=8, v_head_dim=16, rope_type="yarn", rotary_scaling_factor=4.0, mscale=1.0,
+             mscale_all_dim=1.0, max_position_embeddings=16384, moe_router_score_function="sigmoid",
+             moe_router_enable_expert_bias=True, moe_router_num_groups=2, moe_router_group_topk=1,
+             moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32, layernorm_epsilon=1e-6),
+        seed=9, layouts=MOE_LAYOUTS[:4],
+    ),
+    # the other MLA query path (linear_q_proj, no q LoRA), plain RoPE, ungrouped routing, all layers MoE
+    "deepseek_v3_q_proj": Fixture(
+        dict(MOE_BASE, multi_latent_attention=True, qk_layernorm=True, group_query_attention=False, kv_lora_rank=32,
+             qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=32, rope_type="rope", moe_router_score_function="sigmoid",
+             moe_router_enable_expert_bias=True, moe_shared_expert_intermediate_size=32, moe_ffn_hidden_size=32,
+             layernorm_epsilon=1e-6),
+        seed=10, layouts=((1, 1), (1, 2, 2)),
+    ),
 }
 
 REFERENCE_TOKENS_SHAPE = (2, 12)
 
 
-def layout_dir(out: Path, name: str, tp: int, pp: int) -> Path:
-    return out / name / f"tp{tp}pp{pp}"
+def parallel(layout: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """``(tp, pp[, ep[, etp]])`` -> ``(tp, pp, ep, etp)``; expert TP defaults to TP, as in Megatron."""
+    tp, pp, ep, etp = (*layout, 1, None, None)[:4] if len(layout) == 2 else (*layout, None)[:4]
+    return tp, pp, ep, tp if etp is None else etp
+
+
+def layout_dir(out: Path, name: str, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> Path:
+    suffix = (f"ep{ep}" if ep > 1 else "") + (f"etp{etp}" if etp not in (None, tp) else "")
+    return out / name / f"tp{tp}pp{pp}{suffix}"
 
 
 def write_tokenizer(path: Path) -> None:
@@ -118,7 +158,7 @@ def _optimizer_state(model: torch.nn.Module, seed: int, shared: bool = False) ->
 
 
 def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx: Fixture,
-                shared_moments: bool = False) -> None:
+                shared_moments: bool = False, optimizer: bool = True) -> None:
     """Save like Megatron-LM: iteration folder, common state, tracker file written last."""
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
@@ -133,7 +173,8 @@ def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx
     dist.barrier()
     state = {
         "model": model.sharded_state_dict(),
-        "optimizer": {"state": _optimizer_state(model, fx.seed + 1000, shared_moments), "param_groups": [{"lr": 1e-4}]},
+        "optimizer": {"state": _optimizer_state(model, fx.seed + 1000, shared_moments) if optimizer else {},
+                      "param_groups": [{"lr": 1e-4}]},
         "args": args,
         "checkpoint_version": 3.0,
         "iteration": 0 if fx.iteration == "release" else int(fx.iteration),
@@ -164,15 +205,19 @@ def build_fixture(name: str, fx: Fixture, out: Path) -> None:
         base_args.tokenizer_model = str(tok_dir)
 
     first = None
-    for tp, pp in fx.layouts:
+    for layout in fx.layouts:
+        tp, pp, ep, etp = parallel(layout)
         parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(tp, pp)
+        parallel_state.initialize_model_parallel(
+            tp, pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp
+        )
         args = argparse.Namespace(**vars(base_args))
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+        args.expert_model_parallel_size, args.expert_tensor_parallel_size = ep, etp
         args.world_size, args.data_parallel_size = world, world // (tp * pp)
         model = build_gpt(args, tp, pp)
         if first is None:
-            assert (tp, pp) == (1, 1), "the first layout is the reference"
+            assert (tp, pp, ep) == (1, 1, 1), "the first layout is the reference"
             randomize_(model, fx.seed, bf16_exact=fx.bf16)
             if rank == 0:
                 gen = torch.Generator().manual_seed(fx.seed + 7)
@@ -186,11 +231,14 @@ def build_fixture(name: str, fx: Fixture, out: Path) -> None:
             model.load_state_dict(loaded["model"])
         if fx.bf16:
             model = model.to(torch.bfloat16)
-        root = layout_dir(out, name, tp, pp)
+        root = layout_dir(out, name, tp, pp, ep, etp)
         save_layout(model, args, root, fx)
         if first is None:
             iter_name = "release" if fx.iteration == "release" else f"iter_{int(fx.iteration):07d}"
             first = root / iter_name
+            reference_args = args
+    for form in fx.expert_key_forms:
+        save_expert_key_form(first, out / name / f"{form}_keys", reference_args, form)
     parallel_state.destroy_model_parallel()
 
 
@@ -198,7 +246,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--only", nargs="*", help="fixture names (default: all)")
-    parser.add_argument("--layouts", nargs="*", help="restrict layouts, e.g. 2x2 1x1")
+    parser.add_argument("--layouts", nargs="*", help="restrict layouts, e.g. 2x2 1x1 2x1x2")
     opts = parser.parse_args()
     patch_cuda_for_cpu()
     dist.init_process_group("gloo")
@@ -210,7 +258,8 @@ def main() -> None:
             wanted = {tuple(int(x) for x in s.split("x")) for s in opts.layouts}
             fx = dataclasses.replace(fx, layouts=tuple(l for l in fx.layouts if l in wanted or l == (1, 1)))
         if dist.get_rank() == 0:
-            print(f"building {name} at {', '.join(f'TP{t}PP{p}' for t, p in fx.layouts)}", flush=True)
+            shown = ", ".join(layout_dir(Path(), "", *parallel(l)).name.upper() for l in fx.layouts)
+            print(f"building {name} at {shown}", flush=True)
         build_fixture(name, fx, opts.out)
     dist.barrier()
     dist.destroy_process_group()

@@ -69,7 +69,32 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
         tokenizer_model=None,
         window_size=None,
         num_experts=None,
+        moe_ffn_hidden_size=None,
+        moe_router_topk=2,
+        moe_router_pre_softmax=False,
+        moe_router_score_function="softmax",
+        moe_router_topk_scaling_factor=None,
+        moe_router_enable_expert_bias=False,
+        moe_router_num_groups=None,
+        moe_router_group_topk=None,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.0,
+        moe_shared_expert_intermediate_size=None,
+        moe_shared_expert_gate=False,
+        moe_layer_freq=1,
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type="allgather",
         multi_latent_attention=False,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_head_dim=16,
+        qk_pos_emb_head_dim=8,
+        v_head_dim=16,
+        rope_type="rope",
+        rotary_scaling_factor=1.0,
+        mscale=1.0,
+        mscale_all_dim=0.0,
+        mtp_num_layers=None,
         bf16=False,
         fp16=False,
         params_dtype=torch.float32,
@@ -79,6 +104,7 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1,
         expert_model_parallel_size=1,
+        expert_tensor_parallel_size=None,
         world_size=1,
         data_parallel_size=1,
         ckpt_format="torch_dist",
@@ -91,12 +117,58 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
     return argparse.Namespace(**args)
 
 
+def _moe_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """MoE TransformerConfig fields from args (CPU: allgather dispatcher, no grouped GEMM)."""
+    if not args.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=args.num_experts,
+        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
+        moe_router_topk=args.moe_router_topk,
+        moe_router_pre_softmax=args.moe_router_pre_softmax,
+        moe_router_score_function=args.moe_router_score_function,
+        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
+        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+        moe_router_num_groups=args.moe_router_num_groups,
+        moe_router_group_topk=args.moe_router_group_topk,
+        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=args.moe_shared_expert_gate,
+        moe_layer_freq=args.moe_layer_freq,
+        moe_grouped_gemm=args.moe_grouped_gemm,
+        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+    )
+
+
+def _mla_fields(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.multi_latent_attention:
+        return {}
+    return dict(
+        q_lora_rank=args.q_lora_rank,
+        kv_lora_rank=args.kv_lora_rank,
+        qk_head_dim=args.qk_head_dim,
+        qk_pos_emb_head_dim=args.qk_pos_emb_head_dim,
+        v_head_dim=args.v_head_dim,
+        rope_type=args.rope_type,
+        rotary_base=args.rotary_base,
+        rotary_scaling_factor=args.rotary_scaling_factor,
+        mscale=args.mscale,
+        mscale_all_dim=args.mscale_all_dim,
+    )
+
+
 def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
     """The TransformerConfig Megatron-LM derives from ``args`` (the fields our fixtures use)."""
-    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
     activation = F.silu if args.swiglu else (F.gelu)
-    return TransformerConfig(
+    config_class = MLATransformerConfig if args.multi_latent_attention else TransformerConfig
+    return config_class(
+        **_moe_fields(args),
+        **_mla_fields(args),
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -135,10 +207,19 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     config = transformer_config(args, tp, pp, init)
-    spec = get_gpt_layer_local_spec(qk_layernorm=args.qk_layernorm, normalization=args.normalization)
+    if args.num_experts and args.moe_layer_freq != 1:  # dense and MoE layers mixed
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization)
+    else:
+        spec = get_gpt_layer_local_spec(
+            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
+            qk_layernorm=args.qk_layernorm, normalization=args.normalization,
+            multi_latent_attention=args.multi_latent_attention,
+        )
+    if args.multi_latent_attention:
+        _use_local_mla_attention(spec)
     return GPTModel(
         config=config,
         transformer_layer_spec=spec,
@@ -156,6 +237,44 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
     )
 
 
+def _mla_core_attention():
+    """megatron-core's local ``DotProductAttention``, taking MLA's separate key/value head sizes.
+
+    In 0.16.1 the local MLA spec fails to build: ``MLASelfAttention`` passes ``k_channels`` and
+    ``v_channels``, which only transformer-engine's attention accepts. The local attention's
+    forward already works with any key and value head sizes (MLA passes the softmax scale);
+    only its output width, ``heads x v_channels``, has to be set.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class MLADotProductAttention(DotProductAttention):
+        def __init__(self, *args: Any, k_channels: int | None = None, v_channels: int | None = None, **kwargs: Any):
+            super().__init__(*args, **kwargs)  # (Attention builds it once without, MLA again with them)
+            if v_channels is not None:
+                self.hidden_size_per_partition = self.num_attention_heads_per_partition * v_channels
+
+    return MLADotProductAttention
+
+
+def _use_local_mla_attention(spec: Any) -> None:
+    """Point every MLA layer of a layer or block spec at ``_mla_core_attention``.
+
+    Without transformer-engine, megatron-core's TE extension module imports with stand-in
+    objects, so ``multi_latent_attention.HAVE_TE`` is wrongly True and an ``isinstance`` check
+    against a stand-in fails; it is set to what it is: False.
+    """
+    import importlib.util
+
+    from megatron.core.transformer import multi_latent_attention
+
+    if importlib.util.find_spec("transformer_engine") is None:
+        multi_latent_attention.HAVE_TE = False
+    layers = getattr(spec, "layer_specs", None) or [spec]
+    core = _mla_core_attention()
+    for layer in layers:
+        layer.submodules.self_attention.submodules.core_attention = core
+
+
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int, bf16_exact: bool = False) -> None:
     """Give every parameter (norms and biases too) distinct random values, reproducibly."""
@@ -168,6 +287,9 @@ def randomize_(model: torch.nn.Module, seed: int, bf16_exact: bool = False) -> N
         if bf16_exact:  # values a bf16 checkpoint represents exactly
             value = value.to(torch.bfloat16).float()
         p.copy_(value)
+    for name, b in sorted(model.named_buffers()):
+        if name.endswith("expert_bias"):  # the router's selection bias (DeepSeek-V3)
+            b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
 @torch.no_grad()

@@ -43,6 +43,9 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="model weight size in GB (bf16)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--no-optimizer", action="store_true",
+                        help="skip the Adam moments (megatron-core's save stages a copy of every tensor "
+                             "in RAM, so very large checkpoints with moments do not fit on small machines)")
     opts = parser.parse_args()
     patch_cuda_for_cpu()
     dist.init_process_group("gloo")
@@ -57,7 +60,8 @@ def main() -> None:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
     if dist.get_rank() == 0:
         print(f"generating {args.num_layers} layers, {opts.gb} GB of bf16 weights at TP{opts.tp} PP{opts.pp}", flush=True)
-    save_layout(model, args, opts.out, Fixture(args={}, seed=0, iteration=1000), shared_moments=True)
+    save_layout(model, args, opts.out, Fixture(args={}, seed=0, iteration=1000), shared_moments=True,
+                optimizer=not opts.no_optimizer)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--writers", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/distconv-bench"))
     parser.add_argument("--skip-baseline", action="store_true", help="e.g. when the model does not fit in RAM")
+    parser.add_argument("--no-optimizer", action="store_true", help="generate the checkpoint without Adam moments")
     parser.add_argument("--json", type=Path, help="also write the table here")
     opts = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -102,7 +104,8 @@ def main() -> None:
     ckpt_root = opts.workdir / f"ckpt-{opts.gb:g}gb"
     if not (ckpt_root / "latest_checkpointed_iteration.txt").exists():
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                        str(ROOT / "tests/benchmarks/make_checkpoint.py"), "--out", str(ckpt_root), "--gb", str(opts.gb)],
+                        str(ROOT / "tests/benchmarks/make_checkpoint.py"), "--out", str(ckpt_root), "--gb", str(opts.gb),
+                        *(["--no-optimizer"] if opts.no_optimizer else [])],
                        env=env(), cwd=ROOT, check=True)
     ckpt = describe(ckpt_root)
     weights = ckpt.weight_bytes
@@ -119,12 +122,14 @@ def main() -> None:
                str(ROOT / "tests/benchmarks/export_stats.py"), "--load", str(ckpt_root),
                "--save", str(scratch / f"hf{n}"), "--stats", str(stats), "--writers", str(min(opts.writers, n))]
         rows[f"distconv {n} rank(s)"] = run_measured(cmd, stats)
+        shutil.rmtree(scratch / f"hf{n}")
     if not opts.skip_baseline:
         drop_cache(ckpt.path)
         stats = scratch / "baseline.json"
         cmd = [sys.executable, str(ROOT / "tests/benchmarks/baseline.py"), "--load", str(ckpt.path),
                "--save", str(scratch / "baseline"), "--stats", str(stats)]
         rows["baseline (dcp_to_torch_save + 1 process)"] = run_measured(cmd, stats)
+        shutil.rmtree(scratch / "baseline")
 
     base = rows.get("baseline (dcp_to_torch_save + 1 process)")
     print(f"\ncheckpoint: {ckpt.path} ({weights / 1e9:.2f} GB weights, {ckpt.other_bytes / 1e9:.2f} GB optimizer state); "

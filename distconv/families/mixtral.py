@@ -1,0 +1,27 @@
+"""Mixtral: Llama attention, every layer a top-k MoE (softmax, renormalised), no shared expert."""
+
+from __future__ import annotations
+
+from transformers import MixtralConfig
+
+from distconv.families.base import Family
+from distconv.families.llama import RULES
+from distconv.families.moe import SOFTMAX_REQUIRES, expert_rules, fields
+
+MIXTRAL = Family(
+    architecture="MixtralForCausalLM",
+    config_class=MixtralConfig,
+    rules=RULES + expert_rules("block_sparse_moe.", "w1.weight", "w3.weight", "w2.weight"),
+    requires={
+        **SOFTMAX_REQUIRES,
+        "moe_layers": all,
+        "moe_pre_softmax": False,  # HF always renormalises the top-k weights
+        "moe_shared_ffn_hidden_size": None,
+    },
+    config_fields=fields(drop=("intermediate_size",)) + (
+        ("intermediate_size", lambda s: s.moe_ffn_hidden_size),
+        ("num_local_experts", lambda s: s.num_experts),
+        ("num_experts_per_tok", lambda s: s.moe_topk),
+    ),
+    detect=lambda spec: bool(spec.num_experts),
+)

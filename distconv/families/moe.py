@@ -1,0 +1,90 @@
+"""What Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 share: expert tables and router semantics.
+
+megatron-core's top-k router (``moe_utils.topk_routing_with_score_function``) and the HF
+routers agree exactly in these cases:
+
+- softmax, ``moe_router_pre_softmax=False``: top-k of the logits, softmax over the k. That is
+  HF's softmax over all experts, top-k, renormalised (Mixtral; Qwen ``norm_topk_prob=True``).
+- softmax, ``moe_router_pre_softmax=True``: softmax over all experts, then top-k, no
+  renormalisation (Qwen ``norm_topk_prob=False``).
+- sigmoid with ``expert_bias`` (DeepSeek-V3): selection on sigmoid + bias, weights are the
+  sigmoid scores, renormalised when k > 1, times ``moe_router_topk_scaling_factor``.
+
+Token dropping (a capacity factor) and Sinkhorn routing have no HF equivalent.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from distconv.families.base import GATE_UP, Rule
+from distconv.families.llama import CONFIG_FIELDS, REQUIRES, H, L
+from distconv.spec import ModelSpec
+
+E = "mlp.experts.{expert}."
+
+
+def expert_rules(hf_moe: str, gate: str, up: str, down: str, router: str = "gate") -> tuple[Rule, ...]:
+    """Router and routed experts: ``hf_moe`` is the HF MoE block (``mlp.``), then the expert names."""
+    return (
+        Rule(L + "mlp.router.weight", H + hf_moe + router + ".weight"),
+        Rule(L + E + "linear_fc1.weight", (H + hf_moe + "experts.{expert}." + gate, H + hf_moe + "experts.{expert}." + up), GATE_UP),
+        Rule(L + E + "linear_fc2.weight", H + hf_moe + "experts.{expert}." + down),
+    )
+
+
+def shared_expert_rules(hf_shared: str) -> tuple[Rule, ...]:
+    """The shared expert, an ordinary gated MLP, under ``mlp.{hf_shared}``."""
+    return (
+        Rule(L + "mlp.shared_experts.linear_fc1.weight", (H + f"mlp.{hf_shared}.gate_proj.weight", H + f"mlp.{hf_shared}.up_proj.weight"), GATE_UP),
+        Rule(L + "mlp.shared_experts.linear_fc2.weight", H + f"mlp.{hf_shared}.down_proj.weight"),
+    )
+
+
+def _no_scaling(factor: float | None) -> bool:
+    return factor is None or factor == 1.0
+
+
+# Every MoE family: experts present, routing HF can reproduce, no MLA or MTP unless overridden.
+MOE_REQUIRES: dict[str, Any] = {
+    **REQUIRES,
+    "num_experts": lambda n: bool(n),
+    "moe_capacity_factor": None,
+    "moe_routing_type": lambda t: "sinkhorn" not in t,
+    "multi_latent_attention": False,
+    "mtp_num_layers": 0,
+}
+
+# softmax routers (Mixtral, Qwen): no expert bias, no groups, no scaling
+SOFTMAX_REQUIRES: dict[str, Any] = {
+    **MOE_REQUIRES,
+    "moe_score_function": "softmax",
+    "moe_expert_bias": False,
+    "moe_group_topk": None,
+    "moe_scaling_factor": _no_scaling,
+}
+
+
+def dense_layers(spec: ModelSpec) -> list[int]:
+    return [i for i, moe in enumerate(spec.moe_layers) if not moe]
+
+
+def head_dim_if_needed(spec: ModelSpec) -> int | None:
+    """``head_dim`` only where it differs from hidden/heads (configs without the field)."""
+    return None if spec.head_dim * spec.num_attention_heads == spec.hidden_size else spec.head_dim
+
+
+def fields(drop: tuple[str, ...] = ()) -> tuple[tuple[str, Callable[[ModelSpec], Any]], ...]:
+    """Llama's config fields without ``drop``."""
+    return tuple((name, fn) for name, fn in CONFIG_FIELDS if name not in drop)
+
+
+QWEN_MOE_FIELDS = fields(drop=("head_dim",)) + (
+    ("head_dim", head_dim_if_needed),
+    ("num_experts", lambda s: s.num_experts),
+    ("num_experts_per_tok", lambda s: s.moe_topk),
+    ("moe_intermediate_size", lambda s: s.moe_ffn_hidden_size),
+    ("norm_topk_prob", lambda s: not s.moe_pre_softmax),
+    ("decoder_sparse_step", lambda s: 1),
+    ("mlp_only_layers", dense_layers),
+)

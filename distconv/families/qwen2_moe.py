@@ -1,0 +1,30 @@
+"""Qwen2-MoE: Qwen2 attention (optional q/k/v bias), routed experts plus one gated shared expert."""
+
+from __future__ import annotations
+
+from transformers import Qwen2MoeConfig
+
+from distconv.families.base import QKV, Family, Rule
+from distconv.families.llama import RULES, H, L
+from distconv.families.moe import QWEN_MOE_FIELDS, SOFTMAX_REQUIRES, expert_rules, shared_expert_rules
+
+QWEN2_MOE = Family(
+    architecture="Qwen2MoeForCausalLM",
+    config_class=Qwen2MoeConfig,
+    rules=RULES + expert_rules("mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
+    + shared_expert_rules("shared_expert") + (
+        Rule(L + "mlp.shared_experts.gate_weight", H + "mlp.shared_expert_gate.weight"),
+        Rule(L + "self_attention.linear_qkv.bias", (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"), QKV),
+    ),
+    requires={
+        **SOFTMAX_REQUIRES,
+        "add_qkv_bias": lambda b: True,  # HF qkv_bias
+        "moe_shared_ffn_hidden_size": lambda n: bool(n),
+        "moe_shared_gate": True,  # HF always gates the shared expert with a sigmoid
+    },
+    config_fields=QWEN_MOE_FIELDS + (
+        ("shared_expert_intermediate_size", lambda s: s.moe_shared_ffn_hidden_size),
+        ("qkv_bias", lambda s: s.add_qkv_bias),
+    ),
+    detect=lambda spec: bool(spec.num_experts and spec.moe_shared_ffn_hidden_size),
+)

@@ -1,0 +1,120 @@
+"""Run imports, reshards, exports and megatron-core checks in one torchrun launch.
+
+    torchrun --nproc-per-node 4 tests/import_jobs.py JOBS.json RESULTS.json
+
+Ops: ``import`` / ``import_ms`` / ``reshard`` / ``export`` call distconv's Python API inside
+this script's process group. ``check`` is the proof for a written checkpoint: megatron-core
+builds ``GPTModel`` at the target TP x PP and (1) the chunks its ``sharded_state_dict()`` saves
+(main replicas, gathered over all ranks) must equal the chunks stored in the checkpoint's DCP
+metadata, (2) ``dist_checkpointing.load`` of that state dict with ``StrictHandling.RAISE_ALL``
+must succeed; then (3) the model is built at TP1 PP1, strictly loaded again and its logits on
+the given tokens are saved for the test to compare with transformers'.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import distconv
+from distconv.checkpoint import describe
+from distconv.importer import import_hf
+from distconv.mindspore import import_mindspore
+from distconv.reshard import reshard
+
+
+def model_chunks(model) -> set:
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    sd = model.sharded_state_dict()
+    apply_factories(sd)
+    out = set()
+
+    def walk(x):
+        if isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, ShardedTensor) and all(r == 0 for r in (x.replica_id if isinstance(x.replica_id, tuple) else (x.replica_id,))):
+            out.add((x.key, tuple(x.global_offset), (1,) * x.prepend_axis_num + tuple(x.local_shape)))
+
+    walk(sd)
+    return out
+
+
+def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int):
+    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from distconv.testing.megatron_cpu import build_gpt
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tp, pp)
+    model = build_gpt(args, tp, pp)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder), strict=StrictHandling.RAISE_ALL)
+    model.load_state_dict(loaded["model"])
+    return model
+
+
+def check(root: str, tp: int, pp: int, tokens: list, logits_out: str) -> dict:
+    from distconv.testing.megatron_cpu import forward_logits
+
+    ckpt = describe(root)
+    args = ckpt.args
+    model = build_and_load(ckpt.path, args, tp, pp)
+    chunks = [None] * dist.get_world_size()
+    dist.all_gather_object(chunks, model_chunks(model))
+    expected = set().union(*chunks)
+    stored = {(t.key, c.offsets, c.sizes) for t in ckpt.tensors.values() for c in t.chunks}
+    model = build_and_load(ckpt.path, args, 1, 1)
+    if dist.get_rank() == 0:
+        torch.save(forward_logits(model, torch.tensor(tokens)), logits_out)
+    return {"layout_equal": expected == stored, "only_model": sorted(stored - expected)[:5],
+            "only_ckpt": sorted(expected - stored)[:5], "args_tp": args.tensor_model_parallel_size,
+            "args_pp": args.pipeline_model_parallel_size}
+
+
+def run(job: dict) -> dict:
+    op = job.pop("op")
+    if op == "import":
+        return import_hf(**job, quiet=True)
+    if op == "import_ms":
+        flags = argparse.Namespace(**job.pop("flags"))
+        return import_mindspore(**job, ms_args=flags, quiet=True)
+    if op == "reshard":
+        return reshard(**job, quiet=True)
+    if op == "export":
+        return distconv.export(**job, quiet=True)
+    if op == "check":
+        return check(**job)
+    raise ValueError(op)
+
+
+def main() -> None:
+    from distconv.testing.megatron_cpu import patch_cuda_for_cpu
+
+    jobs_path, results_path = sys.argv[1], sys.argv[2]
+    dist.init_process_group("gloo")
+    patch_cuda_for_cpu()  # for megatron-core's forward pass in ``check``
+    results = []
+    for job in json.load(open(jobs_path)):
+        try:
+            results.append({"ok": True, "report": run(dict(job))})
+        except distconv.DistconvError as e:
+            results.append({"ok": False, "error": str(e)})
+        dist.barrier()
+    if dist.get_rank() == 0:
+        with open(results_path, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,321 @@
+"""Import (HF and MindSpore safetensors -> Megatron torch_dist) and reshard, end to end.
+
+Source models are tiny random transformers models made here. Everything distributed runs in
+ONE torchrun launch (tests/import_jobs.py); the proof for each written checkpoint is
+megatron-core itself: the chunks a ``GPTModel`` built at the target layout saves equal the
+stored chunks, a ``RAISE_ALL`` strict load succeeds, and the loaded model's logits equal
+transformers' logits of the source model (fp32, <= 1e-4).
+
+The MindSpore sources are synthetic: an HF model's tensors renamed to MindSpore Transformers'
+parameter names (no MindSpore install is needed or used), so they carry the same values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, distconv_cli, torchrun
+from distconv.errors import DistconvError
+
+TOL = 1e-4
+VOCAB = 250
+TOKENS = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11)).tolist()
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             max_position_embeddings=128, rms_norm_eps=1e-6)
+MODELS = {  # name -> (config class name, config overrides, dtype)
+    "llama": ("LlamaConfig", dict(num_key_value_heads=2, tie_word_embeddings=False), torch.float32),
+    "llama_mha": ("LlamaConfig", dict(num_key_value_heads=4, tie_word_embeddings=True, rope_theta=500000.0), torch.float32),
+    "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, tie_word_embeddings=True), torch.bfloat16),
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False), torch.float32),
+    # the window (64) is longer than the test sequence, so megatron-core's full attention agrees
+    "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False), torch.float32),
+}
+IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2)]
+
+
+@torch.no_grad()
+def make_hf(folder: Path, name: str) -> Path:
+    """A random HF model (norms and biases random too, so a swapped mapping shows)."""
+    import transformers
+
+    cls_name, overrides, dtype = MODELS[name]
+    config = getattr(transformers, cls_name)(**SMALL, **overrides)
+    config.architectures = [cls_name.replace("Config", "ForCausalLM")]
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    gen = torch.Generator().manual_seed(len(name))
+    for pname, p in sorted(model.named_parameters()):
+        base = 1.0 if "norm" in pname else 0.0
+        p.copy_(base + (0.2 if "norm" in pname else 0.05) * torch.randn(p.shape, generator=gen))
+    model.to(dtype).save_pretrained(str(folder / name))
+    return folder / name
+
+
+def hf_logits(folder: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(torch.tensor(TOKENS)).logits
+
+
+def tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+LEGACY_MS = [("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"), (".self_attn.q_proj.", ".attention.wq."),
+             (".self_attn.k_proj.", ".attention.wk."), (".self_attn.v_proj.", ".attention.wv."),
+             (".self_attn.o_proj.", ".attention.wo."), (".input_layernorm.", ".attention_norm."),
+             (".post_attention_layernorm.", ".ffn_norm."), (".mlp.gate_proj.", ".feed_forward.w1."),
+             (".mlp.down_proj.", ".feed_forward.w2."), (".mlp.up_proj.", ".feed_forward.w3."),
+             ("model.norm.weight", "model.norm_out.weight")]
+MCORE_MS = [("model.embed_tokens.", "embedding.word_embeddings."), (".self_attn.q_proj.", ".self_attention.linear_q."),
+            (".self_attn.k_proj.", ".self_attention.linear_k."), (".self_attn.v_proj.", ".self_attention.linear_v."),
+            (".self_attn.o_proj.", ".self_attention.linear_proj."), (".self_attn.q_norm.", ".self_attention.q_layernorm."),
+            (".self_attn.k_norm.", ".self_attention.k_layernorm."), (".mlp.gate_proj.", ".mlp.gating."),
+            (".mlp.down_proj.", ".mlp.linear_fc2."), (".mlp.up_proj.", ".mlp.hidden."),
+            (".post_attention_layernorm.", ".pre_mlp_layernorm."), ("model.norm.", "decoder.final_layernorm."),
+            ("lm_head.", "output_layer."), ("model.layers.", "decoder.layers.")]
+
+
+def to_mindspore(hf: Path, out: Path, table: list[tuple[str, str]], extra: dict | None = None) -> Path:
+    """Write the HF model's tensors under MindSpore Transformers names into one file."""
+    renamed = {}
+    for name, t in tensors(hf).items():
+        for a, b in table:
+            name = name.replace(a, b)
+        renamed[name] = t
+    renamed.update(extra or {})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(renamed, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory, built) -> dict:
+    """Build the sources, run every distributed job in one launch, return paths and results."""
+    work = tmp_path_factory.mktemp("import")
+    hf = {name: make_hf(work / "hf", name) for name in MODELS}
+    ms_legacy = to_mindspore(hf["llama"], work / "ms_legacy", LEGACY_MS)
+    ms_mcore = to_mindspore(hf["qwen3"], work / "ms_mcore", MCORE_MS)
+    (work / "ms_qwen3.json").write_text(json.dumps(dict(
+        num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2, kv_channels=32,
+        max_position_embeddings=128, norm_epsilon=1e-6, swiglu=True, qk_layernorm=True, rotary_base=10000)))
+    meg = lambda name, tp, pp: str(work / "meg" / f"{name}_tp{tp}pp{pp}")  # noqa: E731
+    job_list: list[dict] = []
+    index: dict[str, int] = {}
+
+    def add(key: str, **job) -> None:
+        index[key] = len(job_list)
+        job_list.append(job)
+
+    for name, tp, pp in IMPORTS:
+        add(f"import {name}", op="import", load=str(hf[name]), save=meg(name, tp, pp), tp=tp, pp=pp, divisible_by=64)
+        add(f"check {name}", op="check", root=meg(name, tp, pp), tp=tp, pp=pp, tokens=TOKENS, logits_out=str(work / f"{name}.pt"))
+        add(f"export {name}", op="export", load=meg(name, tp, pp), save=str(work / "back" / name))
+    add("import ms_legacy", op="import_ms", load=str(ms_legacy), save=meg("ms_legacy", 2, 2), tp=2, pp=2, divisible_by=64,
+        ms_config=None, flags=dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                                   num_query_groups=2, seq_length=128, norm_epsilon=1e-6, swiglu=True))
+    add("check ms_legacy", op="check", root=meg("ms_legacy", 2, 2), tp=2, pp=2, tokens=TOKENS, logits_out=str(work / "ms_legacy.pt"))
+    add("import ms_mcore", op="import_ms", load=str(ms_mcore / "model.safetensors"), save=meg("ms_mcore", 1, 4), tp=1, pp=4,
+        divisible_by=64, ms_config=str(work / "ms_qwen3.json"), flags={})
+    add("check ms_mcore", op="check", root=meg("ms_mcore", 1, 4), tp=1, pp=4, tokens=TOKENS, logits_out=str(work / "ms_mcore.pt"))
+    # reshard: the base llama fixture (TP2 PP2, with optimizer state) -> TP1 PP4; an imported MHA model -> TP4 PP1
+    fx = str(built / "llama" / "tp2pp2")
+    ref = torch.load(built / "refs" / "llama.pt")
+    add("reshard fx", op="reshard", load=fx, save=meg("fx_llama", 1, 4), tp=1, pp=4)
+    add("check fx", op="check", root=meg("fx_llama", 1, 4), tp=1, pp=4, tokens=ref["tokens"].tolist(), logits_out=str(work / "fx_llama.pt"))
+    add("export fx orig", op="export", load=fx, save=str(work / "back" / "fx_orig"))
+    add("export fx resharded", op="export", load=meg("fx_llama", 1, 4), save=str(work / "back" / "fx_tp1pp4"))
+    add("reshard mha", op="reshard", load=meg("llama_mha", 2, 2), save=meg("llama_mha", 4, 1), tp=4, pp=1)
+    add("check mha", op="check", root=meg("llama_mha", 4, 1), tp=4, pp=1, tokens=TOKENS, logits_out=str(work / "mha_tp4.pt"))
+    add("export mha resharded", op="export", load=meg("llama_mha", 4, 1), save=str(work / "back" / "mha_tp4pp1"))
+    # refusals
+    add("reshard fx tp4", op="reshard", load=fx, save=str(work / "bad1"), tp=4, pp=1)
+    add("reshard optimizer", op="reshard", load=fx, save=str(work / "bad2"), tp=1, pp=2, with_optimizer=True)
+    add("import pp3", op="import", load=str(hf["llama"]), save=str(work / "bad3"), tp=1, pp=3)
+
+    jobs_file, results_file = work / "jobs.json", work / "results.json"
+    jobs_file.write_text(json.dumps(job_list))
+    torchrun(4, str(ROOT / "tests" / "import_jobs.py"), str(jobs_file), str(results_file), timeout=1200)
+    results = json.loads(results_file.read_text())
+    return {"work": work, "hf": hf, "ref": ref, "results": {k: results[i] for k, i in index.items()}}
+
+
+def ok(jobs: dict, key: str) -> dict:
+    result = jobs["results"][key]
+    assert result["ok"], f"{key}: {result.get('error')}"
+    return result["report"]
+
+
+@pytest.mark.parametrize("name,tp,pp", IMPORTS)
+def test_import_loads_strictly_in_megatron_with_hf_logits(jobs, name, tp, pp):
+    ok(jobs, f"import {name}")
+    report = ok(jobs, f"check {name}")
+    assert report["layout_equal"], report
+    assert (report["args_tp"], report["args_pp"]) == (tp, pp)
+    megatron = torch.load(jobs["work"] / f"{name}.pt")
+    assert megatron.shape[-1] == 256  # 250 padded to a multiple of 64 x TP
+    expected = hf_logits(jobs["hf"][name])
+    assert (megatron[..., :VOCAB] - expected).abs().max().item() <= TOL
+    assert torch.count_nonzero(megatron[..., VOCAB:]) == 0  # padding rows are zero
+
+
+@pytest.mark.parametrize("name", [n for n, _, _ in IMPORTS])
+def test_hf_megatron_hf_round_trip_is_bit_exact(jobs, name):
+    ok(jobs, f"export {name}")
+    source, back = tensors(jobs["hf"][name]), tensors(jobs["work"] / "back" / name)
+    assert sorted(source) == sorted(back)
+    for key, t in source.items():
+        assert back[key].dtype == t.dtype, key
+        assert torch.equal(back[key], t), key
+
+
+@pytest.mark.parametrize("name,hf_name", [("ms_legacy", "llama"), ("ms_mcore", "qwen3")])
+def test_mindspore_import_matches_hf_logits(jobs, name, hf_name):
+    ok(jobs, f"import {name}")
+    report = ok(jobs, f"check {name}")
+    assert report["layout_equal"], report
+    megatron = torch.load(jobs["work"] / f"{name}.pt")
+    assert (megatron[..., :VOCAB] - hf_logits(jobs["hf"][hf_name])).abs().max().item() <= TOL
+
+
+def test_reshard_fixture_tp2pp2_to_tp1pp4(jobs):
+    ok(jobs, "reshard fx")
+    report = ok(jobs, "check fx")
+    assert report["layout_equal"], report
+    megatron = torch.load(jobs["work"] / "fx_llama.pt")
+    assert (megatron - jobs["ref"]["logits"]).abs().max().item() <= TOL
+    ok(jobs, "export fx orig")
+    ok(jobs, "export fx resharded")
+    orig, new = tensors(jobs["work"] / "back" / "fx_orig"), tensors(jobs["work"] / "back" / "fx_tp1pp4")
+    assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
+
+
+def test_reshard_tp2pp2_to_tp4pp1(jobs):
+    ok(jobs, "reshard mha")
+    report = ok(jobs, "check mha")
+    assert report["layout_equal"], report
+    assert (torch.load(jobs["work"] / "mha_tp4.pt")[..., :VOCAB] - hf_logits(jobs["hf"]["llama_mha"])).abs().max().item() <= TOL
+    ok(jobs, "export mha resharded")
+    orig, new = tensors(jobs["work"] / "back" / "llama_mha"), tensors(jobs["work"] / "back" / "mha_tp4pp1")
+    assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
+
+
+@pytest.mark.parametrize("key,words", [
+    ("reshard fx tp4", "num_query_groups 2 is not divisible by TP 4"),
+    ("reshard optimizer", "--with-optimizer"),
+    ("import pp3", "num_layers 4 is not divisible by PP 3"),
+])
+def test_refusals_are_one_clear_error(jobs, key, words):
+    result = jobs["results"][key]
+    assert not result["ok"] and words in result["error"], result
+    assert not (jobs["work"] / {"reshard fx tp4": "bad1", "reshard optimizer": "bad2", "import pp3": "bad3"}[key]).exists()
+
+
+def test_cli_import_single_process_without_cuda_patches(tmp_path):
+    """``python -m distconv import`` as one rank writing all four ranks' chunks; no test patches."""
+    hf = make_hf(tmp_path, "llama")
+    out = tmp_path / "meg"
+    proc = distconv_cli("import", "--load", str(hf), "--save", str(out), "--tensor-model-parallel-size", "2",
+                        "--pipeline-model-parallel-size", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert {p.name for p in (out / "release").iterdir()} >= {"metadata.json", ".metadata", "common.pt"}
+    from distconv.checkpoint import describe
+    from distconv.spec import spec_from_args
+
+    ckpt = describe(out)
+    assert spec_from_args(ckpt.args).padded_vocab_size == 256  # 250 -> multiple of 128 x TP2
+    assert ckpt.tensors["decoder.layers.mlp.linear_fc1.weight"].shape == (4, 256, 64)
+    assert len(ckpt.tensors["decoder.layers.mlp.linear_fc1.weight"].chunks) == 4 * 4  # layers x (gate, up) x TP
+    again = distconv_cli("import", "--load", str(hf), "--save", str(out))
+    assert again.returncode == 1 and again.stderr.count("distconv: error:") == 1 and "--overwrite" in again.stderr
+
+
+def test_mindspore_unmapped_names_are_listed(tmp_path):
+    from distconv.mindspore import MindSporeSource
+
+    hf = make_hf(tmp_path, "llama")
+    fused = {"model.layers.0.attention.w_qkv.weight": torch.zeros(2, 2), "model.layers.0.feed_forward.w_gate_hidden.weight": torch.zeros(2, 2)}
+    ms = to_mindspore(hf, tmp_path / "ms", LEGACY_MS, fused)
+    with pytest.raises(DistconvError, match=r"no mapping: model\.layers\.0\.attention\.w_qkv\.weight, model\.layers\.0\.feed_forward\.w_gate_hidden"):
+        MindSporeSource(ms)
+
+
+def test_mindspore_flags_and_config_file_from_the_command_line(tmp_path):
+    from distconv.cli import _parser
+    from distconv.mindspore import model_settings
+
+    (tmp_path / "m.json").write_text(json.dumps({"num_layers": 2, "hidden_size": 8, "norm_epsilon": 1e-6}))
+    opts = _parser().parse_args(["import", "--source", "mindspore", "--load", "x", "--save", "y", "--ms-config",
+                                 str(tmp_path / "m.json"), "--num-layers", "4", "--ffn-hidden-size", "16",
+                                 "--num-attention-heads", "2", "--swiglu", "--tensor-model-parallel-size", "2"])
+    values = model_settings(opts.ms_config, opts)
+    assert values == {"num_layers": 4, "hidden_size": 8, "norm_epsilon": 1e-6, "ffn_hidden_size": 16,
+                      "num_attention_heads": 2, "swiglu": True}
+    assert opts.tensor_model_parallel_size == 2
+    (tmp_path / "bad.json").write_text(json.dumps({"num_layer": 2}))
+    with pytest.raises(DistconvError, match="unknown keys num_layer"):
+        model_settings(str(tmp_path / "bad.json"), opts)
+
+
+def test_import_refuses_what_megatron_cannot_express(tmp_path):
+    from transformers import LlamaConfig
+
+    from distconv.families.llama import LLAMA
+
+    config = LlamaConfig(**SMALL, num_key_value_heads=2, attention_bias=True)
+    with pytest.raises(DistconvError, match="add_bias_linear=True"):
+        LLAMA.spec_from_hf_config(config, 256, torch.float32)
+    config = LlamaConfig(**SMALL, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(DistconvError, match="no megatron-core equivalent"):
+        LLAMA.spec_from_hf_config(config, 256, torch.float32)
+
+
+def test_reshard_refuses_legacy_sources_pending_the_legacy_reader(tmp_path):
+    from distconv.reshard import plan_reshard
+
+    (tmp_path / "iter_0000010" / "mp_rank_00").mkdir(parents=True)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("10")
+    with pytest.raises(DistconvError, match="needs the legacy reader"):
+        plan_reshard(tmp_path, None, 1, 1, 1, False)
+
+
+def test_cli_bad_input_under_torchrun_is_one_error(tmp_path):
+    proc = distconv_cli("import", "--source", "mindspore", "--load", str(tmp_path), "--save", str(tmp_path / "out"),
+                        "--num-layers", "4", nproc=2)
+    assert proc.returncode != 0
+    assert proc.stderr.count("distconv: error:") == 1 and "--hidden-size" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_args_read_back_as_the_same_spec():
+    from transformers import Qwen3Config
+
+    from distconv.families.qwen3 import QWEN3
+    from distconv.importer import megatron_args
+    from distconv.spec import spec_from_args
+
+    from transformers import LlamaConfig, MistralConfig
+
+    from distconv.families.llama import LLAMA
+    from distconv.families.mistral import MISTRAL
+
+    cases = [
+        (QWEN3, Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32)),
+        (MISTRAL, MistralConfig(**SMALL, num_key_value_heads=2, sliding_window=64)),
+        (LLAMA, LlamaConfig(**SMALL, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+        (LLAMA, LlamaConfig(**SMALL, rope_scaling={"rope_type": "linear", "factor": 2.0})),
+    ]
+    for family, config in cases:
+        spec = family.spec_from_hf_config(config, 256, torch.bfloat16)
+        assert spec_from_args(megatron_args(spec, 2, 2, 1, 64, None)).with_vocab(VOCAB) == spec, family.architecture

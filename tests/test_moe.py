@@ -1,0 +1,256 @@
+"""Mixture-of-experts and MLA export: real megatron-core checkpoints saved with expert parallelism.
+
+Each MoE fixture (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 with multi-latent attention) is
+saved at EP2, PP2xEP2 and TP2xEP2 (expert TP 2; Mixtral also with expert TP 1),
+exported at the training world size (4) and at another (2), and transformers' logits must equal
+megatron-core's own forward pass on the same tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import hf_logits, run_export_jobs
+from distconv.checkpoint import Chunk, TensorInfo, describe
+from distconv.errors import DistconvError
+from distconv.families import FAMILIES, pick_family
+from distconv.plan import items_of, make_plan
+from distconv.spec import spec_from_args
+from distconv.testing.build import FIXTURES, layout_dir, parallel
+from distconv.testing.megatron_cpu import megatron_args
+
+TOL = 1e-4
+TRAINING_WORLD, OTHER_WORLD = 4, 2
+MOE = [name for name, fx in FIXTURES.items() if fx.args.get("num_experts")]
+# the TP1PP1 save is the reference the others are re-sharded from; the cases are the EP layouts
+CASES = [(name, layout_dir(Path(), name, *parallel(l)).name) for name in MOE for l in FIXTURES[name].layouts if len(l) > 2]
+ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+        "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM"}
+KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
+WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
+
+
+@pytest.fixture(scope="module")
+def exported(built, tmp_path_factory) -> dict[tuple, dict]:
+    """Every MoE case at two world sizes, plus extra jobs, in one torchrun launch per world size."""
+    out = tmp_path_factory.mktemp("moe")
+    done: dict[tuple, dict] = {}
+    for world in (TRAINING_WORLD, OTHER_WORLD):
+        jobs = {(name, layout, world): {"load": str(built / name / layout), "save": str(out / f"{name}_{layout}_w{world}")}
+                for name, layout in CASES}
+        if world == OTHER_WORLD:
+            for form in KEY_FORMS:
+                jobs[("mixtral", f"{form}_keys", world)] = {
+                    "load": str(built / "mixtral" / f"{form}_keys"), "save": str(out / f"mixtral_{form}")}
+            jobs[("mixtral", "tp1pp2ep2", world, "window")] = {
+                "load": str(built / "mixtral" / "tp1pp2ep2"), "save": str(out / "mixtral_window"), "window": WINDOW}
+            hub = json.loads((done[("deepseek_v3", "tp1pp1ep2", TRAINING_WORLD)]["save"] / "config.json").read_text())
+            hub_config = out / "deepseek_hub.json"  # as the hub writes it: one MTP layer, old field names
+            hub_config.write_text(json.dumps({**hub, "num_nextn_predict_layers": 1}))
+            jobs[("deepseek_v3", "tp1pp2ep2", world, "hf_config")] = {
+                "load": str(built / "deepseek_v3" / "tp1pp2ep2"), "save": str(out / "ds_hf_config"), "hf_config": str(hub_config)}
+            wrong = out / "mixtral_top1.json"
+            wrong.write_text(json.dumps(_mixtral_config(num_experts_per_tok=1)))
+            jobs[("mixtral", "tp1pp1ep2", world, "conflict")] = {
+                "load": str(built / "mixtral" / "tp1pp1ep2"), "save": str(out / "mixtral_conflict"), "hf_config": str(wrong)}
+        results = run_export_jobs(world, list(jobs.values()), out / f"w{world}")
+        for key, job, result in zip(jobs, jobs.values(), results):
+            done[key] = {**result, "save": Path(job["save"])}
+    return done
+
+
+def _mixtral_config(**override) -> dict:
+    a = {**megatron_args().__dict__, **FIXTURES["mixtral"].args}
+    config = {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "vocab_size": a["padded_vocab_size"],
+        "hidden_size": a["hidden_size"], "intermediate_size": a["moe_ffn_hidden_size"],
+        "num_hidden_layers": a["num_layers"], "num_attention_heads": a["num_attention_heads"],
+        "num_key_value_heads": a["num_query_groups"], "num_local_experts": a["num_experts"],
+        "num_experts_per_tok": a["moe_router_topk"], "rms_norm_eps": a["layernorm_epsilon"],
+    }
+    return {**config, **override}
+
+
+def _logits_diff(built: Path, name: str, folder: Path, zero: str | None = None, **config_override) -> float:
+    """Max |HF - megatron-core| logits; optionally with config fields changed or one HF tensor zeroed."""
+    ref = torch.load(built / "refs" / f"{name}.pt")
+    if config_override or zero:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(str(folder))
+        for k, v in config_override.items():
+            setattr(config, k, v)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=torch.float32).eval()
+        with torch.no_grad():
+            if zero:
+                model.get_parameter_or_buffer(zero).zero_()
+            logits = model(ref["tokens"]).logits
+    else:
+        logits = hf_logits(folder, ref["tokens"])
+    return (logits - ref["logits"][..., : logits.shape[-1]]).abs().max().item()
+
+
+@pytest.mark.parametrize("world", [TRAINING_WORLD, OTHER_WORLD], ids=["training-world", "other-world"])
+@pytest.mark.parametrize("name,layout", CASES, ids=[f"{n}-{l}" for n, l in CASES])
+def test_logits_match_megatron(exported, built, name, layout, world):
+    result = exported[(name, layout, world)]
+    assert result["ok"], result.get("error")
+    assert result["report"]["architecture"] == ARCH[name]  # inferred from args, no --hf-config
+    assert _logits_diff(built, name, result["save"]) <= TOL
+
+
+@pytest.mark.parametrize("form", KEY_FORMS)
+def test_per_expert_key_spellings_load(exported, built, form):
+    result = exported[("mixtral", f"{form}_keys", OTHER_WORLD)]
+    assert result["ok"], result.get("error")
+    assert _logits_diff(built, "mixtral", result["save"]) <= TOL
+
+
+def test_router_semantics_decide_the_logits(exported, built):
+    """The exported norm_topk_prob is the one that reproduces megatron-core; the other does not."""
+    qwen2 = exported[("qwen2_moe", "tp2pp1ep2", TRAINING_WORLD)]["save"]  # trained with pre-softmax
+    qwen3 = exported[("qwen3_moe", "tp2pp1ep2", TRAINING_WORLD)]["save"]  # top-k, then softmax
+    assert json.loads((qwen2 / "config.json").read_text())["norm_topk_prob"] is False
+    assert json.loads((qwen3 / "config.json").read_text())["norm_topk_prob"] is True
+    assert _logits_diff(built, "qwen2_moe", qwen2, norm_topk_prob=True) > 100 * TOL
+    assert _logits_diff(built, "qwen3_moe", qwen3, norm_topk_prob=False) > 100 * TOL
+
+
+@pytest.mark.parametrize("change", [
+    dict(routed_scaling_factor=1.0), dict(norm_topk_prob=False), dict(n_group=1, topk_group=1),
+    dict(rope_interleave=False), dict(zero="model.layers.1.mlp.gate.e_score_correction_bias"),
+], ids=["scaling", "norm-topk", "groups", "rope-interleave", "expert-bias"])
+def test_deepseek_routing_and_rope_decide_the_logits(exported, built, change):
+    """Each DeepSeek-V3 router and rope setting the export writes is needed to match megatron-core."""
+    folder = exported[("deepseek_v3", "tp1pp2ep2", TRAINING_WORLD)]["save"]
+    assert _logits_diff(built, "deepseek_v3", folder, **change) > 100 * TOL
+
+
+def test_hf_configs_carry_the_moe_layout(exported):
+    config = lambda name: json.loads((exported[(name, "tp1pp2ep2", OTHER_WORLD)]["save"] / "config.json").read_text())  # noqa: E731
+    mixtral, qwen2, qwen3 = config("mixtral"), config("qwen2_moe"), config("qwen3_moe")
+    assert (mixtral["num_local_experts"], mixtral["num_experts_per_tok"], mixtral["intermediate_size"]) == (4, 2, 32)
+    assert qwen2["mlp_only_layers"] == [0] and qwen2["intermediate_size"] == 128  # dense first layer
+    assert (qwen2["shared_expert_intermediate_size"], qwen2["qkv_bias"]) == (48, True)
+    # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts (an attribute alias)
+    assert (qwen3["num_local_experts"], qwen3["num_experts_per_tok"], qwen3["head_dim"]) == (8, 3, 32)
+    ds = config("deepseek_v3")
+    assert (ds["first_k_dense_replace"], ds["n_shared_experts"], ds["n_group"], ds["topk_group"]) == (1, 2, 2, 1)
+    assert (ds["routed_scaling_factor"], ds["norm_topk_prob"], ds["q_lora_rank"], ds["qk_nope_head_dim"]) == (2.5, True, 24, 16)
+    assert ds["rope_parameters"]["rope_type"] == "yarn" and ds["rope_parameters"]["mscale_all_dim"] == 1.0
+
+
+def test_windowed_export_splits_layers_into_expert_groups(exported, built):
+    result = exported[("mixtral", "tp1pp2ep2", OTHER_WORLD, "window")]
+    assert result["ok"], result.get("error")
+    assert _logits_diff(built, "mixtral", result["save"]) <= TOL
+    ckpt, plan = _plan(built / "mixtral" / "tp1pp2ep2", 2, window=WINDOW)
+    layer0 = [g for g in plan.groups if {i.layer for i in g.items} == {0}]
+    assert len(layer0) > 2  # one layer's experts span several groups
+    for group in plan.groups:
+        assert sum(torch.Size(i.shape).numel() * 4 for i in group.items) <= WINDOW or len(group.items) == 1
+
+
+def test_deepseek_hub_config_is_accepted(exported, built):
+    result = exported[("deepseek_v3", "tp1pp2ep2", OTHER_WORLD, "hf_config")]
+    assert result["ok"], result.get("error")
+    assert _logits_diff(built, "deepseek_v3", result["save"]) <= TOL
+
+
+def test_conflicting_hf_config_is_refused(exported):
+    result = exported[("mixtral", "tp1pp1ep2", OTHER_WORLD, "conflict")]
+    assert not result["ok"] and "num_experts_per_tok" in result["error"]
+    assert not result["save"].exists()
+
+
+def _plan(root: Path, world: int, window: int = 1 << 30):
+    ckpt = describe(root)
+    spec = spec_from_args(ckpt.args).with_vocab(256)
+    return ckpt, make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, world, 5 * 10**9, window)
+
+
+@pytest.mark.parametrize("layout", ["tp1pp1ep2", "tp2pp1ep2", "tp2pp1ep2etp1"])
+def test_each_rank_reads_only_the_experts_it_saved(built, layout):
+    """At the training world size expert slices are read where they were written: by EP rank."""
+    ckpt, plan = _plan(built / "mixtral" / layout, TRAINING_WORLD)
+    assert sum(plan.bytes_read_by(r) for r in range(TRAINING_WORLD)) == ckpt.weight_bytes
+    experts_of: dict[int, set[int]] = {}
+    for group in plan.groups:
+        for read in group.reads:
+            m = re.search(r"\.mlp\.experts\.(\d+)\.", group.items[read.item].name)
+            if m:
+                experts_of.setdefault(read.rank, set()).add(int(m[1]))
+                chunk = next(c for c in ckpt.tensors[read.key].chunks if all(
+                    o <= ro and ro + rs <= o + s for o, s, ro, rs in zip(c.offsets, c.sizes, read.offsets, read.sizes)))
+                assert read.rank == chunk.writer
+    # EP2 over 4 experts: an EP rank owns experts {0, 1} or {2, 3}; both halves are read, by different ranks
+    assert sorted(map(sorted, experts_of.values())) == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+def test_expert_items_from_every_key_spelling():
+    def info(key, shape):
+        return TensorInfo(key, shape, torch.float32, (Chunk((0,) * len(shape), shape, "__0_0.distcp", 0),))
+
+    grouped = items_of(info("decoder.layers.mlp.experts.experts.linear_fc1.weight", (2, 3, 8, 4)), 2, 3)
+    assert [(i.name, i.index, i.shape) for i in grouped[:2]] == [
+        ("decoder.layers.0.mlp.experts.0.linear_fc1.weight", (0, 0), (8, 4)),
+        ("decoder.layers.0.mlp.experts.1.linear_fc1.weight", (0, 1), (8, 4)),
+    ]
+    per_layer = items_of(info("decoder.layers.5.mlp.experts.experts.linear_fc2.weight", (3, 4, 8)), 6, 3)
+    assert [(i.name, i.index, i.layer) for i in per_layer][-1] == ("decoder.layers.5.mlp.experts.2.linear_fc2.weight", (2,), 5)
+    for key in ("decoder.layers.mlp.experts.local_experts.2.linear_fc2.weight", "decoder.layers.mlp.experts.linear_fc2.weight2",
+                "decoder.layers.mlp.experts.experts.2.linear_fc2.weight"):
+        items = items_of(info(key, (6, 3, 8)), 6, 3)  # 3 rows: as many as experts, yet not an expert axis
+        assert [(i.name, i.index) for i in items][1] == ("decoder.layers.1.mlp.experts.2.linear_fc2.weight", (1,))
+    router = items_of(info("decoder.layers.mlp.router.weight", (2, 3, 4)), 2, 3)
+    assert [i.shape for i in router] == [(3, 4), (3, 4)]  # the router's expert axis is not split
+
+
+DS = FIXTURES["deepseek_v3"].args
+
+
+def _spec(**args):
+    return spec_from_args(megatron_args(**{**FIXTURES["mixtral"].args, **args})).with_vocab(256)
+
+
+@pytest.mark.parametrize("args,arch", [
+    (dict(), "MixtralForCausalLM"),
+    (dict(moe_shared_expert_intermediate_size=64, moe_shared_expert_gate=True), "Qwen2MoeForCausalLM"),
+    (dict(qk_layernorm=True), "Qwen3MoeForCausalLM"),
+    (dict(num_experts=None), "LlamaForCausalLM"),
+    (FIXTURES["deepseek_v3"].args, "DeepseekV3ForCausalLM"),
+])
+def test_family_inferred_from_args(args, arch):
+    assert pick_family(FAMILIES, _spec(**args), None).architecture == arch
+
+
+@pytest.mark.parametrize("args,named", [
+    (dict(moe_router_pre_softmax=True), "moe_pre_softmax"),  # Mixtral always renormalises the top k
+    (dict(moe_router_topk_scaling_factor=2.5), "moe_scaling_factor"),
+    (dict(moe_router_score_function="sigmoid"), "moe_score_function"),
+    (dict(moe_expert_capacity_factor=1.0), "moe_capacity_factor"),
+    (dict(moe_layer_freq=[0, 1]), "moe_layers"),  # Mixtral has no dense layers
+    (dict(moe_shared_expert_intermediate_size=64), "moe_shared_gate"),  # Qwen2-MoE's shared expert is gated
+    (dict(DS, moe_router_enable_expert_bias=False), "moe_expert_bias"),  # HF always adds its correction bias
+    (dict(DS, moe_router_score_function="softmax"), "moe_score_function"),
+    (dict(DS, moe_router_topk=6, moe_router_group_topk=2, num_experts=12, moe_router_num_groups=4), "moe_group_score_topk"),
+    (dict(DS, moe_shared_expert_intermediate_size=24), "moe_shared_experts"),  # not a whole number of experts
+    (dict(DS, moe_layer_freq=[1, 0]), "moe_layers"),  # HF: dense layers only first
+    (dict(DS, mtp_num_layers=1), "mtp_num_layers"),
+    (dict(DS, layernorm_epsilon=1e-5), "norm_epsilon"),  # HF's latent norms have a fixed 1e-6
+])
+def test_routing_hf_cannot_express_is_a_clear_error(args, named):
+    with pytest.raises(DistconvError, match=named):
+        pick_family(FAMILIES, _spec(**args), None)
+
+
+def test_qwen_moe_dense_layers_map_to_mlp_only_layers():
+    spec = _spec(moe_layer_freq=2, num_layers=4, qk_layernorm=True)
+    family = pick_family(FAMILIES, spec, None)
+    config = family.hf_config(spec)
+    assert config.mlp_only_layers == [1, 3] and config.decoder_sparse_step == 1
