@@ -5,7 +5,8 @@ in this one process on CPU (fp32), its weights loaded with ``dist_checkpointing.
 the checkpoint as saved (any training layout); the HF side is transformers'
 ``AutoModelForCausalLM`` on the exported folder. Both run on the same seeded token sequences.
 The model is built with the same builder the test fixtures use
-(``distconv.testing.megatron_cpu``), so it covers the dense GPT families distconv exports.
+(``distconv.testing.megatron_cpu``), so it covers the families the fixtures cover (dense
+GPT, MoE, MLA).
 
 megatron-core 0.16 makes a few CUDA calls unconditionally; they are patched out for this
 process only (``verify`` is meant to run as its own command, not inside a training job).
@@ -33,7 +34,9 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
     from distconv.testing.megatron_cpu import build_gpt, forward_logits, patch_cuda_for_cpu
 
     args = argparse.Namespace(**vars(ckpt.args))
-    args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "expert_model_parallel_size", "expert_tensor_parallel_size"):
+        setattr(args, name, 1)
     patch_cuda_for_cpu()
     owns = not dist.is_initialized()
     if owns:

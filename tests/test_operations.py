@@ -207,3 +207,13 @@ def test_verify_accepts_a_good_export_and_rejects_a_wrong_one(reported, built, t
     bad = distconv_cli("verify", "--load", load, "--hf", str(wrong), "--tol", "1e-4")
     assert bad.returncode == 1, bad.stderr[-3000:]
     assert "MISMATCH" in bad.stdout
+
+
+def test_verify_moe_export_from_an_expert_parallel_layout(built, tmp_path):
+    out = tmp_path / "hf"
+    export = distconv_cli("export", "--load", str(layout_dir(built, "mixtral", 1, 1)), "--save", str(out), "--quiet")
+    assert export.returncode == 0, export.stderr[-3000:]
+    check = distconv_cli("verify", "--load", str(layout_dir(built, "mixtral", 2, 1, 2)), "--hf", str(out), "--tol", "1e-4", "--json")
+    assert check.returncode == 0, check.stderr[-3000:]
+    result = json.loads(check.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["top1_agreement"] == 1.0
