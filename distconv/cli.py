@@ -129,6 +129,9 @@ def _dispatch(opts: argparse.Namespace) -> int:
     if opts.command == "export" and opts.watch:
         from distconv.watch import watch
 
+        if opts.dry_run or opts.report:
+            raise DistconvError("--dry-run and --report do not combine with --watch (each export's report is in its distconv.json)")
+
         return 1 if watch(
             opts.watch, opts.save, poll_s=opts.poll, idle_timeout_s=opts.watch_timeout, once=opts.once,
             device=opts.device, timeout_s=opts.timeout, quiet=opts.quiet, hf_config=opts.hf_config,
