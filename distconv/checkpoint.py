@@ -34,6 +34,8 @@ class Chunk:
     sizes: tuple[int, ...]
     file: str
     writer: int  # the training rank that saved it (from ``__{rank}_{n}.distcp``)
+    source: str = ""  # legacy format: the tensor's key inside ``file`` (torch_dist: unused)
+    source_offsets: tuple[int, ...] = ()  # legacy format: where the chunk starts in that tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +81,8 @@ def locate(load: str | Path, iteration: int | str | None = None) -> tuple[Path, 
     path = Path(load)
     if not path.exists():
         raise DistconvError(f"--load {path}: no such file or directory")
+    if path.is_file() and path.suffix == ".zip":  # a zipped legacy release (e.g. NVIDIA's GPT-2)
+        return path, "release"
     iter_name = re.fullmatch(r"iter_(\d+)|release", path.name)
     if iteration is None and iter_name and not (path / TRACKER).exists():
         return path, "release" if path.name == "release" else int(iter_name.group(1))
@@ -105,6 +109,8 @@ def locate(load: str | Path, iteration: int | str | None = None) -> tuple[Path, 
 
 def detect_format(folder: Path) -> str:
     """``torch_dist`` (metadata.json, written last by a complete save) or ``legacy`` (mp_rank_*)."""
+    if folder.is_file():
+        return "legacy"  # a .zip, see locate()
     if (folder / "metadata.json").exists():
         return "torch_dist"
     if any(folder.glob("mp_rank_*")):
@@ -232,8 +238,10 @@ def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint
     """Stage 1: everything the plan needs, from metadata alone."""
     folder, iteration = locate(load, iteration)
     fmt = detect_format(folder)
-    if fmt != "torch_dist":
-        raise DistconvError(f"{folder}: the legacy mp_rank_* format is not supported yet")
+    if fmt == "legacy":
+        from distconv.legacy import describe_legacy
+
+        return describe_legacy(folder, iteration)
     metadata = read_dcp_metadata(folder)
     check_files(folder, metadata)
     common = load_common_state(folder)

@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     lay.add_argument("load", help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
     lay.add_argument("--nodes", type=int, default=1, help="print processes per node for this many nodes (rounded up)")
     _import_parsers(sub)
+    exp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
+                     help="safetensors shards (default), or torch: one model.pt holding {model_state_dict, model_config}")
+    ins = sub.add_parser("inspect", help="describe a Megatron checkpoint from its metadata (no torchrun)")
+    ins.add_argument("ckpt", help="Megatron-LM save root, one iter_XXXXXXX/release folder, or a legacy .zip")
+    ins.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration (default: the tracker's)")
+    ins.add_argument("--json", action="store_true", help="print a JSON report")
     return parser
 
 
@@ -162,6 +168,10 @@ def _dispatch(opts: argparse.Namespace) -> int:
         from distconv.reshard import main_reshard
 
         return main_reshard(opts)
+    if opts.command == "inspect":
+        from distconv.inspector import main_inspect
+
+        return main_inspect(opts)
     if opts.command == "layout":
         from distconv.parallelism import model_parallel_size
 

@@ -21,18 +21,21 @@ from distconv.gather import Comm
 from distconv import marker
 from distconv.progress import Tracker, plan_text
 from distconv.plan import Plan, make_plan
+from distconv.legacy import LegacyReader
 from distconv.stream import Prefetcher, WriterThread
 from distconv.read import Reader
 from distconv.spec import ModelSpec, arg, spec_from_args
 from distconv.write import (
     OutputFolder,
     ShardWriter,
+    TorchFileWriter,
     write_config,
     write_generation_config,
     write_index,
     write_tokenizer,
 )
 
+FORMATS = ("safetensors", "torch")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -125,7 +128,12 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
 class _Job:
     """Everything stages 1-2 decide, identical on every rank."""
 
-    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world):
+    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world, fmt="safetensors"):
+        if fmt not in FORMATS:
+            raise DistconvError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
+        self.format = fmt
+        if fmt == "torch":  # one model.pt, written by one rank
+            max_shard_size, writers = 1 << 62, 1
         self.ckpt: Checkpoint = describe(load, iteration)
         spec = spec_from_args(self.ckpt.args)
         user_config, self.config_dir = _load_hf_config(hf_config)
@@ -154,7 +162,8 @@ class _Job:
         _check_against_hf(self.plan, self.config)
         self.source = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": parse_size(max_shard_size),
-            "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source})
+            "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
+            "format": fmt})
         self.done = not overwrite and marker.finished(save, self.source)
         self.folder = None if self.done else OutputFolder(save, overwrite)
 
@@ -198,8 +207,9 @@ def export(
     quiet: bool = False,
     dry_run: bool = False,
     report: str | Path | None = None,
+    format: str = "safetensors",
 ) -> dict[str, Any]:
-    """Convert a Megatron torch_dist checkpoint into an HF folder; collective over all ranks.
+    """Convert a Megatron checkpoint (torch_dist or legacy) into an HF folder; collective over all ranks.
 
     Returns a small report (the same on every rank). Raises ``DistconvError`` on every rank
     if any rank fails; ``save`` is then left untouched. A ``save`` that already holds a
@@ -210,7 +220,7 @@ def export(
     comm = Comm.setup(device, timeout_s)
     try:
         result = _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers,
-                      quiet, dry_run, report)
+                      quiet, format, dry_run, report)
     except BaseException:
         comm.close(clean=False)
         raise
@@ -218,12 +228,12 @@ def export(
     return result
 
 
-def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet,
+def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, fmt,
          dry_run=False, report_path=None):
     tracker = Tracker(comm.rank, comm.world, comm.control, quiet)
     job, error = None, None
     try:
-        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world)
+        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world, fmt)
     except Exception as e:  # every rank hits the same planning error; agree() reports it once
         error = e
     comm.agree(error)
@@ -263,7 +273,7 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
             error = e
     comm.agree(error)
     mine = [o for g in plan.groups if g.writer == comm.rank for o in g.outputs]
-    shards = ShardWriter(folder.tmp, mine) if mine else None
+    shards = _shard_writer(job, folder.tmp, mine) if mine else None
 
     def write_group(index: int, full: list[torch.Tensor]) -> None:
         group = plan.groups[index]
@@ -272,7 +282,8 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
                 shards.write(name, out.contiguous())
 
     writer = WriterThread(write_group) if shards else None
-    prefetch = Prefetcher(Reader(job.ckpt.path, job.ckpt.metadata), plan, comm.rank, job.window, comm.overlap_reads)
+    reader = LegacyReader(job.ckpt) if job.ckpt.format == "legacy" else Reader(job.ckpt.path, job.ckpt.metadata)
+    prefetch = Prefetcher(reader, plan, comm.rank, job.window, comm.overlap_reads)
     try:
         for index, (tensors, error) in enumerate(prefetch):
             comm.agree(error or (writer.error if writer else None))
@@ -302,6 +313,13 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
         raise
 
 
+def _shard_writer(job: _Job, tmp: Path, outputs: list) -> ShardWriter | TorchFileWriter:
+    if job.format == "safetensors":
+        return ShardWriter(tmp, outputs)
+    job.config.dtype = job.dtype
+    return TorchFileWriter(tmp, outputs, job.config.to_dict())
+
+
 def _attempt(fn) -> BaseException | None:
     try:
         fn()
@@ -316,7 +334,8 @@ def _finish(job: _Job, tmp: Path, report: dict[str, Any]) -> None:
     write_generation_config(tmp, job.config, job.config_dir)
     if job.tokenizer is not None:
         write_tokenizer(tmp, job.tokenizer)
-    write_index(tmp, job.plan.outputs)
+    if job.format == "safetensors":
+        write_index(tmp, job.plan.outputs)
     marker.write_marker(tmp, job.source, len(job.plan.outputs), report)
 
 
@@ -325,8 +344,8 @@ def main_export(opts: Any) -> int:
     export(
         opts.load, opts.save, iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer,
         dtype=opts.dtype, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device,
-        window=opts.window, writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run,
-        report=opts.report,
+        window=opts.window, writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, format=opts.format,
+        dry_run=opts.dry_run, report=opts.report,
     )
     return 0
 

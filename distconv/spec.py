@@ -76,6 +76,11 @@ class ModelSpec:
         shared, routed = self.moe_shared_ffn_hidden_size, self.moe_ffn_hidden_size
         return shared // routed if shared and routed and shared % routed == 0 else None
 
+    @property
+    def plain_mha(self) -> bool:
+        """Multi-head attention with ``heads * head_dim == hidden`` (no GQA, no custom head size)."""
+        return self.num_query_groups == self.num_attention_heads and self.num_attention_heads * self.head_dim == self.hidden_size
+
     def with_vocab(self, vocab_size: int) -> "ModelSpec":
         if vocab_size > self.padded_vocab_size:
             raise DistconvError(
@@ -150,7 +155,7 @@ def _moe_and_mla(args: argparse.Namespace, num_layers: int) -> dict[str, Any]:
     experts = arg(args, "num_experts")
     mla = bool(arg(args, "multi_latent_attention", default=False))
     routing = arg(args, "moe_router_load_balancing_type", default="aux_loss")
-    return dict(
+    fields = dict(
         num_experts=int(experts) if experts else None,
         moe_layers=_moe_layers(args, num_layers),
         moe_ffn_hidden_size=arg(args, "moe_ffn_hidden_size", "ffn_hidden_size") if experts else None,
@@ -173,6 +178,9 @@ def _moe_and_mla(args: argparse.Namespace, num_layers: int) -> dict[str, Any]:
         v_head_dim=arg(args, "v_head_dim") if mla else None,
         mtp_num_layers=int(arg(args, "mtp_num_layers", default=0) or 0),
     )
+    if not experts:  # a dense model: router settings mean nothing, keep the defaults
+        fields = {k: v for k, v in fields.items() if not k.startswith("moe_")}
+    return fields
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
@@ -207,7 +215,8 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
         add_qkv_bias=bool(arg(args, "add_qkv_bias", default=False)),
         qk_layernorm=bool(arg(args, "qk_layernorm", default=False)),
         tie_embeddings=not arg(args, "untie_embeddings_and_output_weights", default=False),
-        position_embedding=arg(args, "position_embedding_type", default="learned_absolute"),
+        # before position_embedding_type existed (mid-2023), RoPE was --use-rotary-position-embeddings
+        position_embedding=arg(args, "position_embedding_type", default="rope" if arg(args, "use_rotary_position_embeddings", default=False) else "learned_absolute"),
         rotary_base=float(arg(args, "rotary_base", default=10000)),
         rotary_percent=float(arg(args, "rotary_percent", default=1.0)),
         rotary_interleaved=bool(arg(args, "rotary_interleaved", default=False)),

@@ -134,6 +134,40 @@ class ShardWriter:
             self.file = None
 
 
+class TorchFileWriter:
+    """``--format torch``: the planned outputs in one ``model.pt`` (the one writer rank holds them all).
+
+    The file is ``{"model_state_dict": {HF name: tensor}, "model_config": HF config dict}``,
+    loadable with ``torch.load(weights_only=True)``.
+    """
+
+    FILE = "model.pt"
+
+    def __init__(self, folder: Path, outputs: list[Output], config: dict[str, Any]) -> None:
+        self.folder = folder
+        self.outputs = outputs
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.config = config
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        out = self.outputs[len(self.tensors)] if len(self.tensors) < len(self.outputs) else None
+        if out is None or (name, tuple(tensor.shape), tensor.dtype) != (out.name, out.shape, out.dtype):
+            raise DistconvError(f"internal: unplanned output tensor {name} {tuple(tensor.shape)} {tensor.dtype}")
+        self.tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+
+    def close(self) -> None:
+        if len(self.tensors) != len(self.outputs):
+            raise DistconvError(f"internal: output incomplete, {self.outputs[len(self.tensors)].name} and later tensors were never written")
+        path = self.folder / self.FILE
+        with open(path, "wb") as f:
+            torch.save({"model_state_dict": self.tensors, "model_config": self.config}, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def abort(self) -> None:
+        self.tensors.clear()
+
+
 def write_index(folder: Path, outputs: list[Output]) -> None:
     index = {
         "metadata": {"total_size": sum(o.nbytes for o in outputs)},

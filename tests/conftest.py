@@ -71,3 +71,11 @@ def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return model(tokens).logits
+
+
+@pytest.fixture(scope="session")
+def legacy_built(tmp_path_factory) -> Path:
+    """Legacy ``mp_rank_*`` checkpoints written from random HF models (plain torch.save, no torchrun)."""
+    from distconv.testing.legacy import build_all
+
+    return build_all(tmp_path_factory.mktemp("legacy"))

@@ -91,7 +91,7 @@ def test_folder_is_a_complete_hf_model(exported, name):
     config = json.loads((folder / "config.json").read_text())
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     expected_arch = {"llama": "LlamaForCausalLM", "llama_tied_mqa": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[name]
+                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}[name]
     assert config["architectures"] == [expected_arch]
     tied = not FIXTURES[name].args.get("untie_embeddings_and_output_weights", True)
     assert config["tie_word_embeddings"] is tied

@@ -49,11 +49,12 @@ class Fixture:
     iteration: int | str = 100  # a number or "release"
     bf16: bool = False  # save bf16 weights (values chosen exactly representable)
     tokenizer: bool = False  # point args.tokenizer_model at a local HF tokenizer
+    torch_format: tuple[tuple[int, int], ...] = ()  # layouts also saved in the legacy torch format
     expert_key_forms: tuple[str, ...] = ()  # also save the reference with per-expert keys (expert_keys.FORMS)
 
 
 FIXTURES: dict[str, Fixture] = {
-    "llama": Fixture(dict(untie_embeddings_and_output_weights=True), seed=1, tokenizer=True),
+    "llama": Fixture(dict(untie_embeddings_and_output_weights=True), seed=1, tokenizer=True, torch_format=((2, 2),)),
     "llama_tied_mqa": Fixture(
         dict(untie_embeddings_and_output_weights=False, num_query_groups=1,
              use_rope_scaling=True, rope_scaling_factor=8.0, rotary_base=500000),
@@ -65,6 +66,12 @@ FIXTURES: dict[str, Fixture] = {
         dict(qk_layernorm=True, kv_channels=32, untie_embeddings_and_output_weights=False,
              layernorm_epsilon=1e-6),
         seed=5,
+    ),
+    "gpt2": Fixture(
+        dict(position_embedding_type="learned_absolute", normalization="LayerNorm", swiglu=False,
+             add_bias_linear=True, group_query_attention=False, num_query_groups=4, ffn_hidden_size=256,
+             bias_gelu_fusion=True, vocab_size=250),
+        seed=11, layouts=((1, 1), (2, 2)), torch_format=((2, 2),),
     ),
     "mixtral": Fixture(dict(MOE_BASE), seed=6, layouts=MOE_LAYOUTS, expert_key_forms=("sequential", "grouped_gemm")),
     "qwen2_moe": Fixture(
@@ -191,6 +198,41 @@ def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx
     dist.barrier()
 
 
+def torch_format_dir(out: Path, name: str, tp: int, pp: int) -> Path:
+    return out / name / f"tp{tp}pp{pp}_torch"
+
+
+def save_torch_format(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx: Fixture) -> None:
+    """Save like Megatron-LM with ``--ckpt-format torch``: one mp_rank file per (TP, PP) rank."""
+    from megatron.core import parallel_state as ps
+
+    iter_name = "release" if fx.iteration == "release" else f"iter_{int(fx.iteration):07d}"
+    tp, pp = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    if ps.get_data_parallel_rank() == 0:
+        name = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if args.pipeline_model_parallel_size > 1 else "")
+        folder = root / iter_name / name
+        folder.mkdir(parents=True, exist_ok=True)
+        model_sd = model.state_dict_for_save_checkpoint()
+        gen = torch.Generator().manual_seed(fx.seed + 2000)
+        state = {
+            "args": argparse.Namespace(**{**vars(args), "ckpt_format": "torch"}),
+            "checkpoint_version": 3.0,
+            "iteration": 0 if fx.iteration == "release" else int(fx.iteration),
+            "model": model_sd,
+            "optimizer": {"optimizer": {"state": {i: {"exp_avg": torch.randn(t.shape, generator=gen)}
+                                                  for i, t in enumerate(v for v in model_sd.values() if isinstance(v, torch.Tensor))},
+                                        "param_groups": [{"lr": 1e-4}]}},
+            "rng_state": [{"torch_rng_state": torch.get_rng_state()}],
+            "opt_param_scheduler": {"max_lr": 1e-4, "num_steps": 100},
+            "num_floating_point_operations_so_far": 0,
+        }
+        torch.save(state, folder / "model_optim_rng.pt")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (root / "latest_checkpointed_iteration.txt").write_text(str(fx.iteration))
+    dist.barrier()
+
+
 def build_fixture(name: str, fx: Fixture, out: Path) -> None:
     from megatron.core import dist_checkpointing, parallel_state
 
@@ -233,6 +275,8 @@ def build_fixture(name: str, fx: Fixture, out: Path) -> None:
             model = model.to(torch.bfloat16)
         root = layout_dir(out, name, tp, pp, ep, etp)
         save_layout(model, args, root, fx)
+        if (tp, pp) in fx.torch_format:
+            save_torch_format(model, args, torch_format_dir(out, name, tp, pp), fx)
         if first is None:
             iter_name = "release" if fx.iteration == "release" else f"iter_{int(fx.iteration):07d}"
             first = root / iter_name

@@ -160,11 +160,23 @@ def _mla_fields(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` completed with ``megatron_args`` defaults for fields it lacks (e.g. MoE off)."""
+    return megatron_args(**vars(args))
+
+
 def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
     """The TransformerConfig Megatron-LM derives from ``args`` (the fields our fixtures use)."""
+    args = with_defaults(args)
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
-    activation = F.silu if args.swiglu else (F.gelu)
+    activation, fusion = F.silu, False
+    if not args.swiglu:  # as Megatron-LM: exact GELU, or the tanh form of the fused bias_gelu
+        activation, fusion = F.gelu, bool(getattr(args, "bias_gelu_fusion", False))
+        if getattr(args, "openai_gelu", False):
+            from megatron.core.transformer.utils import openai_gelu
+
+            activation, fusion = openai_gelu, False
     config_class = MLATransformerConfig if args.multi_latent_attention else TransformerConfig
     return config_class(
         **_moe_fields(args),
@@ -190,7 +202,7 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=args.init_method_std,
-        bias_activation_fusion=False,
+        bias_activation_fusion=fusion,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
@@ -205,6 +217,7 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
 
     ``init=False`` skips weight initialisation (fast; for benchmarks that fill weights later).
     """
+    args = with_defaults(args)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec

@@ -1,0 +1,112 @@
+"""``distconv inspect CKPT``: what a checkpoint holds, from metadata only (no torchrun, no payload)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from distconv.checkpoint import describe
+from distconv.errors import DistconvError
+from distconv.families import FAMILIES, pick_family
+from distconv.spec import arg, spec_from_args
+
+# The Megatron-LM args that decide how a checkpoint converts (missing ones are left out).
+ARGS_THAT_MATTER = (
+    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
+    "num_query_groups", "kv_channels", "max_position_embeddings", "position_embedding_type",
+    "rotary_base", "rotary_percent", "rotary_interleaved", "use_rope_scaling", "rope_scaling_factor",
+    "normalization", "layernorm_epsilon", "norm_epsilon", "swiglu", "squared_relu", "openai_gelu",
+    "bias_gelu_fusion", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
+    "untie_embeddings_and_output_weights", "padded_vocab_size", "vocab_size",
+    "make_vocab_size_divisible_by", "tokenizer_type", "tokenizer_model", "window_size", "num_experts",
+    "moe_ffn_hidden_size", "moe_router_topk", "multi_latent_attention", "bf16", "fp16",
+    "transformer_impl", "ckpt_format",
+)
+
+
+def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> dict[str, Any]:
+    """A JSON-ready report on the checkpoint at ``load``."""
+    ckpt = describe(load, iteration)
+    args = ckpt.args
+    try:
+        family = pick_family(FAMILIES, spec_from_args(args), None).architecture
+    except DistconvError as e:
+        family = f"none ({e})"
+    layout = {
+        "tensor_model_parallel_size": int(arg(args, "tensor_model_parallel_size", default=1)),
+        "pipeline_model_parallel_size": int(arg(args, "pipeline_model_parallel_size", default=1)),
+        "virtual_pipeline_model_parallel_size": arg(args, "virtual_pipeline_model_parallel_size"),
+        "expert_model_parallel_size": int(arg(args, "expert_model_parallel_size", default=1)),
+        "data_parallel_size": arg(args, "data_parallel_size"),
+        "world_size": arg(args, "world_size"),
+        "files_or_writers": ckpt.writers,
+    }
+    report: dict[str, Any] = {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "iteration": ckpt.iteration,
+        "layout": layout,
+        "args": {name: _plain(getattr(args, name)) for name in ARGS_THAT_MATTER if getattr(args, name, None) is not None},
+        "hf_family": family,
+        "tensors": [
+            {"name": t.key, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "bytes": t.nbytes}
+            for t in sorted(ckpt.tensors.values(), key=lambda t: t.key)
+        ],
+        "model_bytes": ckpt.weight_bytes,
+        "other_bytes": ckpt.other_bytes,
+    }
+    if ckpt.format == "legacy":
+        report["checkpoint_version"] = ckpt.common.get("checkpoint_version")
+    return report
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The human-readable form of ``inspect_checkpoint``'s report."""
+    lay = report["layout"]
+    lines = [
+        f"checkpoint   {report['path']}",
+        f"format       {report['format']}" + (f" (checkpoint_version {report['checkpoint_version']})" if "checkpoint_version" in report else ""),
+        f"iteration    {report['iteration']}",
+        f"trained at   TP{lay['tensor_model_parallel_size']} PP{lay['pipeline_model_parallel_size']}"
+        + (f" VPP{lay['virtual_pipeline_model_parallel_size']}" if lay["virtual_pipeline_model_parallel_size"] else "")
+        + (f" EP{lay['expert_model_parallel_size']}" if lay["expert_model_parallel_size"] > 1 else "")
+        + (f" DP{lay['data_parallel_size']}" if lay["data_parallel_size"] else "")
+        + f"; {lay['files_or_writers']} {'rank files' if report['format'] == 'legacy' else 'writer ranks'}",
+        f"HF family    {report['hf_family']}",
+        "args         " + ", ".join(f"{k}={v}" for k, v in report["args"].items()),
+        "",
+    ]
+    width = max((len(t["name"]) for t in report["tensors"]), default=4)
+    lines.append(f"{'tensor':<{width}}  {'shape':<20} {'dtype':<9} {'bytes':>12}")
+    for t in report["tensors"]:
+        shape = "[" + ", ".join(map(str, t["shape"])) + "]"
+        lines.append(f"{t['name']:<{width}}  {shape:<20} {t['dtype']:<9} {t['bytes']:>12}")
+    lines += [
+        "",
+        f"model weights              {len(report['tensors'])} tensors, {_gb(report['model_bytes'])} ({report['model_bytes']} bytes)",
+        f"optimizer and other state  {_gb(report['other_bytes'])} ({report['other_bytes']} bytes)",
+    ]
+    return "\n".join(lines)
+
+
+def main_inspect(opts: Any) -> int:
+    """CLI entry for ``distconv inspect``."""
+    with warnings.catch_warnings():  # megatron-core warns about missing TE/Apex on import
+        warnings.simplefilter("ignore", UserWarning)
+        report = inspect_checkpoint(opts.ckpt, opts.iteration)
+    print(json.dumps(report, indent=1) if opts.json else render(report), flush=True)
+    return 0
