@@ -155,6 +155,11 @@ class TorchFileWriter:
             raise DistconvError(f"internal: unplanned output tensor {name} {tuple(tensor.shape)} {tensor.dtype}")
         self.tensors[name] = tensor.detach().to("cpu").contiguous().clone()
 
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of the tensors taken so far (for progress; the file is written on ``close``)."""
+        return sum(o.nbytes for o in self.outputs[: len(self.tensors)])
+
     def close(self) -> None:
         if len(self.tensors) != len(self.outputs):
             raise DistconvError(f"internal: output incomplete, {self.outputs[len(self.tensors)].name} and later tensors were never written")
