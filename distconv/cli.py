@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import signal
 import sys
+
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from distconv.errors import DistconvError
 
@@ -16,8 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="Megatron torch_dist checkpoint -> HF safetensors folder")
-    exp.add_argument("--load", required=True, help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
-    exp.add_argument("--save", required=True, help="output HF folder (created atomically)")
+    source = exp.add_mutually_exclusive_group(required=True)
+    source.add_argument("--load", help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
+    source.add_argument("--watch", metavar="ROOT", help="export each new iteration of this save root as training saves it")
+    exp.add_argument("--save", required=True, help="output HF folder (created atomically); with --watch a parent "
+                     "folder (-> SAVE/iter_XXXXXXX) or a pattern with {iteration} or {name}")
     exp.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration to export (default: the tracker's)")
     exp.add_argument("--hf-config", help="HF model folder or config.json; authoritative for the HF side")
     exp.add_argument("--tokenizer", help="local HF tokenizer folder to copy (default: args.tokenizer_model if local)")
@@ -29,6 +36,25 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--writers", type=int, default=1, help="ranks that write safetensors files in parallel (default 1: rank 0)")
     exp.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     exp.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    exp.add_argument("--dry-run", action="store_true", help="print the plan (reads per rank, output files) and stop")
+    exp.add_argument("--report", help="also write the JSON run report to this file")
+    exp.add_argument("--poll", type=float, default=60.0, help="with --watch: seconds between looks at the tracker")
+    exp.add_argument("--watch-timeout", type=float, help="with --watch: stop after this many seconds without a new iteration")
+    exp.add_argument("--once", action="store_true", help="with --watch: export the current iteration if needed, then stop")
+
+    ver = sub.add_parser("verify", help="compare an HF export's logits with megatron-core's on the checkpoint")
+    ver.add_argument("--load", required=True, help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
+    ver.add_argument("--hf", required=True, help="the exported HF folder")
+    ver.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration (default: the tracker's)")
+    ver.add_argument("--sequences", type=int, default=4, help="how many random token sequences (default 4)")
+    ver.add_argument("--length", type=int, default=32, help="tokens per sequence (default 32)")
+    ver.add_argument("--seed", type=int, default=0)
+    ver.add_argument("--tol", type=float, default=1e-3, help="largest allowed max |logit diff| (default 1e-3)")
+    ver.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    lay = sub.add_parser("layout", help="print the training's model-parallel size (TP x PP x EP), for launchers")
+    lay.add_argument("load", help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
+    lay.add_argument("--nodes", type=int, default=1, help="print processes per node for this many nodes (rounded up)")
     _import_parsers(sub)
     exp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
                      help="safetensors shards (default), or torch: one model.pt holding {model_state_dict, model_config}")
@@ -68,35 +94,90 @@ def _import_parsers(sub: argparse._SubParsersAction) -> None:
     _layout_args(res)
 
 
+class Stopped(SystemExit):
+    """SIGTERM (torchrun stopping the ranks after one failed, or ``scancel``): unwind and clean up."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Stopped("stopped by SIGTERM (another rank failed, or the job was cancelled)")
+
+
+def _record(error: BaseException) -> None:
+    """torchelastic's error file: torchrun shows this rank's message as the failure's cause."""
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+        get_error_handler().record_exception(error)
+
+
+@record
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; errors become one ``distconv: error:`` line from rank 0 and exit status 1."""
     opts = _parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    signal.signal(signal.SIGTERM, _on_sigterm)  # unwind, so that partial output is removed
     try:
-        if opts.command == "export":
-            from distconv.pipeline import main_export
-
-            return main_export(opts)
-        if opts.command == "import":
-            from distconv.importer import main_import
-
-            return main_import(opts)
-        if opts.command == "reshard":
-            from distconv.reshard import main_reshard
-
-            return main_reshard(opts)
-        if opts.command == "inspect":
-            from distconv.inspector import main_inspect
-
-            return main_inspect(opts)
-    except DistconvError as e:
+        return _dispatch(opts)
+    except (DistconvError, Stopped) as e:
+        _record(e)
         if rank == 0:
             print(f"distconv: error: {e}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as e:  # a peer died or the network failed mid-collective
+        _record(e)
         if rank == 0:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             print(f"distconv: error: lost contact with another rank ({first})", file=sys.stderr, flush=True)
         return 1
+
+
+def _dispatch(opts: argparse.Namespace) -> int:
+    if opts.command == "export" and opts.watch:
+        from distconv.watch import watch
+
+        if opts.dry_run or opts.report:
+            raise DistconvError("--dry-run and --report do not combine with --watch (each export's report is in its distconv.json)")
+
+        return 1 if watch(
+            opts.watch, opts.save, poll_s=opts.poll, idle_timeout_s=opts.watch_timeout, once=opts.once,
+            device=opts.device, timeout_s=opts.timeout, quiet=opts.quiet, hf_config=opts.hf_config,
+            tokenizer=opts.tokenizer, dtype=opts.dtype, max_shard_size=opts.max_shard_size, window=opts.window,
+            writers=opts.writers,
+        ) else 0
+    if opts.command == "export":
+        from distconv.pipeline import main_export
+
+        return main_export(opts)
+    if opts.command == "verify":
+        from distconv.verify import verify
+
+        result = verify(opts.load, opts.hf, iteration=opts.iteration, sequences=opts.sequences,
+                        length=opts.length, seed=opts.seed, tol=opts.tol)
+        if opts.json:
+            print(json.dumps(result))
+        else:
+            print(f"transformers vs megatron-core on {result['tokens'][0]}x{result['tokens'][1]} tokens: "
+                  f"max |diff| {result['max_abs_diff']:.3e}, mean {result['mean_abs_diff']:.3e}, top-1 agreement "
+                  f"{result['top1_agreement']:.2%} -> {'OK' if result['ok'] else 'MISMATCH'} (tolerance {opts.tol:g})")
+        return 0 if result["ok"] else 1
+    if opts.command == "import":
+        from distconv.importer import main_import
+
+        return main_import(opts)
+    if opts.command == "reshard":
+        from distconv.reshard import main_reshard
+
+        return main_reshard(opts)
+    if opts.command == "inspect":
+        from distconv.inspector import main_inspect
+
+        return main_inspect(opts)
+    if opts.command == "layout":
+        from distconv.parallelism import model_parallel_size
+
+        size = model_parallel_size(opts.load)
+        print(-(-size // max(1, opts.nodes)))
+        return 0
     return 2
 
 

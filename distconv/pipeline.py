@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from distconv.checkpoint import Checkpoint, describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.gather import Comm
+from distconv import marker
+from distconv.progress import Tracker, plan_text
 from distconv.plan import Plan, make_plan
 from distconv.legacy import LegacyReader
 from distconv.stream import Prefetcher, WriterThread
@@ -159,7 +160,12 @@ class _Job:
         self.window = parse_size(window)
         self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, parse_size(max_shard_size), self.window, writers)
         _check_against_hf(self.plan, self.config)
-        self.folder = OutputFolder(save, overwrite)
+        self.source = marker.source_of(self.ckpt, {
+            "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": parse_size(max_shard_size),
+            "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
+            "format": fmt})
+        self.done = not overwrite and marker.finished(save, self.source)
+        self.folder = None if self.done else OutputFolder(save, overwrite)
 
     def summary(self, world: int) -> str:
         ckpt, spec, plan = self.ckpt, self.spec, self.plan
@@ -199,25 +205,32 @@ def export(
     writers: int = 1,
     timeout_s: float = 1800.0,
     quiet: bool = False,
+    dry_run: bool = False,
+    report: str | Path | None = None,
     format: str = "safetensors",
 ) -> dict[str, Any]:
     """Convert a Megatron checkpoint (torch_dist or legacy) into an HF folder; collective over all ranks.
 
     Returns a small report (the same on every rank). Raises ``DistconvError`` on every rank
-    if any rank fails; ``save`` is then left untouched.
+    if any rank fails; ``save`` is then left untouched. A ``save`` that already holds a
+    finished export of the same source and options (its ``distconv.json`` checks out) is
+    skipped unless ``overwrite``. ``dry_run`` prints the plan and reads nothing; ``report``
+    also writes the JSON run report to that path.
     """
     comm = Comm.setup(device, timeout_s)
     try:
-        report = _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, format)
+        result = _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers,
+                      quiet, format, dry_run, report)
     except BaseException:
         comm.close(clean=False)
         raise
     comm.close(clean=True)
-    return report
+    return result
 
 
-def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, fmt):
-    start = time.perf_counter()
+def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, fmt,
+         dry_run=False, report_path=None):
+    tracker = Tracker(comm.rank, comm.world, comm.control, quiet)
     job, error = None, None
     try:
         job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world, fmt)
@@ -226,24 +239,29 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     comm.agree(error)
     assert job is not None
     _say(comm, quiet, job.summary(comm.world))
-    _stream(comm, job)
-    seconds = time.perf_counter() - start
+    if dry_run:
+        _say(comm, False, plan_text(job.plan, job.ckpt, Path(save).absolute()))
+        return {"dry_run": True, "tensors": len(job.plan.outputs), "files": job.plan.files,
+                "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)}}
+    if marker.rank0_value(comm, job.done):
+        _say(comm, quiet, f"{Path(save).absolute()} already holds this export (its {marker.MARKER} checks out): skipped")
+        return {"skipped": True, "save": str(Path(save).absolute()), "tensors": len(job.plan.outputs)}
+    tracker.planned(job.plan)
+    report = _stream(comm, job, tracker)
+    report = tracker.finished(report, report_path)
     total = job.plan.total_bytes
     _say(comm, quiet, f"wrote {job.family.architecture} to {Path(save).absolute()}: {len(job.plan.outputs)} tensors, "
-                      f"{total / 1e9:.3f} GB in {seconds:.1f} s")
+                      f"{total / 1e9:.3f} GB in {report['seconds']['total']:.1f} s ({report['write_gbps']:.3f} GB/s)")
     return {
         "architecture": job.family.architecture,
         "save": str(Path(save).absolute()),
-        "tensors": len(job.plan.outputs),
-        "bytes_written": total,
-        "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)},
-        "seconds": seconds,
         "vocab_size": job.spec.vocab_size,
         "vocab_source": job.vocab_source,
+        **report,
     }
 
 
-def _stream(comm: Comm, job: _Job) -> None:
+def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
     """Read ahead, gather, and map + write behind, group by group; commit on success only."""
     plan, folder = job.plan, job.folder
     folder.name_run(comm.shared_token())
@@ -272,16 +290,20 @@ def _stream(comm: Comm, job: _Job) -> None:
             full = comm.gather(plan.groups[index], tensors, plan.dtype)
             if full is not None:
                 writer.put(index, full)
+            tracker.group_done(plan.groups[index], shards.bytes_written if shards else 0)
         error = writer.join() if writer else None
         if shards is not None and error is None:
             error = _attempt(shards.close)
+        tracker.converted(shards.bytes_written if shards else 0)
         comm.agree(error)  # every shard file is complete
+        report = tracker.report()
         if comm.rank == 0:
-            error = _attempt(lambda: _finish(job, folder.tmp))
+            error = _attempt(lambda: _finish(job, folder.tmp, report))
         comm.agree(error)
         if comm.rank == 0:
             folder.commit()
         prefetch.close(wait=True)
+        return report
     except BaseException:
         prefetch.close(wait=False)  # its thread may sit in a collective that peers left
         if shards is not None:
@@ -306,14 +328,15 @@ def _attempt(fn) -> BaseException | None:
     return None
 
 
-def _finish(job: _Job, tmp: Path) -> None:
-    """After the shards: config, generation config, tokenizer, and the index last."""
+def _finish(job: _Job, tmp: Path, report: dict[str, Any]) -> None:
+    """After the shards: config, generation config, tokenizer, the index, and the marker last."""
     write_config(tmp, job.config, job.dtype)
     write_generation_config(tmp, job.config, job.config_dir)
     if job.tokenizer is not None:
         write_tokenizer(tmp, job.tokenizer)
     if job.format == "safetensors":
         write_index(tmp, job.plan.outputs)
+    marker.write_marker(tmp, job.source, len(job.plan.outputs), report)
 
 
 def main_export(opts: Any) -> int:
@@ -322,6 +345,7 @@ def main_export(opts: Any) -> int:
         opts.load, opts.save, iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer,
         dtype=opts.dtype, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device,
         window=opts.window, writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, format=opts.format,
+        dry_run=opts.dry_run, report=opts.report,
     )
     return 0
 

@@ -95,7 +95,10 @@ class ShardWriter:
             self._open(out.file)
         data = tensor.detach().to("cpu").contiguous()
         assert self.file is not None
-        self.file.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        try:
+            self.file.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        except OSError as e:
+            raise _write_error(self.folder / out.file, e) from None
         self.bytes_written += out.nbytes
         self.next += 1
 
@@ -107,8 +110,11 @@ class ShardWriter:
 
     def _close_file(self) -> None:
         if self.file is not None:
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            try:
+                self.file.flush()
+                os.fsync(self.file.fileno())
+            except OSError as e:
+                raise _write_error(self.folder / str(self.file_name), e) from None
             self.file.close()
             self.file = None
 
@@ -121,7 +127,10 @@ class ShardWriter:
 
     def abort(self) -> None:
         if self.file is not None:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:  # flushing what is buffered can fail again (a full disk)
+                pass
             self.file = None
 
 
@@ -145,6 +154,11 @@ class TorchFileWriter:
         if out is None or (name, tuple(tensor.shape), tensor.dtype) != (out.name, out.shape, out.dtype):
             raise DistconvError(f"internal: unplanned output tensor {name} {tuple(tensor.shape)} {tensor.dtype}")
         self.tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes of the tensors taken so far (for progress; the file is written on ``close``)."""
+        return sum(o.nbytes for o in self.outputs[: len(self.tensors)])
 
     def close(self) -> None:
         if len(self.tensors) != len(self.outputs):
@@ -200,8 +214,16 @@ def write_tokenizer(folder: Path, tokenizer: Any) -> None:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _write_error(path, e) from None
+
+
+def _write_error(path: Path, error: OSError) -> DistconvError:
+    """A failed write (a full disk, a quota, a size limit) naming the file."""
+    return DistconvError(f"cannot write {path}: {error.strerror or error}")

@@ -1,0 +1,112 @@
+"""``distconv.json``: the marker a finished export carries, which makes exports idempotent.
+
+Rank 0 writes it into the hidden output folder after every other file, just before the
+folder is renamed into place, so a folder at ``--save`` with a valid marker is complete. It
+names the source (iteration folder, iteration, a hash of the training args), the export
+options, the tensor count, every file's size and SHA-256, and the run report. Asked again for
+the same source and options, an export whose marker checks out is skipped; a folder without a
+marker is not distconv's finished work and is redone only with ``--overwrite`` (the watcher
+redoes such folders itself).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+MARKER = "distconv.json"
+_CHUNK = 16 << 20
+
+
+def args_hash(args: Any) -> str:
+    """SHA-256 of the checkpoint's training args (sorted, values as text)."""
+    text = json.dumps(vars(args), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def source_of(ckpt: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """What identifies an export: the iteration folder, its args, and the options that shape the output."""
+    return {
+        "path": str(Path(ckpt.path).resolve()),
+        "iteration": ckpt.iteration,
+        "args_sha256": args_hash(ckpt.args),
+        "options": options,
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_sums(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file in ``folder`` (hashed in parallel threads)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MARKER)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(1, len(names)))) as pool:
+        sums = list(pool.map(lambda n: _sha256(folder / n), names))
+    return {n: {"bytes": (folder / n).stat().st_size, "sha256": s} for n, s in zip(names, sums)}
+
+
+def write_marker(folder: Path, source: dict[str, Any], tensors: int, report: dict[str, Any]) -> None:
+    """Write the marker last, flushed to disk."""
+    data = {"distconv": _version(), "source": source, "tensors": tensors, "files": file_sums(folder), "report": report}
+    with open(folder / MARKER, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("distconv")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def read_marker(save: str | Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((Path(save) / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def finished(save: str | Path, source: dict[str, Any] | None = None, checksums: bool = False) -> bool:
+    """True when ``save`` holds a complete export (of ``source``, if given): marker matches, every file intact.
+
+    Files are checked by size (cheap); ``checksums=True`` re-hashes them too.
+    """
+    data = read_marker(save)
+    if data is None or (source is not None and data.get("source") != json.loads(json.dumps(source, default=str))):
+        return False
+    files = data.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    for name, info in files.items():
+        path = Path(save) / name
+        if not path.is_file() or path.stat().st_size != info.get("bytes"):
+            return False
+        if checksums and _sha256(path) != info.get("sha256"):
+            return False
+    return True
+
+
+def rank0_value(comm: Any, value: Any) -> Any:
+    """Collective: rank 0's ``value`` on every rank (rank 0 alone looks at the file system)."""
+    if comm.world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=comm.control)
+    return box[0]

@@ -1,0 +1,21 @@
+"""The training's model-parallel size, which launchers use as the default process count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distconv.checkpoint import load_common_state, locate
+from distconv.errors import DistconvError
+from distconv.spec import arg
+
+
+def model_parallel_size(load: str | Path, iteration: int | str | None = None) -> int:
+    """TP x PP x EP from the checkpoint's args (reads ``common.pt`` only): the ranks that hold distinct slices."""
+    folder, _ = locate(load, iteration)
+    args = load_common_state(folder).get("args")
+    if args is None:
+        raise DistconvError(f"{folder}: the common state has no Megatron-LM 'args'")
+    size = 1
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+        size *= int(arg(args, name, default=1))
+    return size

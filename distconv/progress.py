@@ -1,0 +1,146 @@
+"""Progress bars, the run report and the ``--dry-run`` plan, all printed by rank 0 alone.
+
+The pipeline calls a ``Tracker`` at a few points (after planning, after each group, before
+and after finishing). Bars are tqdm's (bytes, with rates), shown only on a terminal and
+without ``--quiet``. The report (phase times, bytes, GB/s, peak RSS of every rank and, when
+gathering on GPUs, peak CUDA memory, tensor count) is gathered to rank 0 over the control
+group and stored in the output's marker (``distconv.json``) and, with ``--report PATH``, in a
+file of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distconv.plan import Plan
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``ru_maxrss`` is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _gbps(nbytes: int, seconds: float) -> float:
+    return round(nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0
+
+
+class Tracker:
+    """Timing, byte counts and progress bars of one export run."""
+
+    def __init__(self, rank: int, world: int, control: Any, quiet: bool) -> None:
+        self.rank, self.world, self.control = rank, world, control
+        self.quiet = quiet
+        self.start = time.perf_counter()
+        self.marks: dict[str, float] = {}
+        self.read_bar = self.write_bar = None
+        self.written = 0
+        self.plan: Plan | None = None
+
+    def _mark(self, phase: str) -> None:
+        self.marks[phase] = time.perf_counter()
+
+    def planned(self, plan: Plan) -> None:
+        """Planning is over; open the bars (rank 0, on a terminal, unless quiet)."""
+        self._mark("plan")
+        self.plan = plan
+        if self.rank != 0 or self.quiet or not sys.stderr.isatty():
+            return
+        from tqdm import tqdm
+
+        total_read = sum(plan.bytes_read_by(r) for r in range(plan.world))
+        mine = sum(g.nbytes for g in plan.groups if g.writer == 0)
+        common = dict(unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, dynamic_ncols=True)
+        self.read_bar = tqdm(total=total_read, desc="read+gather", position=0, **common)
+        desc = "write      " if mine == plan.total_bytes else "write (rank 0's files)"
+        self.write_bar = tqdm(total=mine, desc=desc, position=1, **common)
+
+    def group_done(self, group: Any, bytes_written: int) -> None:
+        """Rank 0 has passed one group; its own files hold ``bytes_written`` bytes so far."""
+        if self.read_bar is not None:
+            assert self.plan is not None
+            self.read_bar.update(sum(_read_bytes(r, self.plan) for r in group.reads))
+            self._wrote(bytes_written)
+
+    def _wrote(self, bytes_written: int) -> None:
+        if self.write_bar is not None:
+            self.write_bar.update(bytes_written - self.written)
+        self.written = bytes_written
+
+    def converted(self, bytes_written: int) -> None:
+        """Every group is read, gathered and written; close the bars."""
+        self._mark("convert")
+        self._wrote(bytes_written)
+        for bar in (self.read_bar, self.write_bar):
+            if bar is not None:
+                bar.close()
+
+    def report(self) -> dict[str, Any]:
+        """Collective: the run report with every rank's peak memory, on every rank."""
+        mine = {"rank": self.rank, "host": os.uname().nodename, "peak_rss_bytes": peak_rss_bytes(),
+                "bytes_read": self.plan.bytes_read_by(self.rank) if self.plan else 0}
+        if torch.cuda.is_initialized():  # NCCL gathering: device memory too
+            mine["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+        ranks = [mine]
+        if self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, mine, group=self.control)
+        plan_s = self.marks["plan"] - self.start
+        convert_s = self.marks["convert"] - self.marks["plan"]
+        assert self.plan is not None
+        read = sum(r["bytes_read"] for r in ranks)
+        return {
+            "tensors": len(self.plan.outputs),
+            "files": len(self.plan.files),
+            "world_size": self.world,
+            "bytes_read": read,
+            "bytes_written": self.plan.total_bytes,
+            "seconds": {"plan": round(plan_s, 3), "convert": round(convert_s, 3)},
+            "read_gbps": _gbps(read, convert_s),
+            "write_gbps": _gbps(self.plan.total_bytes, convert_s),
+            "ranks": ranks,
+        }
+
+    def finished(self, report: dict[str, Any], path: str | Path | None) -> dict[str, Any]:
+        """Add the finish phase and total time; write ``--report PATH`` (rank 0)."""
+        now = time.perf_counter()
+        report["seconds"]["finish"] = round(now - self.marks["convert"], 3)
+        report["seconds"]["total"] = round(now - self.start, 3)
+        if path is not None and self.rank == 0:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        return report
+
+
+def _read_bytes(read: Any, plan: Plan) -> int:
+    n = plan.dtype.itemsize
+    for s in read.sizes:
+        n *= s
+    return n
+
+
+def plan_text(plan: Plan, ckpt: Any, save: Path) -> str:
+    """The ``--dry-run`` listing: what each rank reads, and the files that would be written."""
+    lines = [f"dry run: nothing is read or written. {plan.world} rank(s) would read:"]
+    for rank in range(plan.world):
+        reads = [r for g in plan.groups for r in g.reads if r.rank == rank]
+        files = sorted({c.file for t in ckpt.tensors.values() for c in t.chunks if c.writer % plan.world == rank})
+        lines.append(f"  rank {rank}: {len(reads)} slices of {len({r.key for r in reads})} tensors, "
+                     f"{plan.bytes_read_by(rank) / 1e6:.3f} MB from {', '.join(files) or 'nothing'}")
+    lines.append(f"and would write {save}/ (atomically), {len(plan.outputs)} tensors, {plan.total_bytes / 1e6:.3f} MB:")
+    writer_of = {o.file: g.writer for g in plan.groups for o in g.outputs}
+    for file in plan.files:
+        outs = [o for o in plan.outputs if o.file == file]
+        lines.append(f"  {file}: {len(outs)} tensors, {sum(o.nbytes for o in outs) / 1e6:.3f} MB of tensor data "
+                     f"(written by rank {writer_of.get(file, 0)})")
+    lines.append("  config.json, generation_config.json, model.safetensors.index.json, distconv.json"
+                 " (and the tokenizer files when there is a tokenizer), by rank 0")
+    return "\n".join(lines)

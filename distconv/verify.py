@@ -1,0 +1,115 @@
+"""``distconv verify --load CKPT --hf OUT``: the export's logits against megatron-core's own.
+
+The Megatron side is megatron-core's ``GPTModel`` built from the checkpoint's args at TP1 PP1
+in this one process on CPU (fp32), its weights loaded with ``dist_checkpointing.load`` from
+the checkpoint as saved (any training layout); the HF side is transformers'
+``AutoModelForCausalLM`` on the exported folder. Both run on the same seeded token sequences.
+The model is built with the same builder the test fixtures use
+(``distconv.testing.megatron_cpu``), so it covers the families the fixtures cover (dense
+GPT, MoE, MLA).
+
+megatron-core 0.16 makes a few CUDA calls unconditionally; they are patched out for this
+process only (``verify`` is meant to run as its own command, not inside a training job).
+It needs the whole model in fp32 twice in CPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distconv.checkpoint import Checkpoint, describe, safe_globals
+from distconv.errors import DistconvError
+from distconv.spec import arg
+
+
+def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
+    """megatron-core's logits (padded vocab) for ``tokens``, from the described checkpoint."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from distconv.testing.megatron_cpu import build_gpt, forward_logits, patch_cuda_for_cpu
+
+    args = argparse.Namespace(**vars(ckpt.args))
+    for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "expert_model_parallel_size", "expert_tensor_parallel_size"):
+        setattr(args, name, 1)
+    patch_cuda_for_cpu()
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        parallel_state.initialize_model_parallel(1, 1)
+        try:
+            model = build_gpt(args, 1, 1)
+        except (AttributeError, TypeError, ValueError) as e:
+            raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
+        try:
+            with torch.serialization.safe_globals(safe_globals()):
+                loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path),
+                                                 validate_access_integrity=False)
+        except BaseException as e:  # DCP's CheckpointException is a BaseException
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                raise
+            raise DistconvError(f"megatron-core could not load {ckpt.path}: {str(e).strip().splitlines()[-1]}") from None
+        model.load_state_dict(loaded["model"])
+        model = model.float()
+        return forward_logits(model, tokens).float()
+    finally:
+        parallel_state.destroy_model_parallel()
+        if owns:
+            dist.destroy_process_group()
+
+
+def hf_logits(hf: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
+    except (OSError, ValueError) as e:
+        raise DistconvError(f"--hf {hf}: transformers cannot load it: {e}") from None
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def verify(
+    load: str | Path,
+    hf: str | Path,
+    *,
+    iteration: int | str | None = None,
+    sequences: int = 4,
+    length: int = 32,
+    seed: int = 0,
+    tol: float = 1e-3,
+) -> dict[str, Any]:
+    """Compare logits on ``sequences`` random token sequences; ``ok`` when max |diff| <= ``tol``."""
+    import json
+
+    try:
+        config = json.loads((Path(hf) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DistconvError(f"--hf {hf}: no readable config.json ({e})") from None
+    vocab = int(config["vocab_size"])
+    ckpt = describe(load, iteration)
+    length = min(length, int(arg(ckpt.args, "max_position_embeddings", "seq_length", default=length)))
+    tokens = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))
+    theirs = hf_logits(hf, tokens)
+    ours = megatron_logits(ckpt, tokens)
+    if ours.shape[-1] < vocab:
+        raise DistconvError(f"the HF vocab ({vocab}) is larger than the checkpoint's ({ours.shape[-1]})")
+    ours = ours[..., :vocab]  # megatron's padding rows are not part of the model
+    diff = (theirs - ours).abs()
+    result = {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "top1_agreement": (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item(),
+        "tokens": list(tokens.shape),
+        "tolerance": tol,
+    }
+    result["ok"] = result["max_abs_diff"] <= tol
+    return result

@@ -1,0 +1,103 @@
+"""``distconv export --watch ROOT``: export each new iteration of a training run as it is saved.
+
+Megatron-LM writes ``latest_checkpointed_iteration.txt`` after the iteration folder is
+complete, so an iteration is exported once the tracker names it. Rank 0 alone reads the file
+system and tells the other ranks (all of them run every export together). Each iteration goes
+to ``SAVE/iter_XXXXXXX`` (``SAVE/release``), or to ``SAVE`` formatted with ``{iteration}`` and
+``{name}`` when it holds a ``{``. A target holding a finished export (valid ``distconv.json``)
+is skipped by the export itself; one without a valid marker (an unfinished or damaged
+export) is redone.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from distconv.checkpoint import TRACKER
+from distconv.errors import DistconvError
+from distconv.gather import Comm
+from distconv.marker import finished, rank0_value
+
+
+def iteration_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def target(save: str | Path, iteration: int | str) -> Path:
+    """Where an iteration is exported: ``SAVE/iter_XXXXXXX`` or the formatted pattern."""
+    save = str(save)
+    if "{" in save:
+        try:
+            return Path(save.format(iteration=iteration, name=iteration_name(iteration)))
+        except (KeyError, IndexError, ValueError) as e:
+            raise DistconvError(f"--save pattern {save!r}: use {{iteration}} or {{name}} ({e})") from None
+    return Path(save) / iteration_name(iteration)
+
+
+def tracked_iteration(root: Path) -> int | str | None:
+    """The iteration the tracker names, or None while there is none (or it is being written)."""
+    try:
+        text = (root / TRACKER).read_text().strip()
+    except OSError:
+        return None
+    if text == "release":
+        return text
+    return int(text) if text.isdigit() else None
+
+
+def watch(
+    root: str | Path,
+    save: str | Path,
+    *,
+    poll_s: float = 60.0,
+    idle_timeout_s: float | None = None,
+    once: bool = False,
+    device: str = "auto",
+    timeout_s: float = 1800.0,
+    quiet: bool = False,
+    **export_options: Any,
+) -> int:
+    """Export every new iteration of ``root``; returns how many exports failed.
+
+    Stops after one look with ``once``, or when no new iteration has appeared for
+    ``idle_timeout_s`` seconds; otherwise runs until interrupted. Collective over all ranks.
+    """
+    from distconv.pipeline import export
+
+    root = Path(root)
+    if not root.is_dir():
+        raise DistconvError(f"--watch {root}: no such directory")
+    target(save, 0)  # a bad pattern fails before any waiting
+    comm = Comm.setup(device, timeout_s)
+    try:
+        done: set[int | str] = set()
+        failures = 0
+        last = time.monotonic()
+        say = (lambda text: print(text, flush=True)) if comm.rank == 0 and not quiet else (lambda text: None)
+        say(f"watching {root / TRACKER} (every {poll_s:g} s)")
+        while True:
+            iteration = rank0_value(comm, tracked_iteration(root) if comm.rank == 0 else None)
+            if iteration is not None and iteration not in done:
+                done.add(iteration)
+                dest = target(save, iteration)
+                redo = rank0_value(comm, comm.rank == 0 and dest.exists() and any(dest.iterdir()) and not finished(dest))
+                say(f"iteration {iteration} -> {dest}{' (redoing an unfinished export)' if redo else ''}")
+                try:
+                    export(root, dest, iteration=iteration, overwrite=redo, device=device, timeout_s=timeout_s,
+                           quiet=quiet, **export_options)
+                except DistconvError as e:
+                    failures += 1
+                    if comm.rank == 0:
+                        print(f"distconv: error: iteration {iteration}: {e}", file=sys.stderr, flush=True)
+                last = time.monotonic()
+            idle = idle_timeout_s is not None and time.monotonic() - last > idle_timeout_s
+            if rank0_value(comm, once or idle):
+                break
+            time.sleep(poll_s)
+        say(f"stopped watching: {len(done)} iteration(s) seen, {failures} failed")
+        return failures
+    finally:
+        comm.close()

@@ -1,0 +1,219 @@
+"""Running distconv in practice: run report and marker, --dry-run, the launch script on one and
+on two "nodes", --watch over a training run's save root, and ``distconv verify``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import ROOT, distconv_cli, hf_logits, subprocess_env
+from distconv.testing.build import layout_dir
+from distconv.watch import target
+
+TOL = 1e-4
+
+
+def _max_diff(built: Path, folder: Path, name: str = "llama") -> float:
+    ref = torch.load(built / "refs" / f"{name}.pt")
+    logits = hf_logits(folder, ref["tokens"])
+    return (logits - ref["logits"][..., : logits.shape[-1]]).abs().max().item()
+
+
+@pytest.fixture(scope="module")
+def reported(built, tmp_path_factory) -> tuple[Path, Path, subprocess.CompletedProcess]:
+    """One plain single-process export with ``--report``."""
+    d = tmp_path_factory.mktemp("reported")
+    out, report = d / "hf", d / "report.json"
+    proc = distconv_cli("export", "--load", str(layout_dir(built, "llama", 2, 2)), "--save", str(out),
+                        "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, report, proc
+
+
+def test_report_counts_what_was_written(reported):
+    out, report_path, _ = reported
+    report = json.loads(report_path.read_text())
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert report["tensors"] == len(index["weight_map"])
+    assert report["bytes_written"] == index["metadata"]["total_size"]
+    assert report["bytes_read"] >= report["bytes_written"]  # the padded vocab rows are read, then trimmed
+    assert set(report["seconds"]) == {"plan", "convert", "finish", "total"}
+    assert [r["rank"] for r in report["ranks"]] == [0] and report["ranks"][0]["peak_rss_bytes"] > 100e6
+
+
+def test_progress_bars_only_on_a_terminal(reported, built, tmp_path):
+    _, _, piped = reported
+    assert "read+gather" not in piped.stderr  # stderr was a pipe: no bars
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a terminal 120 columns wide
+    proc = subprocess.Popen([sys.executable, "-m", "distconv", "export", "--load", str(layout_dir(built, "qwen3", 1, 1)),
+                             "--save", str(tmp_path / "hf")], env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=slave, cwd=ROOT)
+    os.close(slave)
+    data = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        data += chunk
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, data.decode(errors="replace")[-3000:]
+    text = data.decode(errors="replace")
+    assert "read+gather" in text and "write" in text and "100%" in text and "B/s" in text, text[-3000:]
+
+
+def test_marker_checksums_match_the_files(reported):
+    out, _, _ = reported
+    marker = json.loads((out / "distconv.json").read_text())
+    files = sorted(p.name for p in out.iterdir() if p.name != "distconv.json")
+    assert sorted(marker["files"]) == files
+    for name in files:
+        assert marker["files"][name]["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    assert marker["source"]["iteration"] == 100 and marker["source"]["path"].endswith("tp2pp2/iter_0000100")
+
+
+def test_finished_export_is_skipped_and_other_options_are_not(reported, built):
+    out, _, _ = reported
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    load = str(layout_dir(built, "llama", 2, 2))
+    again = distconv_cli("export", "--load", load, "--save", str(out))
+    assert again.returncode == 0 and "already holds this export" in again.stdout, again.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    other = distconv_cli("export", "--load", load, "--save", str(out), "--dtype", "bf16")
+    assert other.returncode != 0 and "exists and is not empty" in other.stderr
+
+
+def test_dry_run_reads_no_tensor(built, tmp_path):
+    """Through launch/export.sh (2 processes from the TP2 PP1 layout): the plan, while every
+    tensor file is garbage of the right size, and no output."""
+    root = tmp_path / "ckpt"
+    shutil.copytree(layout_dir(built, "llama", 2, 1), root)
+    for f in (root / "iter_0000100").glob("*.distcp"):
+        f.write_bytes(b"\0" * f.stat().st_size)
+    out = tmp_path / "hf"
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "export.sh"), str(root), str(out), "--dry-run"],
+                          env={**subprocess_env(), "PYTHON": sys.executable}, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s) would read" in proc.stdout
+    assert "  rank 0: " in proc.stdout and "  rank 1: " in proc.stdout
+    assert "model-00001-of-00001.safetensors: 39 tensors" in proc.stdout
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+@pytest.mark.parametrize("rendezvous", ["c10d", "static"])
+def test_launch_script_on_two_nodes(built, tmp_path, rendezvous):
+    """Two launch/export.sh "nodes" (one process each) meet through torchrun's c10d rendezvous,
+    or a static one when each node is given its NODE_RANK."""
+    out = tmp_path / "hf"
+    cmd = ["bash", str(ROOT / "launch" / "export.sh"), str(layout_dir(built, "llama", 1, 2)), str(out)]
+    for attempt in range(3):  # the free port may be taken by another process before torchrun binds it
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        env = {**subprocess_env(), "PYTHON": sys.executable, "NNODES": "2", "NPROC": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RDZV_ID": "test-two-nodes"}
+        node_env = [env, env] if rendezvous == "c10d" else [{**env, "NODE_RANK": str(r)} for r in range(2)]
+        nodes = [subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                 for e in node_env]
+        end = time.monotonic() + 600
+        while any(n.poll() is None for n in nodes) and not any(n.poll() for n in nodes) and time.monotonic() < end:
+            time.sleep(0.2)
+        for n in nodes:  # once one node failed, the other would wait for it until the rendezvous times out
+            if n.poll() is None and any(m.poll() for m in nodes):
+                n.terminate()
+        results = [n.communicate(timeout=120) for n in nodes]
+        if not any("EADDRINUSE" in e for _, e in results):
+            break
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(e[-3000:] for _, e in results)
+    assert sum("plan        2 rank(s)" in o for o, _ in results) == 1  # rank 0 alone prints
+    assert _max_diff(built, out) <= TOL
+
+
+def test_watch_exports_each_new_iteration(built, tmp_path):
+    root, save = tmp_path / "run", tmp_path / "hf"
+    shutil.copytree(layout_dir(built, "llama", 1, 1), root)
+    watcher = subprocess.Popen(  # 2 ranks: rank 0 looks, both export
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "distconv", "export", "--watch", str(root), "--save", str(save), "--poll", "0.2", "--watch-timeout", "10"],
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        end = time.monotonic() + 300
+        while not (save / "iter_0000100" / "distconv.json").exists():
+            assert watcher.poll() is None and time.monotonic() < end, watcher.communicate()[1][-3000:]
+            time.sleep(0.1)
+        # training saves iteration 200: the folder first, the tracker last (the same weights will do)
+        shutil.copytree(root / "iter_0000100", root / "iter_0000200")
+        (root / "latest_checkpointed_iteration.txt").write_text("200")
+        stdout, stderr = watcher.communicate(timeout=300)
+    finally:
+        watcher.kill()
+    assert watcher.returncode == 0, stderr[-3000:]
+    assert "iteration 100 -> " in stdout and "iteration 200 -> " in stdout
+    assert stdout.count("plan        2 rank(s)") == 2  # rank 0 alone prints, once per export
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000100", "iter_0000200"]
+    assert json.loads((save / "iter_0000200" / "distconv.json").read_text())["source"]["iteration"] == 200
+
+    once = ["export", "--watch", str(root), "--save", str(save), "--once"]
+    skipped = distconv_cli(*once)
+    assert skipped.returncode == 0 and "already holds this export" in skipped.stdout, skipped.stderr[-2000:]
+    (save / "iter_0000200" / "model-00001-of-00001.safetensors").unlink()  # an unfinished/damaged export
+    redone = distconv_cli(*once)
+    assert redone.returncode == 0 and "redoing an unfinished export" in redone.stdout, redone.stderr[-2000:]
+    assert _max_diff(built, save / "iter_0000200") <= TOL
+
+
+def test_watch_targets():
+    assert target("/o", 1200) == Path("/o/iter_0001200")
+    assert target("/o", "release") == Path("/o/release")
+    assert target("/o/hf-{iteration}", 1200) == Path("/o/hf-1200")
+    assert target("/o/{name}-hf", 7) == Path("/o/iter_0000007-hf")
+
+
+def test_verify_accepts_a_good_export_and_rejects_a_wrong_one(reported, built, tmp_path):
+    out, _, _ = reported
+    load = str(layout_dir(built, "llama", 1, 2))  # the same weights, saved at another layout
+    good = distconv_cli("verify", "--load", load, "--hf", str(out), "--tol", "1e-4", "--json")
+    assert good.returncode == 0, good.stderr[-3000:]
+    result = json.loads(good.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(out, wrong)
+    shard = wrong / "model-00001-of-00001.safetensors"
+    tensors = load_file(shard)
+    a, b = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    tensors[a], tensors[b] = tensors[b], tensors[a]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    bad = distconv_cli("verify", "--load", load, "--hf", str(wrong), "--tol", "1e-4")
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    assert "MISMATCH" in bad.stdout
+
+
+def test_verify_moe_export_from_an_expert_parallel_layout(built, tmp_path):
+    out = tmp_path / "hf"
+    export = distconv_cli("export", "--load", str(layout_dir(built, "mixtral", 1, 1)), "--save", str(out), "--quiet")
+    assert export.returncode == 0, export.stderr[-3000:]
+    check = distconv_cli("verify", "--load", str(layout_dir(built, "mixtral", 2, 1, 2)), "--hf", str(out), "--tol", "1e-4", "--json")
+    assert check.returncode == 0, check.stderr[-3000:]
+    result = json.loads(check.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["top1_agreement"] == 1.0
