@@ -11,6 +11,8 @@ import datetime
 import os
 import uuid
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
 
@@ -89,6 +91,14 @@ class Comm:
         dist.all_gather_object(messages, None if error is None else str(_as_user_error(error)), group=self.control)
         rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
         raise DistconvError(message if rank == 0 else f"{message} (on rank {rank})") from error
+
+    def collect(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, on every rank (over the gloo control group)."""
+        if self.world == 1:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj, group=self.control)
+        return out
 
     def shared_token(self) -> str:
         """A random token chosen by rank 0 and known to every rank."""

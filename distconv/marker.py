@@ -46,17 +46,21 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_sums(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of every file in ``folder`` (hashed in parallel threads)."""
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MARKER)
+def file_sums(folder: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file in ``folder``; ``known`` ones (hashed as they were
+    written) are taken as given, the rest are hashed in parallel threads."""
+    known = known or {}
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MARKER and p.name not in known)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(1, len(names)))) as pool:
         sums = list(pool.map(lambda n: _sha256(folder / n), names))
-    return {n: {"bytes": (folder / n).stat().st_size, "sha256": s} for n, s in zip(names, sums)}
+    return dict(sorted({**known, **{n: {"bytes": (folder / n).stat().st_size, "sha256": s} for n, s in zip(names, sums)}}.items()))
 
 
-def write_marker(folder: Path, source: dict[str, Any], tensors: int, report: dict[str, Any]) -> None:
+def write_marker(folder: Path, source: dict[str, Any], tensors: int, report: dict[str, Any],
+                 known: dict[str, dict[str, Any]] | None = None) -> None:
     """Write the marker last, flushed to disk."""
-    data = {"distconv": _version(), "source": source, "tensors": tensors, "files": file_sums(folder), "report": report}
+    data = {"distconv": _version(), "source": source, "tensors": tensors, "files": file_sums(folder, known),
+            "report": report}
     with open(folder / MARKER, "w") as f:
         json.dump(data, f, indent=2, default=str)
         f.write("\n")

@@ -297,8 +297,9 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
         tracker.converted(shards.bytes_written if shards else 0)
         comm.agree(error)  # every shard file is complete
         report = tracker.report()
+        sums = {k: v for part in comm.collect(getattr(shards, "sums", {})) for k, v in part.items()}
         if comm.rank == 0:
-            error = _attempt(lambda: _finish(job, folder.tmp, report))
+            error = _attempt(lambda: _finish(job, folder.tmp, report, sums))
         comm.agree(error)
         if comm.rank == 0:
             folder.commit()
@@ -328,7 +329,7 @@ def _attempt(fn) -> BaseException | None:
     return None
 
 
-def _finish(job: _Job, tmp: Path, report: dict[str, Any]) -> None:
+def _finish(job: _Job, tmp: Path, report: dict[str, Any], sums: dict[str, dict[str, Any]]) -> None:
     """After the shards: config, generation config, tokenizer, the index, and the marker last."""
     write_config(tmp, job.config, job.dtype)
     write_generation_config(tmp, job.config, job.config_dir)
@@ -336,7 +337,7 @@ def _finish(job: _Job, tmp: Path, report: dict[str, Any]) -> None:
         write_tokenizer(tmp, job.tokenizer)
     if job.format == "safetensors":
         write_index(tmp, job.plan.outputs)
-    marker.write_marker(tmp, job.source, len(job.plan.outputs), report)
+    marker.write_marker(tmp, job.source, len(job.plan.outputs), report, known=sums)
 
 
 def main_export(opts: Any) -> int:

@@ -8,6 +8,7 @@ built in memory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -82,6 +83,15 @@ class ShardWriter:
         self.file: BinaryIO | None = None
         self.file_name: str | None = None
         self.bytes_written = 0
+        self.sums: dict[str, dict[str, Any]] = {}  # file -> size and SHA-256, hashed as written
+        self._hash: Any = None
+        self._size = 0
+
+    def _put(self, data: Any) -> None:
+        assert self.file is not None
+        self.file.write(data)
+        self._hash.update(data)
+        self._size += memoryview(data).nbytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self.next >= len(self.outputs):
@@ -94,9 +104,8 @@ class ShardWriter:
         if out.file != self.file_name:
             self._open(out.file)
         data = tensor.detach().to("cpu").contiguous()
-        assert self.file is not None
         try:
-            self.file.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            self._put(data.reshape(-1).view(torch.uint8).numpy().data)
         except OSError as e:
             raise _write_error(self.folder / out.file, e) from None
         self.bytes_written += out.nbytes
@@ -106,7 +115,8 @@ class ShardWriter:
         self._close_file()
         self.file = open(self.folder / file_name, "wb")
         self.file_name = file_name
-        self.file.write(_header([o for o in self.outputs if o.file == file_name]))
+        self._hash, self._size = hashlib.sha256(), 0
+        self._put(_header([o for o in self.outputs if o.file == file_name]))
 
     def _close_file(self) -> None:
         if self.file is not None:
@@ -117,6 +127,7 @@ class ShardWriter:
                 raise _write_error(self.folder / str(self.file_name), e) from None
             self.file.close()
             self.file = None
+            self.sums[str(self.file_name)] = {"bytes": self._size, "sha256": self._hash.hexdigest()}
 
     def close(self) -> None:
         """Finish the last file; every planned tensor must have been written."""
