@@ -8,15 +8,29 @@ calls it once per read batch, with an empty request when it owns nothing there.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from distconv.checkpoint import safe_globals
 from distconv.errors import DistconvError
 from distconv.plan import Read
+
+
+class _RandomAccessFileSystem(FileSystem):
+    """Local files opened with ``POSIX_FADV_RANDOM``: DCP reads exact byte ranges, so kernel
+    read-ahead would only pull in the optimizer state stored next to the weights."""
+
+    @contextlib.contextmanager
+    def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
+        with super().create_stream(path, mode) as stream:
+            if "r" in mode and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(stream.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            yield stream
 
 
 class _KnownMetadataReader(FileSystemReader):
@@ -25,6 +39,8 @@ class _KnownMetadataReader(FileSystemReader):
     def __init__(self, path: Path, metadata: Any) -> None:
         super().__init__(str(path))
         self._known = metadata
+        if type(self.fs) is FileSystem:
+            self.fs = _RandomAccessFileSystem()
 
     def read_metadata(self) -> Any:
         return self._known
