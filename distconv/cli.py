@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     exp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where gathering happens (auto: NCCL on CUDA if available)")
-    exp.add_argument("--window", default="1GiB", help="largest group rank 0 gathers at once (default 1GiB)")
+    exp.add_argument("--window", default="256MiB", help="largest group rank 0 gathers at once; it holds about 3 (default 256MiB)")
     exp.add_argument("--writers", type=int, default=1, help="ranks that write safetensors files in parallel (default 1: rank 0)")
     exp.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     exp.add_argument("--quiet", action="store_true", help="print nothing but errors")

@@ -201,7 +201,7 @@ def export(
     max_shard_size: str | int = "5GB",
     overwrite: bool = False,
     device: str = "auto",
-    window: str | int = "1GiB",
+    window: str | int = "256MiB",
     writers: int = 1,
     timeout_s: float = 1800.0,
     quiet: bool = False,

@@ -27,11 +27,11 @@ def main() -> None:
     parser.add_argument("--save", required=True)
     parser.add_argument("--stats", required=True)
     parser.add_argument("--writers", type=int, default=1)
+    parser.add_argument("--window", default="256MiB")
     opts = parser.parse_args()
     dist.init_process_group("gloo")
     before, start = io_counters(), time.perf_counter()
-    extra = {"writers": opts.writers} if opts.writers != 1 else {}
-    distconv.export(opts.load, opts.save, overwrite=True, quiet=True, **extra)
+    distconv.export(opts.load, opts.save, overwrite=True, quiet=True, writers=opts.writers, window=opts.window)
     seconds, after = time.perf_counter() - start, io_counters()
     mine = {
         "rank": dist.get_rank(),
