@@ -27,24 +27,17 @@ from distconv.reshard import reshard
 
 
 def model_chunks(model) -> set:
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     sd = model.sharded_state_dict()
     apply_factories(sd)
-    out = set()
-
-    def walk(x):
-        if isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-        elif isinstance(x, ShardedTensor) and all(r == 0 for r in (x.replica_id if isinstance(x.replica_id, tuple) else (x.replica_id,))):
-            out.add((x.key, tuple(x.global_offset), (1,) * x.prepend_axis_num + tuple(x.local_shape)))
-
-    walk(sd)
-    return out
+    return {
+        (x.key, tuple(x.global_offset), (1,) * x.prepend_axis_num + tuple(x.local_shape))
+        for x in nested_values(sd)
+        if isinstance(x, ShardedTensor)
+        and all(r == 0 for r in (x.replica_id if isinstance(x.replica_id, tuple) else (x.replica_id,)))
+    }
 
 
 def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int):

@@ -135,6 +135,7 @@ def _optimizer_state(model: torch.nn.Module, seed: int, shared: bool = False) ->
 
     ``shared=True`` makes every moment a view of one random buffer (no memory per tensor).
     """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     sd = model.sharded_state_dict()
@@ -143,14 +144,8 @@ def _optimizer_state(model: torch.nn.Module, seed: int, shared: bool = False) ->
     out: dict[str, Any] = {}
     pool = torch.randn(max((p.numel() for p in model.parameters()), default=1), generator=gen) if shared else None
 
-    def walk(x: Any) -> None:
-        if isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-        elif isinstance(x, ShardedTensor):
+    for x in nested_values(sd):
+        if isinstance(x, ShardedTensor):
             for moment in ("exp_avg", "exp_avg_sq"):
                 if pool is not None:
                     data = pool[: torch.Size(x.local_shape).numel()].view(x.local_shape)
@@ -159,8 +154,6 @@ def _optimizer_state(model: torch.nn.Module, seed: int, shared: bool = False) ->
                 out[f"{moment}.{x.key}.{len(out)}"] = dataclasses.replace(
                     x, key=f"optimizer.state.{moment}.{x.key}", data=data, dtype=torch.float32
                 )
-
-    walk(sd)
     return out
 
 
