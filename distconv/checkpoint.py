@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import io
 import pathlib
 import pickle
@@ -149,51 +150,106 @@ def safe_torch_load(source: Path | io.BytesIO, what: str) -> Any:
         raise DistconvError(f"cannot read {what}: {e}") from None
 
 
+# Every global a DCP ``.metadata`` may name, exactly: ``(module, name)``. Nothing else resolves.
+_METADATA_GLOBALS = frozenset({
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    *(("torch.distributed.checkpoint.planner", n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch._utils", "_get_layout"),
+    ("collections", "OrderedDict"),
+    *(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)),
+})
+
+
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP ``.metadata`` but refuses any global outside the DCP metadata types."""
+    """Unpickles DCP ``.metadata``; any global outside ``_METADATA_GLOBALS`` is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
-        ok = (
-            module.startswith(("torch.distributed.checkpoint", "megatron.core.dist_checkpointing"))
-            or (module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)))
-            or (module, name) in {("torch._utils", "_get_layout"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")}
-        )
-        if not ok:
-            raise DistconvError(f"refusing to unpickle {module}.{name} from DCP .metadata")
-        return super().find_class(module, name)
+        if (module, name) not in _METADATA_GLOBALS:  # dotted names never match: no attribute walks
+            raise DistconvError(f"refusing to unpickle {module}.{name} from DCP .metadata: not a DCP metadata type")
+        try:
+            return getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            raise DistconvError(f"DCP .metadata names {module}.{name}, which this torch/megatron-core lacks") from None
 
 
 def read_dcp_metadata(folder: Path) -> Any:
-    """The DCP ``Metadata`` of a torch_dist folder, unpickled with an allow-list."""
-    import megatron.core.dist_checkpointing  # noqa: F401  (registers megatron's metadata classes)
+    """The DCP ``Metadata`` of a torch_dist folder, unpickled with the allow-list, its file names checked."""
+    from torch.distributed.checkpoint.metadata import Metadata
 
     path = folder / ".metadata"
     if not path.exists():
         raise DistconvError(f"{path} is missing: the checkpoint is incomplete")
     try:
         with path.open("rb") as f:
-            return _MetadataUnpickler(f).load()
-    except (EOFError, pickle.UnpicklingError, AttributeError, ValueError) as e:
-        raise DistconvError(f"{path} is unreadable or truncated: {e}") from None
+            metadata = _MetadataUnpickler(f).load()
+    except DistconvError as e:
+        raise DistconvError(f"{path}: {e}") from None
+    except Exception as e:  # EOFError, UnpicklingError, and whatever a crafted stream raises
+        raise DistconvError(f"{path} is unreadable or truncated: {type(e).__name__}: {e}") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
+            or not isinstance(metadata.storage_data, dict):
+        raise DistconvError(f"{path} does not hold DCP metadata (it unpickles to {type(metadata).__name__})")
+    for info in metadata.storage_data.values():
+        inside(folder, getattr(info, "relative_path", None), str(path))
+        if not all(isinstance(getattr(info, a, None), int) and getattr(info, a) >= 0 for a in ("offset", "length")):
+            raise DistconvError(f"{path} gives a data file range that is not a pair of byte counts")
+    return metadata
 
 
-def load_common_state(folder: Path) -> dict[str, Any]:
-    """``common.pt`` (megatron-core <= 0.18) or the ``common_state`` object inside DCP (0.19)."""
+def inside(folder: Path, name: Any, what: str) -> Path:
+    """``folder / name`` for a file name a checkpoint gives, refused unless it stays in ``folder``.
+
+    The name must be relative, without ``..``, and its directories must resolve inside the
+    folder; the file itself may be a symlink (checkpoints assembled from links stay readable).
+    """
+    if not isinstance(name, str) or not name:
+        raise DistconvError(f"{what} names a data file {name!r}, which is not a file name")
+    rel = pathlib.PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise DistconvError(f"{what} names the data file {name!r} outside the checkpoint folder; refused")
+    path = folder / rel
+    root = folder.resolve()
+    parent = path.parent.resolve()
+    if parent != root and root not in parent.parents:
+        raise DistconvError(f"{what} names the data file {name!r}, whose folder resolves outside the checkpoint; refused")
+    return path
+
+
+def load_common_state(folder: Path, metadata: Any = None) -> dict[str, Any]:
+    """``common.pt`` (megatron-core <= 0.18) or the ``common_state`` bytes inside DCP (0.19).
+
+    Both are unpickled with ``torch.load(weights_only=True)`` and the allow-list; the DCP
+    bytes are read straight from the file the (allow-listed) metadata names.
+    """
     common = folder / "common.pt"
     if common.exists():
         return safe_torch_load(common, str(common))
-    from torch.distributed.checkpoint import FileSystemReader, load
+    metadata = metadata if metadata is not None else read_dcp_metadata(folder)
+    from torch.distributed.checkpoint.metadata import MetadataIndex
 
-    buf: dict[str, Any] = {"common_state/shard_0_1": io.BytesIO()}
+    info = metadata.storage_data.get(MetadataIndex("common_state/shard_0_1"))
+    if info is None:
+        info = next((v for k, v in metadata.storage_data.items() if k.fqn.startswith("common_state")), None)
+    if info is None:
+        raise DistconvError(f"{folder} has neither common.pt nor a common_state in its DCP metadata")
+    if getattr(info, "transform_descriptors", None):
+        raise DistconvError(f"{folder}: common_state is stored with transforms {info.transform_descriptors}, which distconv does not read")
+    path = inside(folder, info.relative_path, f"{folder}/.metadata")
     try:
-        load(buf, storage_reader=FileSystemReader(str(folder)), no_dist=True)
-    except BaseException as e:  # DCP raises CheckpointException, a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise DistconvError(f"{folder} has neither common.pt nor a readable common_state: {e}") from None
-    data = buf["common_state/shard_0_1"]
-    data.seek(0)
-    state = safe_torch_load(data, f"{folder} common_state")
+        with path.open("rb") as f:
+            f.seek(int(info.offset))
+            data = f.read(int(info.length))
+    except OSError as e:
+        raise DistconvError(f"cannot read {path}: {e.strerror or e}") from None
+    if len(data) != int(info.length):
+        raise DistconvError(f"{path} is truncated: common_state needs {info.length} bytes at {info.offset}")
+    state = safe_torch_load(io.BytesIO(data), f"{folder} common_state")
     return state[0] if isinstance(state, list) else state
 
 
@@ -226,7 +282,7 @@ def check_files(folder: Path, metadata: Any) -> None:
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
     for name, length in sorted(needed.items()):
-        path = folder / name
+        path = inside(folder, name, f"{folder}/.metadata")
         if not path.exists():
             raise DistconvError(f"checkpoint shard {path} is missing")
         size = path.stat().st_size
@@ -244,7 +300,7 @@ def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint
         return describe_legacy(folder, iteration)
     metadata = read_dcp_metadata(folder)
     check_files(folder, metadata)
-    common = load_common_state(folder)
+    common = load_common_state(folder, metadata)
     args = common.get("args")
     if not isinstance(args, argparse.Namespace):
         raise DistconvError(f"{folder}: the common state has no Megatron-LM 'args'; pass a checkpoint saved by Megatron-LM")

@@ -237,11 +237,11 @@ def plan_import(source: Source, config: Any, tp: int, pp: int, ep: int, dtype: s
 
 
 def write_megatron(comm: Comm, job: ImportJob, source: Source, save: str | Path, iteration: int | str,
-                   overwrite: bool) -> int:
+                   overwrite: bool, protect: tuple[str | Path | None, ...]) -> int:
     """Collective: read this rank's chunks, save all ranks' together; returns bytes this rank read."""
     root, error, state, nbytes = None, None, {}, 0
     try:
-        root = MegatronRoot(comm, save, overwrite)
+        root = MegatronRoot(comm, save, overwrite, protect)
         by_name = {i.name: i for i in job.items}
         for n, shard in enumerate(job.shards):
             if shard.target_rank % comm.world == comm.rank:
@@ -277,7 +277,8 @@ def hf_source(load: str | Path) -> tuple[Source, Any, str | None]:
 
 def run_import(comm: Comm, source: Source, config: Any, save: str | Path, *, tp: int, pp: int, ep: int, dtype: str,
                divisible_by: int, iteration: int | str, overwrite: bool, tokenizer: str | None, quiet: bool,
-               what: str) -> dict[str, Any]:
+               what: str, protect: tuple[str | Path | None, ...]) -> dict[str, Any]:
+    """Collective: plan and write an import; ``protect`` are the inputs ``save`` must stay clear of."""
     start = time.perf_counter()
     job, error = None, None
     try:
@@ -292,11 +293,11 @@ def run_import(comm: Comm, source: Source, config: Any, save: str | Path, *, tp:
               f"heads {s.num_attention_heads}/{s.num_query_groups}, vocab {s.vocab_size} padded to {s.padded_vocab_size}\n"
               f"layout      TP{tp} PP{pp}, {len(job.shards)} chunks of {str(s.train_dtype).removeprefix('torch.')} "
               f"written by {comm.world} rank(s)", flush=True)
-    nbytes = write_megatron(comm, job, source, save, iteration, overwrite)
+    nbytes = write_megatron(comm, job, source, save, iteration, overwrite, protect)
     seconds = time.perf_counter() - start
     if comm.rank == 0 and not quiet:
-        print(f"wrote Megatron torch_dist TP{tp} PP{pp} to {Path(save).absolute()} in {seconds:.1f} s", flush=True)
-    return {"architecture": job.family.architecture, "save": str(Path(save).absolute()), "chunks": len(job.shards),
+        print(f"wrote Megatron torch_dist TP{tp} PP{pp} to {Path(save).resolve()} in {seconds:.1f} s", flush=True)
+    return {"architecture": job.family.architecture, "save": str(Path(save).resolve()), "chunks": len(job.shards),
             "bytes_read": nbytes, "seconds": seconds, "padded_vocab_size": job.spec.padded_vocab_size}
 
 
@@ -314,7 +315,8 @@ def import_hf(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, e
             error = e
         comm.agree(error)
         return run_import(comm, source, config, save, tp=tp, pp=pp, ep=ep, dtype=dtype, divisible_by=divisible_by,
-                          iteration=iteration, overwrite=overwrite, tokenizer=tokenizer, quiet=quiet, what=str(load))
+                          iteration=iteration, overwrite=overwrite, tokenizer=tokenizer, quiet=quiet, what=str(load),
+                          protect=(load,))
     finally:
         comm.close()
 

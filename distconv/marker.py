@@ -4,9 +4,9 @@ Rank 0 writes it into the hidden output folder after every other file, just befo
 folder is renamed into place, so a folder at ``--save`` with a valid marker is complete. It
 names the source (iteration folder, iteration, a hash of the training args), the export
 options, the tensor count, every file's size and SHA-256, and the run report. Asked again for
-the same source and options, an export whose marker checks out is skipped; a folder without a
-marker is not distconv's finished work and is redone only with ``--overwrite`` (the watcher
-redoes such folders itself).
+the same source and options, an export whose marker checks out (every file re-hashed) is
+skipped; a folder without a marker is not distconv's finished work and is redone only with
+``--overwrite`` (the watcher redoes such folders itself).
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from distconv.errors import DistconvError
 
 MARKER = "distconv.json"
 _CHUNK = 16 << 20
@@ -61,11 +63,14 @@ def write_marker(folder: Path, source: dict[str, Any], tensors: int, report: dic
     """Write the marker last, flushed to disk."""
     data = {"distconv": _version(), "source": source, "tensors": tensors, "files": file_sums(folder, known),
             "report": report}
-    with open(folder / MARKER, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(folder / MARKER, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise DistconvError(f"cannot write {folder / MARKER}: {e.strerror or e}") from None
 
 
 def _version() -> str:
@@ -85,24 +90,28 @@ def read_marker(save: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def finished(save: str | Path, source: dict[str, Any] | None = None, checksums: bool = False) -> bool:
-    """True when ``save`` holds a complete export (of ``source``, if given): marker matches, every file intact.
-
-    Files are checked by size (cheap); ``checksums=True`` re-hashes them too.
-    """
+def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
+    """True when ``save`` holds a complete export (of ``source``, if given): the marker matches
+    and every file it lists has its recorded size and SHA-256 (re-hashed, in parallel threads)."""
     data = read_marker(save)
     if data is None or (source is not None and data.get("source") != json.loads(json.dumps(source, default=str))):
         return False
     files = data.get("files")
     if not isinstance(files, dict) or not files:
         return False
+    folder = Path(save)
     for name, info in files.items():
-        path = Path(save) / name
-        if not path.is_file() or path.stat().st_size != info.get("bytes"):
+        path = folder / name
+        if Path(name).name != name or not isinstance(info, dict) or not path.is_file() \
+                or path.stat().st_size != info.get("bytes"):
             return False
-        if checksums and _sha256(path) != info.get("sha256"):
-            return False
-    return True
+    names = sorted(files)
+    try:
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(names))) as pool:
+            sums = list(pool.map(lambda n: _sha256(folder / n), names))
+    except OSError:
+        return False
+    return all(files[n].get("sha256") == s for n, s in zip(names, sums))
 
 
 def rank0_value(comm: Any, value: Any) -> Any:

@@ -75,9 +75,9 @@ def iteration_dir(iteration: int | str) -> str:
 class MegatronRoot:
     """A save root created atomically by all ranks together (collective methods)."""
 
-    def __init__(self, comm: Comm, save: str | Path, overwrite: bool) -> None:
+    def __init__(self, comm: Comm, save: str | Path, overwrite: bool, sources: tuple[str | Path | None, ...]) -> None:
         self.comm = comm
-        self.folder = OutputFolder(save, overwrite) if comm.rank == 0 else None
+        self.folder = OutputFolder(save, overwrite, sources) if comm.rank == 0 else None
 
     def save(self, state: dict[str, Any], common: dict[str, Any], iteration: int | str) -> None:
         """Create the temporary root, ``dist_checkpointing.save`` into it, write the tracker."""

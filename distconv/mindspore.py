@@ -198,6 +198,6 @@ def import_mindspore(load: str | Path, save: str | Path, *, ms_config: str | Non
         comm.agree(error)
         return run_import(comm, source, config, save, tp=tp, pp=pp, ep=ep, dtype=dtype, divisible_by=divisible_by,
                           iteration=iteration, overwrite=overwrite, tokenizer=None, quiet=quiet,
-                          what=f"MindSpore Transformers {load}")
+                          what=f"MindSpore Transformers {load}", protect=(load, ms_config))
     finally:
         comm.close()

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distconv.checkpoint import load_common_state, locate
+from distconv.checkpoint import describe, detect_format, load_common_state, locate
 from distconv.errors import DistconvError
 from distconv.spec import arg
 
 
 def model_parallel_size(load: str | Path, iteration: int | str | None = None) -> int:
-    """TP x PP x EP from the checkpoint's args (reads ``common.pt`` only): the ranks that hold distinct slices."""
-    folder, _ = locate(load, iteration)
-    args = load_common_state(folder).get("args")
+    """TP x PP x EP from the checkpoint's args (the common state only, allow-listed): the ranks
+    that hold distinct slices."""
+    folder, iteration = locate(load, iteration)
+    if detect_format(folder) == "legacy":
+        args = describe(folder, iteration).args
+    else:
+        args = load_common_state(folder).get("args")
     if args is None:
         raise DistconvError(f"{folder}: the common state has no Megatron-LM 'args'")
     size = 1

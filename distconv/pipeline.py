@@ -19,7 +19,7 @@ from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.gather import Comm
 from distconv import marker
-from distconv.progress import Tracker, plan_text
+from distconv.progress import Tracker, check_report_path, plan_text
 from distconv.plan import Plan, make_plan
 from distconv.legacy import LegacyReader
 from distconv.stream import Prefetcher, WriterThread
@@ -28,6 +28,7 @@ from distconv.spec import ModelSpec, arg, spec_from_args
 from distconv.write import (
     OutputFolder,
     ShardWriter,
+    refuse_overlap,
     TorchFileWriter,
     write_config,
     write_generation_config,
@@ -41,14 +42,13 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str | int) -> int:
-    """``5GB`` -> 5_000_000_000 (decimal units like transformers; KiB/MiB/GiB binary)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([\d.]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise DistconvError(f"cannot read size {text!r}; use e.g. 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+def parse_size(text: str | int, what: str = "size") -> int:
+    """``5GB`` -> 5_000_000_000 (decimal units like transformers; KiB/MiB/GiB binary); positive only."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if m and m.group(2).upper() in _UNITS else 0
+    if size <= 0:
+        raise DistconvError(f"{what} {text!r}: give a positive size, e.g. 5GB, 500MB or 2GiB")
+    return size
 
 
 def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
@@ -157,15 +157,18 @@ class _Job:
         if dtype not in ("auto", *DTYPES):
             raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16 or fp32")
         self.dtype = self.spec.train_dtype if dtype == "auto" else DTYPES[dtype]
-        self.window = parse_size(window)
-        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, parse_size(max_shard_size), self.window, writers)
+        self.window = parse_size(window, "--window")
+        shard_size = parse_size(max_shard_size, "--max-shard-size")
+        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, shard_size, self.window, writers)
         _check_against_hf(self.plan, self.config)
         self.source = marker.source_of(self.ckpt, {
-            "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": parse_size(max_shard_size),
+            "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
             "format": fmt})
-        self.done = not overwrite and marker.finished(save, self.source)
-        self.folder = None if self.done else OutputFolder(save, overwrite)
+        self.save = Path(save).resolve()
+        self.sources = (load, self.ckpt.path, self.config_dir, self.tokenizer_source)
+        refuse_overlap(self.save, self.sources)
+        self.folder: OutputFolder | None = None  # made once the run is known not to be skipped
 
     def summary(self, world: int) -> str:
         ckpt, spec, plan = self.ckpt, self.spec, self.plan
@@ -239,22 +242,29 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     comm.agree(error)
     assert job is not None
     _say(comm, quiet, job.summary(comm.world))
+    save = job.save
     if dry_run:
-        _say(comm, False, plan_text(job.plan, job.ckpt, Path(save).absolute()))
+        _say(comm, False, plan_text(job.plan, job.ckpt, save))
         return {"dry_run": True, "tensors": len(job.plan.outputs), "files": job.plan.files,
                 "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)}}
-    if marker.rank0_value(comm, job.done):
-        _say(comm, quiet, f"{Path(save).absolute()} already holds this export (its {marker.MARKER} checks out): skipped")
-        return {"skipped": True, "save": str(Path(save).absolute()), "tensors": len(job.plan.outputs)}
+    if marker.rank0_value(comm, comm.rank == 0 and not overwrite and marker.finished(save, job.source)):
+        _say(comm, quiet, f"{save} already holds this export (its {marker.MARKER} and every file's checksum check out): skipped")
+        return {"skipped": True, "save": str(save), "tensors": len(job.plan.outputs)}
+    try:
+        job.folder = OutputFolder(save, overwrite, job.sources)
+        report_path = check_report_path(report_path) if comm.rank == 0 else None
+    except Exception as e:
+        error = e
+    comm.agree(error)
     tracker.planned(job.plan)
     report = _stream(comm, job, tracker)
     report = tracker.finished(report, report_path)
     total = job.plan.total_bytes
-    _say(comm, quiet, f"wrote {job.family.architecture} to {Path(save).absolute()}: {len(job.plan.outputs)} tensors, "
+    _say(comm, quiet, f"wrote {job.family.architecture} to {save}: {len(job.plan.outputs)} tensors, "
                       f"{total / 1e9:.3f} GB in {report['seconds']['total']:.1f} s ({report['write_gbps']:.3f} GB/s)")
     return {
         "architecture": job.family.architecture,
-        "save": str(Path(save).absolute()),
+        "save": str(save),
         "vocab_size": job.spec.vocab_size,
         "vocab_source": job.vocab_source,
         **report,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distconv.errors import DistconvError
 from distconv.plan import Plan
 
 
@@ -115,9 +116,26 @@ class Tracker:
         report["seconds"]["finish"] = round(now - self.marks["convert"], 3)
         report["seconds"]["total"] = round(now - self.start, 3)
         if path is not None and self.rank == 0:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            try:
+                Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            except OSError as e:  # checked before the work; the export itself is complete
+                print(f"distconv: warning: the export is complete, but --report {path} could not be written: "
+                      f"{e.strerror or e}", file=sys.stderr, flush=True)
         return report
+
+
+def check_report_path(path: str | Path | None) -> Path | None:
+    """``--report PATH`` made absolute, its folder created; refused before any work if unwritable."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DistconvError(f"--report {path}: cannot create its folder: {e.strerror or e}") from None
+    if path.is_dir() or not os.access(path if path.exists() else path.parent, os.W_OK):
+        raise DistconvError(f"--report {path}: not a writable file path")
+    return path
 
 
 def _read_bytes(read: Any, plan: Plan) -> int:

@@ -1,8 +1,10 @@
-"""Stage 3: each rank loads its planned slices with megatron-core ``dist_checkpointing.load``.
+"""Stage 3: each rank loads its planned slices with megatron-core ``dist_checkpointing``.
 
 The request is a dict of ``ShardedTensor``s built from the plan (no model instance, no
-transformer-engine). ``load`` is collective over the default process group, so every rank
-calls it once per read batch, with an empty request when it owns nothing there.
+transformer-engine), loaded by megatron-core's torch_dist strategy with the DCP metadata
+distconv already parsed (``serving_metadata``). ``load`` is collective over the default
+process group, so every rank calls it once per read batch, with an empty request when it owns
+nothing there.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from distconv.checkpoint import safe_globals
 from distconv.errors import DistconvError
 from distconv.plan import Read
 
@@ -46,33 +47,43 @@ class _KnownMetadataReader(FileSystemReader):
         return self._known
 
 
+# Names under which megatron-core's torch_dist strategy builds its DCP readers: a function in
+# 0.13 and later, the class itself in 0.12. Both are looked up when ``load`` runs.
+_READER_FACTORIES = ("_get_filesystem_reader", "CachedMetadataFileSystemReader")
+
+
 @contextlib.contextmanager
-def _metadata_parsed_once(folder: Path, metadata: Any) -> Iterator[None]:
-    """Let megatron-core's torch_dist strategy reuse ``metadata`` instead of re-unpickling
-    ``.metadata`` on every ``load`` call (seconds per call on large checkpoints).
+def serving_metadata(folder: Path, metadata: Any) -> Iterator[None]:
+    """While active, megatron-core's torch_dist loads of ``folder`` use ``metadata`` (parsed by
+    distconv with its allow-list) instead of unpickling ``.metadata`` again without one.
 
-    Applies where megatron-core builds its reader through ``_get_filesystem_reader``
-    (0.14-0.16); elsewhere ``load`` simply reads the metadata itself.
+    This is also the speed-up of parsing the metadata once (seconds per load on large
+    checkpoints). A megatron-core that builds its readers some other way is refused rather than
+    left to unpickle the file by itself.
     """
-    try:
-        from megatron.core.dist_checkpointing.strategies import torch as strategy
-    except ImportError:
-        yield
-        return
-    original = getattr(strategy, "_get_filesystem_reader", None)
-    if metadata is None or original is None:
-        yield
-        return
+    from megatron.core.dist_checkpointing.strategies import torch as strategy
+
+    names = [n for n in _READER_FACTORIES if hasattr(strategy, n)]
+    if not names:
+        raise DistconvError("this megatron-core builds its checkpoint readers in a way distconv does not know, so it "
+                            "cannot make it use the allow-listed metadata; use megatron-core 0.12 to 0.19")
     reader = _KnownMetadataReader(folder, metadata)
+    originals = {n: getattr(strategy, n) for n in names}
 
-    def get_reader(checkpoint_dir: Any, cache_metadata: bool = False) -> FileSystemReader:
-        return reader if Path(checkpoint_dir) == folder else original(checkpoint_dir, cache_metadata)
+    def factory(name: str):
+        def make(checkpoint_dir: Any, *args: Any, **kwargs: Any) -> FileSystemReader:
+            if Path(checkpoint_dir) == folder:
+                return reader
+            return originals[name](checkpoint_dir, *args, **kwargs)
+        return make
 
-    strategy._get_filesystem_reader = get_reader
+    for n in names:
+        setattr(strategy, n, factory(n))
     try:
         yield
     finally:
-        strategy._get_filesystem_reader = original
+        for n, original in originals.items():
+            setattr(strategy, n, original)
 
 
 def _sharded_tensor(read: Read, dtype: torch.dtype):
@@ -94,19 +105,19 @@ def _sharded_tensor(read: Read, dtype: torch.dtype):
 class Reader:
     """Loads planned slices of one checkpoint folder."""
 
-    def __init__(self, folder: Path, metadata: Any = None) -> None:
+    def __init__(self, folder: Path, metadata: Any) -> None:
         self.folder = Path(folder)
-        self.metadata = metadata
+        self.metadata = metadata  # allow-listed DCP metadata from ``describe``
 
     def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
         """Load ``reads`` (this rank's part of one batch) as CPU tensors of ``dtype``."""
-        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
         request = {f"r{i}": _sharded_tensor(r, dtype) for i, r in enumerate(reads)}
         try:
-            # load() re-reads common.pt (allow-list) and, unless cached, .metadata
-            with torch.serialization.safe_globals(safe_globals()), _metadata_parsed_once(self.folder, self.metadata):
-                loaded = dist_checkpointing.load(request, str(self.folder), validate_access_integrity=False)
+            # the torch_dist strategy itself: it reads only the requested chunks (no common.pt)
+            with serving_metadata(self.folder, self.metadata):
+                loaded = TorchDistLoadShardedStrategy().load(request, self.folder)
         except BaseException as e:  # torch's CheckpointException derives from BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise

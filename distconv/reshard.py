@@ -126,7 +126,7 @@ def reshard(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, ep:
         root, state, error = None, {}, None
         mine = [(n, s) for n, s in enumerate(job.shards) if s.target_rank % comm.world == comm.rank]
         try:
-            root = MegatronRoot(comm, save, overwrite)
+            root = MegatronRoot(comm, save, overwrite, (load, job.ckpt.path))
         except Exception as e:
             error = e
         comm.agree(error)
@@ -155,8 +155,8 @@ def reshard(load: str | Path, save: str | Path, *, tp: int = 1, pp: int = 1, ep:
         save_and_commit(comm, root, state, job.common, job.ckpt.iteration)
         seconds = time.perf_counter() - start
         if comm.rank == 0 and not quiet:
-            print(f"wrote Megatron torch_dist TP{tp} PP{pp} to {Path(save).absolute()} in {seconds:.1f} s", flush=True)
-        return {"save": str(Path(save).absolute()), "chunks": len(job.shards), "seconds": seconds,
+            print(f"wrote Megatron torch_dist TP{tp} PP{pp} to {Path(save).resolve()} in {seconds:.1f} s", flush=True)
+        return {"save": str(Path(save).resolve()), "chunks": len(job.shards), "seconds": seconds,
                 "padded_vocab_size": job.spec.padded_vocab_size}
     finally:
         comm.close()

@@ -21,9 +21,25 @@ from typing import Any
 
 import torch
 
-from distconv.checkpoint import Checkpoint, describe, safe_globals
+from distconv.checkpoint import Checkpoint, describe
 from distconv.errors import DistconvError
+from distconv.read import serving_metadata
 from distconv.spec import arg
+
+
+def _known_common(common: dict[str, Any]):
+    """A megatron-core common-state strategy that hands back what ``describe`` already read
+    (with the allow-list), so ``load`` never unpickles ``common.pt`` itself."""
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class KnownCommon(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir: Any) -> dict[str, Any]:
+            return dict(common)
+
+        def load_sharded_objects(self, sharded_objects_state_dict: Any, checkpoint_dir: Any) -> Any:
+            raise DistconvError("internal: verify loads no sharded objects outside the torch_dist files")
+
+    return KnownCommon()
 
 
 def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
@@ -48,8 +64,9 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
         except (AttributeError, TypeError, ValueError) as e:
             raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
         try:
-            with torch.serialization.safe_globals(safe_globals()):
+            with serving_metadata(ckpt.path, ckpt.metadata):
                 loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path),
+                                                 common_strategy=_known_common(ckpt.common),
                                                  validate_access_integrity=False)
         except BaseException as e:  # DCP's CheckpointException is a BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
@@ -69,10 +86,11 @@ def hf_logits(hf: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()
-    except (OSError, ValueError) as e:
-        raise DistconvError(f"--hf {hf}: transformers cannot load it: {e}") from None
+    try:  # safetensors only: a pytorch_model.bin is never unpickled
+        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32, use_safetensors=True).eval()
+    except Exception as e:  # transformers raises many types for a bad folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistconvError(f"--hf {hf}: transformers cannot load its safetensors weights: {first}") from None
     with torch.no_grad():
         return model(tokens).logits.float()
 
@@ -96,6 +114,8 @@ def verify(
         raise DistconvError(f"--hf {hf}: no readable config.json ({e})") from None
     vocab = int(config["vocab_size"])
     ckpt = describe(load, iteration)
+    if ckpt.format != "torch_dist":
+        raise DistconvError(f"verify reads torch_dist checkpoints; {ckpt.path} is {ckpt.format} (reshard it to torch_dist first)")
     length = min(length, int(arg(ckpt.args, "max_position_embeddings", "seq_length", default=length)))
     tokens = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))
     theirs = hf_logits(hf, tokens)

@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Iterable
 
 import torch
 
@@ -29,37 +30,103 @@ _ST_DTYPES = {
 INDEX = "model.safetensors.index.json"
 
 
-class OutputFolder:
-    """A temporary sibling of ``save`` that becomes ``save`` on ``commit``."""
+def refuse_overlap(save: Path, sources: Iterable[str | Path | None]) -> None:
+    """``save`` may not be, lie inside, or contain any source (compared after resolving symlinks)."""
+    target = Path(save).resolve()
+    for source in sources:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        how = ("is" if target == src else "is inside" if src in target.parents
+               else "contains" if target in src.parents else None)
+        if how:
+            raise DistconvError(f"--save {target} {how} the source {src}; distconv never writes into, over or "
+                                "around what it reads: choose another --save")
 
-    def __init__(self, save: str | Path, overwrite: bool) -> None:
-        self.save = Path(save).absolute()
+
+def _warn(text: str) -> None:
+    print(f"distconv: warning: {text}", file=sys.stderr, flush=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder this run moved aside."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+class OutputFolder:
+    """A temporary sibling of ``save``, named per run, that becomes ``save`` on ``commit``.
+
+    ``save`` is resolved first: a symlink is followed and the output replaces its target. It may
+    not be, contain or lie inside any of ``sources``. Only the temporary folder this run created
+    is ever removed on failure; partial folders left by earlier runs are reported, and removed
+    only with ``overwrite``.
+    """
+
+    def __init__(self, save: str | Path, overwrite: bool, sources: Iterable[str | Path | None] = ()) -> None:
+        self.save = Path(save).resolve()
+        refuse_overlap(self.save, sources)
         if self.save.exists() and (not self.save.is_dir() or any(self.save.iterdir())) and not overwrite:
-            raise DistconvError(f"--save {self.save} exists and is not empty; pass --overwrite to replace it")
-        self.tmp = self.save.parent / f".{self.save.name}.distconv-partial"
+            kind = "is a file" if not self.save.is_dir() else "exists and is not empty"
+            raise DistconvError(f"--save {self.save} {kind}; pass --overwrite to replace it")
+        self.overwrite = overwrite
+        self.created = False
+        self.name_run(uuid.uuid4().hex[:8])
 
     def name_run(self, token: str) -> None:
         """Give this run's temporary folder a name every rank agrees on."""
         self.tmp = self.save.parent / f".{self.save.name}.distconv-partial-{token}"
 
+    def _stale(self) -> list[Path]:
+        return sorted(p for p in self.save.parent.glob(f".{self.save.name}.distconv-partial*") if p != self.tmp)
+
     def create(self) -> Path:
+        stale = self._stale()
+        if stale and self.overwrite:
+            for old in stale:
+                _remove(old)
+            _warn(f"removed {len(stale)} partial folder(s) of earlier runs (--overwrite): {', '.join(map(str, stale))}")
+        elif stale:
+            _warn(f"partial folder(s) of earlier, unfinished runs next to --save: {', '.join(map(str, stale))}; "
+                  "remove them, or pass --overwrite to have them removed")
         try:
             self.tmp.mkdir(parents=True)
         except OSError as e:
-            raise DistconvError(f"cannot create output folder next to {self.save}: {e}") from None
+            raise DistconvError(f"cannot create output folder next to {self.save}: {e.strerror or e}") from None
+        self.created = True
         return self.tmp
 
     def commit(self) -> None:
+        """Rename this run's folder onto ``save``; whatever ``save`` held is then removed."""
         old = None
+        here = _cwd_is(self.save)
         if self.save.exists():
             old = self.save.parent / f".{self.save.name}.distconv-old-{uuid.uuid4().hex[:8]}"
             os.replace(self.save, old)
         os.replace(self.tmp, self.save)
+        self.created = False
+        if here:  # the process stood in the replaced folder: stand in the new one
+            os.chdir(self.save)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                _remove(old)
+            except OSError as e:
+                _warn(f"the export is complete, but what --save held before could not be removed: {old} ({e.strerror or e})")
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        """Remove this run's temporary folder, if it created one."""
+        if self.created:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.created = False
+
+
+def _cwd_is(path: Path) -> bool:
+    try:
+        return os.path.samefile(os.getcwd(), path)
+    except OSError:
+        return False
 
 
 def _header(outputs: list[Output]) -> bytes:
@@ -175,10 +242,13 @@ class TorchFileWriter:
         if len(self.tensors) != len(self.outputs):
             raise DistconvError(f"internal: output incomplete, {self.outputs[len(self.tensors)].name} and later tensors were never written")
         path = self.folder / self.FILE
-        with open(path, "wb") as f:
-            torch.save({"model_state_dict": self.tensors, "model_config": self.config}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(path, "wb") as f:
+                torch.save({"model_state_dict": self.tensors, "model_config": self.config}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _write_error(path, e) from None
 
     def abort(self) -> None:
         self.tensors.clear()
@@ -212,16 +282,33 @@ def write_config(folder: Path, config: Any, dtype: torch.dtype) -> None:
 
 def write_generation_config(folder: Path, config: Any, source: Path | None) -> None:
     """Copy the given ``generation_config.json`` if there is one, else derive it from config."""
-    if source is not None and (source / "generation_config.json").exists():
-        shutil.copyfile(source / "generation_config.json", folder / "generation_config.json")
-        return
-    from transformers import GenerationConfig
+    path = folder / "generation_config.json"
+    try:
+        if source is not None and (source / "generation_config.json").exists():
+            shutil.copyfile(source / "generation_config.json", path)
+            return
+        from transformers import GenerationConfig
 
-    GenerationConfig.from_model_config(config).save_pretrained(str(folder))
+        GenerationConfig.from_model_config(config).save_pretrained(str(folder))
+    except OSError as e:
+        raise _write_error(path, e) from None
 
 
 def write_tokenizer(folder: Path, tokenizer: Any) -> None:
-    tokenizer.save_pretrained(str(folder))
+    """The tokenizer's files, saved by transformers into a scratch folder, then copied one by
+    one so that a failed write names its file."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="distconv-tokenizer-") as scratch:
+        try:
+            tokenizer.save_pretrained(scratch)
+        except OSError as e:
+            raise DistconvError(f"cannot save the tokenizer: {e.strerror or e}") from None
+        for source in sorted(Path(scratch).iterdir()):
+            try:
+                shutil.copyfile(source, folder / source.name)
+            except OSError as e:
+                raise _write_error(folder / source.name, e) from None
 
 
 def _write_json(path: Path, data: Any) -> None:

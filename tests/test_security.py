@@ -1,0 +1,312 @@
+"""Hostile and careless input: no code runs from a checkpoint, nothing outside it is read, and
+the source is never written into, over or around.
+
+Each payload would create a marker file when unpickled without an allow-list (checked here
+with plain ``pickle``, so the payloads are live); every test asserts the marker is absent
+afterwards. Commands run in this process through ``distconv.cli.main``, exactly as the
+command line runs them (one rank), so the many cases share one interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from distconv import marker
+from distconv.cli import main
+from distconv.testing.build import layout_dir
+
+ITER = "iter_0000100"
+
+
+def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
+    """Run one command; its exit status and its ``distconv: error:`` lines."""
+    capsys.readouterr()
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, [l for l in err.splitlines() if l.startswith("distconv: error:")]
+
+
+def _refused(capsys, needle: str, *argv: str) -> str:
+    code, errors = _cli(capsys, *argv)
+    assert code == 1 and len(errors) == 1, errors
+    assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def _tree(root: Path) -> dict[str, str]:
+    """Every file (and link) under ``root`` with its content's SHA-256: the source, byte for byte."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "link:" + os.readlink(path)
+        elif path.is_file():
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _shell_global(module: str, name: str, command: str, protocol: int) -> bytes:
+    """A pickle that calls ``module``/``name`` with ``command``: protocol 4's STACK_GLOBAL (where a
+    dotted name walks attributes) or protocol 0's GLOBAL."""
+    if protocol >= 4:
+        def text(s: str) -> bytes:
+            raw = s.encode()
+            return b"\x8c" + bytes([len(raw)]) + raw  # SHORT_BINUNICODE
+
+        return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(command) + b"\x85R."
+    return f"c{module}\n{name}\n(V{command}\ntR.".encode()
+
+
+class _Payload:
+    """An object whose unpickling runs ``touch MARKER`` (for torch.save'd files)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+PAYLOADS = {
+    "dotted": lambda m: _shell_global("torch.distributed.checkpoint.filesystem", "os.system", f"touch {m}", 4),
+    "plain": lambda m: _shell_global("os", "system", f"touch {m}", 0),
+}
+
+
+def _live(payload: bytes, flag: Path) -> None:
+    """The payload really runs when unpickled without an allow-list."""
+    pickle.loads(payload)
+    assert flag.exists(), "the payload is not live"
+    flag.unlink()
+
+
+@pytest.fixture
+def ckpt(built, tmp_path) -> Path:
+    root = tmp_path / "ckpt"
+    shutil.copytree(layout_dir(built, "llama", 1, 1), root)
+    return root
+
+
+@pytest.mark.parametrize("kind", sorted(PAYLOADS))
+def test_metadata_payload_runs_in_no_command(ckpt, tmp_path, capsys, kind):
+    flag = tmp_path / "pwned"
+    payload = PAYLOADS[kind](flag)
+    _live(payload, flag)
+    (ckpt / ITER / ".metadata").write_bytes(payload)
+    before = _tree(ckpt)
+    out = tmp_path / "hf"
+    some_hf = tmp_path / "some_hf"
+    some_hf.mkdir()
+    (some_hf / "config.json").write_text('{"vocab_size": 250}')
+    _refused(capsys, "refusing to unpickle", "inspect", str(ckpt))
+    _refused(capsys, "refusing to unpickle", "export", "--load", str(ckpt), "--save", str(out))
+    _refused(capsys, "refusing to unpickle", "verify", "--load", str(ckpt), "--hf", str(some_hf))
+    _refused(capsys, "refusing to unpickle", "reshard", "--load", str(ckpt), "--save", str(out))
+    (ckpt / ITER / "common.pt").unlink()  # layout then has only the DCP common state to go by
+    before.pop(f"{ITER}/common.pt")
+    _refused(capsys, "refusing to unpickle", "layout", str(ckpt))
+    assert not flag.exists(), "the payload ran"
+    assert not out.exists()
+    assert _tree(ckpt) == before
+
+
+def test_metadata_that_is_not_dcp_metadata_is_one_line(ckpt, tmp_path, capsys):
+    (ckpt / ITER / ".metadata").write_bytes(pickle.dumps({"state_dict_metadata": {}}))
+    _refused(capsys, "does not hold DCP metadata", "inspect", str(ckpt))
+
+
+def test_common_pt_payload_does_not_run(ckpt, tmp_path, capsys):
+    flag = tmp_path / "pwned"
+    torch.save({"args": _Payload(flag)}, ckpt / ITER / "common.pt")
+    _refused(capsys, "allow-list", "inspect", str(ckpt))
+    _refused(capsys, "allow-list", "layout", str(ckpt))
+    _refused(capsys, "allow-list", "export", "--load", str(ckpt), "--save", str(tmp_path / "hf"))
+    assert not flag.exists(), "the payload ran"
+
+
+def test_legacy_rank_file_payload_does_not_run(tmp_path, capsys):
+    flag = tmp_path / "pwned"
+    root = tmp_path / "legacy"
+    (root / "release" / "mp_rank_00").mkdir(parents=True)
+    (root / "latest_checkpointed_iteration.txt").write_text("release")
+    torch.save({"args": _Payload(flag), "model": {}}, root / "release" / "mp_rank_00" / "model_optim_rng.pt")
+    _refused(capsys, "model_optim_rng.pt", "inspect", str(root))
+    _refused(capsys, "model_optim_rng.pt", "export", "--load", str(root), "--save", str(tmp_path / "hf"))
+    _refused(capsys, "model_optim_rng.pt", "layout", str(root))
+    assert not flag.exists(), "the payload ran"
+
+
+def _rewrite_paths(folder: Path, new_path) -> None:
+    """Our own fixture's metadata (trusted), with every data file name replaced."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    for info in metadata.storage_data.values():
+        info.relative_path = new_path(info.relative_path)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("where", ["dotdot", "absolute", "linked_folder"])
+def test_data_files_outside_the_checkpoint_are_not_read(ckpt, tmp_path, capsys, where):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder = ckpt / ITER
+    for f in folder.glob("*.distcp"):
+        shutil.copy(f, outside / f.name)  # a readable target, so only confinement can refuse it
+    if where == "linked_folder":
+        (folder / "sub").symlink_to(outside)
+    name = {"dotdot": lambda n: f"../../outside/{n}", "absolute": lambda n: str(outside / n),
+            "linked_folder": lambda n: f"sub/{n}"}[where]
+    _rewrite_paths(folder, name)
+    out = tmp_path / "hf"
+    _refused(capsys, "outside the checkpoint", "inspect", str(ckpt))
+    _refused(capsys, "outside the checkpoint", "export", "--load", str(ckpt), "--save", str(out))
+    assert not out.exists()
+
+
+def test_a_distcp_file_that_is_a_link_is_read(ckpt, tmp_path, capsys):
+    elsewhere = tmp_path / "store"
+    elsewhere.mkdir()
+    for f in (ckpt / ITER).glob("*.distcp"):
+        shutil.move(f, elsewhere / f.name)
+        f.symlink_to(elsewhere / f.name)
+    code, errors = _cli(capsys, "export", "--load", str(ckpt), "--save", str(tmp_path / "hf"), "--quiet")
+    assert code == 0 and not errors
+
+
+def test_save_never_overlaps_the_source(ckpt, tmp_path, capsys):
+    before = _tree(ckpt)
+    link = tmp_path / "link"
+    link.symlink_to(ckpt)
+    for save in (ckpt, ckpt / ITER, ckpt / ITER / "hf", ckpt / "hf", tmp_path, link):
+        _refused(capsys, "never writes into, over or around", "export", "--load", str(ckpt), "--save", str(save),
+                 "--overwrite")
+    _refused(capsys, "never writes into, over or around", "export", "--load", str(ckpt / ITER), "--save",
+             str(ckpt / ITER), "--overwrite")
+    _refused(capsys, "never writes into, over or around", "reshard", "--load", str(ckpt), "--save", str(ckpt),
+             "--overwrite")
+    _refused(capsys, "never writes into, over or around", "reshard", "--load", str(link), "--save", str(ckpt / "new"))
+    assert _tree(ckpt) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "link"]
+
+
+def test_import_never_overwrites_its_source(ckpt, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert _cli(capsys, "export", "--load", str(ckpt), "--save", str(hf), "--quiet")[0] == 0
+    before = _tree(hf)
+    _refused(capsys, "never writes into, over or around", "import", "--load", str(hf), "--save", str(hf), "--overwrite")
+    _refused(capsys, "never writes into, over or around", "import", "--load", str(hf), "--save", str(tmp_path),
+             "--overwrite")
+    assert _tree(hf) == before
+
+
+def test_save_that_is_a_link_or_a_file(ckpt, tmp_path, capsys):
+    target = tmp_path / "target"
+    target.mkdir()
+    link = tmp_path / "out"
+    link.symlink_to(target)
+    assert _cli(capsys, "export", "--load", str(ckpt), "--save", str(link), "--quiet")[0] == 0
+    assert link.is_symlink() and marker.finished(target), "the export goes into the link's target"
+    afile = tmp_path / "afile"
+    afile.write_text("precious")
+    _refused(capsys, "is a file; pass --overwrite", "export", "--load", str(ckpt), "--save", str(afile))
+    assert afile.read_text() == "precious"
+    assert _cli(capsys, "export", "--load", str(ckpt), "--save", str(afile), "--overwrite", "--quiet")[0] == 0
+    assert marker.finished(afile)
+    assert not [p.name for p in tmp_path.iterdir() if "distconv" in p.name], "no leftovers"
+
+
+def test_marker_catches_a_same_size_corruption(ckpt, tmp_path, capsys):
+    out = tmp_path / "hf"
+    assert _cli(capsys, "export", "--load", str(ckpt), "--save", str(out), "--quiet")[0] == 0
+    shard = next(out.glob("model*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert not marker.finished(out)
+    # asked again, it is not "skipped": the damaged folder is not distconv's finished work
+    _refused(capsys, "not empty; pass --overwrite", "export", "--load", str(ckpt), "--save", str(out))
+    assert _cli(capsys, "export", "--load", str(ckpt), "--save", str(out), "--overwrite", "--quiet")[0] == 0
+    assert marker.finished(out)
+
+
+def test_partial_folders_of_other_runs_are_kept_and_reported(ckpt, tmp_path, capsys):
+    hf = tmp_path / "hf"
+    assert _cli(capsys, "export", "--load", str(ckpt), "--save", str(hf), "--quiet")[0] == 0
+    save = tmp_path / "mc"
+    stale = [tmp_path / ".mc.distconv-partial", tmp_path / ".mc.distconv-partial-0badc0de"]
+    for s in stale:
+        s.mkdir()
+        (s / "keep").write_text("not this run's")
+    # a failing run (bad size) and a successful one leave the other runs' folders alone
+    _refused(capsys, "", "import", "--load", str(hf), "--save", str(save), "--tensor-model-parallel-size", "3")
+    assert all((s / "keep").exists() for s in stale)
+    capsys.readouterr()
+    assert main(["import", "--load", str(hf), "--save", str(save), "--quiet"]) == 0
+    assert "partial folder(s) of earlier, unfinished runs" in capsys.readouterr().err
+    assert all((s / "keep").exists() for s in stale)
+    assert main(["import", "--load", str(hf), "--save", str(save), "--overwrite", "--quiet"]) == 0
+    assert not any(s.exists() for s in stale)
+    assert (save / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_unwritable_report_is_refused_before_the_work(ckpt, tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    out = tmp_path / "hf"
+    _refused(capsys, "--report", "export", "--load", str(ckpt), "--save", str(out), "--report",
+             str(tmp_path / "afile" / "report.json"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("size", ["1.2.3", "0", "-1", "5XB"])
+def test_bad_shard_size_is_one_clear_line(ckpt, tmp_path, capsys, size):
+    _refused(capsys, "give a positive size", "export", "--load", str(ckpt), "--save", str(tmp_path / "hf"),
+             "--max-shard-size", size)
+
+
+def test_verify_never_unpickles_a_bin_file(ckpt, tmp_path, capsys):
+    flag = tmp_path / "pwned"
+    hf = tmp_path / "hf"
+    assert _cli(capsys, "export", "--load", str(ckpt), "--save", str(hf), "--quiet")[0] == 0
+    for f in hf.glob("*.safetensors*"):
+        f.unlink()
+    torch.save({"w": _Payload(flag)}, hf / "pytorch_model.bin")
+    _refused(capsys, "safetensors", "verify", "--load", str(ckpt), "--hf", str(hf))
+    assert not flag.exists(), "the payload ran"
+
+
+def test_save_dot_from_inside_the_target(ckpt, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "hf"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    code, errors = _cli(capsys, "export", "--load", str(ckpt), "--save", ".", "--quiet")
+    assert code == 0 and not errors
+    assert marker.finished(out) and Path.cwd() == out
+
+
+@pytest.mark.parametrize("name", ["generation_config.json", "tokenizer_config.json", "model.safetensors.index.json"])
+def test_full_disk_while_writing_small_files_names_the_file(built, tmp_path, name):
+    """A file that cannot be written (here: a link to /dev/full, which answers ENOSPC)."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from distconv.errors import DistconvError
+    from distconv.plan import Output
+    from distconv.write import write_generation_config, write_index, write_tokenizer
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("this system has no /dev/full to stand for a full disk")
+    (tmp_path / name).symlink_to("/dev/full")
+    with pytest.raises(DistconvError, match=name.replace(".", r"\.") + ".*No space left"):
+        if name == "generation_config.json":
+            write_generation_config(tmp_path, LlamaConfig(), None)
+        elif name == "tokenizer_config.json":
+            write_tokenizer(tmp_path, AutoTokenizer.from_pretrained(str(built / "tokenizer")))
+        else:
+            write_index(tmp_path, [Output("w", (2,), torch.float32, "model.safetensors")])
