@@ -166,7 +166,7 @@ class _Job:
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
             "format": fmt})
         self.save = Path(save).resolve()
-        self.sources = (load, self.ckpt.path, self.config_dir, self.tokenizer_source)
+        self.sources = (load, self.ckpt.path, hf_config, self.tokenizer_source)
         refuse_overlap(self.save, self.sources)
         self.folder: OutputFolder | None = None  # made once the run is known not to be skipped
 
