@@ -338,15 +338,3 @@ def _finish(job: _Job, tmp: Path, report: dict[str, Any], sums: dict[str, dict[s
     if job.format == "safetensors":
         write_index(tmp, job.plan.outputs)
     marker.write_marker(tmp, job.source, len(job.plan.outputs), report, known=sums)
-
-
-def main_export(opts: Any) -> int:
-    """CLI entry for ``distconv export``."""
-    export(
-        opts.load, opts.save, iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer,
-        dtype=opts.dtype, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device,
-        window=opts.window, writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, format=opts.format,
-        dry_run=opts.dry_run, report=opts.report,
-    )
-    return 0
-
