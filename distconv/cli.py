@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--window", default="256MiB", help="largest group rank 0 gathers at once; it holds about 3 (default 256MiB)")
     exp.add_argument("--writers", type=int, default=1, help="ranks that write safetensors files in parallel (default 1: rank 0)")
     exp.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
-    exp.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    exp.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     exp.add_argument("--dry-run", action="store_true", help="print the plan (reads per rank, output files) and stop")
     exp.add_argument("--report", help="also write the JSON run report to this file")
     exp.add_argument("--poll", type=float, help="with --watch: seconds between looks at the tracker (default 60)")

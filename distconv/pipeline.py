@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,11 @@ def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
 
 
 def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | None]:
-    """The tokenizer from ``--tokenizer``, else from args' ``tokenizer_model`` if it is a local HF folder."""
+    """The tokenizer from ``--tokenizer``, else from args' ``tokenizer_model`` if it is a local folder.
+
+    A folder that does not load as an HF tokenizer is an error naming it and the reason; args'
+    value is not looked at when it is no local folder (a hub name or a SentencePiece file).
+    """
     from transformers import AutoTokenizer
 
     candidate = explicit if explicit is not None else arg(args, "tokenizer_model")
@@ -77,20 +82,26 @@ def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | 
         return None, None
     try:
         return AutoTokenizer.from_pretrained(str(candidate)), str(candidate)
-    except (OSError, ValueError) as e:
-        if explicit is not None:
-            raise DistconvError(f"--tokenizer {explicit}: {e}") from None
-        return None, None
+    except Exception as e:  # transformers raises many kinds (ValueError, OSError, JSON and tokenizers errors)
+        origin = "--tokenizer" if explicit is not None else "args.tokenizer_model"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DistconvError(f"{origin} {candidate}: the folder does not load as an HF tokenizer: {reason}") from None
 
 
-def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any) -> tuple[int, str]:
+_NO_VOCAB = ("no true vocab size was found (no --hf-config, no tokenizer, no args.vocab_size): the export keeps "
+             "all {padded} padded rows; give --hf-config (with vocab_size) or --tokenizer to trim them")
+
+
+def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any) -> tuple[int, str, str | None]:
+    """The vocab size without Megatron's padding, where it came from, and a warning when nothing told it."""
     if config is not None:
-        return int(config.vocab_size), "--hf-config vocab_size"
+        return int(config.vocab_size), "--hf-config vocab_size", None
     if tokenizer is not None:
-        return len(tokenizer), "the tokenizer's size"
+        return len(tokenizer), "the tokenizer's size", None
     if arg(args, "vocab_size") is not None:
-        return int(args.vocab_size), "args.vocab_size"
-    return spec.padded_vocab_size, "nothing (no --hf-config, tokenizer or args.vocab_size): padded size kept"
+        return int(args.vocab_size), "args.vocab_size", None
+    return (spec.padded_vocab_size, "nothing (no --hf-config, tokenizer or args.vocab_size): padded size kept",
+            _NO_VOCAB.format(padded=spec.padded_vocab_size))
 
 
 def _check_against_hf(plan: Plan, config: Any) -> None:
@@ -140,7 +151,8 @@ class _Job:
         arch = (user_config.architectures or [None])[0] if user_config is not None else None
         self.family: Family = pick_family(FAMILIES, spec, arch)
         self.tokenizer, self.tokenizer_source = _load_tokenizer(tokenizer, self.ckpt.args)
-        vocab, self.vocab_source = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args)
+        vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args)
+        self.warnings: list[str] = [warning] if warning else []
         self.spec = spec.with_vocab(vocab)
         has_output = "output_layer.weight" in self.ckpt.tensors
         if has_output == self.spec.tie_embeddings:
@@ -188,6 +200,12 @@ class _Job:
 def _say(comm: Comm, quiet: bool, text: str) -> None:
     if comm.rank == 0 and not quiet:
         print(text, flush=True)
+
+
+def _warn(comm: Comm, text: str) -> None:
+    """A warning: rank 0 prints it to stderr, even with ``quiet``."""
+    if comm.rank == 0:
+        print(f"distconv: warning: {text}", file=sys.stderr, flush=True)
 
 
 def export(
@@ -239,6 +257,8 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     comm.agree(error)
     assert job is not None
     _say(comm, quiet, job.summary(comm.world))
+    for warning in job.warnings:
+        _warn(comm, warning)
     if dry_run:
         _say(comm, False, plan_text(job.plan, job.ckpt, Path(save).absolute()))
         return {"dry_run": True, "tensors": len(job.plan.outputs), "files": job.plan.files,
@@ -297,6 +317,7 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
         tracker.converted(shards.bytes_written if shards else 0)
         comm.agree(error)  # every shard file is complete
         report = tracker.report()
+        report["warnings"] = job.warnings
         sums = {k: v for part in comm.collect(getattr(shards, "sums", {})) for k, v in part.items()}
         if comm.rank == 0:
             error = _attempt(lambda: _finish(job, folder.tmp, report, sums))

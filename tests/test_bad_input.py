@@ -119,3 +119,14 @@ def test_hf_config_conflict_names_both_values(built, tmp_path, field, value, nee
     proc = distconv_cli("export", "--load", str(layout_dir(built, "llama", 1, 1)), "--save", str(out),
                         "--hf-config", str(tmp_path / "config.json"), timeout=120)
     _assert_clean_failure(proc, out, needle)
+
+
+def test_tokenizer_folder_in_args_that_does_not_load(built, tmp_path):
+    root = _copy(built, "llama", 1, 1, tmp_path)
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(built / "tokenizer", tokenizer)
+    (tokenizer / "tokenizer.json").write_text("garbage")
+    _edit_args(root, tokenizer_model=str(tokenizer))
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), timeout=120)
+    _assert_clean_failure(proc, out, f"args.tokenizer_model {tokenizer}: the folder does not load as an HF tokenizer")

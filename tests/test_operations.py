@@ -54,6 +54,19 @@ def test_report_counts_what_was_written(reported):
     assert report["bytes_read"] >= report["bytes_written"]  # the padded vocab rows are read, then trimmed
     assert set(report["seconds"]) == {"plan", "convert", "finish", "total"}
     assert [r["rank"] for r in report["ranks"]] == [0] and report["ranks"][0]["peak_rss_bytes"] > 100e6
+    assert report["warnings"] == []
+
+
+def test_padded_vocab_kept_with_a_warning(built, tmp_path):
+    """qwen3's args name no tokenizer and no vocab_size: the padded rows stay, and the run says how to trim them."""
+    out, report = tmp_path / "hf", tmp_path / "report.json"
+    proc = distconv_cli("export", "--load", str(layout_dir(built, "qwen3", 1, 1)), "--save", str(out), "--quiet",
+                        "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [l.removeprefix("distconv: warning: ") for l in proc.stderr.splitlines() if l.startswith("distconv: warning:")]
+    assert len(warnings) == 1 and "--hf-config" in warnings[0] and "--tokenizer" in warnings[0], proc.stderr[-3000:]
+    assert json.loads(report.read_text())["warnings"] == warnings
+    assert json.loads((out / "distconv.json").read_text())["report"]["warnings"] == warnings
 
 
 def test_progress_bars_only_on_a_terminal(reported, built, tmp_path):
