@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--writers", type=int, default=1, help="ranks that write safetensors files in parallel (default 1: rank 0)")
     exp.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     exp.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    exp.add_argument("--allow-nonfinite", action="store_true", help="export tensors holding NaN or Inf (default: an error naming them)")
     exp.add_argument("--dry-run", action="store_true", help="print the plan (reads per rank, output files) and stop")
     exp.add_argument("--report", help="also write the JSON run report to this file")
     exp.add_argument("--poll", type=float, help="with --watch: seconds between looks at the tracker (default 60)")
@@ -140,7 +141,7 @@ def export_keywords(opts: argparse.Namespace) -> dict[str, Any]:
         iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer, dtype=opts.dtype,
         max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device, window=opts.window,
         writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
-        format=opts.format,
+        format=opts.format, allow_nonfinite=opts.allow_nonfinite,
     )
 
 

@@ -139,7 +139,8 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
 class _Job:
     """Everything stages 1-2 decide, identical on every rank."""
 
-    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world, fmt="safetensors"):
+    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world, fmt="safetensors",
+                 allow_nonfinite=False):
         if fmt not in FORMATS:
             raise DistconvError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
         self.format = fmt
@@ -153,6 +154,7 @@ class _Job:
         self.tokenizer, self.tokenizer_source = _load_tokenizer(tokenizer, self.ckpt.args)
         vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args)
         self.warnings: list[str] = [warning] if warning else []
+        self.allow_nonfinite = allow_nonfinite
         self.spec = spec.with_vocab(vocab)
         has_output = "output_layer.weight" in self.ckpt.tensors
         if has_output == self.spec.tie_embeddings:
@@ -175,7 +177,7 @@ class _Job:
         self.source = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": parse_size(max_shard_size),
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
-            "format": fmt})
+            "format": fmt, **({"allow_nonfinite": True} if allow_nonfinite else {})})
         self.done = not overwrite and marker.finished(save, self.source)
         self.folder = None if self.done else OutputFolder(save, overwrite)
 
@@ -226,6 +228,7 @@ def export(
     dry_run: bool = False,
     report: str | Path | None = None,
     format: str = "safetensors",
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Convert a Megatron checkpoint (torch_dist or legacy) into an HF folder; collective over all ranks.
 
@@ -233,12 +236,13 @@ def export(
     if any rank fails; ``save`` is then left untouched. A ``save`` that already holds a
     finished export of the same source and options (its ``distconv.json`` checks out) is
     skipped unless ``overwrite``. ``dry_run`` prints the plan and reads nothing; ``report``
-    also writes the JSON run report to that path.
+    also writes the JSON run report to that path. NaN or Inf in an exported tensor is an error
+    naming the tensors unless ``allow_nonfinite``; then the report counts them per tensor.
     """
     comm = Comm.setup(device, timeout_s)
     try:
         result = _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers,
-                      quiet, format, dry_run, report)
+                      quiet, format, dry_run, report, allow_nonfinite)
     except BaseException:
         comm.close(clean=False)
         raise
@@ -247,11 +251,12 @@ def export(
 
 
 def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, fmt,
-         dry_run=False, report_path=None):
+         dry_run=False, report_path=None, allow_nonfinite=False):
     tracker = Tracker(comm.rank, comm.world, comm.control, quiet)
     job, error = None, None
     try:
-        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world, fmt)
+        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world, fmt,
+                   allow_nonfinite)
     except Exception as e:  # every rank hits the same planning error; agree() reports it once
         error = e
     comm.agree(error)
@@ -294,12 +299,22 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
     comm.agree(error)
     mine = [o for g in plan.groups if g.writer == comm.rank for o in g.outputs]
     shards = _shard_writer(job, folder.tmp, mine) if mine else None
+    nonfinite: dict[str, int] = {}  # HF name -> NaN/Inf count, of this rank's outputs
 
     def write_group(index: int, full: list[torch.Tensor]) -> None:
         group = plan.groups[index]
+        found = []
         for item, tensor in zip(group.items, full):
             for name, out in job.family.export_tensor(item.name, tensor, job.spec):
-                shards.write(name, out.contiguous())
+                out = out.contiguous()
+                if count := _nonfinite(out):
+                    nonfinite[name] = count
+                    found.append(f"{name} (from Megatron {item.name}): {count} of {out.numel()}")
+                shards.write(name, out)
+        if found and not job.allow_nonfinite:
+            raise DistconvError(
+                f"NaN or Inf values in HF tensor {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}: the model would "
+                "produce garbage (stopped at the first tensors found holding any; --allow-nonfinite exports them)")
 
     writer = WriterThread(write_group) if shards else None
     reader = LegacyReader(job.ckpt) if job.ckpt.format == "legacy" else Reader(job.ckpt.path, job.ckpt.metadata)
@@ -317,6 +332,10 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
         tracker.converted(shards.bytes_written if shards else 0)
         comm.agree(error)  # every shard file is complete
         report = tracker.report()
+        report["nonfinite"] = {k: v for part in comm.collect(nonfinite) for k, v in part.items()}
+        if report["nonfinite"]:
+            job.warnings.append(f"exported {len(report['nonfinite'])} tensor(s) holding NaN or Inf (--allow-nonfinite)")
+            _warn(comm, job.warnings[-1])
         report["warnings"] = job.warnings
         sums = {k: v for part in comm.collect(getattr(shards, "sums", {})) for k, v in part.items()}
         if comm.rank == 0:
@@ -340,6 +359,14 @@ def _shard_writer(job: _Job, tmp: Path, outputs: list) -> ShardWriter | TorchFil
         return ShardWriter(tmp, outputs)
     job.config.dtype = job.dtype
     return TorchFileWriter(tmp, outputs, job.config.to_dict())
+
+
+def _nonfinite(t: torch.Tensor) -> int:
+    """How many NaN/Inf values ``t`` holds. A sum is finite unless some value is not (or it
+    overflows), and costs far less than ``isfinite``, which only then counts them."""
+    if not t.is_floating_point() or torch.isfinite(t.sum()):
+        return 0
+    return int(torch.isfinite(t).logical_not().sum())
 
 
 def _attempt(fn) -> BaseException | None:

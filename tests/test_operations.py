@@ -54,7 +54,7 @@ def test_report_counts_what_was_written(reported):
     assert report["bytes_read"] >= report["bytes_written"]  # the padded vocab rows are read, then trimmed
     assert set(report["seconds"]) == {"plan", "convert", "finish", "total"}
     assert [r["rank"] for r in report["ranks"]] == [0] and report["ranks"][0]["peak_rss_bytes"] > 100e6
-    assert report["warnings"] == []
+    assert report["warnings"] == [] and report["nonfinite"] == {}
 
 
 def test_padded_vocab_kept_with_a_warning(built, tmp_path):
