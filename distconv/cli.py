@@ -7,10 +7,13 @@ import json
 import os
 import signal
 import sys
+from typing import Any
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from distconv.errors import DistconvError
+
+_WATCH_ONLY = {"poll": "--poll", "watch_timeout": "--watch-timeout", "once": "--once"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,15 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", help="local HF tokenizer folder to copy (default: args.tokenizer_model if local)")
     exp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (auto: training dtype)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
+    exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --save (with --watch: each iteration's target)")
     exp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where gathering happens (auto: NCCL on CUDA if available)")
     exp.add_argument("--window", default="256MiB", help="largest group rank 0 gathers at once; it holds about 3 (default 256MiB)")
     exp.add_argument("--writers", type=int, default=1, help="ranks that write safetensors files in parallel (default 1: rank 0)")
     exp.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
-    exp.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    exp.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    exp.add_argument("--allow-nonfinite", action="store_true", help="export tensors holding NaN or Inf (default: an error naming them)")
     exp.add_argument("--dry-run", action="store_true", help="print the plan (reads per rank, output files) and stop")
     exp.add_argument("--report", help="also write the JSON run report to this file")
-    exp.add_argument("--poll", type=float, default=60.0, help="with --watch: seconds between looks at the tracker")
+    exp.add_argument("--poll", type=float, help="with --watch: seconds between looks at the tracker (default 60)")
     exp.add_argument("--watch-timeout", type=float, help="with --watch: stop after this many seconds without a new iteration")
     exp.add_argument("--once", action="store_true", help="with --watch: export the current iteration if needed, then stop")
 
@@ -131,23 +135,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def export_keywords(opts: argparse.Namespace) -> dict[str, Any]:
+    """``distconv.export``'s keywords from ``export``'s options; a plain and a watched export get the same."""
+    return dict(
+        iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer, dtype=opts.dtype,
+        max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device, window=opts.window,
+        writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
+        format=opts.format, allow_nonfinite=opts.allow_nonfinite,
+    )
+
+
 def _dispatch(opts: argparse.Namespace) -> int:
     if opts.command == "export" and opts.watch:
         from distconv.watch import watch
 
-        if opts.dry_run or opts.report:
-            raise DistconvError("--dry-run and --report do not combine with --watch (each export's report is in its distconv.json)")
-
-        return 1 if watch(
-            opts.watch, opts.save, poll_s=opts.poll, idle_timeout_s=opts.watch_timeout, once=opts.once,
-            device=opts.device, timeout_s=opts.timeout, quiet=opts.quiet, hf_config=opts.hf_config,
-            tokenizer=opts.tokenizer, dtype=opts.dtype, max_shard_size=opts.max_shard_size, window=opts.window,
-            writers=opts.writers,
-        ) else 0
+        poll = {} if opts.poll is None else {"poll_s": opts.poll}
+        return 1 if watch(opts.watch, opts.save, idle_timeout_s=opts.watch_timeout, once=opts.once, **poll,
+                          **export_keywords(opts)) else 0
     if opts.command == "export":
-        from distconv.pipeline import main_export
+        from distconv.pipeline import export
 
-        return main_export(opts)
+        given = [flag for dest, flag in _WATCH_ONLY.items() if getattr(opts, dest) not in (None, False)]
+        if given:
+            raise DistconvError(f"{', '.join(given)}: only with --watch")
+        export(opts.load, opts.save, **export_keywords(opts))
+        return 0
     if opts.command == "verify":
         from distconv.verify import verify
 

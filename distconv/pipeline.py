@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,11 @@ def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
 
 
 def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | None]:
-    """The tokenizer from ``--tokenizer``, else from args' ``tokenizer_model`` if it is a local HF folder."""
+    """The tokenizer from ``--tokenizer``, else from args' ``tokenizer_model`` if it is a local folder.
+
+    A folder that does not load as an HF tokenizer is an error naming it and the reason; args'
+    value is not looked at when it is no local folder (a hub name or a SentencePiece file).
+    """
     from transformers import AutoTokenizer
 
     candidate = explicit if explicit is not None else arg(args, "tokenizer_model")
@@ -77,20 +82,26 @@ def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | 
         return None, None
     try:
         return AutoTokenizer.from_pretrained(str(candidate)), str(candidate)
-    except (OSError, ValueError) as e:
-        if explicit is not None:
-            raise DistconvError(f"--tokenizer {explicit}: {e}") from None
-        return None, None
+    except Exception as e:  # transformers raises many kinds (ValueError, OSError, JSON and tokenizers errors)
+        origin = "--tokenizer" if explicit is not None else "args.tokenizer_model"
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DistconvError(f"{origin} {candidate}: the folder does not load as an HF tokenizer: {reason}") from None
 
 
-def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any) -> tuple[int, str]:
+_NO_VOCAB = ("no true vocab size was found (no --hf-config, no tokenizer, no args.vocab_size): the export keeps "
+             "all {padded} padded rows; give --hf-config (with vocab_size) or --tokenizer to trim them")
+
+
+def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any) -> tuple[int, str, str | None]:
+    """The vocab size without Megatron's padding, where it came from, and a warning when nothing told it."""
     if config is not None:
-        return int(config.vocab_size), "--hf-config vocab_size"
+        return int(config.vocab_size), "--hf-config vocab_size", None
     if tokenizer is not None:
-        return len(tokenizer), "the tokenizer's size"
+        return len(tokenizer), "the tokenizer's size", None
     if arg(args, "vocab_size") is not None:
-        return int(args.vocab_size), "args.vocab_size"
-    return spec.padded_vocab_size, "nothing (no --hf-config, tokenizer or args.vocab_size): padded size kept"
+        return int(args.vocab_size), "args.vocab_size", None
+    return (spec.padded_vocab_size, "nothing (no --hf-config, tokenizer or args.vocab_size): padded size kept",
+            _NO_VOCAB.format(padded=spec.padded_vocab_size))
 
 
 def _check_against_hf(plan: Plan, config: Any) -> None:
@@ -128,7 +139,8 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
 class _Job:
     """Everything stages 1-2 decide, identical on every rank."""
 
-    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world, fmt="safetensors"):
+    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world, fmt="safetensors",
+                 allow_nonfinite=False):
         if fmt not in FORMATS:
             raise DistconvError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
         self.format = fmt
@@ -140,7 +152,9 @@ class _Job:
         arch = (user_config.architectures or [None])[0] if user_config is not None else None
         self.family: Family = pick_family(FAMILIES, spec, arch)
         self.tokenizer, self.tokenizer_source = _load_tokenizer(tokenizer, self.ckpt.args)
-        vocab, self.vocab_source = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args)
+        vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args)
+        self.warnings: list[str] = [warning] if warning else []
+        self.allow_nonfinite = allow_nonfinite
         self.spec = spec.with_vocab(vocab)
         has_output = "output_layer.weight" in self.ckpt.tensors
         if has_output == self.spec.tie_embeddings:
@@ -164,7 +178,7 @@ class _Job:
         self.source = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
-            "format": fmt})
+            "format": fmt, **({"allow_nonfinite": True} if allow_nonfinite else {})})
         self.save = Path(save).resolve()
         self.sources = (load, self.ckpt.path, hf_config, self.tokenizer_source)
         refuse_overlap(self.save, self.sources)
@@ -193,6 +207,12 @@ def _say(comm: Comm, quiet: bool, text: str) -> None:
         print(text, flush=True)
 
 
+def _warn(comm: Comm, text: str) -> None:
+    """A warning: rank 0 prints it to stderr, even with ``quiet``."""
+    if comm.rank == 0:
+        print(f"distconv: warning: {text}", file=sys.stderr, flush=True)
+
+
 def export(
     load: str | Path,
     save: str | Path,
@@ -211,6 +231,7 @@ def export(
     dry_run: bool = False,
     report: str | Path | None = None,
     format: str = "safetensors",
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Convert a Megatron checkpoint (torch_dist or legacy) into an HF folder; collective over all ranks.
 
@@ -218,12 +239,13 @@ def export(
     if any rank fails; ``save`` is then left untouched. A ``save`` that already holds a
     finished export of the same source and options (its ``distconv.json`` checks out) is
     skipped unless ``overwrite``. ``dry_run`` prints the plan and reads nothing; ``report``
-    also writes the JSON run report to that path.
+    also writes the JSON run report to that path. NaN or Inf in an exported tensor is an error
+    naming the tensors unless ``allow_nonfinite``; then the report counts them per tensor.
     """
     comm = Comm.setup(device, timeout_s)
     try:
         result = _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers,
-                      quiet, format, dry_run, report)
+                      quiet, format, dry_run, report, allow_nonfinite)
     except BaseException:
         comm.close(clean=False)
         raise
@@ -232,16 +254,19 @@ def export(
 
 
 def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, fmt,
-         dry_run=False, report_path=None):
+         dry_run=False, report_path=None, allow_nonfinite=False):
     tracker = Tracker(comm.rank, comm.world, comm.control, quiet)
     job, error = None, None
     try:
-        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world, fmt)
+        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world, fmt,
+                   allow_nonfinite)
     except Exception as e:  # every rank hits the same planning error; agree() reports it once
         error = e
     comm.agree(error)
     assert job is not None
     _say(comm, quiet, job.summary(comm.world))
+    for warning in job.warnings:
+        _warn(comm, warning)
     save = job.save
     if dry_run:
         _say(comm, False, plan_text(job.plan, job.ckpt, save))
@@ -284,12 +309,22 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
     comm.agree(error)
     mine = [o for g in plan.groups if g.writer == comm.rank for o in g.outputs]
     shards = _shard_writer(job, folder.tmp, mine) if mine else None
+    nonfinite: dict[str, int] = {}  # HF name -> NaN/Inf count, of this rank's outputs
 
     def write_group(index: int, full: list[torch.Tensor]) -> None:
         group = plan.groups[index]
+        found = []
         for item, tensor in zip(group.items, full):
             for name, out in job.family.export_tensor(item.name, tensor, job.spec):
-                shards.write(name, out.contiguous())
+                out = out.contiguous()
+                if count := _nonfinite(out):
+                    nonfinite[name] = count
+                    found.append(f"{name} (from Megatron {item.name}): {count} of {out.numel()}")
+                shards.write(name, out)
+        if found and not job.allow_nonfinite:
+            raise DistconvError(
+                f"NaN or Inf values in HF tensor {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}: the model would "
+                "produce garbage (stopped at the first tensors found holding any; --allow-nonfinite exports them)")
 
     writer = WriterThread(write_group) if shards else None
     reader = LegacyReader(job.ckpt) if job.ckpt.format == "legacy" else Reader(job.ckpt.path, job.ckpt.metadata)
@@ -307,6 +342,11 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
         tracker.converted(shards.bytes_written if shards else 0)
         comm.agree(error)  # every shard file is complete
         report = tracker.report()
+        report["nonfinite"] = {k: v for part in comm.collect(nonfinite) for k, v in part.items()}
+        if report["nonfinite"]:
+            job.warnings.append(f"exported {len(report['nonfinite'])} tensor(s) holding NaN or Inf (--allow-nonfinite)")
+            _warn(comm, job.warnings[-1])
+        report["warnings"] = job.warnings
         sums = {k: v for part in comm.collect(getattr(shards, "sums", {})) for k, v in part.items()}
         if comm.rank == 0:
             error = _attempt(lambda: _finish(job, folder.tmp, report, sums))
@@ -331,6 +371,14 @@ def _shard_writer(job: _Job, tmp: Path, outputs: list) -> ShardWriter | TorchFil
     return TorchFileWriter(tmp, outputs, job.config.to_dict())
 
 
+def _nonfinite(t: torch.Tensor) -> int:
+    """How many NaN/Inf values ``t`` holds. A sum is finite unless some value is not (or it
+    overflows), and costs far less than ``isfinite``, which only then counts them."""
+    if not t.is_floating_point() or torch.isfinite(t.sum()):
+        return 0
+    return int(torch.isfinite(t).logical_not().sum())
+
+
 def _attempt(fn) -> BaseException | None:
     try:
         fn()
@@ -348,15 +396,3 @@ def _finish(job: _Job, tmp: Path, report: dict[str, Any], sums: dict[str, dict[s
     if job.format == "safetensors":
         write_index(tmp, job.plan.outputs)
     marker.write_marker(tmp, job.source, len(job.plan.outputs), report, known=sums)
-
-
-def main_export(opts: Any) -> int:
-    """CLI entry for ``distconv export``."""
-    export(
-        opts.load, opts.save, iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer,
-        dtype=opts.dtype, max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device,
-        window=opts.window, writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, format=opts.format,
-        dry_run=opts.dry_run, report=opts.report,
-    )
-    return 0
-

@@ -6,7 +6,9 @@ system and tells the other ranks (all of them run every export together). Each i
 to ``SAVE/iter_XXXXXXX`` (``SAVE/release``), or to ``SAVE`` formatted with ``{iteration}`` and
 ``{name}`` when it holds a ``{``. A target holding a finished export (valid ``distconv.json``)
 is skipped by the export itself; one without a valid marker (an unfinished or damaged
-export) is redone.
+export) is redone, and with ``overwrite`` every target is redone (as a plain export would).
+Every other export option applies to each export; those naming one export (``iteration``,
+``dry_run``, ``report``) are refused.
 """
 
 from __future__ import annotations
@@ -37,15 +39,31 @@ def target(save: str | Path, iteration: int | str) -> Path:
     return Path(save) / iteration_name(iteration)
 
 
+# export options that name one export, with why they do not combine with --watch
+_REFUSED = {
+    "iteration": ("--iteration", "the watcher exports each iteration the tracker names"),
+    "dry_run": ("--dry-run", "use it with --load"),
+    "report": ("--report", "each export's report is in its distconv.json"),
+}
+
+
 def tracked_iteration(root: Path) -> int | str | None:
-    """The iteration the tracker names, or None while there is none (or it is being written)."""
+    """The iteration the tracker names, or None while there is none (or it is empty: being written).
+
+    Any other content is an error naming the file and what it holds.
+    """
+    tracker = root / TRACKER
     try:
-        text = (root / TRACKER).read_text().strip()
+        text = tracker.read_text().strip()
     except OSError:
         return None
     if text == "release":
         return text
-    return int(text) if text.isdigit() else None
+    if text.isdigit():
+        return int(text)
+    if text:
+        raise DistconvError(f"{tracker} holds {text[:100]!r}, neither an iteration number nor 'release'")
+    return None
 
 
 def watch(
@@ -58,15 +76,20 @@ def watch(
     device: str = "auto",
     timeout_s: float = 1800.0,
     quiet: bool = False,
+    overwrite: bool = False,
     **export_options: Any,
 ) -> int:
-    """Export every new iteration of ``root``; returns how many exports failed.
+    """Export every new iteration of ``root`` with ``export_options`` (``distconv.export``'s
+    keywords); returns how many exports failed.
 
     Stops after one look with ``once``, or when no new iteration has appeared for
     ``idle_timeout_s`` seconds; otherwise runs until interrupted. Collective over all ranks.
     """
     from distconv.pipeline import export
 
+    for key, (flag, why) in _REFUSED.items():
+        if export_options.pop(key, None) not in (None, False):
+            raise DistconvError(f"{flag} does not combine with --watch ({why})")
     root = Path(root)
     if not root.is_dir():
         raise DistconvError(f"--watch {root}: no such directory")
@@ -79,14 +102,21 @@ def watch(
         say = (lambda text: print(text, flush=True)) if comm.rank == 0 and not quiet else (lambda text: None)
         say(f"watching {root / TRACKER} (every {poll_s:g} s)")
         while True:
-            iteration = rank0_value(comm, tracked_iteration(root) if comm.rank == 0 else None)
+            looked, error = None, None
+            if comm.rank == 0:
+                try:
+                    looked = tracked_iteration(root)
+                except DistconvError as e:
+                    error = e
+            comm.agree(error)
+            iteration = rank0_value(comm, looked)
             if iteration is not None and iteration not in done:
                 done.add(iteration)
                 dest = target(save, iteration)
                 redo = rank0_value(comm, comm.rank == 0 and dest.exists() and any(dest.iterdir()) and not finished(dest))
                 say(f"iteration {iteration} -> {dest}{' (redoing an unfinished export)' if redo else ''}")
                 try:
-                    export(root, dest, iteration=iteration, overwrite=redo, device=device, timeout_s=timeout_s,
+                    export(root, dest, iteration=iteration, overwrite=overwrite or redo, device=device, timeout_s=timeout_s,
                            quiet=quiet, **export_options)
                 except DistconvError as e:
                     failures += 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import re
 import shutil
@@ -9,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import distconv_cli
+from distconv.pipeline import _nonfinite
 from distconv.testing.build import layout_dir
 
 
@@ -119,3 +123,64 @@ def test_hf_config_conflict_names_both_values(built, tmp_path, field, value, nee
     proc = distconv_cli("export", "--load", str(layout_dir(built, "llama", 1, 1)), "--save", str(out),
                         "--hf-config", str(tmp_path / "config.json"), timeout=120)
     _assert_clean_failure(proc, out, needle)
+
+
+def test_tokenizer_folder_in_args_that_does_not_load(built, tmp_path):
+    root = _copy(built, "llama", 1, 1, tmp_path)
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(built / "tokenizer", tokenizer)
+    (tokenizer / "tokenizer.json").write_text("garbage")
+    _edit_args(root, tokenizer_model=str(tokenizer))
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), timeout=120)
+    _assert_clean_failure(proc, out, f"args.tokenizer_model {tokenizer}: the folder does not load as an HF tokenizer")
+
+
+def _poison(folder: Path, key: str, offsets: tuple[int, ...]) -> None:
+    """Make the first value of one stored chunk NaN, in place: DCP stores each chunk as
+    ``torch.save`` bytes at an offset, so the chunk is loaded, changed and saved back at its length."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    info = FileSystemReader(str(folder)).read_metadata().storage_data[MetadataIndex(key, torch.Size(offsets))]
+    with open(folder / info.relative_path, "r+b") as f:
+        f.seek(info.offset)
+        chunk = torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+        chunk.view(-1)[0] = float("nan")
+        data = io.BytesIO()
+        torch.save(chunk, data)
+        assert len(data.getvalue()) == info.length
+        f.seek(info.offset)
+        f.write(data.getvalue())
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_nonfinite_weights_are_refused_unless_allowed(built, tmp_path):
+    root = _copy(built, "llama", 1, 1, tmp_path)
+    _poison(root / "iter_0000100", "decoder.layers.self_attention.linear_proj.weight", (0, 0, 0))  # layer 0
+    before = _digests(root)
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), nproc=2, timeout=180)
+    _assert_clean_failure(proc, out, "NaN or Inf values in HF tensor model.layers.0.self_attn.o_proj.weight "
+                          "(from Megatron decoder.layers.0.self_attention.linear_proj.weight): 1 of 4096: ", "--allow-nonfinite")
+    assert _digests(root) == before
+
+    report = tmp_path / "report.json"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), "--allow-nonfinite", "--quiet",
+                        "--report", str(report), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = {"model.layers.0.self_attn.o_proj.weight": 1}
+    assert json.loads(report.read_text())["nonfinite"] == counts
+    assert json.loads((out / "distconv.json").read_text())["report"]["nonfinite"] == counts
+    assert "distconv: warning: exported 1 tensor(s) holding NaN or Inf" in proc.stderr
+    weight = load_file(out / "model-00001-of-00001.safetensors")["model.layers.0.self_attn.o_proj.weight"]
+    assert weight.isnan().sum() == 1
+
+
+def test_nonfinite_count():
+    assert _nonfinite(torch.full((4,), 3e38)) == 0  # the sum overflows, the values are finite
+    assert _nonfinite(torch.tensor([1.0, float("nan"), float("-inf"), 0.0], dtype=torch.bfloat16)) == 2
+    assert _nonfinite(torch.arange(4)) == 0

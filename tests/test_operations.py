@@ -4,6 +4,7 @@ on two "nodes", --watch over a training run's save root, and ``distconv verify``
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -18,6 +19,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, distconv_cli, hf_logits, subprocess_env
+from distconv.cli import _dispatch, _parser, export_keywords
+from distconv.errors import DistconvError
+from distconv.pipeline import export
 from distconv.testing.build import layout_dir
 from distconv.watch import target
 
@@ -50,6 +54,19 @@ def test_report_counts_what_was_written(reported):
     assert report["bytes_read"] >= report["bytes_written"]  # the padded vocab rows are read, then trimmed
     assert set(report["seconds"]) == {"plan", "convert", "finish", "total"}
     assert [r["rank"] for r in report["ranks"]] == [0] and report["ranks"][0]["peak_rss_bytes"] > 100e6
+    assert report["warnings"] == [] and report["nonfinite"] == {}
+
+
+def test_padded_vocab_kept_with_a_warning(built, tmp_path):
+    """qwen3's args name no tokenizer and no vocab_size: the padded rows stay, and the run says how to trim them."""
+    out, report = tmp_path / "hf", tmp_path / "report.json"
+    proc = distconv_cli("export", "--load", str(layout_dir(built, "qwen3", 1, 1)), "--save", str(out), "--quiet",
+                        "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [l.removeprefix("distconv: warning: ") for l in proc.stderr.splitlines() if l.startswith("distconv: warning:")]
+    assert len(warnings) == 1 and "--hf-config" in warnings[0] and "--tokenizer" in warnings[0], proc.stderr[-3000:]
+    assert json.loads(report.read_text())["warnings"] == warnings
+    assert json.loads((out / "distconv.json").read_text())["report"]["warnings"] == warnings
 
 
 def test_progress_bars_only_on_a_terminal(reported, built, tmp_path):
@@ -180,6 +197,43 @@ def test_watch_exports_each_new_iteration(built, tmp_path):
     redone = distconv_cli(*once)
     assert redone.returncode == 0 and "redoing an unfinished export" in redone.stdout, redone.stderr[-2000:]
     assert _max_diff(built, save / "iter_0000200") <= TOL
+
+
+def test_watch_applies_every_export_option(built, tmp_path):
+    root, save = layout_dir(built, "llama", 1, 1), tmp_path / "hf"
+    once = ["export", "--watch", str(root), "--save", str(save), "--once", "--format", "torch"]
+    first = distconv_cli(*once)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = save / "iter_0000100"
+    assert sorted(p.name for p in out.glob("model*")) == ["model.pt"]
+    assert json.loads((out / "distconv.json").read_text())["source"]["options"]["format"] == "torch"
+    before = (out / "model.pt").stat().st_mtime_ns
+    again = distconv_cli(*once, "--overwrite")  # redoes a finished export, as a plain export would
+    assert again.returncode == 0 and "already holds" not in again.stdout and "wrote " in again.stdout, again.stderr[-3000:]
+    assert (out / "model.pt").stat().st_mtime_ns != before
+
+
+@pytest.mark.parametrize("tracker,extra,needle", [
+    ("100", ["--iteration", "100"], "--iteration does not combine with --watch"),
+    ("garbage\n", [], "latest_checkpointed_iteration.txt holds 'garbage', neither an iteration number nor 'release'"),
+])
+def test_watch_refusals(tmp_path, tracker, extra, needle):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest_checkpointed_iteration.txt").write_text(tracker)
+    proc = distconv_cli("export", "--watch", str(tmp_path / "run"), "--save", str(tmp_path / "hf"), "--once", *extra)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("distconv: error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+    assert not (tmp_path / "hf").exists()
+
+
+def test_every_export_option_reaches_export():
+    """Each ``export`` flag but the source, target and watch-only ones is a keyword of ``distconv.export``."""
+    opts = _parser().parse_args(["export", "--load", "x", "--save", "y"])
+    flags = set(vars(opts)) - {"command", "load", "watch", "save", "poll", "watch_timeout", "once"}
+    keywords = {p.name for p in inspect.signature(export).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    assert {"timeout_s" if f == "timeout" else f for f in flags} == set(export_keywords(opts)) == keywords
+    with pytest.raises(DistconvError, match="--watch-timeout, --once: only with --watch"):
+        _dispatch(_parser().parse_args(["export", "--load", "x", "--save", "y", "--once", "--watch-timeout", "5"]))
 
 
 def test_watch_targets():
