@@ -48,8 +48,9 @@ class _KnownMetadataReader(FileSystemReader):
 
 
 # Names under which megatron-core's torch_dist strategy builds its DCP readers: a function in
-# 0.13 and later, the class itself in 0.12. Both are looked up when ``load`` runs.
-_READER_FACTORIES = ("_get_filesystem_reader", "CachedMetadataFileSystemReader")
+# 0.13 and later, the classes themselves in 0.12 (and in a few metadata helpers of every
+# version). All are looked up in the module when ``load`` runs.
+_READER_FACTORIES = ("_get_filesystem_reader", "CachedMetadataFileSystemReader", "FileSystemReader")
 
 
 @contextlib.contextmanager
@@ -64,7 +65,7 @@ def serving_metadata(folder: Path, metadata: Any) -> Iterator[None]:
     from megatron.core.dist_checkpointing.strategies import torch as strategy
 
     names = [n for n in _READER_FACTORIES if hasattr(strategy, n)]
-    if not names:
+    if not set(names) & set(_READER_FACTORIES[:2]):
         raise DistconvError("this megatron-core builds its checkpoint readers in a way distconv does not know, so it "
                             "cannot make it use the allow-listed metadata; use megatron-core 0.12 to 0.19")
     reader = _KnownMetadataReader(folder, metadata)

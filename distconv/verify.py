@@ -4,12 +4,11 @@ The Megatron side is megatron-core's ``GPTModel`` built from the checkpoint's ar
 in this one process on CPU (fp32), its weights loaded with ``dist_checkpointing.load`` from
 the checkpoint as saved (any training layout); the HF side is transformers'
 ``AutoModelForCausalLM`` on the exported folder. Both run on the same seeded token sequences.
-The model is built with the same builder the test fixtures use
-(``distconv.testing.megatron_cpu``), so it covers the families the fixtures cover (dense
-GPT, MoE, MLA).
+The model is built by ``distconv.megatron_model``, which the test fixtures use too, so it
+covers the families the fixtures cover (dense GPT, MoE, MLA).
 
-megatron-core 0.16 makes a few CUDA calls unconditionally; they are patched out for this
-process only (``verify`` is meant to run as its own command, not inside a training job).
+megatron-core 0.16 makes a few CUDA calls unconditionally; on a machine without CUDA they are
+made harmless only while the model is built and run (``cpu_compat``), and restored after.
 It needs the whole model in fp32 twice in CPU memory.
 """
 
@@ -47,34 +46,34 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
     from megatron.core import dist_checkpointing, parallel_state
 
-    from distconv.testing.megatron_cpu import build_gpt, forward_logits, patch_cuda_for_cpu
+    from distconv.megatron_model import build_gpt, cpu_compat, forward_logits
 
     args = argparse.Namespace(**vars(ckpt.args))
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "expert_model_parallel_size", "expert_tensor_parallel_size"):
         setattr(args, name, 1)
-    patch_cuda_for_cpu()
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        parallel_state.initialize_model_parallel(1, 1)
-        try:
-            model = build_gpt(args, 1, 1)
-        except (AttributeError, TypeError, ValueError) as e:
-            raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
-        try:
-            with serving_metadata(ckpt.path, ckpt.metadata):
-                loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path),
-                                                 common_strategy=_known_common(ckpt.common),
-                                                 validate_access_integrity=False)
-        except BaseException as e:  # DCP's CheckpointException is a BaseException
-            if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                raise
-            raise DistconvError(f"megatron-core could not load {ckpt.path}: {str(e).strip().splitlines()[-1]}") from None
-        model.load_state_dict(loaded["model"])
-        model = model.float()
-        return forward_logits(model, tokens).float()
+        with cpu_compat():
+            parallel_state.initialize_model_parallel(1, 1)
+            try:
+                model = build_gpt(args, 1, 1)
+            except (AttributeError, TypeError, ValueError) as e:
+                raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
+            try:
+                with serving_metadata(ckpt.path, ckpt.metadata):
+                    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path),
+                                                     common_strategy=_known_common(ckpt.common),
+                                                     validate_access_integrity=False)
+            except BaseException as e:  # DCP's CheckpointException is a BaseException
+                if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                    raise
+                raise DistconvError(f"megatron-core could not load {ckpt.path}: {str(e).strip().splitlines()[-1]}") from None
+            model.load_state_dict(loaded["model"])
+            model = model.float()
+            return forward_logits(model, tokens).float()
     finally:
         parallel_state.destroy_model_parallel()
         if owns:

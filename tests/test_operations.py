@@ -271,3 +271,32 @@ def test_verify_moe_export_from_an_expert_parallel_layout(built, tmp_path):
     assert check.returncode == 0, check.stderr[-3000:]
     result = json.loads(check.stdout.strip().splitlines()[-1])
     assert result["ok"] and result["top1_agreement"] == 1.0
+
+
+def test_verify_leaves_torch_and_megatron_as_they_were(built, tmp_path):
+    """verify's CPU stand-ins for megatron-core's CUDA calls are undone: an export in the same
+    process afterwards runs, and torch's and megatron-core's functions are the originals."""
+    import torch
+
+    import distconv
+    from distconv.verify import verify
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer import multi_latent_attention
+
+    def state() -> dict:
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        return {"synchronize": torch.cuda.synchronize, "current_device": torch.cuda.current_device,
+                "Tensor.cuda": torch.Tensor.cuda, "rng fork": vars(tracker).get("fork"),
+                "HAVE_TE": multi_latent_attention.HAVE_TE}
+
+    load = layout_dir(built, "llama", 2, 2)
+    first = distconv.export(load, tmp_path / "hf", quiet=True)
+    before = state()
+    result = verify(load, tmp_path / "hf", tol=1e-4)
+    assert result["ok"], result
+    assert state() == before
+    again = distconv.export(load, tmp_path / "hf2", quiet=True)
+    assert again["tensors"] == first["tensors"]
+    if not torch.cuda.is_available():  # without CUDA, tensors really cannot move to a GPU again
+        with pytest.raises((AssertionError, RuntimeError)):
+            torch.ones(1).cuda()

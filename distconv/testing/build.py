@@ -24,13 +24,8 @@ import torch
 import torch.distributed as dist
 
 from distconv.testing.expert_keys import save_expert_key_form
-from distconv.testing.megatron_cpu import (
-    build_gpt,
-    forward_logits,
-    megatron_args,
-    patch_cuda_for_cpu,
-    randomize_,
-)
+from distconv.megatron_model import build_gpt, cpu_compat, forward_logits
+from distconv.testing.megatron_cpu import megatron_args, randomize_
 
 ALL_LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
 # MoE: EP2, PP2xEP2, TP2xEP2 (expert TP = TP = 2), TP2xEP2 with expert TP 1
@@ -285,7 +280,6 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="fixture names (default: all)")
     parser.add_argument("--layouts", nargs="*", help="restrict layouts, e.g. 2x2 1x1 2x1x2")
     opts = parser.parse_args()
-    patch_cuda_for_cpu()
     dist.init_process_group("gloo")
     torch.manual_seed(0)
     names = opts.only or list(FIXTURES)
@@ -297,7 +291,8 @@ def main() -> None:
         if dist.get_rank() == 0:
             shown = ", ".join(layout_dir(Path(), "", *parallel(l)).name.upper() for l in fx.layouts)
             print(f"building {name} at {shown}", flush=True)
-        build_fixture(name, fx, opts.out)
+        with cpu_compat():
+            build_fixture(name, fx, opts.out)
     dist.barrier()
     dist.destroy_process_group()
 

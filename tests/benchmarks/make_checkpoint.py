@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from distconv.testing.build import Fixture, save_layout
-from distconv.testing.megatron_cpu import build_gpt, megatron_args, patch_cuda_for_cpu
+from distconv.megatron_model import build_gpt, cpu_compat
+from distconv.testing.megatron_cpu import megatron_args
 
 HIDDEN, FFN, HEADS, GROUPS, VOCAB = 1024, 2816, 16, 4, 32000
 
@@ -47,21 +48,21 @@ def main() -> None:
                         help="skip the Adam moments (megatron-core's save stages a copy of every tensor "
                              "in RAM, so very large checkpoints with moments do not fit on small machines)")
     opts = parser.parse_args()
-    patch_cuda_for_cpu()
     dist.init_process_group("gloo")
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(opts.tp, opts.pp)
     args = shape_args(opts.gb, opts.tp, opts.pp, dist.get_world_size())
-    model = build_gpt(args, opts.tp, opts.pp, init=False).to(torch.bfloat16)
-    gen = torch.Generator().manual_seed(dist.get_rank())
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
-    if dist.get_rank() == 0:
-        print(f"generating {args.num_layers} layers, {opts.gb} GB of bf16 weights at TP{opts.tp} PP{opts.pp}", flush=True)
-    save_layout(model, args, opts.out, Fixture(args={}, seed=0, iteration=1000), shared_moments=True,
-                optimizer=not opts.no_optimizer)
+    with cpu_compat():
+        model = build_gpt(args, opts.tp, opts.pp, init=False).to(torch.bfloat16)
+        gen = torch.Generator().manual_seed(dist.get_rank())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
+        if dist.get_rank() == 0:
+            print(f"generating {args.num_layers} layers, {opts.gb} GB of bf16 weights at TP{opts.tp} PP{opts.pp}", flush=True)
+        save_layout(model, args, opts.out, Fixture(args={}, seed=0, iteration=1000), shared_moments=True,
+                    optimizer=not opts.no_optimizer)
     parallel_state.destroy_model_parallel()
     dist.destroy_process_group()
 
