@@ -162,6 +162,8 @@ _METADATA_GLOBALS = frozenset({
     ("torch.serialization", "_get_layout"),
     ("torch._utils", "_get_layout"),
     ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id, as torch's own DCP save writes it
+    ("pathlib", "PurePosixPath"),
     *(("torch", n) for n in dir(torch) if isinstance(getattr(torch, n, None), torch.dtype)),
 })
 
@@ -229,7 +231,10 @@ def load_common_state(folder: Path, metadata: Any = None) -> dict[str, Any]:
     """
     common = folder / "common.pt"
     if common.exists():
-        return safe_torch_load(common, str(common))
+        state = safe_torch_load(common, str(common))
+        if not isinstance(state, dict):
+            raise DistconvError(f"{common} holds a {type(state).__name__}, not Megatron-LM's common state dict")
+        return state
     metadata = metadata if metadata is not None else read_dcp_metadata(folder)
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
@@ -250,7 +255,13 @@ def load_common_state(folder: Path, metadata: Any = None) -> dict[str, Any]:
     if len(data) != int(info.length):
         raise DistconvError(f"{path} is truncated: common_state needs {info.length} bytes at {info.offset}")
     state = safe_torch_load(io.BytesIO(data), f"{folder} common_state")
-    return state[0] if isinstance(state, list) else state
+    if isinstance(state, io.BytesIO):  # torch's DCP stores a bytes entry as a saved buffer
+        state.seek(0)
+        state = safe_torch_load(state, f"{folder} common_state")
+    state = state[0] if isinstance(state, list) and state else state
+    if not isinstance(state, dict):
+        raise DistconvError(f"{folder}: the common_state inside DCP is a {type(state).__name__}, not a dict")
+    return state
 
 
 def read_tensor_index(folder: Path, metadata: Any) -> tuple[dict[str, TensorInfo], int]:

@@ -310,3 +310,45 @@ def test_full_disk_while_writing_small_files_names_the_file(built, tmp_path, nam
             write_tokenizer(tmp_path, AutoTokenizer.from_pretrained(str(built / "tokenizer")))
         else:
             write_index(tmp_path, [Output("w", (2,), torch.float32, "model.safetensors")])
+
+
+def _with_common_state_in_dcp(src: Path, dst: Path, common: bytes) -> Path:
+    """``src`` (our trusted fixture) re-saved the way megatron-core 0.19 saves: no common.pt,
+    the common state as a bytes entry of the DCP checkpoint itself."""
+    import io
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    folder = src / ITER
+    metadata = dcp.FileSystemReader(str(folder)).read_metadata()
+    state = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype)
+             for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+    state["common_state/shard_0_1"] = io.BytesIO(common)
+    (dst / ITER).mkdir(parents=True)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(dst / ITER)), no_dist=True)
+    shutil.copy(folder / "metadata.json", dst / ITER / "metadata.json")
+    (dst / "latest_checkpointed_iteration.txt").write_text("100")
+    return dst
+
+
+def test_common_state_inside_dcp_is_read_with_the_allow_list(ckpt, tmp_path, capsys):
+    import io
+
+    good = io.BytesIO()
+    torch.save(torch.load(ckpt / ITER / "common.pt", weights_only=False), good)  # our own fixture, trusted
+    root = _with_common_state_in_dcp(ckpt, tmp_path / "v019", good.getvalue())
+    assert not (root / ITER / "common.pt").exists()
+    code, errors = _cli(capsys, "layout", str(root))
+    assert code == 0 and not errors
+    code, errors = _cli(capsys, "export", "--load", str(root), "--save", str(tmp_path / "hf"), "--quiet")
+    assert code == 0 and not errors and marker.finished(tmp_path / "hf")
+
+    flag = tmp_path / "pwned"
+    evil = io.BytesIO()
+    torch.save({"args": _Payload(flag)}, evil)
+    bad = _with_common_state_in_dcp(ckpt, tmp_path / "evil", evil.getvalue())
+    _refused(capsys, "allow-list", "layout", str(bad))
+    _refused(capsys, "allow-list", "inspect", str(bad))
+    assert not flag.exists(), "the payload ran"
