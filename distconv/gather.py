@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import os
+import sys
 import uuid
 
 from typing import Any
@@ -66,6 +68,7 @@ class Comm:
 
     def close(self, clean: bool = False) -> None:
         """Destroy the groups this run made; ``clean``: every rank got here, barrier first."""
+        _unpin_default_group()
         if clean and self.control is not None:
             dist.barrier(group=self.control)
         for group in (self.data, self.control):
@@ -136,6 +139,26 @@ class Comm:
             for read, t in zip(reads, _unpack(host, reads, dtype)):
                 _place(full, group, read, t, dtype)
         return full  # type: ignore[return-value]
+
+
+def _unpin_default_group() -> None:
+    """Let the default group die when its owner destroys it.
+
+    ``torch.distributed.nn.functional`` evaluates ``group=group.WORLD`` at import. torch's DCP
+    imports it, and distconv imports DCP inside its first ``export``: in the post-training hook,
+    after ``init_process_group``, so those functions keep the default group as a default. Then
+    ``destroy_process_group()`` cannot free it, its gloo worker threads run on into interpreter
+    exit, and one that drops a finished collective's tensors then needs the GIL and aborts the
+    process ("terminate called without an active exception"). ``None`` (what an import before
+    ``init_process_group`` stores) means the same: the current default group.
+    """
+    world = dist.group.WORLD
+    functional = sys.modules.get("torch.distributed.nn.functional")
+    if world is None or functional is None:
+        return
+    for fn in vars(functional).values():
+        if inspect.isfunction(fn) and fn.__defaults__ and any(d is world for d in fn.__defaults__):
+            fn.__defaults__ = tuple(None if d is world else d for d in fn.__defaults__)
 
 
 def _to_host(buf: torch.Tensor) -> torch.Tensor:

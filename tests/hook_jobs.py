@@ -1,0 +1,52 @@
+"""The post-training hook as a job runs it at its end, then the job exits.
+
+    torchrun --nproc-per-node N tests/hook_jobs.py LOAD OUT RUNS
+
+Each rank calls ``init_process_group("gloo")`` before anything imports torch's checkpoint
+modules (distconv imports them inside ``export``), runs ``distconv.export`` RUNS times into
+fresh folders ``OUT/run{i}`` (writers alternating 1 and 2), then ``all_gather_object`` and
+``destroy_process_group()`` as tests/benchmarks/export_stats.py does. Before exiting it writes
+``OUT/rank{R}.json``: the Python threads other than the main one alive after each export,
+and the gloo threads alive after ``destroy_process_group()``. tests/test_hook.py also
+requires the process to exit 0.
+"""
+
+import json
+import sys
+import threading
+from pathlib import Path
+
+import torch.distributed as dist
+
+import distconv
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's native threads that belong to a gloo process group."""
+    names = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return sorted(n for n in names if "gloo" in n)
+
+
+def main() -> None:
+    load, out, runs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    assert "torch.distributed.nn" not in sys.modules, "the hook must be the first to import torch's checkpoint modules"
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    after_export = []
+    for run in range(runs):
+        distconv.export(load, out / f"run{run}", quiet=True, writers=1 + run % 2)
+        after_export.append([t.name for t in threading.enumerate() if t is not threading.main_thread()])
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, rank)
+    dist.destroy_process_group()
+    result = {"threads_after_export": after_export, "gloo_threads_after_destroy": gloo_threads()}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

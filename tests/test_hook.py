@@ -1,0 +1,36 @@
+"""The post-training hook must leave nothing running: the job that called it must exit 0.
+
+distconv imports torch's checkpoint modules inside ``export``, so in a job they arrive after
+``init_process_group``. Anything the export leaves behind (a reader or writer thread, a
+process group, a reference that keeps the job's default group from being freed) runs on into
+interpreter exit, where a gloo worker thread can abort the process (SIGABRT, "terminate
+called without an active exception") after a successful export. The abort is a race at exit,
+so besides several exits the test also asserts its cause directly: no thread outlives
+``export`` and no gloo thread outlives the job's ``destroy_process_group()``.
+"""
+
+from __future__ import annotations
+
+import json
+
+from conftest import ROOT, torchrun
+from distconv import marker
+from distconv.testing.build import layout_dir
+
+LAUNCHES = 3  # process exits per rank
+RUNS = 2  # exports per launch
+
+
+def test_hook_exports_then_the_job_exits_cleanly(built, tmp_path):
+    ckpt = layout_dir(built, "llama", 2, 1)
+    for launch in range(LAUNCHES):
+        out = tmp_path / f"launch{launch}"
+        out.mkdir()
+        proc = torchrun(2, str(ROOT / "tests" / "hook_jobs.py"), str(ckpt), str(out), str(RUNS), timeout=300, check=False)
+        assert proc.returncode == 0, f"launch {launch} exited {proc.returncode}:\n{proc.stderr[-6000:]}"
+        for rank in range(2):
+            result = json.loads((out / f"rank{rank}.json").read_text())
+            assert result["threads_after_export"] == [[]] * RUNS, f"rank {rank}: threads left running by export()"
+            assert result["gloo_threads_after_destroy"] == [], f"rank {rank}: the default group outlived destroy_process_group()"
+        for run in range(RUNS):
+            assert marker.finished(out / f"run{run}", checksums=True), f"launch {launch} run {run} is incomplete"
