@@ -28,17 +28,18 @@ from distconv.families import FAMILIES
 from distconv.testing.build import layout_dir
 
 VENV = ROOT / ".venv-vllm"
-# one export per family (the fixture it comes from)
+# the fixture exported -> its family: every family once, DeepSeek-V3 with and without q LoRA
 CASES = {
-    "LlamaForCausalLM": "vllm_llama",  # with a tokenizer: vLLM loads it too
-    "MistralForCausalLM": "vllm_mistral",
-    "Qwen2ForCausalLM": "vllm_qwen2",  # bf16 weights
-    "Qwen3ForCausalLM": "qwen3",
-    "GPT2LMHeadModel": "vllm_gpt2",
-    "MixtralForCausalLM": "vllm_mixtral",
-    "Qwen2MoeForCausalLM": "vllm_qwen2_moe",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-    "DeepseekV3ForCausalLM": "vllm_deepseek_v3",  # YaRN: see the limitation above
+    "vllm_llama": "LlamaForCausalLM",  # with a tokenizer: vLLM loads it too
+    "vllm_mistral": "MistralForCausalLM",
+    "vllm_qwen2": "Qwen2ForCausalLM",  # bf16 weights
+    "qwen3": "Qwen3ForCausalLM",
+    "vllm_gpt2": "GPT2LMHeadModel",
+    "vllm_mixtral": "MixtralForCausalLM",
+    "vllm_qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "vllm_deepseek_v3": "DeepseekV3ForCausalLM",  # YaRN: see the limitation above
+    "vllm_deepseek_v3_q_proj": "DeepseekV3ForCausalLM",
 }
 PROMPTS = [[5, 17, 33, 101, 7, 9, 200, 45, 150, 3, 88, 240], [3, 4, 5, 6, 7]]  # ids below every fixture's vocab (250)
 MAX_TOKENS = 8
@@ -61,18 +62,18 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
     reason = _unavailable()
     if reason:
         pytest.skip(reason)
-    missing = [name for name in CASES.values() if not (built / name).is_dir()]
+    missing = [name for name in CASES if not (built / name).is_dir()]
     if missing:
         pytest.skip(f"the fixtures at {built} lack {', '.join(missing)} (built before VLLM_FIXTURES existed): rebuild them")
     out = tmp_path_factory.mktemp("vllm")
-    jobs = [{"load": str(layout_dir(built, name, 1, 1)), "save": str(out / name)} for name in CASES.values()]
+    jobs = [{"load": str(layout_dir(built, name, 1, 1)), "save": str(out / name)} for name in CASES]
     exports = run_export_jobs(1, jobs, out)
     failed = [f"{job['load']}: {r['error']}" for job, r in zip(jobs, exports) if not r["ok"]]
     assert not failed, failed
-    folders = {name: out / name for name in CASES.values()}
+    folders = {name: out / name for name in CASES}
     for field in WITHOUT:  # DeepSeek-V3 exports as before the fix: without one routing field
         folders[f"deepseek_without_{field}"] = folder = out / f"deepseek_without_{field}"
-        shutil.copytree(out / CASES["DeepseekV3ForCausalLM"], folder)
+        shutil.copytree(out / "vllm_deepseek_v3", folder)
         config = json.loads((folder / "config.json").read_text())
         del config[field]
         (folder / "config.json").write_text(json.dumps(config))
@@ -82,7 +83,7 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
                            str(out / "vllm_results.json")], capture_output=True, text=True, timeout=1800, cwd=out)
     assert (out / "vllm_results.json").exists(), f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     vllm = json.loads((out / "vllm_results.json").read_text())
-    architectures = {name: r["report"]["architecture"] for name, r in zip(CASES.values(), exports)}
+    architectures = {name: r["report"]["architecture"] for name, r in zip(CASES, exports)}
     return {name: {"folder": folder, "architecture": architectures.get(name), "vllm": vllm.get(name, {"error": proc.stderr[-6000:]})}
             for name, folder in folders.items()}
 
@@ -109,21 +110,21 @@ def _transformers(folder: Path) -> tuple[list[list[int]], list[list[float]]]:
 
 
 def test_every_family_has_a_vllm_case():
-    assert sorted(CASES) == sorted(f.architecture for f in FAMILIES)
+    assert set(CASES.values()) == {f.architecture for f in FAMILIES}
 
 
-@pytest.mark.parametrize("architecture", list(CASES))
-def test_vllm_matches_transformers(runs, built, architecture):
-    run = runs[CASES[architecture]]
-    assert run["architecture"] == architecture
-    ref = torch.load(built / "refs" / f"{CASES[architecture]}.pt")  # the export is right: megatron-core's logits
+@pytest.mark.parametrize("name", list(CASES))
+def test_vllm_matches_transformers(runs, built, name):
+    run = runs[name]
+    assert run["architecture"] == CASES[name]
+    ref = torch.load(built / "refs" / f"{name}.pt")  # the export is right: megatron-core's logits
     logits = hf_logits(run["folder"], ref["tokens"])
     assert (logits - ref["logits"][..., : logits.shape[-1]]).abs().max().item() <= REF_TOL
     vllm = run["vllm"]
     assert "error" not in vllm, vllm.get("error")
     tokens, prompt_logprobs = _transformers(run["folder"])
     diff = _max_diff(vllm["prompt_logprobs"], prompt_logprobs)
-    print(f"{architecture}: max |prompt logprob difference| vLLM - transformers = {diff:.2e}")
+    print(f"{name} ({CASES[name]}): max |prompt logprob difference| vLLM - transformers = {diff:.2e}")
     assert diff <= TOL
     assert vllm["tokens"] == tokens
 
@@ -132,5 +133,5 @@ def test_vllm_needs_deepseek_routing_fields(runs):
     """Without topk_method vLLM has no place for the expert bias; without scoring_func it routes
     with softmax scores and still runs: both fields are what make the DeepSeek-V3 export serve right."""
     assert "e_score_correction_bias" in runs["deepseek_without_topk_method"]["vllm"]["error"]
-    wrong, right = runs["deepseek_without_scoring_func"]["vllm"], runs[CASES["DeepseekV3ForCausalLM"]]["vllm"]
+    wrong, right = runs["deepseek_without_scoring_func"]["vllm"], runs["vllm_deepseek_v3"]["vllm"]
     assert _max_diff(wrong["prompt_logprobs"], right["prompt_logprobs"]) > 10 * TOL

@@ -121,6 +121,11 @@ VLLM_FIXTURES: dict[str, Fixture] = {
              qk_pos_emb_head_dim=64, v_head_dim=32),
         seed=27, layouts=((1, 1),),
     ),
+    "vllm_deepseek_v3_q_proj": Fixture(  # the other MLA query path: q_proj, no q LoRA
+        dict(FIXTURES["deepseek_v3"].args, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=512, qk_head_dim=32,
+             qk_pos_emb_head_dim=64, v_head_dim=32),
+        seed=28, layouts=((1, 1),),
+    ),
 }
 ALL_FIXTURES: dict[str, Fixture] = {**FIXTURES, **VLLM_FIXTURES}
 
