@@ -109,8 +109,8 @@ FIXTURES: dict[str, Fixture] = {
 _SMALL = dict(num_layers=2, num_attention_heads=2, num_query_groups=1)
 VLLM_FIXTURES: dict[str, Fixture] = {
     "vllm_llama": Fixture(dict(FIXTURES["llama"].args, **_SMALL), seed=21, layouts=((1, 1),), tokenizer=True),
-    # a window longer than any test sequence: Mistral for distconv, the same attention everywhere
-    "vllm_mistral": Fixture(dict(FIXTURES["mistral"].args, **_SMALL, window_size=(4095, 0)), seed=22, layouts=((1, 1),)),
+    # sliding window: each token sees itself and the 5 before it (HF sliding_window 6)
+    "vllm_mistral": Fixture(dict(FIXTURES["mistral"].args, **_SMALL, window_size=(5, 0)), seed=22, layouts=((1, 1),)),
     "vllm_qwen2": Fixture(dict(FIXTURES["qwen2"].args, **_SMALL), seed=23, layouts=((1, 1),), bf16=True),
     "vllm_gpt2": Fixture(dict(FIXTURES["gpt2"].args, num_layers=2, num_attention_heads=2, num_query_groups=2),
                          seed=24, layouts=((1, 1),)),

@@ -30,6 +30,18 @@ def patch_cuda_for_cpu() -> None:
             moe_utils.te_general_gemm = None
     except ImportError:
         pass
+    from megatron.core.fusions import fused_softmax
+
+    fused_softmax.get_sliding_window_causal_mask = _sliding_window_mask  # 0.16 builds it on "cuda"
+
+
+def _sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """megatron-core's sliding-window mask on the CPU: True where query ``q`` may not see key ``k``,
+    i.e. outside ``[q - left, q + right]`` (queries are the last ``sq`` of ``skv`` positions)."""
+    left, right = window_size
+    q = torch.arange(sq)[:, None] + (skv - sq)
+    k = torch.arange(skv)[None, :]
+    return (k < q - left) | (k > q + right)
 
 
 def megatron_args(**overrides: Any) -> argparse.Namespace:
@@ -194,6 +206,7 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=args.qk_layernorm,
+        window_size=tuple(args.window_size) if args.window_size else None,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         pipeline_dtype=torch.float32,
