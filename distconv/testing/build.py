@@ -103,9 +103,9 @@ FIXTURES: dict[str, Fixture] = {
     ),
 }
 
-# Models vLLM's CPU kernels accept (tests/test_vllm.py), one per family that FIXTURES has none
-# of: attention head size 32 (not 16), and MLA with kv_lora_rank 512 and a 64-wide rope part.
-# Qwen3 and Qwen3-MoE use FIXTURES' own (head_dim 32). Two layers, saved at TP1PP1 only.
+# Models vLLM's CPU kernels accept (tests/test_vllm.py), for the families whose FIXTURES model
+# they do not: attention head size 32 (not 16), and MLA with kv_lora_rank 512 and a 64-wide rope
+# part. Qwen3 and Qwen3-MoE use FIXTURES' own (head_dim 32). Two layers, saved at TP1PP1 only.
 _SMALL = dict(num_layers=2, num_attention_heads=2, num_query_groups=1)
 VLLM_FIXTURES: dict[str, Fixture] = {
     "vllm_llama": Fixture(dict(FIXTURES["llama"].args, **_SMALL), seed=21, layouts=((1, 1),), tokenizer=True),
