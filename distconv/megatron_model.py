@@ -103,7 +103,8 @@ def cpu_compat() -> Iterator[None]:
 
     Replaced, and put back on exit: ``torch.cuda.synchronize`` (dist_checkpointing's preload)
     and ``current_device`` (finalize step, rotary embedding, masks), ``Tensor.cuda`` (the
-    tied-embedding sync across PP stages), the CUDA RNG tracker's ``fork``, a missing
+    tied-embedding sync across PP stages), the CUDA RNG tracker's ``fork``, the sliding-window
+    mask (built on the CPU instead), a missing
     ``moe_utils.te_general_gemm``, and ``multi_latent_attention.HAVE_TE`` (wrongly True when
     transformer-engine is absent: its extension imports with stand-ins). With CUDA nothing
     changes.
@@ -112,6 +113,7 @@ def cpu_compat() -> Iterator[None]:
         yield
         return
     from megatron.core import tensor_parallel
+    from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 
@@ -121,6 +123,8 @@ def cpu_compat() -> Iterator[None]:
         (torch.Tensor, "cuda", lambda self, *a, **k: self),
         (tensor_parallel.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext()),
     ]
+    if hasattr(fused_softmax, "get_sliding_window_causal_mask"):  # 0.16 builds the mask on "cuda"
+        changes.append((fused_softmax, "get_sliding_window_causal_mask", _sliding_window_mask))
     if not hasattr(moe_utils, "te_general_gemm"):
         changes.append((moe_utils, "te_general_gemm", None))
     if importlib.util.find_spec("transformer_engine") is None:
@@ -136,6 +140,15 @@ def cpu_compat() -> Iterator[None]:
                 setattr(obj, name, value)
             else:
                 delattr(obj, name)
+
+
+def _sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
+    """megatron-core's sliding-window mask on the CPU: True where query ``q`` may not see key ``k``,
+    i.e. outside ``[q - left, q + right]`` (queries are the last ``sq`` of ``skv`` positions)."""
+    left, right = window_size
+    q = torch.arange(sq)[:, None] + (skv - sq)
+    k = torch.arange(skv)[None, :]
+    return (k < q - left) | (k > q + right)
 
 
 def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
@@ -218,6 +231,7 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
         add_bias_linear=args.add_bias_linear,
         add_qkv_bias=args.add_qkv_bias,
         qk_layernorm=args.qk_layernorm,
+        window_size=tuple(args.window_size) if args.window_size else None,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         pipeline_dtype=torch.float32,

@@ -26,6 +26,7 @@ from distconv.legacy import LegacyReader
 from distconv.stream import Prefetcher, WriterThread
 from distconv.read import Reader
 from distconv.spec import ModelSpec, arg, spec_from_args
+from distconv.tokens import special_tokens
 from distconv.write import (
     OutputFolder,
     ShardWriter,
@@ -164,10 +165,8 @@ class _Job:
             )
         if user_config is not None:
             self.family.check_config(user_config, self.spec)
-        self.config = user_config if user_config is not None else self.family.hf_config(self.spec)
-        if user_config is None and self.tokenizer is not None:
-            self.config.bos_token_id = self.tokenizer.bos_token_id
-            self.config.eos_token_id = self.tokenizer.eos_token_id
+        bos, eos, self.tokens_source = special_tokens(self.tokenizer, self.ckpt.args) if user_config is None else (None, None, "--hf-config")
+        self.config = user_config if user_config is not None else self.family.hf_config(self.spec, bos_token_id=bos, eos_token_id=eos)
         if dtype not in ("auto", *DTYPES):
             raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16 or fp32")
         self.dtype = self.spec.train_dtype if dtype == "auto" else DTYPES[dtype]
@@ -197,6 +196,7 @@ class _Job:
             f"{spec.num_layers} layers, hidden {spec.hidden_size}, heads {spec.num_attention_heads}/{spec.num_query_groups}"
             + (f", {spec.num_experts} experts (top {spec.moe_topk}) in {sum(spec.moe_layers)} layers" if spec.num_experts else ""),
             f"vocab       {spec.vocab_size} of {spec.padded_vocab_size} padded rows, from {self.vocab_source}",
+            f"tokens      bos {getattr(self.config, 'bos_token_id', None)}, eos {getattr(self.config, 'eos_token_id', None)}, from {self.tokens_source}",
             f"plan        {world} rank(s), {len(plan.groups)} groups, {plan.total_bytes / 1e9:.3f} GB of {str(self.dtype).removeprefix('torch.')} "
             f"into {len(plan.files)} file(s); optimizer and other state ({ckpt.other_bytes / 1e9:.3f} GB) not read",
         ])

@@ -281,17 +281,24 @@ def write_config(folder: Path, config: Any, dtype: torch.dtype) -> None:
 
 
 def write_generation_config(folder: Path, config: Any, source: Path | None) -> None:
-    """Copy the given ``generation_config.json`` if there is one, else derive it from config."""
+    """Copy the given ``generation_config.json`` if there is one, else derive it from config.
+
+    A derived one always states ``bos_token_id`` and ``eos_token_id``, as null when the config
+    has none (transformers would leave them out).
+    """
     path = folder / "generation_config.json"
     try:
         if source is not None and (source / "generation_config.json").exists():
             shutil.copyfile(source / "generation_config.json", path)
             return
-        from transformers import GenerationConfig
-
-        GenerationConfig.from_model_config(config).save_pretrained(str(folder))
     except OSError as e:
         raise _write_error(path, e) from None
+    from transformers import GenerationConfig
+
+    data = GenerationConfig.from_model_config(config).to_diff_dict()
+    for name in ("bos_token_id", "eos_token_id"):
+        data.setdefault(name, getattr(config, name, None))
+    _write_json(path, data)
 
 
 def write_tokenizer(folder: Path, tokenizer: Any) -> None:

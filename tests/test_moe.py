@@ -254,3 +254,19 @@ def test_qwen_moe_dense_layers_map_to_mlp_only_layers():
     family = pick_family(FAMILIES, spec, None)
     config = family.hf_config(spec)
     assert config.mlp_only_layers == [1, 3] and config.decoder_sparse_step == 1
+
+
+def test_deepseek_config_carries_what_serving_engines_route_by():
+    """vLLM and SGLang create the expert bias only for topk_method "noaux_tc" and score with
+    softmax unless scoring_func says otherwise; transformers ignores both (DeepSeek's own values)."""
+    spec = _spec(**DS)
+    config = pick_family(FAMILIES, spec, None).hf_config(spec).to_diff_dict()
+    assert (config["topk_method"], config["scoring_func"], config["moe_layer_freq"]) == ("noaux_tc", "sigmoid", 1)
+    assert (config["n_group"], config["topk_group"]) == (DS["moe_router_num_groups"], DS["moe_router_group_topk"])
+
+
+def test_deepseek_groups_without_group_topk_are_not_group_limited():
+    """megatron-core limits routing to groups only when moe_router_group_topk is set."""
+    spec = _spec(**{**DS, "moe_router_group_topk": None})
+    config = pick_family(FAMILIES, spec, None).hf_config(spec)
+    assert (config.n_group, config.topk_group) == (1, 1)

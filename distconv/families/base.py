@@ -139,9 +139,10 @@ class Family:
                 reasons.append(f"{field}={have!r}")
         return reasons
 
-    def hf_config(self, spec: ModelSpec) -> PretrainedConfig:
+    def hf_config(self, spec: ModelSpec, **tokens: int | None) -> PretrainedConfig:
+        """The HF config for ``spec``; ``tokens`` (``bos_token_id=...``) are set as given, None included."""
         values = {name: fn(spec) for name, fn in self.config_fields}
-        config = self.config_class(**{k: v for k, v in values.items() if v is not None or k in self.nullable})
+        config = self.config_class(**{k: v for k, v in values.items() if v is not None or k in self.nullable}, **tokens)
         config.architectures = [self.architecture]
         return config
 

@@ -4,6 +4,10 @@ Megatron's MLA rotates the rope slice de-interleaved, which is HF's ``rope_inter
 the weights copy unchanged. HF ranks a group by its top-2 expert scores, megatron-core by its
 top ``moe_router_topk / moe_router_group_topk``: the two agree when that is 2 (or with no groups).
 HF's latent q/kv RMSNorms use a fixed epsilon of 1e-6, megatron-core one epsilon for every norm.
+
+transformers ignores ``topk_method``, ``scoring_func`` and ``moe_layer_freq``, but vLLM and SGLang
+read them as DeepSeek's own configs write them: ``noaux_tc`` (the expert bias exists and takes
+part in selection only), ``sigmoid`` scores, and MoE in every layer after the dense ones.
 """
 
 from __future__ import annotations
@@ -66,8 +70,12 @@ DEEPSEEK_V3 = Family(
         ("moe_intermediate_size", lambda s: s.moe_ffn_hidden_size),
         ("n_shared_experts", lambda s: s.moe_shared_experts),
         ("first_k_dense_replace", lambda s: len(dense_layers(s))),
-        ("n_group", lambda s: s.moe_num_groups or 1),
+        # megatron-core limits routing to groups only when moe_router_group_topk is set
+        ("n_group", lambda s: s.moe_num_groups if s.moe_group_topk else 1),
         ("topk_group", lambda s: s.moe_group_topk or 1),
+        ("topk_method", lambda s: "noaux_tc"),  # selection on sigmoid + e_score_correction_bias
+        ("scoring_func", lambda s: s.moe_score_function),
+        ("moe_layer_freq", lambda s: 1),  # with first_k_dense_replace: every layer after the dense ones
         ("norm_topk_prob", lambda s: s.moe_topk > 1),  # megatron-core renormalises sigmoid scores when k > 1
         ("routed_scaling_factor", lambda s: float(s.moe_scaling_factor or 1.0)),
         ("num_mtp_layers", lambda s: s.mtp_num_layers),

