@@ -41,15 +41,14 @@ class Comm:
         """Reuse an existing default group (post-training hook), else create one.
 
         Under torchrun/Slurm the environment names rank and world; a plain process runs as a
-        group of one (megatron-core's ``load`` needs a process group even then).
+        group of one (megatron-core's ``load`` needs a process group even then). Whether the
+        data group is NCCL on GPUs or gloo is agreed by all ranks over gloo before any NCCL
+        group exists (``decide_device``).
         """
-        want_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        if device == "cuda" and not torch.cuda.is_available():
-            raise DistconvError("--device cuda was asked for but CUDA is not available")
+        if device not in ("auto", "cpu", "cuda"):
+            raise DistconvError(f"--device {device}: choose auto, cpu or cuda")
         owns = not dist.is_initialized()
         timeout = datetime.timedelta(seconds=timeout_s)
-        if want_cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         if owns:  # megatron-core's loads only need CPU collectives: gloo suffices by default
             if "WORLD_SIZE" in os.environ:
                 dist.init_process_group("gloo", timeout=timeout)
@@ -62,9 +61,23 @@ class Comm:
         # one GPU, which can deadlock, so then reads do not run ahead.
         overlap = "nccl" not in str(dist.get_backend()).lower()
         control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-        data = dist.new_group(backend="nccl" if want_cuda else "gloo", timeout=timeout) if world > 1 else None
-        dev = torch.device("cuda", torch.cuda.current_device()) if want_cuda else torch.device("cpu")
-        return cls(dist.get_rank(), world, dev, owns, control, data, overlap)
+        comm = cls(dist.get_rank(), world, torch.device("cpu"), owns, control, None, overlap)
+        try:
+            index = _visible_gpu(device, owns)
+            mine = None if index is None else (os.uname().nodename, _gpu_id(index))
+            use_cuda, note = decide_device(device, comm.collect(mine))
+            if note and comm.rank == 0:
+                print(f"distconv: warning: {note}", file=sys.stderr, flush=True)
+            if use_cuda:
+                if owns:  # in the hook the caller's current device is kept
+                    torch.cuda.set_device(index)
+                comm.device = torch.device("cuda", index)
+            if world > 1:
+                comm.data = dist.new_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+        except BaseException:
+            comm.close()
+            raise
+        return comm
 
     def close(self, clean: bool = False) -> None:
         """Destroy the groups this run made; ``clean``: every rank got here, barrier first."""
@@ -139,6 +152,54 @@ class Comm:
             for read, t in zip(reads, _unpack(host, reads, dtype)):
                 _place(full, group, read, t, dtype)
         return full  # type: ignore[return-value]
+
+
+def local_gpu(env: dict[str, str], device_count: int) -> int:
+    """The GPU a process started by torchrun or srun takes: its local rank (``LOCAL_RANK``,
+    else ``SLURM_LOCALID``, else 0) on the devices it sees. With one device per task (Slurm
+    ``--gpus-per-task``) every task takes its own device 0; with more local ranks than devices
+    two ranks land on one GPU, which ``decide_device`` finds."""
+    local = int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", "0")))
+    return local % device_count
+
+
+def _visible_gpu(device: str, owns: bool) -> int | None:
+    """This rank's GPU for ``device``, or None when it has none to offer."""
+    if device == "cpu" or not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    if not owns:  # the post-training hook: the caller's device
+        return torch.cuda.current_device()
+    return local_gpu(dict(os.environ), torch.cuda.device_count())
+
+
+def _gpu_id(index: int) -> str:
+    """What tells two GPUs of one node apart, whatever each process sees: the device UUID."""
+    uuid_ = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    return str(uuid_) if uuid_ is not None else f"ordinal {index}"
+
+
+def decide_device(device: str, gpus: list[tuple[str, str] | None]) -> tuple[bool, str | None]:
+    """From every rank's ``(host, GPU id)`` (None: no GPU), whether to gather over NCCL on GPUs.
+
+    NCCL needs one distinct GPU per rank. ``--device cuda`` without that is an error;
+    ``--device auto`` then gathers over gloo, with a note when some rank had a GPU.
+    """
+    if device == "cpu":
+        return False, None
+    ranks: dict[tuple[str, str], list[int]] = {}
+    for rank, gpu in enumerate(gpus):
+        if gpu is not None:
+            ranks.setdefault(gpu, []).append(rank)
+    missing = [r for r, gpu in enumerate(gpus) if gpu is None]
+    shared = next((f"ranks {', '.join(map(str, rs))} would share GPU {gpu[1]} on {gpu[0]}"
+                   for gpu, rs in ranks.items() if len(rs) > 1), None)
+    problem = (f"rank {missing[0]} has no CUDA device" if missing else shared)
+    if problem is None:
+        return True, None
+    if device == "cuda":
+        raise DistconvError(f"--device cuda: {problem} (NCCL needs one GPU per rank); "
+                            "start at most one rank per GPU, or use --device cpu")
+    return False, (f"gathering over gloo on the CPU: {problem}" if ranks else None)
 
 
 def _unpin_default_group() -> None:

@@ -24,15 +24,16 @@ from distconv.write import OutputFolder
 
 
 @contextlib.contextmanager
-def cpu_save_compat() -> Iterator[None]:
-    """Let megatron-core 0.16's ``save`` run on a machine without CUDA.
+def cpu_save_compat(active: bool) -> Iterator[None]:
+    """Keep megatron-core 0.16's ``save`` off the GPU while ``active`` (gathering over gloo).
 
     Its save path calls ``torch.cuda.synchronize()`` after staging tensors to CPU and puts the
-    failure flag it broadcasts on ``torch.cuda.current_device()``. Without CUDA (a converter
-    node, a laptop) the first is a no-op by nature and the second can be the CPU. Only those two
-    functions are replaced, only while ``save`` runs, and only when CUDA is absent.
+    failure flag it broadcasts on ``torch.cuda.current_device()``. With CPU tensors and a gloo
+    group neither needs a GPU; left alone, on a GPU node every rank would open a CUDA context
+    on device 0 for them (which fails in exclusive-process mode), and without CUDA they fail.
+    Only those two functions are replaced, only while ``save`` runs.
     """
-    if torch.cuda.is_available():
+    if not active:
         yield
         return
     saved = torch.cuda.synchronize, torch.cuda.current_device
@@ -91,7 +92,7 @@ class MegatronRoot:
             ckpt.mkdir()
         if self.comm.world > 1:
             dist.barrier(group=self.comm.control)
-        with cpu_save_compat():
+        with cpu_save_compat(self.comm.device.type == "cpu"):
             dist_checkpointing.save({**common, **state}, str(ckpt))
         if self.comm.rank == 0:
             (Path(tmp[0]) / TRACKER).write_text(str(iteration))
