@@ -22,6 +22,7 @@ from distconv.checkpoint import TRACKER
 from distconv.errors import DistconvError
 from distconv.gather import Comm
 from distconv.marker import finished, rank0_value
+from distconv.write import refuse_overlap
 
 
 def iteration_name(iteration: int | str) -> str:
@@ -93,7 +94,7 @@ def watch(
     root = Path(root)
     if not root.is_dir():
         raise DistconvError(f"--watch {root}: no such directory")
-    target(save, 0)  # a bad pattern fails before any waiting
+    refuse_overlap(target(save, 0), (root,))  # a bad pattern or a --save in the save root fails before any waiting
     comm = Comm.setup(device, timeout_s)
     try:
         done: set[int | str] = set()

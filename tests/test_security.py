@@ -193,6 +193,8 @@ def test_save_never_overlaps_the_source(ckpt, tmp_path, capsys):
     _refused(capsys, "never writes into, over or around", "reshard", "--load", str(ckpt), "--save", str(ckpt),
              "--overwrite")
     _refused(capsys, "never writes into, over or around", "reshard", "--load", str(link), "--save", str(ckpt / "new"))
+    _refused(capsys, "never writes into, over or around", "export", "--watch", str(ckpt), "--save", str(ckpt / "hf"),
+             "--once")
     assert _tree(ckpt) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "link"]
 
