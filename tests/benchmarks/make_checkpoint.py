@@ -12,7 +12,6 @@ their bytes on disk are real.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import torch
