@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from transformers import MistralConfig
 
 from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, spec_fields
