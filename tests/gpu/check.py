@@ -674,8 +674,29 @@ def _children(pid: int) -> dict[int, dict[str, str]]:
     return out
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    kids: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            kids.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for child in kids.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _kill_session(proc: subprocess.Popen) -> None:
-    """End a command this driver started, and its children (it runs in its own session)."""
+    """End a command this driver started: its session and every process below it, by pid."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # found before any dies and is re-parented
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
