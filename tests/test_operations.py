@@ -64,7 +64,7 @@ def test_padded_vocab_kept_with_a_warning(built, tmp_path):
                         "--report", str(report))
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [l.removeprefix("distconv: warning: ") for l in proc.stderr.splitlines() if l.startswith("distconv: warning:")]
-    assert len(warnings) == 1 and "--hf-config" in warnings[0] and "--tokenizer" in warnings[0], proc.stderr[-3000:]
+    assert len(warnings) == 1 and "--vocab-size" in warnings[0] and "--hf-config" in warnings[0], proc.stderr[-3000:]
     assert json.loads(report.read_text())["warnings"] == warnings
     assert json.loads((out / "distconv.json").read_text())["report"]["warnings"] == warnings
 
