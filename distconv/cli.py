@@ -170,7 +170,7 @@ def _dispatch(opts: argparse.Namespace) -> int:
         if opts.json:
             print(json.dumps(result))
         else:
-            print(f"transformers vs megatron-core on {result['tokens'][0]}x{result['tokens'][1]} tokens: "
+            print(f"transformers vs megatron-core ({result['format']} checkpoint) on {result['tokens'][0]}x{result['tokens'][1]} tokens: "
                   f"max |diff| {result['max_abs_diff']:.3e}, mean {result['mean_abs_diff']:.3e}, top-1 agreement "
                   f"{result['top1_agreement']:.2%} -> {'OK' if result['ok'] else 'MISMATCH'} (tolerance {opts.tol:g})")
         return 0 if result["ok"] else 1

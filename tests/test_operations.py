@@ -250,6 +250,7 @@ def test_verify_accepts_a_good_export_and_rejects_a_wrong_one(reported, built, t
     assert good.returncode == 0, good.stderr[-3000:]
     result = json.loads(good.stdout.strip().splitlines()[-1])
     assert result["ok"] and result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
+    assert result["format"] == "torch_dist"
 
     wrong = tmp_path / "wrong"
     shutil.copytree(out, wrong)
@@ -260,7 +261,7 @@ def test_verify_accepts_a_good_export_and_rejects_a_wrong_one(reported, built, t
     save_file(tensors, shard, metadata={"format": "pt"})
     bad = distconv_cli("verify", "--load", load, "--hf", str(wrong), "--tol", "1e-4")
     assert bad.returncode == 1, bad.stderr[-3000:]
-    assert "MISMATCH" in bad.stdout
+    assert "MISMATCH" in bad.stdout and "(torch_dist checkpoint)" in bad.stdout
 
 
 def test_verify_moe_export_from_an_expert_parallel_layout(built, tmp_path):
