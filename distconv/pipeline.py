@@ -306,6 +306,7 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     comm.agree(error)
     tracker.planned(job.plan)
     report = _stream(comm, job, tracker)
+    report.update(vocab_size=job.spec.vocab_size, vocab_source=job.vocab_source)  # also in the --report file
     report = tracker.finished(report, report_path)
     total = job.plan.total_bytes
     _say(comm, quiet, f"wrote {job.family.architecture} to {save}: {len(job.plan.outputs)} tensors, "

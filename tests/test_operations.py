@@ -65,8 +65,11 @@ def test_padded_vocab_kept_with_a_warning(built, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [l.removeprefix("distconv: warning: ") for l in proc.stderr.splitlines() if l.startswith("distconv: warning:")]
     assert len(warnings) == 1 and "--vocab-size" in warnings[0] and "--hf-config" in warnings[0], proc.stderr[-3000:]
-    assert json.loads(report.read_text())["warnings"] == warnings
-    assert json.loads((out / "distconv.json").read_text())["report"]["warnings"] == warnings
+    data, marker = json.loads(report.read_text()), json.loads((out / "distconv.json").read_text())
+    assert data["warnings"] == marker["report"]["warnings"] == warnings
+    assert data["vocab_size"] == marker["source"]["options"]["vocab_size"] == 256  # qwen3's padded rows
+    assert data["vocab_source"] == marker["source"]["options"]["vocab_source"]
+    assert "padded size kept" in data["vocab_source"]
 
 
 def test_progress_bars_only_on_a_terminal(reported, built, tmp_path):
