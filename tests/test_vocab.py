@@ -112,6 +112,7 @@ def test_vocab_from_each_tokenizer_type(built, tmp_path, monkeypatch):
         "tiktoken": (dict(nothing, tokenizer_type="TikTokenizer", vocab_size=180, tiktoken_num_special_tokens=10), 180),
         "null": (dict(nothing, tokenizer_type="NullTokenizer", vocab_size=199), 200),
         "hub_cache": (dict(nothing, tokenizer_type="HuggingFaceTokenizer", tokenizer_model="tiny-org/tiny-tok"), hf_count),
+        "hub_absent": (dict(nothing, tokenizer_type="HuggingFaceTokenizer", tokenizer_model="tiny-org/absent"), PADDED),
     }
     jobs = [{"load": str(_checkpoint(built, tmp_path / name, **args)), "save": str(tmp_path / f"{name}_hf")}
             for name, (args, _) in cases.items()]
@@ -121,6 +122,9 @@ def test_vocab_from_each_tokenizer_type(built, tmp_path, monkeypatch):
     for (name, (_, expected)), result in zip(cases.items(), results):
         assert _rows(tmp_path / f"{name}_hf") == (expected, expected), name
         assert result["report"]["vocab_size"] == expected, name
+    absent = results[list(cases).index("hub_absent")]["report"]
+    assert len(absent["warnings"]) == 1 and "--vocab-size" in absent["warnings"][0]  # not in the cache: padded rows kept
+    assert all(not r["report"]["warnings"] for name, r in zip(cases, results) if name != "hub_absent")
     assert _rows(tmp_path / "hand_hf") == (210, 210)  # --vocab-size wins over the GPT-2 vocab file
     assert results[-1]["report"]["vocab_source"] == "--vocab-size"
     assert (tmp_path / "hub_cache_hf" / "tokenizer.json").is_file()  # the cached HF tokenizer is copied
