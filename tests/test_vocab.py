@@ -96,6 +96,7 @@ def test_vocab_from_each_tokenizer_type(built, tmp_path, monkeypatch):
     vocab_json, merges = _gpt2_files(files / "gpt2", 200)
     pieces = [("<unk>", UNKNOWN), ("<s>", CONTROL), ("</s>", CONTROL)] + [(f"\u2581p{i}", NORMAL) for i in range(150)]
     _sentencepiece_model(files / "sp.model", pieces)
+    _sentencepiece_model(files / "sp_pad.model", pieces + [("<pad>", CONTROL)])
     home = tmp_path / "hf_home"
     _hf_cache(home, "tiny-org/tiny-tok", built / "tokenizer")
     hf_count = len(json.loads((built / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"])
@@ -107,6 +108,9 @@ def test_vocab_from_each_tokenizer_type(built, tmp_path, monkeypatch):
         # 153 pieces + <CLS> <SEP> <EOD> <MASK> + <PAD> (no pad piece) + 3 extra ids; <s>, </s> are pieces
         "sentencepiece": (dict(nothing, tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(files / "sp.model"),
                                vocab_extra_ids=3), 153 + 4 + 1 + 3),
+        # a control piece <pad> is the pad token: no <PAD> added
+        "sentencepiece_pad": (dict(nothing, tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(files / "sp_pad.model")),
+                              154 + 4),
         "llama2": (dict(nothing, tokenizer_type="Llama2Tokenizer", tokenizer_model=str(files / "sp.model")), 153),
         "gptsentencepiece": (dict(nothing, tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=str(files / "sp.model")), 153),
         "tiktoken": (dict(nothing, tokenizer_type="TikTokenizer", vocab_size=180, tiktoken_num_special_tokens=10), 180),
