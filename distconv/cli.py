@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration to export (default: the tracker's)")
     exp.add_argument("--hf-config", help="HF model folder or config.json; authoritative for the HF side")
     exp.add_argument("--tokenizer", help="local HF tokenizer folder to copy (default: args.tokenizer_model if local)")
+    exp.add_argument("--vocab-size", type=int, help="true (unpadded) vocab size; wins over tokenizer and args, "
+                     "must agree with --hf-config")
     exp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (auto: training dtype)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --save (with --watch: each iteration's target)")
@@ -141,7 +143,7 @@ def export_keywords(opts: argparse.Namespace) -> dict[str, Any]:
         iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer, dtype=opts.dtype,
         max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device, window=opts.window,
         writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
-        format=opts.format, allow_nonfinite=opts.allow_nonfinite,
+        format=opts.format, allow_nonfinite=opts.allow_nonfinite, vocab_size=opts.vocab_size,
     )
 
 
@@ -168,7 +170,7 @@ def _dispatch(opts: argparse.Namespace) -> int:
         if opts.json:
             print(json.dumps(result))
         else:
-            print(f"transformers vs megatron-core on {result['tokens'][0]}x{result['tokens'][1]} tokens: "
+            print(f"transformers vs megatron-core ({result['format']} checkpoint) on {result['tokens'][0]}x{result['tokens'][1]} tokens: "
                   f"max |diff| {result['max_abs_diff']:.3e}, mean {result['mean_abs_diff']:.3e}, top-1 agreement "
                   f"{result['top1_agreement']:.2%} -> {'OK' if result['ok'] else 'MISMATCH'} (tolerance {opts.tol:g})")
         return 0 if result["ok"] else 1

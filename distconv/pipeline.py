@@ -27,6 +27,7 @@ from distconv.stream import Prefetcher, WriterThread
 from distconv.read import Reader
 from distconv.spec import ModelSpec, arg, spec_from_args
 from distconv.tokens import special_tokens
+from distconv.vocab import cached_hub_tokenizer, megatron_vocab
 from distconv.write import (
     OutputFolder,
     ShardWriter,
@@ -69,39 +70,58 @@ def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
 
 
 def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | None]:
-    """The tokenizer from ``--tokenizer``, else from args' ``tokenizer_model`` if it is a local folder.
+    """The tokenizer from ``--tokenizer``, else args' ``tokenizer_model``: a local folder, or a hub id
+    whose snapshot is in the local HF cache (looked up offline, never downloaded).
 
     A folder that does not load as an HF tokenizer is an error naming it and the reason; args'
-    value is not looked at when it is no local folder (a hub name or a SentencePiece file).
+    value is not looked at otherwise (a hub id not in the cache, a SentencePiece or tiktoken file).
     """
     from transformers import AutoTokenizer
 
     candidate = explicit if explicit is not None else arg(args, "tokenizer_model")
-    if candidate is None or not Path(candidate).is_dir():
-        if explicit is not None:
-            raise DistconvError(f"--tokenizer {explicit} is not a folder holding an HF tokenizer")
+    if explicit is not None and not Path(explicit).is_dir():
+        raise DistconvError(f"--tokenizer {explicit} is not a folder holding an HF tokenizer")
+    origin = "--tokenizer" if explicit is not None else "args.tokenizer_model"
+    folder = Path(candidate) if candidate is not None and Path(candidate).is_dir() else None
+    if folder is None and candidate is not None and arg(args, "tokenizer_type") in (None, "HuggingFaceTokenizer"):
+        folder = cached_hub_tokenizer(str(candidate))
+        origin = f"args.tokenizer_model {candidate} (HF cache)"
+    if folder is None:
         return None, None
     try:
-        return AutoTokenizer.from_pretrained(str(candidate)), str(candidate)
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), str(folder)
     except Exception as e:  # transformers raises many kinds (ValueError, OSError, JSON and tokenizers errors)
-        origin = "--tokenizer" if explicit is not None else "args.tokenizer_model"
         reason = " ".join(str(e).split()) or type(e).__name__
-        raise DistconvError(f"{origin} {candidate}: the folder does not load as an HF tokenizer: {reason}") from None
+        raise DistconvError(f"{origin} {folder}: the folder does not load as an HF tokenizer: {reason}") from None
 
 
-_NO_VOCAB = ("no true vocab size was found (no --hf-config, no tokenizer, no args.vocab_size): the export keeps "
-             "all {padded} padded rows; give --hf-config (with vocab_size) or --tokenizer to trim them")
+_NO_VOCAB = ("no true vocab size was found (no --vocab-size, no --hf-config, no tokenizer Megatron-LM's args name "
+             "that is readable here, no args.vocab_size): the export keeps all {padded} padded rows; give --vocab-size N "
+             "(or --hf-config with vocab_size, or --tokenizer) to trim them")
 
 
-def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any) -> tuple[int, str, str | None]:
-    """The vocab size without Megatron's padding, where it came from, and a warning when nothing told it."""
+def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any,
+                vocab_size: int | None = None) -> tuple[int, str, str | None]:
+    """The vocab size without Megatron's padding, where it came from, and a warning when nothing told it.
+
+    ``--vocab-size`` first (it must agree with ``--hf-config``), then ``--hf-config``, the HF
+    tokenizer, the size Megatron-LM's tokenizer of args' ``tokenizer_type`` has, ``args.vocab_size``.
+    """
+    if vocab_size is not None:
+        if int(vocab_size) <= 0:
+            raise DistconvError(f"--vocab-size {vocab_size}: give a positive size")
+        if config is not None and int(config.vocab_size) != int(vocab_size):
+            raise DistconvError(f"--vocab-size {vocab_size} contradicts --hf-config vocab_size {config.vocab_size}")
+        return int(vocab_size), "--vocab-size", None
     if config is not None:
         return int(config.vocab_size), "--hf-config vocab_size", None
     if tokenizer is not None:
         return len(tokenizer), "the tokenizer's size", None
+    if (found := megatron_vocab(args)) is not None:
+        return found[0], found[1], None
     if arg(args, "vocab_size") is not None:
         return int(args.vocab_size), "args.vocab_size", None
-    return (spec.padded_vocab_size, "nothing (no --hf-config, tokenizer or args.vocab_size): padded size kept",
+    return (spec.padded_vocab_size, "nothing (no --vocab-size, --hf-config, tokenizer or args.vocab_size): padded size kept",
             _NO_VOCAB.format(padded=spec.padded_vocab_size))
 
 
@@ -141,7 +161,7 @@ class _Job:
     """Everything stages 1-2 decide, identical on every rank."""
 
     def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world, fmt="safetensors",
-                 allow_nonfinite=False):
+                 allow_nonfinite=False, vocab_size=None):
         if fmt not in FORMATS:
             raise DistconvError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
         self.format = fmt
@@ -153,7 +173,7 @@ class _Job:
         arch = (user_config.architectures or [None])[0] if user_config is not None else None
         self.family: Family = pick_family(FAMILIES, spec, arch)
         self.tokenizer, self.tokenizer_source = _load_tokenizer(tokenizer, self.ckpt.args)
-        vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args)
+        vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args, vocab_size)
         self.warnings: list[str] = [warning] if warning else []
         self.allow_nonfinite = allow_nonfinite
         self.spec = spec.with_vocab(vocab)
@@ -177,7 +197,8 @@ class _Job:
         self.source = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
-            "format": fmt, **({"allow_nonfinite": True} if allow_nonfinite else {})})
+            "format": fmt, "vocab_size": vocab, "vocab_source": self.vocab_source,
+            **({"allow_nonfinite": True} if allow_nonfinite else {})})
         self.save = Path(save).resolve()
         self.sources = (load, self.ckpt.path, hf_config, self.tokenizer_source)
         refuse_overlap(self.save, self.sources)
@@ -232,6 +253,7 @@ def export(
     report: str | Path | None = None,
     format: str = "safetensors",
     allow_nonfinite: bool = False,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
     """Convert a Megatron checkpoint (torch_dist or legacy) into an HF folder; collective over all ranks.
 
@@ -241,11 +263,12 @@ def export(
     skipped unless ``overwrite``. ``dry_run`` prints the plan and reads nothing; ``report``
     also writes the JSON run report to that path. NaN or Inf in an exported tensor is an error
     naming the tensors unless ``allow_nonfinite``; then the report counts them per tensor.
+    ``vocab_size`` sets the true (unpadded) vocab size, over any tokenizer or args.
     """
     comm = Comm.setup(device, timeout_s)
     try:
         result = _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers,
-                      quiet, format, dry_run, report, allow_nonfinite)
+                      quiet, format, dry_run, report, allow_nonfinite, vocab_size)
     except BaseException:
         comm.close(clean=False)
         raise
@@ -254,12 +277,12 @@ def export(
 
 
 def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, fmt,
-         dry_run=False, report_path=None, allow_nonfinite=False):
+         dry_run=False, report_path=None, allow_nonfinite=False, vocab_size=None):
     tracker = Tracker(comm.rank, comm.world, comm.control, quiet)
     job, error = None, None
     try:
         job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world, fmt,
-                   allow_nonfinite)
+                   allow_nonfinite, vocab_size)
     except Exception as e:  # every rank hits the same planning error; agree() reports it once
         error = e
     comm.agree(error)
@@ -283,6 +306,7 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     comm.agree(error)
     tracker.planned(job.plan)
     report = _stream(comm, job, tracker)
+    report.update(vocab_size=job.spec.vocab_size, vocab_source=job.vocab_source)  # also in the --report file
     report = tracker.finished(report, report_path)
     total = job.plan.total_bytes
     _say(comm, quiet, f"wrote {job.family.architecture} to {save}: {len(job.plan.outputs)} tensors, "

@@ -1,8 +1,10 @@
 """``distconv verify --load CKPT --hf OUT``: the export's logits against megatron-core's own.
 
 The Megatron side is megatron-core's ``GPTModel`` built from the checkpoint's args at TP1 PP1
-in this one process on CPU (fp32), its weights loaded with ``dist_checkpointing.load`` from
-the checkpoint as saved (any training layout); the HF side is transformers'
+in this one process on CPU (fp32), its weights loaded from the checkpoint as saved (any
+training layout): a torch_dist one with ``dist_checkpointing.load``, a legacy ``mp_rank_*`` one
+(any TP/PP/VPP) through distconv's own legacy reader, which yields the same megatron-core
+tensors whole (QKV in megatron-core order, TP pieces joined); the HF side is transformers'
 ``AutoModelForCausalLM`` on the exported folder. Both run on the same seeded token sequences.
 The model is built by ``distconv.megatron_model``, which the test fixtures use too, so it
 covers the families the fixtures cover (dense GPT, MoE, MLA).
@@ -15,6 +17,7 @@ It needs the whole model in fp32 twice in CPU memory.
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +44,51 @@ def _known_common(common: dict[str, Any]):
     return KnownCommon()
 
 
+def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict from a legacy checkpoint: each sharded-state key (per-layer ones as
+    ``decoder.layers.{i}.X``, the legacy reader's names) read whole in fp32."""
+    from distconv.legacy import LegacyReader
+    from distconv.plan import Read
+
+    reader, state = LegacyReader(ckpt), {}
+    for name, sharded in model.sharded_state_dict().items():
+        key = getattr(sharded, "key", None)
+        data = getattr(sharded, "data", None)
+        if key is None or not isinstance(data, torch.Tensor) or name.endswith("_extra_state"):
+            continue
+        layer = re.match(r"decoder\.layers\.(\d+)\.", name)
+        source = f"decoder.layers.{layer.group(1)}.{key.removeprefix('decoder.layers.')}" if layer else key
+        info = ckpt.tensors.get(source)
+        if info is None:
+            raise DistconvError(f"{ckpt.path}: the legacy checkpoint holds no {source} (megatron-core's {name})")
+        if tuple(info.shape) != tuple(data.shape):
+            raise DistconvError(f"{ckpt.path}: {source} is {list(info.shape)}, megatron-core's {name} is {list(data.shape)}")
+        zeros = (0,) * len(info.shape)
+        box = Read(0, 0, source, tuple(info.shape), zeros, tuple(info.shape), tuple(slice(None) for _ in info.shape))
+        state[name] = reader.read([box], torch.float32)[0]
+    return state
+
+
+def _torch_dist_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict from a torch_dist checkpoint through ``dist_checkpointing.load``."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        with serving_metadata(ckpt.path, ckpt.metadata):
+            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path),
+                                             common_strategy=_known_common(ckpt.common),
+                                             validate_access_integrity=False)
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise DistconvError(f"megatron-core could not load {ckpt.path}: {str(e).strip().splitlines()[-1]}") from None
+    return loaded["model"]
+
+
 def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
     """megatron-core's logits (padded vocab) for ``tokens``, from the described checkpoint."""
     import torch.distributed as dist
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import parallel_state
 
     from distconv.megatron_model import build_gpt, cpu_compat, forward_logits
 
@@ -62,16 +106,13 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
                 model = build_gpt(args, 1, 1)
             except (AttributeError, TypeError, ValueError) as e:
                 raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
-            try:
-                with serving_metadata(ckpt.path, ckpt.metadata):
-                    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path),
-                                                     common_strategy=_known_common(ckpt.common),
-                                                     validate_access_integrity=False)
-            except BaseException as e:  # DCP's CheckpointException is a BaseException
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
-                raise DistconvError(f"megatron-core could not load {ckpt.path}: {str(e).strip().splitlines()[-1]}") from None
-            model.load_state_dict(loaded["model"])
+            if ckpt.format == "legacy":
+                state = _legacy_state(ckpt, model)
+                missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("_extra_state")]
+                if missing:
+                    raise DistconvError(f"{ckpt.path}: the legacy checkpoint gives no value for {', '.join(missing[:8])}")
+            else:
+                model.load_state_dict(_torch_dist_state(ckpt, model))
             model = model.float()
             return forward_logits(model, tokens).float()
     finally:
@@ -113,8 +154,6 @@ def verify(
         raise DistconvError(f"--hf {hf}: no readable config.json ({e})") from None
     vocab = int(config["vocab_size"])
     ckpt = describe(load, iteration)
-    if ckpt.format != "torch_dist":
-        raise DistconvError(f"verify reads torch_dist checkpoints; {ckpt.path} is {ckpt.format} (reshard it to torch_dist first)")
     length = min(length, int(arg(ckpt.args, "max_position_embeddings", "seq_length", default=length)))
     tokens = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))
     theirs = hf_logits(hf, tokens)
@@ -129,6 +168,7 @@ def verify(
         "top1_agreement": (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item(),
         "tokens": list(tokens.shape),
         "tolerance": tol,
+        "format": ckpt.format,
     }
     result["ok"] = result["max_abs_diff"] <= tol
     return result

@@ -277,3 +277,24 @@ def test_zip_with_two_checkpoints_is_refused(legacy_built, tmp_path):
         zf.write(src, "iter_0000010/mp_rank_00/model_optim_rng.pt")
     with pytest.raises(DistconvError, match="more than one checkpoint"):
         describe(bad)
+
+
+def test_verify_reads_legacy_checkpoints(legacy_built, tmp_path):
+    """verify loads legacy files (QKV order of checkpoint_version 1.0, TP2 PP2, virtual pipeline
+    chunks) into megatron-core and says so; an export of other weights is a mismatch."""
+    from distconv.verify import verify
+
+    loads = {"v1": legacy_built / "gpt2_v1" / "tp2pp2", "vpp": legacy_built / "gpt2_v3" / "tp2pp2vpp2",
+             "llama": legacy_built / "llama_v3" / "tp2pp2"}
+    results = run_export_jobs(1, [{"load": str(load), "save": str(tmp_path / name)} for name, load in loads.items()], tmp_path)
+    assert all(r["ok"] for r in results), results
+    good = distconv_cli("verify", "--load", str(loads["v1"]), "--hf", str(tmp_path / "v1"), "--tol", "1e-4", "--json")
+    assert good.returncode == 0, good.stderr[-3000:]
+    result = json.loads(good.stdout.strip().splitlines()[-1])
+    assert result["ok"] and result["max_abs_diff"] <= 1e-4 and result["format"] == "legacy"
+    for name in ("vpp", "llama"):
+        result = verify(loads[name], tmp_path / name, tol=1e-4)
+        assert result["ok"] and result["format"] == "legacy", (name, result)
+    bad = distconv_cli("verify", "--load", str(loads["v1"]), "--hf", str(tmp_path / "vpp"), "--tol", "1e-4")
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    assert "MISMATCH" in bad.stdout and "(legacy checkpoint)" in bad.stdout

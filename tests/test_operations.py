@@ -64,9 +64,12 @@ def test_padded_vocab_kept_with_a_warning(built, tmp_path):
                         "--report", str(report))
     assert proc.returncode == 0, proc.stderr[-3000:]
     warnings = [l.removeprefix("distconv: warning: ") for l in proc.stderr.splitlines() if l.startswith("distconv: warning:")]
-    assert len(warnings) == 1 and "--hf-config" in warnings[0] and "--tokenizer" in warnings[0], proc.stderr[-3000:]
-    assert json.loads(report.read_text())["warnings"] == warnings
-    assert json.loads((out / "distconv.json").read_text())["report"]["warnings"] == warnings
+    assert len(warnings) == 1 and "--vocab-size" in warnings[0] and "--hf-config" in warnings[0], proc.stderr[-3000:]
+    data, marker = json.loads(report.read_text()), json.loads((out / "distconv.json").read_text())
+    assert data["warnings"] == marker["report"]["warnings"] == warnings
+    assert data["vocab_size"] == marker["source"]["options"]["vocab_size"] == 256  # qwen3's padded rows
+    assert data["vocab_source"] == marker["source"]["options"]["vocab_source"]
+    assert "padded size kept" in data["vocab_source"]
 
 
 def test_progress_bars_only_on_a_terminal(reported, built, tmp_path):
@@ -250,6 +253,7 @@ def test_verify_accepts_a_good_export_and_rejects_a_wrong_one(reported, built, t
     assert good.returncode == 0, good.stderr[-3000:]
     result = json.loads(good.stdout.strip().splitlines()[-1])
     assert result["ok"] and result["max_abs_diff"] <= 1e-4 and result["top1_agreement"] == 1.0
+    assert result["format"] == "torch_dist"
 
     wrong = tmp_path / "wrong"
     shutil.copytree(out, wrong)
@@ -260,7 +264,7 @@ def test_verify_accepts_a_good_export_and_rejects_a_wrong_one(reported, built, t
     save_file(tensors, shard, metadata={"format": "pt"})
     bad = distconv_cli("verify", "--load", load, "--hf", str(wrong), "--tol", "1e-4")
     assert bad.returncode == 1, bad.stderr[-3000:]
-    assert "MISMATCH" in bad.stdout
+    assert "MISMATCH" in bad.stdout and "(torch_dist checkpoint)" in bad.stdout
 
 
 def test_verify_moe_export_from_an_expert_parallel_layout(built, tmp_path):
