@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from distconv.gather import check_slices
 from distconv.plan import Plan
 from distconv.read import Reader
 
@@ -60,6 +61,7 @@ class Prefetcher:
         reads = [r for g in batch for r in self._plan.groups[g].reads_of(self._rank)]
         try:
             tensors = self._reader.read(reads, self._plan.dtype)
+            check_slices(reads, tensors, self._plan.dtype)
         except BaseException as e:  # handed to the consumer, which makes every rank agree
             return None, e
         per_group, at = [], 0
