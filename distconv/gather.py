@@ -74,8 +74,9 @@ class Comm:
                     torch.cuda.set_device(index)
                 comm.device = torch.device("cuda", index)
                 torch.cuda.reset_peak_memory_stats(comm.device)  # the report's peak is this run's
-            if world > 1:
-                comm.data = dist.new_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+            if world > 1:  # NCCL: one communicator for the group, made now (batched p2p uses it)
+                eager = {"device_id": comm.device} if use_cuda else {}
+                comm.data = dist.new_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **eager)
         except BaseException:
             comm.close()
             raise
@@ -132,12 +133,16 @@ class Comm:
         """Assemble the group's items on its writer rank from every rank's slices.
 
         Returns the items on the writer, None elsewhere. A rank's slices travel as one packed
-        message. Where a single read is the whole item, that tensor is used as is.
+        message; the writer posts its receives as one batch (``batch_isend_irecv``: under NCCL
+        on the group's one communicator, not one per rank pair; gloo sends each on its own).
+        Where a single read is the whole item, that tensor is used as is.
         """
         dst = group.writer
         if self.rank != dst:
             if mine:
-                dist.send(_pack(mine, group.reads_of(self.rank), dtype, self.device), dst=dst, group=self.data)
+                packed = _pack(mine, group.reads_of(self.rank), dtype, self.device)
+                for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, packed, dst, group=self.data)]):
+                    work.wait()
             return None
         full: list[torch.Tensor | None] = [None] * len(group.items)
         for read, t in zip(group.reads_of(dst), mine):
@@ -149,10 +154,12 @@ class Comm:
         for src in range(self.world):
             reads = group.reads_of(src) if src != dst else []
             if reads:
-                buf = torch.empty(_packed_size(reads, dtype), dtype=torch.uint8, device=self.device)
-                pending.append((src, reads, buf, dist.irecv(buf, src=src, group=self.data)))
-        for src, reads, buf, work in pending:
-            work.wait()
+                pending.append((src, reads, torch.empty(_packed_size(reads, dtype), dtype=torch.uint8, device=self.device)))
+        if pending:
+            ops = [dist.P2POp(dist.irecv, buf, src, group=self.data) for src, _, buf in pending]
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        for src, reads, buf in pending:
             host = buf if buf.device.type == "cpu" else self.staging.copy(src, buf)
             for read, t in zip(reads, _unpack(host, reads, dtype)):
                 _place(full, group, read, t, dtype)
