@@ -11,6 +11,7 @@ import datetime
 import inspect
 import os
 import sys
+import time
 import uuid
 
 from typing import Any
@@ -22,6 +23,9 @@ from distconv.errors import DistconvError
 from distconv.plan import Group, Read
 
 _ALIGN = 16
+# NCCL's watchdog aborts the process (SIGABRT) once a transfer exceeds its group's timeout;
+# the data group gets this much longer, so that distconv's own deadline is the one that ends it
+_WATCHDOG_MARGIN = datetime.timedelta(seconds=60)
 
 
 @dataclasses.dataclass
@@ -35,6 +39,7 @@ class Comm:
     control: dist.ProcessGroup | None  # gloo, for agreement (main thread)
     data: dist.ProcessGroup | None  # the tensors' backend, for gathering (main thread)
     overlap_reads: bool = True
+    timeout_s: float = 1800.0
     staging: "HostBuffers" = dataclasses.field(default_factory=lambda: HostBuffers(pin=True))
 
     @classmethod
@@ -62,7 +67,7 @@ class Comm:
         # one GPU, which can deadlock, so then reads do not run ahead.
         overlap = "nccl" not in str(dist.get_backend()).lower()
         control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-        comm = cls(dist.get_rank(), world, torch.device("cpu"), owns, control, None, overlap)
+        comm = cls(dist.get_rank(), world, torch.device("cpu"), owns, control, None, overlap, timeout_s=timeout_s)
         try:
             index = _visible_gpu(device, owns)
             mine = None if index is None else (os.uname().nodename, _gpu_id(index))
@@ -75,8 +80,9 @@ class Comm:
                 comm.device = torch.device("cuda", index)
                 torch.cuda.reset_peak_memory_stats(comm.device)  # the report's peak is this run's
             if world > 1:  # NCCL: one communicator for the group, made now (batched p2p uses it)
-                eager = {"device_id": comm.device} if use_cuda else {}
-                comm.data = dist.new_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **eager)
+                backend, limit, eager = ("nccl", timeout + _WATCHDOG_MARGIN, {"device_id": comm.device}) if use_cuda \
+                    else ("gloo", timeout, {})
+                comm.data = dist.new_group(backend=backend, timeout=limit, **eager)
         except BaseException:
             comm.close()
             raise
@@ -141,8 +147,7 @@ class Comm:
         if self.rank != dst:
             if mine:
                 packed = _pack(mine, group.reads_of(self.rank), dtype, self.device)
-                for work in dist.batch_isend_irecv([dist.P2POp(dist.isend, packed, dst, group=self.data)]):
-                    work.wait()
+                self.wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, packed, dst, group=self.data)]))
             return None
         full: list[torch.Tensor | None] = [None] * len(group.items)
         for read, t in zip(group.reads_of(dst), mine):
@@ -157,13 +162,26 @@ class Comm:
                 pending.append((src, reads, torch.empty(_packed_size(reads, dtype), dtype=torch.uint8, device=self.device)))
         if pending:
             ops = [dist.P2POp(dist.irecv, buf, src, group=self.data) for src, _, buf in pending]
-            for work in dist.batch_isend_irecv(ops):
-                work.wait()
+            self.wait(dist.batch_isend_irecv(ops))
         for src, reads, buf in pending:
             host = buf if buf.device.type == "cpu" else self.staging.copy(src, buf)
             for read, t in zip(reads, _unpack(host, reads, dtype)):
                 _place(full, group, read, t, dtype)
         return full  # type: ignore[return-value]
+
+    def wait(self, works: list[Any]) -> None:
+        """Wait for transfers. On GPUs ``Work.wait`` does not block the CPU and a dead peer
+        would stall the GPU until NCCL's watchdog aborts the process: poll, and past the run's
+        timeout fail like any other fault. gloo's own ``wait`` raises at its timeout."""
+        if self.device.type == "cuda":
+            deadline = time.monotonic() + self.timeout_s
+            while not all(w.is_completed() for w in works):
+                if time.monotonic() > deadline:
+                    raise DistconvError(f"a transfer between ranks did not finish within {self.timeout_s:g} s "
+                                        "(--timeout): a peer rank died or hangs")
+                time.sleep(0.001)
+        for work in works:
+            work.wait()
 
 
 def local_gpu(env: dict[str, str], device_count: int) -> int:

@@ -8,13 +8,15 @@ when the ``Prefetcher`` starts a load, not what a load returns.
 from __future__ import annotations
 
 import threading
+import time
 
+import pytest
 import torch
 
 from distconv.checkpoint import describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.gather import HostBuffers
+from distconv.gather import Comm, HostBuffers
 from distconv.plan import Plan, Read, make_plan
 from distconv.spec import spec_from_args
 from distconv.stream import Prefetcher
@@ -81,3 +83,21 @@ def test_host_buffers_are_reused_per_source_and_grow():
     c = buffers.copy(1, torch.arange(200, dtype=torch.uint8))
     assert c.numel() == 200 and torch.equal(c, torch.arange(200, dtype=torch.uint8))
     assert buffers.take(1, 100).data_ptr() == c.data_ptr()  # the grown one is kept
+
+
+class _Stalled:
+    """A transfer that never completes, as a dead peer leaves an NCCL one (the CPU is not blocked)."""
+
+    def is_completed(self) -> bool:
+        return False
+
+    def wait(self) -> None:
+        raise AssertionError("waited on a transfer that cannot finish")
+
+
+def test_a_stalled_gpu_transfer_is_one_error_at_the_timeout():
+    comm = Comm(0, 2, torch.device("cuda", 0), False, None, None, timeout_s=0.2)
+    start = time.monotonic()
+    with pytest.raises(DistconvError, match=r"did not finish within 0.2 s \(--timeout\): a peer rank died"):
+        comm.wait([_Stalled()])
+    assert time.monotonic() - start < 5
