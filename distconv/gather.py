@@ -79,20 +79,20 @@ class Comm:
                     torch.cuda.set_device(index)
                 comm.device = torch.device("cuda", index)
                 torch.cuda.reset_peak_memory_stats(comm.device)  # the report's peak is this run's
-            if world > 1:  # NCCL: one communicator for the group, made now (batched p2p uses it)
-                backend, limit, eager = ("nccl", timeout + _WATCHDOG_MARGIN, {"device_id": comm.device}) if use_cuda \
-                    else ("gloo", timeout, {})
-                comm.data = dist.new_group(backend=backend, timeout=limit, **eager)
+            if world > 1:
+                comm.data = _data_group(comm.device if use_cuda else None, timeout)
         except BaseException:
             comm.close()
             raise
         return comm
 
     def close(self, clean: bool = False) -> None:
-        """Destroy the groups this run made; ``clean``: every rank got here, barrier first."""
+        """Destroy the groups this run made. ``clean``: every rank got here; the GPU's transfers
+        are finished and the ranks meet at a barrier first. After an error nothing is waited for:
+        a transfer to a dead peer never finishes, and destroying its group aborts it."""
         _unpin_default_group()
         self.staging.clear()
-        if clean and self.device.type == "cuda":  # no NCCL transfer is in flight when its group goes
+        if clean and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         if clean and self.control is not None:
             dist.barrier(group=self.control)
@@ -182,6 +182,15 @@ class Comm:
                 time.sleep(0.001)
         for work in works:
             work.wait()
+
+
+def _data_group(device: torch.device | None, timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """The group the tensors travel over: gloo, or NCCL on ``device`` with its communicator made
+    now (``device_id``, torch 2.6 and later), which batched transfers then share instead of
+    NCCL making one per rank pair inside the first gather."""
+    if device is None:
+        return dist.new_group(backend="gloo", timeout=timeout)
+    return dist.new_group(backend="nccl", timeout=timeout + _WATCHDOG_MARGIN, device_id=device)
 
 
 def local_gpu(env: dict[str, str], device_count: int) -> int:

@@ -122,7 +122,7 @@ class WriterThread:
     def __init__(self, work: Callable[[int, list[torch.Tensor]], None]) -> None:
         self.error: BaseException | None = None
         self._work = work
-        self._drop = False  # set by ``close(discard=True)``: skip the jobs still queued
+        self._drop = False  # set by ``join(discard=True)``: skip the jobs still queued
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._thread = threading.Thread(target=self._run, name="distconv-writer", daemon=True)
         self._thread.start()
