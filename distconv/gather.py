@@ -11,6 +11,7 @@ import datetime
 import inspect
 import os
 import sys
+import time
 import uuid
 
 from typing import Any
@@ -19,9 +20,12 @@ import torch
 import torch.distributed as dist
 
 from distconv.errors import DistconvError
-from distconv.plan import Group
+from distconv.plan import Group, Read
 
 _ALIGN = 16
+# NCCL's watchdog aborts the process (SIGABRT) once a transfer exceeds its group's timeout;
+# the data group gets this much longer, so that distconv's own deadline is the one that ends it
+_WATCHDOG_MARGIN = datetime.timedelta(seconds=60)
 
 
 @dataclasses.dataclass
@@ -35,6 +39,8 @@ class Comm:
     control: dist.ProcessGroup | None  # gloo, for agreement (main thread)
     data: dist.ProcessGroup | None  # the tensors' backend, for gathering (main thread)
     overlap_reads: bool = True
+    timeout_s: float = 1800.0
+    staging: "HostBuffers" = dataclasses.field(default_factory=lambda: HostBuffers(pin=True))
 
     @classmethod
     def setup(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Comm":
@@ -61,7 +67,7 @@ class Comm:
         # one GPU, which can deadlock, so then reads do not run ahead.
         overlap = "nccl" not in str(dist.get_backend()).lower()
         control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
-        comm = cls(dist.get_rank(), world, torch.device("cpu"), owns, control, None, overlap)
+        comm = cls(dist.get_rank(), world, torch.device("cpu"), owns, control, None, overlap, timeout_s=timeout_s)
         try:
             index = _visible_gpu(device, owns)
             mine = None if index is None else (os.uname().nodename, _gpu_id(index))
@@ -72,16 +78,22 @@ class Comm:
                 if owns:  # in the hook the caller's current device is kept
                     torch.cuda.set_device(index)
                 comm.device = torch.device("cuda", index)
+                torch.cuda.reset_peak_memory_stats(comm.device)  # the report's peak is this run's
             if world > 1:
-                comm.data = dist.new_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+                comm.data = _data_group(comm.device if use_cuda else None, timeout)
         except BaseException:
             comm.close()
             raise
         return comm
 
     def close(self, clean: bool = False) -> None:
-        """Destroy the groups this run made; ``clean``: every rank got here, barrier first."""
+        """Destroy the groups this run made. ``clean``: every rank got here; the GPU's transfers
+        are finished and the ranks meet at a barrier first. After an error nothing is waited for:
+        a transfer to a dead peer never finishes, and destroying its group aborts it."""
         _unpin_default_group()
+        self.staging.clear()
+        if clean and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         if clean and self.control is not None:
             dist.barrier(group=self.control)
         for group in (self.data, self.control):
@@ -127,12 +139,15 @@ class Comm:
         """Assemble the group's items on its writer rank from every rank's slices.
 
         Returns the items on the writer, None elsewhere. A rank's slices travel as one packed
-        message. Where a single read is the whole item, that tensor is used as is.
+        message; the writer posts its receives as one batch (``batch_isend_irecv``: under NCCL
+        on the group's one communicator, not one per rank pair; gloo sends each on its own).
+        Where a single read is the whole item, that tensor is used as is.
         """
         dst = group.writer
         if self.rank != dst:
             if mine:
-                dist.send(_pack(mine, self.device), dst=dst, group=self.data)
+                packed = _pack(mine, group.reads_of(self.rank), dtype, self.device)
+                self.wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, packed, dst, group=self.data)]))
             return None
         full: list[torch.Tensor | None] = [None] * len(group.items)
         for read, t in zip(group.reads_of(dst), mine):
@@ -144,14 +159,38 @@ class Comm:
         for src in range(self.world):
             reads = group.reads_of(src) if src != dst else []
             if reads:
-                buf = torch.empty(_packed_size(reads, dtype), dtype=torch.uint8, device=self.device)
-                pending.append((reads, buf, dist.irecv(buf, src=src, group=self.data)))
-        for reads, buf, work in pending:
-            work.wait()
-            host = buf if buf.device.type == "cpu" else _to_host(buf)
+                pending.append((src, reads, torch.empty(_packed_size(reads, dtype), dtype=torch.uint8, device=self.device)))
+        if pending:
+            ops = [dist.P2POp(dist.irecv, buf, src, group=self.data) for src, _, buf in pending]
+            self.wait(dist.batch_isend_irecv(ops))
+        for src, reads, buf in pending:
+            host = buf if buf.device.type == "cpu" else self.staging.copy(src, buf)
             for read, t in zip(reads, _unpack(host, reads, dtype)):
                 _place(full, group, read, t, dtype)
         return full  # type: ignore[return-value]
+
+    def wait(self, works: list[Any]) -> None:
+        """Wait for transfers. On GPUs ``Work.wait`` does not block the CPU and a dead peer
+        would stall the GPU until NCCL's watchdog aborts the process: poll, and past the run's
+        timeout fail like any other fault. gloo's own ``wait`` raises at its timeout."""
+        if self.device.type == "cuda":
+            deadline = time.monotonic() + self.timeout_s
+            while not all(w.is_completed() for w in works):
+                if time.monotonic() > deadline:
+                    raise DistconvError(f"a transfer between ranks did not finish within {self.timeout_s:g} s "
+                                        "(--timeout): a peer rank died or hangs")
+                time.sleep(0.001)
+        for work in works:
+            work.wait()
+
+
+def _data_group(device: torch.device | None, timeout: datetime.timedelta) -> dist.ProcessGroup:
+    """The group the tensors travel over: gloo, or NCCL on ``device`` with its communicator made
+    now (``device_id``, torch 2.6 and later), which batched transfers then share instead of
+    NCCL making one per rank pair inside the first gather."""
+    if device is None:
+        return dist.new_group(backend="gloo", timeout=timeout)
+    return dist.new_group(backend="nccl", timeout=timeout + _WATCHDOG_MARGIN, device_id=device)
 
 
 def local_gpu(env: dict[str, str], device_count: int) -> int:
@@ -222,11 +261,27 @@ def _unpin_default_group() -> None:
             fn.__defaults__ = tuple(None if d is world else d for d in fn.__defaults__)
 
 
-def _to_host(buf: torch.Tensor) -> torch.Tensor:
-    """GPU -> CPU through pinned memory (a DMA copy, no pageable staging)."""
-    host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
-    host.copy_(buf)
-    return host
+class HostBuffers:
+    """One host byte buffer per source rank, grown as needed and reused group after group, so
+    the writer holds at most one message per peer on the host (pinned: GPU -> CPU is a DMA copy)."""
+
+    def __init__(self, pin: bool) -> None:
+        self.pin = pin
+        self._held: dict[int, torch.Tensor] = {}
+
+    def take(self, src: int, nbytes: int) -> torch.Tensor:
+        """``nbytes`` bytes of ``src``'s buffer; valid until the next ``take`` for ``src``."""
+        held = self._held.get(src)
+        if held is None or held.numel() < nbytes:
+            held = self._held[src] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+        return held[:nbytes]
+
+    def copy(self, src: int, buf: torch.Tensor) -> torch.Tensor:
+        """``buf`` (one message from ``src``) copied into ``src``'s buffer."""
+        return self.take(src, buf.numel()).copy_(buf)
+
+    def clear(self) -> None:
+        self._held.clear()
 
 
 def _place(full: list, group: Group, read, t: torch.Tensor, dtype: torch.dtype) -> None:
@@ -248,34 +303,46 @@ def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def _packed_size(reads, dtype: torch.dtype) -> int:
-    total = 0
-    for r in reads:
-        n = dtype.itemsize
-        for s in r.sizes:
-            n *= s
-        total += _aligned(n)
-    return total
+def _nbytes(read: Read, dtype: torch.dtype) -> int:
+    n = dtype.itemsize
+    for s in read.sizes:
+        n *= s
+    return n
 
 
-def _pack(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """One contiguous byte buffer holding every tensor, each at an aligned offset."""
-    sizes = [_aligned(t.numel() * t.element_size()) for t in tensors]
-    buf = torch.empty(sum(sizes), dtype=torch.uint8, device=device)
+def _packed_size(reads: list[Read], dtype: torch.dtype) -> int:
+    """The size of the message holding ``reads``: what the sender packs, the receiver expects."""
+    return sum(_aligned(_nbytes(r, dtype)) for r in reads)
+
+
+def check_slices(reads: list[Read], tensors: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """Loaded slices must be the planned ones, in dtype and element count: sender and receiver
+    size a message each from the plan, and a mismatch would hang or garble the transfer."""
+    if len(tensors) != len(reads):
+        raise DistconvError(f"internal: {len(tensors)} slices loaded for {len(reads)} planned reads")
+    for r, t in zip(reads, tensors):
+        if t.dtype != dtype or t.numel() * t.element_size() != _nbytes(r, dtype):
+            raise DistconvError(f"internal: {r.key} at {list(r.offsets)} was loaded as {t.dtype} {list(t.shape)}, "
+                                f"planned {dtype} {list(r.sizes)}")
+
+
+def _pack(tensors: list[torch.Tensor], reads: list[Read], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """One contiguous byte buffer of ``_packed_size(reads, dtype)`` bytes holding every tensor,
+    each at an aligned offset; checked against the plan first."""
+    check_slices(reads, tensors, dtype)
+    buf = torch.empty(_packed_size(reads, dtype), dtype=torch.uint8, device=device)
     offset = 0
-    for t, size in zip(tensors, sizes):
+    for t, r in zip(tensors, reads):
         raw = t.contiguous().reshape(-1).view(torch.uint8)
         buf[offset : offset + raw.numel()].copy_(raw, non_blocking=True)
-        offset += size
+        offset += _aligned(_nbytes(r, dtype))
     return buf
 
 
-def _unpack(buf: torch.Tensor, reads, dtype: torch.dtype) -> list[torch.Tensor]:
+def _unpack(buf: torch.Tensor, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
     out, offset = [], 0
     for r in reads:
-        n = dtype.itemsize
-        for s in r.sizes:
-            n *= s
+        n = _nbytes(r, dtype)
         out.append(buf[offset : offset + n].view(dtype).reshape(r.sizes))
         offset += _aligned(n)
     return out

@@ -351,11 +351,13 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
                 "produce garbage (stopped at the first tensors found holding any; --allow-nonfinite exports them)")
 
     writer = WriterThread(write_group) if shards else None
-    reader = LegacyReader(job.ckpt) if job.ckpt.format == "legacy" else Reader(job.ckpt.path, job.ckpt.metadata)
-    prefetch = Prefetcher(reader, plan, comm.rank, job.window, comm.overlap_reads)
+    prefetch = None
     try:
+        reader = LegacyReader(job.ckpt) if job.ckpt.format == "legacy" else Reader(job.ckpt.path, job.ckpt.metadata)
+        prefetch = Prefetcher(reader, plan, comm.rank, job.window, comm.overlap_reads)
         for index, (tensors, error) in enumerate(prefetch):
             comm.agree(error or (writer.error if writer else None))
+            prefetch.agreed(index)
             full = comm.gather(plan.groups[index], tensors, plan.dtype)
             if full is not None:
                 writer.put(index, full)
@@ -377,10 +379,13 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
         comm.agree(error)
         if comm.rank == 0:
             folder.commit()
-        prefetch.close(wait=True)
+        prefetch.close()
         return report
     except BaseException:
-        prefetch.close(wait=False)  # its thread may sit in a collective that peers left
+        if prefetch is not None:  # joined: a load in flight is one every rank started
+            prefetch.close()
+        if writer is not None:
+            writer.join(discard=True)
         if shards is not None:
             shards.abort()
         if comm.rank == 0:

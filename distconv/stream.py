@@ -1,83 +1,119 @@
 """Overlap of the stages: a reader thread runs ahead, a writer thread runs behind.
 
 Per rank: the reader thread loads the next batch of groups (one ``dist_checkpointing.load``
-call per batch, on the default process group) while the main thread gathers the current group
-(on its own groups), and, on writer ranks, a writer thread maps and writes the previous one.
-Both queues are bounded, so a rank holds at most a few groups at a time.
+call per batch, a collective on the default process group) while the main thread gathers the
+current group (on its own groups), and, on writer ranks, a writer thread maps and writes the
+previous one. The reader starts a batch only when the consumer permits it, which it does once
+every rank has agreed on the previous batch's first group: so every rank starts the same
+loads, and none is left inside a collective that its peers will not join. Both threads are
+joined before ``export`` returns, on success and on error.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
+from distconv.gather import check_slices
 from distconv.plan import Plan
 from distconv.read import Reader
 
+_Result = tuple[list[list[torch.Tensor]] | None, BaseException | None]
+
 
 class Prefetcher:
-    """Reads this rank's slices of every group, in plan order, ahead of the consumer."""
+    """Reads this rank's slices of every group, in plan order, one permitted batch ahead."""
 
     def __init__(self, reader: Reader, plan: Plan, rank: int, batch_bytes: int, threaded: bool = True) -> None:
         """``threaded=False`` reads each batch only when the consumer reaches it."""
-        self._total = len(plan.groups)
-        self._stop = threading.Event()
-        steps = self._steps(reader, plan, rank, batch_bytes)
-        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._reader, self._plan, self._rank = reader, plan, rank
+        self._batches = plan.batches(batch_bytes)
+        self._batch_of_first = {batch[0]: k for k, batch in enumerate(self._batches)}
+        self._cond = threading.Condition()
+        self._permitted = 0  # batches 0 .. permitted-1 may be read
+        self._stopped = False
+        self._results: dict[int, _Result] = {}
         self._thread: threading.Thread | None = None
         if threaded:
-            self._thread = threading.Thread(target=self._fill, args=(steps,), name="distconv-reader", daemon=True)
+            self._thread = threading.Thread(target=self._fill, name="distconv-reader", daemon=True)
             self._thread.start()
-            self._next = self._queue.get
-        else:
-            self._next = lambda: next(steps)
 
-    def _fill(self, steps) -> None:
-        for step in steps:
-            self._queue.put(step)
-
-    def _steps(self, reader: Reader, plan: Plan, rank: int, batch_bytes: int):
-        for batch in plan.batches(batch_bytes):
-            if self._stop.is_set():
+    def _fill(self) -> None:
+        """Read each batch once permitted. A permitted batch is read even after ``close``:
+        every rank got the same permissions, so its peers start that load too."""
+        for k in range(len(self._batches)):
+            with self._cond:
+                self._cond.wait_for(lambda: self._permitted > k or self._stopped)
+                if self._permitted <= k:
+                    return
+            result = self._read(k)
+            with self._cond:
+                self._results[k] = result
+                self._cond.notify_all()
+            if result[1] is not None:
                 return
-            reads = [r for g in batch for r in plan.groups[g].reads_of(rank)]
-            try:
-                tensors = reader.read(reads, plan.dtype)
-            except BaseException as e:  # handed to the consumer, which makes every rank agree
-                yield batch, None, e
-                return
-            per_group, at = [], 0
-            for g in batch:
-                n = len(plan.groups[g].reads_of(rank))
-                per_group.append(tensors[at : at + n])
-                at += n
-            yield batch, per_group, None
 
-    def __iter__(self):
-        """Yields ``(tensors, error)`` per group in plan order; after an error, only the error."""
-        done = 0
-        while done < self._total:
-            batch, per_group, error = self._next()
+    def _read(self, k: int) -> _Result:
+        batch = self._batches[k]
+        reads = [r for g in batch for r in self._plan.groups[g].reads_of(self._rank)]
+        try:
+            tensors = self._reader.read(reads, self._plan.dtype)
+            check_slices(reads, tensors, self._plan.dtype)
+        except BaseException as e:  # handed to the consumer, which makes every rank agree
+            return None, e
+        per_group, at = [], 0
+        for g in batch:
+            n = len(self._plan.groups[g].reads_of(self._rank))
+            per_group.append(tensors[at : at + n])
+            at += n
+        return per_group, None
+
+    def _take(self, k: int) -> _Result:
+        with self._cond:
+            if self._permitted <= k:
+                raise RuntimeError(f"internal: batch {k} taken before every rank agreed on the one before")
+        if self._thread is None:
+            return self._read(k)
+        with self._cond:
+            self._cond.wait_for(lambda: k in self._results)
+            return self._results.pop(k)
+
+    def _permit(self, batches: int) -> None:
+        with self._cond:
+            self._permitted = max(self._permitted, batches)
+            self._cond.notify_all()
+
+    def __iter__(self) -> Iterator[tuple[list[torch.Tensor] | None, BaseException | None]]:
+        """Yields ``(tensors, error)`` per group in plan order; after an error, only the error.
+
+        Starts the first batch; each later one waits for ``agreed`` on the batch before it.
+        """
+        self._permit(1)
+        for k in range(len(self._batches)):
+            per_group, error = self._take(k)
             if error is not None:
                 yield None, error
                 return
-            for tensors in per_group:
-                yield tensors, None
-            done += len(batch)
+            yield from ((tensors, None) for tensors in per_group)
 
-    def close(self, wait: bool) -> None:
-        """Stop reading ahead; with ``wait``, also let the thread finish (it is a daemon)."""
-        self._stop.set()
-        while self._thread is not None:
-            try:
-                self._queue.get_nowait()  # unblock a pending put
-            except queue.Empty:
-                if not wait or not self._thread.is_alive():
-                    return
-                self._thread.join(timeout=0.1)
+    def agreed(self, index: int) -> None:
+        """Every rank agreed that group ``index`` was read: the batch after its batch may start."""
+        k = self._batch_of_first.get(index)
+        if k is not None:
+            self._permit(k + 2)
+
+    def close(self) -> None:
+        """Start no further batch and join the thread. A load in flight is one every rank
+        started; it ends, or fails within the group's timeout when a peer died."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._results.clear()
 
 
 class WriterThread:
@@ -86,6 +122,7 @@ class WriterThread:
     def __init__(self, work: Callable[[int, list[torch.Tensor]], None]) -> None:
         self.error: BaseException | None = None
         self._work = work
+        self._drop = False  # set by ``join(discard=True)``: skip the jobs still queued
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._thread = threading.Thread(target=self._run, name="distconv-writer", daemon=True)
         self._thread.start()
@@ -95,7 +132,7 @@ class WriterThread:
             job = self._queue.get()
             if job is None:
                 return
-            if self.error is None:
+            if self.error is None and not self._drop:
                 try:
                     self._work(*job)
                 except BaseException as e:
@@ -104,7 +141,10 @@ class WriterThread:
     def put(self, index: int, tensors: list[torch.Tensor]) -> None:
         self._queue.put((index, tensors))
 
-    def join(self) -> BaseException | None:
+    def join(self, discard: bool = False) -> BaseException | None:
+        """Finish the queued jobs (``discard``: skip them; a job under way still ends) and
+        join the thread; returns the first error."""
+        self._drop = discard
         self._queue.put(None)
         self._thread.join()
         return self.error

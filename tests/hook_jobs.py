@@ -4,21 +4,29 @@
 
 Each rank calls ``init_process_group("gloo")`` before anything imports torch's checkpoint
 modules (distconv imports them inside ``export``), runs ``distconv.export`` RUNS times into
-fresh folders ``OUT/run{i}`` (writers alternating 1 and 2), then ``all_gather_object`` and
-``destroy_process_group()`` as tests/benchmarks/export_stats.py does. Before exiting it writes
-``OUT/rank{R}.json``: the Python threads other than the main one alive after each export,
+fresh folders ``OUT/run{i}`` (writers alternating 1 and 2), then one export that fails mid-run
+on rank 0 alone (its output file may not grow past ``FAIL_AT`` bytes, the run reads in many
+small batches) followed by an ``all_reduce`` on the default group, then ``all_gather_object``
+and ``destroy_process_group()`` as tests/benchmarks/export_stats.py does. Before exiting it
+writes ``OUT/rank{R}.json``: the Python threads other than the main one alive after each
+export, the failed export's error, the threads alive after it and the ``all_reduce`` result,
 and the gloo threads alive after ``destroy_process_group()``. tests/test_hook.py also
 requires the process to exit 0.
 """
 
 import json
+import resource
+import signal
 import sys
 import threading
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 import distconv
+
+FAIL_AT = 200_000  # bytes: about a quarter of the output file
 
 
 def gloo_threads() -> list[str]:
@@ -32,6 +40,26 @@ def gloo_threads() -> list[str]:
     return sorted(n for n in names if "gloo" in n)
 
 
+def other_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+
+
+def failed_export(load: str, out: Path, rank: int) -> str | None:
+    """An export that fails on rank 0 alone, mid-run: writing its output file past ``FAIL_AT``
+    bytes fails (EFBIG). Returns the error's type and message (None: no error)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if rank == 0:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (FAIL_AT, hard))
+    try:
+        distconv.export(load, out, quiet=True, window="1KB", timeout_s=60)
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    return None
+
+
 def main() -> None:
     load, out, runs = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     assert "torch.distributed.nn" not in sys.modules, "the hook must be the first to import torch's checkpoint modules"
@@ -40,11 +68,16 @@ def main() -> None:
     after_export = []
     for run in range(runs):
         distconv.export(load, out / f"run{run}", quiet=True, writers=1 + run % 2)
-        after_export.append([t.name for t in threading.enumerate() if t is not threading.main_thread()])
+        after_export.append(other_threads())
+    error = failed_export(load, out / "failed", rank)
+    threads_after_failure = other_threads()
+    total = torch.tensor([float(rank + 1)] * 4)
+    dist.all_reduce(total)  # the caller's next collective must pair with its peers' one
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, rank)
     dist.destroy_process_group()
-    result = {"threads_after_export": after_export, "gloo_threads_after_destroy": gloo_threads()}
+    result = {"threads_after_export": after_export, "failure": error, "threads_after_failure": threads_after_failure,
+              "all_reduce": total.tolist(), "gloo_threads_after_destroy": gloo_threads()}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 

@@ -7,6 +7,10 @@ interpreter exit, where a gloo worker thread can abort the process (SIGABRT, "te
 called without an active exception") after a successful export. The abort is a race at exit,
 so besides several exits the test also asserts its cause directly: no thread outlives
 ``export`` and no gloo thread outlives the job's ``destroy_process_group()``.
+
+An export that fails on one rank mid-run must also end on every rank with ``DistconvError``
+and leave no thread behind: a reader thread left inside a ``dist_checkpointing`` load (a
+collective on the job's default group) would pair with the job's next collective.
 """
 
 from __future__ import annotations
@@ -32,5 +36,9 @@ def test_hook_exports_then_the_job_exits_cleanly(built, tmp_path):
             result = json.loads((out / f"rank{rank}.json").read_text())
             assert result["threads_after_export"] == [[]] * RUNS, f"rank {rank}: threads left running by export()"
             assert result["gloo_threads_after_destroy"] == [], f"rank {rank}: the default group outlived destroy_process_group()"
+            assert result["failure"] and result["failure"].startswith("DistconvError: ") and "File too large" in result["failure"], \
+                f"rank {rank}: {result['failure']}"
+            assert result["threads_after_failure"] == [], f"rank {rank}: threads left running by the failed export()"
+            assert result["all_reduce"] == [3.0] * 4, f"rank {rank}: the job's next collective went wrong"
         for run in range(RUNS):
             assert marker.finished(out / f"run{run}"), f"launch {launch} run {run} is incomplete"
