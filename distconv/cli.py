@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration to export (default: the tracker's)")
     exp.add_argument("--hf-config", help="HF model folder or config.json; authoritative for the HF side")
     exp.add_argument("--tokenizer", help="local HF tokenizer folder to copy (default: args.tokenizer_model if local)")
-    exp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (auto: training dtype)")
+    exp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"],
+                     help="output dtype (auto: training dtype; fp8: block-wise e4m3 linear weights, the rest bf16)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --save (with --watch: each iteration's target)")
     exp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where gathering happens (auto: NCCL on CUDA if available)")
