@@ -94,7 +94,7 @@ def exports(built, tmp_path_factory) -> dict[str, Path]:
         for dtype in ("fp8", "bf16"):
             save = out / f"{name}_{dtype}"
             proc = distconv_cli("export", "--load", str(built / name / layout), "--save", str(save), "--dtype", dtype,
-                                "--quiet", nproc=2)
+                                "--quiet", "--report", str(out / f"{name}_{dtype}.json"), nproc=2)
             assert proc.returncode == 0, proc.stderr[-4000:]
             done[f"{name}_{dtype}"] = save
     return done
@@ -122,6 +122,11 @@ def test_export_fp8_against_bf16_export(exports, name):
     assert set(index["weight_map"]) == set(fp8)
     marker = json.loads((exports[f"{name}_fp8"] / "distconv.json").read_text())
     assert marker["source"]["options"]["quantization"] == config["quantization_config"]
+    report = json.loads((exports[f"{name}_fp8"].parent / f"{name}_fp8.json").read_text())
+    assert report["format"] == "safetensors" and report["quantization"] == config["quantization_config"]
+    assert json.loads((exports[f"{name}_bf16"].parent / f"{name}_bf16.json").read_text())["quantization"] is None
+    sizes = [sum(f.stat().st_size for f in exports[f"{name}_{d}"].glob("*.safetensors")) for d in ("fp8", "bf16")]
+    assert sizes[0] < 0.75 * sizes[1]  # the tiny fixtures' bf16 embeddings and lm_head keep it above one half
 
 
 def _dequantized_folder(src: Path, dst: Path) -> Path:
