@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     _import_parsers(sub)
     exp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
                      help="safetensors shards (default), or torch: one model.pt holding {model_state_dict, model_config}")
-    ins = sub.add_parser("inspect", help="describe a Megatron checkpoint from its metadata (no torchrun)")
+    ins = sub.add_parser("inspect", help="describe a Megatron checkpoint or an HF folder from its metadata (no torchrun)")
     ins.add_argument("ckpt", help="Megatron-LM save root, one iter_XXXXXXX/release folder, or a legacy .zip")
     ins.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration (default: the tracker's)")
     ins.add_argument("--json", action="store_true", help="print a JSON report")

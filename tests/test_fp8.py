@@ -229,3 +229,22 @@ def test_import_reads_multi_block_boxes(tmp_path):
                        (slice(127, 129), slice(0, 1))]:
         assert torch.equal(source.read("a.weight", (rows, cols)), deq[rows, cols])
     assert torch.equal(source.read("b.weight", (slice(2, 5),)), keep[2:5])
+
+
+def test_inspect_hf_folder(exports):
+    """``distconv inspect`` on an HF folder lists which tensors are FP8 and their scale layout."""
+    folder = exports["deepseek_v3_fp8"]
+    proc = distconv_cli("inspect", str(folder), "--json")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout)
+    tensors = _tensors(folder)
+    assert report["quantization"]["weight_block_size"] == [128, 128]
+    listed = {t["name"]: t for t in report["tensors"]}
+    assert set(listed) == {n for n in tensors if not n.endswith("_scale_inv")}
+    for name, t in listed.items():
+        assert t["dtype"] == {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16"}[tensors[name].dtype], name
+        if tensors[name].dtype == torch.float8_e4m3fn:
+            assert t["scale_inv"] == {"shape": list(tensors[name + "_scale_inv"].shape), "dtype": "F32", "block": [128, 128]}
+        else:
+            assert "scale_inv" not in t, name
+    assert report["quantized"] == sum(n.endswith("_scale_inv") for n in tensors) > 0
