@@ -148,15 +148,19 @@ def test_fp8_logits(built, exports, tmp_path, name):
 
     FP8 e4m3 keeps 3 mantissa bits: each weight moves by up to 2^-4 of itself (bf16: 2^-9), so
     the logits move about 2^5 times more than the bf16 export's. The bound is 64 x the bf16
-    export's error (twice that factor) and 5 % of the logits' range, whichever is smaller.
+    export's error (twice that factor) and 5 % of the logits' range, whichever is smaller
+    (measured: llama 0.095 vs bf16 0.014, range 3.1; DeepSeek-V3 0.087 vs 0.009, range 2.7).
     """
     ref = torch.load(built / "refs" / f"{name}.pt")
     logits = lambda folder: hf_logits(folder, ref["tokens"])  # noqa: E731
     target = ref["logits"][..., : logits(exports[f"{name}_bf16"]).shape[-1]]
     err_bf16 = (logits(exports[f"{name}_bf16"]) - target).abs().max().item()
-    err_fp8 = (logits(_dequantized_folder(exports[f"{name}_fp8"], tmp_path / "deq")) - target).abs().max().item()
+    dequantized = logits(_dequantized_folder(exports[f"{name}_fp8"], tmp_path / "deq"))
+    err_fp8 = (dequantized - target).abs().max().item()
     span = (target.max() - target.min()).item()
     assert 0 < err_fp8 <= min(64 * err_bf16, 0.05 * span), (err_fp8, err_bf16, span)
+    # transformers reads the folder itself as the same model (on CPU it dequantizes the FP8 weights)
+    assert (logits(exports[f"{name}_fp8"]) - dequantized).abs().max().item() <= 1e-5
 
 
 def test_import_fp8_round_trip(exports, tmp_path):

@@ -195,7 +195,11 @@ class Family:
         named = [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
         if not (fp8 and rule.fp8):
             return named
-        return [pair for hf, x in named for q, s in [quantize(x)] for pair in ((hf, q), (hf + SCALE, s))]
+        out = []
+        for hf, x in named:
+            weight, scale = quantize(x)
+            out += [(hf, weight), (hf + SCALE, scale)]
+        return out
 
     @property
     def quantizable(self) -> bool:
