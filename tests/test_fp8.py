@@ -252,3 +252,15 @@ def test_inspect_hf_folder(exports):
         else:
             assert "scale_inv" not in t, name
     assert report["quantized"] == sum(n.endswith("_scale_inv") for n in tensors) > 0
+
+
+@pytest.mark.parametrize("name,extra,message", [
+    ("gpt2", (), "--dtype fp8: GPT2LMHeadModel has no block-wise FP8 layout"),
+    ("llama", ("--format", "torch"), "--dtype fp8 writes safetensors only"),
+])
+def test_fp8_refusals(built, tmp_path, name, extra, message):
+    layout = sorted(p.name for p in (built / name).iterdir())[0]
+    proc = distconv_cli("export", "--load", str(built / name / layout), "--save", str(tmp_path / "out"), "--dtype", "fp8",
+                        "--dry-run", *extra)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
