@@ -33,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", help="local HF tokenizer folder to copy (default: args.tokenizer_model if local)")
     exp.add_argument("--vocab-size", type=int, help="true (unpadded) vocab size; wins over tokenizer and args, "
                      "must agree with --hf-config")
-    exp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="output dtype (auto: training dtype)")
+    exp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"],
+                     help="output dtype (auto: training dtype; fp8: block-wise e4m3 linear weights, the rest bf16)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --save (with --watch: each iteration's target)")
     exp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where gathering happens (auto: NCCL on CUDA if available)")
@@ -64,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     _import_parsers(sub)
     exp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
                      help="safetensors shards (default), or torch: one model.pt holding {model_state_dict, model_config}")
-    ins = sub.add_parser("inspect", help="describe a Megatron checkpoint from its metadata (no torchrun)")
+    ins = sub.add_parser("inspect", help="describe a Megatron checkpoint or an HF folder from its metadata (no torchrun)")
     ins.add_argument("ckpt", help="Megatron-LM save root, one iter_XXXXXXX/release folder, or a legacy .zip")
     ins.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration (default: the tracker's)")
     ins.add_argument("--json", action="store_true", help="print a JSON report")

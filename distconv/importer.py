@@ -21,6 +21,7 @@ import torch
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family
 from distconv.families.base import Rule
+from distconv.fp8 import SCALE, check_scale, dequantize
 from distconv.gather import Comm
 from distconv.layout import ExtraState, Shard, check_layout, extra_states, padded_vocab, shards_of
 from distconv.megatron_write import MegatronRoot, extra_state_object, save_and_commit, sharded_tensor
@@ -79,14 +80,70 @@ class SafetensorsFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._slice(name).get_shape())
 
+    def code(self, name: str) -> str:
+        """The safetensors dtype code of ``name`` (``BF16``, ``F8_E4M3``, ...)."""
+        return self._slice(name).get_dtype()
+
     def dtype(self, name: str) -> torch.dtype:
-        code = self._slice(name).get_dtype()
+        code = self.code(name)
         if code not in _ST_DTYPES:
             raise DistconvError(f"tensor {name} has dtype {code}; import reads floating-point weights only")
         return _ST_DTYPES[code]
 
     def read(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
         return self._slice(name)[box]
+
+
+class DequantizedFP8:
+    """A block-wise FP8 source (``quant_method: fp8``) seen as high-precision tensors.
+
+    A tensor stored ``F8_E4M3`` with a ``<name>_scale_inv`` is read box by box: the FP8 rows and
+    columns asked for, times the scale rows and columns of the blocks they lie in (float32;
+    partial edge blocks included). Tensors stored in high precision (``modules_to_not_convert``,
+    norms, embeddings) read as they are; the scales themselves are not tensors of the model.
+    A dequantized tensor reports bfloat16, the format's high-precision dtype.
+    """
+
+    def __init__(self, files: SafetensorsFiles, quantization: dict[str, Any]) -> None:
+        method, fmt = quantization.get("quant_method"), quantization.get("fmt", "e4m3")
+        block = quantization.get("weight_block_size")
+        if method != "fp8" or fmt != "e4m3" or not (isinstance(block, (list, tuple)) and len(block) == 2
+                                                   and all(isinstance(b, int) and b > 0 for b in block)):
+            raise DistconvError(f"quantization_config {quantization!r}: import reads block-wise FP8 only "
+                                "(quant_method fp8, fmt e4m3, weight_block_size [rows, cols])")
+        self.files, self.block = files, (block[0], block[1])
+        names = set(files.names())
+        scaled = {n.removesuffix(SCALE) for n in names if n.endswith(SCALE)}
+        orphans = sorted(scaled - names)
+        if orphans:
+            raise DistconvError(f"{orphans[0]}{SCALE} is a scale of no tensor: the source has no {orphans[0]}")
+        self.quantized: set[str] = set()
+        for n in sorted(names - {n + SCALE for n in scaled}):
+            if files.code(n) == "F8_E4M3":
+                check_scale(n, files.shape(n), files.shape(n + SCALE) if n in scaled else None, self.block)
+                self.quantized.add(n)
+            elif n in scaled:
+                raise DistconvError(f"tensor {n} has a {SCALE} but is stored {files.code(n)}, not F8_E4M3")
+        self._names = sorted(names - {n + SCALE for n in scaled}, key=files.names().index)
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.files.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return torch.bfloat16 if name in self.quantized else self.files.dtype(name)
+
+    def read(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        if name not in self.quantized:
+            return self.files.read(name, box)
+        shape = self.files.shape(name)
+        (r0, r1, _), (c0, c1, _) = (b.indices(n) for b, n in zip(tuple(box) + (slice(None),) * (2 - len(box)), shape))
+        bo, bi = self.block
+        q = self.files.read(name, (slice(r0, r1), slice(c0, c1)))
+        scale = self.files.read(name + SCALE, (slice(r0 // bo, -(-r1 // bo)), slice(c0 // bi, -(-c1 // bi))))
+        return dequantize(q, scale, r0, c0, self.block)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -272,7 +329,12 @@ def hf_source(load: str | Path) -> tuple[Source, Any, str | None]:
     except (OSError, ValueError, KeyError) as e:
         raise DistconvError(f"--load {path}: cannot read config.json: {e}") from None
     tokenizer = str(path.absolute()) if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else None
-    return SafetensorsFiles(path), config, tokenizer
+    files = SafetensorsFiles(path)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        return DequantizedFP8(files, quantization), config, tokenizer
+    return files, config, tokenizer
 
 
 def run_import(comm: Comm, source: Source, config: Any, save: str | Path, *, tp: int, pp: int, ep: int, dtype: str,

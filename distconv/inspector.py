@@ -1,4 +1,4 @@
-"""``distconv inspect CKPT``: what a checkpoint holds, from metadata only (no torchrun, no payload)."""
+"""``distconv inspect CKPT``: what a checkpoint (or an HF folder) holds, from metadata only (no torchrun, no payload)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from distconv.checkpoint import describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
+from distconv.fp8 import SCALE
 from distconv.spec import arg, spec_from_args
 
 # The Megatron-LM args that decide how a checkpoint converts (missing ones are left out).
@@ -62,6 +63,72 @@ def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> 
     return report
 
 
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a ``.safetensors`` file (name -> dtype, shape, data_offsets)."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= 100 * 2**20:
+            raise DistconvError(f"{path} is not a safetensors file (header length {size})")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError as e:
+            raise DistconvError(f"{path} is not a safetensors file: {e}") from None
+    header.pop("__metadata__", None)
+    return header
+
+
+def inspect_hf(folder: str | Path) -> dict[str, Any]:
+    """A JSON-ready report on an HF model folder: its architecture, ``quantization_config`` and
+    tensors (from the safetensors headers); a block-wise FP8 weight lists its ``_scale_inv``."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DistconvError(f"{folder}/config.json cannot be read: {e}") from None
+    entries = {name: (f.name, info) for f in sorted(folder.glob("*.safetensors")) for name, info in _safetensors_header(f).items()}
+    quantization = config.get("quantization_config")
+    tensors = []
+    for name in sorted(entries):
+        file, info = entries[name]
+        if name.endswith(SCALE) and name.removesuffix(SCALE) in entries:
+            continue
+        entry = {"name": name, "shape": info["shape"], "dtype": info["dtype"], "bytes": info["data_offsets"][1] - info["data_offsets"][0], "file": file}
+        if name + SCALE in entries:
+            scale = entries[name + SCALE][1]
+            entry["scale_inv"] = {"shape": scale["shape"], "dtype": scale["dtype"],
+                                  "block": (quantization or {}).get("weight_block_size")}
+        tensors.append(entry)
+    return {
+        "path": str(folder.resolve()),
+        "format": "hf-safetensors",
+        "architectures": config.get("architectures"),
+        "dtype": config.get("dtype", config.get("torch_dtype")),
+        "quantization": quantization,
+        "tensors": tensors,
+        "quantized": sum("scale_inv" in t for t in tensors),
+        "model_bytes": sum(i["data_offsets"][1] - i["data_offsets"][0] for _, i in entries.values()),
+    }
+
+
+def render_hf(report: dict[str, Any]) -> str:
+    """The human-readable form of ``inspect_hf``'s report."""
+    lines = [
+        f"HF folder     {report['path']}",
+        f"architecture  {', '.join(report['architectures'] or ['?'])}, dtype {report['dtype']}",
+        f"quantization  {json.dumps(report['quantization']) if report['quantization'] else 'none'}",
+        "",
+    ]
+    width = max((len(t["name"]) for t in report["tensors"]), default=4)
+    lines.append(f"{'tensor':<{width}}  {'shape':<14} {'dtype':<8} {'bytes':>12}  scale_inv")
+    for t in report["tensors"]:
+        scale = t.get("scale_inv")
+        lines.append(f"{t['name']:<{width}}  {str(t['shape']):<14} {t['dtype']:<8} {t['bytes']:>12}  "
+                     + (f"{scale['shape']} {scale['dtype']}, blocks {scale['block']}" if scale else ""))
+    lines += ["", f"{len(report['tensors'])} tensors ({report['quantized']} block-wise FP8), {_gb(report['model_bytes'])} "
+                  f"({report['model_bytes']} bytes) with scales"]
+    return "\n".join(lines)
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, (bool, int, float, str)) or value is None:
         return value
@@ -107,6 +174,10 @@ def main_inspect(opts: Any) -> int:
     """CLI entry for ``distconv inspect``."""
     with warnings.catch_warnings():  # megatron-core warns about missing TE/Apex on import
         warnings.simplefilter("ignore", UserWarning)
+        if (Path(opts.ckpt) / "config.json").is_file():  # an HF folder (Megatron saves have none)
+            report = inspect_hf(opts.ckpt)
+            print(json.dumps(report, indent=1) if opts.json else render_hf(report), flush=True)
+            return 0
         report = inspect_checkpoint(opts.ckpt, opts.iteration)
     print(json.dumps(report, indent=1) if opts.json else render(report), flush=True)
     return 0

@@ -18,6 +18,7 @@ import torch
 from distconv.checkpoint import Checkpoint, describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family, pick_family
+from distconv.fp8 import FP8, SCALE, quantization_config, scale_shape
 from distconv.gather import Comm
 from distconv import marker
 from distconv.progress import Tracker, check_report_path, plan_text
@@ -142,7 +143,8 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
     except ImportError:
         pass
     expected = {n: tuple(t.shape) for n, t in state.items()}
-    produced = {o.name: o.shape for o in plan.outputs}
+    produced = {o.name: o.shape for o in plan.outputs if not o.name.endswith(SCALE)}
+    _check_scales(plan)
     missing = sorted(set(expected) - set(produced))
     extra = sorted(set(produced) - set(expected))
     wrong = sorted(n for n in set(expected) & set(produced) if expected[n] != produced[n])
@@ -155,6 +157,19 @@ def _check_against_hf(plan: Plan, config: Any) -> None:
         problems.append("shape mismatch: " + ", ".join(f"{n} {produced[n]} vs HF {expected[n]}" for n in wrong[:8]))
     if problems:
         raise DistconvError("the mapped tensors do not match the HF model: " + "; ".join(problems))
+
+
+def _check_scales(plan: Plan) -> None:
+    """Every FP8 output is followed by its float32 ``_scale_inv`` of the block layout, and every
+    scale belongs to the FP8 weight before it (transformers loads them as ``weight_scale_inv``)."""
+    outs = plan.outputs
+    for i, o in enumerate(outs):
+        if o.dtype == FP8:
+            s = outs[i + 1] if i + 1 < len(outs) else None
+            if s is None or s.name != o.name + SCALE or s.dtype != torch.float32 or s.shape != scale_shape(o.shape):
+                raise DistconvError(f"internal: FP8 output {o.name} {o.shape} lacks its {SCALE} of shape {scale_shape(o.shape)}")
+        elif o.name.endswith(SCALE) and (i == 0 or outs[i - 1].dtype != FP8):
+            raise DistconvError(f"internal: {o.name} scales no FP8 weight")
 
 
 class _Job:
@@ -187,22 +202,35 @@ class _Job:
             self.family.check_config(user_config, self.spec)
         bos, eos, self.tokens_source = special_tokens(self.tokenizer, self.ckpt.args) if user_config is None else (None, None, "--hf-config")
         self.config = user_config if user_config is not None else self.family.hf_config(self.spec, bos_token_id=bos, eos_token_id=eos)
-        if dtype not in ("auto", *DTYPES):
-            raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16 or fp32")
-        self.dtype = self.spec.train_dtype if dtype == "auto" else DTYPES[dtype]
+        if dtype not in ("auto", "fp8", *DTYPES):
+            raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16, fp32 or fp8")
+        self.fp8 = dtype == "fp8"  # block-wise FP8 linear weights, everything else (and the gather) bf16
+        if self.fp8 and not self.family.quantizable:
+            raise DistconvError(f"--dtype fp8: {self.family.architecture} has no block-wise FP8 layout; choose bf16, fp16 or fp32")
+        if self.fp8 and fmt != "safetensors":
+            raise DistconvError("--dtype fp8 writes safetensors only (the hub's block-wise FP8 format); drop --format torch")
+        self.dtype = self.spec.train_dtype if dtype == "auto" else torch.bfloat16 if self.fp8 else DTYPES[dtype]
+        self.quantization = quantization_config() if self.fp8 else None
         self.window = parse_size(window, "--window")
         shard_size = parse_size(max_shard_size, "--max-shard-size")
-        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, shard_size, self.window, writers)
+        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, shard_size, self.window, writers, self.fp8)
         _check_against_hf(self.plan, self.config)
         self.source = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
             "format": fmt, "vocab_size": vocab, "vocab_source": self.vocab_source,
-            **({"allow_nonfinite": True} if allow_nonfinite else {})})
+            **({"allow_nonfinite": True} if allow_nonfinite else {}),
+            **({"quantization": self.quantization} if self.fp8 else {})})
         self.save = Path(save).resolve()
         self.sources = (load, self.ckpt.path, hf_config, self.tokenizer_source)
         refuse_overlap(self.save, self.sources)
         self.folder: OutputFolder | None = None  # made once the run is known not to be skipped
+
+    @property
+    def dtype_name(self) -> str:
+        """The output dtype in words: ``bfloat16``, or ``fp8 (block-wise e4m3, 128x128) + bfloat16``."""
+        name = str(self.dtype).removeprefix("torch.")
+        return f"fp8 (block-wise e4m3, {'x'.join(map(str, self.quantization['weight_block_size']))}) + {name}" if self.fp8 else name
 
     def summary(self, world: int) -> str:
         ckpt, spec, plan = self.ckpt, self.spec, self.plan
@@ -218,7 +246,7 @@ class _Job:
             + (f", {spec.num_experts} experts (top {spec.moe_topk}) in {sum(spec.moe_layers)} layers" if spec.num_experts else ""),
             f"vocab       {spec.vocab_size} of {spec.padded_vocab_size} padded rows, from {self.vocab_source}",
             f"tokens      bos {getattr(self.config, 'bos_token_id', None)}, eos {getattr(self.config, 'eos_token_id', None)}, from {self.tokens_source}",
-            f"plan        {world} rank(s), {len(plan.groups)} groups, {plan.total_bytes / 1e9:.3f} GB of {str(self.dtype).removeprefix('torch.')} "
+            f"plan        {world} rank(s), {len(plan.groups)} groups, {plan.total_bytes / 1e9:.3f} GB of {self.dtype_name} "
             f"into {len(plan.files)} file(s); optimizer and other state ({ckpt.other_bytes / 1e9:.3f} GB) not read",
         ])
 
@@ -306,7 +334,8 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     comm.agree(error)
     tracker.planned(job.plan)
     report = _stream(comm, job, tracker)
-    report.update(vocab_size=job.spec.vocab_size, vocab_source=job.vocab_source)  # also in the --report file
+    report.update(vocab_size=job.spec.vocab_size, vocab_source=job.vocab_source,  # also in the --report file
+                  format=job.format, quantization=job.quantization)
     report = tracker.finished(report, report_path)
     total = job.plan.total_bytes
     _say(comm, quiet, f"wrote {job.family.architecture} to {save}: {len(job.plan.outputs)} tensors, "
@@ -339,7 +368,7 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
         group = plan.groups[index]
         found = []
         for item, tensor in zip(group.items, full):
-            for name, out in job.family.export_tensor(item.name, tensor, job.spec):
+            for name, out in job.family.export_tensor(item.name, tensor, job.spec, job.fp8):
                 out = out.contiguous()
                 if count := _nonfinite(out):
                     nonfinite[name] = count
@@ -402,8 +431,9 @@ def _shard_writer(job: _Job, tmp: Path, outputs: list) -> ShardWriter | TorchFil
 
 def _nonfinite(t: torch.Tensor) -> int:
     """How many NaN/Inf values ``t`` holds. A sum is finite unless some value is not (or it
-    overflows), and costs far less than ``isfinite``, which only then counts them."""
-    if not t.is_floating_point() or torch.isfinite(t.sum()):
+    overflows), and costs far less than ``isfinite``, which only then counts them. An FP8 weight
+    counts none: a block holding NaN/Inf has a non-finite ``_scale_inv``, which is counted."""
+    if not t.is_floating_point() or t.dtype == FP8 or torch.isfinite(t.sum()):
         return 0
     return int(torch.isfinite(t).logical_not().sum())
 
@@ -418,7 +448,7 @@ def _attempt(fn) -> BaseException | None:
 
 def _finish(job: _Job, tmp: Path, report: dict[str, Any], sums: dict[str, dict[str, Any]]) -> None:
     """After the shards: config, generation config, tokenizer, the index, and the marker last."""
-    write_config(tmp, job.config, job.dtype)
+    write_config(tmp, job.config, job.dtype, job.quantization)
     write_generation_config(tmp, job.config, job.config_dir)
     if job.tokenizer is not None:
         write_tokenizer(tmp, job.tokenizer)

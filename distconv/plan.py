@@ -223,12 +223,15 @@ def make_plan(
     max_shard_size: int,
     window: int = 1 << 30,
     writers: int = 1,
+    fp8: bool = False,
 ) -> Plan:
     """Items grouped per layer (split by ``window`` bytes), their reads, and the HF outputs.
 
     With ``writers`` > 1 the groups are cut into that many contiguous ranges of about equal
     bytes; each range is written by its own rank into its own files, and the ranges are
-    interleaved in the processing order so that the writers work at the same time.
+    interleaved in the processing order so that the writers work at the same time. With ``fp8``
+    the family's quantized weights are planned as FP8 plus their float32 ``_scale_inv``; ``dtype``
+    is then the gathered (and every other output's) dtype.
     """
     if not 1 <= writers <= world:
         raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
@@ -253,7 +256,7 @@ def make_plan(
                 chunks = indexes[item.key].get(item.index, [])
                 reads += _reads_for(item, pos, tensor, chunks, world)
                 meta = torch.empty(item.shape, dtype=dtype, device="meta")
-                outs += family.export_tensor(item.name, meta, spec)
+                outs += family.export_tensor(item.name, meta, spec, fp8)
             groups.append(Group(piece, reads))
             named.append(outs)
 

@@ -262,8 +262,9 @@ def write_index(folder: Path, outputs: list[Output]) -> None:
     _write_json(folder / INDEX, index)
 
 
-def write_config(folder: Path, config: Any, dtype: torch.dtype) -> None:
-    """``config.json`` from transformers' own config class, with ``dtype`` and ``torch_dtype``.
+def write_config(folder: Path, config: Any, dtype: torch.dtype, quantization: dict[str, Any] | None = None) -> None:
+    """``config.json`` from transformers' own config class, with ``dtype`` and ``torch_dtype``
+    (and ``quantization_config`` when given: the FP8 export).
 
     RoPE settings are also written in the pre-v5 spelling (``rope_theta``/``rope_scaling``)
     so serving engines on older transformers read them too.
@@ -272,6 +273,8 @@ def write_config(folder: Path, config: Any, dtype: torch.dtype) -> None:
     data = config.to_diff_dict()
     dtype_name = str(dtype).removeprefix("torch.")
     data["dtype"] = data["torch_dtype"] = dtype_name
+    if quantization is not None:
+        data["quantization_config"] = quantization
     rope = data.get("rope_parameters")
     if isinstance(rope, dict):
         data.setdefault("rope_theta", rope.get("rope_theta"))

@@ -17,6 +17,7 @@ import torch
 from transformers import PretrainedConfig
 
 from distconv.errors import DistconvError
+from distconv.fp8 import SCALE, quantize
 from distconv.spec import ModelSpec
 
 Tensors = tuple[torch.Tensor, ...]
@@ -99,6 +100,7 @@ class Rule:
     megatron: str | tuple[str, ...]
     hf: str | tuple[str, ...]
     transform: Transform = COPY
+    fp8: bool = False  # the HF tensors are linear weights that block-wise FP8 releases quantize
 
     @property
     def megatron_names(self) -> tuple[str, ...]:
@@ -185,11 +187,24 @@ class Family:
                 return rule, groups
         raise DistconvError(f"{self.architecture} has no mapping for checkpoint tensor {megatron_name}")
 
-    def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec) -> list[tuple[str, torch.Tensor]]:
-        """Map one Megatron tensor (per-layer name) to its HF tensors."""
+    def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec, fp8: bool = False) -> list[tuple[str, torch.Tensor]]:
+        """Map one Megatron tensor (per-layer name) to its HF tensors; with ``fp8`` the rule's
+        quantized weights come out block-wise FP8, each followed by its ``_scale_inv``."""
         rule, groups = self.rule_for(name)
         out = rule.transform.export(t, spec)
-        return [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
+        named = [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
+        if not (fp8 and rule.fp8):
+            return named
+        out = []
+        for hf, x in named:
+            weight, scale = quantize(x)
+            out += [(hf, weight), (hf + SCALE, scale)]
+        return out
+
+    @property
+    def quantizable(self) -> bool:
+        """Whether any rule is marked for block-wise FP8 (``--dtype fp8``)."""
+        return any(r.fp8 for r in self.rules)
 
 
 def _rope(scaling: dict[str, Any] | None) -> tuple[str, float] | None:

@@ -22,13 +22,13 @@ A = L + "self_attention."
 HA = H + "self_attn."
 
 MLA_RULES = (
-    Rule(A + "linear_q_proj.weight", HA + "q_proj.weight"),
-    Rule(A + "linear_q_down_proj.weight", HA + "q_a_proj.weight"),
+    Rule(A + "linear_q_proj.weight", HA + "q_proj.weight", fp8=True),
+    Rule(A + "linear_q_down_proj.weight", HA + "q_a_proj.weight", fp8=True),
     Rule((A + "linear_q_up_proj.layer_norm_weight", A + "q_layernorm.weight"), HA + "q_a_layernorm.weight"),
-    Rule(A + "linear_q_up_proj.weight", HA + "q_b_proj.weight"),
-    Rule(A + "linear_kv_down_proj.weight", HA + "kv_a_proj_with_mqa.weight"),
+    Rule(A + "linear_q_up_proj.weight", HA + "q_b_proj.weight", fp8=True),
+    Rule(A + "linear_kv_down_proj.weight", HA + "kv_a_proj_with_mqa.weight", fp8=True),
     Rule((A + "linear_kv_up_proj.layer_norm_weight", A + "kv_layernorm.weight"), HA + "kv_a_layernorm.weight"),
-    Rule(A + "linear_kv_up_proj.weight", HA + "kv_b_proj.weight"),
+    Rule(A + "linear_kv_up_proj.weight", HA + "kv_b_proj.weight", fp8=True),
 )
 
 

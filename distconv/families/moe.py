@@ -28,16 +28,16 @@ def expert_rules(hf_moe: str, gate: str, up: str, down: str, router: str = "gate
     """Router and routed experts: ``hf_moe`` is the HF MoE block (``mlp.``), then the expert names."""
     return (
         Rule(L + "mlp.router.weight", H + hf_moe + router + ".weight"),
-        Rule(L + E + "linear_fc1.weight", (H + hf_moe + "experts.{expert}." + gate, H + hf_moe + "experts.{expert}." + up), GATE_UP),
-        Rule(L + E + "linear_fc2.weight", H + hf_moe + "experts.{expert}." + down),
+        Rule(L + E + "linear_fc1.weight", (H + hf_moe + "experts.{expert}." + gate, H + hf_moe + "experts.{expert}." + up), GATE_UP, fp8=True),
+        Rule(L + E + "linear_fc2.weight", H + hf_moe + "experts.{expert}." + down, fp8=True),
     )
 
 
 def shared_expert_rules(hf_shared: str) -> tuple[Rule, ...]:
     """The shared expert, an ordinary gated MLP, under ``mlp.{hf_shared}``."""
     return (
-        Rule(L + "mlp.shared_experts.linear_fc1.weight", (H + f"mlp.{hf_shared}.gate_proj.weight", H + f"mlp.{hf_shared}.up_proj.weight"), GATE_UP),
-        Rule(L + "mlp.shared_experts.linear_fc2.weight", H + f"mlp.{hf_shared}.down_proj.weight"),
+        Rule(L + "mlp.shared_experts.linear_fc1.weight", (H + f"mlp.{hf_shared}.gate_proj.weight", H + f"mlp.{hf_shared}.up_proj.weight"), GATE_UP, fp8=True),
+        Rule(L + "mlp.shared_experts.linear_fc2.weight", H + f"mlp.{hf_shared}.down_proj.weight", fp8=True),
     )
 
 

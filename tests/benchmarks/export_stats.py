@@ -28,10 +28,12 @@ def main() -> None:
     parser.add_argument("--stats", required=True)
     parser.add_argument("--writers", type=int, default=1)
     parser.add_argument("--window", default="256MiB")
+    parser.add_argument("--dtype", default="auto")
     opts = parser.parse_args()
     dist.init_process_group("gloo")
     before, start = io_counters(), time.perf_counter()
-    distconv.export(opts.load, opts.save, overwrite=True, quiet=True, writers=opts.writers, window=opts.window)
+    distconv.export(opts.load, opts.save, overwrite=True, quiet=True, writers=opts.writers, window=opts.window,
+                    dtype=opts.dtype)
     seconds, after = time.perf_counter() - start, io_counters()
     mine = {
         "rank": dist.get_rank(),

@@ -94,6 +94,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--writers", type=int, default=1)
     parser.add_argument("--window", default="256MiB", help="distconv's --window (rank 0 holds about 3 of them)")
+    parser.add_argument("--dtype", default="auto", help="distconv's --dtype (e.g. fp8)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/distconv-bench"))
     parser.add_argument("--skip-baseline", action="store_true", help="e.g. when the model does not fit in RAM")
     parser.add_argument("--no-optimizer", action="store_true", help="generate the checkpoint without Adam moments")
@@ -122,7 +123,7 @@ def main() -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
                str(ROOT / "tests/benchmarks/export_stats.py"), "--load", str(ckpt_root),
                "--save", str(scratch / f"hf{n}"), "--stats", str(stats), "--writers", str(min(opts.writers, n)),
-               "--window", opts.window]
+               "--window", opts.window, "--dtype", opts.dtype]
         rows[f"distconv {n} rank(s)"] = run_measured(cmd, stats)
         shutil.rmtree(scratch / f"hf{n}")
     if not opts.skip_baseline:
@@ -151,7 +152,7 @@ def main() -> None:
         print(f"{name:42} {r['seconds']:7.1f} {r['wall_s']:7.1f} {row['gb_per_s']:6.2f} {row['read_ratio']:12.3f} "
               f"{r['rss_rank0'] / 1e9:9.2f} {r['rss_other_max'] / 1e9:13.2f} {row['x_limit']:7.2f} "
               f"{fmt(row['speedup_vs_baseline'], '7.2f')} {fmt(row['memory_ratio_vs_baseline'], '9.1f')}")
-    result = {"window": opts.window, "weights_bytes": weights, "optimizer_bytes": ckpt.other_bytes, "limit": limit, "rows": table}
+    result = {"window": opts.window, "dtype": opts.dtype, "weights_bytes": weights, "optimizer_bytes": ckpt.other_bytes, "limit": limit, "rows": table}
     out = opts.json or opts.workdir / f"bench-{opts.gb:g}gb.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwritten {out}")
