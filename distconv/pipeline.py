@@ -175,7 +175,7 @@ def _check_scales(plan: Plan) -> None:
 class _Job:
     """Everything stages 1-2 decide, identical on every rank."""
 
-    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, world, fmt="safetensors",
+    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, window, writers, world, fmt="safetensors",
                  allow_nonfinite=False, vocab_size=None):
         if fmt not in FORMATS:
             raise DistconvError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
@@ -309,7 +309,7 @@ def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_siz
     tracker = Tracker(comm.rank, comm.world, comm.control, quiet)
     job, error = None, None
     try:
-        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, comm.world, fmt,
+        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, window, writers, comm.world, fmt,
                    allow_nonfinite, vocab_size)
     except Exception as e:  # every rank hits the same planning error; agree() reports it once
         error = e
