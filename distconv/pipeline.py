@@ -204,16 +204,20 @@ class _Job:
         self.config = user_config if user_config is not None else self.family.hf_config(self.spec, bos_token_id=bos, eos_token_id=eos)
         if dtype not in ("auto", "fp8", *DTYPES):
             raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16, fp32 or fp8")
-        self.fp8 = dtype == "fp8"  # block-wise FP8 linear weights, everything else (and the gather) bf16
+        self.fp8 = dtype == "fp8"  # block-wise FP8 linear weights, everything else bf16
         if self.fp8 and not self.family.quantizable:
             raise DistconvError(f"--dtype fp8: {self.family.architecture} has no block-wise FP8 layout; choose bf16, fp16 or fp32")
         if self.fp8 and fmt != "safetensors":
             raise DistconvError("--dtype fp8 writes safetensors only (the hub's block-wise FP8 format); drop --format torch")
         self.dtype = self.spec.train_dtype if dtype == "auto" else torch.bfloat16 if self.fp8 else DTYPES[dtype]
+        # fp8: gathered in the checkpoint's precision and quantized from it; the rest written in bf16
+        self.gather_dtype = self.spec.train_dtype if self.fp8 else self.dtype
+        self.fp8_rest = self.dtype if self.fp8 else None
         self.quantization = quantization_config() if self.fp8 else None
         self.window = parse_size(window, "--window")
         shard_size = parse_size(max_shard_size, "--max-shard-size")
-        self.plan = make_plan(self.ckpt, self.spec, self.family, self.dtype, world, shard_size, self.window, writers, self.fp8)
+        self.plan = make_plan(self.ckpt, self.spec, self.family, self.gather_dtype, world, shard_size, self.window, writers,
+                              self.fp8_rest)
         _check_against_hf(self.plan, self.config)
         self.source = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
@@ -368,7 +372,7 @@ def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
         group = plan.groups[index]
         found = []
         for item, tensor in zip(group.items, full):
-            for name, out in job.family.export_tensor(item.name, tensor, job.spec, job.fp8):
+            for name, out in job.family.export_tensor(item.name, tensor, job.spec, job.fp8_rest):
                 out = out.contiguous()
                 if count := _nonfinite(out):
                     nonfinite[name] = count

@@ -223,15 +223,15 @@ def make_plan(
     max_shard_size: int,
     window: int = 1 << 30,
     writers: int = 1,
-    fp8: bool = False,
+    fp8_rest: torch.dtype | None = None,
 ) -> Plan:
     """Items grouped per layer (split by ``window`` bytes), their reads, and the HF outputs.
 
     With ``writers`` > 1 the groups are cut into that many contiguous ranges of about equal
     bytes; each range is written by its own rank into its own files, and the ranges are
-    interleaved in the processing order so that the writers work at the same time. With ``fp8``
-    the family's quantized weights are planned as FP8 plus their float32 ``_scale_inv``; ``dtype``
-    is then the gathered (and every other output's) dtype.
+    interleaved in the processing order so that the writers work at the same time. ``dtype`` is
+    the gathered dtype; with ``fp8_rest`` the family's quantized weights are planned as FP8 plus
+    their float32 ``_scale_inv`` (quantized from ``dtype``) and every other output in ``fp8_rest``.
     """
     if not 1 <= writers <= world:
         raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
@@ -256,7 +256,7 @@ def make_plan(
                 chunks = indexes[item.key].get(item.index, [])
                 reads += _reads_for(item, pos, tensor, chunks, world)
                 meta = torch.empty(item.shape, dtype=dtype, device="meta")
-                outs += family.export_tensor(item.name, meta, spec, fp8)
+                outs += family.export_tensor(item.name, meta, spec, fp8_rest)
             groups.append(Group(piece, reads))
             named.append(outs)
 

@@ -187,14 +187,21 @@ class Family:
                 return rule, groups
         raise DistconvError(f"{self.architecture} has no mapping for checkpoint tensor {megatron_name}")
 
-    def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec, fp8: bool = False) -> list[tuple[str, torch.Tensor]]:
-        """Map one Megatron tensor (per-layer name) to its HF tensors; with ``fp8`` the rule's
-        quantized weights come out block-wise FP8, each followed by its ``_scale_inv``."""
+    def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec,
+                      fp8_rest: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
+        """Map one Megatron tensor (per-layer name) to its HF tensors, in ``t``'s dtype.
+
+        With ``fp8_rest`` (``--dtype fp8``) the rule's quantized weights come out block-wise FP8,
+        quantized from ``t``'s own precision and each followed by its ``_scale_inv``; every other
+        tensor comes out in ``fp8_rest``.
+        """
         rule, groups = self.rule_for(name)
         out = rule.transform.export(t, spec)
         named = [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
-        if not (fp8 and rule.fp8):
+        if fp8_rest is None:
             return named
+        if not rule.fp8:
+            return [(hf, x.to(fp8_rest)) for hf, x in named]
         out = []
         for hf, x in named:
             weight, scale = quantize(x)
