@@ -98,6 +98,33 @@ def to_mindspore(hf: Path, out: Path, table: list[tuple[str, str]], extra: dict 
     return out
 
 
+FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def to_fp8(hf: Path, out: Path) -> tuple[Path, Path]:
+    """The HF model as a block-wise FP8 release (quantized by the test's own reference, see
+    test_fp8) and, beside it, that release dequantized by the definition to a float32 folder."""
+    from test_fp8 import ref_dequantize, ref_quantize
+
+    config = json.loads((hf / "config.json").read_text())
+    fp8, deq = {}, {}
+    for name, t in tensors(hf).items():
+        if name.endswith(".weight") and name.split(".")[-2] in FP8_LINEARS:
+            q, scale = ref_quantize(t)
+            fp8[name], fp8[name + "_scale_inv"] = q, scale
+            deq[name] = ref_dequantize(q, scale)
+        else:
+            fp8[name], deq[name] = t, t.float()
+    folders = (out / f"{hf.name}_fp8", out / f"{hf.name}_dequantized")
+    for folder, data, extra in zip(folders, (fp8, deq), ({"quantization_config": {
+            "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}},
+            {"dtype": "float32", "torch_dtype": "float32"})):
+        folder.mkdir(parents=True)
+        save_file(data, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text(json.dumps({**config, **extra}))
+    return folders
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory, built, legacy_built) -> dict:
     """Build the sources, run every distributed job in one launch, return paths and results."""
@@ -120,6 +147,15 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
         add(f"import {name}", op="import", load=str(hf[name]), save=meg(name, tp, pp), tp=tp, pp=pp, divisible_by=64)
         add(f"check {name}", op="check", root=meg(name, tp, pp), tp=tp, pp=pp, tokens=TOKENS, logits_out=str(work / f"{name}.pt"))
         add(f"export {name}", op="export", load=meg(name, tp, pp), save=str(work / "back" / name))
+    for name, tp, pp in IMPORTS:  # block-wise FP8 releases, imported to fp32
+        fp8, deq = to_fp8(hf[name], work / "fp8")
+        for kind, folder in (("fp8", fp8), ("dequantized", deq)):
+            add(f"import {name} {kind}", op="import", load=str(folder), save=meg(f"{name}_{kind}", tp, pp), tp=tp, pp=pp,
+                divisible_by=64, dtype="fp32")
+            add(f"export {name} {kind}", op="export", load=meg(f"{name}_{kind}", tp, pp), save=str(work / "back" / f"{name}_{kind}"))
+        add(f"check {name} fp8", op="check", root=meg(f"{name}_fp8", tp, pp), tp=tp, pp=pp, tokens=TOKENS,
+            logits_out=str(work / f"{name}_fp8.pt"))
+        hf[f"{name} dequantized"] = deq
     add("import ms_legacy", op="import_ms", load=str(ms_legacy), save=meg("ms_legacy", 2, 2), tp=2, pp=2, divisible_by=64,
         ms_config=None, flags=dict(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                                    num_query_groups=2, seq_length=128, norm_epsilon=1e-6, swiglu=True))
@@ -181,6 +217,23 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(jobs, name):
     for key, t in source.items():
         assert back[key].dtype == t.dtype, key
         assert torch.equal(back[key], t), key
+
+
+@pytest.mark.parametrize("name,tp,pp", IMPORTS)
+def test_fp8_release_imports_as_its_dequantized_weights(jobs, name, tp, pp):
+    """A block-wise FP8 release of each family: megatron-core's logits equal transformers' on the
+    release dequantized by the definition (fp32), and the weights equal importing that
+    dequantized folder, bit for bit."""
+    for kind in ("fp8", "dequantized"):
+        ok(jobs, f"import {name} {kind}")
+        ok(jobs, f"export {name} {kind}")
+    assert ok(jobs, f"check {name} fp8")["layout_equal"]
+    megatron = torch.load(jobs["work"] / f"{name}_fp8.pt")
+    assert (megatron[..., :VOCAB] - hf_logits(jobs["hf"][f"{name} dequantized"])).abs().max().item() <= TOL
+    from_fp8, from_dequantized = (tensors(jobs["work"] / "back" / f"{name}_{k}") for k in ("fp8", "dequantized"))
+    assert sorted(from_fp8) == sorted(from_dequantized)
+    for key, t in from_dequantized.items():
+        assert from_fp8[key].dtype == t.dtype == torch.float32 and torch.equal(from_fp8[key], t), key
 
 
 @pytest.mark.parametrize("name,hf_name", [("ms_legacy", "llama"), ("ms_mcore", "qwen3")])
