@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distconv.errors import DistconvError
+from distconv.errors import DistconvError, warn
 from distconv.plan import Group, Read
 
 _ALIGN = 16
@@ -73,7 +73,7 @@ class Comm:
             mine = None if index is None else (os.uname().nodename, _gpu_id(index))
             use_cuda, note = decide_device(device, comm.collect(mine))
             if note and comm.rank == 0:
-                print(f"distconv: warning: {note}", file=sys.stderr, flush=True)
+                warn(note)
             if use_cuda:
                 if owns:  # in the hook the caller's current device is kept
                     torch.cuda.set_device(index)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from distconv.checkpoint import Checkpoint, describe
-from distconv.errors import DistconvError
+from distconv.errors import DistconvError, warn
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.fp8 import FP8, SCALE, quantization_config, scale_shape
 from distconv.gather import Comm
@@ -263,7 +262,7 @@ def _say(comm: Comm, quiet: bool, text: str) -> None:
 def _warn(comm: Comm, text: str) -> None:
     """A warning: rank 0 prints it to stderr, even with ``quiet``."""
     if comm.rank == 0:
-        print(f"distconv: warning: {text}", file=sys.stderr, flush=True)
+        warn(text)
 
 
 def export(

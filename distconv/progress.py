@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distconv.errors import DistconvError
+from distconv.errors import DistconvError, warn
 from distconv.plan import Plan
 
 
@@ -119,8 +119,7 @@ class Tracker:
             try:
                 Path(path).write_text(json.dumps(report, indent=2, default=str) + "\n")
             except OSError as e:  # checked before the work; the export itself is complete
-                print(f"distconv: warning: the export is complete, but --report {path} could not be written: "
-                      f"{e.strerror or e}", file=sys.stderr, flush=True)
+                warn(f"the export is complete, but --report {path} could not be written: {e.strerror or e}")
         return report
 
 

@@ -12,14 +12,13 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable
 
 import torch
 
-from distconv.errors import DistconvError
+from distconv.errors import DistconvError, warn
 from distconv.plan import Output
 
 _ST_DTYPES = {
@@ -42,10 +41,6 @@ def refuse_overlap(save: Path, sources: Iterable[str | Path | None]) -> None:
         if how:
             raise DistconvError(f"--save {target} {how} the source {src}; distconv never writes into, over or "
                                 "around what it reads: choose another --save")
-
-
-def _warn(text: str) -> None:
-    print(f"distconv: warning: {text}", file=sys.stderr, flush=True)
 
 
 def _remove(path: Path) -> None:
@@ -87,9 +82,9 @@ class OutputFolder:
         if stale and self.overwrite:
             for old in stale:
                 _remove(old)
-            _warn(f"removed {len(stale)} partial folder(s) of earlier runs (--overwrite): {', '.join(map(str, stale))}")
+            warn(f"removed {len(stale)} partial folder(s) of earlier runs (--overwrite): {', '.join(map(str, stale))}")
         elif stale:
-            _warn(f"partial folder(s) of earlier, unfinished runs next to --save: {', '.join(map(str, stale))}; "
+            warn(f"partial folder(s) of earlier, unfinished runs next to --save: {', '.join(map(str, stale))}; "
                   "remove them, or pass --overwrite to have them removed")
         try:
             self.tmp.mkdir(parents=True)
@@ -113,7 +108,7 @@ class OutputFolder:
             try:
                 _remove(old)
             except OSError as e:
-                _warn(f"the export is complete, but what --save held before could not be removed: {old} ({e.strerror or e})")
+                warn(f"the export is complete, but what --save held before could not be removed: {old} ({e.strerror or e})")
 
     def abort(self) -> None:
         """Remove this run's temporary folder, if it created one."""
