@@ -97,6 +97,32 @@ ARG_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+Change = tuple[Any, str, Any]  # (object, attribute, the value it takes while a context is active)
+
+
+def no_device_calls() -> list[Change]:
+    """``torch.cuda.synchronize`` as a no-op and ``current_device`` as ``"cpu"``: megatron-core
+    0.16's save and load call both unconditionally (after staging tensors to CPU, and for the
+    failure flag they broadcast), though neither needs a GPU for CPU tensors on gloo."""
+    return [(torch.cuda, "synchronize", lambda *a, **k: None), (torch.cuda, "current_device", lambda: "cpu")]
+
+
+@contextlib.contextmanager
+def stand_ins(changes: list[Change]) -> Iterator[None]:
+    """Set every attribute in ``changes`` while active; put each back (or remove it) on exit."""
+    saved = [(obj, name, name in vars(obj), vars(obj).get(name)) for obj, name, _ in changes]
+    for obj, name, value in changes:
+        setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, had, value in reversed(saved):
+            if had:
+                setattr(obj, name, value)
+            else:
+                delattr(obj, name)
+
+
 @contextlib.contextmanager
 def cpu_compat() -> Iterator[None]:
     """Without CUDA: make megatron-core's unconditional CUDA calls harmless while active.
@@ -117,9 +143,7 @@ def cpu_compat() -> Iterator[None]:
     from megatron.core.transformer import multi_latent_attention
     from megatron.core.transformer.moe import moe_utils
 
-    changes: list[tuple[Any, str, Any]] = [
-        (torch.cuda, "synchronize", lambda *a, **k: None),
-        (torch.cuda, "current_device", lambda: "cpu"),
+    changes = no_device_calls() + [
         (torch.Tensor, "cuda", lambda self, *a, **k: self),
         (tensor_parallel.get_cuda_rng_tracker(), "fork", lambda *a, **k: contextlib.nullcontext()),
     ]
@@ -129,17 +153,8 @@ def cpu_compat() -> Iterator[None]:
         changes.append((moe_utils, "te_general_gemm", None))
     if importlib.util.find_spec("transformer_engine") is None:
         changes.append((multi_latent_attention, "HAVE_TE", False))
-    saved = [(obj, name, name in vars(obj), vars(obj).get(name)) for obj, name, _ in changes]
-    for obj, name, value in changes:
-        setattr(obj, name, value)
-    try:
+    with stand_ins(changes):
         yield
-    finally:
-        for obj, name, had, value in reversed(saved):
-            if had:
-                setattr(obj, name, value)
-            else:
-                delattr(obj, name)
 
 
 def _sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:

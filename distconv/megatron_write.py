@@ -9,9 +9,8 @@ written, so a failed run leaves no complete-looking root.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,29 +19,8 @@ from distconv.checkpoint import TRACKER
 from distconv.errors import DistconvError
 from distconv.gather import Comm
 from distconv.layout import ExtraState, Shard
+from distconv.megatron_model import no_device_calls, stand_ins
 from distconv.write import OutputFolder
-
-
-@contextlib.contextmanager
-def cpu_save_compat(active: bool) -> Iterator[None]:
-    """Keep megatron-core 0.16's ``save`` off the GPU while ``active`` (gathering over gloo).
-
-    Its save path calls ``torch.cuda.synchronize()`` after staging tensors to CPU and puts the
-    failure flag it broadcasts on ``torch.cuda.current_device()``. With CPU tensors and a gloo
-    group neither needs a GPU; left alone, on a GPU node every rank would open a CUDA context
-    on device 0 for them (which fails in exclusive-process mode), and without CUDA they fail.
-    Only those two functions are replaced, only while ``save`` runs.
-    """
-    if not active:
-        yield
-        return
-    saved = torch.cuda.synchronize, torch.cuda.current_device
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.current_device = lambda: "cpu"
-    try:
-        yield
-    finally:
-        torch.cuda.synchronize, torch.cuda.current_device = saved
 
 
 def sharded_tensor(shard: Shard, data: torch.Tensor):
@@ -92,7 +70,9 @@ class MegatronRoot:
             ckpt.mkdir()
         if self.comm.world > 1:
             dist.barrier(group=self.comm.control)
-        with cpu_save_compat(self.comm.device.type == "cpu"):
+        # gathering over gloo: keep the save off the GPU (no CUDA context on device 0 per rank,
+        # which exclusive-process mode refuses; without CUDA the calls would fail)
+        with stand_ins(no_device_calls() if self.comm.device.type == "cpu" else []):
             dist_checkpointing.save({**common, **state}, str(ckpt))
         if self.comm.rank == 0:
             (Path(tmp[0]) / TRACKER).write_text(str(iteration))
