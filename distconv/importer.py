@@ -117,14 +117,15 @@ class DequantizedFP8:
         orphans = sorted(scaled - names)
         if orphans:
             raise DistconvError(f"{orphans[0]}{SCALE} is a scale of no tensor: the source has no {orphans[0]}")
+        scales = {n + SCALE for n in scaled}
+        self._names = [n for n in files.names() if n not in scales]  # in the source's order
         self.quantized: set[str] = set()
-        for n in sorted(names - {n + SCALE for n in scaled}):
+        for n in sorted(self._names):
             if files.code(n) == "F8_E4M3":
                 check_scale(n, files.shape(n), files.shape(n + SCALE) if n in scaled else None, self.block)
                 self.quantized.add(n)
             elif n in scaled:
                 raise DistconvError(f"tensor {n} has a {SCALE} but is stored {files.code(n)}, not F8_E4M3")
-        self._names = sorted(names - {n + SCALE for n in scaled}, key=files.names().index)
 
     def names(self) -> list[str]:
         return self._names
