@@ -95,17 +95,21 @@ def locate(load: str | Path, iteration: int | str | None = None) -> tuple[Path, 
                 f"--load {path} is not a Megatron checkpoint: no {TRACKER} and not an "
                 "iter_XXXXXXX or release folder"
             )
-        text = tracker.read_text().strip()
-        if text == "release":
-            iteration = "release"
-        elif text.isdigit():
-            iteration = int(text)
-        else:
-            raise DistconvError(f"{tracker} holds {text!r}, neither an iteration number nor 'release'")
+        iteration = tracker_iteration(tracker, tracker.read_text())
     folder = root / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
     if not folder.is_dir():
         raise DistconvError(f"iteration {iteration} not found: {folder} does not exist")
     return folder, iteration
+
+
+def tracker_iteration(tracker: Path, text: str) -> int | str:
+    """The iteration a tracker file's ``text`` names: a number or ``release``; else an error naming the file."""
+    text = text.strip()
+    if text == "release":
+        return text
+    if text.isdigit():
+        return int(text)
+    raise DistconvError(f"{tracker} holds {text[:100]!r}, neither an iteration number nor 'release'")
 
 
 def detect_format(folder: Path) -> str:

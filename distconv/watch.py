@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distconv.checkpoint import TRACKER
+from distconv.checkpoint import TRACKER, tracker_iteration
 from distconv.errors import DistconvError
 from distconv.gather import Comm
 from distconv.marker import finished, rank0_value
@@ -55,16 +55,10 @@ def tracked_iteration(root: Path) -> int | str | None:
     """
     tracker = root / TRACKER
     try:
-        text = tracker.read_text().strip()
+        text = tracker.read_text()
     except OSError:
         return None
-    if text == "release":
-        return text
-    if text.isdigit():
-        return int(text)
-    if text:
-        raise DistconvError(f"{tracker} holds {text[:100]!r}, neither an iteration number nor 'release'")
-    return None
+    return tracker_iteration(tracker, text) if text.strip() else None
 
 
 def watch(
