@@ -78,11 +78,13 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-model-parallel-size", type=int, default=1, help="target EP (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
-    p.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (chunks, reads and writes per rank) and stop")
+    p.add_argument("--report", help="also write the JSON run report to this file")
 
 
 def _import_parsers(sub: argparse._SubParsersAction) -> None:
-    from distconv.mindspore import add_model_args
+    from distconv.sources.mindspore import add_model_args
 
     imp = sub.add_parser("import", help="HF (or MindSpore Transformers) safetensors -> Megatron torch_dist checkpoint")
     imp.add_argument("--load", required=True, help="HF model folder, or MindSpore safetensors file/folder with --source mindspore")
@@ -156,7 +158,7 @@ def _dispatch(opts: argparse.Namespace) -> int:
         return 1 if watch(opts.watch, opts.save, idle_timeout_s=opts.watch_timeout, once=opts.once, **poll,
                           **export_keywords(opts)) else 0
     if opts.command == "export":
-        from distconv.pipeline import export
+        from distconv.engine.export import export
 
         given = [flag for dest, flag in _WATCH_ONLY.items() if getattr(opts, dest) not in (None, False)]
         if given:
@@ -175,14 +177,20 @@ def _dispatch(opts: argparse.Namespace) -> int:
                   f"max |diff| {result['max_abs_diff']:.3e}, mean {result['mean_abs_diff']:.3e}, top-1 agreement "
                   f"{result['top1_agreement']:.2%} -> {'OK' if result['ok'] else 'MISMATCH'} (tolerance {opts.tol:g})")
         return 0 if result["ok"] else 1
-    if opts.command == "import":
-        from distconv.importer import main_import
+    if opts.command in ("import", "reshard"):
+        from distconv.engine.to_megatron import import_hf, import_mindspore, reshard
 
-        return main_import(opts)
-    if opts.command == "reshard":
-        from distconv.reshard import main_reshard
-
-        return main_reshard(opts)
+        options = dict(tp=opts.tensor_model_parallel_size, pp=opts.pipeline_model_parallel_size,
+                       ep=opts.expert_model_parallel_size, iteration=opts.iteration, overwrite=opts.overwrite,
+                       timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report)
+        if opts.command == "reshard":
+            reshard(opts.load, opts.save, with_optimizer=opts.with_optimizer, **options)
+        elif opts.source == "mindspore":
+            import_mindspore(opts.load, opts.save, ms_config=opts.ms_config, ms_args=opts, dtype=opts.dtype,
+                             divisible_by=opts.make_vocab_size_divisible_by, **options)
+        else:
+            import_hf(opts.load, opts.save, dtype=opts.dtype, divisible_by=opts.make_vocab_size_divisible_by, **options)
+        return 0
     if opts.command == "inspect":
         from distconv.inspector import main_inspect
 

@@ -1,4 +1,4 @@
-"""The one exception type distconv shows to users, and its one form of warning."""
+"""The one exception type distconv shows to users, its one form of warning, and the conversion to it."""
 
 import sys
 
@@ -10,3 +10,30 @@ class DistconvError(Exception):
 def warn(text: str) -> None:
     """One ``distconv: warning:`` line on stderr (callers print it from rank 0 only)."""
     print(f"distconv: warning: {text}", file=sys.stderr, flush=True)
+
+
+def user_error(error: BaseException, doing: str | None = None) -> DistconvError:
+    """``error`` as one readable ``DistconvError``.
+
+    A ``DistconvError`` raised somewhere inside (also behind DCP's per-rank ``CheckpointException``
+    or behind a ``raise ... from``) is kept as it is. Otherwise the line that names the cause is kept
+    (DCP and megatron-core wrap the real error in many lines), prefixed by what was being ``doing``.
+    """
+    inner: BaseException | None = error
+    seen = set()
+    while inner is not None and not isinstance(inner, DistconvError) and id(inner) not in seen:
+        seen.add(id(inner))
+        failures = getattr(inner, "failures", None)  # torch's CheckpointException: {rank: exception}
+        nested = next((f for f in failures.values() if isinstance(f, BaseException)), None) if isinstance(failures, dict) else None
+        inner = nested or inner.__cause__
+    if isinstance(inner, DistconvError):
+        return inner
+    if isinstance(error, OSError):
+        text = f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}"
+    else:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        causes = [line for line in lines if "Error" in line or "error" in line]
+        text = (causes[-1] if causes else lines[0]) if lines else type(error).__name__
+        if not doing and not text.startswith(type(error).__name__):
+            text = f"{type(error).__name__}: {text}"
+    return DistconvError(f"{doing} failed: {text}" if doing else text)

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from distconv.checkpoint import describe
+from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.fp8 import SCALE

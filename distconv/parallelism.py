@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from distconv.checkpoint import describe, detect_format, load_common_state, locate
+from distconv.sources.checkpoint import detect_format, load_common_state, locate
+from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
 from distconv.spec import arg
 

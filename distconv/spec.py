@@ -10,6 +10,9 @@ import torch
 
 from distconv.errors import DistconvError
 
+# the weight dtypes a user may ask for by name
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:

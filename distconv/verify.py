@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from distconv.checkpoint import Checkpoint, describe
+from distconv.sources.checkpoint import Checkpoint, Read
+from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
-from distconv.read import serving_metadata
+from distconv.sources.torch_dist import serving_metadata
 from distconv.spec import arg
 
 
@@ -47,8 +48,7 @@ def _known_common(common: dict[str, Any]):
 def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict from a legacy checkpoint: each sharded-state key (per-layer ones as
     ``decoder.layers.{i}.X``, the legacy reader's names) read whole in fp32."""
-    from distconv.legacy import LegacyReader
-    from distconv.plan import Read
+    from distconv.sources.legacy import LegacyReader
 
     reader, state = LegacyReader(ckpt), {}
     for name, sharded in model.sharded_state_dict().items():

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distconv.checkpoint import TRACKER, tracker_iteration
+from distconv.sources.checkpoint import TRACKER, tracker_iteration
 from distconv.errors import DistconvError
-from distconv.gather import Comm
-from distconv.marker import finished, rank0_value
-from distconv.write import refuse_overlap
+from distconv.engine.gather import Comm
+from distconv.engine.marker import finished, rank0_value
+from distconv.sinks.folder import refuse_overlap
 
 
 def iteration_name(iteration: int | str) -> str:
@@ -80,7 +80,7 @@ def watch(
     Stops after one look with ``once``, or when no new iteration has appeared for
     ``idle_timeout_s`` seconds; otherwise runs until interrupted. Collective over all ranks.
     """
-    from distconv.pipeline import export
+    from distconv.engine.export import export
 
     for key, (flag, why) in _REFUSED.items():
         if export_options.pop(key, None) not in (None, False):

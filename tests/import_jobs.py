@@ -21,10 +21,8 @@ import torch
 import torch.distributed as dist
 
 import distconv
-from distconv.checkpoint import describe
-from distconv.importer import import_hf
-from distconv.mindspore import import_mindspore
-from distconv.reshard import reshard
+from distconv.sources.megatron import describe
+from distconv.engine.to_megatron import import_hf, import_mindspore, reshard
 
 
 def model_chunks(model) -> set:

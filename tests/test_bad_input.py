@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import distconv_cli
-from distconv.pipeline import _nonfinite
+from distconv.engine.export import _nonfinite
 from distconv.testing.build import layout_dir
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import distconv_cli
 from distconv.errors import DistconvError
-from distconv.gather import decide_device, local_gpu
+from distconv.engine.gather import decide_device, local_gpu
 from distconv.testing.build import layout_dir
 
 

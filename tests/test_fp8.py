@@ -200,7 +200,7 @@ W = "model.layers.1.self_attn.o_proj.weight"
 
 
 def test_import_refuses_bad_scales(exports, tmp_path):
-    from distconv.importer import hf_source
+    from distconv.sources.hf import open_hf
 
     cases = {
         "missing": (lambda t: t.pop(W + "_scale_inv"), f"{W} is float8_e4m3fn but the source has no {W}_scale_inv"),
@@ -210,13 +210,13 @@ def test_import_refuses_bad_scales(exports, tmp_path):
     }
     for i, (change, message) in enumerate(cases.values()):
         with pytest.raises(DistconvError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            hf_source(_broken(exports["llama_fp8"], tmp_path / str(i), change))
+            open_hf(_broken(exports["llama_fp8"], tmp_path / str(i), change))
 
 
 def test_import_reads_multi_block_boxes(tmp_path):
     """Row ranges that start and end inside blocks, partial edge blocks, and a tensor left in
     high precision (as ``modules_to_not_convert`` lists) next to quantized ones."""
-    from distconv.importer import hf_source
+    from distconv.sources.hf import open_hf
 
     folder = tmp_path / "hf"
     folder.mkdir()
@@ -229,7 +229,7 @@ def test_import_reads_multi_block_boxes(tmp_path):
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_attention_heads": 2,
         "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                 "weight_block_size": [128, 128], "modules_to_not_convert": ["b"]}}))
-    source, _, _ = hf_source(folder)
+    source = open_hf(folder).tensors
     assert source.names() == ["a.weight", "b.weight"]
     assert source.dtype("a.weight") == torch.bfloat16 and source.dtype("b.weight") == torch.bfloat16
     deq = ref_dequantize(q, s)

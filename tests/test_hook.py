@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 
 from conftest import ROOT, torchrun
-from distconv import marker
+from distconv.engine import marker
 from distconv.testing.build import layout_dir
 
 LAUNCHES = 2  # process exits per rank

@@ -287,7 +287,7 @@ def test_cli_import_single_process_without_cuda_patches(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert {p.name for p in (out / "release").iterdir()} >= {"metadata.json", ".metadata", "common.pt"}
-    from distconv.checkpoint import describe
+    from distconv.sources.megatron import describe
     from distconv.spec import spec_from_args
 
     ckpt = describe(out)
@@ -299,7 +299,7 @@ def test_cli_import_single_process_without_cuda_patches(tmp_path):
 
 
 def test_mindspore_unmapped_names_are_listed(tmp_path):
-    from distconv.mindspore import MindSporeSource
+    from distconv.sources.mindspore import MindSporeSource
 
     hf = make_hf(tmp_path, "llama")
     fused = {"model.layers.0.attention.w_qkv.weight": torch.zeros(2, 2), "model.layers.0.feed_forward.w_gate_hidden.weight": torch.zeros(2, 2)}
@@ -310,7 +310,7 @@ def test_mindspore_unmapped_names_are_listed(tmp_path):
 
 def test_mindspore_flags_and_config_file_from_the_command_line(tmp_path):
     from distconv.cli import _parser
-    from distconv.mindspore import model_settings
+    from distconv.sources.mindspore import model_settings
 
     (tmp_path / "m.json").write_text(json.dumps({"num_layers": 2, "hidden_size": 8, "norm_epsilon": 1e-6}))
     opts = _parser().parse_args(["import", "--source", "mindspore", "--load", "x", "--save", "y", "--ms-config",
@@ -359,7 +359,7 @@ def test_import_args_read_back_as_the_same_spec():
     from transformers import Qwen3Config
 
     from distconv.families.qwen3 import QWEN3
-    from distconv.importer import megatron_args
+    from distconv.engine.to_megatron import megatron_args
     from distconv.spec import spec_from_args
 
     from transformers import LlamaConfig, MistralConfig

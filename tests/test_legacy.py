@@ -19,12 +19,12 @@ import pytest
 import torch
 
 from conftest import distconv_cli, hf_logits, run_export_jobs
-from distconv.checkpoint import describe
+from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.families.gpt2 import CONV1D, FUSED_QKV
 from distconv.inspector import inspect_checkpoint
-from distconv.legacy import _qkv_to_core
+from distconv.sources.legacy import _qkv_to_core
 from distconv.spec import spec_from_args
 from distconv.testing.build import FIXTURES, layout_dir, parallel, torch_format_dir
 from distconv.testing.legacy import LEGACY_FIXTURES, PADDED_VOCAB, VOCAB, hf_model

@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from conftest import hf_logits, run_export_jobs
-from distconv.checkpoint import Chunk, TensorInfo, describe
+from distconv.sources.checkpoint import Chunk, TensorInfo
+from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.plan import items_of, make_plan
+from distconv.engine.plan import items_of, make_plan
 from distconv.spec import spec_from_args
 from distconv.testing.build import FIXTURES, layout_dir, parallel
 from distconv.testing.megatron_cpu import megatron_args

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, distconv_cli, hf_logits, subprocess_env
 from distconv.cli import _dispatch, _parser, export_keywords
 from distconv.errors import DistconvError
-from distconv.pipeline import export
+from distconv.engine.export import export
 from distconv.testing.build import layout_dir
 from distconv.watch import target
 

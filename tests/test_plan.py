@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from distconv.checkpoint import describe
+from distconv.sources.megatron import describe
 from distconv.families import FAMILIES, pick_family
-from distconv.plan import make_plan
+from distconv.engine.plan import make_plan
 from distconv.spec import spec_from_args
 from distconv.testing.build import layout_dir
 

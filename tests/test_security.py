@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distconv import marker
+from distconv.engine import marker
 from distconv.cli import main
 from distconv.testing.build import layout_dir
 
@@ -299,8 +299,8 @@ def test_full_disk_while_writing_small_files_names_the_file(built, tmp_path, nam
     from transformers import AutoTokenizer, LlamaConfig
 
     from distconv.errors import DistconvError
-    from distconv.plan import Output
-    from distconv.write import write_generation_config, write_index, write_tokenizer
+    from distconv.engine.plan import Output
+    from distconv.sinks.hf import write_generation_config, write_index, write_tokenizer
 
     if not os.path.exists("/dev/full"):
         pytest.skip("this system has no /dev/full to stand for a full disk")

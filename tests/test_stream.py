@@ -13,13 +13,14 @@ import time
 import pytest
 import torch
 
-from distconv.checkpoint import describe
+from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.gather import Comm, HostBuffers
-from distconv.plan import Plan, Read, make_plan
+from distconv.engine.gather import Comm, HostBuffers
+from distconv.engine.plan import Plan, make_plan
+from distconv.sources.checkpoint import Read
 from distconv.spec import spec_from_args
-from distconv.stream import Prefetcher
+from distconv.engine.stream import Prefetcher
 from distconv.testing.build import layout_dir
 
 WINDOW = 20_000  # bytes per read batch: several batches

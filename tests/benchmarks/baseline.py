@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from distconv.checkpoint import safe_globals
+from distconv.sources.checkpoint import safe_globals
 from distconv.families import FAMILIES, pick_family
-from distconv.plan import items_of
-from distconv.checkpoint import describe
+from distconv.engine.plan import items_of
+from distconv.sources.megatron import describe
 from distconv.spec import spec_from_args
 from tests.benchmarks.export_stats import io_counters
 

@@ -101,7 +101,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the table here")
     opts = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from distconv.checkpoint import describe
+    from distconv.sources.megatron import describe
 
     ckpt_root = opts.workdir / f"ckpt-{opts.gb:g}gb"
     if not (ckpt_root / "latest_checkpointed_iteration.txt").exists():

@@ -241,7 +241,7 @@ class Check:
             problems.append("the caller's default group was destroyed by export()")
         if backend == "nccl" and r.get("tensor_device", "").split(":")[0] != "cuda":
             problems.append(f"the all_reduce tensor was on {r.get('tensor_device')}")
-        from distconv import marker
+        from distconv.engine import marker
 
         if r["first"].get("ok") and not marker.finished(out / "ok"):
             problems.append("the first export's folder is not a finished export")

@@ -30,8 +30,7 @@ import torch
 
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.gather import Comm
-from distconv.importer import SafetensorsFiles, run_import
+from distconv.sources.hf import HFSource, SafetensorsFiles, file_identity
 from distconv.spec import spec_from_args
 
 _N = r"(?P<n>\d+)"
@@ -104,6 +103,9 @@ class MindSporeSource:
     def names(self) -> list[str]:
         return list(self.to_ms)
 
+    def file_of(self, name: str) -> str:
+        return self.files.file_of(self.to_ms[name])
+
     def shape(self, name: str) -> tuple[int, ...]:
         shape = self.files.shape(self.to_ms[name])
         if name in _VOCAB_ROWS:
@@ -173,31 +175,20 @@ def megatron_namespace(values: dict[str, Any], vocab: int, tied: bool) -> argpar
     return argparse.Namespace(**settings)
 
 
-def import_mindspore(load: str | Path, save: str | Path, *, ms_config: str | None, ms_args: Any, tp: int = 1,
-                     pp: int = 1, ep: int = 1, dtype: str = "auto", divisible_by: int = 128,
-                     iteration: int | str = "release", overwrite: bool = False, timeout_s: float = 1800.0,
-                     quiet: bool = False) -> dict[str, Any]:
-    """MindSpore Transformers safetensors -> Megatron torch_dist at TP x PP; collective."""
-    comm = Comm.setup("cpu", timeout_s)
-    try:
-        source, config, error = None, None, None
-        try:
-            values = model_settings(ms_config, ms_args)
-            source = MindSporeSource(load, values.get("true_vocab_size"))
-            rows = source.files.shape(source.to_ms["model.embed_tokens.weight"])[0]
-            if values.get("padded_vocab_size") not in (None, rows):
-                raise DistconvError(f"--padded-vocab-size {values['padded_vocab_size']} but the embedding has {rows} rows")
-            tied = "lm_head.weight" not in source.names()
-            if values.get("untie_embeddings_and_output_weights") and tied:
-                raise DistconvError("--untie-embeddings-and-output-weights given but the checkpoint has no output layer")
-            spec = spec_from_args(megatron_namespace(values, source.vocab_size, tied)).with_vocab(source.vocab_size)
-            family = pick_family(FAMILIES, spec, None)
-            config = family.hf_config(spec)
-        except Exception as e:
-            error = e
-        comm.agree(error)
-        return run_import(comm, source, config, save, tp=tp, pp=pp, ep=ep, dtype=dtype, divisible_by=divisible_by,
-                          iteration=iteration, overwrite=overwrite, tokenizer=None, quiet=quiet,
-                          what=f"MindSpore Transformers {load}", protect=(load, ms_config))
-    finally:
-        comm.close()
+def open_mindspore(load: str | Path, ms_config: str | None, flags: Any) -> HFSource:
+    """MindSpore Transformers safetensors as an import source: HF names, and the HF config of the
+    family the model shape (``--ms-config`` or flags) describes."""
+    values = model_settings(ms_config, flags)
+    source = MindSporeSource(load, values.get("true_vocab_size"))
+    rows = source.files.shape(source.to_ms["model.embed_tokens.weight"])[0]
+    if values.get("padded_vocab_size") not in (None, rows):
+        raise DistconvError(f"--padded-vocab-size {values['padded_vocab_size']} but the embedding has {rows} rows")
+    tied = "lm_head.weight" not in source.names()
+    if values.get("untie_embeddings_and_output_weights") and tied:
+        raise DistconvError("--untie-embeddings-and-output-weights given but the checkpoint has no output layer")
+    spec = spec_from_args(megatron_namespace(values, source.vocab_size, tied)).with_vocab(source.vocab_size)
+    config = pick_family(FAMILIES, spec, None).hf_config(spec)
+    files = sorted(set(source.files.where.values()))
+    extra = (Path(ms_config),) if ms_config else ()
+    return HFSource(source, config, None, f"MindSpore Transformers {load}", (load, ms_config),
+                    {"files": file_identity(files, *extra), "settings": values})

@@ -1,4 +1,4 @@
-"""Stage 3: each rank loads its planned slices with megatron-core ``dist_checkpointing``.
+"""Reading torch_dist checkpoints: collectively through megatron-core (export), or per rank (``LocalReader``).
 
 The request is a dict of ``ShardedTensor``s built from the plan (no model instance, no
 transformer-engine), loaded by megatron-core's torch_dist strategy with the DCP metadata
@@ -10,6 +10,7 @@ nothing there.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,8 +19,8 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from distconv.errors import DistconvError
-from distconv.plan import Read
+from distconv.errors import DistconvError, user_error
+from distconv.sources.checkpoint import Checkpoint, Chunk, Read, inside, overlaps, safe_torch_load
 
 
 class _RandomAccessFileSystem(FileSystem):
@@ -122,13 +123,58 @@ class Reader:
         except BaseException as e:  # torch's CheckpointException derives from BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise DistconvError(f"reading {self.folder} failed: {_first_line(e)}") from e
+            raise user_error(e, f"reading {self.folder}") from e
         return [loaded[f"r{i}"].reshape(r.sizes) for i, r in enumerate(reads)]
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    lines = [l.strip() for l in text.splitlines() if l.strip()]
-    # DCP wraps per-rank failures; the innermost line names the real cause
-    causes = [l for l in lines if "Error" in l or "error" in l]
-    return causes[-1] if causes else lines[0]
+class LocalReader:
+    """Boxes of one torch_dist folder read by this rank alone, with no collective.
+
+    The sink of import and reshard asks for each chunk when its writer reaches it, on each rank
+    at its own pace, so it cannot take part in megatron-core's collective ``load``. This reads
+    the stored chunks a box overlaps by byte range, as DCP's own reader does (each chunk is one
+    ``torch.save``'d tensor, unpickled with ``weights_only`` and distconv's allow-list), and
+    keeps the last chunk for the next box cut from it.
+    """
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self._last: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
+
+    def _chunk(self, key: str, chunk: Chunk) -> torch.Tensor:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        if self._last is not None and self._last[0] == (key, chunk.offsets):
+            return self._last[1]
+        self._last = None
+        info = self.ckpt.metadata.storage_data.get(MetadataIndex(key, torch.Size(chunk.offsets)))
+        if info is None:
+            raise DistconvError(f"{self.ckpt.path}/.metadata names no data for {key} at {chunk.offsets}")
+        if getattr(info, "transform_descriptors", None):
+            raise DistconvError(f"{key} is stored with transforms {info.transform_descriptors}, which distconv does not read")
+        path = inside(self.ckpt.path, info.relative_path, f"{self.ckpt.path}/.metadata")
+        try:
+            with path.open("rb") as f:
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+                f.seek(int(info.offset))
+                data = f.read(int(info.length))
+        except OSError as e:
+            raise DistconvError(f"cannot read checkpoint shard {path}: {e.strerror or e}") from None
+        if len(data) != int(info.length):
+            raise DistconvError(f"checkpoint shard {path} is truncated: {key} needs {info.length} bytes at {info.offset}")
+        tensor = safe_torch_load(io.BytesIO(data), f"{path} ({key})")
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
+            raise DistconvError(f"{path}: {key} at {chunk.offsets} is not a tensor of shape {chunk.sizes}")
+        self._last = ((key, chunk.offsets), tensor)
+        return tensor
+
+    def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
+        """``reads`` as CPU tensors of ``dtype``, each cut from the stored chunks it overlaps."""
+        out = []
+        for read in reads:
+            box = torch.empty(read.sizes, dtype=dtype)
+            for chunk, src, dst in overlaps(read, self.ckpt.tensors[read.key].chunks):
+                box[dst] = self._chunk(read.key, chunk)[src]
+            out.append(box)
+        return out

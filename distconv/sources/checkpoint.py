@@ -15,7 +15,7 @@ import pathlib
 import pickle
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -49,6 +49,33 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return _numel(self.shape) * self.dtype.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Read:
+    """A box of a stored tensor that one rank loads, and where it lands in its item."""
+
+    item: int  # position in the group's items
+    rank: int
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    dest: tuple[slice, ...]  # inside the item tensor
+
+
+def overlaps(read: Read, chunks: tuple[Chunk, ...]) -> Iterator[tuple[Chunk, tuple[slice, ...], tuple[slice, ...]]]:
+    """The stored chunks ``read``'s box overlaps, each with the overlap's slices inside the chunk
+    (offset by its ``source_offsets``) and inside the box."""
+    for chunk in chunks:
+        lo = [max(o, co) for o, co in zip(read.offsets, chunk.offsets)]
+        hi = [min(o + s, co + cs) for o, s, co, cs in zip(read.offsets, read.sizes, chunk.offsets, chunk.sizes)]
+        if any(h <= l for l, h in zip(lo, hi)):
+            continue
+        starts = chunk.source_offsets or (0,) * len(lo)
+        src = tuple(slice(l - co + so, h - co + so) for l, h, co, so in zip(lo, hi, chunk.offsets, starts))
+        dst = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, read.offsets))
+        yield chunk, src, dst
 
 
 @dataclasses.dataclass
@@ -303,24 +330,3 @@ def check_files(folder: Path, metadata: Any) -> None:
         size = path.stat().st_size
         if size < length:
             raise DistconvError(f"checkpoint shard {path} is truncated: {size} bytes, metadata needs {length}")
-
-
-def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint:
-    """Stage 1: everything the plan needs, from metadata alone."""
-    folder, iteration = locate(load, iteration)
-    fmt = detect_format(folder)
-    if fmt == "legacy":
-        from distconv.legacy import describe_legacy
-
-        return describe_legacy(folder, iteration)
-    metadata = read_dcp_metadata(folder)
-    check_files(folder, metadata)
-    common = load_common_state(folder, metadata)
-    args = common.get("args")
-    if not isinstance(args, argparse.Namespace):
-        raise DistconvError(f"{folder}: the common state has no Megatron-LM 'args'; pass a checkpoint saved by Megatron-LM")
-    tensors, other = read_tensor_index(folder, metadata)
-    if not tensors:
-        raise DistconvError(f"{folder} holds no model tensors")
-    writers = 1 + max((c.writer for t in tensors.values() for c in t.chunks), default=0)
-    return Checkpoint(folder, iteration, fmt, args, common, tensors, other, writers, metadata)

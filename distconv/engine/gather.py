@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distconv.errors import DistconvError, warn
-from distconv.plan import Group, Read
+from distconv.errors import DistconvError, user_error, warn
+from distconv.engine.plan import Group
+from distconv.sources.checkpoint import Read
 
 _ALIGN = 16
 # NCCL's watchdog aborts the process (SIGABRT) once a transfer exceeds its group's timeout;
@@ -109,14 +110,14 @@ class Comm:
         """
         if self.world == 1:
             if error is not None:
-                raise _as_user_error(error)
+                raise user_error(error)
             return
         flag = torch.tensor([0 if error is None else 1])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
         if not flag.item():
             return
         messages: list[str | None] = [None] * self.world
-        dist.all_gather_object(messages, None if error is None else str(_as_user_error(error)), group=self.control)
+        dist.all_gather_object(messages, None if error is None else str(user_error(error)), group=self.control)
         rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
         raise DistconvError(message if rank == 0 else f"{message} (on rank {rank})") from error
 
@@ -289,14 +290,6 @@ def _place(full: list, group: Group, read, t: torch.Tensor, dtype: torch.dtype) 
         full[read.item] = torch.empty(group.items[read.item].shape, dtype=dtype)
     target = full[read.item][read.dest]
     target.copy_(t.reshape(target.shape))
-
-
-def _as_user_error(error: BaseException) -> DistconvError:
-    if isinstance(error, DistconvError):
-        return error
-    if isinstance(error, OSError):
-        return DistconvError(f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}")
-    return DistconvError(f"{type(error).__name__}: {error}")
 
 
 def _aligned(n: int) -> int:

@@ -17,9 +17,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from distconv.gather import check_slices
-from distconv.plan import Plan
-from distconv.read import Reader
+from distconv.engine.gather import check_slices
+from distconv.engine.plan import Plan
+from distconv.sources.torch_dist import Reader
 
 _Result = tuple[list[list[torch.Tensor]] | None, BaseException | None]
 

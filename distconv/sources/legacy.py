@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 
-from distconv.checkpoint import Checkpoint, Chunk, TensorInfo, safe_globals
+from distconv.sources.checkpoint import Checkpoint, Chunk, Read, TensorInfo, overlaps, safe_globals
 from distconv.errors import DistconvError
-from distconv.plan import Read
 from distconv.spec import arg
 
 FILE_NAME = "model_optim_rng.pt"
@@ -333,18 +332,12 @@ class LegacyReader:
         out = []
         for read in reads:
             box = torch.empty(read.sizes, dtype=dtype)
-            for chunk in self.ckpt.tensors[read.key].chunks:
-                lo = [max(o, co) for o, co in zip(read.offsets, chunk.offsets)]
-                hi = [min(o + s, co + cs) for o, s, co, cs in zip(read.offsets, read.sizes, chunk.offsets, chunk.sizes)]
-                if any(h <= l for l, h in zip(lo, hi)):
-                    continue
+            for chunk, src, dst in overlaps(read, self.ckpt.tensors[read.key].chunks):
                 source = self._tensors(chunk.file).get(chunk.source)
                 if source is None:
                     raise DistconvError(f"{self.ckpt.path}/{chunk.file}: tensor {chunk.source} disappeared since the checkpoint was described")
                 if read.key.endswith(("linear_qkv.weight", "linear_qkv.bias")):
                     source = _qkv_to_core(source, self.version, self.head_dim)
-                src = tuple(slice(l - co + so, h - co + so) for l, h, co, so in zip(lo, hi, chunk.offsets, chunk.source_offsets))
-                dst = tuple(slice(l - o, h - o) for l, h, o in zip(lo, hi, read.offsets))
                 box[dst] = source[src]
             out.append(box)
         return out

@@ -1,4 +1,4 @@
-"""``distconv.json``: the marker a finished export carries, which makes exports idempotent.
+"""``distconv.json``: the marker a finished conversion carries, which makes conversions idempotent.
 
 Rank 0 writes it into the hidden output folder after every other file, just before the
 folder is renamed into place, so a folder at ``--save`` with a valid marker is complete. It
@@ -40,7 +40,7 @@ def source_of(ckpt: Any, options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
@@ -52,9 +52,10 @@ def file_sums(folder: Path, known: dict[str, dict[str, Any]] | None = None) -> d
     """Size and SHA-256 of every file in ``folder``; ``known`` ones (hashed as they were
     written) are taken as given, the rest are hashed in parallel threads."""
     known = known or {}
-    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MARKER and p.name not in known)
+    names = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                   if p.is_file() and p.name != MARKER and p.relative_to(folder).as_posix() not in known)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(1, len(names)))) as pool:
-        sums = list(pool.map(lambda n: _sha256(folder / n), names))
+        sums = list(pool.map(lambda n: sha256(folder / n), names))
     return dict(sorted({**known, **{n: {"bytes": (folder / n).stat().st_size, "sha256": s} for n, s in zip(names, sums)}}.items()))
 
 
@@ -102,16 +103,22 @@ def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
     folder = Path(save)
     for name, info in files.items():
         path = folder / name
-        if Path(name).name != name or not isinstance(info, dict) or not path.is_file() \
+        if not _relative(name) or not isinstance(info, dict) or not path.is_file() or path.is_symlink() \
                 or path.stat().st_size != info.get("bytes"):
             return False
     names = sorted(files)
     try:
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, len(names))) as pool:
-            sums = list(pool.map(lambda n: _sha256(folder / n), names))
+            sums = list(pool.map(lambda n: sha256(folder / n), names))
     except OSError:
         return False
     return all(files[n].get("sha256") == s for n, s in zip(names, sums))
+
+
+def _relative(name: str) -> bool:
+    """A marker's file name stays inside the output: relative, no ``..``, no backslash."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and "\\" not in name
 
 
 def rank0_value(comm: Any, value: Any) -> Any:

@@ -1,7 +1,6 @@
-"""Stage 6 (rank 0): stream HF safetensors shards, then config, tokenizer and index, atomically.
+"""The HF folder sink: safetensors shards (or one ``model.pt``), then config, tokenizer and index.
 
-Every file goes into a hidden sibling folder that is renamed onto ``--save`` only when all of
-it is written and flushed, so an interrupted run never leaves a folder that looks complete.
+Everything goes into the run's temporary folder (``distconv.sinks.folder``).
 Shards are written tensor by tensor: the header is known from the plan, so no shard is ever
 built in memory.
 """
@@ -12,14 +11,13 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable
+from typing import Any, BinaryIO
 
 import torch
 
-from distconv.errors import DistconvError, warn
-from distconv.plan import Output
+from distconv.errors import DistconvError
+from distconv.engine.plan import Output
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -27,101 +25,6 @@ _ST_DTYPES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 INDEX = "model.safetensors.index.json"
-
-
-def refuse_overlap(save: Path, sources: Iterable[str | Path | None]) -> None:
-    """``save`` may not be, lie inside, or contain any source (compared after resolving symlinks)."""
-    target = Path(save).resolve()
-    for source in sources:
-        if source is None:
-            continue
-        src = Path(source).resolve()
-        how = ("is" if target == src else "is inside" if src in target.parents
-               else "contains" if target in src.parents else None)
-        if how:
-            raise DistconvError(f"--save {target} {how} the source {src}; distconv never writes into, over or "
-                                "around what it reads: choose another --save")
-
-
-def _remove(path: Path) -> None:
-    """Delete a file, link or folder this run moved aside."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-class OutputFolder:
-    """A temporary sibling of ``save``, named per run, that becomes ``save`` on ``commit``.
-
-    ``save`` is resolved first: a symlink is followed and the output replaces its target. It may
-    not be, contain or lie inside any of ``sources``. Only the temporary folder this run created
-    is ever removed on failure; partial folders left by earlier runs are reported, and removed
-    only with ``overwrite``.
-    """
-
-    def __init__(self, save: str | Path, overwrite: bool, sources: Iterable[str | Path | None] = ()) -> None:
-        self.save = Path(save).resolve()
-        refuse_overlap(self.save, sources)
-        if self.save.exists() and (not self.save.is_dir() or any(self.save.iterdir())) and not overwrite:
-            kind = "is a file" if not self.save.is_dir() else "exists and is not empty"
-            raise DistconvError(f"--save {self.save} {kind}; pass --overwrite to replace it")
-        self.overwrite = overwrite
-        self.created = False
-        self.name_run(uuid.uuid4().hex[:8])
-
-    def name_run(self, token: str) -> None:
-        """Give this run's temporary folder a name every rank agrees on."""
-        self.tmp = self.save.parent / f".{self.save.name}.distconv-partial-{token}"
-
-    def _stale(self) -> list[Path]:
-        return sorted(p for p in self.save.parent.glob(f".{self.save.name}.distconv-partial*") if p != self.tmp)
-
-    def create(self) -> Path:
-        stale = self._stale()
-        if stale and self.overwrite:
-            for old in stale:
-                _remove(old)
-            warn(f"removed {len(stale)} partial folder(s) of earlier runs (--overwrite): {', '.join(map(str, stale))}")
-        elif stale:
-            warn(f"partial folder(s) of earlier, unfinished runs next to --save: {', '.join(map(str, stale))}; "
-                  "remove them, or pass --overwrite to have them removed")
-        try:
-            self.tmp.mkdir(parents=True)
-        except OSError as e:
-            raise DistconvError(f"cannot create output folder next to {self.save}: {e.strerror or e}") from None
-        self.created = True
-        return self.tmp
-
-    def commit(self) -> None:
-        """Rename this run's folder onto ``save``; whatever ``save`` held is then removed."""
-        old = None
-        here = _cwd_is(self.save)
-        if self.save.exists():
-            old = self.save.parent / f".{self.save.name}.distconv-old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.save, old)
-        os.replace(self.tmp, self.save)
-        self.created = False
-        if here:  # the process stood in the replaced folder: stand in the new one
-            os.chdir(self.save)
-        if old is not None:
-            try:
-                _remove(old)
-            except OSError as e:
-                warn(f"the export is complete, but what --save held before could not be removed: {old} ({e.strerror or e})")
-
-    def abort(self) -> None:
-        """Remove this run's temporary folder, if it created one."""
-        if self.created:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            self.created = False
-
-
-def _cwd_is(path: Path) -> bool:
-    try:
-        return os.path.samefile(os.getcwd(), path)
-    except OSError:
-        return False
 
 
 def _header(outputs: list[Output]) -> bytes:

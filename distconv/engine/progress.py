@@ -16,13 +16,28 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 
 from distconv.errors import DistconvError, warn
-from distconv.plan import Plan
+from distconv.engine.plan import Plan
+
+
+class Work(Protocol):
+    """What a run's plan tells the tracker, whatever the sink."""
+
+    world: int
+
+    @property
+    def tensors(self) -> int: ...
+    @property
+    def files(self) -> list[str]: ...
+    @property
+    def total_bytes(self) -> int: ...
+    def bytes_read_by(self, rank: int) -> int: ...
+    def bytes_written_by(self, rank: int) -> int: ...
 
 
 def peak_rss_bytes() -> int:
@@ -35,7 +50,7 @@ def _gbps(nbytes: int, seconds: float) -> float:
 
 
 class Tracker:
-    """Timing, byte counts and progress bars of one export run."""
+    """Timing, byte counts and progress bars of one run."""
 
     def __init__(self, rank: int, world: int, control: Any, quiet: bool) -> None:
         self.rank, self.world, self.control = rank, world, control
@@ -44,12 +59,12 @@ class Tracker:
         self.marks: dict[str, float] = {}
         self.read_bar = self.write_bar = None
         self.written = 0
-        self.plan: Plan | None = None
+        self.plan: Work | None = None
 
     def _mark(self, phase: str) -> None:
         self.marks[phase] = time.perf_counter()
 
-    def planned(self, plan: Plan) -> None:
+    def planned(self, plan: Work) -> None:
         """Planning is over; open the bars (rank 0, on a terminal, unless quiet)."""
         self._mark("plan")
         self.plan = plan
@@ -58,17 +73,17 @@ class Tracker:
         from tqdm import tqdm
 
         total_read = sum(plan.bytes_read_by(r) for r in range(plan.world))
-        mine = sum(g.nbytes for g in plan.groups if g.writer == 0)
+        mine = plan.bytes_written_by(0)
         common = dict(unit="B", unit_scale=True, unit_divisor=1000, file=sys.stderr, dynamic_ncols=True)
-        self.read_bar = tqdm(total=total_read, desc="read+gather", position=0, **common)
+        self.read_bar = tqdm(total=total_read if plan.world > 1 and mine == plan.total_bytes else plan.bytes_read_by(0),
+                             desc="read+gather" if mine == plan.total_bytes else "read (rank 0)", position=0, **common)
         desc = "write      " if mine == plan.total_bytes else "write (rank 0's files)"
         self.write_bar = tqdm(total=mine, desc=desc, position=1, **common)
 
-    def group_done(self, group: Any, bytes_written: int) -> None:
-        """Rank 0 has passed one group; its own files hold ``bytes_written`` bytes so far."""
+    def advance(self, bytes_read: int, bytes_written: int) -> None:
+        """Rank 0 has read (or gathered) ``bytes_read`` more bytes; its own files hold ``bytes_written`` so far."""
         if self.read_bar is not None:
-            assert self.plan is not None
-            self.read_bar.update(sum(_read_bytes(r, self.plan) for r in group.reads))
+            self.read_bar.update(bytes_read)
             self._wrote(bytes_written)
 
     def _wrote(self, bytes_written: int) -> None:
@@ -99,7 +114,7 @@ class Tracker:
         assert self.plan is not None
         read = sum(r["bytes_read"] for r in ranks)
         return {
-            "tensors": len(self.plan.outputs),
+            "tensors": self.plan.tensors,
             "files": len(self.plan.files),
             "world_size": self.world,
             "bytes_read": read,
@@ -135,13 +150,6 @@ def check_report_path(path: str | Path | None) -> Path | None:
     if path.is_dir() or not os.access(path if path.exists() else path.parent, os.W_OK):
         raise DistconvError(f"--report {path}: not a writable file path")
     return path
-
-
-def _read_bytes(read: Any, plan: Plan) -> int:
-    n = plan.dtype.itemsize
-    for s in read.sizes:
-        n *= s
-    return n
 
 
 def plan_text(plan: Plan, ckpt: Any, save: Path) -> str:

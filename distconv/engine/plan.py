@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from distconv.checkpoint import Checkpoint, Chunk, TensorInfo
+from distconv.sources.checkpoint import Checkpoint, Chunk, Read, TensorInfo
 from distconv.errors import DistconvError
 from distconv.families import Family
 from distconv.spec import ModelSpec
@@ -38,19 +38,6 @@ class Item:
     index: tuple[int, ...]  # leading indices into the stored tensor
     shape: tuple[int, ...]
     layer: int | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Read:
-    """A box of a stored tensor that one rank loads, and where it lands in its item."""
-
-    item: int  # position in the group's items
-    rank: int
-    key: str
-    global_shape: tuple[int, ...]
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-    dest: tuple[slice, ...]  # inside the item tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,10 +99,18 @@ class Plan:
     def total_bytes(self) -> int:
         return sum(o.nbytes for o in self.outputs)
 
+    @property
+    def tensors(self) -> int:
+        return len(self.outputs)
+
+    def read_bytes(self, read: Read) -> int:
+        return _numel(read.sizes) * self.dtype.itemsize
+
     def bytes_read_by(self, rank: int) -> int:
-        return sum(
-            _numel(r.sizes) * self.dtype.itemsize for g in self.groups for r in g.reads if r.rank == rank
-        )
+        return sum(self.read_bytes(r) for g in self.groups for r in g.reads if r.rank == rank)
+
+    def bytes_written_by(self, rank: int) -> int:
+        return sum(g.nbytes for g in self.groups if g.writer == rank)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

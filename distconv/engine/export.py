@@ -1,12 +1,12 @@
-"""The export pipeline: describe -> plan -> (read -> gather -> map -> write) per group -> commit.
+"""Export: a Megatron checkpoint (torch_dist or legacy) into an HF folder, as one ``Job`` of the engine.
 
-``export()`` is also the post-training hook: inside a job whose ``torch.distributed`` group
-already exists it reuses that group and leaves it as it was; in a plain process it runs as a
-group of one.
+Per group of the plan: each rank reads its slices ahead in a thread, the group is gathered on its
+writer (NCCL on GPUs, else gloo), mapped by the family table, and written behind in a second thread.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -14,24 +14,26 @@ from typing import Any
 
 import torch
 
-from distconv.checkpoint import Checkpoint, describe
+from distconv.sources.checkpoint import Checkpoint
+from distconv.sources.hf import expected_hf_tensors
+from distconv.sources.megatron import describe
 from distconv.errors import DistconvError, warn
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.fp8 import FP8, SCALE, quantization_config, scale_shape
-from distconv.gather import Comm
-from distconv import marker
-from distconv.progress import Tracker, check_report_path, plan_text
-from distconv.plan import Plan, make_plan
-from distconv.legacy import LegacyReader
-from distconv.stream import Prefetcher, WriterThread
-from distconv.read import Reader
-from distconv.spec import ModelSpec, arg, spec_from_args
-from distconv.tokens import special_tokens
-from distconv.vocab import cached_hub_tokenizer, megatron_vocab
-from distconv.write import (
-    OutputFolder,
+from distconv.engine.gather import Comm
+from distconv.engine import marker
+from distconv.engine.progress import Tracker, plan_text
+from distconv.engine.run import RunOptions, run
+from distconv.engine.plan import Plan, make_plan
+from distconv.sources.legacy import LegacyReader
+from distconv.engine.stream import Prefetcher, WriterThread
+from distconv.sources.torch_dist import Reader
+from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
+from distconv.sources.tokens import special_tokens
+from distconv.sources.vocab import cached_hub_tokenizer, megatron_vocab
+from distconv.sinks.folder import refuse_overlap
+from distconv.sinks.hf import (
     ShardWriter,
-    refuse_overlap,
     TorchFileWriter,
     write_config,
     write_generation_config,
@@ -40,7 +42,6 @@ from distconv.write import (
 )
 
 FORMATS = ("safetensors", "torch")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -127,21 +128,7 @@ def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any,
 
 def _check_against_hf(plan: Plan, config: Any) -> None:
     """The outputs must be exactly the HF model's state dict: no tensor missing, none extra."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    if getattr(config, "tie_word_embeddings", False):
-        aliases |= set(getattr(model, "all_tied_weights_keys", None) or {})
-    state = {n: t for n, t in model.state_dict().items() if n not in aliases}
-    try:  # transformers 5 fuses some weights (MoE experts) at load: compare in the hub (saved) format
-        from transformers.core_model_loading import revert_weight_conversion
-
-        state = revert_weight_conversion(model, state)
-    except ImportError:
-        pass
-    expected = {n: tuple(t.shape) for n, t in state.items()}
+    expected = expected_hf_tensors(config)
     produced = {o.name: o.shape for o in plan.outputs if not o.name.endswith(SCALE)}
     _check_scales(plan)
     missing = sorted(set(expected) - set(produced))
@@ -171,25 +158,41 @@ def _check_scales(plan: Plan) -> None:
             raise DistconvError(f"internal: {o.name} scales no FP8 weight")
 
 
-class _Job:
-    """Everything stages 1-2 decide, identical on every rank."""
+@dataclasses.dataclass(frozen=True)
+class ExportOptions(RunOptions):
+    """``distconv export``: a Megatron checkpoint into an HF folder (or one ``model.pt``)."""
 
-    def __init__(self, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, window, writers, world, fmt="safetensors",
-                 allow_nonfinite=False, vocab_size=None):
+    iteration: int | str | None = None
+    hf_config: str | Path | None = None
+    tokenizer: str | Path | None = None
+    dtype: str = "auto"
+    max_shard_size: str | int = "5GB"
+    device: str = "auto"
+    writers: int = 1
+    format: str = "safetensors"
+    allow_nonfinite: bool = False
+    vocab_size: int | None = None
+
+
+class ExportJob:
+    """Everything planning decides, identical on every rank; ``convert`` streams it."""
+
+    kind = "export"
+
+    def __init__(self, load: str | Path, opts: ExportOptions, world: int) -> None:
+        fmt = opts.format
         if fmt not in FORMATS:
             raise DistconvError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
-        self.format = fmt
-        if fmt == "torch":  # one model.pt, written by one rank
-            max_shard_size, writers = 1 << 62, 1
-        self.ckpt: Checkpoint = describe(load, iteration)
+        self.format, self.opts = fmt, opts
+        max_shard_size, writers = (1 << 62, 1) if fmt == "torch" else (opts.max_shard_size, opts.writers)  # one model.pt
+        self.ckpt: Checkpoint = describe(load, opts.iteration)
         spec = spec_from_args(self.ckpt.args)
-        user_config, self.config_dir = _load_hf_config(hf_config)
+        user_config, self.config_dir = _load_hf_config(opts.hf_config)
         arch = (user_config.architectures or [None])[0] if user_config is not None else None
         self.family: Family = pick_family(FAMILIES, spec, arch)
-        self.tokenizer, self.tokenizer_source = _load_tokenizer(tokenizer, self.ckpt.args)
-        vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args, vocab_size)
+        self.tokenizer, self.tokenizer_source = _load_tokenizer(opts.tokenizer, self.ckpt.args)
+        vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args, opts.vocab_size)
         self.warnings: list[str] = [warning] if warning else []
-        self.allow_nonfinite = allow_nonfinite
         self.spec = spec.with_vocab(vocab)
         has_output = "output_layer.weight" in self.ckpt.tensors
         if has_output == self.spec.tie_embeddings:
@@ -201,6 +204,7 @@ class _Job:
             self.family.check_config(user_config, self.spec)
         bos, eos, self.tokens_source = special_tokens(self.tokenizer, self.ckpt.args) if user_config is None else (None, None, "--hf-config")
         self.config = user_config if user_config is not None else self.family.hf_config(self.spec, bos_token_id=bos, eos_token_id=eos)
+        dtype = opts.dtype
         if dtype not in ("auto", "fp8", *DTYPES):
             raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16, fp32 or fp8")
         self.fp8 = dtype == "fp8"  # block-wise FP8 linear weights, everything else bf16
@@ -213,21 +217,20 @@ class _Job:
         self.gather_dtype = self.spec.train_dtype if self.fp8 else self.dtype
         self.fp8_rest = self.dtype if self.fp8 else None
         self.quantization = quantization_config() if self.fp8 else None
-        self.window = parse_size(window, "--window")
+        self.window = parse_size(opts.window, "--window")
         shard_size = parse_size(max_shard_size, "--max-shard-size")
         self.plan = make_plan(self.ckpt, self.spec, self.family, self.gather_dtype, world, shard_size, self.window, writers,
                               self.fp8_rest)
         _check_against_hf(self.plan, self.config)
-        self.source = marker.source_of(self.ckpt, {
+        self.identity = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
             "format": fmt, "vocab_size": vocab, "vocab_source": self.vocab_source,
-            **({"allow_nonfinite": True} if allow_nonfinite else {}),
+            **({"allow_nonfinite": True} if opts.allow_nonfinite else {}),
             **({"quantization": self.quantization} if self.fp8 else {})})
-        self.save = Path(save).resolve()
-        self.sources = (load, self.ckpt.path, hf_config, self.tokenizer_source)
-        refuse_overlap(self.save, self.sources)
-        self.folder: OutputFolder | None = None  # made once the run is known not to be skipped
+        self.save = Path(opts.save).resolve()
+        self.inputs = (load, self.ckpt.path, opts.hf_config, self.tokenizer_source)
+        refuse_overlap(self.save, self.inputs)
 
     @property
     def dtype_name(self) -> str:
@@ -253,183 +256,111 @@ class _Job:
             f"into {len(plan.files)} file(s); optimizer and other state ({ckpt.other_bytes / 1e9:.3f} GB) not read",
         ])
 
+    def dry_run_text(self) -> str:
+        return plan_text(self.plan, self.ckpt, self.save)
 
-def _say(comm: Comm, quiet: bool, text: str) -> None:
-    if comm.rank == 0 and not quiet:
-        print(text, flush=True)
+    def convert(self, comm: Comm, tmp: Path, tracker: Tracker) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Read ahead, gather, and map + write behind, group by group."""
+        plan = self.plan
+        mine = [o for g in plan.groups if g.writer == comm.rank for o in g.outputs]
+        shards = self._shard_writer(tmp, mine) if mine else None
+        nonfinite: dict[str, int] = {}  # HF name -> NaN/Inf count, of this rank's outputs
+
+        def write_group(index: int, full: list[torch.Tensor]) -> None:
+            group = plan.groups[index]
+            found = []
+            for item, tensor in zip(group.items, full):
+                for name, out in self.family.export_tensor(item.name, tensor, self.spec, self.fp8_rest):
+                    out = out.contiguous()
+                    if count := _nonfinite(out):
+                        nonfinite[name] = count
+                        found.append(f"{name} (from Megatron {item.name}): {count} of {out.numel()}")
+                    shards.write(name, out)
+            if found and not self.opts.allow_nonfinite:
+                raise DistconvError(
+                    f"NaN or Inf values in HF tensor {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}: the model would "
+                    "produce garbage (stopped at the first tensors found holding any; --allow-nonfinite exports them)")
+
+        writer = WriterThread(write_group) if shards else None
+        prefetch = None
+        try:
+            reader = LegacyReader(self.ckpt) if self.ckpt.format == "legacy" else Reader(self.ckpt.path, self.ckpt.metadata)
+            prefetch = Prefetcher(reader, plan, comm.rank, self.window, comm.overlap_reads)
+            for index, (tensors, error) in enumerate(prefetch):
+                comm.agree(error or (writer.error if writer else None))
+                prefetch.agreed(index)
+                full = comm.gather(plan.groups[index], tensors, plan.dtype)
+                if full is not None:
+                    writer.put(index, full)
+                tracker.advance(sum(plan.read_bytes(r) for r in plan.groups[index].reads), shards.bytes_written if shards else 0)
+            error = writer.join() if writer else None
+            if shards is not None and error is None:
+                error = _attempt(shards.close)
+            tracker.converted(shards.bytes_written if shards else 0)
+            comm.agree(error)  # every shard file is complete
+            found = {k: v for part in comm.collect(nonfinite) for k, v in part.items()}
+            if found:
+                self.warnings.append(f"exported {len(found)} tensor(s) holding NaN or Inf (--allow-nonfinite)")
+                if comm.rank == 0:
+                    warn(self.warnings[-1])
+            prefetch.close()
+            fields = {"architecture": self.family.architecture, "save": str(self.save), "nonfinite": found, "vocab_size": self.spec.vocab_size, "vocab_source": self.vocab_source,
+                      "format": self.format, "quantization": self.quantization}
+            return fields, getattr(shards, "sums", {})
+        except BaseException:
+            if prefetch is not None:  # joined: a load in flight is one every rank started
+                prefetch.close()
+            if writer is not None:
+                writer.join(discard=True)
+            if shards is not None:
+                shards.abort()
+            raise
+
+    def _shard_writer(self, tmp: Path, outputs: list) -> ShardWriter | TorchFileWriter:
+        if self.format == "safetensors":
+            return ShardWriter(tmp, outputs)
+        self.config.dtype = self.dtype
+        return TorchFileWriter(tmp, outputs, self.config.to_dict())
+
+    def finish(self, tmp: Path, report: dict[str, Any]) -> None:
+        """After the shards: config, generation config, tokenizer and the index."""
+        write_config(tmp, self.config, self.dtype, self.quantization)
+        write_generation_config(tmp, self.config, self.config_dir)
+        if self.tokenizer is not None:
+            write_tokenizer(tmp, self.tokenizer)
+        if self.format == "safetensors":
+            write_index(tmp, self.plan.outputs)
+
+    def done_text(self, report: dict[str, Any]) -> str:
+        return (f"wrote {self.family.architecture} to {self.save}: {self.plan.tensors} tensors, "
+                f"{self.plan.total_bytes / 1e9:.3f} GB in {report['seconds']['total']:.1f} s ({report['write_gbps']:.3f} GB/s)")
 
 
-def _warn(comm: Comm, text: str) -> None:
-    """A warning: rank 0 prints it to stderr, even with ``quiet``."""
-    if comm.rank == 0:
-        warn(text)
-
-
-def export(
-    load: str | Path,
-    save: str | Path,
-    *,
-    iteration: int | str | None = None,
-    hf_config: str | Path | None = None,
-    tokenizer: str | Path | None = None,
-    dtype: str = "auto",
-    max_shard_size: str | int = "5GB",
-    overwrite: bool = False,
-    device: str = "auto",
-    window: str | int = "256MiB",
-    writers: int = 1,
-    timeout_s: float = 1800.0,
-    quiet: bool = False,
-    dry_run: bool = False,
-    report: str | Path | None = None,
-    format: str = "safetensors",
-    allow_nonfinite: bool = False,
-    vocab_size: int | None = None,
-) -> dict[str, Any]:
+def export(load: str | Path, save: str | Path, **options: Any) -> dict[str, Any]:
     """Convert a Megatron checkpoint (torch_dist or legacy) into an HF folder; collective over all ranks.
 
-    Returns a small report (the same on every rank). Raises ``DistconvError`` on every rank
-    if any rank fails; ``save`` is then left untouched. A ``save`` that already holds a
-    finished export of the same source and options (its ``distconv.json`` checks out) is
-    skipped unless ``overwrite``. ``dry_run`` prints the plan and reads nothing; ``report``
-    also writes the JSON run report to that path. NaN or Inf in an exported tensor is an error
-    naming the tensors unless ``allow_nonfinite``; then the report counts them per tensor.
-    ``vocab_size`` sets the true (unpadded) vocab size, over any tokenizer or args.
+    ``options`` are ``ExportOptions``' fields. Returns a small report (the same on every rank).
+    Raises ``DistconvError`` on every rank if any rank fails; ``save`` is then left untouched. A
+    ``save`` that already holds a finished export of the same source and options (its
+    ``distconv.json`` checks out) is skipped unless ``overwrite``. ``dry_run`` prints the plan and
+    reads nothing; ``report`` also writes the JSON run report to that path. NaN or Inf in an
+    exported tensor is an error naming the tensors unless ``allow_nonfinite``; then the report
+    counts them per tensor. ``vocab_size`` sets the true (unpadded) vocab size, over any
+    tokenizer or args.
+
+    ``export()`` is also the post-training hook: inside a job whose ``torch.distributed`` group
+    already exists it reuses that group and leaves it as it was; in a plain process it runs as a
+    group of one.
     """
-    comm = Comm.setup(device, timeout_s)
+    opts = ExportOptions(save=save, **options)
+    comm = Comm.setup(opts.device, opts.timeout_s)
     try:
-        result = _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers,
-                      quiet, format, dry_run, report, allow_nonfinite, vocab_size)
+        result = run(comm, lambda: ExportJob(load, opts, comm.world), opts)
     except BaseException:
         comm.close(clean=False)
         raise
     comm.close(clean=True)
     return result
-
-
-def _run(comm, load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, overwrite, window, writers, quiet, fmt,
-         dry_run=False, report_path=None, allow_nonfinite=False, vocab_size=None):
-    tracker = Tracker(comm.rank, comm.world, comm.control, quiet)
-    job, error = None, None
-    try:
-        job = _Job(load, save, iteration, hf_config, tokenizer, dtype, max_shard_size, window, writers, comm.world, fmt,
-                   allow_nonfinite, vocab_size)
-    except Exception as e:  # every rank hits the same planning error; agree() reports it once
-        error = e
-    comm.agree(error)
-    assert job is not None
-    _say(comm, quiet, job.summary(comm.world))
-    for warning in job.warnings:
-        _warn(comm, warning)
-    save = job.save
-    if dry_run:
-        _say(comm, False, plan_text(job.plan, job.ckpt, save))
-        return {"dry_run": True, "tensors": len(job.plan.outputs), "files": job.plan.files,
-                "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)}}
-    if marker.rank0_value(comm, comm.rank == 0 and not overwrite and marker.finished(save, job.source)):
-        _say(comm, quiet, f"{save} already holds this export (its {marker.MARKER} and every file's checksum check out): skipped")
-        return {"skipped": True, "save": str(save), "tensors": len(job.plan.outputs)}
-    try:
-        job.folder = OutputFolder(save, overwrite, job.sources)
-        report_path = check_report_path(report_path) if comm.rank == 0 else None
-    except Exception as e:
-        error = e
-    comm.agree(error)
-    tracker.planned(job.plan)
-    report = _stream(comm, job, tracker)
-    report.update(vocab_size=job.spec.vocab_size, vocab_source=job.vocab_source,  # also in the --report file
-                  format=job.format, quantization=job.quantization)
-    report = tracker.finished(report, report_path)
-    total = job.plan.total_bytes
-    _say(comm, quiet, f"wrote {job.family.architecture} to {save}: {len(job.plan.outputs)} tensors, "
-                      f"{total / 1e9:.3f} GB in {report['seconds']['total']:.1f} s ({report['write_gbps']:.3f} GB/s)")
-    return {
-        "architecture": job.family.architecture,
-        "save": str(save),
-        "vocab_size": job.spec.vocab_size,
-        "vocab_source": job.vocab_source,
-        **report,
-    }
-
-
-def _stream(comm: Comm, job: _Job, tracker: Tracker) -> dict[str, Any]:
-    """Read ahead, gather, and map + write behind, group by group; commit on success only."""
-    plan, folder = job.plan, job.folder
-    folder.name_run(comm.shared_token())
-    error = None
-    if comm.rank == 0:
-        try:
-            folder.create()
-        except Exception as e:
-            error = e
-    comm.agree(error)
-    mine = [o for g in plan.groups if g.writer == comm.rank for o in g.outputs]
-    shards = _shard_writer(job, folder.tmp, mine) if mine else None
-    nonfinite: dict[str, int] = {}  # HF name -> NaN/Inf count, of this rank's outputs
-
-    def write_group(index: int, full: list[torch.Tensor]) -> None:
-        group = plan.groups[index]
-        found = []
-        for item, tensor in zip(group.items, full):
-            for name, out in job.family.export_tensor(item.name, tensor, job.spec, job.fp8_rest):
-                out = out.contiguous()
-                if count := _nonfinite(out):
-                    nonfinite[name] = count
-                    found.append(f"{name} (from Megatron {item.name}): {count} of {out.numel()}")
-                shards.write(name, out)
-        if found and not job.allow_nonfinite:
-            raise DistconvError(
-                f"NaN or Inf values in HF tensor {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}: the model would "
-                "produce garbage (stopped at the first tensors found holding any; --allow-nonfinite exports them)")
-
-    writer = WriterThread(write_group) if shards else None
-    prefetch = None
-    try:
-        reader = LegacyReader(job.ckpt) if job.ckpt.format == "legacy" else Reader(job.ckpt.path, job.ckpt.metadata)
-        prefetch = Prefetcher(reader, plan, comm.rank, job.window, comm.overlap_reads)
-        for index, (tensors, error) in enumerate(prefetch):
-            comm.agree(error or (writer.error if writer else None))
-            prefetch.agreed(index)
-            full = comm.gather(plan.groups[index], tensors, plan.dtype)
-            if full is not None:
-                writer.put(index, full)
-            tracker.group_done(plan.groups[index], shards.bytes_written if shards else 0)
-        error = writer.join() if writer else None
-        if shards is not None and error is None:
-            error = _attempt(shards.close)
-        tracker.converted(shards.bytes_written if shards else 0)
-        comm.agree(error)  # every shard file is complete
-        report = tracker.report()
-        report["nonfinite"] = {k: v for part in comm.collect(nonfinite) for k, v in part.items()}
-        if report["nonfinite"]:
-            job.warnings.append(f"exported {len(report['nonfinite'])} tensor(s) holding NaN or Inf (--allow-nonfinite)")
-            _warn(comm, job.warnings[-1])
-        report["warnings"] = job.warnings
-        sums = {k: v for part in comm.collect(getattr(shards, "sums", {})) for k, v in part.items()}
-        if comm.rank == 0:
-            error = _attempt(lambda: _finish(job, folder.tmp, report, sums))
-        comm.agree(error)
-        if comm.rank == 0:
-            folder.commit()
-        prefetch.close()
-        return report
-    except BaseException:
-        if prefetch is not None:  # joined: a load in flight is one every rank started
-            prefetch.close()
-        if writer is not None:
-            writer.join(discard=True)
-        if shards is not None:
-            shards.abort()
-        if comm.rank == 0:
-            folder.abort()
-        raise
-
-
-def _shard_writer(job: _Job, tmp: Path, outputs: list) -> ShardWriter | TorchFileWriter:
-    if job.format == "safetensors":
-        return ShardWriter(tmp, outputs)
-    job.config.dtype = job.dtype
-    return TorchFileWriter(tmp, outputs, job.config.to_dict())
 
 
 def _nonfinite(t: torch.Tensor) -> int:
@@ -447,14 +378,3 @@ def _attempt(fn) -> BaseException | None:
     except Exception as e:
         return e
     return None
-
-
-def _finish(job: _Job, tmp: Path, report: dict[str, Any], sums: dict[str, dict[str, Any]]) -> None:
-    """After the shards: config, generation config, tokenizer, the index, and the marker last."""
-    write_config(tmp, job.config, job.dtype, job.quantization)
-    write_generation_config(tmp, job.config, job.config_dir)
-    if job.tokenizer is not None:
-        write_tokenizer(tmp, job.tokenizer)
-    if job.format == "safetensors":
-        write_index(tmp, job.plan.outputs)
-    marker.write_marker(tmp, job.source, len(job.plan.outputs), report, known=sums)

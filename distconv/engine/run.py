@@ -1,0 +1,114 @@
+"""One run of any conversion: plan, agree, print, skip or dry-run, stream into a temporary folder, commit.
+
+Every direction (export to an HF folder, import and reshard to a Megatron save root) is a
+``Job``: a plan every rank computes identically, and the collective ``convert`` that streams the
+source into the sink. ``run`` is the skeleton they share: the plan's errors are agreed on (one
+message, every rank exits), rank 0 prints the summary and warnings, ``--dry-run`` stops there,
+a finished identical output (its ``distconv.json`` checks out) is skipped, and otherwise the
+output is written into a per-run hidden sibling of ``--save`` that is renamed onto it only after
+the marker, so nothing at ``--save`` ever looks complete before it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from distconv.engine import marker
+from distconv.engine.gather import Comm
+from distconv.engine.progress import Tracker, Work, check_report_path
+from distconv.errors import warn
+from distconv.sinks.folder import OutputFolder
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What every conversion takes, whatever its source and sink."""
+
+    save: str | Path
+    overwrite: bool = False
+    window: str | int = "256MiB"
+    timeout_s: float = 1800.0
+    quiet: bool = False
+    dry_run: bool = False
+    report: str | Path | None = None
+
+
+class Job(Protocol):
+    """A planned conversion, identical on every rank."""
+
+    kind: str  # "export", "import", "reshard": for messages
+    save: Path
+    inputs: tuple[str | Path | None, ...]  # what ``save`` must stay clear of
+    identity: dict[str, Any]  # the source and options, recorded in and compared with ``distconv.json``
+    warnings: list[str]
+    plan: Work
+
+    def summary(self, world: int) -> str: ...
+    def dry_run_text(self) -> str: ...
+    def convert(self, comm: Comm, tmp: Path, tracker: Tracker) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Collective: stream everything into ``tmp``; returns fields for the report (the same on
+        every rank) and this rank's files hashed as written (name -> bytes, sha256)."""
+    def finish(self, tmp: Path, report: dict[str, Any]) -> None:
+        """Rank 0, after ``convert``: the small files (config, tokenizer, index), before the marker."""
+    def done_text(self, report: dict[str, Any]) -> str: ...
+
+
+def agreed(comm: Comm, fn: Callable[[], Any]) -> Any:
+    """Collective: ``fn()`` on every rank; if it fails on any, every rank raises the one message."""
+    value, error = None, None
+    try:
+        value = fn()
+    except Exception as e:
+        error = e
+    comm.agree(error)
+    return value
+
+
+def say(comm: Comm, quiet: bool, text: str) -> None:
+    if comm.rank == 0 and not quiet:
+        print(text, flush=True)
+
+
+def run(comm: Comm, plan: Callable[[], Job], opts: RunOptions) -> dict[str, Any]:
+    """Collective: plan, then skip, dry-run or convert; returns the report (the same on every rank)."""
+    tracker = Tracker(comm.rank, comm.world, comm.control, opts.quiet)
+    job: Job = agreed(comm, plan)
+    say(comm, opts.quiet, job.summary(comm.world))
+    if comm.rank == 0:
+        for warning in job.warnings:
+            warn(warning)
+    if opts.dry_run:
+        say(comm, False, job.dry_run_text())
+        return {"dry_run": True, "tensors": job.plan.tensors, "files": job.plan.files,
+                "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)}}
+    if marker.rank0_value(comm, comm.rank == 0 and not opts.overwrite and marker.finished(job.save, job.identity)):
+        say(comm, opts.quiet, f"{job.save} already holds this {job.kind} (its {marker.MARKER} and every file's checksum "
+                              "check out): skipped")
+        return {"skipped": True, "save": str(job.save), "tensors": job.plan.tensors}
+    folder, report_path = agreed(comm, lambda: (
+        OutputFolder(job.save, opts.overwrite, job.inputs),
+        check_report_path(opts.report) if comm.rank == 0 else None))
+    folder.name_run(comm.shared_token())
+    agreed(comm, lambda: folder.create() if comm.rank == 0 else None)
+    try:
+        tracker.planned(job.plan)
+        fields, known = job.convert(comm, folder.tmp, tracker)
+        report = {**tracker.report(), **fields, "warnings": job.warnings}
+        sums = {k: v for part in comm.collect(known) for k, v in part.items()}
+
+        def finish() -> None:
+            job.finish(folder.tmp, report)
+            marker.write_marker(folder.tmp, job.identity, job.plan.tensors, report, known=sums)
+
+        agreed(comm, finish if comm.rank == 0 else lambda: None)
+        report = tracker.finished(report, report_path)
+        if comm.rank == 0:
+            folder.commit()
+    except BaseException:
+        if comm.rank == 0:
+            folder.abort()
+        raise
+    say(comm, opts.quiet, job.done_text(report))
+    return report

@@ -1,0 +1,481 @@
+"""Configurations of the engine that write a Megatron torch_dist save root: import and reshard.
+
+Both plan the target's chunks exactly as megatron-core's ``GPTModel`` saves them at the target
+TP x PP (``distconv.engine.layout``); the chunks of target rank ``r`` are written by rank
+``r % world``, so any world size works. What differs is where a chunk's data comes from:
+
+- **import** (an HF folder, or MindSpore Transformers safetensors seen under HF names): the
+  family table runs in reverse (``Transform.import_``; a rule's first Megatron spelling is the
+  canonical name), and only the rows and columns of the HF tensors a chunk is made of are read
+  (``safe_open(...).get_slice``), FP8 blocks dequantized as they are read;
+- **reshard** (a Megatron checkpoint, torch_dist or legacy ``mp_rank_*``): no family is
+  involved; a chunk is cut out of whatever chunking the source has, by this rank alone
+  (``LocalReader``, ``LegacyReader``), and the vocab padding rows are re-padded for the new TP
+  as Megatron-LM pads them (``make_vocab_size_divisible_by x TP``). Not carried over: optimizer
+  state, RNG state, ``_extra_state`` contents (written empty, as the local and non-fp8 TE specs
+  save them).
+
+The sink (``distconv.sinks.megatron``) asks for each chunk when its writer reaches it, so a
+rank holds one chunk at a time, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from distconv.engine import marker
+from distconv.engine.gather import Comm
+from distconv.engine.layout import TP_AXIS, ExtraState, Shard, check_layout, extra_states, padded_vocab, shards_of, split_name
+from distconv.engine.plan import items_of
+from distconv.engine.progress import Tracker
+from distconv.engine.run import RunOptions, run
+from distconv.errors import DistconvError
+from distconv.families import FAMILIES, Family
+from distconv.families.base import Rule
+from distconv.sinks.folder import refuse_overlap
+from distconv.sinks.megatron import iteration_dir, save_root
+from distconv.sources.checkpoint import TRACKER, Checkpoint, Read, overlaps
+from distconv.sources.hf import HFSource, Source, expected_hf_tensors, open_hf
+from distconv.sources.legacy import LegacyReader
+from distconv.sources.megatron import describe
+from distconv.sources.torch_dist import LocalReader
+from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
+
+
+@dataclasses.dataclass(frozen=True)
+class MegatronOptions(RunOptions):
+    """``distconv import`` and ``distconv reshard``: the Megatron save root to write."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    dtype: str = "auto"  # import: the weights' dtype (auto: the source's); reshard keeps the source's
+    divisible_by: int = 128  # import: vocab padding unit (reshard: the source's args)
+    iteration: int | str | None = None  # import: the folder to write (default release); reshard: the one to read
+    with_optimizer: bool = False  # reshard: not supported yet (an error)
+
+
+@dataclasses.dataclass
+class ChunkPlan:
+    """The target's chunks and who writes them: ``shards[n]`` by rank ``shards[n].target_rank % world``."""
+
+    shards: list[Shard]
+    extras: list[ExtraState]
+    dtypes: list[torch.dtype]  # each chunk's stored dtype
+    reads: list[int]  # each chunk's planned bytes read from the source
+    world: int
+    folder: str  # the iteration folder, e.g. ``release``
+
+    def owner(self, n: int) -> int:
+        return self.shards[n].target_rank % self.world
+
+    def nbytes(self, n: int) -> int:
+        return _numel(self.shards[n].sizes) * self.dtypes[n].itemsize
+
+    @property
+    def tensors(self) -> int:
+        return len(self.shards)
+
+    @property
+    def files(self) -> list[str]:
+        """What megatron-core's save lays out: one DCP file per rank that owns chunks, and the metadata."""
+        ranks = sorted({self.owner(n) for n in range(len(self.shards))} | {e.target_rank % self.world for e in self.extras})
+        return [f"{self.folder}/__{r}_0.distcp" for r in ranks] + [
+            f"{self.folder}/{f}" for f in (".metadata", "common.pt", "metadata.json")]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes(n) for n in range(len(self.shards)))
+
+    def bytes_read_by(self, rank: int) -> int:
+        return sum(b for n, b in enumerate(self.reads) if self.owner(n) == rank)
+
+    def bytes_written_by(self, rank: int) -> int:
+        return sum(self.nbytes(n) for n in range(len(self.shards)) if self.owner(n) == rank)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class MegatronSinkJob:
+    """What import and reshard share: the chunk plan streamed into a save root, and its marker."""
+
+    kind: str
+    plan: ChunkPlan
+    common: dict[str, Any]
+    iteration: int | str
+    save: Path
+    inputs: tuple[str | Path | None, ...]
+    identity: dict[str, Any]
+    warnings: list[str]
+    layout: str  # e.g. "TP2 PP1"
+
+    def read(self, n: int) -> torch.Tensor:
+        """The data of chunk ``n`` (this rank owns it), in its stored dtype and shape."""
+        raise NotImplementedError
+
+    def source_files(self, rank: int) -> list[str]:
+        """The source's files ``rank`` reads, for ``--dry-run``."""
+        raise NotImplementedError
+
+    def dry_run_text(self) -> str:
+        plan = self.plan
+        lines = [f"dry run: nothing is read or written. {plan.world} rank(s) would read and write:"]
+        for rank in range(plan.world):
+            mine = [n for n in range(len(plan.shards)) if plan.owner(n) == rank]
+            files = self.source_files(rank)
+            lines.append(f"  rank {rank}: {len(mine)} chunks, {plan.bytes_read_by(rank) / 1e6:.3f} MB read from "
+                         f"{', '.join(files[:6]) or 'nothing'}{' ...' if len(files) > 6 else ''}; "
+                         f"{plan.bytes_written_by(rank) / 1e6:.3f} MB written")
+        lines.append(f"into {self.save}/ (atomically): {TRACKER}, {', '.join(plan.files)}, {marker.MARKER}")
+        return "\n".join(lines)
+
+    def convert(self, comm: Comm, tmp: Path, tracker: Tracker) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+        """Collective: every rank writes its chunks, each read when the writer reaches it."""
+        plan = self.plan
+        mine = {(s.key, s.offsets): n for n, s in enumerate(plan.shards) if plan.owner(n) == comm.rank}
+        written = 0
+
+        def fetch(key: str, offsets: tuple[int, ...]) -> torch.Tensor:
+            nonlocal written
+            n = mine.get((key, offsets))
+            if n is None:
+                raise DistconvError(f"internal: rank {comm.rank} was asked for a chunk of {key} at {offsets} it does not own")
+            data = self.read(n)
+            written += plan.nbytes(n)
+            tracker.advance(plan.reads[n], written)
+            return data
+
+        shards = [plan.shards[n] for n in sorted(mine.values())]
+        extras = [e for e in plan.extras if e.target_rank % comm.world == comm.rank]
+        dtype_of = {(plan.shards[n].key, plan.shards[n].offsets): plan.dtypes[n] for n in mine.values()}
+        save_root(comm, tmp, shards, extras, lambda s: dtype_of[(s.key, s.offsets)], fetch, self.common, self.iteration)
+        tracker.converted(written)
+        known = {f"{plan.folder}/{f.name}": {"bytes": f.stat().st_size, "sha256": marker.sha256(f)}
+                 for f in sorted((tmp / plan.folder).glob(f"__{comm.rank}_*.distcp"))}
+        return {"save": str(self.save), "layout": self.layout, "padded_vocab_size": self.spec.padded_vocab_size}, known
+
+    def finish(self, tmp: Path, report: dict[str, Any]) -> None:
+        """Nothing besides the marker: the tracker file is written with the save."""
+
+    def done_text(self, report: dict[str, Any]) -> str:
+        return (f"wrote Megatron torch_dist {self.layout} to {self.save}: {self.plan.tensors} chunks, "
+                f"{self.plan.total_bytes / 1e9:.3f} GB in {report['seconds']['total']:.1f} s ({report['write_gbps']:.3f} GB/s)")
+
+
+# ---- import: HF-named tensors through the family tables ------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One Megatron tensor (per layer) and the HF tensors it is made of."""
+
+    name: str
+    hf: tuple[str, ...]
+    rule: Rule
+    shape: tuple[int, ...]
+
+
+def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, tuple[int, ...]]) -> list[Item]:
+    """Every Megatron tensor of the model, checked against what the source holds."""
+    have = set(source.names())
+    missing = sorted(set(expected) - have)
+    if missing:
+        raise DistconvError(f"the source lacks tensors the {family.architecture} model needs: {', '.join(missing[:8])}"
+                            f"{' ...' if len(missing) > 8 else ''}")
+    wrong = sorted(n for n in expected if source.shape(n) != expected[n])
+    if wrong:
+        raise DistconvError("shape mismatch with the config: " + ", ".join(f"{n} {source.shape(n)} vs {expected[n]}" for n in wrong[:8]))
+    items, used = [], set()
+    for rule in family.rules:
+        layers = range(spec.num_layers) if "{layer}" in rule.megatron_names[0] else (None,)
+        for layer in layers:
+            fmt = {"layer": layer} if layer is not None else {}
+            hf = tuple(h.format(**fmt) for h in rule.hf_names)
+            if not any(h in expected for h in hf):
+                continue
+            if not all(h in expected for h in hf):
+                raise DistconvError(f"internal: {family.architecture} expects only some of {', '.join(hf)}")
+            metas = tuple(torch.empty(expected[h], device="meta") for h in hf)
+            out = rule.transform.import_(metas, spec)
+            if any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
+                raise DistconvError(f"internal: the {rule.megatron_names[0]} transform is not row-wise; import cannot slice it")
+            items.append(Item(rule.megatron_names[0].format(**fmt), hf, rule, tuple(out.shape)))
+            used.update(hf)
+    unused = sorted(have - used)
+    tied_extra = {"lm_head.weight"} if spec.tie_embeddings else set()
+    unused = [n for n in unused if n not in tied_extra]
+    if unused:
+        raise DistconvError(f"the source has tensors the {family.architecture} mapping does not use: "
+                            f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
+    return items
+
+
+def read_shard(source: Source, item: Item, shard: Shard, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    """Read one chunk: only the HF rows (and columns) it is made of.
+
+    Running the transform on row numbers tells which row of which HF tensor each Megatron row
+    comes from (0 marks vocab padding, which stays zero).
+    """
+    rows_in = [source.shape(h)[0] for h in item.hf]
+    base = max(rows_in) + 1
+    codes = tuple(torch.arange(n, dtype=torch.int64) + (i + 1) * base for i, n in enumerate(rows_in))
+    rowmap = item.rule.transform.import_(codes, spec)[shard.box[0]]
+    out = torch.zeros(shard.sizes, dtype=dtype)
+    for i, name in enumerate(item.hf):
+        sel = rowmap // base == i + 1
+        if not bool(sel.any()):
+            continue
+        rows = rowmap[sel] % base
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        data = source.read(name, (slice(lo, hi),) + shard.box[1:]).to(dtype)
+        out[sel] = data[rows - lo]
+    return out
+
+
+def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int, tokenizer: str | None) -> argparse.Namespace:
+    """Megatron-LM 0.16 training args describing ``spec`` (what ``spec_from_args`` reads back)."""
+    rope = spec.rope_scaling or {}
+    base = spec.rotary_base
+    return argparse.Namespace(
+        num_layers=spec.num_layers, hidden_size=spec.hidden_size, ffn_hidden_size=spec.ffn_hidden_size,
+        num_attention_heads=spec.num_attention_heads, kv_channels=spec.head_dim,
+        group_query_attention=spec.num_query_groups != spec.num_attention_heads, num_query_groups=spec.num_query_groups,
+        max_position_embeddings=spec.max_position_embeddings, seq_length=spec.max_position_embeddings,
+        position_embedding_type=spec.position_embedding, rotary_base=int(base) if base == int(base) else base,
+        rotary_percent=spec.rotary_percent, rotary_interleaved=spec.rotary_interleaved,
+        rotary_seq_len_interpolation_factor=rope.get("factor") if rope.get("rope_type") == "linear" else None,
+        use_rope_scaling=rope.get("rope_type") == "llama3", rope_scaling_factor=rope.get("factor", 8.0),
+        normalization=spec.normalization, layernorm_epsilon=spec.norm_epsilon,
+        layernorm_zero_centered_gamma=spec.zero_centered_gamma, swiglu=spec.gated_mlp, squared_relu=False,
+        openai_gelu=False, bias_gelu_fusion=False, add_bias_linear=spec.add_bias_linear, add_qkv_bias=spec.add_qkv_bias,
+        qk_layernorm=spec.qk_layernorm, untie_embeddings_and_output_weights=not spec.tie_embeddings,
+        vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size, make_vocab_size_divisible_by=divisible_by,
+        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer,
+        window_size=spec.window_size, num_experts=None, multi_latent_attention=False,
+        bf16=spec.train_dtype == torch.bfloat16, fp16=spec.train_dtype == torch.float16, params_dtype=spec.train_dtype,
+        init_method_std=spec.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep, world_size=tp * pp, data_parallel_size=1, ckpt_format="torch_dist",
+        transformer_impl="transformer_engine",
+    )
+
+
+def family_for(config: Any) -> Family:
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    by_name = {f.architecture: f for f in FAMILIES}
+    if arch not in by_name:
+        raise DistconvError(f"unsupported HF architecture {arch}; supported: {', '.join(sorted(by_name))}")
+    return by_name[arch]
+
+
+class ImportJob(MegatronSinkJob):
+    """An HF-named source (HF folder, MindSpore Transformers) into a save root at TP x PP."""
+
+    kind = "import"
+
+    def __init__(self, source: HFSource, opts: MegatronOptions, world: int) -> None:
+        tp, pp, ep = opts.tp, opts.pp, opts.ep
+        tensors, config = source.tensors, source.config
+        family = family_for(config)
+        if opts.dtype == "auto":
+            dtypes = {tensors.dtype(n) for n in tensors.names()}
+            if len(dtypes) != 1:
+                raise DistconvError(f"the source mixes dtypes {sorted(map(str, dtypes))}; pass --dtype")
+            target = dtypes.pop()
+        elif opts.dtype in DTYPES:
+            target = DTYPES[opts.dtype]
+        else:
+            raise DistconvError(f"--dtype {opts.dtype}: choose auto, bf16, fp16 or fp32")
+        if ep != 1:
+            raise DistconvError(f"--expert-model-parallel-size {ep}: the {family.architecture} model has no experts; use 1")
+        self.family, self.source, self.what = family, tensors, source.what
+        self.spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), target)
+        check_layout(self.spec, tp, pp)
+        self.items = {item.name: item for item in _items(family, self.spec, tensors, expected_hf_tensors(config))}
+        shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, tp, pp)]
+        self.iteration = "release" if opts.iteration is None else opts.iteration
+        self.plan = ChunkPlan(shards, extra_states(self.spec, tp, pp), [target] * len(shards),
+                              [self._planned_read(s) for s in shards], world, iteration_dir(self.iteration))
+        args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer)
+        self.common = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if self.iteration == "release" else int(self.iteration),
+                       "num_floating_point_operations_so_far": 0}
+        self.layout = f"TP{tp} PP{pp}"
+        self.save = Path(opts.save).resolve()
+        self.inputs = source.inputs
+        refuse_overlap(self.save, self.inputs)
+        self.identity = {"source": source.identity, "options": {
+            "tp": tp, "pp": pp, "ep": ep, "dtype": str(target).removeprefix("torch."),
+            "divisible_by": opts.divisible_by, "iteration": self.iteration}}
+        self.warnings: list[str] = []
+
+    def _planned_read(self, shard: Shard) -> int:
+        """Bytes of the source a chunk is cut from: its rows and columns, padding rows excluded."""
+        item = self.items[shard.name]
+        rows = sum(self.source.shape(h)[0] for h in item.hf)
+        kept = min(shard.sizes[0], max(0, rows - shard.box[0].start))
+        return kept * _numel(shard.sizes[1:]) * max(self.source.dtype(h).itemsize for h in item.hf)
+
+    def read(self, n: int) -> torch.Tensor:
+        shard = self.plan.shards[n]
+        return read_shard(self.source, self.items[shard.name], shard, self.spec, self.plan.dtypes[n])
+
+    def source_files(self, rank: int) -> list[str]:
+        where = getattr(self.source, "file_of", None)
+        if where is None:
+            return []
+        names = {h for n, s in enumerate(self.plan.shards) if self.plan.owner(n) == rank for h in self.items[s.name].hf}
+        return sorted({where(h) for h in names})
+
+    def summary(self, world: int) -> str:
+        s = self.spec
+        return (f"import      {self.what} as {self.family.architecture}: {s.num_layers} layers, hidden {s.hidden_size}, "
+                f"heads {s.num_attention_heads}/{s.num_query_groups}, vocab {s.vocab_size} padded to {s.padded_vocab_size}\n"
+                f"layout      {self.layout}, {len(self.plan.shards)} chunks of {str(s.train_dtype).removeprefix('torch.')} "
+                f"({self.plan.total_bytes / 1e9:.3f} GB) written by {world} rank(s)")
+
+# ---- reshard: a Megatron checkpoint, re-chunked ---------------------------------------------
+
+# replicated per-layer tensors and top-level tensors megatron-core's dense GPT saves
+REPLICATED = {
+    "self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias",
+    "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias",
+    "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
+    "self_attention.q_layernorm.bias", "self_attention.k_layernorm.bias",
+    "self_attention.linear_proj.bias", "mlp.linear_fc2.bias",
+    "decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "embedding.position_embeddings.weight",
+}
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+class ReshardJob(MegatronSinkJob):
+    """A Megatron checkpoint (torch_dist or legacy) into a save root at another TP x PP."""
+
+    kind = "reshard"
+
+    def __init__(self, load: str | Path, opts: MegatronOptions, world: int) -> None:
+        tp, pp, ep = opts.tp, opts.pp, opts.ep
+        if opts.with_optimizer:
+            raise DistconvError("--with-optimizer: resharding optimizer state is not supported yet; reshard the weights "
+                                "and start the next job with --no-load-optim --no-load-rng (or --finetune)")
+        if ep != 1:
+            raise DistconvError("--expert-model-parallel-size: reshard handles dense GPT models only (EP 1)")
+        ckpt = self.ckpt = describe(load, opts.iteration)
+        source_spec = spec_from_args(ckpt.args)
+        vocab = arg(ckpt.args, "vocab_size")
+        divisible_by = int(arg(ckpt.args, "make_vocab_size_divisible_by", default=128))
+        padded = padded_vocab(int(vocab) if vocab else source_spec.padded_vocab_size, divisible_by, tp)
+        self.spec = dataclasses.replace(source_spec, padded_vocab_size=padded)
+        check_layout(self.spec, tp, pp)
+        shards = []
+        for info in ckpt.tensors.values():
+            for item in items_of(info, self.spec.num_layers):
+                layer, sub = split_name(item.name)
+                if sub not in TP_AXIS and sub not in REPLICATED:
+                    raise DistconvError(f"reshard does not know megatron-core's layout of {item.key} "
+                                        "(supported: dense GPT layers)")
+                shape = (padded,) + item.shape[1:] if item.key in VOCAB_KEYS else item.shape
+                shards += shards_of(item.name, shape, self.spec, tp, pp)
+        self.iteration = ckpt.iteration
+        self.sources = [_read(s, ckpt, n) for n, s in enumerate(shards)]
+        dtypes = [ckpt.tensors[_source_key(s, ckpt)].dtype for s in shards]
+        reads = [_numel(r.sizes) * d.itemsize if r is not None else 0 for r, d in zip(self.sources, dtypes)]
+        self.plan = ChunkPlan(shards, extra_states(self.spec, tp, pp), dtypes, reads, world, iteration_dir(self.iteration))
+        args = argparse.Namespace(**vars(ckpt.args))
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+        args.expert_model_parallel_size, args.padded_vocab_size = ep, padded
+        args.world_size, args.data_parallel_size = tp * pp, 1
+        self.common = {k: v for k, v in ckpt.common.items() if k not in ("optimizer", "content_metadata", "rng_state")}
+        self.common["args"] = args
+        self.common["checkpoint_version"] = 3.0  # legacy sources are read into megatron-core's QKV order
+        self.layout = f"TP{tp} PP{pp}"
+        self.save = Path(opts.save).resolve()
+        self.inputs = (load, ckpt.path)
+        refuse_overlap(self.save, self.inputs)
+        self.identity = marker.source_of(ckpt, {"tp": tp, "pp": pp, "ep": ep})
+        self.warnings = []
+        self._reader: LegacyReader | LocalReader | None = None
+
+    def read(self, n: int) -> torch.Tensor:
+        shard, read, dtype = self.plan.shards[n], self.sources[n], self.plan.dtypes[n]
+        full = torch.zeros(shard.sizes, dtype=dtype)  # vocab rows beyond the source's stay zero
+        if read is not None:
+            if self._reader is None:
+                self._reader = LegacyReader(self.ckpt) if self.ckpt.format == "legacy" else LocalReader(self.ckpt)
+            data = self._reader.read([read], dtype)[0]
+            full[read.dest] = data.reshape(full[read.dest].shape)
+        return full
+
+    def source_files(self, rank: int) -> list[str]:
+        files = set()
+        for n, read in enumerate(self.sources):
+            if read is not None and self.plan.owner(n) == rank:
+                files |= {c.file for c, _, _ in overlaps(read, self.ckpt.tensors[read.key].chunks)}
+        return sorted(files)
+
+    def summary(self, world: int) -> str:
+        return (f"reshard     {self.ckpt.path} ({self.ckpt.format}) -> {self.layout}: {len(self.plan.shards)} chunks "
+                f"({self.plan.total_bytes / 1e9:.3f} GB), padded vocab {self.spec.padded_vocab_size}, by {world} rank(s); "
+                "optimizer and RNG state not carried")
+
+
+def _source_key(shard: Shard, ckpt: Checkpoint) -> str:
+    """The source key holding ``shard``: stacked like the target, or per layer (legacy sources)."""
+    return shard.key if shard.key in ckpt.tensors else shard.name
+
+
+def _read(shard: Shard, ckpt: Checkpoint, n: int) -> Read | None:
+    """The part of ``shard`` that exists in the source (vocab rows past the source's padding do not)."""
+    key = _source_key(shard, ckpt)
+    info = ckpt.tensors[key]
+    lead = len(info.shape) - len(shard.sizes)  # 1 for a stacked source, 0 for a per-layer one
+    offsets = list(shard.offsets[len(shard.offsets) - len(shard.sizes) - lead:])
+    sizes = list((1,) * lead + shard.sizes)
+    if shard.key in VOCAB_KEYS:
+        sizes[0] = max(0, min(offsets[0] + sizes[0], info.shape[0]) - offsets[0])
+        if sizes[0] == 0:
+            return None
+    dest = tuple(slice(0, s) for s in sizes[len(sizes) - len(shard.sizes):])
+    return Read(n, 0, key, info.shape, tuple(offsets), tuple(sizes), dest)
+
+
+# ---- entry points ---------------------------------------------------------------------------
+
+def _run(make_job: Callable[[int], MegatronSinkJob], opts: MegatronOptions) -> dict[str, Any]:
+    """Collective: one import or reshard on CPU ranks (reading and writing need no GPU)."""
+    comm = Comm.setup("cpu", opts.timeout_s)
+    try:
+        result = run(comm, lambda: make_job(comm.world), opts)
+    except BaseException:
+        comm.close(clean=False)
+        raise
+    comm.close(clean=True)
+    return result
+
+
+def import_hf(load: str | Path, save: str | Path, **options: Any) -> dict[str, Any]:
+    """HF folder -> Megatron torch_dist save root; ``options`` are ``MegatronOptions``' fields. Collective."""
+    opts = MegatronOptions(save=save, **options)
+    return _run(lambda world: ImportJob(open_hf(load), opts, world), opts)
+
+
+def import_mindspore(load: str | Path, save: str | Path, *, ms_config: str | None, ms_args: Any,
+                     **options: Any) -> dict[str, Any]:
+    """MindSpore Transformers safetensors -> Megatron torch_dist save root; collective."""
+    from distconv.sources.mindspore import open_mindspore
+
+    opts = MegatronOptions(save=save, **options)
+    return _run(lambda world: ImportJob(open_mindspore(load, ms_config, ms_args), opts, world), opts)
+
+
+def reshard(load: str | Path, save: str | Path, **options: Any) -> dict[str, Any]:
+    """Megatron checkpoint -> Megatron torch_dist save root at another layout; collective."""
+    opts = MegatronOptions(save=save, **options)
+    return _run(lambda world: ReshardJob(load, opts, world), opts)

@@ -1,0 +1,110 @@
+"""The output folder every sink writes into: a hidden sibling of ``--save``, renamed onto it at the end.
+
+An interrupted run therefore never leaves a folder that looks complete, the source is never
+written into, over or around, and nothing this run did not create is ever removed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from distconv.errors import DistconvError, warn
+
+
+def refuse_overlap(save: Path, sources: Iterable[str | Path | None]) -> None:
+    """``save`` may not be, lie inside, or contain any source (compared after resolving symlinks)."""
+    target = Path(save).resolve()
+    for source in sources:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        how = ("is" if target == src else "is inside" if src in target.parents
+               else "contains" if target in src.parents else None)
+        if how:
+            raise DistconvError(f"--save {target} {how} the source {src}; distconv never writes into, over or "
+                                "around what it reads: choose another --save")
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder this run moved aside."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+class OutputFolder:
+    """A temporary sibling of ``save``, named per run, that becomes ``save`` on ``commit``.
+
+    ``save`` is resolved first: a symlink is followed and the output replaces its target. It may
+    not be, contain or lie inside any of ``sources``. Only the temporary folder this run created
+    is ever removed on failure; partial folders left by earlier runs are reported, and removed
+    only with ``overwrite``.
+    """
+
+    def __init__(self, save: str | Path, overwrite: bool, sources: Iterable[str | Path | None] = ()) -> None:
+        self.save = Path(save).resolve()
+        refuse_overlap(self.save, sources)
+        if self.save.exists() and (not self.save.is_dir() or any(self.save.iterdir())) and not overwrite:
+            kind = "is a file" if not self.save.is_dir() else "exists and is not empty"
+            raise DistconvError(f"--save {self.save} {kind}; pass --overwrite to replace it")
+        self.overwrite = overwrite
+        self.created = False
+        self.name_run(uuid.uuid4().hex[:8])
+
+    def name_run(self, token: str) -> None:
+        """Give this run's temporary folder a name every rank agrees on."""
+        self.tmp = self.save.parent / f".{self.save.name}.distconv-partial-{token}"
+
+    def _stale(self) -> list[Path]:
+        return sorted(p for p in self.save.parent.glob(f".{self.save.name}.distconv-partial*") if p != self.tmp)
+
+    def create(self) -> Path:
+        stale = self._stale()
+        if stale and self.overwrite:
+            for old in stale:
+                _remove(old)
+            warn(f"removed {len(stale)} partial folder(s) of earlier runs (--overwrite): {', '.join(map(str, stale))}")
+        elif stale:
+            warn(f"partial folder(s) of earlier, unfinished runs next to --save: {', '.join(map(str, stale))}; "
+                  "remove them, or pass --overwrite to have them removed")
+        try:
+            self.tmp.mkdir(parents=True)
+        except OSError as e:
+            raise DistconvError(f"cannot create output folder next to {self.save}: {e.strerror or e}") from None
+        self.created = True
+        return self.tmp
+
+    def commit(self) -> None:
+        """Rename this run's folder onto ``save``; whatever ``save`` held is then removed."""
+        old = None
+        here = _cwd_is(self.save)
+        if self.save.exists():
+            old = self.save.parent / f".{self.save.name}.distconv-old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.save, old)
+        os.replace(self.tmp, self.save)
+        self.created = False
+        if here:  # the process stood in the replaced folder: stand in the new one
+            os.chdir(self.save)
+        if old is not None:
+            try:
+                _remove(old)
+            except OSError as e:
+                warn(f"the export is complete, but what --save held before could not be removed: {old} ({e.strerror or e})")
+
+    def abort(self) -> None:
+        """Remove this run's temporary folder, if it created one."""
+        if self.created:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.created = False
+
+
+def _cwd_is(path: Path) -> bool:
+    try:
+        return os.path.samefile(os.getcwd(), path)
+    except OSError:
+        return False

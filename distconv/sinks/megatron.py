@@ -1,0 +1,115 @@
+"""The Megatron torch_dist sink: a save root megatron-core loads, written chunk by chunk.
+
+megatron-core's ``dist_checkpointing.save`` does the bookkeeping: it checks the chunks of all
+ranks against each other and writes ``common.pt`` and ``metadata.json``. The tensor chunks go
+through a save strategy of ours: PyTorch DCP's ``FileSystemWriter`` driven by a planner whose
+``resolve_data`` asks the engine for a chunk's data only when the writer reaches it.
+megatron-core's own strategy stages every tensor of the rank in memory first; here a rank holds
+one chunk at a time (the chunk being written, plus what the source's reader keeps), however
+large the model. Every rank passes the chunks it owns (each chunk is owned by one rank, so all
+are main replicas) plus the ``_extra_state`` objects; the ``.metadata`` is the one DCP makes
+from those chunks, as in megatron-core's save.
+
+The root is built in the run's temporary folder (``distconv.sinks.folder``); the tracker file
+is written last, so a root without it is never taken for a finished save.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+from distconv.engine.layout import ExtraState, Shard
+from distconv.errors import user_error
+from distconv.megatron_model import no_device_calls, stand_ins
+from distconv.sources.checkpoint import TRACKER
+
+# (key, global offsets) of one chunk -> its data, read when the writer reaches it
+Fetch = Callable[[str, tuple[int, ...]], torch.Tensor]
+
+
+def iteration_dir(iteration: int | str) -> str:
+    """Megatron-LM's name for an iteration's folder: ``release`` or ``iter_0000042``."""
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def sharded_tensor(shard: Shard, dtype: torch.dtype):
+    """The ``ShardedTensor`` of one owned chunk, without data (the layer axis kept as a leading 1)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    lead = len(shard.global_shape) - len(shard.sizes)
+    local = (1,) * lead + shard.sizes
+    return ShardedTensor(
+        key=shard.key,
+        data=torch.empty(local, dtype=dtype, device="meta"),
+        dtype=dtype,
+        local_shape=local,
+        global_shape=shard.global_shape,
+        global_offset=shard.offsets,
+        axis_fragmentations=shard.fragments,
+        replica_id=0,
+    )
+
+
+def extra_state_object(extra: ExtraState):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(extra.key, None, (extra.num_layers,), (extra.layer,), replica_id=0)
+
+
+def _strategy(fetch: Fetch, group: Any):
+    """megatron-core's torch_dist save strategy, writing through DCP's lazy ``FileSystemWriter``."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class LazyPlanner(MCoreSavePlanner):
+        def resolve_data(self, write_item: Any) -> Any:
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            data = fetch(write_item.index.fqn, tuple(write_item.index.offset))
+            return data.reshape(tuple(write_item.tensor_data.chunk.sizes))
+
+    class LazyStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
+            by_key, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+            state = mcore_to_pyt_state_dict(by_key, False)
+            dcp_save(state, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=LazyPlanner(flatten_state_dict=False), process_group=group)
+
+    return LazyStrategy("torch_dist", 1)
+
+
+def save_root(comm: Any, tmp: Path, shards: list[Shard], extras: list[ExtraState], dtype_of: Callable[[Shard], torch.dtype],
+              fetch: Fetch, common: dict[str, Any], iteration: int | str) -> None:
+    """Collective: write ``tmp/<iteration folder>`` with this rank's ``shards`` and ``extras``, then
+    (rank 0) the tracker file. ``fetch`` supplies each chunk's data as the writer reaches it."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = tmp / iteration_dir(iteration)
+    if comm.rank == 0:
+        ckpt.mkdir()
+    if comm.world > 1:
+        dist.barrier(group=comm.control)
+    state: dict[str, Any] = {f"t{n}": sharded_tensor(s, dtype_of(s)) for n, s in enumerate(shards)}
+    state.update({f"x{n}": extra_state_object(e) for n, e in enumerate(extras)})
+    try:
+        # keep the save off the GPU: no CUDA context on device 0 per rank (exclusive-process
+        # mode refuses it), and without CUDA the calls would fail
+        with stand_ins(no_device_calls()):
+            dist_checkpointing.save({**common, **state}, str(ckpt), sharded_strategy=_strategy(fetch, comm.control))
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise user_error(e, "writing the Megatron checkpoint") from e
+    if comm.rank == 0:
+        (tmp / TRACKER).write_text(str(iteration))

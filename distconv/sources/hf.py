@@ -1,0 +1,198 @@
+"""HF safetensors folders as sources: tensors read a box at a time, block-wise FP8 dequantized as read."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from distconv.errors import DistconvError
+from distconv.fp8 import SCALE, check_scale, dequantize
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class Source(Protocol):
+    """HF-named tensors that can be read a box at a time."""
+
+    def names(self) -> list[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
+    def dtype(self, name: str) -> torch.dtype: ...
+    def read(self, name: str, box: tuple[slice, ...]) -> torch.Tensor: ...
+
+
+class SafetensorsFiles:
+    """Tensors of one ``.safetensors`` file or a folder of them, opened lazily, read by slice."""
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_file():
+            files = [path]
+        elif path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+        else:
+            raise DistconvError(f"--load {path}: no such file or directory")
+        if not files:
+            raise DistconvError(f"--load {path} holds no .safetensors files")
+        self.where: dict[str, Path] = {}
+        self._open: dict[Path, Any] = {}
+        for f in files:
+            for name in self._handle(f).keys():
+                if name in self.where:
+                    raise DistconvError(f"tensor {name} is in both {self.where[name].name} and {f.name}")
+                self.where[name] = f
+
+    def _handle(self, file: Path) -> Any:
+        from safetensors import safe_open
+
+        if file not in self._open:
+            try:
+                self._open[file] = safe_open(str(file), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for bad headers
+                raise DistconvError(f"{file} is not a readable safetensors file: {e}") from None
+        return self._open[file]
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def file_of(self, name: str) -> str:
+        return self.where[name].name
+
+    def _slice(self, name: str) -> Any:
+        return self._handle(self.where[name]).get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def code(self, name: str) -> str:
+        """The safetensors dtype code of ``name`` (``BF16``, ``F8_E4M3``, ...)."""
+        return self._slice(name).get_dtype()
+
+    def dtype(self, name: str) -> torch.dtype:
+        code = self.code(name)
+        if code not in _ST_DTYPES:
+            raise DistconvError(f"tensor {name} has dtype {code}; import reads floating-point weights only")
+        return _ST_DTYPES[code]
+
+    def read(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        return self._slice(name)[box]
+
+
+class DequantizedFP8:
+    """A block-wise FP8 source (``quant_method: fp8``) seen as high-precision tensors.
+
+    A tensor stored ``F8_E4M3`` with a ``<name>_scale_inv`` is read box by box: the FP8 rows and
+    columns asked for, times the scale rows and columns of the blocks they lie in (float32;
+    partial edge blocks included). Tensors stored in high precision (``modules_to_not_convert``,
+    norms, embeddings) read as they are; the scales themselves are not tensors of the model.
+    A dequantized tensor reports bfloat16, the format's high-precision dtype.
+    """
+
+    def __init__(self, files: SafetensorsFiles, quantization: dict[str, Any]) -> None:
+        method, fmt = quantization.get("quant_method"), quantization.get("fmt", "e4m3")
+        block = quantization.get("weight_block_size")
+        if method != "fp8" or fmt != "e4m3" or not (isinstance(block, (list, tuple)) and len(block) == 2
+                                                   and all(isinstance(b, int) and b > 0 for b in block)):
+            raise DistconvError(f"quantization_config {quantization!r}: import reads block-wise FP8 only "
+                                "(quant_method fp8, fmt e4m3, weight_block_size [rows, cols])")
+        self.files, self.block = files, (block[0], block[1])
+        names = set(files.names())
+        scaled = {n.removesuffix(SCALE) for n in names if n.endswith(SCALE)}
+        orphans = sorted(scaled - names)
+        if orphans:
+            raise DistconvError(f"{orphans[0]}{SCALE} is a scale of no tensor: the source has no {orphans[0]}")
+        scales = {n + SCALE for n in scaled}
+        self._names = [n for n in files.names() if n not in scales]  # in the source's order
+        self.quantized: set[str] = set()
+        for n in sorted(self._names):
+            if files.code(n) == "F8_E4M3":
+                check_scale(n, files.shape(n), files.shape(n + SCALE) if n in scaled else None, self.block)
+                self.quantized.add(n)
+            elif n in scaled:
+                raise DistconvError(f"tensor {n} has a {SCALE} but is stored {files.code(n)}, not F8_E4M3")
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def file_of(self, name: str) -> str:
+        return self.files.file_of(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.files.shape(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return torch.bfloat16 if name in self.quantized else self.files.dtype(name)
+
+    def read(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        if name not in self.quantized:
+            return self.files.read(name, box)
+        shape = self.files.shape(name)
+        (r0, r1, _), (c0, c1, _) = (b.indices(n) for b, n in zip(tuple(box) + (slice(None),) * (2 - len(box)), shape))
+        bo, bi = self.block
+        q = self.files.read(name, (slice(r0, r1), slice(c0, c1)))
+        scale = self.files.read(name + SCALE, (slice(r0 // bo, -(-r1 // bo)), slice(c0 // bi, -(-c1 // bi))))
+        return dequantize(q, scale, r0, c0, self.block)
+
+
+def expected_hf_tensors(config: Any) -> dict[str, tuple[int, ...]]:
+    """The tensors an HF folder of ``config`` holds (tied aliases left out), from a meta model.
+
+    transformers 5 fuses some weights when it loads (MoE experts); the names and shapes are
+    taken in the saved (hub) form.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    if getattr(config, "tie_word_embeddings", False):
+        aliases |= set(getattr(model, "all_tied_weights_keys", None) or {})
+    state = {n: t for n, t in model.state_dict().items() if n not in aliases}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        state = revert_weight_conversion(model, state)
+    except ImportError:
+        pass
+    return {n: tuple(t.shape) for n, t in state.items()}
+
+
+@dataclasses.dataclass
+class HFSource:
+    """An import source under HF names: its tensors, the HF config they follow, and what identifies it."""
+
+    tensors: Source
+    config: Any
+    tokenizer: str | None  # a folder to name in the target's args, when the source holds a tokenizer
+    what: str  # for messages
+    inputs: tuple[str | Path | None, ...]  # what the output must stay clear of
+    identity: dict[str, Any]  # recorded in the output's marker
+
+
+def file_identity(files: list[Path], *extra: Path) -> dict[str, Any]:
+    """Size and modification time of each file, to tell a changed source from the one converted before."""
+    return {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in (*files, *extra) if f.exists()}
+
+
+def open_hf(load: str | Path) -> HFSource:
+    """An HF model folder: its tensors, its config, and itself as tokenizer if it holds one."""
+    from transformers import AutoConfig
+
+    path = Path(load)
+    if not (path / "config.json").exists():
+        raise DistconvError(f"--load {path} is not an HF model folder (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise DistconvError(f"--load {path}: cannot read config.json: {e}") from None
+    tokenizer = str(path.absolute()) if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else None
+    files = SafetensorsFiles(path)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is not None:
+        quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
+        tensors: Source = DequantizedFP8(files, quantization)
+    else:
+        tensors = files
+    return HFSource(tensors, config, tokenizer, str(load), (load,), file_identity(sorted(set(files.where.values())), path / "config.json"))
