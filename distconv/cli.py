@@ -79,6 +79,7 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
+    p.add_argument("--window", default="256MiB", help="bytes each rank reads ahead of its writer (default 256MiB)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (chunks, reads and writes per rank) and stop")
     p.add_argument("--report", help="also write the JSON run report to this file")
 
@@ -182,7 +183,8 @@ def _dispatch(opts: argparse.Namespace) -> int:
 
         options = dict(tp=opts.tensor_model_parallel_size, pp=opts.pipeline_model_parallel_size,
                        ep=opts.expert_model_parallel_size, iteration=opts.iteration, overwrite=opts.overwrite,
-                       timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report)
+                       timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
+                       window=opts.window)
         if opts.command == "reshard":
             reshard(opts.load, opts.save, with_optimizer=opts.with_optimizer, **options)
         elif opts.source == "mindspore":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from distconv.fp8 import FP8, SCALE, quantization_config, scale_shape
 from distconv.engine.gather import Comm
 from distconv.engine import marker
 from distconv.engine.progress import Tracker, plan_text
-from distconv.engine.run import RunOptions, run
+from distconv.engine.run import RunOptions, parse_size, run
 from distconv.engine.plan import Plan, make_plan
 from distconv.sources.legacy import LegacyReader
 from distconv.engine.stream import Prefetcher, WriterThread
@@ -42,19 +41,6 @@ from distconv.sinks.hf import (
 )
 
 FORMATS = ("safetensors", "torch")
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(text: str | int, what: str = "size") -> int:
-    """``5GB`` -> 5_000_000_000 (decimal units like transformers; KiB/MiB/GiB binary); positive only."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
-    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if m and m.group(2).upper() in _UNITS else 0
-    if size <= 0:
-        raise DistconvError(f"{what} {text!r}: give a positive size, e.g. 5GB, 500MB or 2GiB")
-    return size
-
-
 def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
     if path is None:
         return None, None

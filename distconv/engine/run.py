@@ -12,14 +12,28 @@ the marker, so nothing at ``--save`` ever looks complete before it is.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from distconv.engine import marker
 from distconv.engine.gather import Comm
 from distconv.engine.progress import Tracker, Work, check_report_path
-from distconv.errors import warn
+from distconv.errors import DistconvError, warn
 from distconv.sinks.folder import OutputFolder
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """``5GB`` -> 5_000_000_000 (decimal units like transformers; KiB/MiB/GiB binary); positive only."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(text))
+    size = int(float(m.group(1)) * _UNITS[m.group(2).upper()]) if m and m.group(2).upper() in _UNITS else 0
+    if size <= 0:
+        raise DistconvError(f"{what} {text!r}: give a positive size, e.g. 5GB, 500MB or 2GiB")
+    return size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterator
+from typing import Callable, Hashable, Iterator
 
 import torch
 
@@ -148,3 +148,82 @@ class WriterThread:
         self._queue.put(None)
         self._thread.join()
         return self.error
+
+
+class ReadAhead:
+    """Chunks read by one background thread in the order they are expected to be asked for,
+    holding at most ``limit`` bytes read and not yet taken (one chunk more when it alone is larger).
+
+    ``take(key)`` returns a chunk; one not read yet is read next, ahead of the expected order
+    (counted in ``misses``). Only the thread reads, so a source's reader is never used by two
+    threads. ``close`` stops and joins the thread, on success and on error.
+    """
+
+    def __init__(self, order: list[Hashable], sizes: dict[Hashable, int], read: Callable[[Hashable], torch.Tensor],
+                 limit: int) -> None:
+        self._order, self._sizes, self._read, self._limit = list(order), sizes, read, limit
+        self._done: dict[Hashable, tuple[torch.Tensor | None, BaseException | None]] = {}
+        self._started: set[Hashable] = set()
+        self._urgent: Hashable | None = None
+        self._held = 0
+        self._stopped = False
+        self.misses = 0
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="distconv-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _next(self) -> Hashable | None:
+        """Under the lock: the chunk to read now, or None to wait."""
+        if self._urgent is not None and self._urgent not in self._started:
+            return self._urgent
+        while self._order and self._order[0] in self._started:
+            self._order.pop(0)
+        if not self._order:
+            return None
+        key = self._order[0]
+        return key if self._held == 0 or self._held + self._sizes[key] <= self._limit else None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and (key := self._next()) is None:
+                    if not self._order and self._urgent is None:
+                        return
+                    self._cond.wait()
+                if self._stopped:
+                    return
+                self._started.add(key)
+            try:
+                result: tuple[torch.Tensor | None, BaseException | None] = (self._read(key), None)
+            except BaseException as e:
+                result = (None, e)
+            with self._cond:
+                self._done[key] = result
+                self._held += self._sizes[key]
+                self._cond.notify_all()
+
+    def take(self, key: Hashable) -> torch.Tensor:
+        with self._cond:
+            if key not in self._started:
+                self.misses += 1
+                self._urgent = key
+                self._cond.notify_all()
+            while key not in self._done:
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"internal: the read-ahead thread ended without reading {key}")
+                self._cond.wait(timeout=1.0)
+            data, error = self._done.pop(key)
+            self._held -= self._sizes[key]
+            if self._urgent == key:
+                self._urgent = None
+            self._cond.notify_all()
+        if error is not None:
+            raise error
+        return data
+
+    def close(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join()
+        self._done.clear()

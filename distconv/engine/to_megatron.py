@@ -33,7 +33,8 @@ from distconv.engine.gather import Comm
 from distconv.engine.layout import TP_AXIS, ExtraState, Shard, check_layout, extra_states, padded_vocab, shards_of, split_name
 from distconv.engine.plan import items_of
 from distconv.engine.progress import Tracker
-from distconv.engine.run import RunOptions, run
+from distconv.engine.run import RunOptions, parse_size, run
+from distconv.engine.stream import ReadAhead
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family
 from distconv.families.base import Rule
@@ -118,6 +119,7 @@ class MegatronSinkJob:
     identity: dict[str, Any]
     warnings: list[str]
     layout: str  # e.g. "TP2 PP1"
+    window: int  # bytes read ahead of the writer, per rank
 
     def read(self, n: int) -> torch.Tensor:
         """The data of chunk ``n`` (this rank owns it), in its stored dtype and shape."""
@@ -144,13 +146,18 @@ class MegatronSinkJob:
         plan = self.plan
         mine = {(s.key, s.offsets): n for n, s in enumerate(plan.shards) if plan.owner(n) == comm.rank}
         written = 0
+        # the order megatron-core's save hands DCP the chunks: by key (first seen), then in plan order
+        keys = list(dict.fromkeys(k for k, _ in mine))
+        order = [c for key in keys for c in mine if c[0] == key]
+        ahead = ReadAhead(order, {c: plan.nbytes(n) for c, n in mine.items()}, lambda c: self.read(mine[c]),
+                          self.window)
 
         def fetch(key: str, offsets: tuple[int, ...]) -> torch.Tensor:
             nonlocal written
             n = mine.get((key, offsets))
             if n is None:
                 raise DistconvError(f"internal: rank {comm.rank} was asked for a chunk of {key} at {offsets} it does not own")
-            data = self.read(n)
+            data = ahead.take((key, offsets))
             written += plan.nbytes(n)
             tracker.advance(plan.reads[n], written)
             return data
@@ -158,11 +165,16 @@ class MegatronSinkJob:
         shards = [plan.shards[n] for n in sorted(mine.values())]
         extras = [e for e in plan.extras if e.target_rank % comm.world == comm.rank]
         dtype_of = {(plan.shards[n].key, plan.shards[n].offsets): plan.dtypes[n] for n in mine.values()}
-        save_root(comm, tmp, shards, extras, lambda s: dtype_of[(s.key, s.offsets)], fetch, self.common, self.iteration)
+        try:
+            save_root(comm, tmp, shards, extras, lambda s: dtype_of[(s.key, s.offsets)], fetch, self.common, self.iteration)
+        finally:
+            ahead.close()
         tracker.converted(written)
+        misses = sum(comm.collect(ahead.misses))
         known = {f"{plan.folder}/{f.name}": {"bytes": f.stat().st_size, "sha256": marker.sha256(f)}
                  for f in sorted((tmp / plan.folder).glob(f"__{comm.rank}_*.distcp"))}
-        return {"save": str(self.save), "layout": self.layout, "padded_vocab_size": self.spec.padded_vocab_size}, known
+        return {"save": str(self.save), "layout": self.layout, "padded_vocab_size": self.spec.padded_vocab_size,
+                "read_ahead_misses": misses}, known
 
     def finish(self, tmp: Path, report: dict[str, Any]) -> None:
         """Nothing besides the marker: the tracker file is written with the save."""
@@ -307,7 +319,7 @@ class ImportJob(MegatronSinkJob):
         args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer)
         self.common = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if self.iteration == "release" else int(self.iteration),
                        "num_floating_point_operations_so_far": 0}
-        self.layout = f"TP{tp} PP{pp}"
+        self.layout, self.window = f"TP{tp} PP{pp}", parse_size(opts.window, "--window")
         self.save = Path(opts.save).resolve()
         self.inputs = source.inputs
         refuse_overlap(self.save, self.inputs)
@@ -395,7 +407,7 @@ class ReshardJob(MegatronSinkJob):
         self.common = {k: v for k, v in ckpt.common.items() if k not in ("optimizer", "content_metadata", "rng_state")}
         self.common["args"] = args
         self.common["checkpoint_version"] = 3.0  # legacy sources are read into megatron-core's QKV order
-        self.layout = f"TP{tp} PP{pp}"
+        self.layout, self.window = f"TP{tp} PP{pp}", parse_size(opts.window, "--window")
         self.save = Path(opts.save).resolve()
         self.inputs = (load, ckpt.path)
         refuse_overlap(self.save, self.inputs)

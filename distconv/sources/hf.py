@@ -24,7 +24,11 @@ class Source(Protocol):
 
 
 class SafetensorsFiles:
-    """Tensors of one ``.safetensors`` file or a folder of them, opened lazily, read by slice."""
+    """Tensors of one ``.safetensors`` file or a folder of them, read by slice.
+
+    The headers are read once; each read opens its file and closes it again, so the pages it
+    mapped stop counting in the process's memory as soon as the slice is copied out.
+    """
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
@@ -37,22 +41,24 @@ class SafetensorsFiles:
         if not files:
             raise DistconvError(f"--load {path} holds no .safetensors files")
         self.where: dict[str, Path] = {}
-        self._open: dict[Path, Any] = {}
+        self._header: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> shape, dtype code
         for f in files:
-            for name in self._handle(f).keys():
-                if name in self.where:
-                    raise DistconvError(f"tensor {name} is in both {self.where[name].name} and {f.name}")
-                self.where[name] = f
+            with self._open(f) as handle:
+                for name in handle.keys():
+                    if name in self.where:
+                        raise DistconvError(f"tensor {name} is in both {self.where[name].name} and {f.name}")
+                    piece = handle.get_slice(name)
+                    self.where[name] = f
+                    self._header[name] = (tuple(piece.get_shape()), piece.get_dtype())
 
-    def _handle(self, file: Path) -> Any:
+    @staticmethod
+    def _open(file: Path) -> Any:
         from safetensors import safe_open
 
-        if file not in self._open:
-            try:
-                self._open[file] = safe_open(str(file), framework="pt")
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise DistconvError(f"{file} is not a readable safetensors file: {e}") from None
-        return self._open[file]
+        try:
+            return safe_open(str(file), framework="pt")
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise DistconvError(f"{file} is not a readable safetensors file: {e}") from None
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -60,15 +66,12 @@ class SafetensorsFiles:
     def file_of(self, name: str) -> str:
         return self.where[name].name
 
-    def _slice(self, name: str) -> Any:
-        return self._handle(self.where[name]).get_slice(name)
-
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._header[name][0]
 
     def code(self, name: str) -> str:
         """The safetensors dtype code of ``name`` (``BF16``, ``F8_E4M3``, ...)."""
-        return self._slice(name).get_dtype()
+        return self._header[name][1]
 
     def dtype(self, name: str) -> torch.dtype:
         code = self.code(name)
@@ -77,7 +80,11 @@ class SafetensorsFiles:
         return _ST_DTYPES[code]
 
     def read(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
-        return self._slice(name)[box]
+        file = self.where[name]
+        if not file.exists():
+            raise DistconvError(f"source file {file} is missing (it was there when the run was planned)")
+        with self._open(file) as handle:
+            return handle.get_slice(name)[box]
 
 
 class DequantizedFP8:
