@@ -10,6 +10,7 @@ test_export_logits.py.
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 import zipfile
@@ -25,10 +26,12 @@ from distconv.families import FAMILIES, pick_family
 from distconv.families.gpt2 import CONV1D, FUSED_QKV
 from distconv.inspector import inspect_checkpoint
 from distconv.sources.legacy import _qkv_to_core
+from distconv.engine.progress import storage_bytes_read
 from distconv.spec import spec_from_args
 from distconv.testing.build import FIXTURES, layout_dir, parallel, torch_format_dir
 from distconv.testing.legacy import LEGACY_FIXTURES, PADDED_VOCAB, VOCAB, hf_model
 from distconv.testing.megatron_cpu import megatron_args
+from export_jobs import drop_page_cache
 
 TOL = 1e-4
 CASES = [(name, tp, pp) for name, fx in LEGACY_FIXTURES.items() for tp, pp in fx.layouts]
@@ -48,6 +51,8 @@ def exported(legacy_built, built, tmp_path_factory) -> dict[tuple, dict]:
     for name, tp, pp in CORE_TORCH:
         jobs[("core", name, tp, pp)] = {"load": str(torch_format_dir(built, name, tp, pp)), "save": str(out / f"core_{name}_{tp}_{pp}")}
     jobs["torch"] = {"load": str(legacy_built / "gpt2_v3" / "tp2pp2"), "save": str(out / "torch"), "format": "torch"}
+    # conversion from storage, not the page cache, so that each rank's bytes_read shows its files
+    jobs[("gpt2_v3", 2, 2)]["cold"] = str(legacy_built / "gpt2_v3" / "tp2pp2")
     results = run_export_jobs(WORLD, list(jobs.values()), out)
     return {key: {**r, "save": Path(job["save"])} for (key, job), r in zip(jobs.items(), results)}
 
@@ -84,10 +89,58 @@ def test_core_torch_format_logits_match_megatron(exported, built, name, tp, pp):
     assert legacy["hf_family"] == dist["hf_family"]
 
 
-def test_each_rank_reads_only_its_own_files(exported):
-    # TP2 PP2 files at 2 ranks: writer = pp*TP + tp, rank = writer % 2, so both ranks read
-    report = exported[("gpt2_v3", 2, 2)]["report"]
-    assert len(report["ranks"]) == 2 and all(r["bytes_read"] > 0 for r in report["ranks"])
+def _storage_reads_measurable(path: Path) -> bool:
+    """Whether a read of ``path`` just evicted from the page cache shows in ``read_bytes``
+    (not on tmpfs, nor where fadvise cannot evict, nor without ``/proc/self/io``)."""
+    drop_page_cache(path)
+    before = storage_bytes_read()
+    path.read_bytes()
+    after = storage_bytes_read()
+    return before is not None and after is not None and after - before >= path.stat().st_size // 2
+
+
+def test_each_rank_reads_only_its_own_files(exported, legacy_built):
+    """Each rank reads its own rank files and none of the other rank's, by two measures.
+
+    TP2 PP2 files at 2 ranks: writer = pp*TP + tp, rank = writer % 2, so rank r alone should
+    read ``mp_rank_0r_*``, half the checkpoint. The job ran ``cold`` (tests/export_jobs.py): the
+    files were evicted from the page cache once planning was over, so the conversion reads every
+    page it touches from storage, counted (``read_bytes``) in the process that touched it first.
+
+    1. The report's measured ``bytes_read`` of a rank lies between the tensor bytes the plan
+       gave it (nobody else reads those) and its own files whole, rounded up to pages, plus
+       64 KiB for incidental reads (none seen): mapped pages are read around the fault, and with
+       this machine's 8 MiB read-ahead each 0.75 MB file is read whole on its first fault, so
+       the figure equals the upper bound here. A rank that got to one of the other rank's files
+       first exceeds the bound by that file (~0.75 MB), and the owner falls below its tensors.
+    2. A rank that reads another rank's file after its owner did finds it cached and costs
+       nothing, so (1) cannot see it. ``mapped`` closes that gap: the legacy reader memory-maps
+       the files it opens, and the maps' resident bytes as the conversion ends (``Rss``, what
+       the process touched, cached or not) must name exactly the rank's own files.
+    """
+    folder = legacy_built / "gpt2_v3" / "tp2pp2"
+    files = sorted(folder.rglob("model_optim_rng.pt"))
+    if not _storage_reads_measurable(files[0]):
+        pytest.skip(f"storage reads of {folder} cannot be measured here (tmpfs, fadvise, or no /proc/self/io)")
+    result = exported[("gpt2_v3", 2, 2)]
+    assert result["ok"], result.get("error")
+    report = result["report"]
+    page = os.sysconf("SC_PAGE_SIZE")
+    ckpt = describe(folder)
+    name = {c.file: str((ckpt.path / c.file).resolve().relative_to(folder.resolve())) for t in ckpt.tensors.values() for c in t.chunks}
+    own = {rank: {name[c.file] for t in ckpt.tensors.values() for c in t.chunks if c.writer % WORLD == rank} for rank in range(WORLD)}
+    assert own[0] and own[1] and not own[0] & own[1] and len(files) == len(own[0] | own[1])
+    size = {f: -(-(folder / f).stat().st_size // page) * page for f in own[0] | own[1]}
+    total = sum(size.values())
+    assert len(report["ranks"]) == WORLD
+    for r in report["ranks"]:
+        mine = sum(size[f] for f in own[r["rank"]])
+        assert r["bytes_read_planned"] <= r["bytes_read"] <= mine + (64 << 10), (r, mine, total)
+        assert r["bytes_read"] < 0.75 * total, (r, total)
+        touched = {f for f, n in result["mapped"][r["rank"]].items() if n > 0}
+        assert touched == own[r["rank"]], (r["rank"], result["mapped"])
+    assert report["bytes_read"] == sum(r["bytes_read"] for r in report["ranks"])
+    assert report["bytes_read_planned"] == sum(r["bytes_read_planned"] for r in report["ranks"])
 
 
 def test_virtual_pipeline_chunks(exported, legacy_built):

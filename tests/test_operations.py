@@ -51,10 +51,42 @@ def test_report_counts_what_was_written(reported):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert report["tensors"] == len(index["weight_map"])
     assert report["bytes_written"] == index["metadata"]["total_size"]
-    assert report["bytes_read"] >= report["bytes_written"]  # the padded vocab rows are read, then trimmed
+    assert report["bytes_read_planned"] >= report["bytes_written"]  # the padded vocab rows are read, then trimmed
+    assert report["ranks"][0]["bytes_read_planned"] == report["bytes_read_planned"]
+    if Path("/proc/self/io").exists():  # measured; 0 when the fixture was in the page cache
+        assert isinstance(report["bytes_read"], int) and report["bytes_read"] == report["ranks"][0]["bytes_read"] >= 0
     assert set(report["seconds"]) == {"plan", "convert", "finish", "total"}
     assert [r["rank"] for r in report["ranks"]] == [0] and report["ranks"][0]["peak_rss_bytes"] > 100e6
     assert report["warnings"] == [] and report["nonfinite"] == {}
+
+
+def test_bytes_read_is_measured_or_null(monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from distconv import progress
+
+    io = tmp_path / "io"  # the layout of /proc/self/io
+    io.write_text("rchar: 900000\nwchar: 10\nsyscr: 5\nsyscw: 1\nread_bytes: 8192\nwrite_bytes: 4096\ncancelled_write_bytes: 0\n")
+    assert progress.storage_bytes_read(str(io)) == 8192  # read_bytes (storage), not rchar
+    assert progress.storage_bytes_read(str(tmp_path / "absent")) is None
+    if Path("/proc/self/io").exists():
+        before = progress.storage_bytes_read()
+        assert isinstance(before, int) and progress.storage_bytes_read() >= before
+    plan = SimpleNamespace(outputs=[0] * 3, files=["model.safetensors"], total_bytes=1000, bytes_read_by=lambda rank: 1200)
+
+    def run(counters):
+        monkeypatch.setattr(progress, "storage_bytes_read", lambda: next(counters))
+        tracker = progress.Tracker(0, 1, None, quiet=True)
+        tracker.planned(plan)
+        tracker.converted(1000)
+        return tracker.report()
+
+    report = run(iter([5000, 5000 + 4096]))  # the delta over the conversion
+    assert report["bytes_read"] == report["ranks"][0]["bytes_read"] == 4096
+    assert report["bytes_read_planned"] == report["ranks"][0]["bytes_read_planned"] == 1200
+    report = run(iter([None, None]))  # no /proc/self/io: null, never the plan's figure
+    assert report["bytes_read"] is None and report["ranks"][0]["bytes_read"] is None and report["read_gbps"] is None
+    assert report["bytes_read_planned"] == 1200
 
 
 def test_padded_vocab_kept_with_a_warning(built, tmp_path):

@@ -2,10 +2,10 @@
 
 The pipeline calls a ``Tracker`` at a few points (after planning, after each group, before
 and after finishing). Bars are tqdm's (bytes, with rates), shown only on a terminal and
-without ``--quiet``. The report (phase times, bytes, GB/s, peak RSS of every rank and, when
-gathering on GPUs, peak CUDA memory, tensor count) is gathered to rank 0 over the control
-group and stored in the output's marker (``distconv.json``) and, with ``--report PATH``, in a
-file of its own.
+without ``--quiet``. The report (phase times, bytes, GB/s, peak RSS and bytes read from storage
+of every rank and, when gathering on GPUs, peak CUDA memory, tensor count) is gathered to rank
+0 over the control group and stored in the output's marker (``distconv.json``) and, with
+``--report PATH``, in a file of its own.
 """
 
 from __future__ import annotations
@@ -45,7 +45,35 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _gbps(nbytes: int, seconds: float) -> float:
+def storage_bytes_read(path: str = "/proc/self/io") -> int | None:
+    """Bytes this process has read from storage so far: ``read_bytes`` of ``/proc/self/io``.
+
+    ``read_bytes`` counts what the kernel fetched from the block device on this process's
+    behalf: ``read()`` calls that missed the page cache, the read-ahead they start, and page
+    faults on memory-mapped files (how the legacy reader and ``torch.load(mmap=True)`` read).
+    That is the honest figure for "what did this rank cost the storage". ``rchar`` is not used:
+    it counts every byte ``read()`` returned, page-cache hits and pipes and sockets included, and
+    misses memory-mapped reads entirely. The file describes the whole process (every thread,
+    live or exited), so the reader's threads are counted. Limits of the figure: a page already in
+    the page cache (an earlier run, another rank on the node that read it first) costs nothing
+    and counts nothing; read-ahead is counted at the granularity the kernel read; filesystems
+    whose reads bypass the block layer count nothing (tmpfs always, and possibly network
+    filesystems). ``None`` where there is no such file (not Linux, or a sandbox hiding it).
+    """
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key == "read_bytes":
+                    return int(value)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _gbps(nbytes: int | None, seconds: float) -> float | None:
+    if nbytes is None:
+        return None
     return round(nbytes / seconds / 1e9, 3) if seconds > 0 else 0.0
 
 
@@ -60,6 +88,7 @@ class Tracker:
         self.read_bar = self.write_bar = None
         self.written = 0
         self.plan: Work | None = None
+        self.io: dict[str, int | None] = {}  # storage_bytes_read() when the conversion starts and ends
 
     def _mark(self, phase: str) -> None:
         self.marks[phase] = time.perf_counter()
@@ -68,6 +97,7 @@ class Tracker:
         """Planning is over; open the bars (rank 0, on a terminal, unless quiet)."""
         self._mark("plan")
         self.plan = plan
+        self.io["plan"] = storage_bytes_read()
         if self.rank != 0 or self.quiet or not sys.stderr.isatty():
             return
         from tqdm import tqdm
@@ -94,15 +124,31 @@ class Tracker:
     def converted(self, bytes_written: int) -> None:
         """Every group is read, gathered and written; close the bars."""
         self._mark("convert")
+        self.io["convert"] = storage_bytes_read()
         self._wrote(bytes_written)
         for bar in (self.read_bar, self.write_bar):
             if bar is not None:
                 bar.close()
 
+    def bytes_read(self) -> int | None:
+        """Bytes this rank read from storage during the conversion (see ``storage_bytes_read``).
+
+        Measured from the end of planning to the end of the conversion, the span ``read_gbps``
+        divides by and the reads ``bytes_read_planned`` counts; describing the checkpoint before
+        that (metadata, on every rank) is not included. ``None`` where it cannot be measured.
+        """
+        start, end = self.io.get("plan"), self.io.get("convert")
+        return None if start is None or end is None else end - start
+
     def report(self) -> dict[str, Any]:
-        """Collective: the run report with every rank's peak memory, on every rank."""
+        """Collective: the run report with every rank's peak memory and reads, on every rank.
+
+        ``bytes_read`` is measured (``None`` where unmeasurable; never the plan's figure under
+        that name); ``bytes_read_planned`` is the tensor bytes the plan had the rank read.
+        """
         mine = {"rank": self.rank, "host": os.uname().nodename, "peak_rss_bytes": peak_rss_bytes(),
-                "bytes_read": self.plan.bytes_read_by(self.rank) if self.plan else 0}
+                "bytes_read": self.bytes_read(),
+                "bytes_read_planned": self.plan.bytes_read_by(self.rank) if self.plan else 0}
         if torch.cuda.is_initialized():  # NCCL gathering: device memory too
             mine["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         ranks = [mine]
@@ -112,12 +158,14 @@ class Tracker:
         plan_s = self.marks["plan"] - self.start
         convert_s = self.marks["convert"] - self.marks["plan"]
         assert self.plan is not None
-        read = sum(r["bytes_read"] for r in ranks)
+        measured = [r["bytes_read"] for r in ranks]
+        read = None if None in measured else sum(measured)
         return {
             "tensors": self.plan.tensors,
             "files": len(self.plan.files),
             "world_size": self.world,
             "bytes_read": read,
+            "bytes_read_planned": sum(r["bytes_read_planned"] for r in ranks),
             "bytes_written": self.plan.total_bytes,
             "seconds": {"plan": round(plan_s, 3), "convert": round(convert_s, 3)},
             "read_gbps": _gbps(read, convert_s),
