@@ -88,7 +88,7 @@ def _import_parsers(sub: argparse._SubParsersAction) -> None:
     from distconv.sources.mindspore import add_model_args
 
     imp = sub.add_parser("import", help="HF (or MindSpore Transformers) safetensors -> Megatron torch_dist checkpoint")
-    imp.add_argument("--load", required=True, help="HF model folder, or MindSpore safetensors file/folder with --source mindspore")
+    imp.add_argument("--load", required=True, help="HF model folder; with --source mindspore: a MindFormers save root or iteration folder, or safetensors file/folder")
     imp.add_argument("--save", required=True, help="Megatron-LM save root to create (atomically)")
     imp.add_argument("--source", default="hf", choices=["hf", "mindspore"], help="what --load is (default hf)")
     imp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="weights dtype (auto: the source's)")

@@ -302,9 +302,9 @@ def test_mindspore_unmapped_names_are_listed(tmp_path):
     from distconv.sources.mindspore import MindSporeSource
 
     hf = make_hf(tmp_path, "llama")
-    fused = {"model.layers.0.attention.w_qkv.weight": torch.zeros(2, 2), "model.layers.0.feed_forward.w_gate_hidden.weight": torch.zeros(2, 2)}
-    ms = to_mindspore(hf, tmp_path / "ms", LEGACY_MS, fused)
-    with pytest.raises(DistconvError, match=r"no mapping: model\.layers\.0\.attention\.w_qkv\.weight, model\.layers\.0\.feed_forward\.w_gate_hidden"):
+    moe = {"model.layers.0.feed_forward.router.dense.weight": torch.zeros(2, 2), "model.layers.0.feed_forward.routed_experts.ffn.w1.weight": torch.zeros(2, 2)}
+    ms = to_mindspore(hf, tmp_path / "ms", LEGACY_MS, moe)
+    with pytest.raises(DistconvError, match=r"no mapping: model\.layers\.0\.feed_forward\.routed_experts\.ffn\.w1\.weight, model\.layers\.0\.feed_forward\.router"):
         MindSporeSource(ms)
 
 

@@ -30,12 +30,15 @@ class SafetensorsFiles:
     mapped stop counting in the process's memory as soon as the slice is copied out.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        if path.is_file():
-            files = [path]
-        elif path.is_dir():
-            files = sorted(path.glob("*.safetensors"))
+    def __init__(self, path: str | Path | list[Path], same_name: str = "") -> None:
+        """``path``: a file, a folder (its ``*.safetensors``), or a list of files. A tensor name in two
+        files is an error (``same_name`` says what to do about it)."""
+        if isinstance(path, list):
+            files = path
+        elif Path(path).is_file():
+            files = [Path(path)]
+        elif Path(path).is_dir():
+            files = sorted(Path(path).glob("*.safetensors"))
         else:
             raise DistconvError(f"--load {path}: no such file or directory")
         if not files:
@@ -46,7 +49,7 @@ class SafetensorsFiles:
             with self._open(f) as handle:
                 for name in handle.keys():
                     if name in self.where:
-                        raise DistconvError(f"tensor {name} is in both {self.where[name].name} and {f.name}")
+                        raise DistconvError(f"tensor {name} is in both {self.where[name].name} and {f.name}{same_name}")
                     piece = handle.get_slice(name)
                     self.where[name] = f
                     self._header[name] = (tuple(piece.get_shape()), piece.get_dtype())
