@@ -56,7 +56,10 @@ def _worker_lines(text: str) -> list[tuple[int, str]]:
 
 
 def _said(proc: subprocess.CompletedProcess) -> str:
-    return f"rc {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    """What a run said: its ``distconv:`` lines first (torchrun's summary can bury them), then the tails."""
+    mine = [line for line in (proc.stdout + proc.stderr).splitlines() if "distconv: " in line]
+    return (f"rc {proc.returncode}\n--- distconv lines\n" + "\n".join(mine[:20])
+            + f"\n--- stdout\n{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-3000:]}")
 
 
 def _snapshot(root: Path) -> dict[str, tuple[int, int, str]]:
