@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -10,6 +11,7 @@ import torch
 
 from distconv.errors import DistconvError
 from distconv.fp8 import SCALE, check_scale, dequantize
+from distconv.sources.checkpoint import inside
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -186,6 +188,21 @@ def file_identity(files: list[Path], *extra: Path) -> dict[str, Any]:
     return {str(f.resolve()): [f.stat().st_size, f.stat().st_mtime_ns] for f in (*files, *extra) if f.exists()}
 
 
+def _check_index(folder: Path) -> None:
+    """Every shard ``model.safetensors.index.json`` names is in the folder (a missing one is named)."""
+    index = folder / "model.safetensors.index.json"
+    if not index.exists():
+        return
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DistconvError(f"{index} is not a safetensors index: {e}") from None
+    for name in names:
+        if not inside(folder, name, str(index)).is_file():
+            raise DistconvError(f"source file {folder / name} is missing (named by {index.name})")
+
+
 def open_hf(load: str | Path) -> HFSource:
     """An HF model folder: its tensors, its config, and itself as tokenizer if it holds one."""
     from transformers import AutoConfig
@@ -198,6 +215,7 @@ def open_hf(load: str | Path) -> HFSource:
     except (OSError, ValueError, KeyError) as e:
         raise DistconvError(f"--load {path}: cannot read config.json: {e}") from None
     tokenizer = str(path.absolute()) if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else None
+    _check_index(path)
     files = SafetensorsFiles(path)
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None:
