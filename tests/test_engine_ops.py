@@ -244,8 +244,8 @@ def test_overwrite_redoes_it(runs):
 
 
 def test_report_counts_bytes_read_per_rank(runs):
-    """``--report FILE``: export's fields; each rank's measured ``bytes_read`` (both read, neither
-    everything), their sum at least every needed source byte and not the optimizer state."""
+    """``--report FILE``: export's fields; each rank's planned reads (both read, neither everything),
+    their sum every needed source byte and not the optimizer state; the measured reads within it."""
     assert runs["redo"].returncode == 0, _said(runs["redo"])
     report = json.loads(Path(runs["report"]).read_text())
     kind, load, save = runs["kind"], Path(runs["load"]), runs["save"]
@@ -256,12 +256,17 @@ def test_report_counts_bytes_read_per_rank(runs):
     assert report["world_size"] == 2
     ranks = report["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1], ranks
-    assert all(isinstance(r["bytes_read"], int) and 0 < r["bytes_read"] < needed for r in ranks), (needed, ranks)
+    # the measured figure (/proc/self/io read_bytes while converting) counts only what was not in
+    # the page cache; these small sources are warm, so the split per rank is checked on the
+    # planned figure beside it, and the measured one as a bound
+    assert all(0 < r["bytes_read_planned"] < needed for r in ranks), (needed, ranks)
+    assert report["bytes_read_planned"] == sum(r["bytes_read_planned"] for r in ranks)
+    assert needed <= report["bytes_read_planned"] <= 1.5 * needed, (needed, report["bytes_read_planned"])
     assert all(r["peak_rss_bytes"] > 0 for r in ranks), ranks
+    assert all(isinstance(r["bytes_read"], int) for r in ranks), ranks
     assert report["bytes_read"] == sum(r["bytes_read"] for r in ranks)
-    # reading slices may cost some framing (torch.save'd DCP items), never half as much again:
     # reading the fixture's optimizer state too (twice the weights) would show
-    assert needed <= report["bytes_read"] <= 1.5 * needed, (needed, report["bytes_read"])
+    assert report["bytes_read"] <= 1.5 * needed, (needed, report["bytes_read"])
     written = _dcp_tensor_bytes(_iteration_folder(save))
     on_disk = sum(size for name, (size, _, _) in runs["after_redo"].items())
     assert written <= report["bytes_written"] <= on_disk, (written, report["bytes_written"], on_disk)

@@ -138,7 +138,7 @@ class MegatronSinkJob:
             lines.append(f"  rank {rank}: {len(mine)} chunks, {plan.bytes_read_by(rank) / 1e6:.3f} MB read from "
                          f"{', '.join(files[:6]) or 'nothing'}{' ...' if len(files) > 6 else ''}; "
                          f"{plan.bytes_written_by(rank) / 1e6:.3f} MB written")
-        lines.append(f"into {self.save}/ (atomically): {TRACKER}, {', '.join(plan.files)}, {marker.MARKER}")
+        lines.append(f"and would write {self.save}/ (atomically): {TRACKER}, {', '.join(plan.files)}, {marker.MARKER}")
         return "\n".join(lines)
 
     def convert(self, comm: Comm, tmp: Path, tracker: Tracker) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
