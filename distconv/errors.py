@@ -19,17 +19,12 @@ def user_error(error: BaseException, doing: str | None = None) -> DistconvError:
     or behind a ``raise ... from``) is kept as it is. Otherwise the line that names the cause is kept
     (DCP and megatron-core wrap the real error in many lines), prefixed by what was being ``doing``.
     """
-    inner: BaseException | None = error
-    seen = set()
-    while inner is not None and not isinstance(inner, DistconvError) and id(inner) not in seen:
-        seen.add(id(inner))
-        failures = getattr(inner, "failures", None)  # torch's CheckpointException: {rank: exception}
-        nested = next((f for f in failures.values() if isinstance(f, BaseException)), None) if isinstance(failures, dict) else None
-        inner = nested or inner.__cause__
+    inner = next((e for e in _chain(error) if isinstance(e, DistconvError)), None)
     if isinstance(inner, DistconvError):
         return inner
-    if isinstance(error, OSError):
-        text = f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}"
+    os_error = next((e for e in _chain(error) if isinstance(e, OSError) and e.strerror), None)
+    if os_error is not None:
+        text = f"{os_error.strerror}{f': {os_error.filename}' if os_error.filename else ''}"
     else:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         causes = [line for line in lines if "Error" in line or "error" in line]
@@ -37,3 +32,16 @@ def user_error(error: BaseException, doing: str | None = None) -> DistconvError:
         if not doing and not text.startswith(type(error).__name__):
             text = f"{type(error).__name__}: {text}"
     return DistconvError(f"{doing} failed: {text}" if doing else text)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error``, then what it wraps: its cause, or the first of DCP's per-rank failures, and so on."""
+    out: list[BaseException] = []
+    inner: BaseException | None = error
+    while inner is not None and all(inner is not e for e in out):
+        out.append(inner)
+        failures = getattr(inner, "failures", None)  # torch's CheckpointException: {rank: exception}
+        wrapped = [f[0] if isinstance(f, tuple) and f else f for f in failures.values()] if isinstance(failures, dict) else []
+        nested = next((f for f in wrapped if isinstance(f, BaseException)), None)  # DCP keeps (exception, traceback)
+        inner = nested or inner.__cause__
+    return out

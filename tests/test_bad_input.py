@@ -184,3 +184,31 @@ def test_nonfinite_count():
     assert _nonfinite(torch.full((4,), 3e38)) == 0  # the sum overflows, the values are finite
     assert _nonfinite(torch.tensor([1.0, float("nan"), float("-inf"), 0.0], dtype=torch.bfloat16)) == 2
     assert _nonfinite(torch.arange(4)) == 0
+
+
+def test_user_error_finds_the_cause_behind_dcp_and_megatron_wrappers():
+    """One readable line: a DistconvError raised inside DCP's per-rank failures is kept as it is; an
+    OSError behind them is its reason and file; otherwise the line naming the error."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from distconv.errors import DistconvError, user_error
+
+    def raised(e: BaseException) -> BaseException:
+        try:
+            raise e
+        except BaseException as caught:
+            return caught
+
+    inner = DistconvError("checkpoint shard /x/__1_0.distcp is truncated")
+    wrapped = CheckpointException("write_data", {1: _wrap_exception(raised(inner))})
+    assert user_error(wrapped, "writing") is inner
+    full = CheckpointException("write_data", {0: _wrap_exception(raised(OSError(28, "No space left on device", "/d/f")))})
+    assert str(user_error(full, "writing into /d")) == "writing into /d failed: No space left on device: /d/f"
+    try:
+        try:
+            raise ValueError("Traceback stuff\nValueError: shape mismatch in layer 3")
+        except ValueError as e:
+            raise RuntimeError("save failed") from e
+    except RuntimeError as e:
+        assert str(user_error(e)) == "RuntimeError: save failed"
+    assert str(user_error(ValueError("a\nKeyError: b"), "reading x")) == "reading x failed: KeyError: b"

@@ -110,6 +110,6 @@ def save_root(comm: Any, tmp: Path, shards: list[Shard], extras: list[ExtraState
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise user_error(e, "writing the Megatron checkpoint") from e
+        raise user_error(e, f"writing the Megatron checkpoint into {ckpt}") from e
     if comm.rank == 0:
         (tmp / TRACKER).write_text(str(iteration))
