@@ -18,15 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distconv.sources.checkpoint import TRACKER, tracker_iteration
+from distconv.sources.checkpoint import TRACKER, iteration_dir, tracker_iteration
 from distconv.errors import DistconvError
 from distconv.engine.gather import Comm
 from distconv.engine.marker import finished, rank0_value
 from distconv.sinks.folder import refuse_overlap
-
-
-def iteration_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
 def target(save: str | Path, iteration: int | str) -> Path:
@@ -34,10 +30,10 @@ def target(save: str | Path, iteration: int | str) -> Path:
     save = str(save)
     if "{" in save:
         try:
-            return Path(save.format(iteration=iteration, name=iteration_name(iteration)))
+            return Path(save.format(iteration=iteration, name=iteration_dir(iteration)))
         except (KeyError, IndexError, ValueError) as e:
             raise DistconvError(f"--save pattern {save!r}: use {{iteration}} or {{name}} ({e})") from None
-    return Path(save) / iteration_name(iteration)
+    return Path(save) / iteration_dir(iteration)
 
 
 # export options that name one export, with why they do not combine with --watch

@@ -172,7 +172,7 @@ def test_conflicting_hf_config_is_refused(exported):
 def _plan(root: Path, world: int, window: int = 1 << 30):
     ckpt = describe(root)
     spec = spec_from_args(ckpt.args).with_vocab(256)
-    return ckpt, make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, world, 5 * 10**9, window)
+    return ckpt, make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, world, max_shard_size=5 * 10**9, window=window)
 
 
 @pytest.mark.parametrize("layout", ["tp1pp1ep2", "tp2pp1ep2", "tp2pp1ep2etp1"])

@@ -15,7 +15,7 @@ def _plan(built, name, tp, pp, world, window=1 << 30):
     ckpt = describe(layout_dir(built, name, tp, pp))
     spec = spec_from_args(ckpt.args).with_vocab(250)
     family = pick_family(FAMILIES, spec, None)
-    return ckpt, make_plan(ckpt, spec, family, torch.float32, world, 5 * 10**9, window)
+    return ckpt, make_plan(ckpt, spec, family, torch.float32, world, max_shard_size=5 * 10**9, window=window)
 
 
 def test_optimizer_state_is_present_but_never_read(built):
@@ -58,7 +58,7 @@ def test_groups_are_bounded_by_the_window_not_the_model(built):
 def test_writers_own_disjoint_files_and_interleave(built):
     ckpt = describe(layout_dir(built, "llama", 2, 2))
     spec = spec_from_args(ckpt.args).with_vocab(250)
-    plan = make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, 4, 10**6, 1 << 30, writers=2)
+    plan = make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, 4, max_shard_size=10**6, window=1 << 30, writers=2)
     assert plan.writers == [0, 2]
     files = {w: {o.file for g in plan.groups if g.writer == w for o in g.outputs} for w in plan.writers}
     assert files[0] and files[2] and not files[0] & files[2]

@@ -41,7 +41,7 @@ class _Recording:
 def _plan(built) -> Plan:
     ckpt = describe(layout_dir(built, "llama", 2, 1))
     spec = spec_from_args(ckpt.args).with_vocab(250)
-    plan = make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, 2, 5 * 10**9, WINDOW)
+    plan = make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, 2, max_shard_size=5 * 10**9, window=WINDOW)
     assert len(plan.batches(WINDOW)) >= 4
     return plan
 

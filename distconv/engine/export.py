@@ -205,8 +205,8 @@ class ExportJob:
         self.quantization = quantization_config() if self.fp8 else None
         self.window = parse_size(opts.window, "--window")
         shard_size = parse_size(max_shard_size, "--max-shard-size")
-        self.plan = make_plan(self.ckpt, self.spec, self.family, self.gather_dtype, world, shard_size, self.window, writers,
-                              self.fp8_rest)
+        self.plan = make_plan(self.ckpt, self.spec, self.family, self.gather_dtype, world, max_shard_size=shard_size,
+                              window=self.window, writers=writers, fp8_rest=self.fp8_rest)
         _check_against_hf(self.plan, self.config)
         self.identity = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,

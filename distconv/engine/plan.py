@@ -215,6 +215,7 @@ def make_plan(
     family: Family,
     dtype: torch.dtype,
     world: int,
+    *,
     max_shard_size: int,
     window: int = 1 << 30,
     writers: int = 1,

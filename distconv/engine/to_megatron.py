@@ -39,8 +39,8 @@ from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family
 from distconv.families.base import Rule
 from distconv.sinks.folder import refuse_overlap
-from distconv.sinks.megatron import iteration_dir, save_root
-from distconv.sources.checkpoint import TRACKER, Checkpoint, Read, overlaps
+from distconv.sinks.megatron import save_root
+from distconv.sources.checkpoint import TRACKER, Checkpoint, Read, iteration_dir, overlaps
 from distconv.sources.hf import HFSource, Source, expected_hf_tensors, open_hf
 from distconv.sources.legacy import LegacyReader
 from distconv.sources.megatron import describe
@@ -166,7 +166,8 @@ class MegatronSinkJob:
         extras = [e for e in plan.extras if e.target_rank % comm.world == comm.rank]
         dtype_of = {(plan.shards[n].key, plan.shards[n].offsets): plan.dtypes[n] for n in mine.values()}
         try:
-            save_root(comm, tmp, shards, extras, lambda s: dtype_of[(s.key, s.offsets)], fetch, self.common, self.iteration)
+            save_root(comm, tmp, shards=shards, extras=extras, dtype_of=lambda s: dtype_of[(s.key, s.offsets)], fetch=fetch,
+                      common=self.common, iteration=self.iteration)
         finally:
             ahead.close()
         tracker.converted(written)

@@ -25,15 +25,10 @@ import torch.distributed as dist
 from distconv.engine.layout import ExtraState, Shard
 from distconv.errors import user_error
 from distconv.megatron_model import no_device_calls, stand_ins
-from distconv.sources.checkpoint import TRACKER
+from distconv.sources.checkpoint import TRACKER, iteration_dir
 
 # (key, global offsets) of one chunk -> its data, read when the writer reaches it
 Fetch = Callable[[str, tuple[int, ...]], torch.Tensor]
-
-
-def iteration_dir(iteration: int | str) -> str:
-    """Megatron-LM's name for an iteration's folder: ``release`` or ``iter_0000042``."""
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
 def sharded_tensor(shard: Shard, dtype: torch.dtype):
@@ -89,7 +84,7 @@ def _strategy(fetch: Fetch, group: Any):
     return LazyStrategy("torch_dist", 1)
 
 
-def save_root(comm: Any, tmp: Path, shards: list[Shard], extras: list[ExtraState], dtype_of: Callable[[Shard], torch.dtype],
+def save_root(comm: Any, tmp: Path, *, shards: list[Shard], extras: list[ExtraState], dtype_of: Callable[[Shard], torch.dtype],
               fetch: Fetch, common: dict[str, Any], iteration: int | str) -> None:
     """Collective: write ``tmp/<iteration folder>`` with this rank's ``shards`` and ``extras``, then
     (rank 0) the tracker file. ``fetch`` supplies each chunk's data as the writer reaches it."""

@@ -123,10 +123,15 @@ def locate(load: str | Path, iteration: int | str | None = None) -> tuple[Path, 
                 "iter_XXXXXXX or release folder"
             )
         iteration = tracker_iteration(tracker, tracker.read_text())
-    folder = root / ("release" if iteration == "release" else f"iter_{int(iteration):07d}")
+    folder = root / iteration_dir(iteration)
     if not folder.is_dir():
         raise DistconvError(f"iteration {iteration} not found: {folder} does not exist")
     return folder, iteration
+
+
+def iteration_dir(iteration: int | str) -> str:
+    """Megatron-LM's name for an iteration's folder: ``release`` or ``iter_0000042``."""
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
 def tracker_iteration(tracker: Path, text: str) -> int | str:
