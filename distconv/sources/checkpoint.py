@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import importlib
 import io
+import os
 import pathlib
 import pickle
 import re
@@ -259,6 +260,25 @@ def inside(folder: Path, name: Any, what: str) -> Path:
     return path
 
 
+def read_stored(folder: Path, info: Any, what: str, random_access: bool = False) -> bytes:
+    """The bytes of one DCP item (``info``: its ``_StorageInfo`` from the allow-listed metadata),
+    from a data file that must lie inside ``folder``; a short file is an error naming it."""
+    if getattr(info, "transform_descriptors", None):
+        raise DistconvError(f"{folder}: {what} is stored with transforms {info.transform_descriptors}, which distconv does not read")
+    path = inside(folder, info.relative_path, f"{folder}/.metadata")
+    try:
+        with path.open("rb") as f:
+            if random_access and hasattr(os, "posix_fadvise"):  # no kernel read-ahead into the neighbours
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
+            f.seek(int(info.offset))
+            data = f.read(int(info.length))
+    except OSError as e:
+        raise DistconvError(f"cannot read checkpoint shard {path}: {e.strerror or e}") from None
+    if len(data) != int(info.length):
+        raise DistconvError(f"checkpoint shard {path} is truncated: {what} needs {info.length} bytes at {info.offset}")
+    return data
+
+
 def load_common_state(folder: Path, metadata: Any = None) -> dict[str, Any]:
     """``common.pt`` (megatron-core <= 0.18) or the ``common_state`` bytes inside DCP (0.19).
 
@@ -279,18 +299,7 @@ def load_common_state(folder: Path, metadata: Any = None) -> dict[str, Any]:
         info = next((v for k, v in metadata.storage_data.items() if k.fqn.startswith("common_state")), None)
     if info is None:
         raise DistconvError(f"{folder} has neither common.pt nor a common_state in its DCP metadata")
-    if getattr(info, "transform_descriptors", None):
-        raise DistconvError(f"{folder}: common_state is stored with transforms {info.transform_descriptors}, which distconv does not read")
-    path = inside(folder, info.relative_path, f"{folder}/.metadata")
-    try:
-        with path.open("rb") as f:
-            f.seek(int(info.offset))
-            data = f.read(int(info.length))
-    except OSError as e:
-        raise DistconvError(f"cannot read {path}: {e.strerror or e}") from None
-    if len(data) != int(info.length):
-        raise DistconvError(f"{path} is truncated: common_state needs {info.length} bytes at {info.offset}")
-    state = safe_torch_load(io.BytesIO(data), f"{folder} common_state")
+    state = safe_torch_load(io.BytesIO(read_stored(folder, info, "common_state")), f"{folder} common_state")
     if isinstance(state, io.BytesIO):  # torch's DCP stores a bytes entry as a saved buffer
         state.seek(0)
         state = safe_torch_load(state, f"{folder} common_state")

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from distconv.errors import DistconvError, user_error
-from distconv.sources.checkpoint import Checkpoint, Chunk, Read, inside, overlaps, safe_torch_load
+from distconv.sources.checkpoint import Checkpoint, Chunk, Read, overlaps, read_stored, safe_torch_load
 
 
 class _RandomAccessFileSystem(FileSystem):
@@ -150,22 +150,10 @@ class LocalReader:
         info = self.ckpt.metadata.storage_data.get(MetadataIndex(key, torch.Size(chunk.offsets)))
         if info is None:
             raise DistconvError(f"{self.ckpt.path}/.metadata names no data for {key} at {chunk.offsets}")
-        if getattr(info, "transform_descriptors", None):
-            raise DistconvError(f"{key} is stored with transforms {info.transform_descriptors}, which distconv does not read")
-        path = inside(self.ckpt.path, info.relative_path, f"{self.ckpt.path}/.metadata")
-        try:
-            with path.open("rb") as f:
-                if hasattr(os, "posix_fadvise"):
-                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_RANDOM)
-                f.seek(int(info.offset))
-                data = f.read(int(info.length))
-        except OSError as e:
-            raise DistconvError(f"cannot read checkpoint shard {path}: {e.strerror or e}") from None
-        if len(data) != int(info.length):
-            raise DistconvError(f"checkpoint shard {path} is truncated: {key} needs {info.length} bytes at {info.offset}")
-        tensor = safe_torch_load(io.BytesIO(data), f"{path} ({key})")
+        data = read_stored(self.ckpt.path, info, key, random_access=True)
+        tensor = safe_torch_load(io.BytesIO(data), f"{self.ckpt.path / info.relative_path} ({key})")
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
-            raise DistconvError(f"{path}: {key} at {chunk.offsets} is not a tensor of shape {chunk.sizes}")
+            raise DistconvError(f"{self.ckpt.path / info.relative_path}: {key} at {chunk.offsets} is not a tensor of shape {chunk.sizes}")
         self._last = ((key, chunk.offsets), tensor)
         return tensor
 
