@@ -111,6 +111,7 @@ class MegatronSinkJob:
     """What import and reshard share: the chunk plan streamed into a save root, and its marker."""
 
     kind: str
+    spec: ModelSpec  # with the target's padded vocab
     plan: ChunkPlan
     common: dict[str, Any]
     iteration: int | str
