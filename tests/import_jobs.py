@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 import distconv
 from distconv.sources.megatron import describe
+from distconv.testing.megatron_cpu import model_parallel
 from distconv.engine.to_megatron import import_hf, import_mindspore, reshard
 
 
@@ -40,13 +41,12 @@ def model_chunks(model) -> set:
 
 
 def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int):
-    from megatron.core import dist_checkpointing, parallel_state
+    """megatron-core's GPTModel at TP x PP, loaded strictly from ``folder`` (call inside ``model_parallel``)."""
+    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from distconv.megatron_model import build_gpt
 
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tp, pp)
     model = build_gpt(args, tp, pp)
     with torch.serialization.safe_globals([argparse.Namespace]):
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder), strict=StrictHandling.RAISE_ALL)
@@ -59,14 +59,16 @@ def check(root: str, tp: int, pp: int, tokens: list, logits_out: str) -> dict:
 
     ckpt = describe(root)
     args = ckpt.args
-    model = build_and_load(ckpt.path, args, tp, pp)
-    chunks = [None] * dist.get_world_size()
-    dist.all_gather_object(chunks, model_chunks(model))
+    with model_parallel(tp, pp):
+        model = build_and_load(ckpt.path, args, tp, pp)
+        chunks = [None] * dist.get_world_size()
+        dist.all_gather_object(chunks, model_chunks(model))
     expected = set().union(*chunks)
     stored = {(t.key, c.offsets, c.sizes) for t in ckpt.tensors.values() for c in t.chunks}
-    model = build_and_load(ckpt.path, args, 1, 1)
-    if dist.get_rank() == 0:
-        torch.save(forward_logits(model, torch.tensor(tokens)), logits_out)
+    with model_parallel(1, 1):
+        model = build_and_load(ckpt.path, args, 1, 1)
+        if dist.get_rank() == 0:
+            torch.save(forward_logits(model, torch.tensor(tokens)), logits_out)
     return {"layout_equal": expected == stored, "only_model": sorted(stored - expected)[:5],
             "only_ckpt": sorted(expected - stored)[:5], "args_tp": args.tensor_model_parallel_size,
             "args_pp": args.pipeline_model_parallel_size}

@@ -7,9 +7,11 @@ here are only the test-side helpers: args for a small model and reproducible ran
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 
 from distconv.megatron_model import with_defaults
 
@@ -34,3 +36,36 @@ def randomize_(model: torch.nn.Module, seed: int, bf16_exact: bool = False) -> N
     for name, b in sorted(model.named_buffers()):
         if name.endswith("expert_bias"):  # the router's selection bias (DeepSeek-V3)
             b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+
+
+@contextlib.contextmanager
+def model_parallel(tp: int, pp: int, **sizes: int) -> Iterator[None]:
+    """megatron-core's model-parallel state at TP x PP (x EP ...) for the block, torn down after it.
+
+    ``destroy_model_parallel`` only forgets its process groups; their gloo threads live on (some
+    polling), and a process that sets up many layouts piles up thousands. The groups made here
+    are destroyed on exit.
+    """
+    from megatron.core import parallel_state
+
+    made: list = []
+    original = dist.new_group
+
+    def recording(*args: Any, **kwargs: Any):
+        group = original(*args, **kwargs)
+        made.append(group)
+        return group
+
+    parallel_state.destroy_model_parallel()
+    dist.new_group = recording
+    try:
+        parallel_state.initialize_model_parallel(tp, pp, **sizes)
+    finally:
+        dist.new_group = original
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+        for group in made:
+            if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+                dist.destroy_process_group(group)
