@@ -63,7 +63,7 @@ def test_report_counts_what_was_written(reported):
 def test_bytes_read_is_measured_or_null(monkeypatch, tmp_path):
     from types import SimpleNamespace
 
-    from distconv import progress
+    from distconv.engine import progress
 
     io = tmp_path / "io"  # the layout of /proc/self/io
     io.write_text("rchar: 900000\nwchar: 10\nsyscr: 5\nsyscw: 1\nread_bytes: 8192\nwrite_bytes: 4096\ncancelled_write_bytes: 0\n")
