@@ -1,17 +1,32 @@
-"""distconv export benchmark: against the disk's limit and a single-process baseline, same run.
+"""distconv benchmark: against the disk's limit and a single-process baseline, same run.
 
-    python -m tests.benchmarks.run [--gb 2] [--ranks 1 2 4] [--writers 1] [--workdir DIR] [--json OUT]
+    python -m tests.benchmarks.run [--op export|import|reshard] [--gb 2 ...] [--ranks 1 2 4] [--tp T --pp P]
+                                   [--writers 1] [--window 256MiB] [--repeat 1] [--workdir DIR] [--json OUT]
 
-1. Generates (once per size, kept in ``--workdir``) a real megatron-core torch_dist checkpoint
-   of ``--gb`` GB of bf16 weights plus fp32 Adam moments, saved by 4 ranks at TP2 PP2.
-2. Measures the physical limit: plain sequential reads of the model's byte count from the
-   ``.distcp`` files, then plain sequential writes (fsync'ed) of as many bytes to the same disk.
-3. Runs distconv export under torchrun at each ``--ranks`` count (and ``--writers``).
-4. Runs the baseline (``dcp_to_torch_save`` + one-process mapping + ``safetensors`` save).
+For each ``--gb`` size:
 
-The page cache is dropped for the checkpoint files (``posix_fadvise(DONTNEED)``) before each
-measurement, so reads come from the disk. Prints one table and writes it as JSON.
+1. Generates the inputs (once per size, kept in ``--workdir``): a real megatron-core torch_dist
+   checkpoint of ``--gb`` GB of bf16 weights (plus fp32 Adam moments unless ``--no-optimizer``),
+   saved by 4 ranks at TP2 PP2; for ``--op import`` also the HF folder distconv exports from it
+   (one process).
+2. Measures the physical limit: plain sequential reads of the weights' byte count from the
+   source's files (``.distcp``, or ``.safetensors`` for import), then plain sequential writes
+   (fsync'ed) of as many bytes to the same disk.
+3. Runs distconv under torchrun at each ``--ranks`` count: ``export`` (with ``--writers``) to
+   an HF folder; ``import`` (HF folder) and ``reshard`` (the checkpoint) to a torch_dist save
+   root at ``--tp`` x ``--pp`` (default TP2 PP1 for import, TP1 PP2 for reshard).
+4. Runs the baseline in one process: for export ``baseline.py`` (``dcp_to_torch_save`` +
+   mapping + ``safetensors``); for import and reshard ``baseline_megatron.py`` (the whole
+   source loaded into RAM, every target chunk built in RAM, megatron-core's default
+   ``dist_checkpointing.save``).
+
+With ``--repeat N`` every row is measured N times (the runs of a row back to back), and the
+table shows the median time and the largest peak RSS. The page cache is dropped for the source
+files (``posix_fadvise(DONTNEED)``) before each measurement, so reads come from the disk.
+Prints one table per size (and, for several sizes, how each run's peak memory grew with the
+weights) and the machine's load average over the runs, and writes them as JSON.
 Bytes read are the processes' ``read_bytes`` from ``/proc/<pid>/io`` (real storage reads).
+"start" is a process's resident memory after importing the runtime, before the conversion.
 """
 
 from __future__ import annotations
@@ -23,10 +38,12 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 16 << 20
+TARGET = {"import": (2, 1), "reshard": (1, 2)}  # default target TP, PP
 
 
 def env() -> dict[str, str]:
@@ -46,12 +63,12 @@ def drop_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def physical_limit(ckpt: Path, nbytes: int, scratch: Path) -> dict[str, float]:
-    """Sequential read of ``nbytes`` from the .distcp files, then sequential write of as many."""
-    drop_cache(ckpt)
+def physical_limit(folder: Path, files: list[Path], nbytes: int, scratch: Path) -> dict[str, float]:
+    """Sequential read of ``nbytes`` from ``files``, then sequential write of as many."""
+    drop_cache(folder)
     buf = bytearray(BLOCK)
     left, start = nbytes, time.perf_counter()
-    for path in sorted(ckpt.glob("*.distcp")):
+    for path in files:
         with open(path, "rb", buffering=0) as f:
             while left > 0:
                 n = f.readinto(memoryview(buf)[: min(BLOCK, left)])
@@ -79,66 +96,108 @@ def run_measured(cmd: list[str], stats: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     ranks = json.loads(stats.read_text())
+    misses = [r["read_ahead_misses"] for r in ranks if "read_ahead_misses" in r]
     return {
         "wall_s": wall,
         "seconds": max(r["seconds"] for r in ranks),
         "read_bytes": sum(r["read_bytes"] for r in ranks),
         "rss_rank0": ranks[0]["peak_rss"],
         "rss_other_max": max((r["peak_rss"] for r in ranks[1:]), default=0),
+        "rss_start_rank0": ranks[0].get("rss_before"),
+        "read_ahead_misses": misses[0] if misses else None,
+        "load_avg_1m": os.getloadavg()[0],
+        "ranks": ranks,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gb", type=float, default=2.0, help="weight size of the generated checkpoint (GB)")
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--writers", type=int, default=1)
-    parser.add_argument("--window", default="256MiB", help="distconv's --window (rank 0 holds about 3 of them)")
-    parser.add_argument("--dtype", default="auto", help="distconv's --dtype (e.g. fp8)")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/distconv-bench"))
-    parser.add_argument("--skip-baseline", action="store_true", help="e.g. when the model does not fit in RAM")
-    parser.add_argument("--no-optimizer", action="store_true", help="generate the checkpoint without Adam moments")
-    parser.add_argument("--json", type=Path, help="also write the table here")
-    opts = parser.parse_args()
-    sys.path.insert(0, str(ROOT))
-    from distconv.sources.megatron import describe
+def repeated(measure_once, times: int) -> dict:
+    """``measure_once()`` ``times`` times: the median time, the largest peak RSS, reads and
+    read-ahead misses (the worst case is what a machine must have room for); every run kept."""
+    runs = [measure_once() for _ in range(times)]
+    mid = lambda key: sorted(r[key] for r in runs)[(len(runs) - 1) // 2]  # noqa: E731  (the lower median)
+    worst = lambda key: None if runs[0][key] is None else max(r[key] for r in runs)  # noqa: E731
+    return {"seconds": mid("seconds"), "wall_s": mid("wall_s"), "read_bytes": worst("read_bytes"),
+            "rss_rank0": worst("rss_rank0"), "rss_other_max": worst("rss_other_max"),
+            "rss_start_rank0": worst("rss_start_rank0"), "read_ahead_misses": worst("read_ahead_misses"),
+            "runs": runs}
 
-    ckpt_root = opts.workdir / f"ckpt-{opts.gb:g}gb"
+
+def make_inputs(opts: argparse.Namespace, gb: float) -> tuple[Path, Path | None]:
+    """The Megatron checkpoint of ``gb`` GB (and for import its HF export), generated once."""
+    ckpt_root = opts.workdir / f"ckpt-{gb:g}gb{'-noopt' if opts.no_optimizer else ''}"
     if not (ckpt_root / "latest_checkpointed_iteration.txt").exists():
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
-                        str(ROOT / "tests/benchmarks/make_checkpoint.py"), "--out", str(ckpt_root), "--gb", str(opts.gb),
+                        str(ROOT / "tests/benchmarks/make_checkpoint.py"), "--out", str(ckpt_root), "--gb", str(gb),
                         *(["--no-optimizer"] if opts.no_optimizer else [])],
                        env=env(), cwd=ROOT, check=True)
+    if opts.op != "import":
+        return ckpt_root, None
+    hf = opts.workdir / f"hf-{gb:g}gb"
+    if not (hf / "distconv.json").exists():
+        subprocess.run([sys.executable, "-m", "distconv", "export", "--load", str(ckpt_root), "--save", str(hf),
+                        "--overwrite", "--quiet"], env=env(), cwd=ROOT, check=True)
+    return ckpt_root, hf
+
+
+def measure(opts: argparse.Namespace, gb: float) -> dict:
+    """One size: the limit, distconv at each rank count, the baseline; prints the table."""
+    from distconv.sources.megatron import describe
+
+    ckpt_root, hf = make_inputs(opts, gb)
     ckpt = describe(ckpt_root)
     weights = ckpt.weight_bytes
+    source = hf if opts.op == "import" else ckpt.path
+    source_files = sorted(source.glob("*.safetensors" if opts.op == "import" else "*.distcp"))
     scratch = opts.workdir / "out"
     scratch.mkdir(parents=True, exist_ok=True)
+    tp, pp = opts.tp or TARGET.get(opts.op, (1, 1))[0], opts.pp or TARGET.get(opts.op, (1, 1))[1]
+    target = f" -> TP{tp} PP{pp}" if opts.op != "export" else ""
 
-    limit = physical_limit(ckpt.path, weights, scratch)
+    limits = [physical_limit(source, source_files, weights, scratch) for _ in range(opts.repeat)]
+    limit = dict(sorted(limits, key=lambda x: x["seconds"])[(len(limits) - 1) // 2], runs=limits)
     rows = {"physical limit (read+write)": {"seconds": limit["seconds"], "wall_s": limit["seconds"], "read_bytes": weights,
-                                            "rss_rank0": 0, "rss_other_max": 0}}
-    for n in opts.ranks:
-        drop_cache(ckpt.path)
-        stats = scratch / f"stats{n}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               str(ROOT / "tests/benchmarks/export_stats.py"), "--load", str(ckpt_root),
-               "--save", str(scratch / f"hf{n}"), "--stats", str(stats), "--writers", str(min(opts.writers, n)),
-               "--window", opts.window, "--dtype", opts.dtype]
-        rows[f"distconv {n} rank(s)"] = run_measured(cmd, stats)
-        shutil.rmtree(scratch / f"hf{n}")
-    if not opts.skip_baseline:
-        drop_cache(ckpt.path)
-        stats = scratch / "baseline.json"
-        cmd = [sys.executable, str(ROOT / "tests/benchmarks/baseline.py"), "--load", str(ckpt.path),
-               "--save", str(scratch / "baseline"), "--stats", str(stats)]
-        rows["baseline (dcp_to_torch_save + 1 process)"] = run_measured(cmd, stats)
-        shutil.rmtree(scratch / "baseline")
+                                            "rss_rank0": 0, "rss_other_max": 0, "rss_start_rank0": None,
+                                            "read_ahead_misses": None}}
 
-    base = rows.get("baseline (dcp_to_torch_save + 1 process)")
-    print(f"\ncheckpoint: {ckpt.path} ({weights / 1e9:.2f} GB weights, {ckpt.other_bytes / 1e9:.2f} GB optimizer state); "
-          f"limit: read {weights / limit['read_s'] / 1e9:.2f} GB/s, write {weights / limit['write_s'] / 1e9:.2f} GB/s")
-    header = f"{'run':42} {'time s':>7} {'wall s':>7} {'GB/s':>6} {'read/weights':>12} {'rss r0 GB':>9} {'rss max other':>13} {'x limit':>7} {'speedup':>7} {'mem ratio':>9}"
-    print(header)
+    def once(cmd: list[str], stats: Path, save: Path):
+        def go() -> dict:
+            drop_cache(source)
+            result = run_measured(cmd, stats)
+            shutil.rmtree(save)
+            return result
+        return go
+
+    for n in opts.ranks:
+        stats = scratch / f"stats{n}.json"
+        save = scratch / f"{opts.op}{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+               str(ROOT / "tests/benchmarks/export_stats.py"), "--op", opts.op,
+               "--load", str(ckpt_root if opts.op == "export" else hf or ckpt_root),
+               "--save", str(save), "--stats", str(stats), "--window", opts.window, "--dtype", opts.dtype]
+        cmd += ["--writers", str(min(opts.writers, n))] if opts.op == "export" else ["--tp", str(tp), "--pp", str(pp)]
+        rows[f"distconv {opts.op}{target}, {n} rank(s)"] = repeated(once(cmd, stats, save), opts.repeat)
+    base_name = None
+    if not opts.skip_baseline:
+        stats = scratch / "baseline.json"
+        save = scratch / "baseline"
+        if opts.op == "export":
+            base_name = "baseline (dcp_to_torch_save + 1 process)"
+            cmd = [sys.executable, str(ROOT / "tests/benchmarks/baseline.py"), "--load", str(ckpt.path),
+                   "--save", str(save), "--stats", str(stats)]
+        else:
+            base_name = "baseline (all in RAM + mcore save, 1 process)"
+            cmd = [sys.executable, str(ROOT / "tests/benchmarks/baseline_megatron.py"), "--op", opts.op,
+                   "--load", str(hf or ckpt_root), "--save", str(save), "--stats", str(stats), "--tp", str(tp), "--pp", str(pp)]
+        rows[base_name] = repeated(once(cmd, stats, save), opts.repeat)
+
+    base = rows.get(base_name) if base_name else None
+    print(f"\n{opts.op}{target}: source {source} ({weights / 1e9:.2f} GB weights, {ckpt.other_bytes / 1e9:.2f} GB optimizer "
+          f"state in the checkpoint); limit: read {weights / limit['read_s'] / 1e9:.2f} GB/s, "
+          f"write {weights / limit['write_s'] / 1e9:.2f} GB/s; --window {opts.window}; "
+          f"{opts.repeat} run(s) each: median time, largest peak RSS")
+    print(f"{'run':52} {'time s':>7} {'wall s':>7} {'GB/s':>6} {'read/weights':>12} {'rss r0 GB':>9} {'r0 start':>8} "
+          f"{'rss max other':>13} {'misses':>6} {'x limit':>7} {'speedup':>7} {'mem ratio':>9}")
+    fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     table = []
     for name, r in rows.items():
         row = {
@@ -148,12 +207,67 @@ def main() -> None:
             "memory_ratio_vs_baseline": base["rss_rank0"] / r["rss_rank0"] if base and r["rss_rank0"] else None,
         }
         table.append(row)
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
-        print(f"{name:42} {r['seconds']:7.1f} {r['wall_s']:7.1f} {row['gb_per_s']:6.2f} {row['read_ratio']:12.3f} "
-              f"{r['rss_rank0'] / 1e9:9.2f} {r['rss_other_max'] / 1e9:13.2f} {row['x_limit']:7.2f} "
+        start = r["rss_start_rank0"] / 1e9 if r["rss_start_rank0"] else None
+        print(f"{name:52} {r['seconds']:7.1f} {r['wall_s']:7.1f} {row['gb_per_s']:6.2f} {row['read_ratio']:12.3f} "
+              f"{r['rss_rank0'] / 1e9:9.2f} {fmt(start, '8.2f')} {r['rss_other_max'] / 1e9:13.2f} "
+              f"{fmt(r['read_ahead_misses'], '6d')} {row['x_limit']:7.2f} "
               f"{fmt(row['speedup_vs_baseline'], '7.2f')} {fmt(row['memory_ratio_vs_baseline'], '9.1f')}")
-    result = {"window": opts.window, "dtype": opts.dtype, "weights_bytes": weights, "optimizer_bytes": ckpt.other_bytes, "limit": limit, "rows": table}
-    out = opts.json or opts.workdir / f"bench-{opts.gb:g}gb.json"
+    loads = [run["load_avg_1m"] for r in rows.values() for run in r.get("runs", [])]
+    if loads:
+        print(f"load average (1 min) after each run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs")
+    return {"gb": gb, "source": str(source), "target": target.removeprefix(" -> ") or None, "weights_bytes": weights,
+            "optimizer_bytes": ckpt.other_bytes, "limit": limit, "rows": table}
+
+
+def growth(sizes: list[dict]) -> list[dict]:
+    """Per run: peak RSS (rank 0, and the largest other rank) at the smallest and largest size,
+    and how many bytes of peak each added byte of weights cost."""
+    small, large = sizes[0], sizes[-1]
+    dw = large["weights_bytes"] - small["weights_bytes"]
+    out = []
+    print(f"\npeak RSS against weights ({small['weights_bytes'] / 1e9:.2f} -> {large['weights_bytes'] / 1e9:.2f} GB)")
+    print(f"{'run':52} {'r0 small':>8} {'r0 large':>8} {'r0 slope':>8} {'other small':>11} {'other large':>11} {'other slope':>11}")
+    for a in small["rows"]:
+        b = next((r for r in large["rows"] if r["run"] == a["run"]), None)
+        if b is None or not a["rss_rank0"]:
+            continue
+        row = {"run": a["run"], "rss_rank0": [a["rss_rank0"], b["rss_rank0"]],
+               "rss_other_max": [a["rss_other_max"], b["rss_other_max"]],
+               "rank0_slope": (b["rss_rank0"] - a["rss_rank0"]) / dw if dw else None,
+               "other_slope": (b["rss_other_max"] - a["rss_other_max"]) / dw if dw and a["rss_other_max"] else None}
+        out.append(row)
+        other = (f"{a['rss_other_max'] / 1e9:11.2f} {b['rss_other_max'] / 1e9:11.2f} {row['other_slope']:11.2f}"
+                 if row["other_slope"] is not None else f"{'-':>11} {'-':>11} {'-':>11}")
+        print(f"{a['run']:52} {a['rss_rank0'] / 1e9:8.2f} {b['rss_rank0'] / 1e9:8.2f} {row['rank0_slope']:8.2f} {other}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", choices=["export", "import", "reshard"], default="export",
+                        help="export: Megatron -> HF; import: HF -> Megatron; reshard: Megatron -> Megatron")
+    parser.add_argument("--gb", type=float, nargs="+", default=[2.0], help="weight size(s) of the generated model (GB)")
+    parser.add_argument("--ranks", type=int, nargs="+", help="distconv's world sizes (default 1 2 4; 1 2 for import, reshard)")
+    parser.add_argument("--tp", type=int, help="import / reshard: target TP (default 2 for import, 1 for reshard)")
+    parser.add_argument("--pp", type=int, help="import / reshard: target PP (default 1 for import, 2 for reshard)")
+    parser.add_argument("--writers", type=int, default=1, help="export: distconv's --writers")
+    parser.add_argument("--window", default="256MiB", help="distconv's --window")
+    parser.add_argument("--dtype", default="auto", help="distconv's --dtype (e.g. fp8 for export)")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/distconv-bench"))
+    parser.add_argument("--skip-baseline", action="store_true", help="e.g. when the model does not fit in RAM")
+    parser.add_argument("--no-optimizer", action="store_true", help="generate the checkpoint without Adam moments")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="measure every row this many times (median time, largest peak RSS; all runs in the JSON)")
+    parser.add_argument("--json", type=Path, help="also write the tables here")
+    opts = parser.parse_args()
+    opts.ranks = opts.ranks or ([1, 2, 4] if opts.op == "export" else [1, 2])
+    sys.path.insert(0, str(ROOT))
+    warnings.filterwarnings("ignore")  # megatron-core's import-time notes about missing Apex / TE
+    sizes = [measure(opts, gb) for gb in sorted(opts.gb)]
+    result = {"op": opts.op, "window": opts.window, "dtype": opts.dtype, "repeat": opts.repeat, "sizes": sizes}
+    if len(sizes) > 1:
+        result["growth"] = growth(sizes)
+    out = opts.json or opts.workdir / f"bench-{opts.op}-{'-'.join(f'{gb:g}' for gb in sorted(opts.gb))}gb.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwritten {out}")
 
