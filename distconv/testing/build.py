@@ -182,7 +182,7 @@ def _optimizer_state(model: torch.nn.Module, seed: int, shared: bool = False) ->
 def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx: Fixture,
                 shared_moments: bool = False, optimizer: bool = True) -> None:
     """Save like Megatron-LM: iteration folder, common state, tracker file written last."""
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import (
         FullyParallelSaveStrategyWrapper,
