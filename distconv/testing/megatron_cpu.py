@@ -66,6 +66,10 @@ def model_parallel(tp: int, pp: int, **sizes: int) -> Iterator[None]:
         yield
     finally:
         parallel_state.destroy_model_parallel()
-        for group in made:
-            if group is not None and group != dist.GroupMember.NON_GROUP_MEMBER:
+        for group in {id(g): g for g in made}.values():
+            if group is None or group == dist.GroupMember.NON_GROUP_MEMBER or group == dist.GroupMember.WORLD:
+                continue
+            try:
                 dist.destroy_process_group(group)
+            except ValueError:  # not a live group of this process (megatron-core handed it out twice)
+                pass
