@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import distconv_cli, hf_logits
+from conftest import ROOT, distconv_cli, hf_logits, torchrun
 from distconv.errors import DistconvError
 
 B = 128
@@ -268,3 +269,129 @@ def test_fp8_refusals(built, tmp_path, name, extra, message):
                         "--dry-run", *extra)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+# A trained model: the fp8 export's top-1 tokens against the bf16 export's.
+#
+# On the random fixtures the logits are nearly flat, so FP8 rounding flips the argmax at random
+# (92 % / 83 % agreement measured); the criterion only means something on a model with peaked
+# logits. This one is trained here on arithmetic sequences mod 256: s, s+d, s+2d, ... with
+# d in 1..4; x1 is a 4-way guess, every later token is determined by the two before it.
+#
+# Shapes: hidden 256, MLP 384, 8 heads of 32 with 2 KV heads, so q/o are 2x2 blocks, gate/up 3x2,
+# down 2x3, and k/v 1x2 partial (64-row) blocks. transformers 5.24 on CPU dequantizes with the
+# block size it derives from the shapes (rows // scale rows, cols // scale cols): that is the
+# definition's only where each dimension is a multiple of 128 or under 128 (a 192-row weight is
+# read with 96-row blocks, a 320-row one is refused). These shapes stay inside that, so the fp8
+# folder is read by transformers' own FP8 loading; longer partial edges are checked against the
+# definition in test_quantize_matches_the_definition. Imported at TP2, the MLP is split at 192
+# rows (gate/up) and columns (down), mid-block: an export that quantized per TP shard would not
+# match the reference quantization below.
+
+SEQ, MAX_STEP, HELD_OUT, TRAIN_STEPS = 16, 4, 128, 120
+
+
+def _arithmetic(pairs: torch.Tensor) -> torch.Tensor:
+    """One sequence per (start, step) row."""
+    return (pairs[:, :1] + pairs[:, 1:] * torch.arange(SEQ)) % 256
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """Train the model (fp32, CPU), import it to Megatron (bf16 weights, TP2) and export it as
+    bf16 and as fp8: the three distconv calls in one torchrun launch (tests/import_jobs.py)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    work = tmp_path_factory.mktemp("trained")
+    gen = torch.Generator().manual_seed(0)
+    pairs = torch.cartesian_prod(torch.arange(256), torch.arange(1, MAX_STEP + 1))
+    pairs = pairs[torch.randperm(len(pairs), generator=gen)]
+    held_out, train = _arithmetic(pairs[:HELD_OUT]), pairs[HELD_OUT:]  # (start, step) pairs never trained on
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+                         tie_word_embeddings=False)
+    config.architectures = ["LlamaForCausalLM"]
+    model = LlamaForCausalLM(config)
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-3, weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 20))
+    start = time.perf_counter()
+    for _ in range(TRAIN_STEPS):
+        batch = _arithmetic(train[torch.randint(len(train), (64,), generator=gen)])
+        loss = model(batch, labels=batch).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        warmup.step()
+    train_s = time.perf_counter() - start
+    model.eval().save_pretrained(str(work / "hf"))
+
+    meg, jobs = str(work / "megatron"), work / "jobs.json"
+    jobs.write_text(json.dumps([
+        dict(op="import", load=str(work / "hf"), save=meg, tp=2, pp=1, dtype="bf16"),
+        dict(op="export", load=meg, save=str(work / "bf16"), dtype="bf16"),
+        dict(op="export", load=meg, save=str(work / "fp8"), dtype="fp8"),
+    ]))
+    start = time.perf_counter()
+    torchrun(2, str(ROOT / "tests" / "import_jobs.py"), str(jobs), str(work / "results.json"), timeout=600)
+    results = json.loads((work / "results.json").read_text())
+    assert all(r["ok"] for r in results), results
+    return {"work": work, "held_out": held_out, "train_s": train_s, "convert_s": time.perf_counter() - start}
+
+
+def test_fp8_export_of_a_trained_model_keeps_its_top1_tokens(trained, record_property):
+    """transformers reads the fp8 folder with its own FP8 loading (on CPU it dequantizes; the
+    weights it builds are exactly the definition's dequantization of the stored FP8), and its
+    top-1 tokens on held-out sequences agree with the bf16 export's."""
+    from transformers import AutoModelForCausalLM
+
+    work, tokens = trained["work"], trained["held_out"]
+    bf16, fp8 = _tensors(work / "bf16"), _tensors(work / "fp8")
+    quantized = {n for n in bf16 if n.split(".")[-2] in QUANTIZED}
+    assert len(quantized) == 14 and set(fp8) == set(bf16) | {n + "_scale_inv" for n in quantized}
+    for n in quantized:  # the import is bf16, so the bf16 export holds the stored weights exactly
+        q, s = ref_quantize(bf16[n])
+        assert _bytes(fp8[n]) == _bytes(q) and torch.equal(fp8[n + "_scale_inv"], s), n
+
+    # without a GPU transformers turns dequantize on itself (it warns) and builds plain Linears
+    models = {d: AutoModelForCausalLM.from_pretrained(str(work / d), dtype=torch.float32).eval() for d in ("hf", "bf16", "fp8")}
+    loaded = models["fp8"].state_dict()
+    for n in quantized:
+        assert torch.equal(loaded[n], ref_dequantize(fp8[n], fp8[n + "_scale_inv"])), n
+    with torch.no_grad():
+        logits = {d: m(tokens).logits for d, m in models.items()}
+    top1 = {d: x.argmax(-1) for d, x in logits.items()}
+    hit = top1["bf16"][:, :-1] == tokens[:, 1:]  # position t predicts x(t+1)
+    agree = top1["bf16"] == top1["fp8"]
+    confident = logits["bf16"].softmax(-1).amax(-1) >= 0.9  # top-1 logit at least ln 9 = 2.2 above every other
+    figures = {
+        "held_out_accuracy": hit[:, 1:].float().mean().item(),  # x2 on: the determined tokens
+        "held_out_accuracy_from_x4": hit[:, 3:].float().mean().item(),
+        "top1_agreement": agree.float().mean().item(),
+        "confident_share": confident.float().mean().item(),
+        "top1_agreement_confident": agree[confident].float().mean().item(),
+        "logit_error_bf16": (logits["bf16"] - logits["hf"]).abs().max().item(),  # against the trained fp32 model
+        "logit_error_fp8": (logits["fp8"] - logits["hf"]).abs().max().item(),
+        "train_s": round(trained["train_s"], 1), "convert_s": round(trained["convert_s"], 1),
+    }
+    for key, value in figures.items():
+        record_property(key, value)
+    print(figures)
+    # The model has learned the pattern (measured 0.95; the misses are x2 and x3, inferred from
+    # one or two differences; from x4 on 0.99) and is mostly confident (measured 0.83).
+    assert figures["held_out_accuracy"] >= 0.93 and figures["held_out_accuracy_from_x4"] >= 0.98, figures
+    assert figures["confident_share"] >= 0.75, figures
+    # Where the bf16 model is confident, FP8 rounding (logits moved by <= 0.5, measured) must not
+    # flip the top-1 token: all agree. Overall, measured 99.8 %: 4 of 2048 flips, each where the
+    # bf16 model's top two logits were within 0.05 (top-1 probability 0.37 to 0.51; x1, x2, x5);
+    # the bound, 98 %, leaves room for such unsure positions (2.3 % have a probability under 0.5).
+    assert figures["top1_agreement_confident"] == 1.0, figures
+    assert figures["top1_agreement"] >= 0.98, figures
+    # Top-1 agreement is coarse on a trained model: the scales of every tensor times 1.5, a scale
+    # grid's rows reversed, a block size of 64 or one scale per tensor still agree on >= 98.4 %
+    # overall and 100 % of the confident positions (measured); only gross errors fail it (scales
+    # inverted: 0.4 %, ignored: 87 %). The byte comparison above pins the format; this bound
+    # catches the moderate errors (they move the logits by 1.3 to 4.1): the FP8 model's logit
+    # error is measured 7.3x the bf16 export's here (6.8x and 9.7x on the random fixtures, see
+    # test_fp8_logits), the bound is 16x.
+    assert figures["logit_error_fp8"] <= 16 * figures["logit_error_bf16"], figures
