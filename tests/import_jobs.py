@@ -54,13 +54,25 @@ def grouped_gemm_stand_in(on: bool):
         grouped_gemm_util.grouped_gemm = saved
 
 
+def release_groups() -> None:
+    """Destroy megatron-core's model-parallel groups: ``destroy_model_parallel`` only forgets most
+    of them, and each gloo group keeps its threads, so every ``check`` would add a few hundred."""
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        if group is not distributed_c10d.GroupMember.WORLD:
+            dist.destroy_process_group(group)
+    parallel_state.destroy_model_parallel()
+
+
 def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int, ep: int = 1, etp: int | None = None):
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from distconv.megatron_model import build_gpt
 
-    parallel_state.destroy_model_parallel()
+    release_groups()
     parallel_state.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     with grouped_gemm_stand_in(bool(getattr(args, "moe_grouped_gemm", False))):
         model = build_gpt(args, tp, pp)
