@@ -423,9 +423,11 @@ class ReshardJob(MegatronSinkJob):
         padded = padded_vocab(int(vocab) if vocab else source_spec.padded_vocab_size, divisible_by, tp)
         self.spec = dataclasses.replace(source_spec, padded_vocab_size=padded)
         experts = bool(self.spec.num_experts)
-        grouped = bool(arg(ckpt.args, "moe_grouped_gemm", default=False) if opts.moe_grouped_gemm is None
-                       else opts.moe_grouped_gemm)
-        self.target = Target(tp, pp, ep, opts.etp, grouped and experts,
+        if opts.moe_grouped_gemm and not experts:
+            raise DistconvError("--moe-grouped-gemm: the checkpoint's model has no experts")
+        grouped = experts and bool(arg(ckpt.args, "moe_grouped_gemm", default=False) if opts.moe_grouped_gemm is None
+                                   else opts.moe_grouped_gemm)
+        self.target = Target(tp, pp, ep, opts.etp, grouped,
                              per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts))
         check_layout(self.spec, self.target)
         # every per-layer (and per-expert) tensor of the source, under its canonical name
@@ -449,9 +451,10 @@ class ReshardJob(MegatronSinkJob):
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
         args.expert_model_parallel_size, args.padded_vocab_size = ep, padded
         args.world_size, args.data_parallel_size = self.target.world, self.target.stage_ranks // tp
+        args.expert_tensor_parallel_size = self.target.expert_tp  # dense: TP, as Megatron-LM resolves it
         options = {"tp": tp, "pp": pp, "ep": ep}
         if experts:
-            args.expert_tensor_parallel_size, args.moe_grouped_gemm = self.target.expert_tp, grouped
+            args.moe_grouped_gemm = grouped
             options.update(etp=self.target.expert_tp, moe_grouped_gemm=grouped)
         self.common = {k: v for k, v in ckpt.common.items() if k not in ("optimizer", "content_metadata", "rng_state")}
         self.common["args"] = args
