@@ -487,6 +487,17 @@ def test_moe_import_args_read_back_as_the_same_spec(name):
     family.check_config(family.hf_config(spec), spec)  # export writes the same layers another way
 
 
+def test_deepseek_v3_import_is_refused_clearly():
+    from transformers import DeepseekV3Config
+
+    from distconv.engine.to_megatron import family_for
+
+    config = DeepseekV3Config()
+    config.architectures = ["DeepseekV3ForCausalLM"]
+    with pytest.raises(DistconvError, match="import of DeepseekV3ForCausalLM is not supported yet"):
+        family_for(config)
+
+
 def test_qwen_moe_layers_are_compared_by_meaning():
     from transformers import Qwen3MoeConfig
 

@@ -316,6 +316,9 @@ def family_for(config: Any) -> Family:
     by_name = {f.architecture: f for f in FAMILIES}
     if arch not in by_name:
         raise DistconvError(f"unsupported HF architecture {arch}; supported: {', '.join(sorted(by_name))}")
+    if not by_name[arch].spec_fields:  # export only: no table reads its HF config yet
+        importable = sorted(f.architecture for f in FAMILIES if f.spec_fields)
+        raise DistconvError(f"import of {arch} is not supported yet (export is); importable: {', '.join(importable)}")
     return by_name[arch]
 
 
