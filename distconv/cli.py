@@ -76,6 +76,10 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="target TP (default 1)")
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="target PP (default 1)")
     p.add_argument("--expert-model-parallel-size", type=int, default=1, help="target EP (default 1)")
+    p.add_argument("--expert-tensor-parallel-size", type=int, help="target expert TP (default: the target TP, as Megatron-LM)")
+    p.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction, default=None,
+                   help="experts chunked as megatron-core's GroupedMLP saves them, and args.moe_grouped_gemm set "
+                   "(Megatron-LM's flag; import default: no, reshard default: the source's)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
@@ -96,7 +100,7 @@ def _import_parsers(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--iteration", default="release", type=lambda s: s if s == "release" else int(s), help="iteration folder to write (default release)")
     _layout_args(imp)
     add_model_args(imp)
-    res = sub.add_parser("reshard", help="Megatron torch_dist checkpoint -> the same at another TP/PP")
+    res = sub.add_parser("reshard", help="Megatron torch_dist checkpoint -> the same at another TP/PP/EP/ETP")
     res.add_argument("--load", required=True, help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
     res.add_argument("--save", required=True, help="Megatron-LM save root to create (atomically)")
     res.add_argument("--iteration", type=lambda s: s if s == "release" else int(s), help="iteration to read (default: the tracker's)")
@@ -182,7 +186,8 @@ def _dispatch(opts: argparse.Namespace) -> int:
         from distconv.engine.to_megatron import import_hf, import_mindspore, reshard
 
         options = dict(tp=opts.tensor_model_parallel_size, pp=opts.pipeline_model_parallel_size,
-                       ep=opts.expert_model_parallel_size, iteration=opts.iteration, overwrite=opts.overwrite,
+                       ep=opts.expert_model_parallel_size, etp=opts.expert_tensor_parallel_size,
+                       moe_grouped_gemm=opts.moe_grouped_gemm, iteration=opts.iteration, overwrite=opts.overwrite,
                        timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
                        window=opts.window)
         if opts.command == "reshard":

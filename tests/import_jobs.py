@@ -40,38 +40,61 @@ def model_chunks(model) -> set:
     }
 
 
+@contextlib.contextmanager
+def grouped_gemm_stand_in(on: bool):
+    """Let megatron-core build its local ``GroupedMLP`` (the ``grouped_gemm`` package is not
+    installed here) for its ``sharded_state_dict`` only: its forward pass is never run."""
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    saved = grouped_gemm_util.grouped_gemm
+    if on and saved is None:
+        grouped_gemm_util.grouped_gemm = object()
+    try:
+        yield
+    finally:
+        grouped_gemm_util.grouped_gemm = saved
+
+
 def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int):
-    """megatron-core's GPTModel at TP x PP, loaded strictly from ``folder`` (call inside ``model_parallel``)."""
+    """megatron-core's GPTModel at TP x PP (x EP x ETP as set up by ``model_parallel``), loaded
+    strictly from ``folder`` (call inside ``model_parallel``)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     from distconv.megatron_model import build_gpt
 
-    model = build_gpt(args, tp, pp)
+    with grouped_gemm_stand_in(bool(getattr(args, "moe_grouped_gemm", False))):
+        model = build_gpt(args, tp, pp)
     with torch.serialization.safe_globals([argparse.Namespace]):
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder), strict=StrictHandling.RAISE_ALL)
     model.load_state_dict(loaded["model"])
     return model
 
 
-def check(root: str, tp: int, pp: int, tokens: list, logits_out: str) -> dict:
+def check(root: str, tp: int, pp: int, tokens: list, logits_out: str, ep: int = 1, etp: int | None = None) -> dict:
+    """Build at the target layout (TP x PP, and EP x ETP for MoE) from the checkpoint's own args;
+    the logits come from the model at TP1 PP1 EP1 (sequential experts, whatever the chunking)."""
     from distconv.megatron_model import forward_logits
 
     ckpt = describe(root)
     args = ckpt.args
-    with model_parallel(tp, pp):
+    with model_parallel(tp, pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp):
         model = build_and_load(ckpt.path, args, tp, pp)
         chunks = [None] * dist.get_world_size()
         dist.all_gather_object(chunks, model_chunks(model))
     expected = set().union(*chunks)
     stored = {(t.key, c.offsets, c.sizes) for t in ckpt.tensors.values() for c in t.chunks}
+    single = argparse.Namespace(**{**vars(args), "expert_model_parallel_size": 1, "expert_tensor_parallel_size": 1,
+                                   "moe_grouped_gemm": False})
     with model_parallel(1, 1):
-        model = build_and_load(ckpt.path, args, 1, 1)
+        model = build_and_load(ckpt.path, single, 1, 1)
         if dist.get_rank() == 0:
             torch.save(forward_logits(model, torch.tensor(tokens)), logits_out)
     return {"layout_equal": expected == stored, "only_model": sorted(stored - expected)[:5],
             "only_ckpt": sorted(expected - stored)[:5], "args_tp": args.tensor_model_parallel_size,
-            "args_pp": args.pipeline_model_parallel_size}
+            "args_pp": args.pipeline_model_parallel_size, "args_ep": getattr(args, "expert_model_parallel_size", 1),
+            "args_etp": getattr(args, "expert_tensor_parallel_size", None),
+            "args_grouped": getattr(args, "moe_grouped_gemm", False)}
 
 
 def run(job: dict) -> dict:

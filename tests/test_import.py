@@ -36,6 +36,53 @@ MODELS = {  # name -> (config class name, config overrides, dtype)
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False), torch.float32),
 }
 IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2)]
+# MoE imports: (name, TP, PP, EP, ETP (None: = TP), grouped GEMM); every layout fits the launch's 4 ranks
+MOE_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe")
+MOE_IMPORTS = [(n, *layout) for n in MOE_NAMES for layout in
+               ((1, 1, 2, None, False), (1, 2, 2, None, False), (2, 1, 2, 2, False), (2, 1, 2, 1, False))] + [
+    ("mixtral", 1, 1, 4, None, False),  # EP4: one expert per rank
+    ("mixtral", 2, 1, 2, 1, True), ("qwen2_moe", 1, 2, 2, None, True), ("qwen3_moe", 2, 1, 2, 2, True),
+]
+# exported back and compared with the source: each family at its most split layout, and each chunking
+MOE_ROUND_TRIPS = [c for c in MOE_IMPORTS if c[3:5] == (2, 1) or c[5] or c[3] == 4]
+MOE = dict(intermediate_size=32)  # the experts' width (Mixtral); Qwen's dense layers keep SMALL's 128
+MODELS.update({
+    "mixtral": ("MixtralConfig", dict(MOE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                                      tie_word_embeddings=False), torch.float32),
+    # a dense first layer, a gated shared expert, q/k/v biases, softmax over all experts then top-k
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         shared_expert_intermediate_size=48, mlp_only_layers=[0], norm_topk_prob=False,
+                                         tie_word_embeddings=False), torch.float32),
+    # 8 experts, top-3 renormalised, q/k norms, head_dim 32 (not hidden / heads), tied embeddings
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=3,
+                                         moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=True),
+                  torch.float32),
+})
+
+
+def moe_dir(name: str, tp: int, pp: int, ep: int, etp: int | None, grouped: bool) -> str:
+    return f"{name}_tp{tp}pp{pp}ep{ep}" + (f"etp{etp}" if etp not in (None, tp) else "") + ("_gg" if grouped else "")
+
+
+# MoE reshards: name -> (source, target TP, PP, EP, ETP, grouped GEMM (None: the source's)); a
+# source is an output of MOE_IMPORTS or of an earlier reshard, or ("fx/...") megatron-core's own
+# save among the test fixtures
+MOE_RESHARDS = {
+    "mixtral_ep2_to_ep1": ("mixtral_tp1pp1ep2", 1, 1, 1, None, None),
+    "mixtral_ep1_to_pp2ep2_gg": ("mixtral_ep2_to_ep1", 1, 2, 2, None, True),  # EP1 -> EP2, sequential -> grouped
+    "qwen3_moe_tp2etp2_to_tp1etp1": ("qwen3_moe_tp2pp1ep2", 1, 1, 1, None, None),
+    # PP2 -> PP1, EP2 -> EP4, TP1 -> TP2 with ETP1, grouped -> sequential
+    "qwen2_moe_gg_to_tp2ep4etp1": ("qwen2_moe_tp1pp2ep2_gg", 2, 1, 4, 1, False),
+    "fx_mixtral_to_pp2ep2": ("fx/mixtral/tp2pp1ep2etp1", 1, 2, 2, None, None),
+    "fx_qwen3_moe_to_ep4_gg": ("fx/qwen3_moe/tp2pp1ep2", 1, 1, 4, None, True),
+}
+
+
+def moe_model(key: str) -> str:
+    """The model an MoE import or reshard output holds."""
+    while key in MOE_RESHARDS:
+        key = MOE_RESHARDS[key][0]
+    return key.split("/")[1] if key.startswith("fx/") else next(n for n in MOE_NAMES if key.startswith(n + "_"))
 
 
 @torch.no_grad()
@@ -44,7 +91,7 @@ def make_hf(folder: Path, name: str) -> Path:
     import transformers
 
     cls_name, overrides, dtype = MODELS[name]
-    config = getattr(transformers, cls_name)(**SMALL, **overrides)
+    config = getattr(transformers, cls_name)(**{**SMALL, **overrides})
     config.architectures = [cls_name.replace("Config", "ForCausalLM")]
     model = transformers.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(len(name))
@@ -178,16 +225,41 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("reshard legacy", op="reshard", load=legacy, save=meg("legacy_llama", 1, 2), tp=1, pp=2)
     add("export legacy orig", op="export", load=legacy, save=str(work / "back" / "legacy_orig"))
     add("export legacy resharded", op="export", load=meg("legacy_llama", 1, 2), save=str(work / "back" / "legacy_tp1pp2"))
+    # MoE: import at EP (x ETP) layouts, check in megatron-core at that layout, export back
+    for name, tp, pp, ep, etp, grouped in MOE_IMPORTS:
+        root = str(work / "meg" / moe_dir(name, tp, pp, ep, etp, grouped))
+        key = moe_dir(name, tp, pp, ep, etp, grouped)
+        add(f"import {key}", op="import", load=str(hf[name]), save=root, tp=tp, pp=pp, ep=ep, etp=etp,
+            moe_grouped_gemm=grouped, divisible_by=64)
+        add(f"check {key}", op="check", root=root, tp=tp, pp=pp, ep=ep, etp=etp, tokens=TOKENS,
+            logits_out=str(work / f"{key}.pt"))
+        if (name, tp, pp, ep, etp, grouped) in MOE_ROUND_TRIPS:
+            add(f"export {key}", op="export", load=root, save=str(work / "back" / key))
+    for key, (source, tp, pp, ep, etp, grouped) in MOE_RESHARDS.items():
+        if source.startswith("fx/"):
+            load = str(built / source.removeprefix("fx/"))
+            tokens = torch.load(built / "refs" / f"{moe_model(key)}.pt")["tokens"].tolist()
+            add(f"export {source}", op="export", load=load, save=str(work / "back" / source.replace("/", "_")))
+        else:
+            load, tokens = str(work / "meg" / source), TOKENS
+        add(f"reshard {key}", op="reshard", load=load, save=str(work / "meg" / key), tp=tp, pp=pp, ep=ep, etp=etp,
+            moe_grouped_gemm=grouped)
+        add(f"check {key}", op="check", root=str(work / "meg" / key), tp=tp, pp=pp, ep=ep, etp=etp, tokens=tokens,
+            logits_out=str(work / f"{key}.pt"))
+        add(f"export {key}", op="export", load=str(work / "meg" / key), save=str(work / "back" / key))
     # refusals
     add("reshard fx tp4", op="reshard", load=fx, save=str(work / "bad1"), tp=4, pp=1)
     add("reshard optimizer", op="reshard", load=fx, save=str(work / "bad2"), tp=1, pp=2, with_optimizer=True)
     add("import pp3", op="import", load=str(hf["llama"]), save=str(work / "bad3"), tp=1, pp=3)
+    add("import dense ep2", op="import", load=str(hf["llama"]), save=str(work / "bad4"), tp=1, pp=1, ep=2)
+    add("import mixtral ep3", op="import", load=str(hf["mixtral"]), save=str(work / "bad5"), tp=1, pp=1, ep=3)
+    add("reshard dense etp", op="reshard", load=fx, save=str(work / "bad6"), tp=2, pp=2, etp=1)
 
     jobs_file, results_file = work / "jobs.json", work / "results.json"
     jobs_file.write_text(json.dumps(job_list))
-    torchrun(4, str(ROOT / "tests" / "import_jobs.py"), str(jobs_file), str(results_file), timeout=1200)
+    torchrun(4, str(ROOT / "tests" / "import_jobs.py"), str(jobs_file), str(results_file), timeout=2400)
     results = json.loads(results_file.read_text())
-    return {"work": work, "hf": hf, "ref": ref, "results": {k: results[i] for k, i in index.items()}}
+    return {"work": work, "hf": hf, "ref": ref, "built": built, "results": {k: results[i] for k, i in index.items()}}
 
 
 def ok(jobs: dict, key: str) -> dict:
@@ -267,15 +339,22 @@ def test_reshard_tp2pp2_to_tp4pp1(jobs):
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
 
-@pytest.mark.parametrize("key,words", [
-    ("reshard fx tp4", "num_query_groups 2 is not divisible by TP 4"),
-    ("reshard optimizer", "--with-optimizer"),
-    ("import pp3", "num_layers 4 is not divisible by PP 3"),
-])
-def test_refusals_are_one_clear_error(jobs, key, words):
+REFUSALS = {  # job -> (words of its error, the folder it must not leave)
+    "reshard fx tp4": ("num_query_groups 2 is not divisible by TP 4", "bad1"),
+    "reshard optimizer": ("--with-optimizer", "bad2"),
+    "import pp3": ("num_layers 4 is not divisible by PP 3", "bad3"),
+    "import dense ep2": ("the LlamaForCausalLM model has no experts", "bad4"),
+    "import mixtral ep3": ("num_experts 4 is not divisible by EP 3", "bad5"),
+    "reshard dense etp": ("EP and expert TP need a model with experts", "bad6"),
+}
+
+
+@pytest.mark.parametrize("key", REFUSALS)
+def test_refusals_are_one_clear_error(jobs, key):
+    words, folder = REFUSALS[key]
     result = jobs["results"][key]
     assert not result["ok"] and words in result["error"], result
-    assert not (jobs["work"] / {"reshard fx tp4": "bad1", "reshard optimizer": "bad2", "import pp3": "bad3"}[key]).exists()
+    assert not (jobs["work"] / folder).exists()
 
 
 def test_cli_import_single_process_without_cuda_patches(tmp_path):
@@ -377,3 +456,130 @@ def test_import_args_read_back_as_the_same_spec():
     for family, config in cases:
         spec = family.spec_from_hf_config(config, 256, torch.bfloat16)
         assert spec_from_args(megatron_args(spec, 2, 2, 1, 64, None)).with_vocab(VOCAB) == spec, family.architecture
+
+
+@pytest.mark.parametrize("name", MOE_NAMES + ("qwen3_moe_sparse_step",))
+def test_moe_import_args_read_back_as_the_same_spec(name):
+    """The MoE args Megatron-LM rebuilds the model from: ``spec_from_args`` reads the same spec,
+    and the layout and router args are Megatron-LM's own."""
+    import transformers
+
+    from distconv.engine.layout import per_layer_keys
+    from distconv.engine.to_megatron import family_for, megatron_args
+    from distconv.spec import spec_from_args
+
+    cls_name, overrides, _ = MODELS[name.removesuffix("_sparse_step")]
+    if name.endswith("_sparse_step"):  # layers 1 and 3 sparse, spelled differently from what export writes
+        overrides = {**overrides, "decoder_sparse_step": 2, "mlp_only_layers": []}
+    config = getattr(transformers, cls_name)(**{**SMALL, **overrides})
+    config.architectures = [cls_name.replace("Config", "ForCausalLM")]
+    family = family_for(config)
+    spec = family.spec_from_hf_config(config, 256, torch.float32)
+    args = megatron_args(spec, 2, 1, 2, 64, None, 1, True)
+    assert spec_from_args(args).with_vocab(VOCAB) == spec
+    assert (args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.moe_grouped_gemm) == (2, 1, True)
+    assert (args.world_size, args.data_parallel_size, args.transformer_impl) == (2, 1, "local")
+    expected = {"mixtral": (4, 2, False, None, 1), "qwen2_moe": (4, 2, True, 48, [0, 1, 1, 1]),
+                "qwen3_moe": (8, 3, False, None, 1), "qwen3_moe_sparse_step": (8, 3, False, None, [0, 1, 0, 1])}[name]
+    assert (args.num_experts, args.moe_router_topk, args.moe_router_pre_softmax,
+            args.moe_shared_expert_intermediate_size, args.moe_layer_freq) == expected
+    assert per_layer_keys(args.moe_layer_freq, True) == (expected[-1] != 1)
+    family.check_config(family.hf_config(spec), spec)  # export writes the same layers another way
+
+
+def test_deepseek_v3_import_is_refused_clearly():
+    from transformers import DeepseekV3Config
+
+    from distconv.engine.to_megatron import family_for
+
+    config = DeepseekV3Config()
+    config.architectures = ["DeepseekV3ForCausalLM"]
+    with pytest.raises(DistconvError, match="import of DeepseekV3ForCausalLM is not supported yet"):
+        family_for(config)
+
+
+def test_qwen_moe_layers_are_compared_by_meaning():
+    from transformers import Qwen3MoeConfig
+
+    from distconv.families.qwen3_moe import QWEN3_MOE
+
+    base = {**SMALL, **MODELS["qwen3_moe"][1]}
+    spec = QWEN3_MOE.spec_from_hf_config(Qwen3MoeConfig(**{**base, "decoder_sparse_step": 2}), 256, torch.float32)
+    assert spec.moe_layers == (False, True, False, True)
+    QWEN3_MOE.check_config(Qwen3MoeConfig(**{**base, "mlp_only_layers": [0, 2]}), spec)
+    with pytest.raises(DistconvError, match=r"decoder_sparse_step/mlp_only_layers: .* means moe_layers=\(False, True, True, True\)"):
+        QWEN3_MOE.check_config(Qwen3MoeConfig(**{**base, "mlp_only_layers": [0]}), spec)
+
+
+def test_moe_layout_flags_reach_the_options():
+    from distconv.cli import _parser
+
+    opts = _parser().parse_args(["reshard", "--load", "x", "--save", "y", "--expert-model-parallel-size", "2",
+                                 "--expert-tensor-parallel-size", "1", "--no-moe-grouped-gemm"])
+    assert (opts.expert_model_parallel_size, opts.expert_tensor_parallel_size, opts.moe_grouped_gemm) == (2, 1, False)
+    opts = _parser().parse_args(["import", "--load", "x", "--save", "y", "--moe-grouped-gemm"])
+    assert (opts.expert_tensor_parallel_size, opts.moe_grouped_gemm) == (None, True)
+
+
+# ---- MoE: import at EP x ETP, reshard across EP / ETP / TP / PP ----------------------------------
+
+def _grouped(key: str) -> bool:
+    """Whether an MoE output's experts are chunked as GroupedMLP saves them."""
+    if key in MOE_RESHARDS:
+        source, *_, grouped = MOE_RESHARDS[key]
+        return _grouped(source) if grouped is None else grouped
+    return key.endswith("_gg")  # imports are named by moe_dir; the fixtures are sequential
+
+
+def _check_layout(jobs: dict, key: str, tp: int, pp: int, ep: int, etp: int | None) -> None:
+    report = ok(jobs, f"check {key}")
+    assert report["layout_equal"], report
+    args = (report["args_tp"], report["args_pp"], report["args_ep"], report["args_etp"], report["args_grouped"])
+    assert args == (tp, pp, ep, etp or tp, _grouped(key))
+
+
+@pytest.mark.parametrize("case", MOE_IMPORTS, ids=[moe_dir(*c) for c in MOE_IMPORTS])
+def test_moe_import_loads_strictly_in_megatron_with_hf_logits(jobs, case):
+    """megatron-core built at the target TP x PP x EP x ETP (sequential experts, or its local
+    GroupedMLP) declares exactly the stored chunks, loads them with RAISE_ALL, and its logits
+    equal transformers' on the HF source."""
+    name, tp, pp, ep, etp, _ = case
+    key = moe_dir(*case)
+    ok(jobs, f"import {key}")
+    _check_layout(jobs, key, tp, pp, ep, etp)
+    megatron = torch.load(jobs["work"] / f"{key}.pt")
+    assert megatron.shape[-1] == 256 and torch.count_nonzero(megatron[..., VOCAB:]) == 0
+    assert (megatron[..., :VOCAB] - hf_logits(jobs["hf"][name])).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("case", MOE_ROUND_TRIPS, ids=[moe_dir(*c) for c in MOE_ROUND_TRIPS])
+def test_moe_hf_megatron_hf_round_trip_is_bit_exact(jobs, case):
+    key = moe_dir(*case)
+    ok(jobs, f"export {key}")
+    source, back = tensors(jobs["hf"][case[0]]), tensors(jobs["work"] / "back" / key)
+    assert sorted(source) == sorted(back)
+    for name, t in source.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+@pytest.mark.parametrize("key", MOE_RESHARDS)
+def test_moe_reshard_loads_strictly_and_exports_the_same_tensors(jobs, key):
+    """The resharded checkpoint is what megatron-core declares at the new layout, gives the same
+    logits, and exports to the same HF tensors bit for bit as its source (an imported HF model,
+    or megatron-core's own save)."""
+    source, tp, pp, ep, etp, _ = MOE_RESHARDS[key]
+    ok(jobs, f"reshard {key}")
+    _check_layout(jobs, key, tp, pp, ep, etp)
+    ok(jobs, f"export {key}")
+    megatron, name = torch.load(jobs["work"] / f"{key}.pt"), moe_model(key)
+    if source.startswith("fx/"):
+        ok(jobs, f"export {source}")
+        ref = torch.load(jobs["built"] / "refs" / f"{name}.pt")["logits"]
+        assert (megatron[..., : ref.shape[-1]] - ref).abs().max().item() <= TOL
+        orig = tensors(jobs["work"] / "back" / source.replace("/", "_"))
+    else:
+        assert (megatron[..., :VOCAB] - hf_logits(jobs["hf"][name])).abs().max().item() <= TOL
+        orig = tensors(jobs["hf"][name])
+    new = tensors(jobs["work"] / "back" / key)
+    assert sorted(orig) == sorted(new)
+    assert all(torch.equal(orig[k], new[k]) for k in orig)

@@ -1,22 +1,37 @@
-"""Where megatron-core's ``GPTModel.sharded_state_dict()`` puts each weight at a given TP x PP.
+"""Where megatron-core's ``GPTModel.sharded_state_dict()`` puts each weight at a given layout.
 
 Import and reshard write checkpoints whose keys, global shapes and chunking are exactly what a
 model built at the target layout saves and loads (checked in the tests against a real
-``GPTModel``): stacked ``decoder.layers.*`` keys with a leading layer axis, column-parallel
-tensors split on dim 0, row-parallel on dim 1, gated ``linear_fc1`` stored ``[gate; up]`` with
-``2 x TP`` fragments, replicated norms saved once, and a ``None`` ``_extra_state`` object per
-linear layer. This describes megatron-core's modules, not any model family.
+``GPTModel``, local layer spec): stacked ``decoder.layers.*`` keys with a leading layer axis,
+column-parallel tensors split on dim 0, row-parallel on dim 1, gated ``linear_fc1`` stored
+``[gate; up]`` with ``2 x TP`` fragments, replicated norms saved once, and a ``None``
+``_extra_state`` object per linear layer. This describes megatron-core's modules, not any model
+family.
+
+Mixture of experts (``Target.ep``, ``Target.etp``):
+
+- routed experts are saved under ``mlp.experts.experts.*`` with a global expert axis after the
+  layer axis, split over expert TP (ETP, by default TP) like a dense MLP; ``SequentialMLP`` (and
+  transformer-engine's ``TEGroupedMLP``) save one chunk per expert and ETP rank, the local
+  ``GroupedMLP`` (``--moe-grouped-gemm`` without transformer-engine) one chunk per EP rank
+  covering all its experts;
+- the router's ``weight`` and ``expert_bias`` and the shared expert's ``gate_weight`` are
+  replicated; the shared expert is a dense MLP split over TP;
+- models mixing dense and MoE layers (``moe_layer_freq`` a list or > 1) save per-layer keys
+  ``decoder.layers.{i}.*`` without the layer axis (megatron-core's "non-homogeneous" layers).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from distconv.errors import DistconvError
 from distconv.spec import ModelSpec
 
 _LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.(?P<sub>.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(?P<expert>\d+)\.(?P<rest>.+)$")
 # per-layer sub-name (or top-level name) -> TP-split axis; anything else is replicated
 TP_AXIS = {
     "self_attention.linear_qkv.weight": 0,
@@ -25,12 +40,75 @@ TP_AXIS = {
     "mlp.linear_fc1.weight": 0,
     "mlp.linear_fc1.bias": 0,
     "mlp.linear_fc2.weight": 1,
+    "mlp.shared_experts.linear_fc1.weight": 0,
+    "mlp.shared_experts.linear_fc1.bias": 0,
+    "mlp.shared_experts.linear_fc2.weight": 1,
     "embedding.word_embeddings.weight": 0,
     "output_layer.weight": 0,
 }
-GATED = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias")
+GATED = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.shared_experts.linear_fc1.weight",
+         "mlp.shared_experts.linear_fc1.bias")
+# one routed expert's tensors (after ``mlp.experts.{e}.``) -> expert-TP split axis
+EXPERT_TP_AXIS = {"linear_fc1.weight": 0, "linear_fc1.bias": 0, "linear_fc2.weight": 1}
+EXPERT_GATED = ("linear_fc1.weight", "linear_fc1.bias")
+# replicated per-layer tensors and top-level tensors megatron-core's GPT saves
+REPLICATED = {
+    "self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias",
+    "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias",
+    "pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias",  # the transformer-engine spec's MoE layers
+    "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
+    "self_attention.q_layernorm.bias", "self_attention.k_layernorm.bias",
+    "self_attention.linear_proj.bias", "mlp.linear_fc2.bias", "mlp.shared_experts.linear_fc2.bias",
+    "mlp.router.weight", "mlp.router.expert_bias", "mlp.shared_experts.gate_weight",
+    "decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "embedding.position_embeddings.weight",
+}
+EXPERT_REPLICATED = {"linear_fc2.bias"}
 # linear layers whose (empty, for the local and non-fp8 TE specs) extra state megatron-core saves
 EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
+ATTENTION_EXTRA_STATE = EXTRA_STATE[:2]
+SHARED_EXTRA_STATE = ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")
+EXPERT_EXTRA_STATE = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The parallel layout a checkpoint is written for, as Megatron-LM's flags name it."""
+
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None  # expert tensor parallel size; None: TP (Megatron-LM's default)
+    grouped_gemm: bool = False  # experts as the local GroupedMLP saves them (--moe-grouped-gemm)
+    per_layer: bool = False  # non-homogeneous layers: ``decoder.layers.{i}.*`` keys, no layer axis
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def stage_ranks(self) -> int:
+        """Ranks per pipeline stage in the smallest world Megatron-LM accepts: both the dense
+        (TP x DP) and the expert (ETP x EP x expert-DP) grids must fill it."""
+        return math.lcm(self.tp, self.expert_tp * self.ep)
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.stage_ranks
+
+    def describe(self, experts: bool) -> str:
+        text = f"TP{self.tp} PP{self.pp}"
+        if experts:
+            text += f" EP{self.ep} ETP{self.expert_tp}" + (" grouped-GEMM" if self.grouped_gemm else "")
+        return text
+
+
+def per_layer_keys(moe_layer_freq: object, experts: bool) -> bool:
+    """Whether megatron-core saves per-layer keys: MoE with ``moe_layer_freq`` a list or an int > 1."""
+    if not experts:
+        return False
+    if isinstance(moe_layer_freq, str) and moe_layer_freq.strip().isdigit():
+        moe_layer_freq = int(moe_layer_freq)
+    return not (isinstance(moe_layer_freq, int) and moe_layer_freq == 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +119,12 @@ class Shard:
     name: str  # per-layer Megatron name, e.g. decoder.layers.3.mlp.linear_fc1.weight
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]  # in the global tensor
-    box: tuple[slice, ...]  # inside the per-layer tensor
+    box: tuple[slice, ...]  # inside the per-layer tensor (with ``parts``: the expert axis first)
     fragments: tuple[int, ...]
-    target_rank: int  # tp_rank + TP * pp_rank
+    target_rank: int  # the rank of the target layout that saves it
+    # a grouped-GEMM chunk: the per-expert names (``name`` is the first) stacked along its expert
+    # axis; ``box[1:]`` is the box inside each of them
+    parts: tuple[str, ...] = ()
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -52,9 +133,11 @@ class Shard:
 
 @dataclasses.dataclass(frozen=True)
 class ExtraState:
+    """One ``_extra_state`` ShardedObject (saved as ``key/shard_{offsets}_{global_shape}``)."""
+
     key: str
-    layer: int
-    num_layers: int
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
     target_rank: int
 
 
@@ -64,6 +147,21 @@ def split_name(name: str) -> tuple[int | None, str]:
     return (int(m["layer"]), m["sub"]) if m else (None, name)
 
 
+def split_expert(sub: str) -> tuple[int | None, str]:
+    """``mlp.experts.5.linear_fc1.weight`` -> (5, ``linear_fc1.weight``); other names -> (None, sub)."""
+    m = _EXPERT.match(sub)
+    return (int(m["expert"]), m["rest"]) if m else (None, sub)
+
+
+def known(name: str) -> bool:
+    """Whether this module knows where megatron-core keeps the per-layer (or top-level) tensor."""
+    _, sub = split_name(name)
+    expert, rest = split_expert(sub)
+    if expert is not None:
+        return rest in EXPERT_TP_AXIS or rest in EXPERT_REPLICATED
+    return sub in TP_AXIS or sub in REPLICATED
+
+
 def stage_of(name: str, num_layers: int, pp: int) -> int:
     layer, _ = split_name(name)
     if layer is not None:
@@ -71,65 +169,109 @@ def stage_of(name: str, num_layers: int, pp: int) -> int:
     return 0 if name.startswith("embedding.") else pp - 1
 
 
-def check_layout(spec: ModelSpec, tp: int, pp: int) -> None:
-    """The divisibility megatron-core itself asserts when it builds the model at TP x PP."""
+def check_layout(spec: ModelSpec, target: Target) -> None:
+    """The divisibility megatron-core itself asserts when it builds the model at the target."""
+    tp, pp, ep, etp = target.tp, target.pp, target.ep, target.expert_tp
     problems = []
-    if tp < 1 or pp < 1:
+    if min(tp, pp, ep, etp) < 1:
         problems.append("sizes must be >= 1")
     else:
         if spec.num_layers % pp:
             problems.append(f"num_layers {spec.num_layers} is not divisible by PP {pp}")
         for what, n in (("num_attention_heads", spec.num_attention_heads), ("num_query_groups", spec.num_query_groups),
-                        ("ffn_hidden_size", spec.ffn_hidden_size), ("padded vocab", spec.padded_vocab_size)):
+                        ("ffn_hidden_size", spec.ffn_hidden_size), ("padded vocab", spec.padded_vocab_size),
+                        ("the shared expert's ffn size", spec.moe_shared_ffn_hidden_size or 0)):
             if n % tp:
                 problems.append(f"{what} {n} is not divisible by TP {tp}")
+        if spec.num_experts:
+            if spec.num_experts % ep:
+                problems.append(f"num_experts {spec.num_experts} is not divisible by EP {ep}")
+            if (spec.moe_ffn_hidden_size or spec.ffn_hidden_size) % etp:
+                problems.append(f"moe_ffn_hidden_size {spec.moe_ffn_hidden_size} is not divisible by expert TP {etp}")
+        elif ep != 1 or etp != tp:
+            problems.append("EP and expert TP need a model with experts")
     if problems:
-        raise DistconvError(f"the model cannot be laid out at TP{tp} PP{pp}: " + "; ".join(problems))
+        raise DistconvError(f"the model cannot be laid out at {target.describe(bool(spec.num_experts))}: " + "; ".join(problems))
 
 
-def shards_of(name: str, shape: tuple[int, ...], spec: ModelSpec, tp: int, pp: int) -> list[Shard]:
-    """The chunks of one per-layer tensor at TP x PP, each with the target rank that owns it."""
-    layer, sub = split_name(name)
-    key = f"decoder.layers.{sub}" if layer is not None else name
-    stage = stage_of(name, spec.num_layers, pp)
-    axis = TP_AXIS.get(sub)
-    lead = (layer,) if layer is not None else ()
-    lead_shape = (spec.num_layers,) if layer is not None else ()
+def _tp_boxes(name: str, shape: tuple[int, ...], axis: int | None, n: int,
+              gated: bool) -> list[tuple[tuple[slice, ...], tuple[int, ...], int]]:
+    """(box, fragments, TP rank) of each chunk of one tensor split ``n`` ways on ``axis``."""
     full = tuple(slice(0, s) for s in shape)
-
-    def shard(box: tuple[slice, ...], frag: tuple[int, ...], tp_rank: int) -> Shard:
-        return Shard(key, name, lead_shape + shape, lead + tuple(s.start for s in box), box,
-                     lead_shape + frag, tp_rank + tp * stage)
-
     if axis is None:
-        return [shard(full, (1,) * len(shape), 0)]
-    if shape[axis] % tp:
-        raise DistconvError(f"{name}: dim {axis} of size {shape[axis]} is not divisible by TP {tp}")
-    frag = tuple(tp if a == axis else 1 for a in range(len(shape)))
-    if sub in GATED and spec.gated_mlp:
+        return [(full, (1,) * len(shape), 0)]
+    if shape[axis] % n:
+        raise DistconvError(f"{name}: dim {axis} of size {shape[axis]} is not divisible by {n}")
+    frag = tuple(n if a == axis else 1 for a in range(len(shape)))
+    if gated:
         half = shape[0] // 2
-        step = half // tp
-        out = []
-        for r in range(tp):
-            for part in (0, 1):  # gate rows, then up rows
-                rows = slice(part * half + r * step, part * half + (r + 1) * step)
-                out.append(shard((rows,) + full[1:], (2 * tp,) + frag[1:], r))
-        return out
-    step = shape[axis] // tp
-    return [
-        shard(tuple(slice(r * step, (r + 1) * step) if a == axis else full[a] for a in range(len(shape))), frag, r)
-        for r in range(tp)
-    ]
+        step = half // n
+        return [((slice(part * half + r * step, part * half + (r + 1) * step),) + full[1:], (2 * n,) + frag[1:], r)
+                for r in range(n) for part in (0, 1)]  # gate rows, then up rows
+    step = shape[axis] // n
+    return [(tuple(slice(r * step, (r + 1) * step) if a == axis else full[a] for a in range(len(shape))), frag, r)
+            for r in range(n)]
 
 
-def extra_states(spec: ModelSpec, tp: int, pp: int) -> list[ExtraState]:
-    """One ``_extra_state`` object per linear layer and layer, saved by the stage's TP rank 0."""
-    per_stage = spec.num_layers // pp
-    return [
-        ExtraState(f"decoder.layers.{sub}._extra_state", layer, spec.num_layers, tp * (layer // per_stage))
-        for layer in range(spec.num_layers)
-        for sub in EXTRA_STATE
-    ]
+def shards_of(name: str, shape: tuple[int, ...], spec: ModelSpec, target: Target) -> list[Shard]:
+    """The chunks of one per-layer (or per-expert) tensor at the target, each with the target
+    rank that owns it. In the grouped-GEMM form an EP rank's experts make one chunk: it is
+    listed under the rank's first expert, and its other experts have none."""
+    layer, sub = split_name(name)
+    base = stage_of(name, spec.num_layers, target.pp) * target.stage_ranks
+    if layer is None or target.per_layer:
+        key, lead, lead_shape = name, (), ()
+    else:
+        key, lead, lead_shape = f"decoder.layers.{sub}", (layer,), (spec.num_layers,)
+    expert, rest = split_expert(sub) if layer is not None else (None, sub)
+    if expert is None:
+        boxes = _tp_boxes(name, shape, TP_AXIS.get(sub), target.tp, sub in GATED and spec.gated_mlp)
+        return [Shard(key, name, lead_shape + shape, lead + _starts(box), box, lead_shape + frag, base + r)
+                for box, frag, r in boxes]
+    if not spec.num_experts:
+        raise DistconvError(f"{name}: an expert tensor in a model without experts")
+    experts, etp = spec.num_experts, target.expert_tp
+    local = experts // target.ep
+    key = key.replace(f"mlp.experts.{expert}.", "mlp.experts.experts.")
+    global_shape = lead_shape + (experts,) + shape
+    rank = base + etp * (expert // local)  # expert ranks: ETP innermost, then EP (Megatron-LM's order)
+    boxes = _tp_boxes(name, shape, EXPERT_TP_AXIS.get(rest), etp, rest in EXPERT_GATED and spec.gated_mlp)
+    if not target.grouped_gemm:  # one chunk per expert
+        return [Shard(key, name, global_shape, lead + (expert,) + _starts(box), box, lead_shape + (experts,) + frag,
+                      rank + r) for box, frag, r in boxes]
+    if expert % local:
+        return []
+    parts = tuple(name.replace(f"mlp.experts.{expert}.", f"mlp.experts.{e}.") for e in range(expert, expert + local))
+    return [Shard(key, name, global_shape, lead + (expert,) + _starts(box), (slice(0, local),) + box,
+                  lead_shape + (target.ep,) + frag, rank + r, parts) for box, frag, r in boxes]
+
+
+def _starts(box: tuple[slice, ...]) -> tuple[int, ...]:
+    return tuple(s.start for s in box)
+
+
+def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
+    """One ``_extra_state`` object per linear layer (and routed expert), saved by one rank of its stage."""
+    per_stage = spec.num_layers // target.pp
+    experts = spec.num_experts or 0
+    out = []
+    for layer in range(spec.num_layers):
+        base = (layer // per_stage) * target.stage_ranks
+        moe = bool(experts) and spec.moe_layers[layer]
+        if target.per_layer:
+            prefix, shape, offsets = f"decoder.layers.{layer}.", (1,), (0,)
+        else:
+            prefix, shape, offsets = "decoder.layers.", (spec.num_layers,), (layer,)
+        subs = ATTENTION_EXTRA_STATE
+        subs += (SHARED_EXTRA_STATE if spec.moe_shared_ffn_hidden_size else ()) if moe else EXTRA_STATE[2:]
+        out += [ExtraState(f"{prefix}{sub}._extra_state", shape, offsets, base) for sub in subs]
+        if moe:
+            lead_shape, lead = ((), ()) if target.per_layer else (shape, offsets)
+            local = experts // target.ep
+            out += [ExtraState(f"{prefix}{sub}._extra_state", lead_shape + (experts,), lead + (e,),
+                               base + target.expert_tp * (e // local))
+                    for e in range(experts) for sub in EXPERT_EXTRA_STATE]
+    return out
 
 
 def padded_vocab(vocab: int, divisible_by: int, tp: int) -> int:

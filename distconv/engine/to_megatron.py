@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +31,10 @@ import torch
 
 from distconv.engine import marker
 from distconv.engine.gather import Comm
-from distconv.engine.layout import TP_AXIS, ExtraState, Shard, check_layout, extra_states, padded_vocab, shards_of, split_name
+from distconv.engine.layout import (
+    ExtraState, Shard, Target, check_layout, extra_states, known, padded_vocab, per_layer_keys, shards_of,
+)
+from distconv.engine.plan import Item as SourceItem
 from distconv.engine.plan import items_of
 from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, parse_size, run
@@ -40,7 +44,7 @@ from distconv.families import FAMILIES, Family
 from distconv.families.base import Rule
 from distconv.sinks.folder import refuse_overlap
 from distconv.sinks.megatron import save_root
-from distconv.sources.checkpoint import TRACKER, Checkpoint, Read, iteration_dir, overlaps
+from distconv.sources.checkpoint import TRACKER, Read, iteration_dir, overlaps
 from distconv.sources.hf import HFSource, Source, expected_hf_tensors, open_hf
 from distconv.sources.legacy import LegacyReader
 from distconv.sources.megatron import describe
@@ -55,6 +59,8 @@ class MegatronOptions(RunOptions):
     tp: int = 1
     pp: int = 1
     ep: int = 1
+    etp: int | None = None  # expert tensor parallel size (None: TP, as Megatron-LM)
+    moe_grouped_gemm: bool | None = None  # experts chunked as GroupedMLP saves them (import default: no; reshard: the source's)
     dtype: str = "auto"  # import: the weights' dtype (auto: the source's); reshard keeps the source's
     divisible_by: int = 128  # import: vocab padding unit (reshard: the source's args)
     iteration: int | str | None = None  # import: the folder to write (default release); reshard: the one to read
@@ -211,8 +217,9 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
     items, used = [], set()
     for rule in family.rules:
         layers = range(spec.num_layers) if "{layer}" in rule.megatron_names[0] else (None,)
-        for layer in layers:
-            fmt = {"layer": layer} if layer is not None else {}
+        experts = range(spec.num_experts or 0) if "{expert}" in rule.megatron_names[0] else (None,)
+        for layer, expert in itertools.product(layers, experts):
+            fmt = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
             hf = tuple(h.format(**fmt) for h in rule.hf_names)
             if not any(h in expected for h in hf):
                 continue
@@ -233,8 +240,8 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
     return items
 
 
-def read_shard(source: Source, item: Item, shard: Shard, spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
-    """Read one chunk: only the HF rows (and columns) it is made of.
+def read_shard(source: Source, item: Item, box: tuple[slice, ...], spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
+    """Read the ``box`` of one Megatron tensor: only the HF rows (and columns) it is made of.
 
     Running the transform on row numbers tells which row of which HF tensor each Megatron row
     comes from (0 marks vocab padding, which stays zero).
@@ -242,24 +249,27 @@ def read_shard(source: Source, item: Item, shard: Shard, spec: ModelSpec, dtype:
     rows_in = [source.shape(h)[0] for h in item.hf]
     base = max(rows_in) + 1
     codes = tuple(torch.arange(n, dtype=torch.int64) + (i + 1) * base for i, n in enumerate(rows_in))
-    rowmap = item.rule.transform.import_(codes, spec)[shard.box[0]]
-    out = torch.zeros(shard.sizes, dtype=dtype)
+    rowmap = item.rule.transform.import_(codes, spec)[box[0]]
+    out = torch.zeros(tuple(s.stop - s.start for s in box), dtype=dtype)
     for i, name in enumerate(item.hf):
         sel = rowmap // base == i + 1
         if not bool(sel.any()):
             continue
         rows = rowmap[sel] % base
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        data = source.read(name, (slice(lo, hi),) + shard.box[1:]).to(dtype)
+        data = source.read(name, (slice(lo, hi),) + box[1:]).to(dtype)
         out[sel] = data[rows - lo]
     return out
 
 
-def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int, tokenizer: str | None) -> argparse.Namespace:
+def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int, tokenizer: str | None,
+                  etp: int | None = None, grouped_gemm: bool = False) -> argparse.Namespace:
     """Megatron-LM 0.16 training args describing ``spec`` (what ``spec_from_args`` reads back)."""
     rope = spec.rope_scaling or {}
     base = spec.rotary_base
+    target = Target(tp, pp, ep, etp, grouped_gemm)
     return argparse.Namespace(
+        **_moe_args(spec, grouped_gemm),
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, ffn_hidden_size=spec.ffn_hidden_size,
         num_attention_heads=spec.num_attention_heads, kv_channels=spec.head_dim,
         group_query_attention=spec.num_query_groups != spec.num_attention_heads, num_query_groups=spec.num_query_groups,
@@ -274,11 +284,32 @@ def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int,
         qk_layernorm=spec.qk_layernorm, untie_embeddings_and_output_weights=not spec.tie_embeddings,
         vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size, make_vocab_size_divisible_by=divisible_by,
         tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer,
-        window_size=spec.window_size, num_experts=None, multi_latent_attention=False,
+        window_size=spec.window_size, multi_latent_attention=False,
         bf16=spec.train_dtype == torch.bfloat16, fp16=spec.train_dtype == torch.float16, params_dtype=spec.train_dtype,
         init_method_std=spec.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep, world_size=tp * pp, data_parallel_size=1, ckpt_format="torch_dist",
-        transformer_impl="transformer_engine",
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=target.expert_tp, world_size=target.world,
+        data_parallel_size=target.stage_ranks // tp, ckpt_format="torch_dist",
+        # the keys written are the local layer spec's; for dense models they equal transformer-engine's,
+        # for MoE layers not (the local spec saves the pre-MLP norm as mlp.linear_fc1.layer_norm_weight)
+        transformer_impl="local" if spec.num_experts else "transformer_engine",
+    )
+
+
+def _moe_args(spec: ModelSpec, grouped_gemm: bool) -> dict[str, Any]:
+    """The MoE args Megatron-LM rebuilds the same model from (``num_experts`` None: dense)."""
+    if not spec.num_experts:
+        return {"num_experts": None}
+    return dict(
+        num_experts=spec.num_experts, moe_ffn_hidden_size=spec.moe_ffn_hidden_size, moe_router_topk=spec.moe_topk,
+        moe_router_pre_softmax=spec.moe_pre_softmax, moe_router_score_function=spec.moe_score_function,
+        moe_router_topk_scaling_factor=spec.moe_scaling_factor, moe_router_enable_expert_bias=spec.moe_expert_bias,
+        moe_router_num_groups=spec.moe_num_groups, moe_router_group_topk=spec.moe_group_topk,
+        moe_router_load_balancing_type=spec.moe_routing_type, moe_expert_capacity_factor=spec.moe_capacity_factor,
+        moe_shared_expert_intermediate_size=spec.moe_shared_ffn_hidden_size,
+        moe_shared_expert_gate=spec.moe_shared_gate,
+        # every layer MoE: 1 (stacked keys); otherwise Megatron-LM's per-layer 0/1 list
+        moe_layer_freq=1 if all(spec.moe_layers) else [int(m) for m in spec.moe_layers],
+        moe_grouped_gemm=grouped_gemm,
     )
 
 
@@ -287,6 +318,9 @@ def family_for(config: Any) -> Family:
     by_name = {f.architecture: f for f in FAMILIES}
     if arch not in by_name:
         raise DistconvError(f"unsupported HF architecture {arch}; supported: {', '.join(sorted(by_name))}")
+    if not by_name[arch].spec_fields:  # export only: no table reads its HF config yet
+        importable = sorted(f.architecture for f in FAMILIES if f.spec_fields)
+        raise DistconvError(f"import of {arch} is not supported yet (export is); importable: {', '.join(importable)}")
     return by_name[arch]
 
 
@@ -303,49 +337,66 @@ class ImportJob(MegatronSinkJob):
             dtypes = {tensors.dtype(n) for n in tensors.names()}
             if len(dtypes) != 1:
                 raise DistconvError(f"the source mixes dtypes {sorted(map(str, dtypes))}; pass --dtype")
-            target = dtypes.pop()
+            dtype = dtypes.pop()
         elif opts.dtype in DTYPES:
-            target = DTYPES[opts.dtype]
+            dtype = DTYPES[opts.dtype]
         else:
             raise DistconvError(f"--dtype {opts.dtype}: choose auto, bf16, fp16 or fp32")
-        if ep != 1:
-            raise DistconvError(f"--expert-model-parallel-size {ep}: the {family.architecture} model has no experts; use 1")
         self.family, self.source, self.what = family, tensors, source.what
-        self.spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), target)
-        check_layout(self.spec, tp, pp)
+        self.spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), dtype)
+        experts = bool(self.spec.num_experts)
+        if not experts and (ep != 1 or opts.etp not in (None, tp) or opts.moe_grouped_gemm):
+            raise DistconvError(f"--expert-model-parallel-size {ep}, --expert-tensor-parallel-size, --moe-grouped-gemm: "
+                                f"the {family.architecture} model has no experts")
+        grouped = bool(opts.moe_grouped_gemm)
+        self.target = Target(tp, pp, ep, opts.etp, grouped, per_layer=experts and not all(self.spec.moe_layers))
+        check_layout(self.spec, self.target)
         self.items = {item.name: item for item in _items(family, self.spec, tensors, expected_hf_tensors(config))}
-        shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, tp, pp)]
+        shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, self.target)]
         self.iteration = "release" if opts.iteration is None else opts.iteration
-        self.plan = ChunkPlan(shards, extra_states(self.spec, tp, pp), [target] * len(shards),
+        self.plan = ChunkPlan(shards, extra_states(self.spec, self.target), [dtype] * len(shards),
                               [self._planned_read(s) for s in shards], world, iteration_dir(self.iteration))
-        args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer)
+        args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer, opts.etp, grouped)
         self.common = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if self.iteration == "release" else int(self.iteration),
                        "num_floating_point_operations_so_far": 0}
-        self.layout, self.window = f"TP{tp} PP{pp}", parse_size(opts.window, "--window")
+        self.layout, self.window = self.target.describe(experts), parse_size(opts.window, "--window")
         self.save = Path(opts.save).resolve()
         self.inputs = source.inputs
         refuse_overlap(self.save, self.inputs)
+        options = {"tp": tp, "pp": pp, "ep": ep}
+        if experts:
+            options.update(etp=self.target.expert_tp, moe_grouped_gemm=grouped)
         self.identity = {"source": source.identity, "options": {
-            "tp": tp, "pp": pp, "ep": ep, "dtype": str(target).removeprefix("torch."),
-            "divisible_by": opts.divisible_by, "iteration": self.iteration}}
+            **options, "dtype": str(dtype).removeprefix("torch."), "divisible_by": opts.divisible_by,
+            "iteration": self.iteration}}
         self.warnings: list[str] = []
+
+    def _parts(self, shard: Shard) -> list[tuple[Item, tuple[slice, ...]]]:
+        """The Megatron tensors a chunk is cut from, each with its box (grouped-GEMM chunks: one per expert)."""
+        if shard.parts:
+            return [(self.items[p], shard.box[1:]) for p in shard.parts]
+        return [(self.items[shard.name], shard.box)]
 
     def _planned_read(self, shard: Shard) -> int:
         """Bytes of the source a chunk is cut from: its rows and columns, padding rows excluded."""
-        item = self.items[shard.name]
-        rows = sum(self.source.shape(h)[0] for h in item.hf)
-        kept = min(shard.sizes[0], max(0, rows - shard.box[0].start))
-        return kept * _numel(shard.sizes[1:]) * max(self.source.dtype(h).itemsize for h in item.hf)
+        total = 0
+        for item, box in self._parts(shard):
+            rows = sum(self.source.shape(h)[0] for h in item.hf)
+            kept = min(box[0].stop - box[0].start, max(0, rows - box[0].start))
+            total += kept * _numel(tuple(s.stop - s.start for s in box[1:])) * max(self.source.dtype(h).itemsize for h in item.hf)
+        return total
 
     def read(self, n: int) -> torch.Tensor:
-        shard = self.plan.shards[n]
-        return read_shard(self.source, self.items[shard.name], shard, self.spec, self.plan.dtypes[n])
+        shard, dtype = self.plan.shards[n], self.plan.dtypes[n]
+        parts = [read_shard(self.source, item, box, self.spec, dtype) for item, box in self._parts(shard)]
+        return torch.stack(parts) if shard.parts else parts[0]
 
     def source_files(self, rank: int) -> list[str]:
         where = getattr(self.source, "file_of", None)
         if where is None:
             return []
-        names = {h for n, s in enumerate(self.plan.shards) if self.plan.owner(n) == rank for h in self.items[s.name].hf}
+        names = {h for n, s in enumerate(self.plan.shards) if self.plan.owner(n) == rank
+                 for item, _ in self._parts(s) for h in item.hf}
         return sorted({where(h) for h in names})
 
     def summary(self, world: int) -> str:
@@ -357,20 +408,11 @@ class ImportJob(MegatronSinkJob):
 
 # ---- reshard: a Megatron checkpoint, re-chunked ---------------------------------------------
 
-# replicated per-layer tensors and top-level tensors megatron-core's dense GPT saves
-REPLICATED = {
-    "self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias",
-    "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias",
-    "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
-    "self_attention.q_layernorm.bias", "self_attention.k_layernorm.bias",
-    "self_attention.linear_proj.bias", "mlp.linear_fc2.bias",
-    "decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "embedding.position_embeddings.weight",
-}
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 class ReshardJob(MegatronSinkJob):
-    """A Megatron checkpoint (torch_dist or legacy) into a save root at another TP x PP."""
+    """A Megatron checkpoint (torch_dist or legacy) into a save root at another TP x PP (x EP x ETP)."""
 
     kind = "reshard"
 
@@ -379,85 +421,100 @@ class ReshardJob(MegatronSinkJob):
         if opts.with_optimizer:
             raise DistconvError("--with-optimizer: resharding optimizer state is not supported yet; reshard the weights "
                                 "and start the next job with --no-load-optim --no-load-rng (or --finetune)")
-        if ep != 1:
-            raise DistconvError("--expert-model-parallel-size: reshard handles dense GPT models only (EP 1)")
         ckpt = self.ckpt = describe(load, opts.iteration)
         source_spec = spec_from_args(ckpt.args)
         vocab = arg(ckpt.args, "vocab_size")
         divisible_by = int(arg(ckpt.args, "make_vocab_size_divisible_by", default=128))
         padded = padded_vocab(int(vocab) if vocab else source_spec.padded_vocab_size, divisible_by, tp)
         self.spec = dataclasses.replace(source_spec, padded_vocab_size=padded)
-        check_layout(self.spec, tp, pp)
-        shards = []
+        experts = bool(self.spec.num_experts)
+        if opts.moe_grouped_gemm and not experts:
+            raise DistconvError("--moe-grouped-gemm: the checkpoint's model has no experts")
+        grouped = experts and bool(arg(ckpt.args, "moe_grouped_gemm", default=False) if opts.moe_grouped_gemm is None
+                                   else opts.moe_grouped_gemm)
+        self.target = Target(tp, pp, ep, opts.etp, grouped,
+                             per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts))
+        check_layout(self.spec, self.target)
+        # every per-layer (and per-expert) tensor of the source, under its canonical name
+        self.items: dict[str, SourceItem] = {}
         for info in ckpt.tensors.values():
-            for item in items_of(info, self.spec.num_layers):
-                layer, sub = split_name(item.name)
-                if sub not in TP_AXIS and sub not in REPLICATED:
-                    raise DistconvError(f"reshard does not know megatron-core's layout of {item.key} "
-                                        "(supported: dense GPT layers)")
-                shape = (padded,) + item.shape[1:] if item.key in VOCAB_KEYS else item.shape
-                shards += shards_of(item.name, shape, self.spec, tp, pp)
+            for item in items_of(info, self.spec.num_layers, self.spec.num_experts):
+                if not known(item.name):
+                    raise DistconvError(f"reshard does not know megatron-core's layout of {item.key} ({item.name})")
+                self.items[item.name] = item
+        shards = []
+        for item in self.items.values():
+            shape = (padded,) + item.shape[1:] if item.key in VOCAB_KEYS else item.shape
+            shards += shards_of(item.name, shape, self.spec, self.target)
         self.iteration = ckpt.iteration
-        self.sources = [_read(s, ckpt, n) for n, s in enumerate(shards)]
-        dtypes = [ckpt.tensors[_source_key(s, ckpt)].dtype for s in shards]
-        reads = [_numel(r.sizes) * d.itemsize if r is not None else 0 for r, d in zip(self.sources, dtypes)]
-        self.plan = ChunkPlan(shards, extra_states(self.spec, tp, pp), dtypes, reads, world, iteration_dir(self.iteration))
+        self.sources = [self._reads(s, n) for n, s in enumerate(shards)]
+        dtypes = [ckpt.tensors[self.items[s.name].key].dtype for s in shards]
+        reads = [sum(_numel(r.sizes) for r in rs) * d.itemsize for rs, d in zip(self.sources, dtypes)]
+        self.plan = ChunkPlan(shards, extra_states(self.spec, self.target), dtypes, reads, world,
+                              iteration_dir(self.iteration))
         args = argparse.Namespace(**vars(ckpt.args))
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
         args.expert_model_parallel_size, args.padded_vocab_size = ep, padded
-        args.world_size, args.data_parallel_size = tp * pp, 1
+        args.world_size, args.data_parallel_size = self.target.world, self.target.stage_ranks // tp
+        args.expert_tensor_parallel_size = self.target.expert_tp  # dense: TP, as Megatron-LM resolves it
+        options = {"tp": tp, "pp": pp, "ep": ep}
+        if experts:
+            args.moe_grouped_gemm = grouped
+            options.update(etp=self.target.expert_tp, moe_grouped_gemm=grouped)
         self.common = {k: v for k, v in ckpt.common.items() if k not in ("optimizer", "content_metadata", "rng_state")}
         self.common["args"] = args
         self.common["checkpoint_version"] = 3.0  # legacy sources are read into megatron-core's QKV order
-        self.layout, self.window = f"TP{tp} PP{pp}", parse_size(opts.window, "--window")
+        self.layout, self.window = self.target.describe(experts), parse_size(opts.window, "--window")
         self.save = Path(opts.save).resolve()
         self.inputs = (load, ckpt.path)
         refuse_overlap(self.save, self.inputs)
-        self.identity = marker.source_of(ckpt, {"tp": tp, "pp": pp, "ep": ep})
+        self.identity = marker.source_of(ckpt, options)
         self.warnings = []
         self._reader: LegacyReader | LocalReader | None = None
 
+    def _reads(self, shard: Shard, n: int) -> list[Read]:
+        """The parts of ``shard`` that exist in the source (vocab rows past the source's padding do
+        not), one per source tensor it is cut from (grouped-GEMM chunks: one per expert)."""
+        parts = shard.parts or (shard.name,)
+        box = shard.box[1:] if shard.parts else shard.box
+        out = []
+        for i, name in enumerate(parts):
+            item = self.items.get(name)
+            if item is None:
+                raise DistconvError(f"the checkpoint lacks {name}, part of {shard.key} at the target layout")
+            info = self.ckpt.tensors[item.key]
+            sizes = [s.stop - s.start for s in box]
+            if shard.key in VOCAB_KEYS:
+                sizes[0] = max(0, min(box[0].stop, item.shape[0]) - box[0].start)
+                if sizes[0] == 0:
+                    continue
+            dest = ((slice(i, i + 1),) if shard.parts else ()) + tuple(slice(0, s) for s in sizes)
+            out.append(Read(n, 0, item.key, info.shape, item.index + tuple(s.start for s in box),
+                            (1,) * len(item.index) + tuple(sizes), dest))
+        return out
+
     def read(self, n: int) -> torch.Tensor:
-        shard, read, dtype = self.plan.shards[n], self.sources[n], self.plan.dtypes[n]
+        shard, reads, dtype = self.plan.shards[n], self.sources[n], self.plan.dtypes[n]
         full = torch.zeros(shard.sizes, dtype=dtype)  # vocab rows beyond the source's stay zero
-        if read is not None:
+        if reads:
             if self._reader is None:
                 self._reader = LegacyReader(self.ckpt) if self.ckpt.format == "legacy" else LocalReader(self.ckpt)
-            data = self._reader.read([read], dtype)[0]
-            full[read.dest] = data.reshape(full[read.dest].shape)
+            for read, data in zip(reads, self._reader.read(reads, dtype)):
+                full[read.dest] = data.reshape(full[read.dest].shape)
         return full
 
     def source_files(self, rank: int) -> list[str]:
         files = set()
-        for n, read in enumerate(self.sources):
-            if read is not None and self.plan.owner(n) == rank:
-                files |= {c.file for c, _, _ in overlaps(read, self.ckpt.tensors[read.key].chunks)}
+        for n, reads in enumerate(self.sources):
+            if self.plan.owner(n) == rank:
+                for read in reads:
+                    files |= {c.file for c, _, _ in overlaps(read, self.ckpt.tensors[read.key].chunks)}
         return sorted(files)
 
     def summary(self, world: int) -> str:
         return (f"reshard     {self.ckpt.path} ({self.ckpt.format}) -> {self.layout}: {len(self.plan.shards)} chunks "
                 f"({self.plan.total_bytes / 1e9:.3f} GB), padded vocab {self.spec.padded_vocab_size}, by {world} rank(s); "
                 "optimizer and RNG state not carried")
-
-
-def _source_key(shard: Shard, ckpt: Checkpoint) -> str:
-    """The source key holding ``shard``: stacked like the target, or per layer (legacy sources)."""
-    return shard.key if shard.key in ckpt.tensors else shard.name
-
-
-def _read(shard: Shard, ckpt: Checkpoint, n: int) -> Read | None:
-    """The part of ``shard`` that exists in the source (vocab rows past the source's padding do not)."""
-    key = _source_key(shard, ckpt)
-    info = ckpt.tensors[key]
-    lead = len(info.shape) - len(shard.sizes)  # 1 for a stacked source, 0 for a per-layer one
-    offsets = list(shard.offsets[len(shard.offsets) - len(shard.sizes) - lead:])
-    sizes = list((1,) * lead + shard.sizes)
-    if shard.key in VOCAB_KEYS:
-        sizes[0] = max(0, min(offsets[0] + sizes[0], info.shape[0]) - offsets[0])
-        if sizes[0] == 0:
-            return None
-    dest = tuple(slice(0, s) for s in sizes[len(sizes) - len(shard.sizes):])
-    return Read(n, 0, key, info.shape, tuple(offsets), tuple(sizes), dest)
 
 
 # ---- entry points ---------------------------------------------------------------------------

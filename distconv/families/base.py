@@ -130,6 +130,10 @@ class Family:
     detect: Callable[[ModelSpec], bool] = lambda spec: True
     spec_fields: tuple[tuple[str, Callable[[PretrainedConfig], Any]], ...] = ()  # spec field <- HF config (import)
     nullable: tuple[str, ...] = ()  # HF fields where None is a value (written and compared), not "unset"
+    # spec field <- the HF fields that spell it together in more than one way (Qwen-MoE's
+    # decoder_sparse_step and mlp_only_layers): a given config is compared by the spec field it
+    # reads as (``spec_fields``), not field by field
+    spelled_by: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     def unsupported(self, spec: ModelSpec) -> list[str]:
         """Reasons this family cannot express ``spec`` exactly (empty when it can)."""
@@ -166,8 +170,15 @@ class Family:
     def check_config(self, config: PretrainedConfig, spec: ModelSpec) -> None:
         """A user-given HF config must agree with the checkpoint on every architectural field."""
         conflicts = []
+        spelled = {hf for _, fields in self.spelled_by for hf in fields}
+        readers = dict(self.spec_fields)
+        for field, fields in self.spelled_by:
+            theirs = readers[field](config)
+            if theirs != getattr(spec, field):
+                conflicts.append(f"{'/'.join(fields)}: HF config {', '.join(f'{f}={_hf_value(config, f)!r}' for f in fields)} "
+                                 f"means {field}={theirs!r}, checkpoint {getattr(spec, field)!r}")
         for name, fn in self.config_fields:
-            if name in _ADVISORY_FIELDS:
+            if name in _ADVISORY_FIELDS or name in spelled:
                 continue
             ours, theirs = fn(spec), _hf_value(config, name)
             if name == "vocab_size":

@@ -5,8 +5,8 @@ from __future__ import annotations
 from transformers import MixtralConfig
 
 from distconv.families.base import Family
-from distconv.families.llama import RULES
-from distconv.families.moe import SOFTMAX_REQUIRES, expert_rules, fields
+from distconv.families.llama import RULES, spec_fields
+from distconv.families.moe import SOFTMAX_REQUIRES, expert_rules, fields, with_fields
 
 MIXTRAL = Family(
     architecture="MixtralForCausalLM",
@@ -24,4 +24,11 @@ MIXTRAL = Family(
         ("num_experts_per_tok", lambda s: s.moe_topk),
     ),
     detect=lambda spec: bool(spec.num_experts),
+    spec_fields=with_fields(
+        spec_fields(window_size=lambda c: (c.sliding_window - 1, 0) if c.sliding_window else None),
+        num_experts=lambda c: c.num_local_experts,
+        moe_layers=lambda c: (True,) * c.num_hidden_layers,
+        moe_ffn_hidden_size=lambda c: c.intermediate_size,
+        moe_topk=lambda c: c.num_experts_per_tok,
+    ),
 )

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from transformers import PretrainedConfig
+
 from distconv.families.base import GATE_UP, Rule
 from distconv.families.llama import CONFIG_FIELDS, REQUIRES, H, L
 from distconv.spec import ModelSpec
@@ -88,3 +90,29 @@ QWEN_MOE_FIELDS = fields(drop=("head_dim",)) + (
     ("decoder_sparse_step", lambda s: 1),
     ("mlp_only_layers", dense_layers),
 )
+
+
+# ---- import: ModelSpec fields <- HF config ----------------------------------------------------
+
+def with_fields(base: tuple, **extra: Callable[[PretrainedConfig], Any]) -> tuple:
+    """Spec fields ``base`` (a relative of Llama's) with fields added (MoE fields, not in Llama's)."""
+    return base + tuple(extra.items())
+
+
+def qwen_moe_layers(c: PretrainedConfig) -> tuple[bool, ...]:
+    """HF Qwen-MoE: a layer is sparse unless in ``mlp_only_layers``, every ``decoder_sparse_step``-th."""
+    dense = set(c.mlp_only_layers or ())
+    return tuple(i not in dense and c.num_experts > 0 and (i + 1) % c.decoder_sparse_step == 0
+                 for i in range(c.num_hidden_layers))
+
+
+# the router: Qwen's norm_topk_prob renormalises the top-k weights (megatron-core: no pre-softmax)
+QWEN_MOE_SPEC = dict(
+    num_experts=lambda c: c.num_experts,
+    moe_layers=qwen_moe_layers,
+    moe_ffn_hidden_size=lambda c: c.moe_intermediate_size,
+    moe_topk=lambda c: c.num_experts_per_tok,
+    moe_pre_softmax=lambda c: not c.norm_topk_prob,
+)
+# decoder_sparse_step=2 and mlp_only_layers=[0, 2] (say) mean the same layers
+QWEN_MOE_SPELLED_BY = (("moe_layers", ("decoder_sparse_step", "mlp_only_layers")),)

@@ -5,8 +5,10 @@ from __future__ import annotations
 from transformers import Qwen2MoeConfig
 
 from distconv.families.base import QKV, Family, Rule
-from distconv.families.llama import RULES, H, L
-from distconv.families.moe import QWEN_MOE_FIELDS, SOFTMAX_REQUIRES, expert_rules, shared_expert_rules
+from distconv.families.llama import RULES, H, L, spec_fields
+from distconv.families.moe import (
+    QWEN_MOE_FIELDS, QWEN_MOE_SPEC, QWEN_MOE_SPELLED_BY, SOFTMAX_REQUIRES, expert_rules, shared_expert_rules, with_fields,
+)
 
 QWEN2_MOE = Family(
     architecture="Qwen2MoeForCausalLM",
@@ -27,4 +29,15 @@ QWEN2_MOE = Family(
         ("qkv_bias", lambda s: s.add_qkv_bias),
     ),
     detect=lambda spec: bool(spec.num_experts and spec.moe_shared_ffn_hidden_size),
+    spec_fields=with_fields(
+        spec_fields(
+            add_bias_linear=lambda c: False,
+            add_qkv_bias=lambda c: bool(c.qkv_bias),
+            window_size=lambda c: (c.sliding_window - 1, 0) if getattr(c, "use_sliding_window", False) else None,
+        ),
+        **QWEN_MOE_SPEC,
+        moe_shared_ffn_hidden_size=lambda c: c.shared_expert_intermediate_size,
+        moe_shared_gate=lambda c: True,
+    ),
+    spelled_by=QWEN_MOE_SPELLED_BY,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import Qwen3MoeConfig
 
 from distconv.families.base import Family
-from distconv.families.moe import QWEN_MOE_FIELDS, SOFTMAX_REQUIRES, expert_rules
+from distconv.families.moe import QWEN_MOE_FIELDS, QWEN_MOE_SPEC, QWEN_MOE_SPELLED_BY, SOFTMAX_REQUIRES, expert_rules, with_fields
 from distconv.families.qwen3 import QWEN3
 
 QWEN3_MOE = Family(
@@ -15,4 +15,6 @@ QWEN3_MOE = Family(
     requires={**SOFTMAX_REQUIRES, "qk_layernorm": True, "moe_shared_ffn_hidden_size": None},
     config_fields=QWEN_MOE_FIELDS + (("attention_bias", lambda s: False),),
     detect=lambda spec: bool(spec.num_experts and spec.qk_layernorm),
+    spec_fields=with_fields(QWEN3.spec_fields, **QWEN_MOE_SPEC),
+    spelled_by=QWEN_MOE_SPELLED_BY,
 )

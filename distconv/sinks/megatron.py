@@ -52,7 +52,7 @@ def sharded_tensor(shard: Shard, dtype: torch.dtype):
 def extra_state_object(extra: ExtraState):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    return ShardedObject(extra.key, None, (extra.num_layers,), (extra.layer,), replica_id=0)
+    return ShardedObject(extra.key, None, extra.global_shape, extra.offsets, replica_id=0)
 
 
 def _strategy(fetch: Fetch, group: Any):
