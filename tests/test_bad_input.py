@@ -7,6 +7,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -212,3 +214,24 @@ def test_user_error_finds_the_cause_behind_dcp_and_megatron_wrappers():
     except RuntimeError as e:
         assert str(user_error(e)) == "RuntimeError: save failed"
     assert str(user_error(ValueError("a\nKeyError: b"), "reading x")) == "reading x failed: KeyError: b"
+
+
+def test_user_error_names_a_short_write_without_errno(tmp_path):
+    """torch.save reports a write cut short by a size limit only as "unexpected pos"; the error
+    says which limit when the folder being written shows it."""
+    script = (
+        "import resource, signal, sys, torch\n"
+        "from pathlib import Path\n"
+        "from distconv.errors import user_error\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "folder = Path(sys.argv[1])\n"
+        "try:\n"
+        "    torch.save({'w': torch.zeros(100_000)}, folder / 'common.pt')\n"
+        "except Exception as e:\n"
+        "    print(user_error(e, 'writing', writing=folder))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("writing failed: File too large: a file under"), proc.stdout
+    assert "(100000 bytes)" in proc.stdout, proc.stdout

@@ -105,6 +105,6 @@ def save_root(comm: Any, tmp: Path, *, shards: list[Shard], extras: list[ExtraSt
     except BaseException as e:  # DCP's CheckpointException is a BaseException
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
-        raise user_error(e, f"writing the Megatron checkpoint into {ckpt}") from e
+        raise user_error(e, f"writing the Megatron checkpoint into {ckpt}", writing=ckpt) from e
     if comm.rank == 0:
         (tmp / TRACKER).write_text(str(iteration))
