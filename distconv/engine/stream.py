@@ -11,6 +11,8 @@ joined before ``export`` returns, on success and on error.
 
 from __future__ import annotations
 
+import ctypes
+import os
 import queue
 import threading
 from typing import Callable, Hashable, Iterator
@@ -148,6 +150,28 @@ class WriterThread:
         self._queue.put(None)
         self._thread.join()
         return self.error
+
+
+def heap_trimmer() -> Callable[[], None]:
+    """A function that hands the free space of glibc's heaps back to the system
+    (``malloc_trim(0)``); one that does nothing where the C library is not glibc.
+
+    Once glibc has seen a block of a few MB freed, it raises its mmap threshold to that size
+    (up to 32 MiB), and from then on chunk-sized tensors come from its heaps, where freed space
+    mostly stays resident. Import and reshard allocate and free thousands of chunks, a few at
+    a time; measured, a 1-rank import kept 100-290 MB of freed heap resident at its peak, more
+    or less from run to run and more for a larger model. Trimming after each chunk keeps the
+    peak to what is live (``tests/benchmarks``: the same figure for 0.5 and 2 GB models), for
+    about 0.2 s of CPU per GB (the pages handed back are faulted in again when reused).
+    """
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return lambda: None
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, ValueError, OSError):  # not glibc, or not a POSIX system
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0) and None
 
 
 class ReadAhead:

@@ -38,7 +38,7 @@ from distconv.engine.plan import Item as SourceItem
 from distconv.engine.plan import items_of
 from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, parse_size, run
-from distconv.engine.stream import ReadAhead
+from distconv.engine.stream import ReadAhead, heap_trimmer
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family
 from distconv.families.base import Rule
@@ -156,6 +156,7 @@ class MegatronSinkJob:
         # the order megatron-core's save hands DCP the chunks: by key (first seen), then in plan order
         keys = list(dict.fromkeys(k for k, _ in mine))
         order = [c for key in keys for c in mine if c[0] == key]
+        trim = heap_trimmer()  # chunks written and freed go back to the system, not to glibc's heaps
         ahead = ReadAhead(order, {c: plan.nbytes(n) for c, n in mine.items()}, lambda c: self.read(mine[c]),
                           self.window)
 
@@ -164,6 +165,7 @@ class MegatronSinkJob:
             n = mine.get((key, offsets))
             if n is None:
                 raise DistconvError(f"internal: rank {comm.rank} was asked for a chunk of {key} at {offsets} it does not own")
+            trim()
             data = ahead.take((key, offsets))
             written += plan.nbytes(n)
             tracker.advance(plan.reads[n], written)

@@ -1,8 +1,9 @@
 """Generate a large, real megatron-core torch_dist checkpoint for the benchmark (under torchrun).
 
-    torchrun --nproc-per-node 4 tests/benchmarks/make_checkpoint.py --out DIR --gb 2 [--tp 2 --pp 2]
+    torchrun --nproc-per-node 4 tests/benchmarks/make_checkpoint.py --out DIR --gb 2 [--tp 2 --pp 2] [--hidden 1024]
 
-A Llama-shaped ``GPTModel`` (hidden 1024, GQA, SwiGLU, untied, bf16) with as many layers as
+A Llama-shaped ``GPTModel`` (hidden 1024 unless ``--hidden``, head size 64, 4 query heads per
+key-value group, SwiGLU with FFN 2.75 x hidden, vocab 32000, untied, bf16) with as many layers as
 the requested weight size needs, random bf16 weights, and Adam moments (fp32 ``exp_avg`` and
 ``exp_avg_sq``, laid out like the weights) as training leaves them, saved like Megatron-LM.
 The moments are views of one random buffer per rank so that generating them costs no memory;
@@ -21,17 +22,19 @@ from distconv.testing.build import Fixture, save_layout
 from distconv.megatron_model import build_gpt, cpu_compat
 from distconv.testing.megatron_cpu import megatron_args
 
-HIDDEN, FFN, HEADS, GROUPS, VOCAB = 1024, 2816, 16, 4, 32000
+HIDDEN, HEAD_DIM, VOCAB = 1024, 64, 32000
 
 
-def shape_args(gb: float, tp: int, pp: int, world: int) -> argparse.Namespace:
-    kv = HIDDEN // HEADS
-    per_layer = ((HEADS + 2 * GROUPS) * kv * HIDDEN + HIDDEN * HEADS * kv + 3 * FFN * HIDDEN + 2 * HIDDEN) * 2
-    embeddings = 2 * VOCAB * HIDDEN * 2
+def shape_args(gb: float, tp: int, pp: int, world: int, hidden: int = HIDDEN) -> argparse.Namespace:
+    heads = hidden // HEAD_DIM
+    groups = max(1, heads // 4)
+    ffn = round(2.75 * hidden / 64) * 64
+    per_layer = ((heads + 2 * groups) * HEAD_DIM * hidden + hidden * heads * HEAD_DIM + 3 * ffn * hidden + 2 * hidden) * 2
+    embeddings = 2 * VOCAB * hidden * 2
     layers = max(pp, round((gb * 1e9 - embeddings) / per_layer) // pp * pp)
     return megatron_args(
-        num_layers=layers, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,
-        num_query_groups=GROUPS, padded_vocab_size=VOCAB, vocab_size=VOCAB, max_position_embeddings=4096,
+        num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+        num_query_groups=groups, padded_vocab_size=VOCAB, vocab_size=VOCAB, max_position_embeddings=4096,
         seq_length=4096, bf16=True, params_dtype=torch.bfloat16, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp, world_size=world, data_parallel_size=world // (tp * pp),
     )
@@ -43,6 +46,8 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=2.0, help="model weight size in GB (bf16)")
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
+    parser.add_argument("--hidden", type=int, default=HIDDEN,
+                        help="hidden size (a multiple of 256): wider models have larger chunks and fewer layers")
     parser.add_argument("--no-optimizer", action="store_true",
                         help="skip the Adam moments (megatron-core's save stages a copy of every tensor "
                              "in RAM, so very large checkpoints with moments do not fit on small machines)")
@@ -51,7 +56,7 @@ def main() -> None:
     from megatron.core import parallel_state
 
     parallel_state.initialize_model_parallel(opts.tp, opts.pp)
-    args = shape_args(opts.gb, opts.tp, opts.pp, dist.get_world_size())
+    args = shape_args(opts.gb, opts.tp, opts.pp, dist.get_world_size(), opts.hidden)
     with cpu_compat():
         model = build_gpt(args, opts.tp, opts.pp, init=False).to(torch.bfloat16)
         gen = torch.Generator().manual_seed(dist.get_rank())
@@ -59,7 +64,7 @@ def main() -> None:
             for p in model.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02))
         if dist.get_rank() == 0:
-            print(f"generating {args.num_layers} layers, {opts.gb} GB of bf16 weights at TP{opts.tp} PP{opts.pp}", flush=True)
+            print(f"generating {args.num_layers} layers of hidden {opts.hidden}, {opts.gb} GB of bf16 weights at TP{opts.tp} PP{opts.pp}", flush=True)
         save_layout(model, args, opts.out, Fixture(args={}, seed=0, iteration=1000), shared_moments=True,
                     optimizer=not opts.no_optimizer)
     parallel_state.destroy_model_parallel()

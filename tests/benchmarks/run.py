@@ -124,15 +124,16 @@ def repeated(measure_once, times: int) -> dict:
 
 def make_inputs(opts: argparse.Namespace, gb: float) -> tuple[Path, Path | None]:
     """The Megatron checkpoint of ``gb`` GB (and for import its HF export), generated once."""
-    ckpt_root = opts.workdir / f"ckpt-{gb:g}gb{'-noopt' if opts.no_optimizer else ''}"
+    wide = f"-h{opts.hidden}" if opts.hidden != 1024 else ""
+    ckpt_root = opts.workdir / f"ckpt-{gb:g}gb{wide}{'-noopt' if opts.no_optimizer else ''}"
     if not (ckpt_root / "latest_checkpointed_iteration.txt").exists():
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                         str(ROOT / "tests/benchmarks/make_checkpoint.py"), "--out", str(ckpt_root), "--gb", str(gb),
-                        *(["--no-optimizer"] if opts.no_optimizer else [])],
+                        "--hidden", str(opts.hidden), *(["--no-optimizer"] if opts.no_optimizer else [])],
                        env=env(), cwd=ROOT, check=True)
     if opts.op != "import":
         return ckpt_root, None
-    hf = opts.workdir / f"hf-{gb:g}gb"
+    hf = opts.workdir / f"hf-{gb:g}gb{wide}"
     if not (hf / "distconv.json").exists():
         subprocess.run([sys.executable, "-m", "distconv", "export", "--load", str(ckpt_root), "--save", str(hf),
                         "--overwrite", "--quiet"], env=env(), cwd=ROOT, check=True)
@@ -191,7 +192,8 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
         rows[base_name] = repeated(once(cmd, stats, save), opts.repeat)
 
     base = rows.get(base_name) if base_name else None
-    print(f"\n{opts.op}{target}: source {source} ({weights / 1e9:.2f} GB weights, {ckpt.other_bytes / 1e9:.2f} GB optimizer "
+    shape = f"{ckpt.args.num_layers} layers of hidden {ckpt.args.hidden_size}"
+    print(f"\n{opts.op}{target}: source {source} ({shape}: {weights / 1e9:.2f} GB weights, {ckpt.other_bytes / 1e9:.2f} GB optimizer "
           f"state in the checkpoint); limit: read {weights / limit['read_s'] / 1e9:.2f} GB/s, "
           f"write {weights / limit['write_s'] / 1e9:.2f} GB/s; --window {opts.window}; "
           f"{opts.repeat} run(s) each: median time, largest peak RSS")
@@ -215,7 +217,7 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
     loads = [run["load_avg_1m"] for r in rows.values() for run in r.get("runs", [])]
     if loads:
         print(f"load average (1 min) after each run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs")
-    return {"gb": gb, "source": str(source), "target": target.removeprefix(" -> ") or None, "weights_bytes": weights,
+    return {"gb": gb, "model": shape, "source": str(source), "target": target.removeprefix(" -> ") or None, "weights_bytes": weights,
             "optimizer_bytes": ckpt.other_bytes, "limit": limit, "rows": table}
 
 
@@ -256,6 +258,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/distconv-bench"))
     parser.add_argument("--skip-baseline", action="store_true", help="e.g. when the model does not fit in RAM")
     parser.add_argument("--no-optimizer", action="store_true", help="generate the checkpoint without Adam moments")
+    parser.add_argument("--hidden", type=int, default=1024,
+                        help="hidden size of the generated model (wider: larger chunks, fewer layers)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure every row this many times (median time, largest peak RSS; all runs in the JSON)")
     parser.add_argument("--json", type=Path, help="also write the tables here")
@@ -264,10 +268,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     warnings.filterwarnings("ignore")  # megatron-core's import-time notes about missing Apex / TE
     sizes = [measure(opts, gb) for gb in sorted(opts.gb)]
-    result = {"op": opts.op, "window": opts.window, "dtype": opts.dtype, "repeat": opts.repeat, "sizes": sizes}
+    result = {"op": opts.op, "window": opts.window, "dtype": opts.dtype, "repeat": opts.repeat, "hidden": opts.hidden,
+              "sizes": sizes}
     if len(sizes) > 1:
         result["growth"] = growth(sizes)
-    out = opts.json or opts.workdir / f"bench-{opts.op}-{'-'.join(f'{gb:g}' for gb in sorted(opts.gb))}gb.json"
+    out = opts.json or opts.workdir / f"bench-{opts.op}-{'-'.join(f'{gb:g}' for gb in sorted(opts.gb))}gb-h{opts.hidden}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwritten {out}")
 
