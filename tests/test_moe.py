@@ -193,6 +193,15 @@ def test_each_rank_reads_only_the_experts_it_saved(built, layout):
     assert sorted(map(sorted, experts_of.values())) == [[0, 1], [0, 1], [2, 3], [2, 3]]
 
 
+@pytest.mark.parametrize("layout, ranks", [("tp1pp1ep2", 2), ("tp2pp1ep2", 4), ("tp2pp1ep2etp1", 2), ("tp1pp2ep2", 4)])
+def test_layout_counts_the_fewest_ranks_of_the_training_layout(built, layout, ranks):
+    """``distconv layout`` (the launchers' process count): PP x lcm(TP, EP x expert TP); TP2 x EP2
+    with expert TP 1 trains on 2 ranks, with expert TP 2 on 4."""
+    from distconv.parallelism import model_parallel_size
+
+    assert model_parallel_size(built / "mixtral" / layout) == ranks
+
+
 def test_expert_items_from_every_key_spelling():
     def info(key, shape):
         return TensorInfo(key, shape, torch.float32, (Chunk((0,) * len(shape), shape, "__0_0.distcp", 0),))
