@@ -43,6 +43,9 @@ MOE_IMPORTS = [(n, *layout) for n in MOE_NAMES for layout in
     ("mixtral", 1, 1, 4, None, False),  # EP4: one expert per rank
     ("mixtral", 2, 1, 2, 1, True), ("qwen2_moe", 1, 2, 2, None, True), ("qwen3_moe", 2, 1, 2, 2, True),
 ]
+# block-wise FP8 MoE releases (Qwen3-MoE-FP8's layout: every expert's projections quantized,
+# the router in high precision), imported at EP x ETP: (name, TP, PP, EP, ETP)
+FP8_MOE_IMPORTS = [("qwen3_moe", 2, 1, 2, 1), ("qwen2_moe", 1, 2, 2, None)]
 # exported back and compared with the source: each family at its most split layout, and each chunking
 MOE_ROUND_TRIPS = [c for c in MOE_IMPORTS if c[3:5] == (2, 1) or c[5] or c[3] == 4]
 MOE = dict(intermediate_size=32)  # the experts' width (Mixtral); Qwen's dense layers keep SMALL's 128
@@ -247,6 +250,15 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
         add(f"check {key}", op="check", root=str(work / "meg" / key), tp=tp, pp=pp, ep=ep, etp=etp, tokens=tokens,
             logits_out=str(work / f"{key}.pt"))
         add(f"export {key}", op="export", load=str(work / "meg" / key), save=str(work / "back" / key))
+    for name, tp, pp, ep, etp in FP8_MOE_IMPORTS:
+        fp8, deq = to_fp8(hf[name], work / "fp8")
+        for kind, folder in (("fp8", fp8), ("dequantized", deq)):
+            add(f"import {name} {kind}", op="import", load=str(folder), save=meg(f"{name}_{kind}", tp, pp), tp=tp, pp=pp,
+                ep=ep, etp=etp, divisible_by=64, dtype="fp32")
+            add(f"export {name} {kind}", op="export", load=meg(f"{name}_{kind}", tp, pp), save=str(work / "back" / f"{name}_{kind}"))
+        add(f"check {name} fp8", op="check", root=meg(f"{name}_fp8", tp, pp), tp=tp, pp=pp, ep=ep, etp=etp, tokens=TOKENS,
+            logits_out=str(work / f"{name}_fp8.pt"))
+        hf[f"{name} dequantized"] = deq
     # refusals
     add("reshard fx tp4", op="reshard", load=fx, save=str(work / "bad1"), tp=4, pp=1)
     add("reshard optimizer", op="reshard", load=fx, save=str(work / "bad2"), tp=1, pp=2, with_optimizer=True)
@@ -291,11 +303,11 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(jobs, name):
         assert torch.equal(back[key], t), key
 
 
-@pytest.mark.parametrize("name,tp,pp", IMPORTS)
+@pytest.mark.parametrize("name,tp,pp", IMPORTS + [c[:3] for c in FP8_MOE_IMPORTS])
 def test_fp8_release_imports_as_its_dequantized_weights(jobs, name, tp, pp):
-    """A block-wise FP8 release of each family: megatron-core's logits equal transformers' on the
-    release dequantized by the definition (fp32), and the weights equal importing that
-    dequantized folder, bit for bit."""
+    """A block-wise FP8 release of each family (MoE ones at EP2): megatron-core's logits equal
+    transformers' on the release dequantized by the definition (fp32), and the weights equal
+    importing that dequantized folder, bit for bit."""
     for kind in ("fp8", "dequantized"):
         ok(jobs, f"import {name} {kind}")
         ok(jobs, f"export {name} {kind}")
