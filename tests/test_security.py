@@ -354,3 +354,23 @@ def test_common_state_inside_dcp_is_read_with_the_allow_list(ckpt, tmp_path, cap
     _refused(capsys, "allow-list", "layout", str(bad))
     _refused(capsys, "allow-list", "inspect", str(bad))
     assert not flag.exists(), "the payload ran"
+
+
+def test_a_failed_rename_puts_back_what_save_held(tmp_path):
+    """The last step swaps the finished folder in; when that rename fails, the previous --save is
+    back under its name, intact, and the error says what failed."""
+    from distconv.errors import DistconvError
+    from distconv.sinks.folder import OutputFolder
+
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "model.safetensors").write_bytes(b"the user's previous export")
+    folder = OutputFolder(save, overwrite=True)
+    folder.create()
+    (folder.tmp / "model.safetensors").write_bytes(b"new")
+    (folder.tmp / "x").mkdir()
+    folder.tmp.rename(folder.tmp.with_name(folder.tmp.name + "-gone"))  # the rename source vanishes
+    with pytest.raises(DistconvError, match="cannot rename the finished output"):
+        folder.commit()
+    assert (save / "model.safetensors").read_bytes() == b"the user's previous export"
+    assert not list(tmp_path.glob(".out.distconv-old-*"))

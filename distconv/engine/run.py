@@ -117,9 +117,8 @@ def run(comm: Comm, plan: Callable[[], Job], opts: RunOptions) -> dict[str, Any]
             marker.write_marker(folder.tmp, job.identity, job.plan.tensors, report, known=sums)
 
         agreed(comm, finish if comm.rank == 0 else lambda: None)
+        agreed(comm, folder.commit if comm.rank == 0 else lambda: None)  # a failed rename fails every rank
         report = tracker.finished(report, report_path)
-        if comm.rank == 0:
-            folder.commit()
     except BaseException:
         if comm.rank == 0:
             folder.abort()

@@ -86,7 +86,12 @@ class OutputFolder:
         if self.save.exists():
             old = self.save.parent / f".{self.save.name}.distconv-old-{uuid.uuid4().hex[:8]}"
             os.replace(self.save, old)
-        os.replace(self.tmp, self.save)
+        try:
+            os.replace(self.tmp, self.save)
+        except OSError as e:
+            if old is not None:  # put back what --save held
+                os.replace(old, self.save)
+            raise DistconvError(f"cannot rename the finished output {self.tmp} onto {self.save}: {e.strerror or e}") from e
         self.created = False
         if here:  # the process stood in the replaced folder: stand in the new one
             os.chdir(self.save)
