@@ -1,6 +1,6 @@
 """The single-process baseline for import and reshard, measured like ``baseline.py``.
 
-    python tests/benchmarks/baseline_megatron.py --op import|reshard --load SRC --save OUT --tp 2 --pp 1 --stats STATS.json
+    python tests/benchmarks/baseline_megatron.py --op import|reshard --load SRC --save OUT --tp 2 --pp 1 [--ep 1 --etp E] --stats STATS.json
 
 What a user's script does, and what distconv itself did before import and reshard streamed:
 the whole source is loaded into RAM (``safetensors.torch.load_file`` for an HF folder, one
@@ -86,6 +86,8 @@ def main() -> None:
     parser.add_argument("--stats", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1)
+    parser.add_argument("--etp", type=int)
     opts = parser.parse_args()
     from megatron.core import dist_checkpointing
 
@@ -95,7 +97,8 @@ def main() -> None:
     out = Path(opts.save)
     out.mkdir(parents=True, exist_ok=True)
     before, start = io_counters(), time.perf_counter()
-    job, whole = load_whole(opts.op, opts.load, MegatronOptions(save=out, tp=opts.tp, pp=opts.pp, overwrite=True))
+    job, whole = load_whole(opts.op, opts.load, MegatronOptions(save=out, tp=opts.tp, pp=opts.pp, ep=opts.ep, etp=opts.etp,
+                                                                         overwrite=True))
     plan = job.plan
     state = {f"t{n}": sharded_tensor(s, plan.dtypes[n]) for n, s in enumerate(plan.shards)}
     for n in range(len(plan.shards)):

@@ -1,10 +1,10 @@
 """One measured distconv conversion under torchrun: time, disk bytes read and peak RSS per rank.
 
     torchrun --nproc-per-node N tests/benchmarks/export_stats.py --load SRC --save OUT --stats STATS.json \
-        [--op export|import|reshard] [--writers K] [--window 256MiB] [--tp 2 --pp 1]
+        [--op export|import|reshard] [--writers K] [--window 256MiB] [--tp 2 --pp 1 --ep 1 --etp E]
 
 ``--op export`` (the default) runs ``distconv.export``; ``import`` and ``reshard`` run
-``distconv.import_hf`` / ``distconv.reshard`` to ``--tp`` x ``--pp``. Besides the figures taken
+``distconv.import_hf`` / ``distconv.reshard`` to ``--tp`` x ``--pp`` (x ``--ep`` x ``--etp``). Besides the figures taken
 here, each rank's row carries its resident memory just before the call, after importing what
 every conversion imports (the runtime's share of the peak) and, for import and reshard, the run report's per-rank ``peak_rss_bytes`` and measured
 ``bytes_read`` and the report's ``read_ahead_misses``.
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--tp", type=int, default=1, help="import / reshard: the target's TP")
     parser.add_argument("--pp", type=int, default=1, help="import / reshard: the target's PP")
+    parser.add_argument("--ep", type=int, default=1, help="import / reshard: the target's EP")
+    parser.add_argument("--etp", type=int, help="import / reshard: the target's expert TP (default: TP)")
     opts = parser.parse_args()
     dist.init_process_group("gloo")
     warm_imports()
@@ -64,7 +66,7 @@ def main() -> None:
     else:
         call = distconv.import_hf if opts.op == "import" else distconv.reshard
         report = call(opts.load, opts.save, overwrite=True, quiet=True, window=opts.window, tp=opts.tp, pp=opts.pp,
-                      **({"dtype": opts.dtype} if opts.op == "import" else {}))
+                      ep=opts.ep, etp=opts.etp, **({"dtype": opts.dtype} if opts.op == "import" else {}))
     seconds, after = time.perf_counter() - start, io_counters()
     mine = {
         "rank": dist.get_rank(),

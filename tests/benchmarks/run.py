@@ -1,20 +1,22 @@
 """distconv benchmark: against the disk's limit and a single-process baseline, same run.
 
     python -m tests.benchmarks.run [--op export|import|reshard] [--gb 2 ...] [--ranks 1 2 4] [--tp T --pp P]
-                                   [--writers 1] [--window 256MiB] [--repeat 1] [--workdir DIR] [--json OUT]
+                                   [--experts N [--ep E --etp X]] [--writers 1] [--window 256MiB] [--repeat 1]
+                                   [--workdir DIR] [--json OUT]
 
 For each ``--gb`` size:
 
 1. Generates the inputs (once per size, kept in ``--workdir``): a real megatron-core torch_dist
    checkpoint of ``--gb`` GB of bf16 weights (plus fp32 Adam moments unless ``--no-optimizer``),
-   saved by 4 ranks at TP2 PP2; for ``--op import`` also the HF folder distconv exports from it
-   (one process).
+   saved by 4 ranks at TP2 PP2 (with ``--experts N``: a Mixtral-shaped MoE model, saved at EP2
+   with expert TP 1); for ``--op import`` also the HF folder distconv exports from it (one process).
 2. Measures the physical limit: plain sequential reads of the weights' byte count from the
    source's files (``.distcp``, or ``.safetensors`` for import), then plain sequential writes
    (fsync'ed) of as many bytes to the same disk.
 3. Runs distconv under torchrun at each ``--ranks`` count: ``export`` (with ``--writers``) to
    an HF folder; ``import`` (HF folder) and ``reshard`` (the checkpoint) to a torch_dist save
-   root at ``--tp`` x ``--pp`` (default TP2 PP1 for import, TP1 PP2 for reshard).
+   root at ``--tp`` x ``--pp`` (default TP2 PP1 for import, TP1 PP2 for reshard), and for an MoE
+   model at ``--ep`` x ``--etp`` (default EP2 with expert TP 1 for import, EP4 for reshard).
 4. Runs the baseline in one process: for export ``baseline.py`` (``dcp_to_torch_save`` +
    mapping + ``safetensors``); for import and reshard ``baseline_megatron.py`` (the whole
    source loaded into RAM, every target chunk built in RAM, megatron-core's default
@@ -44,6 +46,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 16 << 20
 TARGET = {"import": (2, 1), "reshard": (1, 2)}  # default target TP, PP
+MOE_TARGET = {"import": (2, 1), "reshard": (4, None)}  # default target EP, expert TP (None: TP)
 
 
 def env() -> dict[str, str]:
@@ -124,12 +127,13 @@ def repeated(measure_once, times: int) -> dict:
 
 def make_inputs(opts: argparse.Namespace, gb: float) -> tuple[Path, Path | None]:
     """The Megatron checkpoint of ``gb`` GB (and for import its HF export), generated once."""
-    wide = f"-h{opts.hidden}" if opts.hidden != 1024 else ""
+    wide = (f"-h{opts.hidden}" if opts.hidden != 1024 else "") + (f"-e{opts.experts}" if opts.experts else "")
     ckpt_root = opts.workdir / f"ckpt-{gb:g}gb{wide}{'-noopt' if opts.no_optimizer else ''}"
     if not (ckpt_root / "latest_checkpointed_iteration.txt").exists():
         subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                         str(ROOT / "tests/benchmarks/make_checkpoint.py"), "--out", str(ckpt_root), "--gb", str(gb),
-                        "--hidden", str(opts.hidden), *(["--no-optimizer"] if opts.no_optimizer else [])],
+                        "--hidden", str(opts.hidden), "--experts", str(opts.experts),
+                        *(["--no-optimizer"] if opts.no_optimizer else [])],
                        env=env(), cwd=ROOT, check=True)
     if opts.op != "import":
         return ckpt_root, None
@@ -152,7 +156,12 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
     scratch = opts.workdir / "out"
     scratch.mkdir(parents=True, exist_ok=True)
     tp, pp = opts.tp or TARGET.get(opts.op, (1, 1))[0], opts.pp or TARGET.get(opts.op, (1, 1))[1]
-    target = f" -> TP{tp} PP{pp}" if opts.op != "export" else ""
+    ep, etp = MOE_TARGET.get(opts.op, (1, None)) if opts.experts else (1, None)
+    ep, etp = opts.ep or ep, opts.etp or etp
+    experts = ["--ep", str(ep)] + (["--etp", str(etp)] if etp else [])
+    target = ""
+    if opts.op != "export":
+        target = f" -> TP{tp} PP{pp}" + (f" EP{ep}" + (f" ETP{etp}" if etp else "") if opts.experts else "")
 
     limits = [physical_limit(source, source_files, weights, scratch) for _ in range(opts.repeat)]
     limit = dict(sorted(limits, key=lambda x: x["seconds"])[(len(limits) - 1) // 2], runs=limits)
@@ -175,7 +184,7 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
                str(ROOT / "tests/benchmarks/export_stats.py"), "--op", opts.op,
                "--load", str(ckpt_root if opts.op == "export" else hf or ckpt_root),
                "--save", str(save), "--stats", str(stats), "--window", opts.window, "--dtype", opts.dtype]
-        cmd += ["--writers", str(min(opts.writers, n))] if opts.op == "export" else ["--tp", str(tp), "--pp", str(pp)]
+        cmd += ["--writers", str(min(opts.writers, n))] if opts.op == "export" else ["--tp", str(tp), "--pp", str(pp), *experts]
         rows[f"distconv {opts.op}{target}, {n} rank(s)"] = repeated(once(cmd, stats, save), opts.repeat)
     base_name = None
     if not opts.skip_baseline:
@@ -188,11 +197,13 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
         else:
             base_name = "baseline (all in RAM + mcore save, 1 process)"
             cmd = [sys.executable, str(ROOT / "tests/benchmarks/baseline_megatron.py"), "--op", opts.op,
-                   "--load", str(hf or ckpt_root), "--save", str(save), "--stats", str(stats), "--tp", str(tp), "--pp", str(pp)]
+                   "--load", str(hf or ckpt_root), "--save", str(save), "--stats", str(stats), "--tp", str(tp), "--pp", str(pp),
+                   *experts]
         rows[base_name] = repeated(once(cmd, stats, save), opts.repeat)
 
     base = rows.get(base_name) if base_name else None
-    shape = f"{ckpt.args.num_layers} layers of hidden {ckpt.args.hidden_size}"
+    shape = f"{ckpt.args.num_layers} layers of hidden {ckpt.args.hidden_size}" + (
+        f", {opts.experts} experts each" if opts.experts else "")
     print(f"\n{opts.op}{target}: source {source} ({shape}: {weights / 1e9:.2f} GB weights, {ckpt.other_bytes / 1e9:.2f} GB optimizer "
           f"state in the checkpoint); limit: read {weights / limit['read_s'] / 1e9:.2f} GB/s, "
           f"write {weights / limit['write_s'] / 1e9:.2f} GB/s; --window {opts.window}; "
@@ -260,6 +271,10 @@ def main() -> None:
     parser.add_argument("--no-optimizer", action="store_true", help="generate the checkpoint without Adam moments")
     parser.add_argument("--hidden", type=int, default=1024,
                         help="hidden size of the generated model (wider: larger chunks, fewer layers)")
+    parser.add_argument("--experts", type=int, default=0,
+                        help="generate a Mixtral-shaped MoE model with this many experts per layer (0: dense)")
+    parser.add_argument("--ep", type=int, help="import / reshard of --experts: target EP (default 2 for import, 4 for reshard)")
+    parser.add_argument("--etp", type=int, help="import / reshard of --experts: target expert TP (default 1 for import, TP for reshard)")
     parser.add_argument("--repeat", type=int, default=1,
                         help="measure every row this many times (median time, largest peak RSS; all runs in the JSON)")
     parser.add_argument("--json", type=Path, help="also write the tables here")
@@ -269,10 +284,11 @@ def main() -> None:
     warnings.filterwarnings("ignore")  # megatron-core's import-time notes about missing Apex / TE
     sizes = [measure(opts, gb) for gb in sorted(opts.gb)]
     result = {"op": opts.op, "window": opts.window, "dtype": opts.dtype, "repeat": opts.repeat, "hidden": opts.hidden,
-              "sizes": sizes}
+              "experts": opts.experts, "sizes": sizes}
     if len(sizes) > 1:
         result["growth"] = growth(sizes)
-    out = opts.json or opts.workdir / f"bench-{opts.op}-{'-'.join(f'{gb:g}' for gb in sorted(opts.gb))}gb-h{opts.hidden}.json"
+    out = opts.json or opts.workdir / (f"bench-{opts.op}-{'-'.join(f'{gb:g}' for gb in sorted(opts.gb))}gb-h{opts.hidden}"
+                                       f"{f'-e{opts.experts}' if opts.experts else ''}.json")
     out.write_text(json.dumps(result, indent=1))
     print(f"\nwritten {out}")
 
