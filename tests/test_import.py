@@ -621,3 +621,12 @@ def test_te_spec_stand_in_undoes_itself():
         assert all(vars(gpt_layer_specs).get(n) not in (None, before[n][1]) for n in names)
     assert {n: (n in vars(gpt_layer_specs), vars(gpt_layer_specs).get(n)) for n in names} == before
 
+
+@pytest.mark.parametrize("key", ["mixtral_tp2pp1ep2etp1", "qwen2_moe_tp2pp1ep2etp1"])
+def test_verify_reads_a_transformer_engine_moe_import(jobs, key):
+    """``distconv verify`` (a local-spec model) loads the TE spec's ``pre_mlp_layernorm`` keys."""
+    from distconv.verify import verify
+
+    ok(jobs, f"export {key}")
+    result = verify(jobs["work"] / "meg" / key, jobs["work"] / "back" / key, sequences=1, length=8, tol=TOL)
+    assert result["ok"], result
