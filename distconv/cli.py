@@ -80,6 +80,10 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction, default=None,
                    help="experts chunked as megatron-core's GroupedMLP saves them, and args.moe_grouped_gemm set "
                    "(Megatron-LM's flag; import default: no, reshard default: the source's)")
+    p.add_argument("--transformer-impl", choices=("transformer_engine", "local"), default=None,
+                   help="the layer spec the target is saved as, and args.transformer_impl (Megatron-LM's flag; "
+                   "import default: transformer_engine, as Megatron-LM; reshard default: the source's). The keys "
+                   "differ only in MoE models: transformer_engine saves the pre-MLP norm as pre_mlp_layernorm.*")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
@@ -187,7 +191,8 @@ def _dispatch(opts: argparse.Namespace) -> int:
 
         options = dict(tp=opts.tensor_model_parallel_size, pp=opts.pipeline_model_parallel_size,
                        ep=opts.expert_model_parallel_size, etp=opts.expert_tensor_parallel_size,
-                       moe_grouped_gemm=opts.moe_grouped_gemm, iteration=opts.iteration, overwrite=opts.overwrite,
+                       moe_grouped_gemm=opts.moe_grouped_gemm, transformer_impl=opts.transformer_impl,
+                       iteration=opts.iteration, overwrite=opts.overwrite,
                        timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
                        window=opts.window)
         if opts.command == "reshard":

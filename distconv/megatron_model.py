@@ -1,7 +1,8 @@
 """Build and run megatron-core's own ``GPTModel`` from a checkpoint's Megatron-LM args.
 
 ``distconv verify`` compares an export against this model, and the test fixtures are built
-with it. The model is built from megatron-core's local layer specs (no transformer-engine).
+with it. The model is built from megatron-core's local layer specs (no transformer-engine; the
+tests build MoE models from its transformer-engine spec too, with stand-in modules).
 megatron-core 0.16 makes a few CUDA calls unconditionally; ``cpu_compat`` makes exactly those
 harmless on a machine without CUDA, only while it is active, and restores them on exit.
 """
@@ -265,10 +266,13 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
     )
 
 
-def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
+def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, transformer_engine: bool = False):
     """A megatron-core ``GPTModel`` (local layer spec) for this rank's pipeline stage.
 
     ``init=False`` skips weight initialisation (fast; for benchmarks that fill weights later).
+    ``transformer_engine=True``: an MoE model from megatron-core's transformer-engine decoder
+    block spec, as Megatron-LM builds MoE models (needs transformer-engine's modules, or the
+    tests' stand-ins); dense models are built from the local spec either way.
     """
     args = with_defaults(args)
     from megatron.core import parallel_state
@@ -276,7 +280,9 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     config = transformer_config(args, tp, pp, init)
-    if args.num_experts and args.moe_layer_freq != 1:  # dense and MoE layers mixed
+    if args.num_experts and transformer_engine:
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=args.normalization)
+    elif args.num_experts and args.moe_layer_freq != 1:  # dense and MoE layers mixed
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization)
     else:
         spec = get_gpt_layer_local_spec(

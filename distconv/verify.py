@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from distconv.engine.layout import TE_MOE_NORM
 from distconv.sources.checkpoint import Checkpoint, Read
 from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
@@ -69,13 +70,27 @@ def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.T
     return state
 
 
+def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
+    """The (local spec) model's MoE pre-MLP norms under the transformer-engine spec's key where
+    the checkpoint is spelled so (``pre_mlp_layernorm.*``); the TE norms' extra state is not read."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    for t in nested_values(sharded):
+        if isinstance(t, ShardedTensor) and t.key not in ckpt.tensors:
+            for local, te in TE_MOE_NORM.items():
+                if t.key.endswith(local) and t.key.removesuffix(local) + te in ckpt.tensors:
+                    t.key = t.key.removesuffix(local) + te
+    return sharded
+
+
 def _torch_dist_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict from a torch_dist checkpoint through ``dist_checkpointing.load``."""
     from megatron.core import dist_checkpointing
 
     try:
         with serving_metadata(ckpt.path, ckpt.metadata):
-            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(ckpt.path),
+            loaded = dist_checkpointing.load({"model": _as_stored(model.sharded_state_dict(), ckpt)}, str(ckpt.path),
                                              common_strategy=_known_common(ckpt.common),
                                              validate_access_integrity=False)
     except BaseException as e:  # DCP's CheckpointException is a BaseException

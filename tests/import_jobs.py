@@ -4,7 +4,9 @@
 
 Ops: ``import`` / ``import_ms`` / ``reshard`` / ``export`` call distconv's Python API inside
 this script's process group. ``check`` is the proof for a written checkpoint: megatron-core
-builds ``GPTModel`` at the target TP x PP and (1) the chunks its ``sharded_state_dict()`` saves
+builds ``GPTModel`` at the target TP x PP (an MoE model whose args say
+``transformer_impl=transformer_engine``: from megatron-core's TE spec, under
+``distconv.testing.te_spec``'s stand-ins) and (1) the chunks its ``sharded_state_dict()`` saves
 (main replicas, gathered over all ranks) must equal the chunks stored in the checkpoint's DCP
 metadata, (2) ``dist_checkpointing.load`` of that state dict with ``StrictHandling.RAISE_ALL``
 must succeed; then (3) the model is built at TP1 PP1, strictly loaded again and its logits on
@@ -23,6 +25,7 @@ import torch.distributed as dist
 import distconv
 from distconv.sources.megatron import describe
 from distconv.testing.megatron_cpu import model_parallel
+from distconv.testing.te_spec import te_spec_stand_in
 from distconv.engine.to_megatron import import_hf, import_mindspore, reshard
 
 
@@ -63,8 +66,10 @@ def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int):
 
     from distconv.megatron_model import build_gpt
 
-    with grouped_gemm_stand_in(bool(getattr(args, "moe_grouped_gemm", False))):
-        model = build_gpt(args, tp, pp)
+    te = bool(getattr(args, "num_experts", None)) and getattr(args, "transformer_impl", "local") == "transformer_engine"
+    with grouped_gemm_stand_in(bool(getattr(args, "moe_grouped_gemm", False))), \
+            te_spec_stand_in() if te else contextlib.nullcontext():
+        model = build_gpt(args, tp, pp, transformer_engine=te)
     with torch.serialization.safe_globals([argparse.Namespace]):
         loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder), strict=StrictHandling.RAISE_ALL)
     model.load_state_dict(loaded["model"])
@@ -94,7 +99,8 @@ def check(root: str, tp: int, pp: int, tokens: list, logits_out: str, ep: int = 
             "only_ckpt": sorted(expected - stored)[:5], "args_tp": args.tensor_model_parallel_size,
             "args_pp": args.pipeline_model_parallel_size, "args_ep": getattr(args, "expert_model_parallel_size", 1),
             "args_etp": getattr(args, "expert_tensor_parallel_size", None),
-            "args_grouped": getattr(args, "moe_grouped_gemm", False)}
+            "args_grouped": getattr(args, "moe_grouped_gemm", False), "args_impl": getattr(args, "transformer_impl", None),
+            "keys": sorted(ckpt.tensors)}
 
 
 def run(job: dict) -> dict:

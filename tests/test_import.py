@@ -36,12 +36,16 @@ MODELS = {  # name -> (config class name, config overrides, dtype)
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False), torch.float32),
 }
 IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2)]
-# MoE imports: (name, TP, PP, EP, ETP (None: = TP), grouped GEMM); every layout fits the launch's 4 ranks
+# MoE imports: (name, TP, PP, EP, ETP (None: = TP), grouped GEMM, --transformer-impl); every layout
+# fits the launch's 4 ranks. transformer_engine (the default) is checked against megatron-core's TE
+# spec (under distconv.testing.te_spec's stand-ins), local against its local spec.
+TE, LOCAL = "transformer_engine", "local"
 MOE_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe")
-MOE_IMPORTS = [(n, *layout) for n in MOE_NAMES for layout in
+MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
                ((1, 1, 2, None, False), (1, 2, 2, None, False), (2, 1, 2, 2, False), (2, 1, 2, 1, False))] + [
-    ("mixtral", 1, 1, 4, None, False),  # EP4: one expert per rank
-    ("mixtral", 2, 1, 2, 1, True), ("qwen2_moe", 1, 2, 2, None, True), ("qwen3_moe", 2, 1, 2, 2, True),
+    ("mixtral", 1, 1, 4, None, False, TE),  # EP4: one expert per rank
+    # grouped GEMM: the local GroupedMLP's chunks; TE's TEGroupedMLP saves SequentialMLP's
+    ("mixtral", 2, 1, 2, 1, True, LOCAL), ("qwen2_moe", 1, 2, 2, None, True, LOCAL), ("qwen3_moe", 2, 1, 2, 2, True, TE),
 ]
 # block-wise FP8 MoE releases (Qwen3-MoE-FP8's layout: every expert's projections quantized,
 # the router in high precision), imported at EP x ETP: (name, TP, PP, EP, ETP)
@@ -63,21 +67,22 @@ MODELS.update({
 })
 
 
-def moe_dir(name: str, tp: int, pp: int, ep: int, etp: int | None, grouped: bool) -> str:
-    return f"{name}_tp{tp}pp{pp}ep{ep}" + (f"etp{etp}" if etp not in (None, tp) else "") + ("_gg" if grouped else "")
+def moe_dir(name: str, tp: int, pp: int, ep: int, etp: int | None, grouped: bool, impl: str = TE) -> str:
+    return (f"{name}_tp{tp}pp{pp}ep{ep}" + (f"etp{etp}" if etp not in (None, tp) else "") + ("_gg" if grouped else "")
+            + ("_local" if impl == LOCAL else ""))
 
 
-# MoE reshards: name -> (source, target TP, PP, EP, ETP, grouped GEMM (None: the source's)); a
-# source is an output of MOE_IMPORTS or of an earlier reshard, or ("fx/...") megatron-core's own
-# save among the test fixtures
+# MoE reshards: name -> (source, target TP, PP, EP, ETP, grouped GEMM (None: the source's),
+# --transformer-impl (None: the source's)); a source is an output of MOE_IMPORTS or of an earlier
+# reshard, or ("fx/...") megatron-core's own save among the test fixtures (local spec)
 MOE_RESHARDS = {
-    "mixtral_ep2_to_ep1": ("mixtral_tp1pp1ep2", 1, 1, 1, None, None),
-    "mixtral_ep1_to_pp2ep2_gg": ("mixtral_ep2_to_ep1", 1, 2, 2, None, True),  # EP1 -> EP2, sequential -> grouped
-    "qwen3_moe_tp2etp2_to_tp1etp1": ("qwen3_moe_tp2pp1ep2", 1, 1, 1, None, None),
-    # PP2 -> PP1, EP2 -> EP4, TP1 -> TP2 with ETP1, grouped -> sequential
-    "qwen2_moe_gg_to_tp2ep4etp1": ("qwen2_moe_tp1pp2ep2_gg", 2, 1, 4, 1, False),
-    "fx_mixtral_to_pp2ep2": ("fx/mixtral/tp2pp1ep2etp1", 1, 2, 2, None, None),
-    "fx_qwen3_moe_to_ep4_gg": ("fx/qwen3_moe/tp2pp1ep2", 1, 1, 4, None, True),
+    "mixtral_ep2_to_ep1": ("mixtral_tp1pp1ep2", 1, 1, 1, None, None, None),
+    "mixtral_ep1_to_pp2ep2_gg": ("mixtral_ep2_to_ep1", 1, 2, 2, None, True, None),  # EP1 -> EP2, sequential -> grouped
+    "qwen3_moe_tp2etp2_to_tp1etp1": ("qwen3_moe_tp2pp1ep2", 1, 1, 1, None, None, LOCAL),  # TE -> local
+    # PP2 -> PP1, EP2 -> EP4, TP1 -> TP2 with ETP1, grouped -> sequential, local -> TE
+    "qwen2_moe_gg_to_tp2ep4etp1": ("qwen2_moe_tp1pp2ep2_gg_local", 2, 1, 4, 1, False, TE),
+    "fx_mixtral_to_pp2ep2": ("fx/mixtral/tp2pp1ep2etp1", 1, 2, 2, None, None, None),
+    "fx_qwen3_moe_to_ep4_gg": ("fx/qwen3_moe/tp2pp1ep2", 1, 1, 4, None, True, None),
 }
 
 
@@ -229,16 +234,16 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("export legacy orig", op="export", load=legacy, save=str(work / "back" / "legacy_orig"))
     add("export legacy resharded", op="export", load=meg("legacy_llama", 1, 2), save=str(work / "back" / "legacy_tp1pp2"))
     # MoE: import at EP (x ETP) layouts, check in megatron-core at that layout, export back
-    for name, tp, pp, ep, etp, grouped in MOE_IMPORTS:
-        root = str(work / "meg" / moe_dir(name, tp, pp, ep, etp, grouped))
-        key = moe_dir(name, tp, pp, ep, etp, grouped)
+    for name, tp, pp, ep, etp, grouped, impl in MOE_IMPORTS:
+        key = moe_dir(name, tp, pp, ep, etp, grouped, impl)
+        root = str(work / "meg" / key)
         add(f"import {key}", op="import", load=str(hf[name]), save=root, tp=tp, pp=pp, ep=ep, etp=etp,
-            moe_grouped_gemm=grouped, divisible_by=64)
+            moe_grouped_gemm=grouped, transformer_impl=impl, divisible_by=64)
         add(f"check {key}", op="check", root=root, tp=tp, pp=pp, ep=ep, etp=etp, tokens=TOKENS,
             logits_out=str(work / f"{key}.pt"))
-        if (name, tp, pp, ep, etp, grouped) in MOE_ROUND_TRIPS:
+        if (name, tp, pp, ep, etp, grouped, impl) in MOE_ROUND_TRIPS:
             add(f"export {key}", op="export", load=root, save=str(work / "back" / key))
-    for key, (source, tp, pp, ep, etp, grouped) in MOE_RESHARDS.items():
+    for key, (source, tp, pp, ep, etp, grouped, impl) in MOE_RESHARDS.items():
         if source.startswith("fx/"):
             load = str(built / source.removeprefix("fx/"))
             tokens = torch.load(built / "refs" / f"{moe_model(key)}.pt")["tokens"].tolist()
@@ -246,7 +251,7 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
         else:
             load, tokens = str(work / "meg" / source), TOKENS
         add(f"reshard {key}", op="reshard", load=load, save=str(work / "meg" / key), tp=tp, pp=pp, ep=ep, etp=etp,
-            moe_grouped_gemm=grouped)
+            moe_grouped_gemm=grouped, transformer_impl=impl)
         add(f"check {key}", op="check", root=str(work / "meg" / key), tp=tp, pp=pp, ep=ep, etp=etp, tokens=tokens,
             logits_out=str(work / f"{key}.pt"))
         add(f"export {key}", op="export", load=str(work / "meg" / key), save=str(work / "back" / key))
@@ -490,7 +495,7 @@ def test_moe_import_args_read_back_as_the_same_spec(name):
     args = megatron_args(spec, 2, 1, 2, 64, None, 1, True)
     assert spec_from_args(args).with_vocab(VOCAB) == spec
     assert (args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.moe_grouped_gemm) == (2, 1, True)
-    assert (args.world_size, args.data_parallel_size, args.transformer_impl) == (2, 1, "local")
+    assert (args.world_size, args.data_parallel_size, args.transformer_impl) == (2, 1, "transformer_engine")
     expected = {"mixtral": (4, 2, False, None, 1), "qwen2_moe": (4, 2, True, 48, [0, 1, 1, 1]),
                 "qwen3_moe": (8, 3, False, None, 1), "qwen3_moe_sparse_step": (8, 3, False, None, [0, 1, 0, 1])}[name]
     assert (args.num_experts, args.moe_router_topk, args.moe_router_pre_softmax,
@@ -529,8 +534,9 @@ def test_moe_layout_flags_reach_the_options():
     opts = _parser().parse_args(["reshard", "--load", "x", "--save", "y", "--expert-model-parallel-size", "2",
                                  "--expert-tensor-parallel-size", "1", "--no-moe-grouped-gemm"])
     assert (opts.expert_model_parallel_size, opts.expert_tensor_parallel_size, opts.moe_grouped_gemm) == (2, 1, False)
-    opts = _parser().parse_args(["import", "--load", "x", "--save", "y", "--moe-grouped-gemm"])
-    assert (opts.expert_tensor_parallel_size, opts.moe_grouped_gemm) == (None, True)
+    assert opts.transformer_impl is None  # import: transformer_engine; reshard: the source's
+    opts = _parser().parse_args(["import", "--load", "x", "--save", "y", "--moe-grouped-gemm", "--transformer-impl", "local"])
+    assert (opts.expert_tensor_parallel_size, opts.moe_grouped_gemm, opts.transformer_impl) == (None, True, "local")
 
 
 # ---- MoE: import at EP x ETP, reshard across EP / ETP / TP / PP ----------------------------------
@@ -538,16 +544,34 @@ def test_moe_layout_flags_reach_the_options():
 def _grouped(key: str) -> bool:
     """Whether an MoE output's experts are chunked as GroupedMLP saves them."""
     if key in MOE_RESHARDS:
-        source, *_, grouped = MOE_RESHARDS[key]
+        source, grouped = MOE_RESHARDS[key][0], MOE_RESHARDS[key][5]
         return _grouped(source) if grouped is None else grouped
-    return key.endswith("_gg")  # imports are named by moe_dir; the fixtures are sequential
+    return "_gg" in key  # imports are named by moe_dir; the fixtures are sequential
+
+
+def _impl(key: str) -> str:
+    """The --transformer-impl an MoE output is saved for."""
+    if key in MOE_RESHARDS:
+        source, impl = MOE_RESHARDS[key][0], MOE_RESHARDS[key][6]
+        return _impl(source) if impl is None else impl
+    return LOCAL if key.startswith("fx/") or key.endswith("_local") else TE
 
 
 def _check_layout(jobs: dict, key: str, tp: int, pp: int, ep: int, etp: int | None) -> None:
+    """megatron-core's model at the layout (and spec) the args name declares exactly the stored chunks;
+    an MoE layer's pre-MLP norm is stored under the spec's key."""
     report = ok(jobs, f"check {key}")
     assert report["layout_equal"], report
-    args = (report["args_tp"], report["args_pp"], report["args_ep"], report["args_etp"], report["args_grouped"])
-    assert args == (tp, pp, ep, etp or tp, _grouped(key))
+    args = (report["args_tp"], report["args_pp"], report["args_ep"], report["args_etp"], report["args_grouped"],
+            report["args_impl"])
+    assert args == (tp, pp, ep, etp or tp, _grouped(key), _impl(key))
+    te_norm = [k for k in report["keys"] if k.endswith("pre_mlp_layernorm.weight")]
+    local_norm = [k for k in report["keys"] if k.endswith("mlp.linear_fc1.layer_norm_weight")]
+    if _impl(key) == TE:
+        # (qwen2_moe's dense layer 0 keeps the fused norm in either spec)
+        assert te_norm and all(k.startswith("decoder.layers.0.") for k in local_norm), report["keys"]
+    else:
+        assert local_norm and not te_norm, report["keys"]
 
 
 @pytest.mark.parametrize("case", MOE_IMPORTS, ids=[moe_dir(*c) for c in MOE_IMPORTS])
@@ -555,7 +579,7 @@ def test_moe_import_loads_strictly_in_megatron_with_hf_logits(jobs, case):
     """megatron-core built at the target TP x PP x EP x ETP (sequential experts, or its local
     GroupedMLP) declares exactly the stored chunks, loads them with RAISE_ALL, and its logits
     equal transformers' on the HF source."""
-    name, tp, pp, ep, etp, _ = case
+    name, tp, pp, ep, etp, *_ = case
     key = moe_dir(*case)
     ok(jobs, f"import {key}")
     _check_layout(jobs, key, tp, pp, ep, etp)
@@ -579,7 +603,7 @@ def test_moe_reshard_loads_strictly_and_exports_the_same_tensors(jobs, key):
     """The resharded checkpoint is what megatron-core declares at the new layout, gives the same
     logits, and exports to the same HF tensors bit for bit as its source (an imported HF model,
     or megatron-core's own save)."""
-    source, tp, pp, ep, etp, _ = MOE_RESHARDS[key]
+    source, tp, pp, ep, etp, *_ = MOE_RESHARDS[key]
     ok(jobs, f"reshard {key}")
     _check_layout(jobs, key, tp, pp, ep, etp)
     ok(jobs, f"export {key}")
@@ -595,3 +619,26 @@ def test_moe_reshard_loads_strictly_and_exports_the_same_tensors(jobs, key):
     new = tensors(jobs["work"] / "back" / key)
     assert sorted(orig) == sorted(new)
     assert all(torch.equal(orig[k], new[k]) for k in orig)
+
+
+def test_te_spec_stand_in_undoes_itself():
+    """The stand-ins for transformer-engine's modules live only inside the context."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    from distconv.testing.te_spec import te_spec_stand_in
+
+    names = ("TESpecProvider", "TENorm")
+    before = {n: (n in vars(gpt_layer_specs), vars(gpt_layer_specs).get(n)) for n in names}
+    with te_spec_stand_in():
+        assert all(vars(gpt_layer_specs).get(n) not in (None, before[n][1]) for n in names)
+    assert {n: (n in vars(gpt_layer_specs), vars(gpt_layer_specs).get(n)) for n in names} == before
+
+
+@pytest.mark.parametrize("key", ["mixtral_tp2pp1ep2etp1", "qwen2_moe_tp2pp1ep2etp1"])
+def test_verify_reads_a_transformer_engine_moe_import(jobs, key):
+    """``distconv verify`` (a local-spec model) loads the TE spec's ``pre_mlp_layernorm`` keys."""
+    from distconv.verify import verify
+
+    ok(jobs, f"export {key}")
+    result = verify(jobs["work"] / "meg" / key, jobs["work"] / "back" / key, sequences=1, length=8, tol=TOL)
+    assert result["ok"], result

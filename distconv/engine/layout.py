@@ -19,6 +19,14 @@ Mixture of experts (``Target.ep``, ``Target.etp``):
   replicated; the shared expert is a dense MLP split over TP;
 - models mixing dense and MoE layers (``moe_layer_freq`` a list or > 1) save per-layer keys
   ``decoder.layers.{i}.*`` without the layer axis (megatron-core's "non-homogeneous" layers).
+
+Transformer-engine's spec (``Target.te``; Megatron-LM's default ``--transformer-impl``) differs
+from the local one only in MoE models: an MoE layer's pre-MLP norm is a module of its own,
+``pre_mlp_layernorm.*`` (the local spec saves it as ``mlp.linear_fc1.layer_norm_*``); its
+norms (``TENorm``: pre-MLP, q/k and final) each save an (empty) ``_extra_state``, as
+transformer-engine 2's norms do; and ``--moe-grouped-gemm`` builds ``TEGroupedMLP``, whose
+chunks are ``SequentialMLP``'s. Names in the plans stay canonical (``Shard.name``); only the
+checkpoint keys (``Shard.key``) follow the spec.
 """
 
 from __future__ import annotations
@@ -68,6 +76,7 @@ EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.l
 ATTENTION_EXTRA_STATE = EXTRA_STATE[:2]
 SHARED_EXTRA_STATE = ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")
 EXPERT_EXTRA_STATE = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
+QK_NORM_EXTRA_STATE = ("self_attention.q_layernorm", "self_attention.k_layernorm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +87,9 @@ class Target:
     pp: int = 1
     ep: int = 1
     etp: int | None = None  # expert tensor parallel size; None: TP (Megatron-LM's default)
-    grouped_gemm: bool = False  # experts as the local GroupedMLP saves them (--moe-grouped-gemm)
+    grouped_gemm: bool = False  # experts as the local GroupedMLP saves them (--moe-grouped-gemm, local spec)
     per_layer: bool = False  # non-homogeneous layers: ``decoder.layers.{i}.*`` keys, no layer axis
+    te: bool = False  # MoE models as transformer-engine's spec saves them (--transformer-impl transformer_engine)
 
     @property
     def expert_tp(self) -> int:
@@ -220,9 +230,9 @@ def shards_of(name: str, shape: tuple[int, ...], spec: ModelSpec, target: Target
     layer, sub = split_name(name)
     base = stage_of(name, spec.num_layers, target.pp) * target.stage_ranks
     if layer is None or target.per_layer:
-        key, lead, lead_shape = name, (), ()
+        key, lead, lead_shape = _key(name, spec, target), (), ()
     else:
-        key, lead, lead_shape = f"decoder.layers.{sub}", (layer,), (spec.num_layers,)
+        key, lead, lead_shape = _key(f"decoder.layers.{sub}", spec, target, layer), (layer,), (spec.num_layers,)
     expert, rest = split_expert(sub) if layer is not None else (None, sub)
     if expert is None:
         boxes = _tp_boxes(name, shape, TP_AXIS.get(sub), target.tp, sub in GATED and spec.gated_mlp)
@@ -246,12 +256,39 @@ def shards_of(name: str, shape: tuple[int, ...], spec: ModelSpec, target: Target
                   lead_shape + (target.ep,) + frag, rank + r, parts) for box, frag, r in boxes]
 
 
+# an MoE layer's pre-MLP norm: the local spec's spelling (canonical) -> transformer-engine's
+TE_MOE_NORM = {"mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+               "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
+
+
+def canonical(name: str) -> str:
+    """A checkpoint's per-layer name in the local spec's spelling (``pre_mlp_layernorm.*`` of the
+    transformer-engine spec's MoE layers -> ``mlp.linear_fc1.layer_norm_*``)."""
+    layer, sub = split_name(name)
+    for local, te in TE_MOE_NORM.items():
+        if sub == te:
+            return f"decoder.layers.{layer}.{local}"
+    return name
+
+
+def _key(key: str, spec: ModelSpec, target: Target, layer: int | None = None) -> str:
+    """The checkpoint key of a canonical (per-layer or stacked) name at the target's spec."""
+    if layer is None:
+        layer, sub = split_name(key)
+    else:
+        sub = key.removeprefix("decoder.layers.")
+    if not (target.te and layer is not None and spec.num_experts and spec.moe_layers[layer] and sub in TE_MOE_NORM):
+        return key
+    return key.removesuffix(sub) + TE_MOE_NORM[sub]
+
+
 def _starts(box: tuple[slice, ...]) -> tuple[int, ...]:
     return tuple(s.start for s in box)
 
 
 def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
-    """One ``_extra_state`` object per linear layer (and routed expert), saved by one rank of its stage."""
+    """One ``_extra_state`` object per linear layer (and routed expert) and transformer-engine norm,
+    saved by one rank of its stage."""
     per_stage = spec.num_layers // target.pp
     experts = spec.num_experts or 0
     out = []
@@ -264,6 +301,8 @@ def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
             prefix, shape, offsets = "decoder.layers.", (spec.num_layers,), (layer,)
         subs = ATTENTION_EXTRA_STATE
         subs += (SHARED_EXTRA_STATE if spec.moe_shared_ffn_hidden_size else ()) if moe else EXTRA_STATE[2:]
+        if target.te and experts:  # TENorm modules
+            subs += (QK_NORM_EXTRA_STATE if spec.qk_layernorm else ()) + (("pre_mlp_layernorm",) if moe else ())
         out += [ExtraState(f"{prefix}{sub}._extra_state", shape, offsets, base) for sub in subs]
         if moe:
             lead_shape, lead = ((), ()) if target.per_layer else (shape, offsets)
@@ -271,6 +310,8 @@ def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
             out += [ExtraState(f"{prefix}{sub}._extra_state", lead_shape + (experts,), lead + (e,),
                                base + target.expert_tp * (e // local))
                     for e in range(experts) for sub in EXPERT_EXTRA_STATE]
+    if target.te and experts:
+        out.append(ExtraState("decoder.final_layernorm._extra_state", (1,), (0,), (target.pp - 1) * target.stage_ranks))
     return out
 
 

@@ -32,7 +32,7 @@ import torch
 from distconv.engine import marker
 from distconv.engine.gather import Comm
 from distconv.engine.layout import (
-    ExtraState, Shard, Target, check_layout, extra_states, known, padded_vocab, per_layer_keys, shards_of,
+    ExtraState, Shard, Target, canonical, check_layout, extra_states, known, padded_vocab, per_layer_keys, shards_of,
 )
 from distconv.engine.plan import Item as SourceItem
 from distconv.engine.plan import items_of
@@ -61,6 +61,8 @@ class MegatronOptions(RunOptions):
     ep: int = 1
     etp: int | None = None  # expert tensor parallel size (None: TP, as Megatron-LM)
     moe_grouped_gemm: bool | None = None  # experts chunked as GroupedMLP saves them (import default: no; reshard: the source's)
+    # the layer spec saved: transformer_engine or local (None: transformer_engine for import, the source's for reshard)
+    transformer_impl: str | None = None
     dtype: str = "auto"  # import: the weights' dtype (auto: the source's); reshard keeps the source's
     divisible_by: int = 128  # import: vocab padding unit (reshard: the source's args)
     iteration: int | str | None = None  # import: the folder to write (default release); reshard: the one to read
@@ -265,7 +267,8 @@ def read_shard(source: Source, item: Item, box: tuple[slice, ...], spec: ModelSp
 
 
 def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int, tokenizer: str | None,
-                  etp: int | None = None, grouped_gemm: bool = False) -> argparse.Namespace:
+                  etp: int | None = None, grouped_gemm: bool = False,
+                  transformer_impl: str = "transformer_engine") -> argparse.Namespace:
     """Megatron-LM 0.16 training args describing ``spec`` (what ``spec_from_args`` reads back)."""
     rope = spec.rope_scaling or {}
     base = spec.rotary_base
@@ -291,9 +294,7 @@ def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int,
         init_method_std=spec.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep, expert_tensor_parallel_size=target.expert_tp, world_size=target.world,
         data_parallel_size=target.stage_ranks // tp, ckpt_format="torch_dist",
-        # the keys written are the local layer spec's; for dense models they equal transformer-engine's,
-        # for MoE layers not (the local spec saves the pre-MLP norm as mlp.linear_fc1.layer_norm_weight)
-        transformer_impl="local" if spec.num_experts else "transformer_engine",
+        transformer_impl=transformer_impl,  # the keys written follow it (``layout.Target.te``)
     )
 
 
@@ -313,6 +314,12 @@ def _moe_args(spec: ModelSpec, grouped_gemm: bool) -> dict[str, Any]:
         moe_layer_freq=1 if all(spec.moe_layers) else [int(m) for m in spec.moe_layers],
         moe_grouped_gemm=grouped_gemm,
     )
+
+
+def _impl(value: str) -> str:
+    if value not in ("transformer_engine", "local"):
+        raise DistconvError(f"--transformer-impl {value}: choose transformer_engine or local")
+    return value
 
 
 def family_for(config: Any) -> Family:
@@ -351,21 +358,23 @@ class ImportJob(MegatronSinkJob):
             raise DistconvError(f"--expert-model-parallel-size {ep}, --expert-tensor-parallel-size, --moe-grouped-gemm: "
                                 f"the {family.architecture} model has no experts")
         grouped = bool(opts.moe_grouped_gemm)
-        self.target = Target(tp, pp, ep, opts.etp, grouped, per_layer=experts and not all(self.spec.moe_layers))
+        impl = _impl(opts.transformer_impl or "transformer_engine")
+        self.target = Target(tp, pp, ep, opts.etp, grouped and impl == "local",
+                             per_layer=experts and not all(self.spec.moe_layers), te=impl == "transformer_engine")
         check_layout(self.spec, self.target)
         self.items = {item.name: item for item in _items(family, self.spec, tensors, expected_hf_tensors(config))}
         shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, self.target)]
         self.iteration = "release" if opts.iteration is None else opts.iteration
         self.plan = ChunkPlan(shards, extra_states(self.spec, self.target), [dtype] * len(shards),
                               [self._planned_read(s) for s in shards], world, iteration_dir(self.iteration))
-        args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer, opts.etp, grouped)
+        args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer, opts.etp, grouped, impl)
         self.common = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if self.iteration == "release" else int(self.iteration),
                        "num_floating_point_operations_so_far": 0}
         self.layout, self.window = self.target.describe(experts), parse_size(opts.window, "--window")
         self.save = Path(opts.save).resolve()
         self.inputs = source.inputs
         refuse_overlap(self.save, self.inputs)
-        options = {"tp": tp, "pp": pp, "ep": ep}
+        options = {"tp": tp, "pp": pp, "ep": ep, "transformer_impl": impl}
         if experts:
             options.update(etp=self.target.expert_tp, moe_grouped_gemm=grouped)
         self.identity = {"source": source.identity, "options": {
@@ -434,13 +443,17 @@ class ReshardJob(MegatronSinkJob):
             raise DistconvError("--moe-grouped-gemm: the checkpoint's model has no experts")
         grouped = experts and bool(arg(ckpt.args, "moe_grouped_gemm", default=False) if opts.moe_grouped_gemm is None
                                    else opts.moe_grouped_gemm)
-        self.target = Target(tp, pp, ep, opts.etp, grouped,
-                             per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts))
+        # the source's spelling of the keys does not matter: its names are read back to canonical ones
+        impl = _impl(opts.transformer_impl or arg(ckpt.args, "transformer_impl", default="transformer_engine"))
+        self.target = Target(tp, pp, ep, opts.etp, grouped and impl == "local",
+                             per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts),
+                             te=impl == "transformer_engine")
         check_layout(self.spec, self.target)
         # every per-layer (and per-expert) tensor of the source, under its canonical name
         self.items: dict[str, SourceItem] = {}
         for info in ckpt.tensors.values():
             for item in items_of(info, self.spec.num_layers, self.spec.num_experts):
+                item = dataclasses.replace(item, name=canonical(item.name))
                 if not known(item.name):
                     raise DistconvError(f"reshard does not know megatron-core's layout of {item.key} ({item.name})")
                 self.items[item.name] = item
@@ -459,7 +472,8 @@ class ReshardJob(MegatronSinkJob):
         args.expert_model_parallel_size, args.padded_vocab_size = ep, padded
         args.world_size, args.data_parallel_size = self.target.world, self.target.stage_ranks // tp
         args.expert_tensor_parallel_size = self.target.expert_tp  # dense: TP, as Megatron-LM resolves it
-        options = {"tp": tp, "pp": pp, "ep": ep}
+        args.transformer_impl = impl
+        options = {"tp": tp, "pp": pp, "ep": ep, "transformer_impl": impl}
         if experts:
             args.moe_grouped_gemm = grouped
             options.update(etp=self.target.expert_tp, moe_grouped_gemm=grouped)
