@@ -32,7 +32,8 @@ MOE = [name for name, fx in FIXTURES.items() if fx.args.get("num_experts")]
 # the TP1PP1 save is the reference the others are re-sharded from; the cases are the EP layouts
 CASES = [(name, layout_dir(Path(), name, *parallel(l)).name) for name in MOE for l in FIXTURES[name].layouts if len(l) > 2]
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-        "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
+        "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+        "glm4_moe_plain": "Glm4MoeForCausalLM"}
 KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
 WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
 
@@ -149,6 +150,19 @@ def test_glm_rope_and_routing_decide_the_logits(exported, built, change):
     """GLM-4.5's partial RoPE, router settings and biases are each needed to match megatron-core."""
     folder = exported[("glm4_moe", "tp2pp1ep2", TRAINING_WORLD)]["save"]
     assert _logits_diff(built, "glm4_moe", folder, **change) > 100 * TOL
+
+
+def test_glm_plain_config_writes_full_rotary_and_no_renormalisation(exported, built):
+    """Without q/k norm or biases, all layers MoE, ungrouped top-1: the export writes the whole head
+    rotated (transformers' default, half, does not match) and no top-k renormalisation."""
+    folder = exported[("glm4_moe_plain", "tp1pp1ep2", OTHER_WORLD)]["save"]
+    glm = json.loads((folder / "config.json").read_text())
+    assert (glm["attention_bias"], glm["use_qk_norm"], glm["first_k_dense_replace"], glm["n_group"]) == (False, False, 0, 1)
+    assert (glm["norm_topk_prob"], glm["routed_scaling_factor"], glm["n_shared_experts"]) == (False, 1.0, 2)
+    assert glm["rope_parameters"]["partial_rotary_factor"] == 1.0
+    half = {**glm["rope_parameters"], "partial_rotary_factor": 0.5}
+    assert _logits_diff(built, "glm4_moe_plain", folder, rope_parameters=half) > 100 * TOL
+    assert _logits_diff(built, "glm4_moe_plain", folder, norm_topk_prob=True) > 100 * TOL
 
 
 def test_glm_hub_config_is_accepted_and_a_conflicting_rotary_factor_refused(exported, built):
