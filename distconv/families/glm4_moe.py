@@ -27,7 +27,6 @@ A = L + "self_attention."
 HA = H + "self_attn."
 
 
-
 def _groups(c: PretrainedConfig) -> int | None:
     """megatron-core's ``moe_router_num_groups``: none for HF's single group."""
     return c.n_group if c.n_group > 1 else None
@@ -46,7 +45,7 @@ GLM4_MOE = Family(
         "add_qkv_bias": lambda b: True,  # HF attention_bias
         "qk_layernorm": lambda b: True,  # HF use_qk_norm
         "rotary_percent": lambda p: 0.0 < p <= 1.0,  # HF partial_rotary_factor
-        "rope_scaling": None,  # not proven with partial RoPE
+        "rope_scaling": None,  # RoPE scaling with partial RoPE is not proven: refused
     },
     config_fields=fields() + SIGMOID_FIELDS + (
         ("partial_rotary_factor", lambda s: s.rotary_percent),
