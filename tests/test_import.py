@@ -46,6 +46,7 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
     ("mixtral", 1, 1, 4, None, False, TE),  # EP4: one expert per rank
     # grouped GEMM: the local GroupedMLP's chunks; TE's TEGroupedMLP saves SequentialMLP's
     ("mixtral", 2, 1, 2, 1, True, LOCAL), ("qwen2_moe", 1, 2, 2, None, True, LOCAL), ("qwen3_moe", 2, 1, 2, 2, True, TE),
+    ("glm4_moe", 1, 1, 2, None, False, TE), ("glm4_moe", 2, 1, 2, 1, False, TE),
 ]
 # block-wise FP8 MoE releases (Qwen3-MoE-FP8's layout: every expert's projections quantized,
 # the router in high precision), imported at EP x ETP: (name, TP, PP, EP, ETP)
@@ -64,6 +65,13 @@ MODELS.update({
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=3,
                                          moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=True),
                   torch.float32),
+    # GLM-4.5: q/k/v biases, q/k norms, half of head_dim 32 rotated, a dense first layer, two shared
+    # experts' width, sigmoid top-2 within 1 of 2 groups, scaled (the expert bias stays HF's zeros)
+    "glm4_moe": ("Glm4MoeConfig", dict(num_key_value_heads=2, head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
+                                       moe_intermediate_size=16, n_shared_experts=2, first_k_dense_replace=1, n_group=2,
+                                       topk_group=1, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
+                                       partial_rotary_factor=0.5, num_nextn_predict_layers=0, tie_word_embeddings=False),
+                 torch.float32),
 })
 
 

@@ -1,7 +1,7 @@
 """Mixture-of-experts and MLA export: real megatron-core checkpoints saved with expert parallelism.
 
-Each MoE fixture (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 with multi-latent attention) is
-saved at EP2, PP2xEP2 and TP2xEP2 (expert TP 2; Mixtral also with expert TP 1),
+Each MoE fixture (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 with multi-latent attention, GLM-4.5
+with partial RoPE) is saved at EP2, PP2xEP2 and TP2xEP2 (some at a subset) (expert TP 2; Mixtral also with expert TP 1),
 exported at the training world size (4) and at another (2), and transformers' logits must equal
 megatron-core's own forward pass on the same tokens.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import hf_logits, run_export_jobs
+from conftest import distconv_cli, hf_logits, run_export_jobs
 from distconv.sources.checkpoint import Chunk, TensorInfo
 from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
@@ -31,7 +32,8 @@ MOE = [name for name, fx in FIXTURES.items() if fx.args.get("num_experts")]
 # the TP1PP1 save is the reference the others are re-sharded from; the cases are the EP layouts
 CASES = [(name, layout_dir(Path(), name, *parallel(l)).name) for name in MOE for l in FIXTURES[name].layouts if len(l) > 2]
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-        "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM"}
+        "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
+        "glm4_moe_plain": "Glm4MoeForCausalLM"}
 KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
 WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
 
@@ -55,6 +57,13 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
             hub_config.write_text(json.dumps({**hub, "num_nextn_predict_layers": 1}))
             jobs[("deepseek_v3", "tp1pp2ep2", world, "hf_config")] = {
                 "load": str(built / "deepseek_v3" / "tp1pp2ep2"), "save": str(out / "ds_hf_config"), "hf_config": str(hub_config)}
+            glm = json.loads((done[("glm4_moe", "tp1pp2ep2", TRAINING_WORLD)]["save"] / "config.json").read_text())
+            del glm["rope_parameters"]  # as the hub writes it: RoPE fields at the top, one MTP layer
+            for kind, factor in (("hf_config", 0.5), ("conflict", 1.0)):
+                path = out / f"glm_{kind}.json"
+                path.write_text(json.dumps({**glm, "partial_rotary_factor": factor, "num_nextn_predict_layers": 1}))
+                jobs[("glm4_moe", "tp2pp1ep2", world, kind)] = {
+                    "load": str(built / "glm4_moe" / "tp2pp1ep2"), "save": str(out / f"glm_{kind}"), "hf_config": str(path)}
             wrong = out / "mixtral_top1.json"
             wrong.write_text(json.dumps(_mixtral_config(num_experts_per_tok=1)))
             jobs[("mixtral", "tp1pp1ep2", world, "conflict")] = {
@@ -132,6 +141,40 @@ def test_deepseek_routing_and_rope_decide_the_logits(exported, built, change):
     assert _logits_diff(built, "deepseek_v3", folder, **change) > 100 * TOL
 
 
+@pytest.mark.parametrize("change", [
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 1.0}),
+    dict(routed_scaling_factor=1.0), dict(n_group=1, topk_group=1),
+    dict(zero="model.layers.1.mlp.gate.e_score_correction_bias"), dict(zero="model.layers.0.self_attn.k_proj.bias"),
+], ids=["partial-rotary", "scaling", "groups", "expert-bias", "k-bias"])
+def test_glm_rope_and_routing_decide_the_logits(exported, built, change):
+    """GLM-4.5's partial RoPE, router settings and biases are each needed to match megatron-core."""
+    folder = exported[("glm4_moe", "tp2pp1ep2", TRAINING_WORLD)]["save"]
+    assert _logits_diff(built, "glm4_moe", folder, **change) > 100 * TOL
+
+
+def test_glm_plain_config_writes_full_rotary_and_no_renormalisation(exported, built):
+    """Without q/k norm or biases, all layers MoE, ungrouped top-1: the export writes the whole head
+    rotated (transformers' default, half, does not match) and no top-k renormalisation."""
+    folder = exported[("glm4_moe_plain", "tp1pp1ep2", OTHER_WORLD)]["save"]
+    glm = json.loads((folder / "config.json").read_text())
+    assert (glm["attention_bias"], glm["use_qk_norm"], glm["first_k_dense_replace"], glm["n_group"]) == (False, False, 0, 1)
+    assert (glm["norm_topk_prob"], glm["routed_scaling_factor"], glm["n_shared_experts"]) == (False, 1.0, 2)
+    assert glm["rope_parameters"]["partial_rotary_factor"] == 1.0
+    half = {**glm["rope_parameters"], "partial_rotary_factor": 0.5}
+    assert _logits_diff(built, "glm4_moe_plain", folder, rope_parameters=half) > 100 * TOL
+    assert _logits_diff(built, "glm4_moe_plain", folder, norm_topk_prob=True) > 100 * TOL
+
+
+def test_glm_hub_config_is_accepted_and_a_conflicting_rotary_factor_refused(exported, built):
+    """A hub-style config (top-level partial_rotary_factor, one MTP layer) is accepted; the MTP layer
+    is advisory (not in the weights), a partial_rotary_factor other than the checkpoint's is not."""
+    ok, conflict = (exported[("glm4_moe", "tp2pp1ep2", OTHER_WORLD, kind)] for kind in ("hf_config", "conflict"))
+    assert ok["ok"], ok.get("error")
+    assert _logits_diff(built, "glm4_moe", ok["save"]) <= TOL
+    assert not conflict["ok"] and "partial_rotary_factor" in conflict["error"]
+    assert not conflict["save"].exists()
+
+
 def test_hf_configs_carry_the_moe_layout(exported):
     config = lambda name: json.loads((exported[(name, "tp1pp2ep2", OTHER_WORLD)]["save"] / "config.json").read_text())  # noqa: E731
     mixtral, qwen2, qwen3 = config("mixtral"), config("qwen2_moe"), config("qwen3_moe")
@@ -144,6 +187,10 @@ def test_hf_configs_carry_the_moe_layout(exported):
     assert (ds["first_k_dense_replace"], ds["n_shared_experts"], ds["n_group"], ds["topk_group"]) == (1, 2, 2, 1)
     assert (ds["routed_scaling_factor"], ds["norm_topk_prob"], ds["q_lora_rank"], ds["qk_nope_head_dim"]) == (2.5, True, 24, 16)
     assert ds["rope_parameters"]["rope_type"] == "yarn" and ds["rope_parameters"]["mscale_all_dim"] == 1.0
+    glm = config("glm4_moe")
+    assert (glm["first_k_dense_replace"], glm["n_shared_experts"], glm["n_group"], glm["topk_group"]) == (1, 1, 2, 1)
+    assert (glm["attention_bias"], glm["use_qk_norm"], glm["head_dim"], glm["num_nextn_predict_layers"]) == (True, True, 32, 0)
+    assert glm["rope_parameters"]["partial_rotary_factor"] == 0.5 and glm["routed_scaling_factor"] == 2.5
 
 
 def test_windowed_export_splits_layers_into_expert_groups(exported, built):
@@ -222,6 +269,7 @@ def test_expert_items_from_every_key_spelling():
 
 
 DS = FIXTURES["deepseek_v3"].args
+GLM = FIXTURES["glm4_moe"].args
 
 
 def _spec(**args):
@@ -234,6 +282,7 @@ def _spec(**args):
     (dict(qk_layernorm=True), "Qwen3MoeForCausalLM"),
     (dict(num_experts=None), "LlamaForCausalLM"),
     (FIXTURES["deepseek_v3"].args, "DeepseekV3ForCausalLM"),
+    (GLM, "Glm4MoeForCausalLM"),
 ])
 def test_family_inferred_from_args(args, arch):
     assert pick_family(FAMILIES, _spec(**args), None).architecture == arch
@@ -242,7 +291,7 @@ def test_family_inferred_from_args(args, arch):
 @pytest.mark.parametrize("args,named", [
     (dict(moe_router_pre_softmax=True), "moe_pre_softmax"),  # Mixtral always renormalises the top k
     (dict(moe_router_topk_scaling_factor=2.5), "moe_scaling_factor"),
-    (dict(moe_router_score_function="sigmoid"), "moe_score_function"),
+    (dict(moe_router_score_function="sigmoid"), "moe_expert_bias"),  # sigmoid: GLM-4.5's router, always biased
     (dict(moe_expert_capacity_factor=1.0), "moe_capacity_factor"),
     (dict(moe_layer_freq=[0, 1]), "moe_layers"),  # Mixtral has no dense layers
     (dict(moe_shared_expert_intermediate_size=64), "moe_shared_gate"),  # Qwen2-MoE's shared expert is gated
@@ -253,6 +302,14 @@ def test_family_inferred_from_args(args, arch):
     (dict(DS, moe_layer_freq=[1, 0]), "moe_layers"),  # HF: dense layers only first
     (dict(DS, mtp_num_layers=1), "mtp_num_layers"),
     (dict(DS, layernorm_epsilon=1e-5), "norm_epsilon"),  # HF's latent norms have a fixed 1e-6
+    (dict(GLM, mtp_num_layers=1), "mtp_num_layers"),
+    (dict(GLM, add_bias_linear=True), "add_bias_linear"),  # HF GLM-4.5 biases only q/k/v
+    (dict(GLM, moe_shared_expert_gate=True), "moe_shared_gate"),
+    (dict(GLM, use_rope_scaling=True), "rope_scaling"),
+    (dict(GLM, moe_router_topk=4), "moe_group_score_topk"),  # megatron-core ranks groups by their top 4, HF by top 2
+    (dict(rotary_percent=0.5), "rotary_percent"),  # only GLM-4.5 has partial RoPE
+    (dict(qk_layernorm=True, rotary_percent=0.5), "rotary_percent"),
+    (dict(num_experts=None, rotary_percent=0.5), "rotary_percent"),
 ])
 def test_routing_hf_cannot_express_is_a_clear_error(args, named):
     with pytest.raises(DistconvError, match=named):
@@ -280,3 +337,52 @@ def test_deepseek_groups_without_group_topk_are_not_group_limited():
     spec = _spec(**{**DS, "moe_router_group_topk": None})
     config = pick_family(FAMILIES, spec, None).hf_config(spec)
     assert (config.n_group, config.topk_group) == (1, 1)
+
+
+def test_glm_export_imports_back_bit_exactly(exported, tmp_path):
+    """The GLM-4.5 export (a non-zero expert bias, q/k/v biases, q/k norms) imports into Megatron
+    (one process, TP2 x EP2) and exports again to the same tensors, bit for bit."""
+    folder = exported[("glm4_moe", "tp2pp1ep2", TRAINING_WORLD)]["save"]
+    meg, back = tmp_path / "meg", tmp_path / "back"
+    proc = distconv_cli("import", "--load", str(folder), "--save", str(meg), "--tensor-model-parallel-size", "2",
+                        "--expert-model-parallel-size", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = distconv_cli("export", "--load", str(meg), "--save", str(back))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source, again = ({k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()} for d in (folder, back))
+    assert sorted(source) == sorted(again) and any("e_score_correction_bias" in k for k in source)
+    assert all(torch.equal(source[k], again[k]) for k in source)
+
+
+def _glm_hf_config(**override):
+    from transformers import Glm4MoeConfig
+
+    spec = _spec(**GLM)
+    config = pick_family(FAMILIES, spec, None).hf_config(spec)
+    return Glm4MoeConfig(**{**config.to_dict(), **override})
+
+
+def test_glm_import_reads_the_spec_export_wrote():
+    """HF config -> spec (import) is the inverse of spec -> HF config (export), and the Megatron-LM
+    args the import writes read back as the same spec."""
+    from distconv.engine.to_megatron import family_for, megatron_args
+
+    config = _glm_hf_config()
+    spec = family_for(config).spec_from_hf_config(config, 256, torch.float32)
+    assert spec == _spec(**GLM)
+    assert spec_from_args(megatron_args(spec, 2, 1, 2, 64, None)).with_vocab(256) == spec
+
+
+@pytest.mark.parametrize("override,named", [
+    (dict(num_nextn_predict_layers=1), "mtp_num_layers=1"),  # GLM-4.5's releases carry one MTP layer
+    (dict(norm_topk_prob=False), "norm_topk_prob"),  # megatron-core renormalises when k > 1
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
+     "rope_scaling"),
+    (dict(n_shared_experts=0), "moe_shared_experts"),
+])
+def test_glm_import_refuses_what_megatron_cannot_express(override, named):
+    from distconv.engine.to_megatron import family_for
+
+    config = _glm_hf_config(**override)
+    with pytest.raises(DistconvError, match=named):
+        family_for(config).spec_from_hf_config(config, 256, torch.float32)

@@ -6,7 +6,7 @@ prompts, ``enforce_eager``, fp32, no tokenizer unless the folder has one) and re
 tokens and prompt logprobs; transformers computes the same on the same folders here. The
 folders are exported at one rank from the ``VLLM_FIXTURES`` models of ``distconv.testing.build``
 (head size 32; MLA with kv_lora_rank 512 and a 64-wide rope part: what vLLM's CPU kernels
-accept) and from Qwen3 and Qwen3-MoE's own fixtures.
+accept) and from Qwen3, Qwen3-MoE and GLM-4.5's own fixtures.
 
 Limitation: vLLM 0.32's CPU rotary op (``RotaryEmbedding.forward_cpu``) mis-rotates the 3-D
 ``[tokens, heads, dim]`` inputs DeepSeek's attention gives it, so DeepSeek-V3 is tested with
@@ -40,6 +40,7 @@ CASES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "vllm_deepseek_v3": "DeepseekV3ForCausalLM",  # YaRN: see the limitation above
     "vllm_deepseek_v3_q_proj": "DeepseekV3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",  # partial RoPE, q/k/v bias, q/k norm
 }
 PROMPTS = [[5, 17, 33, 101, 7, 9, 200, 45, 150, 3, 88, 240], [3, 4, 5, 6, 7]]  # ids below every fixture's vocab (250)
 MAX_TOKENS = 8

@@ -234,8 +234,8 @@ def _rope(scaling: dict[str, Any] | None) -> tuple[str, float] | None:
 def _hf_value(config: PretrainedConfig, name: str) -> Any:
     """A config field, looking inside transformers v5's ``rope_parameters`` for RoPE settings."""
     rope = getattr(config, "rope_parameters", None) or {}
-    if name == "rope_theta":
-        return getattr(config, "rope_theta", None) or rope.get("rope_theta")
+    if name in ("rope_theta", "partial_rotary_factor"):
+        return getattr(config, name, None) or rope.get(name)
     if name == "rope_scaling":
         return _rope(getattr(config, "rope_scaling", None) or rope)
     if name == "head_dim" and getattr(config, "head_dim", None) is None:  # HF's default when unset

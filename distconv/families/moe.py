@@ -1,4 +1,4 @@
-"""What Mixtral, Qwen2-MoE, Qwen3-MoE and DeepSeek-V3 share: expert tables and router semantics.
+"""What Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 and GLM-4.5 share: expert tables and router semantics.
 
 megatron-core's top-k router (``moe_utils.topk_routing_with_score_function``) and the HF
 routers agree exactly in these cases:
@@ -7,7 +7,7 @@ routers agree exactly in these cases:
   HF's softmax over all experts, top-k, renormalised (Mixtral; Qwen ``norm_topk_prob=True``).
 - softmax, ``moe_router_pre_softmax=True``: softmax over all experts, then top-k, no
   renormalisation (Qwen ``norm_topk_prob=False``).
-- sigmoid with ``expert_bias`` (DeepSeek-V3): selection on sigmoid + bias, weights are the
+- sigmoid with ``expert_bias`` (DeepSeek-V3, GLM-4.5): selection on sigmoid + bias, weights are the
   sigmoid scores, renormalised when k > 1, times ``moe_router_topk_scaling_factor``.
 
 Token dropping (a capacity factor) and Sinkhorn routing have no HF equivalent.
@@ -69,6 +69,44 @@ SOFTMAX_REQUIRES: dict[str, Any] = {
 
 def dense_layers(spec: ModelSpec) -> list[int]:
     return [i for i, moe in enumerate(spec.moe_layers) if not moe]
+
+
+def leading_dense(moe_layers: tuple[bool, ...]) -> bool:
+    """HF's ``first_k_dense_replace``: dense layers first, MoE after."""
+    return list(moe_layers) == sorted(moe_layers)
+
+
+# sigmoid routers with a correction bias, groups and shared experts (DeepSeek-V3, GLM-4.5). HF
+# ranks a group by its top-2 expert scores, megatron-core by its top ``moe_router_topk /
+# moe_router_group_topk``: the two agree when that is 2 (or with no groups).
+SIGMOID_RULES = (
+    expert_rules("mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight") + shared_expert_rules("shared_experts")
+    + (Rule(L + "mlp.router.expert_bias", H + "mlp.gate.e_score_correction_bias"),)
+)
+
+SIGMOID_REQUIRES: dict[str, Any] = {
+    **MOE_REQUIRES,
+    "moe_layers": leading_dense,
+    "moe_score_function": "sigmoid",
+    "moe_expert_bias": True,  # HF always adds e_score_correction_bias
+    "moe_group_score_topk": lambda k: k in (None, 2),
+    "moe_shared_experts": lambda n: bool(n),
+    "moe_shared_gate": False,
+}
+
+SIGMOID_FIELDS: tuple[tuple[str, Callable[[ModelSpec], Any]], ...] = (
+    ("n_routed_experts", lambda s: s.num_experts),
+    ("num_experts_per_tok", lambda s: s.moe_topk),
+    ("moe_intermediate_size", lambda s: s.moe_ffn_hidden_size),
+    ("n_shared_experts", lambda s: s.moe_shared_experts),
+    ("first_k_dense_replace", lambda s: len(dense_layers(s))),
+    # megatron-core limits routing to groups only when moe_router_group_topk is set
+    ("n_group", lambda s: s.moe_num_groups if s.moe_group_topk else 1),
+    ("topk_group", lambda s: s.moe_group_topk or 1),
+    ("norm_topk_prob", lambda s: s.moe_topk > 1),  # megatron-core renormalises sigmoid scores when k > 1
+    ("routed_scaling_factor", lambda s: float(s.moe_scaling_factor or 1.0)),
+    ("num_mtp_layers", lambda s: s.mtp_num_layers),
+)
 
 
 def head_dim_if_needed(spec: ModelSpec) -> int | None:

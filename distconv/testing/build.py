@@ -89,6 +89,22 @@ FIXTURES: dict[str, Fixture] = {
              moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32, layernorm_epsilon=1e-6),
         seed=9, layouts=MOE_LAYOUTS[:4],
     ),
+    # GLM-4.5: GQA with q/k/v bias and q/k norm, half the head rotated, a dense first layer, DeepSeek-V3's router
+    "glm4_moe": Fixture(
+        dict(MOE_BASE, num_layers=4, moe_layer_freq=[0, 1, 1, 1], kv_channels=32, add_qkv_bias=True, qk_layernorm=True,
+             rotary_percent=0.5, rotary_base=1000000, num_experts=8, moe_ffn_hidden_size=16,
+             moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=2,
+             moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=16),
+        seed=12, layouts=((1, 1), (1, 2, 2), (2, 1, 2)),
+    ),
+    # GLM-4.5's other settings: no q/k/v bias or q/k norm, the whole head rotated (HF's default is half),
+    # every layer MoE, one group, top-1 (not renormalised), no scaling, two experts' width shared
+    "glm4_moe_plain": Fixture(
+        dict(MOE_BASE, kv_channels=32, num_experts=8, moe_ffn_hidden_size=16, moe_router_topk=1,
+             moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+             moe_shared_expert_intermediate_size=32),
+        seed=13, layouts=((1, 1), (1, 1, 2)),
+    ),
     # the other MLA query path (linear_q_proj, no q LoRA), plain RoPE, ungrouped routing, all layers MoE
     "deepseek_v3_q_proj": Fixture(
         dict(MOE_BASE, multi_latent_attention=True, qk_layernorm=True, group_query_attention=False, kv_lora_rank=32,

@@ -1,0 +1,75 @@
+"""GLM-4.5 (``Glm4MoeForCausalLM``): GQA attention, sigmoid-routed experts, shared experts.
+
+Attention is Llama's with optional q/k/v biases (``attention_bias`` <-> ``add_qkv_bias``; never
+an o_proj or MLP bias) and optional per-head q/k RMSNorm before the rotary embedding
+(``use_qk_norm`` <-> ``qk_layernorm``), with the norms' epsilon ``rms_norm_eps``. Partial RoPE:
+``partial_rotary_factor`` <-> ``rotary_percent``. Both sides rotate the first
+``int(head_dim * factor)`` dims of each head, rotate-half (not interleaved), with inverse
+frequencies ``base ** (-arange(0, dim, 2) / dim)`` over that rotary dim, and pass the rest
+through (transformers ``apply_rotary_pos_emb``, megatron-core ``_apply_rotary_pos_emb_bshd``):
+the weights copy unchanged. transformers defaults the factor to 0.5, so it is always written.
+
+The router is ``moe.SIGMOID_*``'s (DeepSeek-V3's); the shared experts are one ungated MLP of
+``n_shared_experts * moe_intermediate_size``, added to the routed output. Dense layers come first
+(``first_k_dense_replace``). MTP layers are not converted: a checkpoint or an HF config with them
+is refused, and the export writes ``num_nextn_predict_layers: 0`` (transformers defaults it to 1).
+"""
+
+from __future__ import annotations
+
+from transformers import Glm4MoeConfig, PretrainedConfig
+
+from distconv.families.base import QKV, Family, Rule, _hf_value
+from distconv.families.llama import RULES, H, L, spec_fields
+from distconv.families.moe import SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, fields, with_fields
+
+A = L + "self_attention."
+HA = H + "self_attn."
+
+
+def _groups(c: PretrainedConfig) -> int | None:
+    """megatron-core's ``moe_router_num_groups``: none for HF's single group."""
+    return c.n_group if c.n_group > 1 else None
+
+
+GLM4_MOE = Family(
+    architecture="Glm4MoeForCausalLM",
+    config_class=Glm4MoeConfig,
+    rules=RULES + SIGMOID_RULES + (
+        Rule(A + "linear_qkv.bias", (HA + "q_proj.bias", HA + "k_proj.bias", HA + "v_proj.bias"), QKV),
+        Rule(A + "q_layernorm.weight", HA + "q_norm.weight"),
+        Rule(A + "k_layernorm.weight", HA + "k_norm.weight"),
+    ),
+    requires={
+        **SIGMOID_REQUIRES,
+        "add_qkv_bias": lambda b: True,  # HF attention_bias
+        "qk_layernorm": lambda b: True,  # HF use_qk_norm
+        "rotary_percent": lambda p: 0.0 < p <= 1.0,  # HF partial_rotary_factor
+        "rope_scaling": None,  # RoPE scaling with partial RoPE is not proven: refused
+    },
+    config_fields=fields() + SIGMOID_FIELDS + (
+        ("partial_rotary_factor", lambda s: s.rotary_percent),
+        ("attention_bias", lambda s: s.add_qkv_bias),
+        ("use_qk_norm", lambda s: s.qk_layernorm),
+    ),
+    detect=lambda spec: bool(spec.num_experts) and spec.moe_score_function == "sigmoid",
+    spec_fields=with_fields(
+        spec_fields(
+            add_bias_linear=lambda c: False,  # attention_bias is q/k/v only
+            add_qkv_bias=lambda c: bool(c.attention_bias),
+            qk_layernorm=lambda c: bool(c.use_qk_norm),
+            rotary_percent=lambda c: float(_hf_value(c, "partial_rotary_factor")),
+        ),
+        num_experts=lambda c: c.n_routed_experts,
+        moe_layers=lambda c: tuple(i >= c.first_k_dense_replace for i in range(c.num_hidden_layers)),
+        moe_ffn_hidden_size=lambda c: c.moe_intermediate_size,
+        moe_topk=lambda c: c.num_experts_per_tok,
+        moe_score_function=lambda c: "sigmoid",
+        moe_expert_bias=lambda c: True,
+        moe_scaling_factor=lambda c: float(c.routed_scaling_factor),
+        moe_num_groups=_groups,
+        moe_group_topk=lambda c: c.topk_group if _groups(c) else None,
+        moe_shared_ffn_hidden_size=lambda c: c.n_shared_experts * c.moe_intermediate_size or None,
+        mtp_num_layers=lambda c: c.num_mtp_layers,  # refused unless 0 (MTP is not converted)
+    ),
+)
