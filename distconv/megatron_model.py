@@ -2,7 +2,7 @@
 
 ``distconv verify`` compares an export against this model, and the test fixtures are built
 with it. The model is built from megatron-core's local layer specs (no transformer-engine; the
-tests build MoE models from its transformer-engine spec too, with stand-in modules).
+tests build models from its transformer-engine spec too, with stand-in modules).
 megatron-core 0.16 makes a few CUDA calls unconditionally; ``cpu_compat`` makes exactly those
 harmless on a machine without CUDA, only while it is active, and restores them on exit.
 """
@@ -270,9 +270,9 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
     """A megatron-core ``GPTModel`` (local layer spec) for this rank's pipeline stage.
 
     ``init=False`` skips weight initialisation (fast; for benchmarks that fill weights later).
-    ``transformer_engine=True``: an MoE model from megatron-core's transformer-engine decoder
-    block spec, as Megatron-LM builds MoE models (needs transformer-engine's modules, or the
-    tests' stand-ins); dense models are built from the local spec either way.
+    ``transformer_engine=True``: from megatron-core's transformer-engine decoder block spec, as
+    Megatron-LM builds models by default (needs transformer-engine's modules, or the tests'
+    stand-ins).
     """
     args = with_defaults(args)
     from megatron.core import parallel_state
@@ -280,7 +280,7 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     config = transformer_config(args, tp, pp, init)
-    if args.num_experts and transformer_engine:
+    if transformer_engine:
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=args.normalization)
     elif args.num_experts and args.moe_layer_freq != 1:  # dense and MoE layers mixed
         spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization)

@@ -4,7 +4,7 @@
 
 Ops: ``import`` / ``import_ms`` / ``reshard`` / ``export`` call distconv's Python API inside
 this script's process group. ``check`` is the proof for a written checkpoint: megatron-core
-builds ``GPTModel`` at the target TP x PP (an MoE model whose args say
+builds ``GPTModel`` at the target TP x PP (a model whose args say
 ``transformer_impl=transformer_engine``: from megatron-core's TE spec, under
 ``distconv.testing.te_spec``'s stand-ins) and (1) the chunks its ``sharded_state_dict()`` saves
 (main replicas, gathered over all ranks) must equal the chunks stored in the checkpoint's DCP
@@ -66,7 +66,7 @@ def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int):
 
     from distconv.megatron_model import build_gpt
 
-    te = bool(getattr(args, "num_experts", None)) and getattr(args, "transformer_impl", "local") == "transformer_engine"
+    te = getattr(args, "transformer_impl", "local") == "transformer_engine"
     with grouped_gemm_stand_in(bool(getattr(args, "moe_grouped_gemm", False))), \
             te_spec_stand_in() if te else contextlib.nullcontext():
         model = build_gpt(args, tp, pp, transformer_engine=te)

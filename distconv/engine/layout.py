@@ -21,11 +21,11 @@ Mixture of experts (``Target.ep``, ``Target.etp``):
   ``decoder.layers.{i}.*`` without the layer axis (megatron-core's "non-homogeneous" layers).
 
 Transformer-engine's spec (``Target.te``; Megatron-LM's default ``--transformer-impl``) differs
-from the local one only in MoE models: an MoE layer's pre-MLP norm is a module of its own,
-``pre_mlp_layernorm.*`` (the local spec saves it as ``mlp.linear_fc1.layer_norm_*``); its
-norms (``TENorm``: pre-MLP, q/k and final) each save an (empty) ``_extra_state``, as
-transformer-engine 2's norms do; and ``--moe-grouped-gemm`` builds ``TEGroupedMLP``, whose
-chunks are ``SequentialMLP``'s. Names in the plans stay canonical (``Shard.name``); only the
+from the local one in its norms (``TENorm``: q/k, final, and an MoE layer's pre-MLP norm), which
+each save an (empty) ``_extra_state``, as transformer-engine 2's norms do, and in MoE models: an
+MoE layer's pre-MLP norm is a module of its own, ``pre_mlp_layernorm.*`` (the local spec saves
+it as ``mlp.linear_fc1.layer_norm_*``), and ``--moe-grouped-gemm`` builds ``TEGroupedMLP``,
+whose chunks are ``SequentialMLP``'s. Names in the plans stay canonical (``Shard.name``); only the
 checkpoint keys (``Shard.key``) follow the spec.
 """
 
@@ -301,7 +301,7 @@ def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
             prefix, shape, offsets = "decoder.layers.", (spec.num_layers,), (layer,)
         subs = ATTENTION_EXTRA_STATE
         subs += (SHARED_EXTRA_STATE if spec.moe_shared_ffn_hidden_size else ()) if moe else EXTRA_STATE[2:]
-        if target.te and experts:  # TENorm modules
+        if target.te:  # TENorm modules
             subs += (QK_NORM_EXTRA_STATE if spec.qk_layernorm else ()) + (("pre_mlp_layernorm",) if moe else ())
         out += [ExtraState(f"{prefix}{sub}._extra_state", shape, offsets, base) for sub in subs]
         if moe:
@@ -310,7 +310,7 @@ def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
             out += [ExtraState(f"{prefix}{sub}._extra_state", lead_shape + (experts,), lead + (e,),
                                base + target.expert_tp * (e // local))
                     for e in range(experts) for sub in EXPERT_EXTRA_STATE]
-    if target.te and experts:
+    if target.te:
         out.append(ExtraState("decoder.final_layernorm._extra_state", (1,), (0,), (target.pp - 1) * target.stage_ranks))
     return out
 
