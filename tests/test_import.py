@@ -48,6 +48,7 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
     ("mixtral", 2, 1, 2, 1, True, LOCAL), ("qwen2_moe", 1, 2, 2, None, True, LOCAL), ("qwen3_moe", 2, 1, 2, 2, True, TE),
     ("glm4_moe", 1, 1, 2, None, False, TE), ("glm4_moe", 2, 1, 2, 1, False, TE),
     ("deepseek_v3", 1, 1, 2, None, False, TE), ("deepseek_v3", 2, 1, 2, 1, False, TE),
+    ("deepseek_v3_q_proj", 2, 1, 2, None, False, TE),
 ]
 # block-wise FP8 MoE releases (Qwen3-MoE-FP8's layout: every expert's projections quantized,
 # the router in high precision), imported at EP x ETP: (name, TP, PP, EP, ETP)
@@ -85,6 +86,10 @@ MODELS.update({
         num_nextn_predict_layers=0, topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1,
         tie_word_embeddings=False), torch.float32),
 })
+# the other MLA query path (q_proj, no q LoRA), plain RoPE, one group, every layer MoE (stacked keys)
+MODELS["deepseek_v3_q_proj"] = ("DeepseekV3Config", dict(
+    MODELS["deepseek_v3"][1], q_lora_rank=None, first_k_dense_replace=0, n_group=1, topk_group=1,
+    max_position_embeddings=128, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), torch.float32)
 
 
 def moe_dir(name: str, tp: int, pp: int, ep: int, etp: int | None, grouped: bool, impl: str = TE) -> str:

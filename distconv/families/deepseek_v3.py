@@ -65,7 +65,8 @@ def yarn_from_hf(config: PretrainedConfig) -> dict[str, Any] | None:
 DEEPSEEK_V3 = Family(
     architecture="DeepseekV3ForCausalLM",
     config_class=DeepseekV3Config,
-    rules=RULES + MLA_RULES + SIGMOID_RULES,
+    # Llama's rules without the fused q/k/v (its q_proj would be MLA's own when there is no q LoRA)
+    rules=tuple(r for r in RULES if r.megatron_names[0] != L + "self_attention.linear_qkv.weight") + MLA_RULES + SIGMOID_RULES,
     requires={
         **SIGMOID_REQUIRES,
         "multi_latent_attention": True,
