@@ -47,6 +47,8 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
     # grouped GEMM: the local GroupedMLP's chunks; TE's TEGroupedMLP saves SequentialMLP's
     ("mixtral", 2, 1, 2, 1, True, LOCAL), ("qwen2_moe", 1, 2, 2, None, True, LOCAL), ("qwen3_moe", 2, 1, 2, 2, True, TE),
     ("glm4_moe", 1, 1, 2, None, False, TE), ("glm4_moe", 2, 1, 2, 1, False, TE),
+    ("deepseek_v3", 1, 1, 2, None, False, TE), ("deepseek_v3", 2, 1, 2, 1, False, TE),
+    ("deepseek_v3_q_proj", 2, 1, 2, None, False, TE),
 ]
 # block-wise FP8 MoE releases (Qwen3-MoE-FP8's layout: every expert's projections quantized,
 # the router in high precision), imported at EP x ETP: (name, TP, PP, EP, ETP)
@@ -66,13 +68,28 @@ MODELS.update({
                                          moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=True),
                   torch.float32),
     # GLM-4.5: q/k/v biases, q/k norms, half of head_dim 32 rotated, a dense first layer, two shared
-    # experts' width, sigmoid top-2 within 1 of 2 groups, scaled (the expert bias stays HF's zeros)
+    # experts' width, sigmoid top-2 within 1 of 2 groups, scaled, a random expert bias
     "glm4_moe": ("Glm4MoeConfig", dict(num_key_value_heads=2, head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
                                        moe_intermediate_size=16, n_shared_experts=2, first_k_dense_replace=1, n_group=2,
                                        topk_group=1, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
                                        partial_rotary_factor=0.5, num_nextn_predict_layers=0, tie_word_embeddings=False),
                  torch.float32),
+    # DeepSeek-V3: MLA with q LoRA and YaRN (the export fixture's), a dense first layer, one shared
+    # expert, sigmoid top-2 within 1 of 2 groups, scaled, a random expert bias; the routing keys
+    # the hub configs carry (transformers ignores them)
+    "deepseek_v3": ("DeepseekV3Config", dict(
+        num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+        first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, q_lora_rank=24, kv_lora_rank=32,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=16384, rope_interleave=True,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 4096,
+                         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
+        num_nextn_predict_layers=0, topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1,
+        tie_word_embeddings=False), torch.float32),
 })
+# the other MLA query path (q_proj, no q LoRA), plain RoPE, one group, every layer MoE (stacked keys)
+MODELS["deepseek_v3_q_proj"] = ("DeepseekV3Config", dict(
+    MODELS["deepseek_v3"][1], q_lora_rank=None, first_k_dense_replace=0, n_group=1, topk_group=1,
+    max_position_embeddings=128, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), torch.float32)
 
 
 def moe_dir(name: str, tp: int, pp: int, ep: int, etp: int | None, grouped: bool, impl: str = TE) -> str:
@@ -91,6 +108,9 @@ MOE_RESHARDS = {
     "qwen2_moe_gg_to_tp2ep4etp1": ("qwen2_moe_tp1pp2ep2_gg_local", 2, 1, 4, 1, False, TE),
     "fx_mixtral_to_pp2ep2": ("fx/mixtral/tp2pp1ep2etp1", 1, 2, 2, None, None, None),
     "fx_qwen3_moe_to_ep4_gg": ("fx/qwen3_moe/tp2pp1ep2", 1, 1, 4, None, True, None),
+    # MLA: TP2 -> TP1 and EP2 -> EP4; megatron-core's own local-spec save -> the transformer-engine spec
+    "deepseek_v3_tp2etp1_to_ep4": ("deepseek_v3_tp2pp1ep2etp1", 1, 1, 4, None, None, None),
+    "fx_deepseek_v3_to_tp2ep2etp1": ("fx/deepseek_v3/tp1pp1ep2", 2, 1, 2, 1, None, TE),
 }
 
 
@@ -98,7 +118,7 @@ def moe_model(key: str) -> str:
     """The model an MoE import or reshard output holds."""
     while key in MOE_RESHARDS:
         key = MOE_RESHARDS[key][0]
-    return key.split("/")[1] if key.startswith("fx/") else next(n for n in MOE_NAMES if key.startswith(n + "_"))
+    return key.split("/")[1] if key.startswith("fx/") else max((n for n in MODELS if key.startswith(n + "_")), key=len)
 
 
 @torch.no_grad()
@@ -114,6 +134,9 @@ def make_hf(folder: Path, name: str) -> Path:
     for pname, p in sorted(model.named_parameters()):
         base = 1.0 if "norm" in pname else 0.0
         p.copy_(base + (0.2 if "norm" in pname else 0.05) * torch.randn(p.shape, generator=gen))
+    for bname, b in sorted(model.named_buffers()):  # sigmoid routers' expert bias (a buffer; HF's zeros)
+        if bname.endswith("e_score_correction_bias"):
+            b.copy_(0.05 * torch.randn(b.shape, generator=gen))
     model.to(dtype).save_pretrained(str(folder / name))
     return folder / name
 
@@ -279,6 +302,9 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("import dense ep2", op="import", load=str(hf["llama"]), save=str(work / "bad4"), tp=1, pp=1, ep=2)
     add("import mixtral ep3", op="import", load=str(hf["mixtral"]), save=str(work / "bad5"), tp=1, pp=1, ep=3)
     add("reshard dense etp", op="reshard", load=fx, save=str(work / "bad6"), tp=2, pp=2, etp=1)
+    add("import mla local", op="import", load=str(hf["deepseek_v3"]), save=str(work / "bad7"), tp=1, pp=1, ep=2,
+        transformer_impl=LOCAL)
+    add("reshard mla to local", op="reshard", load=str(built / "deepseek_v3" / "tp1pp1"), save=str(work / "bad8"), tp=1, pp=1)
 
     jobs_file, results_file = work / "jobs.json", work / "results.json"
     jobs_file.write_text(json.dumps(job_list))
@@ -371,6 +397,8 @@ REFUSALS = {  # job -> (words of its error, the folder it must not leave)
     "import dense ep2": ("the LlamaForCausalLM model has no experts", "bad4"),
     "import mixtral ep3": ("num_experts 4 is not divisible by EP 3", "bad5"),
     "reshard dense etp": ("EP and expert TP need a model with experts", "bad6"),
+    "import mla local": ("--transformer-impl local: multi-latent attention", "bad7"),
+    "reshard mla to local": ("--transformer-impl local: multi-latent attention", "bad8"),  # the source's spec
 }
 
 
@@ -512,15 +540,42 @@ def test_moe_import_args_read_back_as_the_same_spec(name):
     family.check_config(family.hf_config(spec), spec)  # export writes the same layers another way
 
 
-def test_deepseek_v3_import_is_refused_clearly():
-    from transformers import DeepseekV3Config
+def test_deepseek_v3_import_args_and_refusals():
+    """The MLA args read back as the same spec; what Megatron-LM cannot carry is one clear error:
+    MTP layers (the hub configs have one), RoPE other than MLA's YaRN, YaRN settings Megatron-LM
+    0.16 has no flags for, HF's non-interleaved rope weights."""
+    import transformers
 
-    from distconv.engine.to_megatron import family_for
+    from distconv.engine.to_megatron import family_for, megatron_args
+    from distconv.spec import spec_from_args
 
-    config = DeepseekV3Config()
+    _, overrides, _ = MODELS["deepseek_v3"]
+    make = lambda **changes: transformers.DeepseekV3Config(**{**SMALL, **overrides, **changes})  # noqa: E731
+    config = make()
     config.architectures = ["DeepseekV3ForCausalLM"]
-    with pytest.raises(DistconvError, match="import of DeepseekV3ForCausalLM is not supported yet"):
-        family_for(config)
+    family = family_for(config)
+    spec = family.spec_from_hf_config(config, 256, torch.float32)
+    assert (spec.q_lora_rank, spec.kv_lora_rank, spec.qk_head_dim, spec.qk_pos_emb_head_dim, spec.v_head_dim) == (24, 32, 16, 8, 16)
+    assert spec.rope_scaling["factor"] == 4.0 and spec.moe_layers == (False, True, True, True)
+    args = megatron_args(spec, 2, 1, 2, 64, None, 1)
+    assert spec_from_args(args).with_vocab(VOCAB) == spec
+    assert (args.multi_latent_attention, args.rope_type, args.rotary_scaling_factor, args.mscale_all_dim) == (True, "yarn", 4.0, 1.0)
+    assert (args.moe_router_num_groups, args.moe_router_group_topk, args.moe_layer_freq) == (2, 1, [0, 1, 1, 1])
+    family.check_config(family.hf_config(spec), spec)  # export writes the same model
+    plain = make(q_lora_rank=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    spec = family.spec_from_hf_config(plain, 256, torch.float32)
+    assert spec.q_lora_rank is None and spec_from_args(megatron_args(spec, 1, 1, 1, 64, None)).with_vocab(VOCAB) == spec
+    mtp = transformers.DeepseekV3Config()
+    mtp.architectures = ["DeepseekV3ForCausalLM"]
+    with pytest.raises(DistconvError, match="1 MTP .* MTP layers are not imported yet"):
+        family_for(mtp)
+    yarn = dict(overrides["rope_parameters"])
+    for bad in ({**yarn, "beta_fast": 16.0}, {**yarn, "original_max_position_embeddings": 8192},
+                {**yarn, "attention_factor": 1.2}, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}):
+        with pytest.raises(DistconvError, match="no Megatron-LM equivalent for MLA"):
+            family.spec_from_hf_config(make(rope_parameters=bad), 256, torch.float32)
+    with pytest.raises(DistconvError, match="rope_interleave"):
+        family.spec_from_hf_config(make(rope_interleave=False), 256, torch.float32)
 
 
 def test_qwen_moe_layers_are_compared_by_meaning():
@@ -632,14 +687,16 @@ def test_moe_reshard_loads_strictly_and_exports_the_same_tensors(jobs, key):
 def test_te_spec_stand_in_undoes_itself():
     """The stand-ins for transformer-engine's modules live only inside the context."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer import multi_latent_attention
 
     from distconv.testing.te_spec import te_spec_stand_in
 
-    names = ("TESpecProvider", "TENorm")
-    before = {n: (n in vars(gpt_layer_specs), vars(gpt_layer_specs).get(n)) for n in names}
+    places = [(gpt_layer_specs, "TESpecProvider"), (gpt_layer_specs, "TENorm"), (multi_latent_attention, "TELinear")]
+    state = lambda: [(n in vars(m), vars(m).get(n)) for m, n in places]  # noqa: E731
+    before = state()
     with te_spec_stand_in():
-        assert all(vars(gpt_layer_specs).get(n) not in (None, before[n][1]) for n in names)
-    assert {n: (n in vars(gpt_layer_specs), vars(gpt_layer_specs).get(n)) for n in names} == before
+        assert all(vars(m).get(n) not in (None, had[1]) for (m, n), had in zip(places, before))
+    assert state() == before
 
 
 @pytest.mark.parametrize("key", ["mixtral_tp2pp1ep2etp1", "qwen2_moe_tp2pp1ep2etp1"])

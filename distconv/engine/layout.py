@@ -27,6 +27,13 @@ MoE layer's pre-MLP norm is a module of its own, ``pre_mlp_layernorm.*`` (the lo
 it as ``mlp.linear_fc1.layer_norm_*``), and ``--moe-grouped-gemm`` builds ``TEGroupedMLP``,
 whose chunks are ``SequentialMLP``'s. Names in the plans stay canonical (``Shard.name``); only the
 checkpoint keys (``Shard.key``) follow the spec.
+
+Multi-latent attention (``MLASelfAttention``) is laid out as the transformer-engine spec saves it:
+``input_layernorm`` a norm of its own; ``linear_q_proj`` and the up projections
+(``linear_q_up_proj``, ``linear_kv_up_proj``: whole heads per TP rank) split on dim 0, with the
+latent norms fused into the up projections (``layer_norm_weight``, replicated); the down
+projections replicated (``TELinear``, ``parallel_mode="duplicated"``). The local spec splits the
+down projections over TP instead; import and reshard refuse it for MLA.
 """
 
 from __future__ import annotations
@@ -53,6 +60,10 @@ TP_AXIS = {
     "mlp.shared_experts.linear_fc2.weight": 1,
     "embedding.word_embeddings.weight": 0,
     "output_layer.weight": 0,
+    # multi-latent attention (transformer-engine's spec): the up projections split by heads
+    "self_attention.linear_q_proj.weight": 0,
+    "self_attention.linear_q_up_proj.weight": 0,
+    "self_attention.linear_kv_up_proj.weight": 0,
 }
 GATED = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.shared_experts.linear_fc1.weight",
          "mlp.shared_experts.linear_fc1.bias")
@@ -69,6 +80,10 @@ REPLICATED = {
     "self_attention.linear_proj.bias", "mlp.linear_fc2.bias", "mlp.shared_experts.linear_fc2.bias",
     "mlp.router.weight", "mlp.router.expert_bias", "mlp.shared_experts.gate_weight",
     "decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "embedding.position_embeddings.weight",
+    # MLA, transformer-engine's spec: the down projections are TELinear(parallel_mode="duplicated"),
+    # the latent norms fused into the up projections
+    "self_attention.linear_q_down_proj.weight", "self_attention.linear_kv_down_proj.weight",
+    "self_attention.linear_q_up_proj.layer_norm_weight", "self_attention.linear_kv_up_proj.layer_norm_weight",
 }
 EXPERT_REPLICATED = {"linear_fc2.bias"}
 # linear layers whose (empty, for the local and non-fp8 TE specs) extra state megatron-core saves
@@ -77,6 +92,8 @@ ATTENTION_EXTRA_STATE = EXTRA_STATE[:2]
 SHARED_EXTRA_STATE = ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")
 EXPERT_EXTRA_STATE = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
 QK_NORM_EXTRA_STATE = ("self_attention.q_layernorm", "self_attention.k_layernorm")
+MLA_KV_EXTRA_STATE = ("self_attention.linear_kv_down_proj", "self_attention.linear_kv_up_proj", "self_attention.linear_proj")
+MLA_Q_EXTRA_STATE = ("self_attention.linear_q_down_proj", "self_attention.linear_q_up_proj")  # with q_lora_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,16 +276,24 @@ def shards_of(name: str, shape: tuple[int, ...], spec: ModelSpec, target: Target
 # an MoE layer's pre-MLP norm: the local spec's spelling (canonical) -> transformer-engine's
 TE_MOE_NORM = {"mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
                "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
+# MLA layers' input norm is a module of its own in both specs (canonical -> key)
+MLA_INPUT_NORM = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight"}
+# MLA's latent norms: the local spec's modules -> transformer-engine's (canonical) fused ones
+LOCAL_MLA_NORMS = {"self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
+                   "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight"}
 
 
-def canonical(name: str) -> str:
-    """A checkpoint's per-layer name in the local spec's spelling (``pre_mlp_layernorm.*`` of the
-    transformer-engine spec's MoE layers -> ``mlp.linear_fc1.layer_norm_*``)."""
+def canonical(name: str, mla: bool = False) -> str:
+    """A checkpoint's per-layer name in the canonical spelling: ``pre_mlp_layernorm.*`` (the
+    transformer-engine spec's MoE layers) -> ``mlp.linear_fc1.layer_norm_*``; in MLA models
+    ``input_layernorm.weight`` -> ``self_attention.linear_qkv.layer_norm_weight`` and the local
+    spec's latent norms -> the up projections' ``layer_norm_weight``."""
     layer, sub = split_name(name)
-    for local, te in TE_MOE_NORM.items():
-        if sub == te:
-            return f"decoder.layers.{layer}.{local}"
-    return name
+    renames = {te: local for local, te in TE_MOE_NORM.items()}
+    if mla:
+        renames.update({key: canon for canon, key in MLA_INPUT_NORM.items()})
+        renames.update(LOCAL_MLA_NORMS)
+    return f"decoder.layers.{layer}.{renames[sub]}" if layer is not None and sub in renames else name
 
 
 def _key(key: str, spec: ModelSpec, target: Target, layer: int | None = None) -> str:
@@ -277,6 +302,8 @@ def _key(key: str, spec: ModelSpec, target: Target, layer: int | None = None) ->
         layer, sub = split_name(key)
     else:
         sub = key.removeprefix("decoder.layers.")
+    if spec.multi_latent_attention and sub in MLA_INPUT_NORM:
+        return key.removesuffix(sub) + MLA_INPUT_NORM[sub]
     if not (target.te and layer is not None and spec.num_experts and spec.moe_layers[layer] and sub in TE_MOE_NORM):
         return key
     return key.removesuffix(sub) + TE_MOE_NORM[sub]
@@ -299,10 +326,14 @@ def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
             prefix, shape, offsets = f"decoder.layers.{layer}.", (1,), (0,)
         else:
             prefix, shape, offsets = "decoder.layers.", (spec.num_layers,), (layer,)
-        subs = ATTENTION_EXTRA_STATE
+        if spec.multi_latent_attention:  # the input norm: a TENorm of its own
+            q = MLA_Q_EXTRA_STATE if spec.q_lora_rank else ("self_attention.linear_q_proj",)
+            subs = q + MLA_KV_EXTRA_STATE + (("input_layernorm",) if target.te else ())
+        else:
+            subs = ATTENTION_EXTRA_STATE + (QK_NORM_EXTRA_STATE if target.te and spec.qk_layernorm else ())
         subs += (SHARED_EXTRA_STATE if spec.moe_shared_ffn_hidden_size else ()) if moe else EXTRA_STATE[2:]
-        if target.te:  # TENorm modules
-            subs += (QK_NORM_EXTRA_STATE if spec.qk_layernorm else ()) + (("pre_mlp_layernorm",) if moe else ())
+        if target.te and moe:  # TENorm
+            subs += ("pre_mlp_layernorm",)
         out += [ExtraState(f"{prefix}{sub}._extra_state", shape, offsets, base) for sub in subs]
         if moe:
             lead_shape, lead = ((), ()) if target.per_layer else (shape, offsets)

@@ -274,7 +274,7 @@ def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int,
     base = spec.rotary_base
     target = Target(tp, pp, ep, etp, grouped_gemm)
     return argparse.Namespace(
-        **_moe_args(spec, grouped_gemm),
+        **_moe_args(spec, grouped_gemm), **_mla_args(spec),
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, ffn_hidden_size=spec.ffn_hidden_size,
         num_attention_heads=spec.num_attention_heads, kv_channels=spec.head_dim,
         group_query_attention=spec.num_query_groups != spec.num_attention_heads, num_query_groups=spec.num_query_groups,
@@ -289,7 +289,7 @@ def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int,
         qk_layernorm=spec.qk_layernorm, untie_embeddings_and_output_weights=not spec.tie_embeddings,
         vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size, make_vocab_size_divisible_by=divisible_by,
         tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer,
-        window_size=spec.window_size, multi_latent_attention=False,
+        window_size=spec.window_size,
         bf16=spec.train_dtype == torch.bfloat16, fp16=spec.train_dtype == torch.float16, params_dtype=spec.train_dtype,
         init_method_std=spec.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep, expert_tensor_parallel_size=target.expert_tp, world_size=target.world,
@@ -316,9 +316,27 @@ def _moe_args(spec: ModelSpec, grouped_gemm: bool) -> dict[str, Any]:
     )
 
 
-def _impl(value: str) -> str:
+def _mla_args(spec: ModelSpec) -> dict[str, Any]:
+    """Megatron-LM's multi-latent attention args (``--rope-type``: MLA's own RoPE, YaRN or plain)."""
+    if not spec.multi_latent_attention:
+        return {"multi_latent_attention": False}
+    yarn = spec.rope_scaling if (spec.rope_scaling or {}).get("rope_type") == "yarn" else None
+    return dict(
+        multi_latent_attention=True, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
+        qk_head_dim=spec.qk_head_dim, qk_pos_emb_head_dim=spec.qk_pos_emb_head_dim, v_head_dim=spec.v_head_dim,
+        rope_type="yarn" if yarn else "rope",
+        **({"rotary_scaling_factor": yarn["factor"], **{k: yarn[k] for k in (
+            "mscale", "mscale_all_dim", "original_max_position_embeddings", "beta_fast", "beta_slow")}} if yarn else {}),
+    )
+
+
+def _impl(value: str, spec: ModelSpec) -> str:
     if value not in ("transformer_engine", "local"):
         raise DistconvError(f"--transformer-impl {value}: choose transformer_engine or local")
+    if spec.multi_latent_attention and value == "local":
+        raise DistconvError("--transformer-impl local: multi-latent attention is written only as the transformer_engine "
+                            "spec saves it (pass --transformer-impl transformer_engine; the local spec's layout of "
+                            "MLA is not supported yet)")
     return value
 
 
@@ -330,6 +348,10 @@ def family_for(config: Any) -> Family:
     if not by_name[arch].spec_fields:  # export only: no table reads its HF config yet
         importable = sorted(f.architecture for f in FAMILIES if f.spec_fields)
         raise DistconvError(f"import of {arch} is not supported yet (export is); importable: {', '.join(importable)}")
+    mtp = int(getattr(config, "num_mtp_layers", 0) or 0)
+    if mtp:
+        raise DistconvError(f"the {arch} config has {mtp} MTP (multi-token prediction) layer(s) "
+                            "(num_nextn_predict_layers): MTP layers are not imported yet")
     return by_name[arch]
 
 
@@ -358,7 +380,7 @@ class ImportJob(MegatronSinkJob):
             raise DistconvError(f"--expert-model-parallel-size {ep}, --expert-tensor-parallel-size, --moe-grouped-gemm: "
                                 f"the {family.architecture} model has no experts")
         grouped = bool(opts.moe_grouped_gemm)
-        impl = _impl(opts.transformer_impl or "transformer_engine")
+        impl = _impl(opts.transformer_impl or "transformer_engine", self.spec)
         self.target = Target(tp, pp, ep, opts.etp, grouped and impl == "local",
                              per_layer=experts and not all(self.spec.moe_layers), te=impl == "transformer_engine")
         check_layout(self.spec, self.target)
@@ -444,7 +466,7 @@ class ReshardJob(MegatronSinkJob):
         grouped = experts and bool(arg(ckpt.args, "moe_grouped_gemm", default=False) if opts.moe_grouped_gemm is None
                                    else opts.moe_grouped_gemm)
         # the source's spelling of the keys does not matter: its names are read back to canonical ones
-        impl = _impl(opts.transformer_impl or arg(ckpt.args, "transformer_impl", default="transformer_engine"))
+        impl = _impl(opts.transformer_impl or arg(ckpt.args, "transformer_impl", default="transformer_engine"), self.spec)
         self.target = Target(tp, pp, ep, opts.etp, grouped and impl == "local",
                              per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts),
                              te=impl == "transformer_engine")
@@ -453,7 +475,7 @@ class ReshardJob(MegatronSinkJob):
         self.items: dict[str, SourceItem] = {}
         for info in ckpt.tensors.values():
             for item in items_of(info, self.spec.num_layers, self.spec.num_experts):
-                item = dataclasses.replace(item, name=canonical(item.name))
+                item = dataclasses.replace(item, name=canonical(item.name, self.spec.multi_latent_attention))
                 if not known(item.name):
                     raise DistconvError(f"reshard does not know megatron-core's layout of {item.key} ({item.name})")
                 self.items[item.name] = item

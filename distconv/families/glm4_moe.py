@@ -17,19 +17,14 @@ is refused, and the export writes ``num_nextn_predict_layers: 0`` (transformers 
 
 from __future__ import annotations
 
-from transformers import Glm4MoeConfig, PretrainedConfig
+from transformers import Glm4MoeConfig
 
 from distconv.families.base import QKV, Family, Rule, _hf_value
 from distconv.families.llama import RULES, H, L, spec_fields
-from distconv.families.moe import SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, fields, with_fields
+from distconv.families.moe import SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields
 
 A = L + "self_attention."
 HA = H + "self_attn."
-
-
-def _groups(c: PretrainedConfig) -> int | None:
-    """megatron-core's ``moe_router_num_groups``: none for HF's single group."""
-    return c.n_group if c.n_group > 1 else None
 
 
 GLM4_MOE = Family(
@@ -60,16 +55,6 @@ GLM4_MOE = Family(
             qk_layernorm=lambda c: bool(c.use_qk_norm),
             rotary_percent=lambda c: float(_hf_value(c, "partial_rotary_factor")),
         ),
-        num_experts=lambda c: c.n_routed_experts,
-        moe_layers=lambda c: tuple(i >= c.first_k_dense_replace for i in range(c.num_hidden_layers)),
-        moe_ffn_hidden_size=lambda c: c.moe_intermediate_size,
-        moe_topk=lambda c: c.num_experts_per_tok,
-        moe_score_function=lambda c: "sigmoid",
-        moe_expert_bias=lambda c: True,
-        moe_scaling_factor=lambda c: float(c.routed_scaling_factor),
-        moe_num_groups=_groups,
-        moe_group_topk=lambda c: c.topk_group if _groups(c) else None,
-        moe_shared_ffn_hidden_size=lambda c: c.n_shared_experts * c.moe_intermediate_size or None,
-        mtp_num_layers=lambda c: c.num_mtp_layers,  # refused unless 0 (MTP is not converted)
+        **SIGMOID_SPEC,
     ),
 )

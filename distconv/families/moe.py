@@ -109,6 +109,27 @@ SIGMOID_FIELDS: tuple[tuple[str, Callable[[ModelSpec], Any]], ...] = (
 )
 
 
+def _groups(c: PretrainedConfig) -> int | None:
+    """megatron-core's ``moe_router_num_groups``: none for HF's single group."""
+    return c.n_group if c.n_group > 1 else None
+
+
+# import: the sigmoid router, shared experts and leading dense layers of DeepSeek-V3 and GLM-4.5 configs
+SIGMOID_SPEC: dict[str, Callable[[PretrainedConfig], Any]] = dict(
+    num_experts=lambda c: c.n_routed_experts,
+    moe_layers=lambda c: tuple(i >= c.first_k_dense_replace for i in range(c.num_hidden_layers)),
+    moe_ffn_hidden_size=lambda c: c.moe_intermediate_size,
+    moe_topk=lambda c: c.num_experts_per_tok,
+    moe_score_function=lambda c: "sigmoid",
+    moe_expert_bias=lambda c: True,
+    moe_scaling_factor=lambda c: float(c.routed_scaling_factor),
+    moe_num_groups=_groups,
+    moe_group_topk=lambda c: c.topk_group if _groups(c) else None,
+    moe_shared_ffn_hidden_size=lambda c: c.n_shared_experts * c.moe_intermediate_size or None,
+    mtp_num_layers=lambda c: c.num_mtp_layers,  # refused unless 0 (MTP is not converted)
+)
+
+
 def head_dim_if_needed(spec: ModelSpec) -> int | None:
     """``head_dim`` only where it differs from hidden/heads (configs without the field)."""
     return None if spec.head_dim * spec.num_attention_heads == spec.hidden_size else spec.head_dim

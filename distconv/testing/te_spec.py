@@ -10,7 +10,12 @@ local modules with the parameter names, sharding and ``_extra_state`` of TE's:
   ``TELayerNormColumnParallelLinear``;
 - ``layer_norm`` and the block's final norm (``TENorm``): the torch norm, plus the (empty)
   ``_extra_state`` transformer-engine 2's norms (fusible ops) save;
-- ``column/row_parallel_linear`` and ``core_attention``: the local ones;
+- ``column/row_parallel_linear`` and ``core_attention``: the local ones (MLA layers get
+  ``distconv.megatron_model``'s MLA core attention from ``build_gpt``);
+- ``linear`` (``TELinear``, which MLA builds with ``parallel_mode="duplicated"`` for its down
+  projections): a plain linear whose weight and ``_extra_state`` are replicated across TP, as
+  ``TELinear.sharded_state_dict`` saves them; ``multi_latent_attention.TELinear`` is pointed at it
+  so that MLA passes it TE's arguments;
 - experts: ``SequentialMLP`` of local linears, also for grouped GEMM, whose ``TEGroupedMLP``
   saves what ``SequentialMLP`` saves (megatron-core's docstring); the legacy ``GroupedMLP`` as TE's
   provider picks it.
@@ -87,6 +92,36 @@ def _layer_norm_column_parallel_linear() -> type:
     return LayerNormColumnParallelLinear
 
 
+class TELinear(_ExtraState, torch.nn.Module):
+    """``TELinear``'s stand-in for ``parallel_mode="duplicated"`` (MLA's down projections): the
+    whole ``weight`` on every TP rank, no bias; returns ``(output, None)`` like megatron's linears."""
+
+    def __init__(self, input_size: int, output_size: int, *, parallel_mode: str | None, config: Any, init_method: Any,
+                 bias: bool, skip_bias_add: bool, skip_weight_param_allocation: bool,
+                 tp_comm_buffer_name: str | None = None, is_expert: bool = False, symmetric_ar_type: Any = None,
+                 tp_group: Any = None) -> None:
+        super().__init__()
+        if parallel_mode != "duplicated" or bias or is_expert or skip_weight_param_allocation:
+            raise NotImplementedError("TELinear stand-in: duplicated, bias-free, non-expert only")
+        from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+        self.weight = torch.nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
+        if config.perform_initialization:
+            init_method(self.weight)
+        self._tp_group = get_tensor_model_parallel_group_if_none(tp_group)  # as TELinear: for the replica ids
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return F.linear(x, self.weight), None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Replicated across TP and DP, as ``TELinear.sharded_state_dict`` (the main replica: TP and DP rank 0)."""
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, None, sharded_offsets, tp_group=self._tp_group,
+                                                   dp_cp_group=metadata["dp_cp_group"])
+
+
 def _spec_provider() -> type:
     from megatron.core.models.backends import BackendSpecProvider
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -98,6 +133,9 @@ def _spec_provider() -> type:
 
     class TESpecProvider(BackendSpecProvider):
         """``TESpecProvider``'s stand-in: local modules saved as TE's are."""
+
+        def linear(self) -> type:
+            return TELinear
 
         def column_parallel_linear(self) -> type:
             return ColumnParallelLinear
@@ -133,6 +171,8 @@ def _spec_provider() -> type:
 def te_spec_stand_in() -> Iterator[None]:
     """While active, megatron-core's TE spec builders pick the stand-ins; undone on exit."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer import multi_latent_attention
 
-    with stand_ins([(gpt_layer_specs, "TESpecProvider", _spec_provider()), (gpt_layer_specs, "TENorm", TENorm)]):
+    with stand_ins([(gpt_layer_specs, "TESpecProvider", _spec_provider()), (gpt_layer_specs, "TENorm", TENorm),
+                    (multi_latent_attention, "TELinear", TELinear)]):
         yield
