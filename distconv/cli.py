@@ -82,8 +82,9 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
                    "(Megatron-LM's flag; import default: no, reshard default: the source's)")
     p.add_argument("--transformer-impl", choices=("transformer_engine", "local"), default=None,
                    help="the layer spec the target is saved as, and args.transformer_impl (Megatron-LM's flag; "
-                   "import default: transformer_engine, as Megatron-LM; reshard default: the source's). The keys "
-                   "differ only in MoE models: transformer_engine saves the pre-MLP norm as pre_mlp_layernorm.*")
+                   "import default: transformer_engine, as Megatron-LM; reshard default: the source's). "
+                   "transformer_engine saves an MoE layer's pre-MLP norm as pre_mlp_layernorm.* and an empty "
+                   "_extra_state per TE norm; multi-latent attention is written only this way")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     p.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")

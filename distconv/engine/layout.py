@@ -106,7 +106,7 @@ class Target:
     etp: int | None = None  # expert tensor parallel size; None: TP (Megatron-LM's default)
     grouped_gemm: bool = False  # experts as the local GroupedMLP saves them (--moe-grouped-gemm, local spec)
     per_layer: bool = False  # non-homogeneous layers: ``decoder.layers.{i}.*`` keys, no layer axis
-    te: bool = False  # MoE models as transformer-engine's spec saves them (--transformer-impl transformer_engine)
+    te: bool = False  # as transformer-engine's spec saves it (--transformer-impl transformer_engine)
 
     @property
     def expert_tp(self) -> int:
@@ -156,6 +156,12 @@ class Shard:
     @property
     def sizes(self) -> tuple[int, ...]:
         return tuple(s.stop - s.start for s in self.box)
+
+    def pieces(self) -> list[tuple[str, tuple[slice, ...]]]:
+        """The per-layer tensors the chunk is cut from, each with its box (grouped GEMM: one per expert)."""
+        if self.parts:
+            return [(part, self.box[1:]) for part in self.parts]
+        return [(self.name, self.box)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -330,14 +330,23 @@ def _mla_args(spec: ModelSpec) -> dict[str, Any]:
     )
 
 
-def _impl(value: str, spec: ModelSpec) -> str:
-    if value not in ("transformer_engine", "local"):
-        raise DistconvError(f"--transformer-impl {value}: choose transformer_engine or local")
-    if spec.multi_latent_attention and value == "local":
+def _target(opts: MegatronOptions, spec: ModelSpec, impl: str, grouped: bool, per_layer: bool) -> tuple[Target, dict[str, Any]]:
+    """The checked target layout, and the options the marker records for it (the expert ones for
+    MoE models only). ``grouped`` is ``--moe-grouped-gemm``: only the local spec's GroupedMLP
+    chunks experts by EP rank (transformer-engine's TEGroupedMLP saves them per expert)."""
+    if impl not in ("transformer_engine", "local"):
+        raise DistconvError(f"--transformer-impl {impl}: choose transformer_engine or local")
+    if spec.multi_latent_attention and impl == "local":
         raise DistconvError("--transformer-impl local: multi-latent attention is written only as the transformer_engine "
                             "spec saves it (pass --transformer-impl transformer_engine; the local spec's layout of "
                             "MLA is not supported yet)")
-    return value
+    target = Target(opts.tp, opts.pp, opts.ep, opts.etp, grouped and impl == "local", per_layer,
+                    te=impl == "transformer_engine")
+    check_layout(spec, target)
+    options = {"tp": opts.tp, "pp": opts.pp, "ep": opts.ep, "transformer_impl": impl}
+    if spec.num_experts:
+        options.update(etp=target.expert_tp, moe_grouped_gemm=grouped)
+    return target, options
 
 
 def family_for(config: Any) -> Family:
@@ -380,25 +389,21 @@ class ImportJob(MegatronSinkJob):
             raise DistconvError(f"--expert-model-parallel-size {ep}, --expert-tensor-parallel-size, --moe-grouped-gemm: "
                                 f"the {family.architecture} model has no experts")
         grouped = bool(opts.moe_grouped_gemm)
-        impl = _impl(opts.transformer_impl or "transformer_engine", self.spec)
-        self.target = Target(tp, pp, ep, opts.etp, grouped and impl == "local",
-                             per_layer=experts and not all(self.spec.moe_layers), te=impl == "transformer_engine")
-        check_layout(self.spec, self.target)
+        self.target, options = _target(opts, self.spec, opts.transformer_impl or "transformer_engine", grouped,
+                                       per_layer=experts and not all(self.spec.moe_layers))
         self.items = {item.name: item for item in _items(family, self.spec, tensors, expected_hf_tensors(config))}
         shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, self.target)]
         self.iteration = "release" if opts.iteration is None else opts.iteration
         self.plan = ChunkPlan(shards, extra_states(self.spec, self.target), [dtype] * len(shards),
                               [self._planned_read(s) for s in shards], world, iteration_dir(self.iteration))
-        args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer, opts.etp, grouped, impl)
+        args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer, opts.etp, grouped,
+                             options["transformer_impl"])
         self.common = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if self.iteration == "release" else int(self.iteration),
                        "num_floating_point_operations_so_far": 0}
         self.layout, self.window = self.target.describe(experts), parse_size(opts.window, "--window")
         self.save = Path(opts.save).resolve()
         self.inputs = source.inputs
         refuse_overlap(self.save, self.inputs)
-        options = {"tp": tp, "pp": pp, "ep": ep, "transformer_impl": impl}
-        if experts:
-            options.update(etp=self.target.expert_tp, moe_grouped_gemm=grouped)
         self.identity = {"source": source.identity, "options": {
             **options, "dtype": str(dtype).removeprefix("torch."), "divisible_by": opts.divisible_by,
             "iteration": self.iteration}}
@@ -406,9 +411,7 @@ class ImportJob(MegatronSinkJob):
 
     def _parts(self, shard: Shard) -> list[tuple[Item, tuple[slice, ...]]]:
         """The Megatron tensors a chunk is cut from, each with its box (grouped-GEMM chunks: one per expert)."""
-        if shard.parts:
-            return [(self.items[p], shard.box[1:]) for p in shard.parts]
-        return [(self.items[shard.name], shard.box)]
+        return [(self.items[name], box) for name, box in shard.pieces()]
 
     def _planned_read(self, shard: Shard) -> int:
         """Bytes of the source a chunk is cut from: its rows and columns, padding rows excluded."""
@@ -466,11 +469,9 @@ class ReshardJob(MegatronSinkJob):
         grouped = experts and bool(arg(ckpt.args, "moe_grouped_gemm", default=False) if opts.moe_grouped_gemm is None
                                    else opts.moe_grouped_gemm)
         # the source's spelling of the keys does not matter: its names are read back to canonical ones
-        impl = _impl(opts.transformer_impl or arg(ckpt.args, "transformer_impl", default="transformer_engine"), self.spec)
-        self.target = Target(tp, pp, ep, opts.etp, grouped and impl == "local",
-                             per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts),
-                             te=impl == "transformer_engine")
-        check_layout(self.spec, self.target)
+        self.target, options = _target(
+            opts, self.spec, opts.transformer_impl or arg(ckpt.args, "transformer_impl", default="transformer_engine"),
+            grouped, per_layer=per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts))
         # every per-layer (and per-expert) tensor of the source, under its canonical name
         self.items: dict[str, SourceItem] = {}
         for info in ckpt.tensors.values():
@@ -494,11 +495,9 @@ class ReshardJob(MegatronSinkJob):
         args.expert_model_parallel_size, args.padded_vocab_size = ep, padded
         args.world_size, args.data_parallel_size = self.target.world, self.target.stage_ranks // tp
         args.expert_tensor_parallel_size = self.target.expert_tp  # dense: TP, as Megatron-LM resolves it
-        args.transformer_impl = impl
-        options = {"tp": tp, "pp": pp, "ep": ep, "transformer_impl": impl}
+        args.transformer_impl = options["transformer_impl"]
         if experts:
             args.moe_grouped_gemm = grouped
-            options.update(etp=self.target.expert_tp, moe_grouped_gemm=grouped)
         self.common = {k: v for k, v in ckpt.common.items() if k not in ("optimizer", "content_metadata", "rng_state")}
         self.common["args"] = args
         self.common["checkpoint_version"] = 3.0  # legacy sources are read into megatron-core's QKV order
@@ -513,10 +512,8 @@ class ReshardJob(MegatronSinkJob):
     def _reads(self, shard: Shard, n: int) -> list[Read]:
         """The parts of ``shard`` that exist in the source (vocab rows past the source's padding do
         not), one per source tensor it is cut from (grouped-GEMM chunks: one per expert)."""
-        parts = shard.parts or (shard.name,)
-        box = shard.box[1:] if shard.parts else shard.box
         out = []
-        for i, name in enumerate(parts):
+        for i, (name, box) in enumerate(shard.pieces()):
             item = self.items.get(name)
             if item is None:
                 raise DistconvError(f"the checkpoint lacks {name}, part of {shard.key} at the target layout")
