@@ -26,7 +26,7 @@ import torch.distributed as dist
 from distconv.sources.checkpoint import iteration_dir
 from distconv.testing.expert_keys import save_expert_key_form
 from distconv.megatron_model import build_gpt, cpu_compat, forward_logits
-from distconv.testing.megatron_cpu import megatron_args, randomize_
+from distconv.testing.megatron_cpu import megatron_args, model_parallel, randomize_
 
 ALL_LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
 # MoE: EP2, PP2xEP2, TP2xEP2 (expert TP = TP = 2), TP2xEP2 with expert TP 1
@@ -265,7 +265,7 @@ def save_torch_format(model: torch.nn.Module, args: argparse.Namespace, root: Pa
 
 
 def build_fixture(name: str, fx: Fixture, out: Path) -> None:
-    from megatron.core import dist_checkpointing, parallel_state
+    from megatron.core import dist_checkpointing
 
     world = dist.get_world_size()
     rank = dist.get_rank()
@@ -280,41 +280,37 @@ def build_fixture(name: str, fx: Fixture, out: Path) -> None:
     first = None
     for layout in fx.layouts:
         tp, pp, ep, etp = parallel(layout)
-        parallel_state.destroy_model_parallel()
-        parallel_state.initialize_model_parallel(
-            tp, pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp
-        )
-        args = argparse.Namespace(**vars(base_args))
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
-        args.expert_model_parallel_size, args.expert_tensor_parallel_size = ep, etp
-        args.world_size, args.data_parallel_size = world, world // (tp * pp)
-        model = build_gpt(args, tp, pp)
-        if first is None:
-            assert (tp, pp, ep) == (1, 1, 1), "the first layout is the reference"
-            randomize_(model, fx.seed, bf16_exact=fx.bf16)
-            if rank == 0:
-                gen = torch.Generator().manual_seed(fx.seed + 7)
-                true_vocab = fx.args.get("vocab_size") or (TOKENIZER_VOCAB if fx.tokenizer else args.padded_vocab_size)
-                tokens = torch.randint(0, true_vocab, REFERENCE_TOKENS_SHAPE, generator=gen)
-                logits = forward_logits(model, tokens)
-                (out / "refs").mkdir(parents=True, exist_ok=True)
-                torch.save({"tokens": tokens, "logits": logits.float()}, out / "refs" / f"{name}.pt")
-        else:
-            loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(first))
-            model.load_state_dict(loaded["model"])
-        if fx.bf16:
-            model = model.to(torch.bfloat16)
-        root = layout_dir(out, name, tp, pp, ep, etp)
-        save_layout(model, args, root, fx)
-        if (tp, pp) in fx.torch_format:
-            save_torch_format(model, args, torch_format_dir(out, name, tp, pp), fx)
-        if first is None:
-            iter_name = iteration_dir(fx.iteration)
-            first = root / iter_name
-            reference_args = args
+        with model_parallel(tp, pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp):
+            args = argparse.Namespace(**vars(base_args))
+            args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+            args.expert_model_parallel_size, args.expert_tensor_parallel_size = ep, etp
+            args.world_size, args.data_parallel_size = world, world // (tp * pp)
+            model = build_gpt(args, tp, pp)
+            if first is None:
+                assert (tp, pp, ep) == (1, 1, 1), "the first layout is the reference"
+                randomize_(model, fx.seed, bf16_exact=fx.bf16)
+                if rank == 0:
+                    gen = torch.Generator().manual_seed(fx.seed + 7)
+                    true_vocab = fx.args.get("vocab_size") or (TOKENIZER_VOCAB if fx.tokenizer else args.padded_vocab_size)
+                    tokens = torch.randint(0, true_vocab, REFERENCE_TOKENS_SHAPE, generator=gen)
+                    logits = forward_logits(model, tokens)
+                    (out / "refs").mkdir(parents=True, exist_ok=True)
+                    torch.save({"tokens": tokens, "logits": logits.float()}, out / "refs" / f"{name}.pt")
+            else:
+                loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(first))
+                model.load_state_dict(loaded["model"])
+            if fx.bf16:
+                model = model.to(torch.bfloat16)
+            root = layout_dir(out, name, tp, pp, ep, etp)
+            save_layout(model, args, root, fx)
+            if (tp, pp) in fx.torch_format:
+                save_torch_format(model, args, torch_format_dir(out, name, tp, pp), fx)
+            if first is None:
+                iter_name = iteration_dir(fx.iteration)
+                first = root / iter_name
+                reference_args = args
     for form in fx.expert_key_forms:
         save_expert_key_form(first, out / name / f"{form}_keys", reference_args, form)
-    parallel_state.destroy_model_parallel()
 
 
 def main() -> None:
