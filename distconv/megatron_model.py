@@ -263,6 +263,7 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         perform_initialization=init,
+        mtp_num_layers=args.mtp_num_layers or None,
     )
 
 
@@ -277,7 +278,9 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
     args = with_defaults(args)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec, get_gpt_layer_local_spec, get_gpt_mtp_block_spec,
+    )
 
     config = transformer_config(args, tp, pp, init)
     if transformer_engine:
@@ -292,7 +295,10 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
         )
     if args.multi_latent_attention:
         _use_local_mla_attention(spec)
+    # MTP layers (on the last stage) are built like the last decoder layer
+    mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=transformer_engine) if args.mtp_num_layers else None
     return GPTModel(
+        mtp_block_spec=mtp,
         config=config,
         transformer_layer_spec=spec,
         vocab_size=args.padded_vocab_size,
@@ -336,11 +342,37 @@ def _use_local_mla_attention(spec: Any) -> None:
         layer.submodules.self_attention.submodules.core_attention = core
 
 
+def sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
+    """``model.sharded_state_dict()`` with the metadata Megatron-LM passes: the data-parallel group,
+    over which an MTP stage that is not the first ties its copy of the embedding."""
+    from megatron.core import parallel_state
+
+    return model.sharded_state_dict(metadata={"dp_cp_group": parallel_state.get_data_parallel_group(with_context_parallel=True)})
+
+
 @torch.no_grad()
-def forward_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """megatron-core's own forward pass on CPU: logits [batch, seq, padded_vocab]."""
+def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, mtp: bool = False) -> Any:
+    """megatron-core's own forward pass on CPU (one stage): logits [batch, seq, padded_vocab].
+
+    With ``mtp``: ``(logits, [logits of each MTP layer])``; MTP layer ``k``'s logits at position
+    ``i`` predict token ``i + k + 2``. megatron-core computes MTP outputs only as a loss (it needs
+    labels); they are taken from its MTP block's output, through the model's output layer.
+    """
     model.eval()
     b, s = tokens.shape
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
     mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s)
-    return model(tokens, position_ids, mask)
+    block = getattr(model, "mtp", None)
+    if block is None:
+        logits = model(tokens, position_ids, mask)
+        return (logits, []) if mtp else logits
+    seen: list[torch.Tensor] = []
+    hook = block.register_forward_hook(lambda module, inputs, output: seen.append(output))
+    try:
+        model(tokens, position_ids, mask, labels=tokens)
+    finally:
+        hook.remove()
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    hidden = torch.chunk(seen[0], 1 + len(block.layers), dim=0)  # [s, b, h] each: the decoder's, then each MTP layer's
+    logits = [model.output_layer(h, weight=weight)[0].transpose(0, 1).contiguous() for h in hidden]
+    return (logits[0], logits[1:]) if mtp else logits[0]

@@ -79,6 +79,22 @@ class ModelSpec:
         shared, routed = self.moe_shared_ffn_hidden_size, self.moe_ffn_hidden_size
         return shared // routed if shared and routed and shared % routed == 0 else None
 
+    def is_moe(self, layer: int) -> bool:
+        """Whether layer ``layer`` has experts. An MTP layer (``num_layers + m``) is built like the
+        last decoder layer, as megatron-core's MTP block spec builds it."""
+        return bool(self.num_experts) and self.moe_layers[min(layer, self.num_layers - 1)]
+
+    @property
+    def mtp_conflict(self) -> str | None:
+        """Why the MTP layers have no HF form (HF's MTP layers are MoE and carry their own output head)."""
+        if not self.mtp_num_layers:
+            return None
+        if self.tie_embeddings:
+            return "MTP layers with tied embeddings"
+        if self.num_experts and not self.is_moe(self.num_layers):
+            return "MTP layers without experts"
+        return None
+
     @property
     def plain_mha(self) -> bool:
         """Multi-head attention with ``heads * head_dim == hidden`` (no GQA, no custom head size)."""

@@ -49,10 +49,11 @@ def _known_common(common: dict[str, Any]):
 def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict from a legacy checkpoint: each sharded-state key (per-layer ones as
     ``decoder.layers.{i}.X``, the legacy reader's names) read whole in fp32."""
+    from distconv.megatron_model import sharded_state_dict
     from distconv.sources.legacy import LegacyReader
 
     reader, state = LegacyReader(ckpt), {}
-    for name, sharded in model.sharded_state_dict().items():
+    for name, sharded in sharded_state_dict(model).items():
         key = getattr(sharded, "key", None)
         data = getattr(sharded, "data", None)
         if key is None or not isinstance(data, torch.Tensor) or name.endswith("_extra_state"):
@@ -88,9 +89,11 @@ def _torch_dist_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, tor
     """The model's state dict from a torch_dist checkpoint through ``dist_checkpointing.load``."""
     from megatron.core import dist_checkpointing
 
+    from distconv.megatron_model import sharded_state_dict
+
     try:
         with serving_metadata(ckpt.path, ckpt.metadata):
-            loaded = dist_checkpointing.load({"model": _as_stored(model.sharded_state_dict(), ckpt)}, str(ckpt.path),
+            loaded = dist_checkpointing.load({"model": _as_stored(sharded_state_dict(model), ckpt)}, str(ckpt.path),
                                              common_strategy=_known_common(ckpt.common),
                                              validate_access_integrity=False)
     except BaseException as e:  # DCP's CheckpointException is a BaseException

@@ -59,8 +59,8 @@ def built(tmp_path_factory) -> Path:
     if cached and (Path(cached) / "refs").is_dir():
         return Path(cached)
     out = tmp_path_factory.mktemp("megatron")
-    # usually under 10 min; megatron-core's leaked gloo groups (see build.py) have made it run
-    # past 25 min on 2 cores, which then failed every test that needs a fixture
+    # under 10 min on 2 cores; the limit is generous (a build that piled up megatron-core's leaked
+    # gloo threads once ran past 25 min and failed every test that needs a fixture)
     torchrun(4, "-m", "distconv.testing.build", "--out", str(out), timeout=3600)
     return out
 

@@ -9,8 +9,8 @@ builds ``GPTModel`` at the target TP x PP (a model whose args say
 ``distconv.testing.te_spec``'s stand-ins) and (1) the chunks its ``sharded_state_dict()`` saves
 (main replicas, gathered over all ranks) must equal the chunks stored in the checkpoint's DCP
 metadata, (2) ``dist_checkpointing.load`` of that state dict with ``StrictHandling.RAISE_ALL``
-must succeed; then (3) the model is built at TP1 PP1, strictly loaded again and its logits on
-the given tokens are saved for the test to compare with transformers'.
+must succeed; then (3) the model is built at TP1 PP1, strictly loaded again and its logits (and
+its MTP layers', beside them) on the given tokens are saved for the test to compare with transformers'.
 """
 
 import argparse
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 import distconv
+from distconv.megatron_model import sharded_state_dict
 from distconv.sources.megatron import describe
 from distconv.testing.megatron_cpu import model_parallel
 from distconv.testing.te_spec import te_spec_stand_in
@@ -33,7 +34,7 @@ def model_chunks(model) -> set:
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    sd = model.sharded_state_dict()
+    sd = sharded_state_dict(model)
     apply_factories(sd)
     return {
         (x.key, tuple(x.global_offset), (1,) * x.prepend_axis_num + tuple(x.local_shape))
@@ -71,7 +72,7 @@ def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int):
             te_spec_stand_in() if te else contextlib.nullcontext():
         model = build_gpt(args, tp, pp, transformer_engine=te)
     with torch.serialization.safe_globals([argparse.Namespace]):
-        loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(folder), strict=StrictHandling.RAISE_ALL)
+        loaded = dist_checkpointing.load({"model": sharded_state_dict(model)}, str(folder), strict=StrictHandling.RAISE_ALL)
     model.load_state_dict(loaded["model"])
     return model
 
@@ -94,7 +95,9 @@ def check(root: str, tp: int, pp: int, tokens: list, logits_out: str, ep: int = 
     with model_parallel(1, 1):
         model = build_and_load(ckpt.path, single, 1, 1)
         if dist.get_rank() == 0:
-            torch.save(forward_logits(model, torch.tensor(tokens)), logits_out)
+            logits, mtp = forward_logits(model, torch.tensor(tokens), mtp=True)
+            torch.save(logits, logits_out)
+            torch.save(mtp, logits_out + ".mtp")  # each MTP layer's logits (none without MTP)
     return {"layout_equal": expected == stored, "only_model": sorted(stored - expected)[:5],
             "only_ckpt": sorted(expected - stored)[:5], "args_tp": args.tensor_model_parallel_size,
             "args_pp": args.pipeline_model_parallel_size, "args_ep": getattr(args, "expert_model_parallel_size", 1),

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import ROOT, distconv_cli, torchrun
 from distconv.errors import DistconvError
+from mtp_reference import hf_mtp_logits
 
 TOL = 1e-4
 VOCAB = 250
@@ -48,11 +49,14 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
     ("mixtral", 2, 1, 2, 1, True, LOCAL), ("qwen2_moe", 1, 2, 2, None, True, LOCAL), ("qwen3_moe", 2, 1, 2, 2, True, TE),
     ("glm4_moe", 1, 1, 2, None, False, TE), ("glm4_moe", 2, 1, 2, 1, False, TE),
     ("deepseek_v3", 1, 1, 2, None, False, TE), ("deepseek_v3", 2, 1, 2, 1, False, TE),
+    ("deepseek_v3", 1, 2, 2, None, False, TE), ("glm4_moe", 2, 2, 1, None, False, TE),  # MTP on the last stage
     ("deepseek_v3_q_proj", 2, 1, 2, None, False, TE),
 ]
-# block-wise FP8 MoE releases (Qwen3-MoE-FP8's layout: every expert's projections quantized,
-# the router in high precision), imported at EP x ETP: (name, TP, PP, EP, ETP)
-FP8_MOE_IMPORTS = [("qwen3_moe", 2, 1, 2, 1), ("qwen2_moe", 1, 2, 2, None)]
+# block-wise FP8 MoE releases (every expert's and attention's projections quantized, the router,
+# norms, embeddings and MTP layers' own projection in high precision), imported at EP x ETP:
+# (name, TP, PP, EP, ETP)
+FP8_MOE_IMPORTS = [("qwen3_moe", 2, 1, 2, 1), ("qwen2_moe", 1, 2, 2, None), ("deepseek_v3", 2, 1, 2, 1),
+                   ("glm4_moe", 1, 2, 2, None)]
 # exported back and compared with the source: each family at its most split layout, and each chunking
 MOE_ROUND_TRIPS = [c for c in MOE_IMPORTS if c[3:5] == (2, 1) or c[5] or c[3] == 4]
 MOE = dict(intermediate_size=32)  # the experts' width (Mixtral); Qwen's dense layers keep SMALL's 128
@@ -68,22 +72,22 @@ MODELS.update({
                                          moe_intermediate_size=32, norm_topk_prob=True, tie_word_embeddings=True),
                   torch.float32),
     # GLM-4.5: q/k/v biases, q/k norms, half of head_dim 32 rotated, a dense first layer, two shared
-    # experts' width, sigmoid top-2 within 1 of 2 groups, scaled, a random expert bias
+    # experts' width, sigmoid top-2 within 1 of 2 groups, scaled, a random expert bias, two MTP layers
     "glm4_moe": ("Glm4MoeConfig", dict(num_key_value_heads=2, head_dim=32, n_routed_experts=8, num_experts_per_tok=2,
                                        moe_intermediate_size=16, n_shared_experts=2, first_k_dense_replace=1, n_group=2,
                                        topk_group=1, routed_scaling_factor=2.5, attention_bias=True, use_qk_norm=True,
-                                       partial_rotary_factor=0.5, num_nextn_predict_layers=0, tie_word_embeddings=False),
+                                       partial_rotary_factor=0.5, num_nextn_predict_layers=2, tie_word_embeddings=False),
                  torch.float32),
     # DeepSeek-V3: MLA with q LoRA and YaRN (the export fixture's), a dense first layer, one shared
-    # expert, sigmoid top-2 within 1 of 2 groups, scaled, a random expert bias; the routing keys
-    # the hub configs carry (transformers ignores them)
+    # expert, sigmoid top-2 within 1 of 2 groups, scaled, a random expert bias, one MTP layer; the
+    # routing keys the hub configs carry (transformers ignores them)
     "deepseek_v3": ("DeepseekV3Config", dict(
         num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
         first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, q_lora_rank=24, kv_lora_rank=32,
         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, max_position_embeddings=16384, rope_interleave=True,
         rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 4096,
                          "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0},
-        num_nextn_predict_layers=0, topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1,
+        num_nextn_predict_layers=1, topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1,
         tie_word_embeddings=False), torch.float32),
 })
 # the other MLA query path (q_proj, no q LoRA), plain RoPE, one group, every layer MoE (stacked keys)
@@ -123,7 +127,8 @@ def moe_model(key: str) -> str:
 
 @torch.no_grad()
 def make_hf(folder: Path, name: str) -> Path:
-    """A random HF model (norms and biases random too, so a swapped mapping shows)."""
+    """A random HF model (norms and biases random too, so a swapped mapping shows), with random
+    MTP layers where the config has them (transformers' model does not hold them)."""
     import transformers
 
     cls_name, overrides, dtype = MODELS[name]
@@ -138,6 +143,23 @@ def make_hf(folder: Path, name: str) -> Path:
         if bname.endswith("e_score_correction_bias"):
             b.copy_(0.05 * torch.randn(b.shape, generator=gen))
     model.to(dtype).save_pretrained(str(folder / name))
+    depth = getattr(config, "num_mtp_layers", 0) or 0
+    if depth:  # as DeepSeek's releases store them: after the last layer, shaped like it, plus their own tensors
+        path = folder / name / "model.safetensors"
+        state = load_file(str(path))
+        n, hidden = config.num_hidden_layers, config.hidden_size
+        last = f"model.layers.{n - 1}."
+        for layer in range(n, n + depth):
+            at = f"model.layers.{layer}."
+            own = {at + k.removeprefix(last): t.shape for k, t in state.items() if k.startswith(last)}
+            own.update({at + "enorm.weight": (hidden,), at + "hnorm.weight": (hidden,),
+                        at + "shared_head.norm.weight": (hidden,), at + "eh_proj.weight": (hidden, 2 * hidden)})
+            for pname, shape in sorted(own.items()):
+                base = 1.0 if "norm" in pname else 0.0
+                state[pname] = (base + (0.2 if "norm" in pname else 0.05) * torch.randn(shape, generator=gen)).to(dtype)
+            state[at + "embed_tokens.weight"] = state["model.embed_tokens.weight"].clone()
+            state[at + "shared_head.head.weight"] = state["lm_head.weight"].clone()
+        save_file(state, str(path), metadata={"format": "pt"})
     return folder / name
 
 
@@ -184,7 +206,8 @@ def to_mindspore(hf: Path, out: Path, table: list[tuple[str, str]], extra: dict 
     return out
 
 
-FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "q_a_proj", "q_b_proj",
+               "kv_a_proj_with_mqa", "kv_b_proj")
 
 
 def to_fp8(hf: Path, out: Path) -> tuple[Path, Path]:
@@ -305,6 +328,13 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("import mla local", op="import", load=str(hf["deepseek_v3"]), save=str(work / "bad7"), tp=1, pp=1, ep=2,
         transformer_impl=LOCAL)
     add("reshard mla to local", op="reshard", load=str(built / "deepseek_v3" / "tp1pp1"), save=str(work / "bad8"), tp=1, pp=1)
+    copy = work / "hf" / "glm4_moe_mtp_copy"  # an MTP layer's embedding that is not the model's
+    copy.mkdir()
+    state = load_file(str(hf["glm4_moe"] / "model.safetensors"))
+    state["model.layers.5.embed_tokens.weight"][7, 3] += 1.0
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    (copy / "config.json").write_text((hf["glm4_moe"] / "config.json").read_text())
+    add("import mtp copy differs", op="import", load=str(copy), save=str(work / "bad9"), tp=1, pp=1, ep=2)
 
     jobs_file, results_file = work / "jobs.json", work / "results.json"
     jobs_file.write_text(json.dumps(job_list))
@@ -399,6 +429,8 @@ REFUSALS = {  # job -> (words of its error, the folder it must not leave)
     "reshard dense etp": ("EP and expert TP need a model with experts", "bad6"),
     "import mla local": ("--transformer-impl local: multi-latent attention", "bad7"),
     "reshard mla to local": ("--transformer-impl local: multi-latent attention", "bad8"),  # the source's spec
+    # found while the chunk is read, on the rank that reads it
+    "import mtp copy differs": ("model.layers.5.embed_tokens.weight differs from model.embed_tokens.weight", "bad9"),
 }
 
 
@@ -541,8 +573,8 @@ def test_moe_import_args_read_back_as_the_same_spec(name):
 
 
 def test_deepseek_v3_import_args_and_refusals():
-    """The MLA args read back as the same spec; what Megatron-LM cannot carry is one clear error:
-    MTP layers (the hub configs have one), RoPE other than MLA's YaRN, YaRN settings Megatron-LM
+    """The MLA and MTP args read back as the same spec; what Megatron-LM cannot carry is one clear
+    error: MTP layers with tied embeddings, RoPE other than MLA's YaRN, YaRN settings Megatron-LM
     0.16 has no flags for, HF's non-interleaved rope weights."""
     import transformers
 
@@ -565,10 +597,9 @@ def test_deepseek_v3_import_args_and_refusals():
     plain = make(q_lora_rank=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     spec = family.spec_from_hf_config(plain, 256, torch.float32)
     assert spec.q_lora_rank is None and spec_from_args(megatron_args(spec, 1, 1, 1, 64, None)).with_vocab(VOCAB) == spec
-    mtp = transformers.DeepseekV3Config()
-    mtp.architectures = ["DeepseekV3ForCausalLM"]
-    with pytest.raises(DistconvError, match="1 MTP .* MTP layers are not imported yet"):
-        family_for(mtp)
+    assert spec.mtp_num_layers == 1 and args.mtp_num_layers == 1  # the hub configs have one MTP layer
+    with pytest.raises(DistconvError, match="mtp_conflict='MTP layers with tied embeddings'"):
+        family.spec_from_hf_config(make(tie_word_embeddings=True), 256, torch.float32)
     yarn = dict(overrides["rope_parameters"])
     for bad in ({**yarn, "beta_fast": 16.0}, {**yarn, "original_max_position_embeddings": 8192},
                 {**yarn, "attention_factor": 1.2}, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}):
@@ -649,6 +680,19 @@ def test_moe_import_loads_strictly_in_megatron_with_hf_logits(jobs, case):
     megatron = torch.load(jobs["work"] / f"{key}.pt")
     assert megatron.shape[-1] == 256 and torch.count_nonzero(megatron[..., VOCAB:]) == 0
     assert (megatron[..., :VOCAB] - hf_logits(jobs["hf"][name])).abs().max().item() <= TOL
+    _check_mtp(jobs, key, name)
+
+
+def _check_mtp(jobs: dict, key: str, name: str) -> None:
+    """megatron-core's MTP layers, loaded from the checkpoint, against the published MTP formula on
+    the HF source's tensors (``mtp_reference``), depth by depth."""
+    mtp = torch.load(jobs["work"] / f"{key}.pt.mtp")
+    depth = getattr(__import__("transformers").AutoConfig.from_pretrained(str(jobs["hf"][name])), "num_mtp_layers", 0)
+    assert len(mtp) == depth
+    if depth:
+        _, expected = hf_mtp_logits(jobs["hf"][name], torch.tensor(TOKENS))
+        for ours, theirs in zip(mtp, expected):
+            assert (ours[..., :VOCAB] - theirs).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("case", MOE_ROUND_TRIPS, ids=[moe_dir(*c) for c in MOE_ROUND_TRIPS])
@@ -673,11 +717,15 @@ def test_moe_reshard_loads_strictly_and_exports_the_same_tensors(jobs, key):
     megatron, name = torch.load(jobs["work"] / f"{key}.pt"), moe_model(key)
     if source.startswith("fx/"):
         ok(jobs, f"export {source}")
-        ref = torch.load(jobs["built"] / "refs" / f"{name}.pt")["logits"]
-        assert (megatron[..., : ref.shape[-1]] - ref).abs().max().item() <= TOL
+        ref = torch.load(jobs["built"] / "refs" / f"{name}.pt")
+        mtp = torch.load(jobs["work"] / f"{key}.pt.mtp")
+        assert len(mtp) == len(ref["mtp_logits"])
+        for ours, theirs in zip([megatron] + mtp, [ref["logits"]] + ref["mtp_logits"]):
+            assert (ours[..., : theirs.shape[-1]] - theirs).abs().max().item() <= TOL
         orig = tensors(jobs["work"] / "back" / source.replace("/", "_"))
     else:
         assert (megatron[..., :VOCAB] - hf_logits(jobs["hf"][name])).abs().max().item() <= TOL
+        _check_mtp(jobs, key, name)
         orig = tensors(jobs["hf"][name])
     new = tensors(jobs["work"] / "back" / key)
     assert sorted(orig) == sorted(new)

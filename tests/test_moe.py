@@ -1,9 +1,10 @@
 """Mixture-of-experts and MLA export: real megatron-core checkpoints saved with expert parallelism.
 
 Each MoE fixture (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3 with multi-latent attention, GLM-4.5
-with partial RoPE) is saved at EP2, PP2xEP2 and TP2xEP2 (some at a subset) (expert TP 2; Mixtral also with expert TP 1),
+with partial RoPE; the last two with MTP layers) is saved at EP2, PP2xEP2 and TP2xEP2 (some at a subset) (expert TP 2; Mixtral also with expert TP 1),
 exported at the training world size (4) and at another (2), and transformers' logits must equal
-megatron-core's own forward pass on the same tokens.
+megatron-core's own forward pass on the same tokens; MTP layers' logits must equal the published
+MTP formula on the exported tensors (``mtp_reference``).
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import distconv_cli, hf_logits, run_export_jobs
+from mtp_reference import hf_mtp_logits
 from distconv.sources.checkpoint import Chunk, TensorInfo
 from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
@@ -58,10 +60,11 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
             jobs[("deepseek_v3", "tp1pp2ep2", world, "hf_config")] = {
                 "load": str(built / "deepseek_v3" / "tp1pp2ep2"), "save": str(out / "ds_hf_config"), "hf_config": str(hub_config)}
             glm = json.loads((done[("glm4_moe", "tp1pp2ep2", TRAINING_WORLD)]["save"] / "config.json").read_text())
-            del glm["rope_parameters"]  # as the hub writes it: RoPE fields at the top, one MTP layer
-            for kind, factor in (("hf_config", 0.5), ("conflict", 1.0)):
+            del glm["rope_parameters"]  # as the hub writes it: RoPE fields at the top
+            for kind, changes in (("hf_config", {"partial_rotary_factor": 0.5}), ("conflict", {"partial_rotary_factor": 1.0}),
+                                  ("mtp_conflict", {"partial_rotary_factor": 0.5, "num_nextn_predict_layers": 1})):
                 path = out / f"glm_{kind}.json"
-                path.write_text(json.dumps({**glm, "partial_rotary_factor": factor, "num_nextn_predict_layers": 1}))
+                path.write_text(json.dumps({**glm, **changes}))
                 jobs[("glm4_moe", "tp2pp1ep2", world, kind)] = {
                     "load": str(built / "glm4_moe" / "tp2pp1ep2"), "save": str(out / f"glm_{kind}"), "hf_config": str(path)}
             wrong = out / "mixtral_top1.json"
@@ -166,13 +169,15 @@ def test_glm_plain_config_writes_full_rotary_and_no_renormalisation(exported, bu
 
 
 def test_glm_hub_config_is_accepted_and_a_conflicting_rotary_factor_refused(exported, built):
-    """A hub-style config (top-level partial_rotary_factor, one MTP layer) is accepted; the MTP layer
-    is advisory (not in the weights), a partial_rotary_factor other than the checkpoint's is not."""
-    ok, conflict = (exported[("glm4_moe", "tp2pp1ep2", OTHER_WORLD, kind)] for kind in ("hf_config", "conflict"))
+    """A hub-style config (top-level partial_rotary_factor) is accepted; a partial_rotary_factor or
+    a number of MTP layers other than the checkpoint's is not (the MTP layers are in the weights)."""
+    ok, conflict, mtp = (exported[("glm4_moe", "tp2pp1ep2", OTHER_WORLD, kind)]
+                         for kind in ("hf_config", "conflict", "mtp_conflict"))
     assert ok["ok"], ok.get("error")
     assert _logits_diff(built, "glm4_moe", ok["save"]) <= TOL
     assert not conflict["ok"] and "partial_rotary_factor" in conflict["error"]
-    assert not conflict["save"].exists()
+    assert not mtp["ok"] and "num_mtp_layers: HF config 1, checkpoint 2" in mtp["error"]
+    assert not conflict["save"].exists() and not mtp["save"].exists()
 
 
 def test_hf_configs_carry_the_moe_layout(exported):
@@ -189,7 +194,8 @@ def test_hf_configs_carry_the_moe_layout(exported):
     assert ds["rope_parameters"]["rope_type"] == "yarn" and ds["rope_parameters"]["mscale_all_dim"] == 1.0
     glm = config("glm4_moe")
     assert (glm["first_k_dense_replace"], glm["n_shared_experts"], glm["n_group"], glm["topk_group"]) == (1, 1, 2, 1)
-    assert (glm["attention_bias"], glm["use_qk_norm"], glm["head_dim"], glm["num_nextn_predict_layers"]) == (True, True, 32, 0)
+    assert (glm["attention_bias"], glm["use_qk_norm"], glm["head_dim"], glm["num_nextn_predict_layers"]) == (True, True, 32, 2)
+    assert ds["num_nextn_predict_layers"] == 1
     assert glm["rope_parameters"]["partial_rotary_factor"] == 0.5 and glm["routed_scaling_factor"] == 2.5
 
 
@@ -300,9 +306,10 @@ def test_family_inferred_from_args(args, arch):
     (dict(DS, moe_router_topk=6, moe_router_group_topk=2, num_experts=12, moe_router_num_groups=4), "moe_group_score_topk"),
     (dict(DS, moe_shared_expert_intermediate_size=24), "moe_shared_experts"),  # not a whole number of experts
     (dict(DS, moe_layer_freq=[1, 0]), "moe_layers"),  # HF: dense layers only first
-    (dict(DS, mtp_num_layers=1), "mtp_num_layers"),
+    (dict(mtp_num_layers=1), "mtp_num_layers"),  # Mixtral has no MTP layers
+    (dict(DS, untie_embeddings_and_output_weights=False), "mtp_conflict='MTP layers with tied embeddings'"),
     (dict(DS, layernorm_epsilon=1e-5), "norm_epsilon"),  # HF's latent norms have a fixed 1e-6
-    (dict(GLM, mtp_num_layers=1), "mtp_num_layers"),
+    (dict(GLM, moe_layer_freq=[1, 1, 1, 0]), "mtp_conflict='MTP layers without experts'"),  # built like the last layer
     (dict(GLM, add_bias_linear=True), "add_bias_linear"),  # HF GLM-4.5 biases only q/k/v
     (dict(GLM, moe_shared_expert_gate=True), "moe_shared_gate"),
     (dict(GLM, use_rope_scaling=True), "rope_scaling"),
@@ -374,7 +381,7 @@ def test_glm_import_reads_the_spec_export_wrote():
 
 
 @pytest.mark.parametrize("override,named", [
-    (dict(num_nextn_predict_layers=1), "MTP layers are not imported yet"),  # GLM-4.5's releases carry one MTP layer
+    (dict(tie_word_embeddings=True), "MTP layers with tied embeddings"),  # HF's MTP layers carry their own head
     (dict(norm_topk_prob=False), "norm_topk_prob"),  # megatron-core renormalises when k > 1
     (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6, "partial_rotary_factor": 0.5}),
      "rope_scaling"),
@@ -386,3 +393,29 @@ def test_glm_import_refuses_what_megatron_cannot_express(override, named):
     config = _glm_hf_config(**override)
     with pytest.raises(DistconvError, match=named):
         family_for(config).spec_from_hf_config(config, 256, torch.float32)
+
+
+@pytest.mark.parametrize("name,layout", [("deepseek_v3", "tp1pp2ep2"), ("glm4_moe", "tp2pp1ep2")])
+def test_mtp_layers_export_as_released(exported, built, tmp_path, name, layout):
+    """megatron-core's MTP logits (recorded when the fixture was built, PP2 with MTP on the last stage,
+    or TP2; GLM with two MTP layers) equal the published MTP formula on the exported tensors, depth by
+    depth; the same folder with the first MTP layer's two input norms swapped does not."""
+    folder = exported[(name, layout, TRAINING_WORLD)]["save"]
+    ref = torch.load(built / "refs" / f"{name}.pt")
+    logits, mtp = hf_mtp_logits(folder, ref["tokens"])
+    vocab = logits.shape[-1]
+    assert len(mtp) == len(ref["mtp_logits"]) == FIXTURES[name].args["mtp_num_layers"]
+    for ours, theirs in zip([logits] + mtp, [ref["logits"]] + ref["mtp_logits"]):
+        assert (ours - theirs[..., :vocab]).abs().max().item() <= TOL
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    n = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
+    enorm, hnorm = f"model.layers.{n}.enorm.weight", f"model.layers.{n}.hnorm.weight"
+    state[enorm], state[hnorm] = state[hnorm], state[enorm]
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    save_file(state, str(swapped / "model.safetensors"), metadata={"format": "pt"})
+    (swapped / "config.json").write_text((folder / "config.json").read_text())
+    _, mtp = hf_mtp_logits(swapped, ref["tokens"])
+    assert (mtp[0] - ref["mtp_logits"][0][..., :vocab]).abs().max().item() > 100 * TOL

@@ -34,6 +34,12 @@ Multi-latent attention (``MLASelfAttention``) is laid out as the transformer-eng
 latent norms fused into the up projections (``layer_norm_weight``, replicated); the down
 projections replicated (``TELinear``, ``parallel_mode="duplicated"``). The local spec splits the
 down projections over TP instead; import and reshard refuse it for MLA.
+
+Multi-token prediction layers (``mtp.layers.{m}``, on the last pipeline stage) are named in the
+plans as decoder layer ``num_layers + m`` (``plan.mtp_as_layer``; HF's index too) and saved with
+per-layer keys: their own ``enorm``, ``hnorm``, ``final_layernorm`` (replicated; TENorms with an
+``_extra_state`` in the transformer-engine spec) and ``eh_proj`` (column-parallel), and a decoder
+layer under ``transformer_layer.``, built like the last decoder layer.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ TP_AXIS = {
     "self_attention.linear_q_proj.weight": 0,
     "self_attention.linear_q_up_proj.weight": 0,
     "self_attention.linear_kv_up_proj.weight": 0,
+    "eh_proj.weight": 0,  # an MTP layer's projection: column-parallel
 }
 GATED = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.shared_experts.linear_fc1.weight",
          "mlp.shared_experts.linear_fc1.bias")
@@ -84,7 +91,13 @@ REPLICATED = {
     # the latent norms fused into the up projections
     "self_attention.linear_q_down_proj.weight", "self_attention.linear_kv_down_proj.weight",
     "self_attention.linear_q_up_proj.layer_norm_weight", "self_attention.linear_kv_up_proj.layer_norm_weight",
+    "enorm.weight", "hnorm.weight", "final_layernorm.weight",  # an MTP layer's own norms
 }
+# an MTP layer's own modules (the rest of it is its ``transformer_layer``); the norms are TENorms
+# in the transformer-engine spec
+MTP_EXTRA_STATE = ("eh_proj",)
+MTP_TE_NORMS = ("enorm", "hnorm", "final_layernorm")
+_MTP_OWN = re.compile(r"^(enorm|hnorm|eh_proj|final_layernorm)\.")
 EXPERT_REPLICATED = {"linear_fc2.bias"}
 # linear layers whose (empty, for the local and non-fp8 TE specs) extra state megatron-core saves
 EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
@@ -198,8 +211,13 @@ def known(name: str) -> bool:
 def stage_of(name: str, num_layers: int, pp: int) -> int:
     layer, _ = split_name(name)
     if layer is not None:
-        return layer // (num_layers // pp)
+        return layer_stage(layer, num_layers, pp)
     return 0 if name.startswith("embedding.") else pp - 1
+
+
+def layer_stage(layer: int, num_layers: int, pp: int) -> int:
+    """The pipeline stage of a layer; MTP layers (``num_layers + m``) are on the last one."""
+    return min(layer // (num_layers // pp), pp - 1)
 
 
 def check_layout(spec: ModelSpec, target: Target) -> None:
@@ -252,7 +270,7 @@ def shards_of(name: str, shape: tuple[int, ...], spec: ModelSpec, target: Target
     listed under the rank's first expert, and its other experts have none."""
     layer, sub = split_name(name)
     base = stage_of(name, spec.num_layers, target.pp) * target.stage_ranks
-    if layer is None or target.per_layer:
+    if layer is None or target.per_layer or layer >= spec.num_layers:
         key, lead, lead_shape = _key(name, spec, target), (), ()
     else:
         key, lead, lead_shape = _key(f"decoder.layers.{sub}", spec, target, layer), (layer,), (spec.num_layers,)
@@ -309,10 +327,17 @@ def _key(key: str, spec: ModelSpec, target: Target, layer: int | None = None) ->
     else:
         sub = key.removeprefix("decoder.layers.")
     if spec.multi_latent_attention and sub in MLA_INPUT_NORM:
-        return key.removesuffix(sub) + MLA_INPUT_NORM[sub]
-    if not (target.te and layer is not None and spec.num_experts and spec.moe_layers[layer] and sub in TE_MOE_NORM):
-        return key
-    return key.removesuffix(sub) + TE_MOE_NORM[sub]
+        key = key.removesuffix(sub) + MLA_INPUT_NORM[sub]
+    elif target.te and layer is not None and spec.is_moe(layer) and sub in TE_MOE_NORM:
+        key = key.removesuffix(sub) + TE_MOE_NORM[sub]
+    return mtp_key(key, spec.num_layers) if layer is not None and layer >= spec.num_layers else key
+
+
+def mtp_key(key: str, num_layers: int) -> str:
+    """The checkpoint key of an MTP layer's tensor named ``decoder.layers.{num_layers + m}.*``
+    (``plan.mtp_as_layer``'s inverse): ``mtp.layers.{m}.`` then its own module or ``transformer_layer.``."""
+    layer, sub = split_name(key)
+    return f"mtp.layers.{layer - num_layers}." + (sub if _MTP_OWN.match(sub) else f"transformer_layer.{sub}")
 
 
 def _starts(box: tuple[slice, ...]) -> tuple[int, ...]:
@@ -322,13 +347,18 @@ def _starts(box: tuple[slice, ...]) -> tuple[int, ...]:
 def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
     """One ``_extra_state`` object per linear layer (and routed expert) and transformer-engine norm,
     saved by one rank of its stage."""
-    per_stage = spec.num_layers // target.pp
     experts = spec.num_experts or 0
     out = []
-    for layer in range(spec.num_layers):
-        base = (layer // per_stage) * target.stage_ranks
-        moe = bool(experts) and spec.moe_layers[layer]
-        if target.per_layer:
+    for layer in range(spec.num_layers + spec.mtp_num_layers):
+        base = layer_stage(layer, spec.num_layers, target.pp) * target.stage_ranks
+        moe = spec.is_moe(layer)
+        mtp = layer >= spec.num_layers
+        if mtp:
+            own = f"mtp.layers.{layer - spec.num_layers}."
+            out += [ExtraState(f"{own}{sub}._extra_state", (1,), (0,), base)
+                    for sub in MTP_EXTRA_STATE + (MTP_TE_NORMS if target.te else ())]
+            prefix, shape, offsets = f"{own}transformer_layer.", (1,), (0,)
+        elif target.per_layer:
             prefix, shape, offsets = f"decoder.layers.{layer}.", (1,), (0,)
         else:
             prefix, shape, offsets = "decoder.layers.", (spec.num_layers,), (layer,)
@@ -342,7 +372,7 @@ def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
             subs += ("pre_mlp_layernorm",)
         out += [ExtraState(f"{prefix}{sub}._extra_state", shape, offsets, base) for sub in subs]
         if moe:
-            lead_shape, lead = ((), ()) if target.per_layer else (shape, offsets)
+            lead_shape, lead = ((), ()) if target.per_layer or mtp else (shape, offsets)
             local = experts // target.ep
             out += [ExtraState(f"{prefix}{sub}._extra_state", lead_shape + (experts,), lead + (e,),
                                base + target.expert_tp * (e // local))

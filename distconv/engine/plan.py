@@ -19,6 +19,7 @@ from distconv.spec import ModelSpec
 
 _STACKED = re.compile(r"^(?P<prefix>decoder\.layers\.)(?P<sub>[A-Za-z_].*)$")
 _PER_LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.")
+_MTP = re.compile(r"^mtp\.layers\.(?P<m>\d+)\.(?:transformer_layer\.)?(?P<sub>.+)$")
 # grouped expert tensors carry an expert axis after the layer axis (SequentialMLP and GroupedMLP alike)
 _GROUPED_EXPERTS = ".mlp.experts.experts."
 # per-expert spellings of other versions and formats -> the canonical ``mlp.experts.{e}.``
@@ -129,20 +130,29 @@ def expert_name(name: str) -> str:
     return name
 
 
+def mtp_as_layer(key: str, num_layers: int) -> str:
+    """An MTP key under the engine's name for it: megatron-core's ``mtp.layers.{m}`` (its own tensors
+    and its ``transformer_layer``'s) is named ``decoder.layers.{num_layers + m}``; other keys as they are."""
+    m = _MTP.match(key)
+    return f"decoder.layers.{num_layers + int(m['m'])}.{m['sub']}" if m else key
+
+
 def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None) -> list[Item]:
     """Split a stored tensor into per-layer (and per-expert) items.
 
     Stacked ``decoder.layers.*`` keys have a leading layer axis; grouped expert keys
     (``mlp.experts.experts.*``) then an expert axis. Per-layer keys (``decoder.layers.{i}.*``,
-    non-homogeneous models) and per-expert keys keep their index in the name.
+    non-homogeneous models; MTP layers, see ``mtp_as_layer``) and per-expert keys keep their index
+    in the name.
     """
     m = _STACKED.match(tensor.key)
     if m and tensor.shape and tensor.shape[0] == num_layers:
         layers = [((l,), f"{m['prefix']}{l}.{m['sub']}", l) for l in range(num_layers)]
         shape = tensor.shape[1:]
     else:
-        per_layer = _PER_LAYER.match(tensor.key)
-        layers = [((), tensor.key, int(per_layer["layer"]) if per_layer else None)]
+        name = mtp_as_layer(tensor.key, num_layers)
+        per_layer = _PER_LAYER.match(name)
+        layers = [((), name, int(per_layer["layer"]) if per_layer else None)]
         shape = tensor.shape
     items = []
     for index, name, layer in layers:

@@ -206,6 +206,7 @@ class Item:
     hf: tuple[str, ...]
     rule: Rule
     shape: tuple[int, ...]
+    copies: tuple[str, ...] = ()  # HF tensors that must equal ``hf[0]`` (``Rule.mtp_copy``)
 
 
 def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, tuple[int, ...]]) -> list[Item]:
@@ -220,7 +221,8 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
         raise DistconvError("shape mismatch with the config: " + ", ".join(f"{n} {source.shape(n)} vs {expected[n]}" for n in wrong[:8]))
     items, used = [], set()
     for rule in family.rules:
-        layers = range(spec.num_layers) if "{layer}" in rule.megatron_names[0] else (None,)
+        # MTP layers are the layers after the last decoder layer (``plan.mtp_as_layer``)
+        layers = range(spec.num_layers + spec.mtp_num_layers) if "{layer}" in rule.megatron_names[0] else (None,)
         experts = range(spec.num_experts or 0) if "{expert}" in rule.megatron_names[0] else (None,)
         for layer, expert in itertools.product(layers, experts):
             fmt = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
@@ -233,8 +235,9 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
             out = rule.transform.import_(metas, spec)
             if any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
                 raise DistconvError(f"internal: the {rule.megatron_names[0]} transform is not row-wise; import cannot slice it")
-            items.append(Item(rule.megatron_names[0].format(**fmt), hf, rule, tuple(out.shape)))
-            used.update(hf)
+            copies = tuple(c for c in rule.mtp_copies(spec) if c in expected)
+            items.append(Item(rule.megatron_names[0].format(**fmt), hf, rule, tuple(out.shape), copies))
+            used.update(hf + copies)
     unused = sorted(have - used)
     tied_extra = {"lm_head.weight"} if spec.tie_embeddings else set()
     unused = [n for n in unused if n not in tied_extra]
@@ -248,7 +251,8 @@ def read_shard(source: Source, item: Item, box: tuple[slice, ...], spec: ModelSp
     """Read the ``box`` of one Megatron tensor: only the HF rows (and columns) it is made of.
 
     Running the transform on row numbers tells which row of which HF tensor each Megatron row
-    comes from (0 marks vocab padding, which stays zero).
+    comes from (0 marks vocab padding, which stays zero). The same rows of ``item.copies`` are read
+    too and must be equal: Megatron holds one tensor where HF repeats it.
     """
     rows_in = [source.shape(h)[0] for h in item.hf]
     base = max(rows_in) + 1
@@ -261,8 +265,12 @@ def read_shard(source: Source, item: Item, box: tuple[slice, ...], spec: ModelSp
             continue
         rows = rowmap[sel] % base
         lo, hi = int(rows.min()), int(rows.max()) + 1
-        data = source.read(name, (slice(lo, hi),) + box[1:]).to(dtype)
-        out[sel] = data[rows - lo]
+        data = source.read(name, (slice(lo, hi),) + box[1:])
+        for copy in item.copies:
+            if not torch.equal(source.read(copy, (slice(lo, hi),) + box[1:]), data):
+                raise DistconvError(f"{copy} differs from {name}: megatron-core's MTP layers share the model's "
+                                    f"{item.name.split('.')[0]} tensor, so the two must be equal")
+        out[sel] = data.to(dtype)[rows - lo]
     return out
 
 
@@ -288,6 +296,7 @@ def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int,
         openai_gelu=False, bias_gelu_fusion=False, add_bias_linear=spec.add_bias_linear, add_qkv_bias=spec.add_qkv_bias,
         qk_layernorm=spec.qk_layernorm, untie_embeddings_and_output_weights=not spec.tie_embeddings,
         vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size, make_vocab_size_divisible_by=divisible_by,
+        mtp_num_layers=spec.mtp_num_layers or None,
         tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer,
         window_size=spec.window_size,
         bf16=spec.train_dtype == torch.bfloat16, fp16=spec.train_dtype == torch.float16, params_dtype=spec.train_dtype,
@@ -357,10 +366,6 @@ def family_for(config: Any) -> Family:
     if not by_name[arch].spec_fields:  # export only: no table reads its HF config yet
         importable = sorted(f.architecture for f in FAMILIES if f.spec_fields)
         raise DistconvError(f"import of {arch} is not supported yet (export is); importable: {', '.join(importable)}")
-    mtp = int(getattr(config, "num_mtp_layers", 0) or 0)
-    if mtp:
-        raise DistconvError(f"the {arch} config has {mtp} MTP (multi-token prediction) layer(s) "
-                            "(num_nextn_predict_layers): MTP layers are not imported yet")
     return by_name[arch]
 
 
@@ -419,7 +424,8 @@ class ImportJob(MegatronSinkJob):
         for item, box in self._parts(shard):
             rows = sum(self.source.shape(h)[0] for h in item.hf)
             kept = min(box[0].stop - box[0].start, max(0, rows - box[0].start))
-            total += kept * _numel(tuple(s.stop - s.start for s in box[1:])) * max(self.source.dtype(h).itemsize for h in item.hf)
+            total += (kept * _numel(tuple(s.stop - s.start for s in box[1:])) * (1 + len(item.copies))
+                      * max(self.source.dtype(h).itemsize for h in item.hf))
         return total
 
     def read(self, n: int) -> torch.Tensor:
@@ -432,7 +438,7 @@ class ImportJob(MegatronSinkJob):
         if where is None:
             return []
         names = {h for n, s in enumerate(self.plan.shards) if self.plan.owner(n) == rank
-                 for item, _ in self._parts(s) for h in item.hf}
+                 for item, _ in self._parts(s) for h in item.hf + item.copies}
         return sorted({where(h) for h in names})
 
     def summary(self, world: int) -> str:

@@ -101,6 +101,15 @@ class Rule:
     hf: str | tuple[str, ...]
     transform: Transform = COPY
     fp8: bool = False  # the HF tensors are linear weights that block-wise FP8 releases quantize
+    # an HF name (with ``{layer}``) repeating the rule's one HF tensor in every MTP layer: DeepSeek's
+    # releases store the shared embedding and output head again in each MTP layer
+    mtp_copy: str | None = None
+
+    def mtp_copies(self, spec: ModelSpec) -> tuple[str, ...]:
+        """The HF names of this rule's copies in ``spec``'s MTP layers."""
+        if self.mtp_copy is None:
+            return ()
+        return tuple(self.mtp_copy.format(layer=spec.num_layers + m) for m in range(spec.mtp_num_layers))
 
     @property
     def megatron_names(self) -> tuple[str, ...]:
@@ -209,6 +218,7 @@ class Family:
         rule, groups = self.rule_for(name)
         out = rule.transform.export(t, spec)
         named = [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
+        named += [(copy, named[0][1]) for copy in rule.mtp_copies(spec)]
         if fp8_rest is None:
             return named
         if not rule.fp8:
@@ -265,8 +275,7 @@ def _close(a: Any, b: Any) -> bool:
 
 
 # Fields that do not change the weights' meaning; a user's HF config may set them freely.
-_ADVISORY_FIELDS = {"max_position_embeddings", "initializer_range", "torch_dtype", "bos_token_id", "eos_token_id",
-                    "num_mtp_layers"}  # MTP heads are not part of the HF model's weights
+_ADVISORY_FIELDS = {"max_position_embeddings", "initializer_range", "torch_dtype", "bos_token_id", "eos_token_id"}
 
 
 def pick_family(families: Sequence[Family], spec: ModelSpec, architecture: str | None) -> Family:

@@ -8,7 +8,7 @@ part only (``qk_nope_head_dim``).
 
 Import reads YaRN RoPE only with the settings Megatron-LM 0.16 can pass on (it has no flags for
 ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``: MLATransformerConfig's
-defaults 4096, 32, 1). MTP layers (``num_nextn_predict_layers``) are not converted either way.
+defaults 4096, 32, 1). MTP layers (``num_nextn_predict_layers``) convert both ways (``moe.MTP_RULES``).
 
 transformers ignores ``topk_method``, ``scoring_func`` and ``moe_layer_freq``, but vLLM and SGLang
 read them as DeepSeek's own configs write them: ``noaux_tc`` (the expert bias exists and takes
@@ -24,7 +24,9 @@ from transformers import DeepseekV3Config, PretrainedConfig
 from distconv.errors import DistconvError
 from distconv.families.base import Family, Rule
 from distconv.families.llama import RULES, H, L, spec_fields
-from distconv.families.moe import SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields
+from distconv.families.moe import (
+    SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields, with_mtp,
+)
 
 A = L + "self_attention."
 HA = H + "self_attn."
@@ -66,7 +68,8 @@ DEEPSEEK_V3 = Family(
     architecture="DeepseekV3ForCausalLM",
     config_class=DeepseekV3Config,
     # Llama's rules without the fused q/k/v (its q_proj would be MLA's own when there is no q LoRA)
-    rules=tuple(r for r in RULES if r.megatron_names[0] != L + "self_attention.linear_qkv.weight") + MLA_RULES + SIGMOID_RULES,
+    rules=with_mtp(tuple(r for r in RULES if r.megatron_names[0] != L + "self_attention.linear_qkv.weight")
+                   + MLA_RULES + SIGMOID_RULES),
     requires={
         **SIGMOID_REQUIRES,
         "multi_latent_attention": True,

@@ -11,8 +11,8 @@ the weights copy unchanged. transformers defaults the factor to 0.5, so it is al
 
 The router is ``moe.SIGMOID_*``'s (DeepSeek-V3's); the shared experts are one ungated MLP of
 ``n_shared_experts * moe_intermediate_size``, added to the routed output. Dense layers come first
-(``first_k_dense_replace``). MTP layers are not converted: a checkpoint or an HF config with them
-is refused, and the export writes ``num_nextn_predict_layers: 0`` (transformers defaults it to 1).
+(``first_k_dense_replace``). MTP layers convert both ways (``moe.MTP_RULES``); the export always
+writes ``num_nextn_predict_layers`` (transformers defaults it to 1).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from transformers import Glm4MoeConfig
 
 from distconv.families.base import QKV, Family, Rule, _hf_value
 from distconv.families.llama import RULES, H, L, spec_fields
-from distconv.families.moe import SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields
+from distconv.families.moe import (
+    SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields, with_mtp,
+)
 
 A = L + "self_attention."
 HA = H + "self_attn."
@@ -30,11 +32,11 @@ HA = H + "self_attn."
 GLM4_MOE = Family(
     architecture="Glm4MoeForCausalLM",
     config_class=Glm4MoeConfig,
-    rules=RULES + SIGMOID_RULES + (
+    rules=with_mtp(RULES + SIGMOID_RULES + (
         Rule(A + "linear_qkv.bias", (HA + "q_proj.bias", HA + "k_proj.bias", HA + "v_proj.bias"), QKV),
         Rule(A + "q_layernorm.weight", HA + "q_norm.weight"),
         Rule(A + "k_layernorm.weight", HA + "k_norm.weight"),
-    ),
+    )),
     requires={
         **SIGMOID_REQUIRES,
         "add_qkv_bias": lambda b: True,  # HF attention_bias

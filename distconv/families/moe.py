@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 from transformers import PretrainedConfig
 
-from distconv.families.base import GATE_UP, Rule
+from distconv.families.base import GATE_UP, VOCAB, Rule
 from distconv.families.llama import CONFIG_FIELDS, REQUIRES, H, L
 from distconv.spec import ModelSpec
 
@@ -92,6 +92,8 @@ SIGMOID_REQUIRES: dict[str, Any] = {
     "moe_group_score_topk": lambda k: k in (None, 2),
     "moe_shared_experts": lambda n: bool(n),
     "moe_shared_gate": False,
+    "mtp_num_layers": lambda n: n >= 0,
+    "mtp_conflict": None,
 }
 
 SIGMOID_FIELDS: tuple[tuple[str, Callable[[ModelSpec], Any]], ...] = (
@@ -105,8 +107,28 @@ SIGMOID_FIELDS: tuple[tuple[str, Callable[[ModelSpec], Any]], ...] = (
     ("topk_group", lambda s: s.moe_group_topk or 1),
     ("norm_topk_prob", lambda s: s.moe_topk > 1),  # megatron-core renormalises sigmoid scores when k > 1
     ("routed_scaling_factor", lambda s: float(s.moe_scaling_factor or 1.0)),
-    ("num_mtp_layers", lambda s: s.mtp_num_layers),
+    ("num_mtp_layers", lambda s: s.mtp_num_layers),  # written as num_nextn_predict_layers
 )
+
+
+# Multi-token prediction (DeepSeek-V3, GLM-4.5), as DeepSeek's releases lay it out: megatron-core's
+# ``mtp.layers.{m}`` is HF's ``model.layers.{num_layers + m}``, which the engine names
+# ``decoder.layers.{num_layers + m}``. Its own norms, projection and final norm map here; the decoder
+# layer inside it maps by the family's layer rules; HF repeats the embedding and output head in it.
+MTP_RULES = (
+    Rule(L + "enorm.weight", H + "enorm.weight"),
+    Rule(L + "hnorm.weight", H + "hnorm.weight"),
+    Rule(L + "eh_proj.weight", H + "eh_proj.weight"),  # high precision in the FP8 releases
+    Rule(L + "final_layernorm.weight", H + "shared_head.norm.weight"),
+    Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB, mtp_copy=H + "embed_tokens.weight"),
+    Rule("output_layer.weight", "lm_head.weight", VOCAB, mtp_copy=H + "shared_head.head.weight"),
+)
+
+
+def with_mtp(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    """``rules`` with ``MTP_RULES`` (whose embedding and output rules replace the plain ones)."""
+    replaced = {n for r in MTP_RULES for n in r.megatron_names if r.mtp_copy}
+    return MTP_RULES + tuple(r for r in rules if r.megatron_names[0] not in replaced)
 
 
 def _groups(c: PretrainedConfig) -> int | None:
@@ -126,7 +148,7 @@ SIGMOID_SPEC: dict[str, Callable[[PretrainedConfig], Any]] = dict(
     moe_num_groups=_groups,
     moe_group_topk=lambda c: c.topk_group if _groups(c) else None,
     moe_shared_ffn_hidden_size=lambda c: c.n_shared_experts * c.moe_intermediate_size or None,
-    mtp_num_layers=lambda c: c.num_mtp_layers,  # refused unless 0 (MTP is not converted)
+    mtp_num_layers=lambda c: c.num_mtp_layers or 0,
 )
 
 

@@ -5,7 +5,7 @@ Run under torchrun (gloo), once, with as many ranks as the largest layout needs:
     torchrun --nproc-per-node 4 -m distconv.testing.build --out DIR [--only NAME ...]
 
 For every model in ``ALL_FIXTURES`` it builds the model at TP1PP1 with seeded random weights,
-records megatron-core's own logits on fixed tokens (``DIR/refs/NAME.pt``), saves it, then
+records megatron-core's own logits (and its MTP layers') on fixed tokens (``DIR/refs/NAME.pt``), saves it, then
 re-loads those weights into the model at each other TP x PP (x EP [x ETP]) layout through
 ``dist_checkpointing`` and saves that layout too: ``DIR/NAME/tp{T}pp{P}[ep{E}][etp{X}]/`` is a Megatron-LM save
 root (``latest_checkpointed_iteration.txt``, ``iter_XXXXXXX/`` or ``release/``, ``common.pt``
@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from distconv.sources.checkpoint import iteration_dir
 from distconv.testing.expert_keys import save_expert_key_form
-from distconv.megatron_model import build_gpt, cpu_compat, forward_logits
+from distconv.megatron_model import build_gpt, cpu_compat, forward_logits, sharded_state_dict
 from distconv.testing.megatron_cpu import megatron_args, model_parallel, randomize_
 
 ALL_LAYOUTS = ((1, 1), (2, 1), (1, 2), (2, 2))
@@ -86,15 +86,18 @@ FIXTURES: dict[str, Fixture] = {
              qk_pos_emb_head_dim=8, v_head_dim=16, rope_type="yarn", rotary_scaling_factor=4.0, mscale=1.0,
              mscale_all_dim=1.0, max_position_embeddings=16384, moe_router_score_function="sigmoid",
              moe_router_enable_expert_bias=True, moe_router_num_groups=2, moe_router_group_topk=1,
-             moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32, layernorm_epsilon=1e-6),
+             moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=32, layernorm_epsilon=1e-6,
+             mtp_num_layers=1),
         seed=9, layouts=MOE_LAYOUTS[:4],
     ),
-    # GLM-4.5: GQA with q/k/v bias and q/k norm, half the head rotated, a dense first layer, DeepSeek-V3's router
+    # GLM-4.5: GQA with q/k/v bias and q/k norm, half the head rotated, a dense first layer, DeepSeek-V3's
+    # router, two MTP layers
     "glm4_moe": Fixture(
         dict(MOE_BASE, num_layers=4, moe_layer_freq=[0, 1, 1, 1], kv_channels=32, add_qkv_bias=True, qk_layernorm=True,
              rotary_percent=0.5, rotary_base=1000000, num_experts=8, moe_ffn_hidden_size=16,
              moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True, moe_router_num_groups=2,
-             moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=16),
+             moe_router_group_topk=1, moe_router_topk_scaling_factor=2.5, moe_shared_expert_intermediate_size=16,
+             mtp_num_layers=2),
         seed=12, layouts=((1, 1), (1, 2, 2), (2, 1, 2)),
     ),
     # GLM-4.5's other settings: no q/k/v bias or q/k norm, the whole head rotated (HF's default is half),
@@ -130,12 +133,12 @@ VLLM_FIXTURES: dict[str, Fixture] = {
     "vllm_qwen2_moe": Fixture(dict(FIXTURES["qwen2_moe"].args, **_SMALL, moe_layer_freq=[0, 1]), seed=26, layouts=((1, 1),)),
     "vllm_deepseek_v3": Fixture(
         dict(FIXTURES["deepseek_v3"].args, num_attention_heads=2, kv_lora_rank=512, qk_head_dim=32,
-             qk_pos_emb_head_dim=64, v_head_dim=32),
+             qk_pos_emb_head_dim=64, v_head_dim=32, mtp_num_layers=None),
         seed=27, layouts=((1, 1),),
     ),
     "vllm_deepseek_v3_q_proj": Fixture(  # the other MLA query path: q_proj, no q LoRA
         dict(FIXTURES["deepseek_v3"].args, num_attention_heads=2, q_lora_rank=None, kv_lora_rank=512, qk_head_dim=32,
-             qk_pos_emb_head_dim=64, v_head_dim=32),
+             qk_pos_emb_head_dim=64, v_head_dim=32, mtp_num_layers=None),
         seed=28, layouts=((1, 1),),
     ),
 }
@@ -176,7 +179,7 @@ def _optimizer_state(model: torch.nn.Module, seed: int, shared: bool = False) ->
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    sd = model.sharded_state_dict()
+    sd = sharded_state_dict(model)
     apply_factories(sd)
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, Any] = {}
@@ -210,7 +213,7 @@ def save_layout(model: torch.nn.Module, args: argparse.Namespace, root: Path, fx
         ckpt.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     state = {
-        "model": model.sharded_state_dict(),
+        "model": sharded_state_dict(model),
         "optimizer": {"state": _optimizer_state(model, fx.seed + 1000, shared_moments) if optimizer else {},
                       "param_groups": [{"lr": 1e-4}]},
         "args": args,
@@ -293,11 +296,12 @@ def build_fixture(name: str, fx: Fixture, out: Path) -> None:
                     gen = torch.Generator().manual_seed(fx.seed + 7)
                     true_vocab = fx.args.get("vocab_size") or (TOKENIZER_VOCAB if fx.tokenizer else args.padded_vocab_size)
                     tokens = torch.randint(0, true_vocab, REFERENCE_TOKENS_SHAPE, generator=gen)
-                    logits = forward_logits(model, tokens)
+                    logits, mtp = forward_logits(model, tokens, mtp=True)
                     (out / "refs").mkdir(parents=True, exist_ok=True)
-                    torch.save({"tokens": tokens, "logits": logits.float()}, out / "refs" / f"{name}.pt")
+                    torch.save({"tokens": tokens, "logits": logits.float(), "mtp_logits": [x.float() for x in mtp]},
+                               out / "refs" / f"{name}.pt")
             else:
-                loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(first))
+                loaded = dist_checkpointing.load({"model": sharded_state_dict(model)}, str(first))
                 model.load_state_dict(loaded["model"])
             if fx.bf16:
                 model = model.to(torch.bfloat16)

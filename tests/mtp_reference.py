@@ -1,0 +1,61 @@
+"""Multi-token prediction computed from an HF folder's tensors by the published formula.
+
+DeepSeek-V3's report (section 2.2), for MTP depth ``k`` at position ``i``:
+``h'_i = M_k [RMSNorm(h^{k-1}_i); RMSNorm(Emb(t_{i+k}))]``, ``h^k = TRM_k(h')``,
+``P^k_{i+k+1} = OutHead(h^k_i)``. As released (DeepSeek-V3, GLM-4.5), the MTP layer ``k`` is HF
+layer ``num_hidden_layers + k``: ``enorm`` (the embedding's norm), ``hnorm`` (the hidden state's),
+``eh_proj`` (M_k, taking ``[embedding; hidden]``), a decoder layer, ``shared_head.norm`` and
+``shared_head.head`` (the output head), and its own ``embed_tokens``; ``h^0`` is the main model's
+last hidden state (after its final norm), and each depth feeds the next its normed output.
+
+Only the decoder layer inside comes from transformers (loaded by transformers from the same
+folder, as a model with the MTP layers counted as ordinary layers); everything else is written
+here from the tensors, independently of distconv's tables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+@torch.no_grad()
+def hf_mtp_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """transformers' logits of the main model, and each MTP depth's logits at every position
+    (the token after the last is taken as id 0, as megatron-core rolls its inputs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    n, depth = config.num_hidden_layers, config.num_mtp_layers
+    main = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    # the same folder with the MTP layers as ordinary decoder layers: transformers loads their weights
+    extended = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, num_hidden_layers=n + depth).eval()
+    weights = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        weights.update({k: v.float() for k, v in load_file(str(f)).items() if k.startswith("model.layers.")})
+    out = main.model(input_ids=tokens)
+    hidden, logits = out.last_hidden_state, main(input_ids=tokens).logits
+    b, s = tokens.shape
+    positions = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = torch.full((s, s), float("-inf")).triu(1)[None, None].expand(b, 1, s, s)
+    eps = config.rms_norm_eps
+    ids, per_depth = tokens, []
+    for k in range(depth):
+        at = f"model.layers.{n + k}."
+        w = {name.removeprefix(at): t for name, t in weights.items() if name.startswith(at)}
+        ids = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
+        emb = torch.nn.functional.embedding(ids, w["embed_tokens.weight"])
+        x = torch.cat([_rms(emb, w["enorm.weight"], eps), _rms(hidden, w["hnorm.weight"], eps)], dim=-1) @ w["eh_proj.weight"].T
+        layer = extended.model.layers[n + k]
+        rope = extended.model.rotary_emb(x, positions)
+        x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
+        x = x[0] if isinstance(x, tuple) else x
+        hidden = _rms(x, w["shared_head.norm.weight"], eps)
+        per_depth.append(hidden @ w["shared_head.head.weight"].T)
+    return logits, per_depth
