@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from distconv.engine.layout import TE_MOE_NORM
+from distconv.engine.layout import LOCAL_MLA_NORMS, TE_MOE_NORM
 from distconv.sources.checkpoint import Checkpoint, Read
 from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
@@ -72,14 +72,17 @@ def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.T
 
 
 def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
-    """The (local spec) model's MoE pre-MLP norms under the transformer-engine spec's key where
-    the checkpoint is spelled so (``pre_mlp_layernorm.*``); the TE norms' extra state is not read."""
+    """The (local spec) model's norms under the transformer-engine spec's keys where the checkpoint
+    is spelled so: MoE pre-MLP norms (``pre_mlp_layernorm.*``), MLA's latent norms (fused into the
+    up projections) and the dense MLPs' pre-MLP norm in MLA models (fused into ``linear_fc1``, where
+    the local spec's MLA layers keep a module of their own); the TE norms' extra state is not read."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
+    renames = {**TE_MOE_NORM, **LOCAL_MLA_NORMS, **{te: local for local, te in TE_MOE_NORM.items()}}
     for t in nested_values(sharded):
         if isinstance(t, ShardedTensor) and t.key not in ckpt.tensors:
-            for local, te in TE_MOE_NORM.items():
+            for local, te in renames.items():
                 if t.key.endswith(local) and t.key.removesuffix(local) + te in ckpt.tensors:
                     t.key = t.key.removesuffix(local) + te
     return sharded

@@ -747,9 +747,11 @@ def test_te_spec_stand_in_undoes_itself():
     assert state() == before
 
 
-@pytest.mark.parametrize("key", ["mixtral_tp2pp1ep2etp1", "qwen2_moe_tp2pp1ep2etp1"])
+@pytest.mark.parametrize("key", ["mixtral_tp2pp1ep2etp1", "qwen2_moe_tp2pp1ep2etp1", "deepseek_v3_tp2pp1ep2etp1",
+                                 "glm4_moe_tp2pp1ep2etp1"])
 def test_verify_reads_a_transformer_engine_moe_import(jobs, key):
-    """``distconv verify`` (a local-spec model) loads the TE spec's ``pre_mlp_layernorm`` keys."""
+    """``distconv verify`` (a local-spec model) loads the TE spec's ``pre_mlp_layernorm`` keys, MLA's
+    fused latent norms and MTP layers."""
     from distconv.verify import verify
 
     ok(jobs, f"export {key}")
