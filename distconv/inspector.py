@@ -22,7 +22,7 @@ ARGS_THAT_MATTER = (
     "bias_gelu_fusion", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
     "untie_embeddings_and_output_weights", "padded_vocab_size", "vocab_size",
     "make_vocab_size_divisible_by", "tokenizer_type", "tokenizer_model", "window_size", "num_experts",
-    "moe_ffn_hidden_size", "moe_router_topk", "multi_latent_attention", "bf16", "fp16",
+    "moe_ffn_hidden_size", "moe_router_topk", "multi_latent_attention", "mtp_num_layers", "bf16", "fp16",
     "transformer_impl", "ckpt_format",
 )
 

@@ -56,7 +56,7 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
 # norms, embeddings and MTP layers' own projection in high precision), imported at EP x ETP:
 # (name, TP, PP, EP, ETP)
 FP8_MOE_IMPORTS = [("qwen3_moe", 2, 1, 2, 1), ("qwen2_moe", 1, 2, 2, None), ("deepseek_v3", 2, 1, 2, 1),
-                   ("glm4_moe", 1, 2, 2, None)]
+                   ("glm4_moe", 1, 2, 2, None), ("mixtral", 1, 1, 4, None)]
 # exported back and compared with the source: each family at its most split layout, and each chunking
 MOE_ROUND_TRIPS = [c for c in MOE_IMPORTS if c[3:5] == (2, 1) or c[5] or c[3] == 4]
 MOE = dict(intermediate_size=32)  # the experts' width (Mixtral); Qwen's dense layers keep SMALL's 128
@@ -115,6 +115,8 @@ MOE_RESHARDS = {
     # MLA: TP2 -> TP1 and EP2 -> EP4; megatron-core's own local-spec save -> the transformer-engine spec
     "deepseek_v3_tp2etp1_to_ep4": ("deepseek_v3_tp2pp1ep2etp1", 1, 1, 4, None, None, None),
     "fx_deepseek_v3_to_tp2ep2etp1": ("fx/deepseek_v3/tp1pp1ep2", 2, 1, 2, 1, None, TE),
+    # MTP layers: from the last of two stages to TP2 at PP1 (GLM-4.5, two MTP layers)
+    "fx_glm4_moe_pp2_to_tp2etp1": ("fx/glm4_moe/tp1pp2ep2", 2, 1, 2, 1, None, TE),
 }
 
 
