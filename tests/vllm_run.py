@@ -4,9 +4,11 @@ Run by the vLLM venv's python (``tests/setup_vllm.sh``), not the project's: it i
 
     .venv-vllm/bin/python tests/vllm_run.py JOBS.json RESULTS.json
 
-``JOBS.json``: ``{"prompts": [[token ids], ...], "max_tokens": N, "folders": {name: folder}}``.
+``JOBS.json``: ``{"prompts": [[token ids], ...], "max_tokens": N, "folders": {name: folder}}``; a
+folder may be ``[folder, speculative_config]`` to decode with speculation (e.g. its MTP layers).
 ``RESULTS.json``: per name, ``{"tokens": [[generated ids]], "prompt_logprobs": [[logprob of each
-prompt token after the first]]}``, or ``{"error": text}`` when vLLM failed on that folder.
+prompt token after the first]], "draft_tokens": N}`` (tokens proposed by speculation), or
+``{"error": text}`` when vLLM failed on that folder.
 """
 
 from __future__ import annotations
@@ -26,21 +28,25 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only
 
 
-def generate(folder: Path, prompts: list[list[int]], max_tokens: int) -> dict[str, Any]:
+def generate(folder: Path, prompts: list[list[int]], max_tokens: int,
+             speculative: dict[str, Any] | None = None) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     has_tokenizer = (folder / "tokenizer_config.json").exists()
     llm = LLM(model=str(folder), dtype="float32", enforce_eager=True, skip_tokenizer_init=not has_tokenizer,
-              max_model_len=64, max_num_seqs=len(prompts), seed=0)
+              max_model_len=64, max_num_seqs=len(prompts), seed=0, speculative_config=speculative,
+              disable_log_stats=speculative is None)
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, prompt_logprobs=0,
                                 detokenize=has_tokenizer)
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        drafts = [m.value for m in llm.get_metrics() if m.name == "vllm:spec_decode_num_draft_tokens"] if speculative else []
         return {
             "tokens": [list(o.outputs[0].token_ids) for o in outputs],
             "prompt_logprobs": [[step[tok].logprob for tok, step in zip(o.prompt_token_ids[1:], o.prompt_logprobs[1:])]
                                 for o in outputs],
+            "draft_tokens": sum(drafts),
         }
     finally:
         del llm
@@ -61,8 +67,9 @@ def main() -> None:
     jobs = json.loads(Path(sys.argv[1]).read_text())
     results: dict[str, Any] = {}
     for name, folder in jobs["folders"].items():
+        folder, speculative = folder if isinstance(folder, list) else (folder, None)
         try:
-            results[name] = generate(Path(folder), jobs["prompts"], jobs["max_tokens"])
+            results[name] = generate(Path(folder), jobs["prompts"], jobs["max_tokens"], speculative)
         except Exception as e:  # recorded per folder: the test names the family and vLLM's error
             results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
         Path(sys.argv[2]).write_text(json.dumps(results))
