@@ -5,7 +5,8 @@ DeepSeek-V3's report (section 2.2), for MTP depth ``k`` at position ``i``:
 ``P^k_{i+k+1} = OutHead(h^k_i)``. As released (DeepSeek-V3, GLM-4.5), the MTP layer ``k`` is HF
 layer ``num_hidden_layers + k``: ``enorm`` (the embedding's norm), ``hnorm`` (the hidden state's),
 ``eh_proj`` (M_k, taking ``[embedding; hidden]``), a decoder layer, ``shared_head.norm`` and
-``shared_head.head`` (the output head), and its own ``embed_tokens``; ``h^0`` is the main model's
+``shared_head.head`` (the output head), and its own ``embed_tokens`` (GLM-4.6 leaves the last two
+out: the main model's are used then); ``h^0`` is the main model's
 last hidden state (after its final norm), and each depth feeds the next its normed output.
 
 Only the decoder layer inside comes from transformers (loaded by transformers from the same
@@ -50,12 +51,13 @@ def hf_mtp_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, lis
         at = f"model.layers.{n + k}."
         w = {name.removeprefix(at): t for name, t in weights.items() if name.startswith(at)}
         ids = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
-        emb = torch.nn.functional.embedding(ids, w["embed_tokens.weight"])
+        # the layer's own copies of the embedding and output head, where the folder has them
+        emb = torch.nn.functional.embedding(ids, w.get("embed_tokens.weight", main.model.embed_tokens.weight))
         x = torch.cat([_rms(emb, w["enorm.weight"], eps), _rms(hidden, w["hnorm.weight"], eps)], dim=-1) @ w["eh_proj.weight"].T
         layer = extended.model.layers[n + k]
         rope = extended.model.rotary_emb(x, positions)
         x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=rope)
         x = x[0] if isinstance(x, tuple) else x
         hidden = _rms(x, w["shared_head.norm.weight"], eps)
-        per_depth.append(hidden @ w["shared_head.head.weight"].T)
+        per_depth.append(hidden @ w.get("shared_head.head.weight", main.lm_head.weight).T)
     return logits, per_depth

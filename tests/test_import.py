@@ -337,6 +337,26 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
     (copy / "config.json").write_text((hf["glm4_moe"] / "config.json").read_text())
     add("import mtp copy differs", op="import", load=str(copy), save=str(work / "bad9"), tp=1, pp=1, ep=2)
+    bare = work / "hf" / "glm4_moe_no_copies"  # as GLM-4.6 releases its MTP layers: no embedding or head copies
+    bare.mkdir()
+    save_file({k: v for k, v in state.items() if not k.endswith(("layers.4.embed_tokens.weight", "layers.5.embed_tokens.weight",
+                                                               "shared_head.head.weight"))},
+              str(bare / "model.safetensors"), metadata={"format": "pt"})
+    (bare / "config.json").write_text((hf["glm4_moe"] / "config.json").read_text())
+    # a bf16 DeepSeek-V3 folder as transformers saves one: the router weight and the expert bias
+    # stay float32 (``_keep_in_fp32_modules_strict``); the bias holds values bf16 cannot
+    mixed = work / "hf" / "deepseek_v3_bf16"
+    mixed.mkdir()
+    kept = (".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")
+    ds = {k: v if k.endswith(kept) else v.bfloat16() for k, v in load_file(str(hf["deepseek_v3"] / "model.safetensors")).items()}
+    assert any(not torch.equal(v, v.bfloat16().float()) for k, v in ds.items() if k.endswith(kept[1]))
+    save_file(ds, str(mixed / "model.safetensors"), metadata={"format": "pt"})
+    (mixed / "config.json").write_text((hf["deepseek_v3"] / "config.json").read_text())
+    hf["deepseek_v3_bf16"] = mixed
+    add("import ds bf16", op="import", load=str(mixed), save=meg("deepseek_v3_bf16", 1, 1), tp=1, pp=1, ep=2)
+    add("export ds bf16", op="export", load=meg("deepseek_v3_bf16", 1, 1), save=str(work / "back" / "deepseek_v3_bf16"))
+    add("import mtp no copies", op="import", load=str(bare), save=meg("glm4_moe_no_copies", 2, 1), tp=2, pp=1, ep=2, etp=1)
+    add("export mtp no copies", op="export", load=meg("glm4_moe_no_copies", 2, 1), save=str(work / "back" / "no_copies"))
 
     jobs_file, results_file = work / "jobs.json", work / "results.json"
     jobs_file.write_text(json.dumps(job_list))
@@ -759,3 +779,36 @@ def test_verify_reads_a_transformer_engine_moe_import(jobs, key):
     ok(jobs, f"export {key}")
     result = verify(jobs["work"] / "meg" / key, jobs["work"] / "back" / key, sequences=1, length=8, tol=TOL)
     assert result["ok"], result
+
+
+def test_mtp_layers_without_copies_import(jobs):
+    """MTP layers without their copies of the embedding and output head (GLM-4.6's releases) import;
+    the export writes the copies back, equal to the folder that had them, bit for bit."""
+    ok(jobs, "import mtp no copies")
+    ok(jobs, "export mtp no copies")
+    source, back = tensors(jobs["hf"]["glm4_moe"]), tensors(jobs["work"] / "back" / "no_copies")
+    assert sorted(source) == sorted(back) and "model.layers.5.shared_head.head.weight" in back
+    assert all(torch.equal(source[k], back[k]) for k in source)
+
+
+def test_bf16_deepseek_folder_keeps_its_float32_expert_bias(jobs):
+    """A bf16 folder whose router weight and expert bias are float32 (as transformers saves DeepSeek-V3
+    and GLM-4.5) imports with ``--dtype auto`` as a bf16 model whose ``expert_bias`` is float32, as
+    megatron-core keeps it, holding the source's values exactly; the export writes the bias float32
+    again, bit for bit, and the rest as the checkpoint stores it (the router weight in bf16)."""
+    ok(jobs, "import ds bf16")
+    ok(jobs, "export ds bf16")
+    from distconv.sources.megatron import describe
+
+    ckpt = describe(jobs["work"] / "meg" / "deepseek_v3_bf16_tp1pp1")
+    assert ckpt.args.bf16 and ckpt.args.params_dtype == torch.bfloat16
+    stored = {k: t.dtype for k, t in ckpt.tensors.items()}
+    assert {d for k, d in stored.items() if k.endswith("router.expert_bias")} == {torch.float32}
+    assert {d for k, d in stored.items() if not k.endswith("router.expert_bias")} == {torch.bfloat16}
+    source, back = tensors(jobs["hf"]["deepseek_v3_bf16"]), tensors(jobs["work"] / "back" / "deepseek_v3_bf16")
+    assert sorted(source) == sorted(back)
+    for name, t in source.items():
+        if name.endswith(".mlp.gate.weight"):
+            assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], t.bfloat16()), name
+        else:
+            assert back[name].dtype == t.dtype and torch.equal(back[name], t), name

@@ -275,10 +275,10 @@ class ExportJob:
             for index, (tensors, error) in enumerate(prefetch):
                 comm.agree(error or (writer.error if writer else None))
                 prefetch.agreed(index)
-                full = comm.gather(plan.groups[index], tensors, plan.dtype)
+                full = comm.gather(plan.groups[index], tensors, plan.dtype_of(plan.groups[index]))
                 if full is not None:
                     writer.put(index, full)
-                tracker.advance(sum(plan.read_bytes(r) for r in plan.groups[index].reads), shards.bytes_written if shards else 0)
+                tracker.advance(plan.read_bytes(plan.groups[index]), shards.bytes_written if shards else 0)
             error = writer.join() if writer else None
             if shards is not None and error is None:
                 error = _attempt(shards.close)

@@ -66,6 +66,7 @@ class Group:
     reads: list[Read]
     outputs: list[Output] = dataclasses.field(default_factory=list)
     writer: int = 0  # the rank that gathers, maps and writes this group
+    dtype: torch.dtype | None = None  # read and gathered in this dtype (None: the plan's)
 
     def reads_of(self, rank: int) -> list[Read]:
         return [r for r in self.reads if r.rank == rank]
@@ -84,12 +85,16 @@ class Plan:
     world: int
     writers: list[int]  # ranks that write safetensors files
 
+    def dtype_of(self, group: Group) -> torch.dtype:
+        """The dtype ``group`` is read and gathered in."""
+        return group.dtype or self.dtype
+
     def batches(self, limit: int) -> list[list[int]]:
-        """Consecutive groups read by one ``load`` call, at most ``limit`` bytes each."""
+        """Consecutive groups of one dtype read by one ``load`` call, at most ``limit`` bytes each."""
         out: list[list[int]] = [[]]
         size = 0
         for i, g in enumerate(self.groups):
-            if out[-1] and size + g.nbytes > limit:
+            if out[-1] and (size + g.nbytes > limit or self.dtype_of(self.groups[out[-1][0]]) != self.dtype_of(g)):
                 out.append([])
                 size = 0
             out[-1].append(i)
@@ -104,11 +109,12 @@ class Plan:
     def tensors(self) -> int:
         return len(self.outputs)
 
-    def read_bytes(self, read: Read) -> int:
-        return _numel(read.sizes) * self.dtype.itemsize
+    def read_bytes(self, group: Group) -> int:
+        """Bytes of ``group``'s reads (all ranks)."""
+        return sum(_numel(r.sizes) for r in group.reads) * self.dtype_of(group).itemsize
 
     def bytes_read_by(self, rank: int) -> int:
-        return sum(self.read_bytes(r) for g in self.groups for r in g.reads if r.rank == rank)
+        return sum(_numel(r.sizes) * self.dtype_of(g).itemsize for g in self.groups for r in g.reads if r.rank == rank)
 
     def bytes_written_by(self, rank: int) -> int:
         return sum(g.nbytes for g in self.groups if g.writer == rank)
@@ -238,6 +244,8 @@ def make_plan(
     interleaved in the processing order so that the writers work at the same time. ``dtype`` is
     the gathered dtype; with ``fp8_rest`` the family's quantized weights are planned as FP8 plus
     their float32 ``_scale_inv`` (quantized from ``dtype``) and every other output in ``fp8_rest``.
+    Tensors a ``Rule.float32`` maps that the checkpoint stores float32 are read in float32, in groups
+    of their own.
     """
     if not 1 <= writers <= world:
         raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
@@ -252,19 +260,24 @@ def make_plan(
     groups: list[Group] = []
     named: list[list[tuple[str, torch.Tensor]]] = []
     indexes: dict[str, dict[tuple[int, ...], list[Chunk]]] = {}
+    def float32(item: Item) -> bool:
+        return dtype != torch.float32 and ckpt.tensors[item.key].dtype == torch.float32 and family.rule_for(item.name)[0].float32
+
     for unit_items in by_unit.values():
-        for piece in _split(unit_items, window, dtype.itemsize):
-            reads, outs = [], []
-            for pos, item in enumerate(piece):
-                tensor = ckpt.tensors[item.key]
-                if item.key not in indexes:
-                    indexes[item.key] = _chunks_by_index(tensor, len(item.index))
-                chunks = indexes[item.key].get(item.index, [])
-                reads += _reads_for(item, pos, tensor, chunks, world)
-                meta = torch.empty(item.shape, dtype=dtype, device="meta")
-                outs += family.export_tensor(item.name, meta, spec, fp8_rest)
-            groups.append(Group(piece, reads))
-            named.append(outs)
+        for kind in (torch.float32, None):
+            run = [i for i in unit_items if float32(i) == (kind is not None)]
+            for piece in _split(run, window, (kind or dtype).itemsize) if run else ():
+                reads, outs = [], []
+                for pos, item in enumerate(piece):
+                    tensor = ckpt.tensors[item.key]
+                    if item.key not in indexes:
+                        indexes[item.key] = _chunks_by_index(tensor, len(item.index))
+                    chunks = indexes[item.key].get(item.index, [])
+                    reads += _reads_for(item, pos, tensor, chunks, world)
+                    meta = torch.empty(item.shape, dtype=kind or dtype, device="meta")
+                    outs += family.export_tensor(item.name, meta, spec, fp8_rest)
+                groups.append(Group(piece, reads, dtype=kind))
+                named.append(outs)
 
     ranges = _ranges([sum(t.numel() * t.element_size() for _, t in outs) for outs in named], writers)
     writer_ranks = [i * world // writers for i in range(writers)]

@@ -62,8 +62,9 @@ class Prefetcher:
         batch = self._batches[k]
         reads = [r for g in batch for r in self._plan.groups[g].reads_of(self._rank)]
         try:
-            tensors = self._reader.read(reads, self._plan.dtype)
-            check_slices(reads, tensors, self._plan.dtype)
+            dtype = self._plan.dtype_of(self._plan.groups[batch[0]])
+            tensors = self._reader.read(reads, dtype)
+            check_slices(reads, tensors, dtype)
         except BaseException as e:  # handed to the consumer, which makes every rank agree
             return None, e
         per_group, at = [], 0

@@ -206,17 +206,18 @@ class Item:
     hf: tuple[str, ...]
     rule: Rule
     shape: tuple[int, ...]
-    copies: tuple[str, ...] = ()  # HF tensors that must equal ``hf[0]`` (``Rule.mtp_copy``)
+    copies: tuple[str, ...] = ()  # HF tensors present that must equal ``hf[0]`` (``Rule.mtp_copy``)
 
 
 def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, tuple[int, ...]]) -> list[Item]:
     """Every Megatron tensor of the model, checked against what the source holds."""
     have = set(source.names())
-    missing = sorted(set(expected) - have)
+    optional = {c for rule in family.rules for c in rule.mtp_copies(spec)}  # GLM-4.6 releases leave them out
+    missing = sorted(set(expected) - have - optional)
     if missing:
         raise DistconvError(f"the source lacks tensors the {family.architecture} model needs: {', '.join(missing[:8])}"
                             f"{' ...' if len(missing) > 8 else ''}")
-    wrong = sorted(n for n in expected if source.shape(n) != expected[n])
+    wrong = sorted(n for n in expected if n in have and source.shape(n) != expected[n])
     if wrong:
         raise DistconvError("shape mismatch with the config: " + ", ".join(f"{n} {source.shape(n)} vs {expected[n]}" for n in wrong[:8]))
     items, used = [], set()
@@ -235,7 +236,7 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
             out = rule.transform.import_(metas, spec)
             if any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
                 raise DistconvError(f"internal: the {rule.megatron_names[0]} transform is not row-wise; import cannot slice it")
-            copies = tuple(c for c in rule.mtp_copies(spec) if c in expected)
+            copies = tuple(c for c in rule.mtp_copies(spec) if c in have)  # optional: they repeat hf[0]
             items.append(Item(rule.megatron_names[0].format(**fmt), hf, rule, tuple(out.shape), copies))
             used.update(hf + copies)
     unused = sorted(have - used)
@@ -245,6 +246,16 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
         raise DistconvError(f"the source has tensors the {family.architecture} mapping does not use: "
                             f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
     return items
+
+
+def _source_dtype(items: Any, source: Source) -> torch.dtype:
+    """``--dtype auto``: the one dtype of the source's weights, leaving out tensors kept float32 in
+    any model dtype (``Rule.float32``, ``Rule.hf_float32``); another mix is an error."""
+    dtypes = {source.dtype(h) for item in items if not (item.rule.float32 or item.rule.hf_float32)
+              for h in item.hf + item.copies}
+    if len(dtypes) != 1:
+        raise DistconvError(f"the source mixes dtypes {sorted(map(str, dtypes))}; pass --dtype")
+    return dtypes.pop()
 
 
 def read_shard(source: Source, item: Item, box: tuple[slice, ...], spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
@@ -378,17 +389,13 @@ class ImportJob(MegatronSinkJob):
         tp, pp, ep = opts.tp, opts.pp, opts.ep
         tensors, config = source.tensors, source.config
         family = family_for(config)
-        if opts.dtype == "auto":
-            dtypes = {tensors.dtype(n) for n in tensors.names()}
-            if len(dtypes) != 1:
-                raise DistconvError(f"the source mixes dtypes {sorted(map(str, dtypes))}; pass --dtype")
-            dtype = dtypes.pop()
-        elif opts.dtype in DTYPES:
-            dtype = DTYPES[opts.dtype]
-        else:
+        if opts.dtype != "auto" and opts.dtype not in DTYPES:
             raise DistconvError(f"--dtype {opts.dtype}: choose auto, bf16, fp16 or fp32")
         self.family, self.source, self.what = family, tensors, source.what
-        self.spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), dtype)
+        spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), torch.float32)
+        self.items = {item.name: item for item in _items(family, spec, tensors, expected_hf_tensors(config))}
+        dtype = _source_dtype(self.items.values(), tensors) if opts.dtype == "auto" else DTYPES[opts.dtype]
+        self.spec = dataclasses.replace(spec, train_dtype=dtype)
         experts = bool(self.spec.num_experts)
         if not experts and (ep != 1 or opts.etp not in (None, tp) or opts.moe_grouped_gemm):
             raise DistconvError(f"--expert-model-parallel-size {ep}, --expert-tensor-parallel-size, --moe-grouped-gemm: "
@@ -396,10 +403,11 @@ class ImportJob(MegatronSinkJob):
         grouped = bool(opts.moe_grouped_gemm)
         self.target, options = _target(opts, self.spec, opts.transformer_impl or "transformer_engine", grouped,
                                        per_layer=experts and not all(self.spec.moe_layers))
-        self.items = {item.name: item for item in _items(family, self.spec, tensors, expected_hf_tensors(config))}
         shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, self.target)]
         self.iteration = "release" if opts.iteration is None else opts.iteration
-        self.plan = ChunkPlan(shards, extra_states(self.spec, self.target), [dtype] * len(shards),
+        # megatron-core keeps some tensors float32 in a model of any dtype (``Rule.float32``)
+        dtypes = [torch.float32 if self.items[s.name].rule.float32 else dtype for s in shards]
+        self.plan = ChunkPlan(shards, extra_states(self.spec, self.target), dtypes,
                               [self._planned_read(s) for s in shards], world, iteration_dir(self.iteration))
         args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer, opts.etp, grouped,
                              options["transformer_impl"])

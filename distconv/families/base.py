@@ -101,6 +101,12 @@ class Rule:
     hf: str | tuple[str, ...]
     transform: Transform = COPY
     fp8: bool = False  # the HF tensors are linear weights that block-wise FP8 releases quantize
+    # float32 on both sides whatever the model's dtype (megatron-core's router ``expert_bias``,
+    # transformers' ``e_score_correction_bias``): exported and imported as float32
+    float32: bool = False
+    # transformers saves the HF tensor float32 in a model of any dtype (``_keep_in_fp32_modules``);
+    # Megatron keeps the model's dtype: a float32 copy in a bf16 folder does not make it mixed
+    hf_float32: bool = False
     # an HF name (with ``{layer}``) repeating the rule's one HF tensor in every MTP layer: DeepSeek's
     # releases store the shared embedding and output head again in each MTP layer
     mtp_copy: str | None = None
@@ -209,7 +215,8 @@ class Family:
 
     def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec,
                       fp8_rest: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
-        """Map one Megatron tensor (per-layer name) to its HF tensors, in ``t``'s dtype.
+        """Map one Megatron tensor (per-layer name) to its HF tensors, in ``t``'s dtype (float32 for
+        ``Rule.float32``).
 
         With ``fp8_rest`` (``--dtype fp8``) the rule's quantized weights come out block-wise FP8,
         quantized from ``t``'s own precision and each followed by its ``_scale_inv``; every other
@@ -219,6 +226,8 @@ class Family:
         out = rule.transform.export(t, spec)
         named = [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
         named += [(copy, named[0][1]) for copy in rule.mtp_copies(spec)]
+        if rule.float32:
+            return [(hf, x.float()) for hf, x in named]
         if fp8_rest is None:
             return named
         if not rule.fp8:

@@ -15,6 +15,7 @@ Token dropping (a capacity factor) and Sinkhorn routing have no HF equivalent.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from transformers import PretrainedConfig
@@ -78,10 +79,13 @@ def leading_dense(moe_layers: tuple[bool, ...]) -> bool:
 
 # sigmoid routers with a correction bias, groups and shared experts (DeepSeek-V3, GLM-4.5). HF
 # ranks a group by its top-2 expert scores, megatron-core by its top ``moe_router_topk /
-# moe_router_group_topk``: the two agree when that is 2 (or with no groups).
+# moe_router_group_topk``: the two agree when that is 2 (or with no groups). The bias is float32 on
+# both sides in every model dtype; transformers also saves the router weight float32.
 SIGMOID_RULES = (
-    expert_rules("mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight") + shared_expert_rules("shared_experts")
-    + (Rule(L + "mlp.router.expert_bias", H + "mlp.gate.e_score_correction_bias"),)
+    tuple(dataclasses.replace(r, hf_float32=True) if r.megatron == L + "mlp.router.weight" else r
+          for r in expert_rules("mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight"))
+    + shared_expert_rules("shared_experts")
+    + (Rule(L + "mlp.router.expert_bias", H + "mlp.gate.e_score_correction_bias", float32=True),)
 )
 
 SIGMOID_REQUIRES: dict[str, Any] = {

@@ -176,7 +176,8 @@ def expected_hf_tensors(config: Any) -> dict[str, tuple[int, ...]]:
 def _mtp_tensors(config: Any, expected: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """HF's MTP layer ``m`` (what transformers' ``MtpModel`` and vLLM read): ``model.layers.{n + m}``
     holds a decoder layer like the last one (with experts), its own norms (``enorm``, ``hnorm``,
-    ``shared_head.norm``) and projection (``eh_proj``), and copies of the embedding and output head."""
+    ``shared_head.norm``) and projection (``eh_proj``), and copies of the embedding and output head
+    (``embed_tokens``, ``shared_head.head``; some releases, GLM-4.6's, leave these out)."""
     n, hidden = config.num_hidden_layers, config.hidden_size
     last = f"model.layers.{n - 1}."
     out: dict[str, tuple[int, ...]] = {}

@@ -23,19 +23,23 @@ def megatron_args(**overrides: Any) -> argparse.Namespace:
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int, bf16_exact: bool = False) -> None:
-    """Give every parameter (norms and biases too) distinct random values, reproducibly."""
+    """Give every parameter (norms and biases too) distinct random values, reproducibly. MTP layers
+    come last: a model with them has the same other weights as the model without."""
     gen = torch.Generator().manual_seed(seed)
-    for name, p in sorted(model.named_parameters()):
-        if "norm" in name and name.endswith("weight"):
-            value = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
-        else:
-            value = 0.05 * torch.randn(p.shape, generator=gen)
-        if bf16_exact:  # values a bf16 checkpoint represents exactly
-            value = value.to(torch.bfloat16).float()
-        p.copy_(value)
-    for name, b in sorted(model.named_buffers()):
-        if name.endswith("expert_bias"):  # the router's selection bias (DeepSeek-V3)
-            b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+    for mtp in (False, True):
+        for name, p in sorted(model.named_parameters()):
+            if name.startswith("mtp.") != mtp:
+                continue
+            if "norm" in name and name.endswith("weight"):
+                value = 1.0 + 0.2 * torch.randn(p.shape, generator=gen)
+            else:
+                value = 0.05 * torch.randn(p.shape, generator=gen)
+            if bf16_exact:  # values a bf16 checkpoint represents exactly
+                value = value.to(torch.bfloat16).float()
+            p.copy_(value)
+        for name, b in sorted(model.named_buffers()):
+            if name.endswith("expert_bias") and name.startswith("mtp.") == mtp:  # the router's selection bias
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
 
 
 @contextlib.contextmanager
