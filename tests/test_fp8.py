@@ -253,7 +253,8 @@ def test_inspect_hf_folder(exports):
     listed = {t["name"]: t for t in report["tensors"]}
     assert set(listed) == {n for n in tensors if not n.endswith("_scale_inv")}
     for name, t in listed.items():
-        assert t["dtype"] == {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16"}[tensors[name].dtype], name
+        assert t["dtype"] == {torch.float8_e4m3fn: "F8_E4M3", torch.bfloat16: "BF16", torch.float32: "F32"}[tensors[name].dtype], name
+        assert (t["dtype"] == "F32") == name.endswith("e_score_correction_bias"), name  # float32 in every dtype
         if tensors[name].dtype == torch.float8_e4m3fn:
             assert t["scale_inv"] == {"shape": list(tensors[name + "_scale_inv"].shape), "dtype": "F32", "block": [128, 128]}
         else:

@@ -260,6 +260,7 @@ def make_plan(
     groups: list[Group] = []
     named: list[list[tuple[str, torch.Tensor]]] = []
     indexes: dict[str, dict[tuple[int, ...], list[Chunk]]] = {}
+
     def float32(item: Item) -> bool:
         return dtype != torch.float32 and ckpt.tensors[item.key].dtype == torch.float32 and family.rule_for(item.name)[0].float32
 
