@@ -24,6 +24,7 @@ BLOCK = (128, 128)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 SCALE = "_scale_inv"  # suffix of a quantized tensor's scale
+BAND = 1 << 21  # elements quantized at a time (8 MB of float32: they stay in a CPU's cache)
 
 
 def quantization_config() -> dict[str, Any]:
@@ -37,15 +38,22 @@ def scale_shape(shape: tuple[int, ...], block: tuple[int, int] = BLOCK) -> tuple
 
 
 def quantize(w: torch.Tensor, block: tuple[int, int] = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [out, in]`` -> (FP8 weight, float32 scale_inv), computed in float32 where ``w`` is."""
+    """``w [out, in]`` -> (FP8 weight, float32 scale_inv), computed in float32 where ``w`` is, a band
+    of whole block rows (about ``BAND`` elements) at a time."""
     rows, cols = w.shape
-    nr, nc = scale_shape((rows, cols), block)
-    x = torch.nn.functional.pad(w.float(), (0, nc * block[1] - cols, 0, nr * block[0] - rows))
-    x = x.reshape(nr, block[0], nc, block[1])
-    amax = x.abs().amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (x / scale[:, None, :, None]).to(FP8)
-    return q.reshape(nr * block[0], nc * block[1])[:rows, :cols].contiguous(), scale
+    (bo, bi), (nr, nc) = block, scale_shape((rows, cols), block)
+    q = torch.empty(rows, cols, dtype=FP8, device=w.device)
+    scale = torch.empty(nr, nc, dtype=torch.float32, device=w.device)
+    band = max(1, BAND // (bo * nc * bi))  # block rows per band
+    for r0 in range(0, nr, band):
+        r1 = min(nr, r0 + band)
+        x = w[r0 * bo : r1 * bo].float()
+        n = x.shape[0]
+        x = torch.nn.functional.pad(x, (0, nc * bi - cols, 0, (r1 - r0) * bo - n)).view(r1 - r0, bo, nc, bi)
+        amax = x.abs().amax(dim=(1, 3))
+        scale[r0:r1] = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        q[r0 * bo : r0 * bo + n] = (x / scale[r0:r1, None, :, None]).to(FP8).view((r1 - r0) * bo, nc * bi)[:n, :cols]
+    return q, scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, row0: int = 0, col0: int = 0,
