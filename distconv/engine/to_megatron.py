@@ -25,7 +25,7 @@ import argparse
 import dataclasses
 import itertools
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -248,7 +248,7 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
     return items
 
 
-def _source_dtype(items: Any, source: Source) -> torch.dtype:
+def _source_dtype(items: Iterable[Item], source: Source) -> torch.dtype:
     """``--dtype auto``: the one dtype of the source's weights, leaving out tensors kept float32 in
     any model dtype (``Rule.float32``, ``Rule.hf_float32``); another mix is an error."""
     dtypes = {source.dtype(h) for item in items if not (item.rule.float32 or item.rule.hf_float32)
