@@ -263,7 +263,7 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         perform_initialization=init,
-        **({"mtp_num_layers": args.mtp_num_layers} if args.mtp_num_layers else {}),  # (a field since 0.11)
+        **({"mtp_num_layers": args.mtp_num_layers} if args.mtp_num_layers else {}),  # only models with MTP layers
     )
 
 
