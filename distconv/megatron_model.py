@@ -278,9 +278,7 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
     args = with_defaults(args)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_decoder_block_spec, get_gpt_layer_local_spec, get_gpt_mtp_block_spec,
-    )
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
     config = transformer_config(args, tp, pp, init)
     if transformer_engine:
@@ -295,10 +293,13 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
         )
     if args.multi_latent_attention:
         _use_local_mla_attention(spec)
-    # MTP layers (on the last stage) are built like the last decoder layer
-    mtp = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=transformer_engine) if args.mtp_num_layers else None
+    mtp = {}
+    if args.mtp_num_layers:  # MTP layers (on the last stage), built like the last decoder layer
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+        mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=transformer_engine)
     return GPTModel(
-        mtp_block_spec=mtp,
+        **mtp,
         config=config,
         transformer_layer_spec=spec,
         vocab_size=args.padded_vocab_size,
