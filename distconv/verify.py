@@ -85,6 +85,7 @@ def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
             for local, te in renames.items():
                 if t.key.endswith(local) and t.key.removesuffix(local) + te in ckpt.tensors:
                     t.key = t.key.removesuffix(local) + te
+                    break  # one rename: the reverse pair must not undo it
     return sharded
 
 

@@ -261,12 +261,18 @@ def make_plan(
     named: list[list[tuple[str, torch.Tensor]]] = []
     indexes: dict[str, dict[tuple[int, ...], list[Chunk]]] = {}
 
+    float32_rules = [r for r in family.rules if r.float32]
+
     def float32(item: Item) -> bool:
-        return dtype != torch.float32 and ckpt.tensors[item.key].dtype == torch.float32 and family.rule_for(item.name)[0].float32
+        return (dtype != torch.float32 and ckpt.tensors[item.key].dtype == torch.float32
+                and any(r.match(item.name) is not None for r in float32_rules))
 
     for unit_items in by_unit.values():
-        for kind in (torch.float32, None):
-            run = [i for i in unit_items if float32(i) == (kind is not None)]
+        kept: list[Item] = []
+        rest: list[Item] = []
+        for item in unit_items:
+            (kept if float32(item) else rest).append(item)
+        for kind, run in ((torch.float32, kept), (None, rest)):
             for piece in _split(run, window, (kind or dtype).itemsize) if run else ():
                 reads, outs = [], []
                 for pos, item in enumerate(piece):

@@ -96,7 +96,7 @@ SIGMOID_REQUIRES: dict[str, Any] = {
     "moe_group_score_topk": lambda k: k in (None, 2),
     "moe_shared_experts": lambda n: bool(n),
     "moe_shared_gate": False,
-    "mtp_num_layers": lambda n: n >= 0,
+    "mtp_num_layers": lambda n: n >= 0,  # any number: MTP_RULES convert them
     "mtp_conflict": None,
 }
 
