@@ -94,7 +94,7 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
 
 
 def _import_parsers(sub: argparse._SubParsersAction) -> None:
-    from distconv.sources.mindspore import add_model_args
+    from distconv.mindspore.source import add_model_args
 
     imp = sub.add_parser("import", help="HF (or MindSpore Transformers) safetensors -> Megatron torch_dist checkpoint")
     imp.add_argument("--load", required=True, help="HF model folder; with --source mindspore: a MindFormers save root or iteration folder, or safetensors file/folder")
@@ -168,7 +168,7 @@ def _dispatch(opts: argparse.Namespace) -> int:
         return 1 if watch(opts.watch, opts.save, idle_timeout_s=opts.watch_timeout, once=opts.once, **poll,
                           **export_keywords(opts)) else 0
     if opts.command == "export":
-        from distconv.engine.export import export
+        from distconv.directions.export import export
 
         given = [flag for dest, flag in _WATCH_ONLY.items() if getattr(opts, dest) not in (None, False)]
         if given:
@@ -188,7 +188,7 @@ def _dispatch(opts: argparse.Namespace) -> int:
                   f"{result['top1_agreement']:.2%} -> {'OK' if result['ok'] else 'MISMATCH'} (tolerance {opts.tol:g})")
         return 0 if result["ok"] else 1
     if opts.command in ("import", "reshard"):
-        from distconv.engine.to_megatron import import_hf, import_mindspore, reshard
+        from distconv.directions.to_megatron import import_hf, import_mindspore, reshard
 
         options = dict(tp=opts.tensor_model_parallel_size, pp=opts.pipeline_model_parallel_size,
                        ep=opts.expert_model_parallel_size, etp=opts.expert_tensor_parallel_size,
@@ -205,11 +205,11 @@ def _dispatch(opts: argparse.Namespace) -> int:
             import_hf(opts.load, opts.save, dtype=opts.dtype, divisible_by=opts.make_vocab_size_divisible_by, **options)
         return 0
     if opts.command == "inspect":
-        from distconv.inspector import main_inspect
+        from distconv.inspect import main_inspect
 
         return main_inspect(opts)
     if opts.command == "layout":
-        from distconv.parallelism import model_parallel_size
+        from distconv.megatron.source import model_parallel_size
 
         size = model_parallel_size(opts.load)
         print(-(-size // max(1, opts.nodes)))

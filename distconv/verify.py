@@ -6,7 +6,7 @@ training layout): a torch_dist one with ``dist_checkpointing.load``, a legacy ``
 (any TP/PP/VPP) through distconv's own legacy reader, which yields the same megatron-core
 tensors whole (QKV in megatron-core order, TP pieces joined); the HF side is transformers'
 ``AutoModelForCausalLM`` on the exported folder. Both run on the same seeded token sequences.
-The model is built by ``distconv.megatron_model``, which the test fixtures use too, so it
+The model is built by ``distconv.megatron.model``, which the test fixtures use too, so it
 covers the families the fixtures cover (dense GPT, MoE, MLA).
 
 megatron-core 0.16 makes a few CUDA calls unconditionally; on a machine without CUDA they are
@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from distconv.engine.layout import LOCAL_MLA_NORMS, TE_MOE_NORM
-from distconv.sources.checkpoint import Checkpoint, Read
-from distconv.sources.megatron import describe
+from distconv.engine.plan import Read
 from distconv.errors import DistconvError
-from distconv.sources.torch_dist import serving_metadata
+from distconv.megatron.catalogue import LOCAL_MLA_NORMS, TE_MOE_NORM
+from distconv.megatron.checkpoint import Checkpoint
+from distconv.megatron.source import describe
+from distconv.megatron.torch_dist import serving_metadata
 from distconv.spec import arg
 
 
@@ -49,8 +50,8 @@ def _known_common(common: dict[str, Any]):
 def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict from a legacy checkpoint: each sharded-state key (per-layer ones as
     ``decoder.layers.{i}.X``, the legacy reader's names) read whole in fp32."""
-    from distconv.megatron_model import sharded_state_dict
-    from distconv.sources.legacy import LegacyReader
+    from distconv.megatron.legacy import LegacyReader
+    from distconv.megatron.model import sharded_state_dict
 
     reader, state = LegacyReader(ckpt), {}
     for name, sharded in sharded_state_dict(model).items():
@@ -93,7 +94,7 @@ def _torch_dist_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, tor
     """The model's state dict from a torch_dist checkpoint through ``dist_checkpointing.load``."""
     from megatron.core import dist_checkpointing
 
-    from distconv.megatron_model import sharded_state_dict
+    from distconv.megatron.model import sharded_state_dict
 
     try:
         with serving_metadata(ckpt.path, ckpt.metadata):
@@ -112,7 +113,7 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from distconv.megatron_model import build_gpt, cpu_compat, forward_logits
+    from distconv.megatron.model import build_gpt, cpu_compat, forward_logits
 
     args = argparse.Namespace(**vars(ckpt.args))
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distconv.sources.checkpoint import TRACKER, iteration_dir, tracker_iteration
-from distconv.errors import DistconvError
-from distconv.engine.gather import Comm
+from distconv.engine.comm import Comm
+from distconv.engine.folder import refuse_overlap
 from distconv.engine.marker import finished, rank0_value
-from distconv.sinks.folder import refuse_overlap
+from distconv.errors import DistconvError
+from distconv.megatron.checkpoint import TRACKER, iteration_dir, tracker_iteration
 
 
 def target(save: str | Path, iteration: int | str) -> Path:
@@ -76,7 +76,7 @@ def watch(
     Stops after one look with ``once``, or when no new iteration has appeared for
     ``idle_timeout_s`` seconds; otherwise runs until interrupted. Collective over all ranks.
     """
-    from distconv.engine.export import export
+    from distconv.directions.export import export
 
     for key, (flag, why) in _REFUSED.items():
         if export_options.pop(key, None) not in (None, False):

@@ -1,7 +1,7 @@
 """Shared, session-wide fixtures: real megatron-core checkpoints built once per test run.
 
 Set ``DISTCONV_FIXTURES=/some/dir`` to reuse checkpoints built earlier by
-``torchrun --nproc-per-node 4 -m distconv.testing.build --out /some/dir`` (local iteration only).
+``torchrun --nproc-per-node 4 -m tests.fixtures.build --out /some/dir`` (local iteration only).
 """
 
 from __future__ import annotations
@@ -54,14 +54,14 @@ def run_export_jobs(nproc: int, jobs: list[dict], workdir: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def built(tmp_path_factory) -> Path:
-    """Every model of ``distconv.testing.build.FIXTURES`` at its layouts, with reference logits."""
+    """Every model of ``fixtures.build.FIXTURES`` at its layouts, with reference logits."""
     cached = os.environ.get("DISTCONV_FIXTURES")
     if cached and (Path(cached) / "refs").is_dir():
         return Path(cached)
     out = tmp_path_factory.mktemp("megatron")
     # under 10 min on 2 cores; the limit is generous (a build that piled up megatron-core's leaked
     # gloo threads once ran past 25 min and failed every test that needs a fixture)
-    torchrun(4, "-m", "distconv.testing.build", "--out", str(out), timeout=3600)
+    torchrun(4, "-m", "tests.fixtures.build", "--out", str(out), timeout=3600)
     return out
 
 
@@ -78,6 +78,6 @@ def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def legacy_built(tmp_path_factory) -> Path:
     """Legacy ``mp_rank_*`` checkpoints written from random HF models (plain torch.save, no torchrun)."""
-    from distconv.testing.legacy import build_all
+    from fixtures.legacy import build_all
 
     return build_all(tmp_path_factory.mktemp("legacy"))

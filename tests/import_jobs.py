@@ -6,7 +6,7 @@ Ops: ``import`` / ``import_ms`` / ``reshard`` / ``export`` call distconv's Pytho
 this script's process group. ``check`` is the proof for a written checkpoint: megatron-core
 builds ``GPTModel`` at the target TP x PP (a model whose args say
 ``transformer_impl=transformer_engine``: from megatron-core's TE spec, under
-``distconv.testing.te_spec``'s stand-ins) and (1) the chunks its ``sharded_state_dict()`` saves
+``fixtures.te_spec``'s stand-ins) and (1) the chunks its ``sharded_state_dict()`` saves
 (main replicas, gathered over all ranks) must equal the chunks stored in the checkpoint's DCP
 metadata, (2) ``dist_checkpointing.load`` of that state dict with ``StrictHandling.RAISE_ALL``
 must succeed; then (3) the model is built at TP1 PP1, strictly loaded again and its logits (and
@@ -23,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 import distconv
-from distconv.megatron_model import sharded_state_dict
-from distconv.sources.megatron import describe
-from distconv.testing.megatron_cpu import model_parallel
-from distconv.testing.te_spec import te_spec_stand_in
-from distconv.engine.to_megatron import import_hf, import_mindspore, reshard
+from distconv.directions.to_megatron import import_hf, import_mindspore, reshard
+from distconv.megatron.model import sharded_state_dict
+from distconv.megatron.source import describe
+
+from fixtures.megatron_cpu import model_parallel
+from fixtures.te_spec import te_spec_stand_in
 
 
 def model_chunks(model) -> set:
@@ -65,7 +66,7 @@ def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int):
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from distconv.megatron_model import build_gpt
+    from distconv.megatron.model import build_gpt
 
     te = getattr(args, "transformer_impl", "local") == "transformer_engine"
     with grouped_gemm_stand_in(bool(getattr(args, "moe_grouped_gemm", False))), \
@@ -80,7 +81,7 @@ def build_and_load(folder: Path, args: argparse.Namespace, tp: int, pp: int):
 def check(root: str, tp: int, pp: int, tokens: list, logits_out: str, ep: int = 1, etp: int | None = None) -> dict:
     """Build at the target layout (TP x PP, and EP x ETP for MoE) from the checkpoint's own args;
     the logits come from the model at TP1 PP1 EP1 (sequential experts, whatever the chunking)."""
-    from distconv.megatron_model import forward_logits
+    from distconv.megatron.model import forward_logits
 
     ckpt = describe(root)
     args = ckpt.args
@@ -123,7 +124,7 @@ def run(job: dict) -> dict:
 
 
 def main() -> None:
-    from distconv.megatron_model import cpu_compat
+    from distconv.megatron.model import cpu_compat
 
     jobs_path, results_path = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")

@@ -169,8 +169,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     os.chdir(out)  # MindFormers writes ./output/log
     tokens = np.array(request["tokens"], dtype=np.int32)
-    import mindspore
     import mindformers
+    import mindspore
 
     result = {"mindspore": mindspore.__version__, "mindformers": mindformers.__version__}
     result["legacy"] = legacy(out, tokens)

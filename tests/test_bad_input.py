@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from distconv.directions.export import _nonfinite
+
 from conftest import distconv_cli
-from distconv.engine.export import _nonfinite
-from distconv.testing.build import layout_dir
+from fixtures.build import layout_dir
 
 
 def _copy(built: Path, name: str, tp: int, pp: int, dst: Path) -> Path:

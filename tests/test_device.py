@@ -11,10 +11,11 @@ import re
 
 import pytest
 
-from conftest import distconv_cli
+from distconv.engine.comm import decide_device, local_gpu
 from distconv.errors import DistconvError
-from distconv.engine.gather import decide_device, local_gpu
-from distconv.testing.build import layout_dir
+
+from conftest import distconv_cli
+from fixtures.build import layout_dir
 
 
 @pytest.mark.parametrize("env,count,expected", [

@@ -26,10 +26,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_import import make_hf
 
 from conftest import ROOT, distconv_cli, subprocess_env
-from distconv.testing.build import layout_dir
-from test_import import make_hf
+from fixtures.build import layout_dir
 
 KINDS = ["import", "reshard"]
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import distconv_cli, hf_logits, run_export_jobs
-from distconv.testing.build import FIXTURES, layout_dir
+from fixtures.build import FIXTURES, layout_dir
 
 TOL = 1e-4
 DENSE = [name for name, fx in FIXTURES.items() if not fx.args.get("num_experts")]  # MoE: test_moe.py

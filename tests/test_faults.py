@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from conftest import ROOT, distconv_cli, subprocess_env
-from distconv.testing.build import layout_dir
+from fixtures.build import layout_dir
 
 SLOW = ["--window", "1KB", "--max-shard-size", "20KB", "--timeout", "60"]
 

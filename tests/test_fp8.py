@@ -20,8 +20,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import ROOT, distconv_cli, hf_logits, torchrun
 from distconv.errors import DistconvError
+
+from conftest import ROOT, distconv_cli, hf_logits, torchrun
 
 B = 128
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -64,7 +65,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("shape", [(300, 200), (128, 256), (5, 130), (257, 1)])
 def test_quantize_matches_the_definition(shape):
-    from distconv.fp8 import dequantize, quantize
+    from distconv.hf.fp8 import dequantize, quantize
 
     gen = torch.Generator().manual_seed(shape[0])
     w = (torch.randn(shape, generator=gen) * torch.logspace(-3, 1, shape[1])).to(torch.bfloat16)
@@ -203,7 +204,7 @@ W = "model.layers.1.self_attn.o_proj.weight"
 
 
 def test_import_refuses_bad_scales(exports, tmp_path):
-    from distconv.sources.hf import open_hf
+    from distconv.hf.source import open_hf
 
     cases = {
         "missing": (lambda t: t.pop(W + "_scale_inv"), f"{W} is float8_e4m3fn but the source has no {W}_scale_inv"),
@@ -219,7 +220,7 @@ def test_import_refuses_bad_scales(exports, tmp_path):
 def test_import_reads_multi_block_boxes(tmp_path):
     """Row ranges that start and end inside blocks, partial edge blocks, and a tensor left in
     high precision (as ``modules_to_not_convert`` lists) next to quantized ones."""
-    from distconv.sources.hf import open_hf
+    from distconv.hf.source import open_hf
 
     folder = tmp_path / "hf"
     folder.mkdir()

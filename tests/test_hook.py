@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import json
 
-from conftest import ROOT, torchrun
 from distconv.engine import marker
-from distconv.testing.build import layout_dir
+
+from conftest import ROOT, torchrun
+from fixtures.build import layout_dir
 
 LAUNCHES = 2  # process exits per rank
 RUNS = 2  # exports per launch

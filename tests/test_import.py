@@ -19,8 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, distconv_cli, torchrun
 from distconv.errors import DistconvError
+
+from conftest import ROOT, distconv_cli, torchrun
 from mtp_reference import hf_mtp_logits
 
 TOL = 1e-4
@@ -39,7 +40,7 @@ MODELS = {  # name -> (config class name, config overrides, dtype)
 IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2)]
 # MoE imports: (name, TP, PP, EP, ETP (None: = TP), grouped GEMM, --transformer-impl); every layout
 # fits the launch's 4 ranks. transformer_engine (the default) is checked against megatron-core's TE
-# spec (under distconv.testing.te_spec's stand-ins), local against its local spec.
+# spec (under fixtures.te_spec's stand-ins), local against its local spec.
 TE, LOCAL = "transformer_engine", "local"
 MOE_NAMES = ("mixtral", "qwen2_moe", "qwen3_moe")
 MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
@@ -473,7 +474,7 @@ def test_cli_import_single_process_without_cuda_patches(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert {p.name for p in (out / "release").iterdir()} >= {"metadata.json", ".metadata", "common.pt"}
-    from distconv.sources.megatron import describe
+    from distconv.megatron.source import describe
     from distconv.spec import spec_from_args
 
     ckpt = describe(out)
@@ -485,7 +486,7 @@ def test_cli_import_single_process_without_cuda_patches(tmp_path):
 
 
 def test_mindspore_unmapped_names_are_listed(tmp_path):
-    from distconv.sources.mindspore import MindSporeSource
+    from distconv.mindspore.source import MindSporeSource
 
     hf = make_hf(tmp_path, "llama")
     moe = {"model.layers.0.feed_forward.router.dense.weight": torch.zeros(2, 2), "model.layers.0.feed_forward.routed_experts.ffn.w1.weight": torch.zeros(2, 2)}
@@ -496,7 +497,7 @@ def test_mindspore_unmapped_names_are_listed(tmp_path):
 
 def test_mindspore_flags_and_config_file_from_the_command_line(tmp_path):
     from distconv.cli import _parser
-    from distconv.sources.mindspore import model_settings
+    from distconv.mindspore.source import model_settings
 
     (tmp_path / "m.json").write_text(json.dumps({"num_layers": 2, "hidden_size": 8, "norm_epsilon": 1e-6}))
     opts = _parser().parse_args(["import", "--source", "mindspore", "--load", "x", "--save", "y", "--ms-config",
@@ -542,16 +543,13 @@ def test_cli_bad_input_under_torchrun_is_one_error(tmp_path):
 
 
 def test_import_args_read_back_as_the_same_spec():
-    from transformers import Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
-    from distconv.families.qwen3 import QWEN3
-    from distconv.engine.to_megatron import megatron_args
-    from distconv.spec import spec_from_args
-
-    from transformers import LlamaConfig, MistralConfig
-
+    from distconv.directions.to_megatron import megatron_args
     from distconv.families.llama import LLAMA
     from distconv.families.mistral import MISTRAL
+    from distconv.families.qwen3 import QWEN3
+    from distconv.spec import spec_from_args
 
     cases = [
         (QWEN3, Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32)),
@@ -571,8 +569,8 @@ def test_moe_import_args_read_back_as_the_same_spec(name):
     and the layout and router args are Megatron-LM's own."""
     import transformers
 
-    from distconv.engine.layout import per_layer_keys
-    from distconv.engine.to_megatron import family_for, megatron_args
+    from distconv.directions.to_megatron import family_for, megatron_args
+    from distconv.megatron.catalogue import per_layer_keys
     from distconv.spec import spec_from_args
 
     cls_name, overrides, _ = MODELS[name.removesuffix("_sparse_step")]
@@ -600,7 +598,7 @@ def test_deepseek_v3_import_args_and_refusals():
     0.16 has no flags for, HF's non-interleaved rope weights."""
     import transformers
 
-    from distconv.engine.to_megatron import family_for, megatron_args
+    from distconv.directions.to_megatron import family_for, megatron_args
     from distconv.spec import spec_from_args
 
     _, overrides, _ = MODELS["deepseek_v3"]
@@ -759,7 +757,7 @@ def test_te_spec_stand_in_undoes_itself():
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer import multi_latent_attention
 
-    from distconv.testing.te_spec import te_spec_stand_in
+    from fixtures.te_spec import te_spec_stand_in
 
     places = [(gpt_layer_specs, "TESpecProvider"), (gpt_layer_specs, "TENorm"), (multi_latent_attention, "TELinear")]
     state = lambda: [(n in vars(m), vars(m).get(n)) for m, n in places]  # noqa: E731
@@ -798,7 +796,7 @@ def test_bf16_deepseek_folder_keeps_its_float32_expert_bias(jobs):
     again, bit for bit, and the rest as the checkpoint stores it (the router weight in bf16)."""
     ok(jobs, "import ds bf16")
     ok(jobs, "export ds bf16")
-    from distconv.sources.megatron import describe
+    from distconv.megatron.source import describe
 
     ckpt = describe(jobs["work"] / "meg" / "deepseek_v3_bf16_tp1pp1")
     assert ckpt.args.bf16 and ckpt.args.params_dtype == torch.bfloat16

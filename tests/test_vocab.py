@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from conftest import distconv_cli, run_export_jobs
-from distconv.testing.build import layout_dir
+from fixtures.build import layout_dir
 
 PADDED = 256
 

@@ -21,8 +21,8 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from distconv.errors import DistconvError, warn
 from distconv.engine.plan import Plan
+from distconv.errors import DistconvError, warn
 
 
 class Work(Protocol):

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from distconv.engine import marker
-from distconv.engine.gather import Comm
+from distconv.engine.comm import Comm
+from distconv.engine.folder import OutputFolder
 from distconv.engine.progress import Tracker, Work, check_report_path
 from distconv.errors import DistconvError, warn
-from distconv.sinks.folder import OutputFolder
-
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}

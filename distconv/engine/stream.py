@@ -15,15 +15,20 @@ import ctypes
 import os
 import queue
 import threading
-from typing import Callable, Hashable, Iterator
+from typing import Callable, Hashable, Iterator, Protocol
 
 import torch
 
-from distconv.engine.gather import check_slices
-from distconv.engine.plan import Plan
-from distconv.sources.torch_dist import Reader
+from distconv.engine.comm import check_slices
+from distconv.engine.plan import Plan, Read
 
 _Result = tuple[list[list[torch.Tensor]] | None, BaseException | None]
+
+
+class Reader(Protocol):
+    """Loads planned boxes of a source (megatron-core's collective load, or a rank's own reads)."""
+
+    def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]: ...
 
 
 class Prefetcher:

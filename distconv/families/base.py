@@ -17,7 +17,7 @@ import torch
 from transformers import PretrainedConfig
 
 from distconv.errors import DistconvError
-from distconv.fp8 import SCALE, quantize
+from distconv.hf.fp8 import SCALE, quantize
 from distconv.spec import ModelSpec
 
 Tensors = tuple[torch.Tensor, ...]

@@ -19,11 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from distconv.sources.checkpoint import safe_globals
 from distconv.families import FAMILIES, pick_family
-from distconv.engine.plan import items_of
-from distconv.sources.megatron import describe
+from distconv.megatron.catalogue import items_of
+from distconv.megatron.checkpoint import safe_globals
+from distconv.megatron.source import describe
 from distconv.spec import spec_from_args
+
 from tests.benchmarks.export_stats import io_counters
 
 

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distconv.engine.to_megatron import ImportJob, MegatronOptions, ReshardJob
-from distconv.megatron_model import no_device_calls, stand_ins
-from distconv.sinks.megatron import extra_state_object, iteration_dir, sharded_tensor
-from distconv.sources.checkpoint import TRACKER
-from distconv.sources.hf import open_hf
+from distconv.directions.to_megatron import ImportJob, MegatronOptions, ReshardJob
+from distconv.hf.source import open_hf
+from distconv.megatron.checkpoint import TRACKER, iteration_dir
+from distconv.megatron.model import no_device_calls, stand_ins
+from distconv.megatron.save import extra_state_object, sharded_tensor
+
 from tests.benchmarks.export_stats import current_rss, io_counters, warm_imports
 
 

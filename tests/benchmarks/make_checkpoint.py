@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distconv.testing.build import Fixture, save_layout
-from distconv.megatron_model import build_gpt, cpu_compat
-from distconv.testing.megatron_cpu import megatron_args
+from distconv.megatron.model import build_gpt, cpu_compat
+
+from tests.fixtures.build import Fixture, save_layout
+from tests.fixtures.megatron_cpu import megatron_args
 
 HIDDEN, HEAD_DIM, VOCAB = 1024, 64, 32000
 

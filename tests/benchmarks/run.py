@@ -146,7 +146,7 @@ def make_inputs(opts: argparse.Namespace, gb: float) -> tuple[Path, Path | None]
 
 def measure(opts: argparse.Namespace, gb: float) -> dict:
     """One size: the limit, distconv at each rank count, the baseline; prints the table."""
-    from distconv.sources.megatron import describe
+    from distconv.megatron.source import describe
 
     ckpt_root, hf = make_inputs(opts, gb)
     ckpt = describe(ckpt_root)

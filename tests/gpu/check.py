@@ -161,7 +161,7 @@ class Check:
             self.fixtures_ok = True
             raise Skipped(f"not built: reusing --fixtures {self.reuse} (all {len(wanted)} needed paths present)")
         start = time.monotonic()
-        cmd = self.torchrun(4, "-m", "distconv.testing.build", "--out", str(self.fx), "--only", *FIXTURES,
+        cmd = self.torchrun(4, "-m", "tests.fixtures.build", "--out", str(self.fx), "--only", *FIXTURES,
                             "--layouts", *LAYOUTS)
         proc = self.run("build-fixtures", cmd, timeout=420, cuda=False)
         if proc.returncode != 0:
@@ -723,7 +723,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="run every step with --device cpu and CUDA hidden (plumbing only; GPU assertions SKIP)")
-    parser.add_argument("--fixtures", type=Path, help="reuse fixtures built earlier by distconv.testing.build")
+    parser.add_argument("--fixtures", type=Path, help="reuse fixtures built earlier by fixtures.build")
     opts = parser.parse_args()
     out = Path(os.environ["OUT"]) if os.environ.get("OUT") else Path(tempfile.mkdtemp(prefix="distconv-gpucheck-"))
     out = out.resolve()

@@ -36,7 +36,7 @@ projections replicated (``TELinear``, ``parallel_mode="duplicated"``). The local
 down projections over TP instead; import and reshard refuse it for MLA.
 
 Multi-token prediction layers (``mtp.layers.{m}``, on the last pipeline stage) are named in the
-plans as decoder layer ``num_layers + m`` (``plan.mtp_as_layer``; HF's index too) and saved with
+plans as decoder layer ``num_layers + m`` (``mtp_as_layer``; HF's index too) and saved with
 per-layer keys: their own ``enorm``, ``hnorm``, ``final_layernorm`` (replicated; TENorms with an
 ``_extra_state`` in the transformer-engine spec) and ``eh_proj`` (column-parallel), and a decoder
 layer under ``transformer_layer.``, built like the last decoder layer.
@@ -48,8 +48,23 @@ import dataclasses
 import math
 import re
 
+from distconv.engine.plan import Item
 from distconv.errors import DistconvError
+from distconv.megatron.checkpoint import TensorInfo
 from distconv.spec import ModelSpec
+
+_STACKED = re.compile(r"^(?P<prefix>decoder\.layers\.)(?P<sub>[A-Za-z_].*)$")
+_PER_LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.")
+_MTP = re.compile(r"^mtp\.layers\.(?P<m>\d+)\.(?:transformer_layer\.)?(?P<sub>.+)$")
+# grouped expert tensors carry an expert axis after the layer axis (SequentialMLP and GroupedMLP alike)
+_GROUPED_EXPERTS = ".mlp.experts.experts."
+# per-expert spellings of other versions and formats -> the canonical ``mlp.experts.{e}.``
+_PER_EXPERT = (
+    re.compile(r"\.mlp\.experts\.local_experts\.(?P<e>\d+)\.(?P<rest>.+)$"),  # SequentialMLP module keys
+    re.compile(r"\.mlp\.experts\.experts\.(?P<e>\d+)\.(?P<rest>.+)$"),  # singleton local shards
+    re.compile(r"\.mlp\.experts\.(?P<rest>[a-z_0-9]+\.(?:weight|bias))(?P<e>\d+)$"),  # TEGroupedMLP weight{e}
+)
+
 
 _LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.(?P<sub>.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(?P<expert>\d+)\.(?P<rest>.+)$")
@@ -335,7 +350,7 @@ def _key(key: str, spec: ModelSpec, target: Target, layer: int | None = None) ->
 
 def mtp_key(key: str, num_layers: int) -> str:
     """The checkpoint key of an MTP layer's tensor named ``decoder.layers.{num_layers + m}.*``
-    (``plan.mtp_as_layer``'s inverse): ``mtp.layers.{m}.`` then its own module or ``transformer_layer.``."""
+    (``mtp_as_layer``'s inverse): ``mtp.layers.{m}.`` then its own module or ``transformer_layer.``."""
     layer, sub = split_name(key)
     return f"mtp.layers.{layer - num_layers}." + (sub if _MTP_OWN.match(sub) else f"transformer_layer.{sub}")
 
@@ -386,3 +401,49 @@ def padded_vocab(vocab: int, divisible_by: int, tp: int) -> int:
     """Megatron-LM's padding: up to a multiple of ``make_vocab_size_divisible_by x TP``."""
     step = divisible_by * tp
     return -(-vocab // step) * step
+
+
+def expert_name(name: str) -> str:
+    """A per-expert tensor name in its canonical form ``...mlp.experts.{e}.linear_fc1.weight``."""
+    for pattern in _PER_EXPERT:
+        m = pattern.search(name)
+        if m:
+            return f"{name[: m.start()]}.mlp.experts.{m['e']}.{m['rest']}"
+    return name
+
+
+def mtp_as_layer(key: str, num_layers: int) -> str:
+    """An MTP key under the engine's name for it: megatron-core's ``mtp.layers.{m}`` (its own tensors
+    and its ``transformer_layer``'s) is named ``decoder.layers.{num_layers + m}``; other keys as they are."""
+    m = _MTP.match(key)
+    return f"decoder.layers.{num_layers + int(m['m'])}.{m['sub']}" if m else key
+
+
+def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None) -> list[Item]:
+    """Split a stored tensor into per-layer (and per-expert) items.
+
+    Stacked ``decoder.layers.*`` keys have a leading layer axis; grouped expert keys
+    (``mlp.experts.experts.*``) then an expert axis. Per-layer keys (``decoder.layers.{i}.*``,
+    non-homogeneous models; MTP layers, see ``mtp_as_layer``) and per-expert keys keep their index
+    in the name.
+    """
+    m = _STACKED.match(tensor.key)
+    if m and tensor.shape and tensor.shape[0] == num_layers:
+        layers = [((l,), f"{m['prefix']}{l}.{m['sub']}", l) for l in range(num_layers)]
+        shape = tensor.shape[1:]
+    else:
+        name = mtp_as_layer(tensor.key, num_layers)
+        per_layer = _PER_LAYER.match(name)
+        layers = [((), name, int(per_layer["layer"]) if per_layer else None)]
+        shape = tensor.shape
+    items = []
+    for index, name, layer in layers:
+        head, grouped, tail = name.partition(_GROUPED_EXPERTS)
+        if grouped and not tail[:1].isdigit() and num_experts and shape and shape[0] == num_experts:
+            items += [
+                Item(f"{head}.mlp.experts.{e}.{tail}", tensor.key, index + (e,), shape[1:], layer)
+                for e in range(num_experts)
+            ]
+        else:
+            items.append(Item(expert_name(name), tensor.key, index, shape, layer))
+    return items

@@ -9,9 +9,9 @@ from typing import Any, Protocol
 
 import torch
 
+from distconv.engine.folder import inside
 from distconv.errors import DistconvError
-from distconv.fp8 import SCALE, check_scale, dequantize
-from distconv.sources.checkpoint import inside
+from distconv.hf.fp8 import SCALE, check_scale, dequantize
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 

@@ -19,8 +19,9 @@ import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.filesystem import FileSystem
 
+from distconv.engine.plan import Read
 from distconv.errors import DistconvError, user_error
-from distconv.sources.checkpoint import Checkpoint, Chunk, Read, overlaps, read_stored, safe_torch_load
+from distconv.megatron.checkpoint import Checkpoint, Chunk, overlaps, read_stored, safe_torch_load
 
 
 class _RandomAccessFileSystem(FileSystem):

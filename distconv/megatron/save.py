@@ -10,7 +10,7 @@ large the model. Every rank passes the chunks it owns (each chunk is owned by on
 are main replicas) plus the ``_extra_state`` objects; the ``.metadata`` is the one DCP makes
 from those chunks, as in megatron-core's save.
 
-The root is built in the run's temporary folder (``distconv.sinks.folder``); the tracker file
+The root is built in the run's temporary folder (``distconv.engine.folder``); the tracker file
 is written last, so a root without it is never taken for a finished save.
 """
 
@@ -22,10 +22,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from distconv.engine.layout import ExtraState, Shard
 from distconv.errors import user_error
-from distconv.megatron_model import no_device_calls, stand_ins
-from distconv.sources.checkpoint import TRACKER, iteration_dir
+from distconv.megatron.catalogue import ExtraState, Shard
+from distconv.megatron.checkpoint import TRACKER, iteration_dir
+from distconv.megatron.model import no_device_calls, stand_ins
 
 # (key, global offsets) of one chunk -> its data, read when the writer reaches it
 Fetch = Callable[[str, tuple[int, ...]], torch.Tensor]

@@ -46,7 +46,7 @@ import torch
 
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.sources.hf import HFSource, SafetensorsFiles, file_identity
+from distconv.hf.source import HFSource, SafetensorsFiles, file_identity
 from distconv.spec import spec_from_args
 
 _N = r"(?P<n>\d+)"

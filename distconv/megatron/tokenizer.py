@@ -1,4 +1,6 @@
-"""The true vocab size as Megatron-LM's ``build_tokenizer`` computes it, from the files args name.
+"""Megatron-LM's tokenizer as its args describe it: the true vocab size and the special token ids.
+
+The true vocab size is what Megatron-LM's ``build_tokenizer`` computes from the files args name.
 
 Megatron-LM pads the tokenizer's ``vocab_size`` to ``padded_vocab_size``; a checkpoint stores
 only the padded size, so the true one is recomputed here per ``tokenizer_type``:
@@ -13,6 +15,13 @@ only the padded size, so the true one is recomputed here per ``tokenizer_type``:
 
 A SentencePiece ``.model`` file is a ``ModelProto`` protobuf, read here with a small
 wire-format reader (pieces with their types, and the trainer spec's special piece names).
+
+Special token ids for an exported config come from the tokenizer, else from args, else nowhere.
+Serving engines stop generating at ``generation_config.json``'s ``eos_token_id``, so a config
+class's default id (GPT-2's 50256, Llama's 1 and 2) would be a made-up stop token. Megatron-LM's
+args name a token id only for ``NullTokenizer`` (``null_tokenizer_eod_id``; its default differs
+between versions, so only an explicit one counts); every other tokenizer type keeps its ids in
+the tokenizer files.
 """
 
 from __future__ import annotations
@@ -127,15 +136,11 @@ def megatron_vocab(args: Any) -> tuple[int, str] | None:
     return None
 
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def cached_hub_tokenizer(name: str) -> Path | None:
-    """The local HF cache's snapshot folder of hub repo ``name`` when it holds tokenizer files; never downloads."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not in the cache, or not a valid repo id (huggingface_hub raises several kinds)
-        return None
-    return folder if any((folder / f).is_file() for f in _TOKENIZER_FILES) else None
+def special_tokens(tokenizer: Any, args: Any) -> tuple[int | None, int | None, str]:
+    """``(bos_token_id, eos_token_id, where they came from)``; None where nothing says."""
+    if tokenizer is not None:
+        return tokenizer.bos_token_id, tokenizer.eos_token_id, "the tokenizer"
+    eod = arg(args, "null_tokenizer_eod_id")
+    if arg(args, "tokenizer_type") == "NullTokenizer" and eod is not None:
+        return None, int(eod), "args.null_tokenizer_eod_id (NullTokenizer)"
+    return None, None, "nothing (no tokenizer, no token ids in args): written as null"

@@ -1,7 +1,7 @@
 """Configurations of the engine that write a Megatron torch_dist save root: import and reshard.
 
 Both plan the target's chunks exactly as megatron-core's ``GPTModel`` saves them at the target
-TP x PP (``distconv.engine.layout``); the chunks of target rank ``r`` are written by rank
+TP x PP (``distconv.megatron.catalogue``); the chunks of target rank ``r`` are written by rank
 ``r % world``, so any world size works. What differs is where a chunk's data comes from:
 
 - **import** (an HF folder, or MindSpore Transformers safetensors seen under HF names): the
@@ -15,7 +15,7 @@ TP x PP (``distconv.engine.layout``); the chunks of target rank ``r`` are writte
   state, RNG state, ``_extra_state`` contents (written empty, as the local and non-fp8 TE specs
   save them).
 
-The sink (``distconv.sinks.megatron``) asks for each chunk when its writer reaches it, so a
+The sink (``distconv.megatron.save``) asks for each chunk when its writer reaches it, so a
 rank holds one chunk at a time, whatever the model size.
 """
 
@@ -30,25 +30,35 @@ from typing import Any, Callable, Iterable
 import torch
 
 from distconv.engine import marker
-from distconv.engine.gather import Comm
-from distconv.engine.layout import (
-    ExtraState, Shard, Target, canonical, check_layout, extra_states, known, padded_vocab, per_layer_keys, shards_of,
-)
+from distconv.engine.comm import Comm
+from distconv.engine.folder import refuse_overlap
 from distconv.engine.plan import Item as SourceItem
-from distconv.engine.plan import items_of
+from distconv.engine.plan import Read, numel
 from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, parse_size, run
 from distconv.engine.stream import ReadAhead, heap_trimmer
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family
 from distconv.families.base import Rule
-from distconv.sinks.folder import refuse_overlap
-from distconv.sinks.megatron import save_root
-from distconv.sources.checkpoint import TRACKER, Read, iteration_dir, overlaps
-from distconv.sources.hf import HFSource, Source, expected_hf_tensors, open_hf
-from distconv.sources.legacy import LegacyReader
-from distconv.sources.megatron import describe
-from distconv.sources.torch_dist import LocalReader
+from distconv.hf.source import HFSource, Source, expected_hf_tensors, open_hf
+from distconv.megatron.catalogue import (
+    ExtraState,
+    Shard,
+    Target,
+    canonical,
+    check_layout,
+    extra_states,
+    items_of,
+    known,
+    padded_vocab,
+    per_layer_keys,
+    shards_of,
+)
+from distconv.megatron.checkpoint import TRACKER, iteration_dir, overlaps
+from distconv.megatron.legacy import LegacyReader
+from distconv.megatron.save import save_root
+from distconv.megatron.source import describe
+from distconv.megatron.torch_dist import LocalReader
 from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
 
 
@@ -84,7 +94,7 @@ class ChunkPlan:
         return self.shards[n].target_rank % self.world
 
     def nbytes(self, n: int) -> int:
-        return _numel(self.shards[n].sizes) * self.dtypes[n].itemsize
+        return numel(self.shards[n].sizes) * self.dtypes[n].itemsize
 
     @property
     def tensors(self) -> int:
@@ -107,12 +117,6 @@ class ChunkPlan:
     def bytes_written_by(self, rank: int) -> int:
         return sum(self.nbytes(n) for n in range(len(self.shards)) if self.owner(n) == rank)
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class MegatronSinkJob:
@@ -222,7 +226,7 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
         raise DistconvError("shape mismatch with the config: " + ", ".join(f"{n} {source.shape(n)} vs {expected[n]}" for n in wrong[:8]))
     items, used = [], set()
     for rule in family.rules:
-        # MTP layers are the layers after the last decoder layer (``plan.mtp_as_layer``)
+        # MTP layers are the layers after the last decoder layer (``catalogue.mtp_as_layer``)
         layers = range(spec.num_layers + spec.mtp_num_layers) if "{layer}" in rule.megatron_names[0] else (None,)
         experts = range(spec.num_experts or 0) if "{expert}" in rule.megatron_names[0] else (None,)
         for layer, expert in itertools.product(layers, experts):
@@ -314,7 +318,7 @@ def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int,
         init_method_std=spec.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep, expert_tensor_parallel_size=target.expert_tp, world_size=target.world,
         data_parallel_size=target.stage_ranks // tp, ckpt_format="torch_dist",
-        transformer_impl=transformer_impl,  # the keys written follow it (``layout.Target.te``)
+        transformer_impl=transformer_impl,  # the keys written follow it (``catalogue.Target.te``)
     )
 
 
@@ -432,7 +436,7 @@ class ImportJob(MegatronSinkJob):
         for item, box in self._parts(shard):
             rows = sum(self.source.shape(h)[0] for h in item.hf)
             kept = min(box[0].stop - box[0].start, max(0, rows - box[0].start))
-            total += (kept * _numel(tuple(s.stop - s.start for s in box[1:])) * (1 + len(item.copies))
+            total += (kept * numel(tuple(s.stop - s.start for s in box[1:])) * (1 + len(item.copies))
                       * max(self.source.dtype(h).itemsize for h in item.hf))
         return total
 
@@ -501,7 +505,7 @@ class ReshardJob(MegatronSinkJob):
         self.iteration = ckpt.iteration
         self.sources = [self._reads(s, n) for n, s in enumerate(shards)]
         dtypes = [ckpt.tensors[self.items[s.name].key].dtype for s in shards]
-        reads = [sum(_numel(r.sizes) for r in rs) * d.itemsize for rs, d in zip(self.sources, dtypes)]
+        reads = [sum(numel(r.sizes) for r in rs) * d.itemsize for rs, d in zip(self.sources, dtypes)]
         self.plan = ChunkPlan(shards, extra_states(self.spec, self.target), dtypes, reads, world,
                               iteration_dir(self.iteration))
         args = argparse.Namespace(**vars(ckpt.args))
@@ -589,7 +593,7 @@ def import_hf(load: str | Path, save: str | Path, **options: Any) -> dict[str, A
 def import_mindspore(load: str | Path, save: str | Path, *, ms_config: str | None, ms_args: Any,
                      **options: Any) -> dict[str, Any]:
     """MindSpore Transformers safetensors -> Megatron torch_dist save root; collective."""
-    from distconv.sources.mindspore import open_mindspore
+    from distconv.mindspore.source import open_mindspore
 
     opts = MegatronOptions(save=save, **options)
     return _run(lambda world: ImportJob(open_mindspore(load, ms_config, ms_args), opts, world), opts)

@@ -13,15 +13,13 @@ import os
 import sys
 import time
 import uuid
-
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from distconv.engine.plan import Group, Read
 from distconv.errors import DistconvError, user_error, warn
-from distconv.engine.plan import Group
-from distconv.sources.checkpoint import Read
 
 _ALIGN = 16
 # NCCL's watchdog aborts the process (SIGABRT) once a transfer exceeds its group's timeout;

@@ -20,6 +20,8 @@ from typing import Any, Iterator
 
 import torch
 
+from distconv.engine.folder import inside
+from distconv.engine.plan import Read, numel
 from distconv.errors import DistconvError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -49,20 +51,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * self.dtype.itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class Read:
-    """A box of a stored tensor that one rank loads, and where it lands in its item."""
-
-    item: int  # position in the group's items
-    rank: int
-    key: str
-    global_shape: tuple[int, ...]
-    offsets: tuple[int, ...]
-    sizes: tuple[int, ...]
-    dest: tuple[slice, ...]  # inside the item tensor
+        return numel(self.shape) * self.dtype.itemsize
 
 
 def overlaps(read: Read, chunks: tuple[Chunk, ...]) -> Iterator[tuple[Chunk, tuple[slice, ...], tuple[slice, ...]]]:
@@ -97,12 +86,6 @@ class Checkpoint:
     def weight_bytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def locate(load: str | Path, iteration: int | str | None = None) -> tuple[Path, int | str]:
@@ -241,25 +224,6 @@ def read_dcp_metadata(folder: Path) -> Any:
     return metadata
 
 
-def inside(folder: Path, name: Any, what: str) -> Path:
-    """``folder / name`` for a file name a checkpoint gives, refused unless it stays in ``folder``.
-
-    The name must be relative, without ``..``, and its directories must resolve inside the
-    folder; the file itself may be a symlink (checkpoints assembled from links stay readable).
-    """
-    if not isinstance(name, str) or not name:
-        raise DistconvError(f"{what} names a data file {name!r}, which is not a file name")
-    rel = pathlib.PurePosixPath(name)
-    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
-        raise DistconvError(f"{what} names the data file {name!r} outside the checkpoint folder; refused")
-    path = folder / rel
-    root = folder.resolve()
-    parent = path.parent.resolve()
-    if parent != root and root not in parent.parents:
-        raise DistconvError(f"{what} names the data file {name!r}, whose folder resolves outside the checkpoint; refused")
-    return path
-
-
 def read_stored(folder: Path, info: Any, what: str, random_access: bool = False) -> bytes:
     """The bytes of one DCP item (``info``: its ``_StorageInfo`` from the allow-listed metadata),
     from a data file that must lie inside ``folder``; a short file is an error naming it."""
@@ -320,7 +284,7 @@ def read_tensor_index(folder: Path, metadata: Any) -> tuple[dict[str, TensorInfo
             continue
         shape = tuple(md.size)
         if key.startswith(NON_MODEL_PREFIXES) or "._extra_state" in key:
-            other += _numel(shape) * md.properties.dtype.itemsize
+            other += numel(shape) * md.properties.dtype.itemsize
             continue
         chunks = []
         for c in md.chunks:

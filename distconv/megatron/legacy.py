@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from distconv.sources.checkpoint import Checkpoint, Chunk, Read, TensorInfo, overlaps, safe_globals
+from distconv.engine.plan import Read
 from distconv.errors import DistconvError
+from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo, overlaps, safe_globals
 from distconv.spec import arg
 
 FILE_NAME = "model_optim_rng.pt"

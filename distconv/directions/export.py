@@ -7,31 +7,24 @@ writer (NCCL on GPUs, else gloo), mapped by the family table, and written behind
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distconv.sources.checkpoint import Checkpoint
-from distconv.sources.hf import expected_hf_tensors
-from distconv.sources.megatron import describe
-from distconv.errors import DistconvError, warn
-from distconv.families import FAMILIES, Family, pick_family
-from distconv.fp8 import FP8, SCALE, quantization_config, scale_shape
-from distconv.engine.gather import Comm
 from distconv.engine import marker
+from distconv.engine.comm import Comm
+from distconv.engine.folder import refuse_overlap
+from distconv.engine.plan import Group, Item, Output, Plan, Read, numel
 from distconv.engine.progress import Tracker, plan_text
 from distconv.engine.run import RunOptions, parse_size, run
-from distconv.engine.plan import Plan, make_plan
-from distconv.sources.legacy import LegacyReader
 from distconv.engine.stream import Prefetcher, WriterThread
-from distconv.sources.torch_dist import Reader
-from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
-from distconv.sources.tokens import special_tokens
-from distconv.sources.vocab import cached_hub_tokenizer, megatron_vocab
-from distconv.sinks.folder import refuse_overlap
-from distconv.sinks.hf import (
+from distconv.errors import DistconvError, warn
+from distconv.families import FAMILIES, Family, pick_family
+from distconv.hf.fp8 import FP8, SCALE, quantization_config, scale_shape
+from distconv.hf.sink import (
     ShardWriter,
     TorchFileWriter,
     write_config,
@@ -39,6 +32,15 @@ from distconv.sinks.hf import (
     write_index,
     write_tokenizer,
 )
+from distconv.hf.source import expected_hf_tensors
+from distconv.hf.tokenizer import cached_hub_tokenizer, load_tokenizer
+from distconv.megatron.catalogue import items_of
+from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo
+from distconv.megatron.legacy import LegacyReader
+from distconv.megatron.source import describe
+from distconv.megatron.tokenizer import megatron_vocab, special_tokens
+from distconv.megatron.torch_dist import Reader
+from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
 
 FORMATS = ("safetensors", "torch")
 def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
@@ -63,8 +65,6 @@ def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | 
     A folder that does not load as an HF tokenizer is an error naming it and the reason; args'
     value is not looked at otherwise (a hub id not in the cache, a SentencePiece or tiktoken file).
     """
-    from transformers import AutoTokenizer
-
     candidate = explicit if explicit is not None else arg(args, "tokenizer_model")
     if explicit is not None and not Path(explicit).is_dir():
         raise DistconvError(f"--tokenizer {explicit} is not a folder holding an HF tokenizer")
@@ -75,11 +75,7 @@ def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | 
         origin = f"args.tokenizer_model {candidate} (HF cache)"
     if folder is None:
         return None, None
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), str(folder)
-    except Exception as e:  # transformers raises many kinds (ValueError, OSError, JSON and tokenizers errors)
-        reason = " ".join(str(e).split()) or type(e).__name__
-        raise DistconvError(f"{origin} {folder}: the folder does not load as an HF tokenizer: {reason}") from None
+    return load_tokenizer(folder, origin), str(folder)
 
 
 _NO_VOCAB = ("no true vocab size was found (no --vocab-size, no --hf-config, no tokenizer Megatron-LM's args name "
@@ -142,6 +138,171 @@ def _check_scales(plan: Plan) -> None:
                 raise DistconvError(f"internal: FP8 output {o.name} {o.shape} lacks its {SCALE} of shape {scale_shape(o.shape)}")
         elif o.name.endswith(SCALE) and (i == 0 or outs[i - 1].dtype != FP8):
             raise DistconvError(f"internal: {o.name} scales no FP8 weight")
+
+
+def _chunks_by_index(tensor: TensorInfo, lead: int) -> dict[tuple[int, ...], list[Chunk]]:
+    """The chunks touching each leading index (layer, expert): items look up theirs, not scan all."""
+    by_index: dict[tuple[int, ...], list[Chunk]] = {}
+    for chunk in tensor.chunks:
+        ranges = [range(o, o + s) for o, s in zip(chunk.offsets[:lead], chunk.sizes[:lead])]
+        for index in itertools.product(*ranges):
+            by_index.setdefault(index, []).append(chunk)
+    return by_index
+
+
+def _reads_for(item: Item, pos: int, tensor: TensorInfo, chunks: list[Chunk], world: int) -> list[Read]:
+    """Intersect the item's box with the stored chunks; the chunk's writer rank reads it."""
+    lead = len(item.index)
+    box_off = item.index + (0,) * len(item.shape)
+    box_size = (1,) * lead + item.shape
+    reads = []
+    for chunk in chunks:
+        lo = tuple(max(a, b) for a, b in zip(box_off, chunk.offsets))
+        hi = tuple(min(a + s, b + t) for a, s, b, t in zip(box_off, box_size, chunk.offsets, chunk.sizes))
+        if any(h <= l for l, h in zip(lo, hi)):
+            continue
+        sizes = tuple(h - l for l, h in zip(lo, hi))
+        dest = tuple(slice(l, h) for l, h in zip(lo[lead:], hi[lead:]))
+        reads.append(Read(pos, chunk.writer % world, tensor.key, tensor.shape, lo, sizes, dest))
+    covered = sum(numel(r.sizes) for r in reads)
+    if covered != numel(item.shape):
+        raise DistconvError(f"checkpoint tensor {item.key} is incomplete: its stored chunks cover {covered} of {numel(item.shape)} elements of {item.name}")
+    return reads
+
+
+def _order(item: Item) -> tuple[int, int, str]:
+    if item.key.startswith("embedding."):
+        return (0, 0, item.name)
+    if item.layer is not None:
+        return (1, item.layer, item.name)
+    return (2, 0, item.name)
+
+
+def _split(items: list[Item], window: int, itemsize: int) -> list[list[Item]]:
+    """Cut a run of items into pieces of at most ``window`` bytes (an item is never cut)."""
+    pieces: list[list[Item]] = [[]]
+    size = 0
+    for item in items:
+        n = numel(item.shape) * itemsize
+        if pieces[-1] and size + n > window:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(item)
+        size += n
+    return pieces
+
+
+def make_plan(
+    ckpt: Checkpoint,
+    spec: ModelSpec,
+    family: Family,
+    dtype: torch.dtype,
+    world: int,
+    *,
+    max_shard_size: int,
+    window: int = 1 << 30,
+    writers: int = 1,
+    fp8_rest: torch.dtype | None = None,
+) -> Plan:
+    """Items grouped per layer (split by ``window`` bytes), their reads, and the HF outputs.
+
+    With ``writers`` > 1 the groups are cut into that many contiguous ranges of about equal
+    bytes; each range is written by its own rank into its own files, and the ranges are
+    interleaved in the processing order so that the writers work at the same time. ``dtype`` is
+    the gathered dtype; with ``fp8_rest`` the family's quantized weights are planned as FP8 plus
+    their float32 ``_scale_inv`` (quantized from ``dtype``) and every other output in ``fp8_rest``.
+    Tensors a ``Rule.float32`` maps that the checkpoint stores float32 are read in float32, in groups
+    of their own.
+    """
+    if not 1 <= writers <= world:
+        raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
+    items = sorted(
+        (i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers, spec.num_experts)), key=_order
+    )
+    by_unit: dict[tuple[int, int | str], list[Item]] = {}
+    for item in items:
+        unit = _order(item)
+        by_unit.setdefault((unit[0], item.layer if item.layer is not None else item.name), []).append(item)
+
+    groups: list[Group] = []
+    named: list[list[tuple[str, torch.Tensor]]] = []
+    indexes: dict[str, dict[tuple[int, ...], list[Chunk]]] = {}
+
+    float32_rules = [r for r in family.rules if r.float32]
+
+    def float32(item: Item) -> bool:
+        return (dtype != torch.float32 and ckpt.tensors[item.key].dtype == torch.float32
+                and any(r.match(item.name) is not None for r in float32_rules))
+
+    for unit_items in by_unit.values():
+        kept: list[Item] = []
+        rest: list[Item] = []
+        for item in unit_items:
+            (kept if float32(item) else rest).append(item)
+        for kind, part in ((torch.float32, kept), (None, rest)):
+            for piece in _split(part, window, (kind or dtype).itemsize) if part else ():
+                reads, outs = [], []
+                for pos, item in enumerate(piece):
+                    tensor = ckpt.tensors[item.key]
+                    if item.key not in indexes:
+                        indexes[item.key] = _chunks_by_index(tensor, len(item.index))
+                    chunks = indexes[item.key].get(item.index, [])
+                    reads += _reads_for(item, pos, tensor, chunks, world)
+                    meta = torch.empty(item.shape, dtype=kind or dtype, device="meta")
+                    outs += family.export_tensor(item.name, meta, spec, fp8_rest)
+                groups.append(Group(piece, reads, dtype=kind))
+                named.append(outs)
+
+    ranges = _ranges([sum(t.numel() * t.element_size() for _, t in outs) for outs in named], writers)
+    writer_ranks = [i * world // writers for i in range(writers)]
+    outputs, files = _assign_files(named, ranges, max_shard_size)
+    for group_outputs, group, r in zip(outputs, groups, [r for r, rng in enumerate(ranges) for _ in rng]):
+        group.outputs, group.writer = group_outputs, writer_ranks[r]
+    order = [g for batch in itertools.zip_longest(*ranges) for g in batch if g is not None]
+    flat = [o for outs in outputs for o in outs]
+    return Plan([groups[g] for g in order], flat, files, dtype, world, writer_ranks[: len(ranges)])
+
+
+def _ranges(sizes: list[int], parts: int) -> list[range]:
+    """Cut group indices into ``parts`` contiguous ranges of about equal total size."""
+    total, bounds, acc = sum(sizes), [0], 0
+    for i, n in enumerate(sizes):
+        acc += n
+        if len(bounds) < parts and acc >= total * len(bounds) / parts and i + 1 < len(sizes):
+            bounds.append(i + 1)
+    bounds.append(len(sizes))
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def _assign_files(
+    named: list[list[tuple[str, torch.Tensor]]], ranges: list[range], max_shard_size: int
+) -> tuple[list[list[Output]], list[str]]:
+    """Fill safetensors files in order, each at most ``max_shard_size`` bytes (HF naming);
+    a writer's range always starts a new file."""
+    seen: set[str] = set()
+    shard_of: list[list[int]] = []
+    shard, size = -1, 0
+    starts = {rng.start for rng in ranges}
+    for g, outs in enumerate(named):
+        if g in starts:
+            shard, size = shard + 1, 0
+        shard_of.append([])
+        for name, t in outs:
+            if name in seen:
+                raise DistconvError(f"two checkpoint tensors map to the same HF tensor {name}")
+            seen.add(name)
+            n = t.numel() * t.element_size()
+            if size and size + n > max_shard_size:
+                shard, size = shard + 1, 0
+            shard_of[-1].append(shard)
+            size += n
+    total = shard + 1
+    files = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+    outputs = [
+        [Output(name, tuple(t.shape), t.dtype, files[s]) for (name, t), s in zip(outs, shards)]
+        for outs, shards in zip(named, shard_of)
+    ]
+    return outputs, files
 
 
 @dataclasses.dataclass(frozen=True)

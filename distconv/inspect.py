@@ -7,10 +7,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.fp8 import SCALE
+from distconv.hf.fp8 import SCALE
+from distconv.megatron.source import describe
 from distconv.spec import arg, spec_from_args
 
 # The Megatron-LM args that decide how a checkpoint converts (missing ones are left out).

@@ -1,6 +1,6 @@
 """The HF folder sink: safetensors shards (or one ``model.pt``), then config, tokenizer and index.
 
-Everything goes into the run's temporary folder (``distconv.sinks.folder``).
+Everything goes into the run's temporary folder (``distconv.engine.folder``).
 Shards are written tensor by tensor: the header is known from the plan, so no shard is ever
 built in memory.
 """
@@ -16,8 +16,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from distconv.errors import DistconvError
 from distconv.engine.plan import Output
+from distconv.errors import DistconvError
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

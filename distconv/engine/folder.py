@@ -1,7 +1,9 @@
-"""The output folder every sink writes into: a hidden sibling of ``--save``, renamed onto it at the end.
+"""Where a run may write and read: the output folder, and the file names sources give.
 
-An interrupted run therefore never leaves a folder that looks complete, the source is never
-written into, over or around, and nothing this run did not create is ever removed.
+Every sink writes into a hidden sibling of ``--save``, renamed onto it at the end: an interrupted
+run therefore never leaves a folder that looks complete, the source is never written into, over
+or around, and nothing this run did not create is ever removed. A file name a source gives (a
+checkpoint's data file, an HF index's shard) is followed only inside the source's folder.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from pathlib import Path
-from typing import Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
 
 from distconv.errors import DistconvError, warn
 
@@ -113,3 +115,22 @@ def _cwd_is(path: Path) -> bool:
         return os.path.samefile(os.getcwd(), path)
     except OSError:
         return False
+
+
+def inside(folder: Path, name: Any, what: str) -> Path:
+    """``folder / name`` for a file name a checkpoint gives, refused unless it stays in ``folder``.
+
+    The name must be relative, without ``..``, and its directories must resolve inside the
+    folder; the file itself may be a symlink (checkpoints assembled from links stay readable).
+    """
+    if not isinstance(name, str) or not name:
+        raise DistconvError(f"{what} names a data file {name!r}, which is not a file name")
+    rel = PurePosixPath(name)
+    if rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise DistconvError(f"{what} names the data file {name!r} outside the checkpoint folder; refused")
+    path = folder / rel
+    root = folder.resolve()
+    parent = path.parent.resolve()
+    if parent != root and root not in parent.parents:
+        raise DistconvError(f"{what} names the data file {name!r}, whose folder resolves outside the checkpoint; refused")
+    return path

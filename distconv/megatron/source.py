@@ -1,0 +1,57 @@
+"""Megatron checkpoints as sources: find the iteration folder and describe it, whatever its format;
+the training's model-parallel size, which launchers use as the default process count."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from distconv.errors import DistconvError
+from distconv.megatron.checkpoint import (
+    Checkpoint,
+    check_files,
+    detect_format,
+    load_common_state,
+    locate,
+    read_dcp_metadata,
+    read_tensor_index,
+)
+from distconv.megatron.legacy import describe_legacy
+from distconv.spec import arg
+
+
+def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint:
+    """Stage 1: everything the plan needs, from metadata alone."""
+    folder, iteration = locate(load, iteration)
+    fmt = detect_format(folder)
+    if fmt == "legacy":
+        return describe_legacy(folder, iteration)
+    metadata = read_dcp_metadata(folder)
+    check_files(folder, metadata)
+    common = load_common_state(folder, metadata)
+    args = common.get("args")
+    if not isinstance(args, argparse.Namespace):
+        raise DistconvError(f"{folder}: the common state has no Megatron-LM 'args'; pass a checkpoint saved by Megatron-LM")
+    tensors, other = read_tensor_index(folder, metadata)
+    if not tensors:
+        raise DistconvError(f"{folder} holds no model tensors")
+    writers = 1 + max((c.writer for t in tensors.values() for c in t.chunks), default=0)
+    return Checkpoint(folder, iteration, fmt, args, common, tensors, other, writers, metadata)
+
+
+def model_parallel_size(load: str | Path, iteration: int | str | None = None) -> int:
+    """PP x lcm(TP, EP x ETP) from the checkpoint's args (the common state only, allow-listed):
+    the fewest ranks that hold distinct slices, as Megatron-LM lays out dense and expert groups
+    over the same ranks (expert TP defaults to TP)."""
+    folder, iteration = locate(load, iteration)
+    if detect_format(folder) == "legacy":
+        args = describe(folder, iteration).args
+    else:
+        args = load_common_state(folder).get("args")
+    if args is None:
+        raise DistconvError(f"{folder}: the common state has no Megatron-LM 'args'")
+    tp, pp, ep = (int(arg(args, name, default=1) or 1) for name in
+                  ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
+    etp = int(arg(args, "expert_tensor_parallel_size", default=None) or tp)
+    return pp * math.lcm(tp, ep * etp)

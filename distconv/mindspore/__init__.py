@@ -1,0 +1,1 @@
+"""MindSpore Transformers (MindFormers) safetensors, read as an HF-named import source."""
