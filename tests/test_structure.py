@@ -1,11 +1,35 @@
-"""The package's shape: no import cycles between distconv modules, production code never imports tests."""
+"""The package's shape: rooms in layers, no import cycles, production code never imports tests.
+
+Every distconv module belongs to a room (the longest prefix in ``RANKS``). A module may import
+modules of its own room, or of a room of lower rank: no arrow runs from a lower room back up,
+and rooms of one rank do not import each other. Imports inside functions count too.
+"""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "distconv"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "distconv"
+
+RANKS = {
+    "distconv.errors": 0,
+    "distconv.spec": 1,
+    "distconv.hf.fp8": 2,  # the block-wise FP8 format's tensor math, which families quantize with
+    "distconv.families": 3,
+    "distconv.engine": 3,  # direction-agnostic: no format room, no family
+    "distconv.megatron": 4,
+    "distconv.hf": 4,
+    "distconv.mindspore": 5,  # an HF-named source: reads with hf.source, describes with Megatron-LM args
+    "distconv.directions": 6,
+    "distconv.verify": 7,
+    "distconv.inspect": 7,
+    "distconv.watch": 7,
+    "distconv": 7,  # the package: the Python API
+    "distconv.cli": 8,
+    "distconv.__main__": 9,
+}
 
 
 def _module(path: Path) -> str:
@@ -13,21 +37,31 @@ def _module(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _imported(path: Path) -> set[str]:
+    """Every module name ``path`` imports anywhere (lazy imports too), with ``from X import Y`` as X and X.Y."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
 def _imports() -> dict[str, set[str]]:
-    """Every distconv module and the distconv modules it imports anywhere (lazy imports too)."""
+    """Every distconv module and the distconv modules it imports."""
     modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
-        found = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            found |= {t for t in targets if t in modules and t != name}
-        graph[name] = found
-    return graph
+    return {name: {t for t in _imported(path) if t in modules and t != name} for name, path in modules.items()}
+
+
+def _room(module: str) -> str:
+    return max((r for r in RANKS if module == r or module.startswith(r + ".")), key=len)
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """The imports that break the layering: into another room of the same or a higher rank."""
+    return sorted(f"{m} -> {t}" for m, ts in graph.items() for t in ts
+                  if _room(m) != _room(t) and RANKS[_room(t)] >= RANKS[_room(m)])
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -62,8 +96,14 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return out
 
 
-def test_the_checker_finds_a_cycle():
+def test_the_checkers_find_a_cycle_and_an_upward_import():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    graph = {"distconv.engine.run": {"distconv.megatron.checkpoint", "distconv.errors"},
+             "distconv.megatron.checkpoint": {"distconv.engine.plan", "distconv.megatron.legacy"},
+             "distconv.hf.source": {"distconv.megatron.checkpoint"}, "distconv.families.base": {"distconv.hf.fp8"},
+             "distconv.hf.fp8": {"distconv.hf.source"}}
+    assert _upward(graph) == ["distconv.engine.run -> distconv.megatron.checkpoint",
+                              "distconv.hf.fp8 -> distconv.hf.source", "distconv.hf.source -> distconv.megatron.checkpoint"]
 
 
 def test_no_import_cycles():
@@ -72,8 +112,20 @@ def test_no_import_cycles():
     assert _cycles(graph) == []
 
 
-def test_production_modules_never_import_testing():
+def test_rooms_import_only_their_own_or_lower_rooms():
+    assert _upward(_imports()) == []
+
+
+def test_the_engine_imports_no_format_room_and_no_family():
     graph = _imports()
-    bad = sorted(m for m, ts in graph.items() if not m.startswith("distconv.testing")
-                 and any(t.startswith("distconv.testing") for t in ts))
+    engine = {m: ts for m, ts in graph.items() if m.startswith("distconv.engine")}
+    assert engine and all(t.startswith(("distconv.engine", "distconv.errors", "distconv.spec"))
+                          for ts in engine.values() for t in ts), engine
+
+
+def test_production_modules_never_import_tests():
+    tests = ROOT / "tests"
+    names = {"tests"} | {p.stem for p in tests.glob("*.py")} | {p.name for p in tests.iterdir() if p.is_dir()}
+    bad = sorted(f"{_module(p)} -> {name}" for p in PACKAGE.rglob("*.py") for name in _imported(p)
+                 if name.split(".")[0] in names)
     assert bad == []
