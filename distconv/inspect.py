@@ -10,21 +10,13 @@ from typing import Any
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.hf.fp8 import SCALE
+from distconv.megatron.args import arg, arg_names, parallel_sizes, spec_from_args
 from distconv.megatron.source import describe
-from distconv.spec import arg, spec_from_args
 
-# The Megatron-LM args that decide how a checkpoint converts (missing ones are left out).
-ARGS_THAT_MATTER = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "group_query_attention",
-    "num_query_groups", "kv_channels", "max_position_embeddings", "position_embedding_type",
-    "rotary_base", "rotary_percent", "rotary_interleaved", "use_rope_scaling", "rope_scaling_factor",
-    "normalization", "layernorm_epsilon", "norm_epsilon", "swiglu", "squared_relu", "openai_gelu",
-    "bias_gelu_fusion", "add_bias_linear", "add_qkv_bias", "qk_layernorm",
-    "untie_embeddings_and_output_weights", "padded_vocab_size", "vocab_size",
-    "make_vocab_size_divisible_by", "tokenizer_type", "tokenizer_model", "window_size", "num_experts",
-    "moe_ffn_hidden_size", "moe_router_topk", "multi_latent_attention", "mtp_num_layers", "bf16", "fp16",
-    "transformer_impl", "ckpt_format",
-)
+# The Megatron-LM args that decide how a checkpoint converts (missing ones are left out): the
+# model's (the args table's), its layout, tokenizer and layer spec.
+ARGS_THAT_MATTER = (*arg_names(), "make_vocab_size_divisible_by", "tokenizer_type", "tokenizer_model",
+                    "transformer_impl", "ckpt_format")
 
 
 def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> dict[str, Any]:
@@ -35,11 +27,12 @@ def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> 
         family = pick_family(FAMILIES, spec_from_args(args), None).architecture
     except DistconvError as e:
         family = f"none ({e})"
+    tp, pp, ep, _ = parallel_sizes(args)
     layout = {
-        "tensor_model_parallel_size": int(arg(args, "tensor_model_parallel_size", default=1)),
-        "pipeline_model_parallel_size": int(arg(args, "pipeline_model_parallel_size", default=1)),
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
         "virtual_pipeline_model_parallel_size": arg(args, "virtual_pipeline_model_parallel_size"),
-        "expert_model_parallel_size": int(arg(args, "expert_model_parallel_size", default=1)),
+        "expert_model_parallel_size": ep,
         "data_parallel_size": arg(args, "data_parallel_size"),
         "world_size": arg(args, "world_size"),
         "files_or_writers": ckpt.writers,

@@ -25,11 +25,11 @@ import torch
 
 from distconv.engine.plan import Read
 from distconv.errors import DistconvError
-from distconv.megatron.catalogue import LOCAL_MLA_NORMS, TE_MOE_NORM
+from distconv.megatron.args import arg
+from distconv.megatron.catalogue import other_spellings
 from distconv.megatron.checkpoint import Checkpoint
 from distconv.megatron.source import describe
 from distconv.megatron.torch_dist import serving_metadata
-from distconv.spec import arg
 
 
 def _known_common(common: dict[str, Any]):
@@ -73,20 +73,17 @@ def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.T
 
 
 def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
-    """The (local spec) model's norms under the transformer-engine spec's keys where the checkpoint
-    is spelled so: MoE pre-MLP norms (``pre_mlp_layernorm.*``), MLA's latent norms (fused into the
-    up projections) and the dense MLPs' pre-MLP norm in MLA models (fused into ``linear_fc1``, where
-    the local spec's MLA layers keep a module of their own); the TE norms' extra state is not read."""
+    """The (local spec) model's tensors under the keys the checkpoint spells them by, where it spells
+    them another way (the catalogue's spellings): MoE pre-MLP norms (``pre_mlp_layernorm.*``), MLA's
+    latent norms (fused into the up projections) and the dense MLPs' pre-MLP norm in MLA models
+    (fused into ``linear_fc1``, where the local spec's MLA layers keep a module of their own); the TE
+    norms' extra state is not read."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    renames = {**TE_MOE_NORM, **LOCAL_MLA_NORMS, **{te: local for local, te in TE_MOE_NORM.items()}}
     for t in nested_values(sharded):
         if isinstance(t, ShardedTensor) and t.key not in ckpt.tensors:
-            for local, te in renames.items():
-                if t.key.endswith(local) and t.key.removesuffix(local) + te in ckpt.tensors:
-                    t.key = t.key.removesuffix(local) + te
-                    break  # one rename: the reverse pair must not undo it
+            t.key = next((key for key in other_spellings(t.key) if key in ckpt.tensors), t.key)
     return sharded
 
 

@@ -474,8 +474,8 @@ def test_cli_import_single_process_without_cuda_patches(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert {p.name for p in (out / "release").iterdir()} >= {"metadata.json", ".metadata", "common.pt"}
+    from distconv.megatron.args import spec_from_args
     from distconv.megatron.source import describe
-    from distconv.spec import spec_from_args
 
     ckpt = describe(out)
     assert spec_from_args(ckpt.args).padded_vocab_size == 256  # 250 -> multiple of 128 x TP2
@@ -545,11 +545,11 @@ def test_cli_bad_input_under_torchrun_is_one_error(tmp_path):
 def test_import_args_read_back_as_the_same_spec():
     from transformers import LlamaConfig, MistralConfig, Qwen3Config
 
-    from distconv.directions.to_megatron import megatron_args
     from distconv.families.llama import LLAMA
     from distconv.families.mistral import MISTRAL
     from distconv.families.qwen3 import QWEN3
-    from distconv.spec import spec_from_args
+    from distconv.megatron.args import megatron_args, spec_from_args
+    from distconv.megatron.catalogue import Target
 
     cases = [
         (QWEN3, Qwen3Config(**SMALL, num_key_value_heads=2, head_dim=32)),
@@ -560,7 +560,7 @@ def test_import_args_read_back_as_the_same_spec():
     ]
     for family, config in cases:
         spec = family.spec_from_hf_config(config, 256, torch.bfloat16)
-        assert spec_from_args(megatron_args(spec, 2, 2, 1, 64, None)).with_vocab(VOCAB) == spec, family.architecture
+        assert spec_from_args(megatron_args(spec, Target(2, 2, 1), divisible_by=64, tokenizer=None)).with_vocab(VOCAB) == spec, family.architecture
 
 
 @pytest.mark.parametrize("name", MOE_NAMES + ("qwen3_moe_sparse_step",))
@@ -569,18 +569,18 @@ def test_moe_import_args_read_back_as_the_same_spec(name):
     and the layout and router args are Megatron-LM's own."""
     import transformers
 
-    from distconv.directions.to_megatron import family_for, megatron_args
-    from distconv.megatron.catalogue import per_layer_keys
-    from distconv.spec import spec_from_args
+    from distconv.families import FAMILIES, pick_family
+    from distconv.megatron.args import megatron_args, spec_from_args
+    from distconv.megatron.catalogue import Target, per_layer_keys
 
     cls_name, overrides, _ = MODELS[name.removesuffix("_sparse_step")]
     if name.endswith("_sparse_step"):  # layers 1 and 3 sparse, spelled differently from what export writes
         overrides = {**overrides, "decoder_sparse_step": 2, "mlp_only_layers": []}
     config = getattr(transformers, cls_name)(**{**SMALL, **overrides})
     config.architectures = [cls_name.replace("Config", "ForCausalLM")]
-    family = family_for(config)
+    family = pick_family(FAMILIES, architecture=config.architectures[0], importing=True)
     spec = family.spec_from_hf_config(config, 256, torch.float32)
-    args = megatron_args(spec, 2, 1, 2, 64, None, 1, True)
+    args = megatron_args(spec, Target(2, 1, 2, 1), divisible_by=64, tokenizer=None, grouped_gemm=True)
     assert spec_from_args(args).with_vocab(VOCAB) == spec
     assert (args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.moe_grouped_gemm) == (2, 1, True)
     assert (args.world_size, args.data_parallel_size, args.transformer_impl) == (2, 1, "transformer_engine")
@@ -598,25 +598,26 @@ def test_deepseek_v3_import_args_and_refusals():
     0.16 has no flags for, HF's non-interleaved rope weights."""
     import transformers
 
-    from distconv.directions.to_megatron import family_for, megatron_args
-    from distconv.spec import spec_from_args
+    from distconv.families import FAMILIES, pick_family
+    from distconv.megatron.args import megatron_args, spec_from_args
+    from distconv.megatron.catalogue import Target
 
     _, overrides, _ = MODELS["deepseek_v3"]
     make = lambda **changes: transformers.DeepseekV3Config(**{**SMALL, **overrides, **changes})  # noqa: E731
     config = make()
     config.architectures = ["DeepseekV3ForCausalLM"]
-    family = family_for(config)
+    family = pick_family(FAMILIES, architecture=config.architectures[0], importing=True)
     spec = family.spec_from_hf_config(config, 256, torch.float32)
     assert (spec.q_lora_rank, spec.kv_lora_rank, spec.qk_head_dim, spec.qk_pos_emb_head_dim, spec.v_head_dim) == (24, 32, 16, 8, 16)
     assert spec.rope_scaling["factor"] == 4.0 and spec.moe_layers == (False, True, True, True)
-    args = megatron_args(spec, 2, 1, 2, 64, None, 1)
+    args = megatron_args(spec, Target(2, 1, 2, 1), divisible_by=64, tokenizer=None)
     assert spec_from_args(args).with_vocab(VOCAB) == spec
     assert (args.multi_latent_attention, args.rope_type, args.rotary_scaling_factor, args.mscale_all_dim) == (True, "yarn", 4.0, 1.0)
     assert (args.moe_router_num_groups, args.moe_router_group_topk, args.moe_layer_freq) == (2, 1, [0, 1, 1, 1])
     family.check_config(family.hf_config(spec), spec)  # export writes the same model
     plain = make(q_lora_rank=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     spec = family.spec_from_hf_config(plain, 256, torch.float32)
-    assert spec.q_lora_rank is None and spec_from_args(megatron_args(spec, 1, 1, 1, 64, None)).with_vocab(VOCAB) == spec
+    assert spec.q_lora_rank is None and spec_from_args(megatron_args(spec, Target(), divisible_by=64, tokenizer=None)).with_vocab(VOCAB) == spec
     assert spec.mtp_num_layers == 1 and args.mtp_num_layers == 1  # the hub configs have one MTP layer
     with pytest.raises(DistconvError, match="mtp_conflict='MTP layers with tied embeddings'"):
         family.spec_from_hf_config(make(tie_word_embeddings=True), 256, torch.float32)

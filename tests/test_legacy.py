@@ -24,9 +24,9 @@ from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.families.gpt2 import CONV1D, FUSED_QKV
 from distconv.inspect import inspect_checkpoint
+from distconv.megatron.args import spec_from_args
 from distconv.megatron.legacy import _qkv_to_core
 from distconv.megatron.source import describe
-from distconv.spec import spec_from_args
 
 from conftest import distconv_cli, hf_logits, run_export_jobs
 from export_jobs import drop_page_cache

@@ -14,8 +14,9 @@ from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.families.base import GATE_UP, QKV, VOCAB
 from distconv.families.llama import LLAMA
+from distconv.megatron.args import spec_from_args
 from distconv.megatron.checkpoint import read_dcp_metadata, safe_torch_load
-from distconv.spec import ModelSpec, spec_from_args
+from distconv.spec import ModelSpec
 
 from fixtures.megatron_cpu import megatron_args
 

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from distconv.directions.export import make_plan
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
+from distconv.megatron.args import spec_from_args
 from distconv.megatron.catalogue import items_of
 from distconv.megatron.checkpoint import Chunk, TensorInfo
 from distconv.megatron.source import describe
-from distconv.spec import spec_from_args
 
 from conftest import distconv_cli, hf_logits, run_export_jobs
 from fixtures.build import FIXTURES, layout_dir, parallel
@@ -374,12 +374,14 @@ def _glm_hf_config(**override):
 def test_glm_import_reads_the_spec_export_wrote():
     """HF config -> spec (import) is the inverse of spec -> HF config (export), and the Megatron-LM
     args the import writes read back as the same spec."""
-    from distconv.directions.to_megatron import family_for, megatron_args
+    from distconv.megatron.args import megatron_args as import_args
+    from distconv.megatron.catalogue import Target
 
     config = _glm_hf_config()
-    spec = family_for(config).spec_from_hf_config(config, 256, torch.float32)
+    spec = pick_family(FAMILIES, architecture=config.architectures[0], importing=True).spec_from_hf_config(
+        config, 256, torch.float32)
     assert spec == _spec(**GLM)
-    assert spec_from_args(megatron_args(spec, 2, 1, 2, 64, None)).with_vocab(256) == spec
+    assert spec_from_args(import_args(spec, Target(2, 1, 2), divisible_by=64, tokenizer=None)).with_vocab(256) == spec
 
 
 @pytest.mark.parametrize("override,named", [
@@ -390,11 +392,10 @@ def test_glm_import_reads_the_spec_export_wrote():
     (dict(n_shared_experts=0), "moe_shared_experts"),
 ])
 def test_glm_import_refuses_what_megatron_cannot_express(override, named):
-    from distconv.directions.to_megatron import family_for
-
     config = _glm_hf_config(**override)
     with pytest.raises(DistconvError, match=named):
-        family_for(config).spec_from_hf_config(config, 256, torch.float32)
+        pick_family(FAMILIES, architecture=config.architectures[0], importing=True).spec_from_hf_config(
+            config, 256, torch.float32)
 
 
 @pytest.mark.parametrize("name,layout", [("deepseek_v3", "tp1pp2ep2"), ("glm4_moe", "tp2pp1ep2")])

@@ -6,8 +6,8 @@ import torch
 
 from distconv.directions.export import make_plan
 from distconv.families import FAMILIES, pick_family
+from distconv.megatron.args import spec_from_args
 from distconv.megatron.source import describe
-from distconv.spec import spec_from_args
 
 from fixtures.build import layout_dir
 

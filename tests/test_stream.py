@@ -19,8 +19,8 @@ from distconv.engine.plan import Plan, Read
 from distconv.engine.stream import Prefetcher
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
+from distconv.megatron.args import spec_from_args
 from distconv.megatron.source import describe
-from distconv.spec import spec_from_args
 
 from fixtures.build import layout_dir
 

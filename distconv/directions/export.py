@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from distconv.directions.hf_model import hf_tensors
 from distconv.engine import marker
 from distconv.engine.comm import Comm
 from distconv.engine.folder import refuse_overlap
@@ -32,15 +33,15 @@ from distconv.hf.sink import (
     write_index,
     write_tokenizer,
 )
-from distconv.hf.source import expected_hf_tensors
 from distconv.hf.tokenizer import cached_hub_tokenizer, load_tokenizer
-from distconv.megatron.catalogue import items_of
+from distconv.megatron.args import arg, parallel_sizes, spec_from_args
+from distconv.megatron.catalogue import canonical, items_of
 from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo
 from distconv.megatron.legacy import LegacyReader
 from distconv.megatron.source import describe
 from distconv.megatron.tokenizer import megatron_vocab, special_tokens
 from distconv.megatron.torch_dist import Reader
-from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
+from distconv.spec import DTYPES, ModelSpec
 
 FORMATS = ("safetensors", "torch")
 def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
@@ -108,9 +109,9 @@ def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any,
             _NO_VOCAB.format(padded=spec.padded_vocab_size))
 
 
-def _check_against_hf(plan: Plan, config: Any) -> None:
+def _check_against_hf(plan: Plan, config: Any, family: Family, spec: ModelSpec) -> None:
     """The outputs must be exactly the HF model's state dict: no tensor missing, none extra."""
-    expected = expected_hf_tensors(config)
+    expected = hf_tensors(config, family, spec)
     produced = {o.name: o.shape for o in plan.outputs if not o.name.endswith(SCALE)}
     _check_scales(plan)
     missing = sorted(set(expected) - set(produced))
@@ -216,9 +217,9 @@ def make_plan(
     """
     if not 1 <= writers <= world:
         raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
-    items = sorted(
-        (i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers, spec.num_experts)), key=_order
-    )
+    # sorted by the stored names (the outputs' order), then named as the mappings name them
+    items = sorted((i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers, spec.num_experts)), key=_order)
+    items = [dataclasses.replace(i, name=canonical(i.name, spec.multi_latent_attention)) for i in items]
     by_unit: dict[tuple[int, int | str], list[Item]] = {}
     for item in items:
         unit = _order(item)
@@ -368,7 +369,7 @@ class ExportJob:
         shard_size = parse_size(max_shard_size, "--max-shard-size")
         self.plan = make_plan(self.ckpt, self.spec, self.family, self.gather_dtype, world, max_shard_size=shard_size,
                               window=self.window, writers=writers, fp8_rest=self.fp8_rest)
-        _check_against_hf(self.plan, self.config)
+        _check_against_hf(self.plan, self.config, self.family, self.spec)
         self.identity = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
@@ -387,10 +388,7 @@ class ExportJob:
 
     def summary(self, world: int) -> str:
         ckpt, spec, plan = self.ckpt, self.spec, self.plan
-        tp = arg(ckpt.args, "tensor_model_parallel_size", default=1)
-        pp = arg(ckpt.args, "pipeline_model_parallel_size", default=1)
-        ep = arg(ckpt.args, "expert_model_parallel_size", default=1)
-        etp = arg(ckpt.args, "expert_tensor_parallel_size", default=tp)
+        tp, pp, ep, etp = parallel_sizes(ckpt.args)
         experts = f" EP{ep}" + (f" ETP{etp}" if etp != tp else "") if spec.num_experts else ""
         return "\n".join([
             f"checkpoint  {ckpt.path} (iteration {ckpt.iteration}, {ckpt.format}, trained at TP{tp} PP{pp}{experts}, saved by {ckpt.writers} ranks)",

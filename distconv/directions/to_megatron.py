@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from distconv.directions.hf_model import hf_tensors
 from distconv.engine import marker
 from distconv.engine.comm import Comm
 from distconv.engine.folder import refuse_overlap
@@ -38,9 +39,10 @@ from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, parse_size, run
 from distconv.engine.stream import ReadAhead, heap_trimmer
 from distconv.errors import DistconvError
-from distconv.families import FAMILIES, Family
+from distconv.families import FAMILIES, Family, pick_family
 from distconv.families.base import Rule
-from distconv.hf.source import HFSource, Source, expected_hf_tensors, open_hf
+from distconv.hf.source import HFSource, Source, open_hf
+from distconv.megatron.args import arg, layout_args, megatron_args, spec_from_args
 from distconv.megatron.catalogue import (
     ExtraState,
     Shard,
@@ -53,13 +55,14 @@ from distconv.megatron.catalogue import (
     padded_vocab,
     per_layer_keys,
     shards_of,
+    vocab_names,
 )
 from distconv.megatron.checkpoint import TRACKER, iteration_dir, overlaps
 from distconv.megatron.legacy import LegacyReader
 from distconv.megatron.save import save_root
 from distconv.megatron.source import describe
 from distconv.megatron.torch_dist import LocalReader
-from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
+from distconv.spec import DTYPES, ModelSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,8 +230,8 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
     items, used = [], set()
     for rule in family.rules:
         # MTP layers are the layers after the last decoder layer (``catalogue.mtp_as_layer``)
-        layers = range(spec.num_layers + spec.mtp_num_layers) if "{layer}" in rule.megatron_names[0] else (None,)
-        experts = range(spec.num_experts or 0) if "{expert}" in rule.megatron_names[0] else (None,)
+        layers = range(spec.num_layers + spec.mtp_num_layers) if "{layer}" in rule.megatron else (None,)
+        experts = range(spec.num_experts or 0) if "{expert}" in rule.megatron else (None,)
         for layer, expert in itertools.product(layers, experts):
             fmt = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
             hf = tuple(h.format(**fmt) for h in rule.hf_names)
@@ -239,9 +242,9 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
             metas = tuple(torch.empty(expected[h], device="meta") for h in hf)
             out = rule.transform.import_(metas, spec)
             if any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
-                raise DistconvError(f"internal: the {rule.megatron_names[0]} transform is not row-wise; import cannot slice it")
+                raise DistconvError(f"internal: the {rule.megatron} transform is not row-wise; import cannot slice it")
             copies = tuple(c for c in rule.mtp_copies(spec) if c in have)  # optional: they repeat hf[0]
-            items.append(Item(rule.megatron_names[0].format(**fmt), hf, rule, tuple(out.shape), copies))
+            items.append(Item(rule.megatron.format(**fmt), hf, rule, tuple(out.shape), copies))
             used.update(hf + copies)
     unused = sorted(have - used)
     tied_extra = {"lm_head.weight"} if spec.tie_embeddings else set()
@@ -289,71 +292,6 @@ def read_shard(source: Source, item: Item, box: tuple[slice, ...], spec: ModelSp
     return out
 
 
-def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int, tokenizer: str | None,
-                  etp: int | None = None, grouped_gemm: bool = False,
-                  transformer_impl: str = "transformer_engine") -> argparse.Namespace:
-    """Megatron-LM 0.16 training args describing ``spec`` (what ``spec_from_args`` reads back)."""
-    rope = spec.rope_scaling or {}
-    base = spec.rotary_base
-    target = Target(tp, pp, ep, etp, grouped_gemm)
-    return argparse.Namespace(
-        **_moe_args(spec, grouped_gemm), **_mla_args(spec),
-        num_layers=spec.num_layers, hidden_size=spec.hidden_size, ffn_hidden_size=spec.ffn_hidden_size,
-        num_attention_heads=spec.num_attention_heads, kv_channels=spec.head_dim,
-        group_query_attention=spec.num_query_groups != spec.num_attention_heads, num_query_groups=spec.num_query_groups,
-        max_position_embeddings=spec.max_position_embeddings, seq_length=spec.max_position_embeddings,
-        position_embedding_type=spec.position_embedding, rotary_base=int(base) if base == int(base) else base,
-        rotary_percent=spec.rotary_percent, rotary_interleaved=spec.rotary_interleaved,
-        rotary_seq_len_interpolation_factor=rope.get("factor") if rope.get("rope_type") == "linear" else None,
-        use_rope_scaling=rope.get("rope_type") == "llama3", rope_scaling_factor=rope.get("factor", 8.0),
-        normalization=spec.normalization, layernorm_epsilon=spec.norm_epsilon,
-        layernorm_zero_centered_gamma=spec.zero_centered_gamma, swiglu=spec.gated_mlp, squared_relu=False,
-        openai_gelu=False, bias_gelu_fusion=False, add_bias_linear=spec.add_bias_linear, add_qkv_bias=spec.add_qkv_bias,
-        qk_layernorm=spec.qk_layernorm, untie_embeddings_and_output_weights=not spec.tie_embeddings,
-        vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size, make_vocab_size_divisible_by=divisible_by,
-        mtp_num_layers=spec.mtp_num_layers or None,
-        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer,
-        window_size=spec.window_size,
-        bf16=spec.train_dtype == torch.bfloat16, fp16=spec.train_dtype == torch.float16, params_dtype=spec.train_dtype,
-        init_method_std=spec.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep, expert_tensor_parallel_size=target.expert_tp, world_size=target.world,
-        data_parallel_size=target.stage_ranks // tp, ckpt_format="torch_dist",
-        transformer_impl=transformer_impl,  # the keys written follow it (``catalogue.Target.te``)
-    )
-
-
-def _moe_args(spec: ModelSpec, grouped_gemm: bool) -> dict[str, Any]:
-    """The MoE args Megatron-LM rebuilds the same model from (``num_experts`` None: dense)."""
-    if not spec.num_experts:
-        return {"num_experts": None}
-    return dict(
-        num_experts=spec.num_experts, moe_ffn_hidden_size=spec.moe_ffn_hidden_size, moe_router_topk=spec.moe_topk,
-        moe_router_pre_softmax=spec.moe_pre_softmax, moe_router_score_function=spec.moe_score_function,
-        moe_router_topk_scaling_factor=spec.moe_scaling_factor, moe_router_enable_expert_bias=spec.moe_expert_bias,
-        moe_router_num_groups=spec.moe_num_groups, moe_router_group_topk=spec.moe_group_topk,
-        moe_router_load_balancing_type=spec.moe_routing_type, moe_expert_capacity_factor=spec.moe_capacity_factor,
-        moe_shared_expert_intermediate_size=spec.moe_shared_ffn_hidden_size,
-        moe_shared_expert_gate=spec.moe_shared_gate,
-        # every layer MoE: 1 (stacked keys); otherwise Megatron-LM's per-layer 0/1 list
-        moe_layer_freq=1 if all(spec.moe_layers) else [int(m) for m in spec.moe_layers],
-        moe_grouped_gemm=grouped_gemm,
-    )
-
-
-def _mla_args(spec: ModelSpec) -> dict[str, Any]:
-    """Megatron-LM's multi-latent attention args (``--rope-type``: MLA's own RoPE, YaRN or plain)."""
-    if not spec.multi_latent_attention:
-        return {"multi_latent_attention": False}
-    yarn = spec.rope_scaling if (spec.rope_scaling or {}).get("rope_type") == "yarn" else None
-    return dict(
-        multi_latent_attention=True, q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank,
-        qk_head_dim=spec.qk_head_dim, qk_pos_emb_head_dim=spec.qk_pos_emb_head_dim, v_head_dim=spec.v_head_dim,
-        rope_type="yarn" if yarn else "rope",
-        **({"rotary_scaling_factor": yarn["factor"], **{k: yarn[k] for k in (
-            "mscale", "mscale_all_dim", "original_max_position_embeddings", "beta_fast", "beta_slow")}} if yarn else {}),
-    )
-
-
 def _target(opts: MegatronOptions, spec: ModelSpec, impl: str, grouped: bool, per_layer: bool) -> tuple[Target, dict[str, Any]]:
     """The checked target layout, and the options the marker records for it (the expert ones for
     MoE models only). ``grouped`` is ``--moe-grouped-gemm``: only the local spec's GroupedMLP
@@ -373,31 +311,20 @@ def _target(opts: MegatronOptions, spec: ModelSpec, impl: str, grouped: bool, pe
     return target, options
 
 
-def family_for(config: Any) -> Family:
-    arch = (getattr(config, "architectures", None) or [None])[0]
-    by_name = {f.architecture: f for f in FAMILIES}
-    if arch not in by_name:
-        raise DistconvError(f"unsupported HF architecture {arch}; supported: {', '.join(sorted(by_name))}")
-    if not by_name[arch].spec_fields:  # export only: no table reads its HF config yet
-        importable = sorted(f.architecture for f in FAMILIES if f.spec_fields)
-        raise DistconvError(f"import of {arch} is not supported yet (export is); importable: {', '.join(importable)}")
-    return by_name[arch]
-
-
 class ImportJob(MegatronSinkJob):
     """An HF-named source (HF folder, MindSpore Transformers) into a save root at TP x PP."""
 
     kind = "import"
 
     def __init__(self, source: HFSource, opts: MegatronOptions, world: int) -> None:
-        tp, pp, ep = opts.tp, opts.pp, opts.ep
+        tp, ep = opts.tp, opts.ep
         tensors, config = source.tensors, source.config
-        family = family_for(config)
+        family = pick_family(FAMILIES, architecture=(getattr(config, "architectures", None) or [None])[0], importing=True)
         if opts.dtype != "auto" and opts.dtype not in DTYPES:
             raise DistconvError(f"--dtype {opts.dtype}: choose auto, bf16, fp16 or fp32")
         self.family, self.source, self.what = family, tensors, source.what
         spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), torch.float32)
-        self.items = {item.name: item for item in _items(family, spec, tensors, expected_hf_tensors(config))}
+        self.items = {item.name: item for item in _items(family, spec, tensors, hf_tensors(config, family, spec))}
         dtype = _source_dtype(self.items.values(), tensors) if opts.dtype == "auto" else DTYPES[opts.dtype]
         self.spec = dataclasses.replace(spec, train_dtype=dtype)
         experts = bool(self.spec.num_experts)
@@ -413,8 +340,8 @@ class ImportJob(MegatronSinkJob):
         dtypes = [torch.float32 if self.items[s.name].rule.float32 else dtype for s in shards]
         self.plan = ChunkPlan(shards, extra_states(self.spec, self.target), dtypes,
                               [self._planned_read(s) for s in shards], world, iteration_dir(self.iteration))
-        args = megatron_args(self.spec, tp, pp, ep, opts.divisible_by, source.tokenizer, opts.etp, grouped,
-                             options["transformer_impl"])
+        args = megatron_args(self.spec, self.target, divisible_by=opts.divisible_by, tokenizer=source.tokenizer,
+                             grouped_gemm=grouped, transformer_impl=options["transformer_impl"])
         self.common = {"args": args, "checkpoint_version": 3.0, "iteration": 0 if self.iteration == "release" else int(self.iteration),
                        "num_floating_point_operations_so_far": 0}
         self.layout, self.window = self.target.describe(experts), parse_size(opts.window, "--window")
@@ -462,7 +389,7 @@ class ImportJob(MegatronSinkJob):
 
 # ---- reshard: a Megatron checkpoint, re-chunked ---------------------------------------------
 
-VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+VOCAB_KEYS = vocab_names()
 
 
 class ReshardJob(MegatronSinkJob):
@@ -471,7 +398,7 @@ class ReshardJob(MegatronSinkJob):
     kind = "reshard"
 
     def __init__(self, load: str | Path, opts: MegatronOptions, world: int) -> None:
-        tp, pp, ep = opts.tp, opts.pp, opts.ep
+        tp = opts.tp
         if opts.with_optimizer:
             raise DistconvError("--with-optimizer: resharding optimizer state is not supported yet; reshard the weights "
                                 "and start the next job with --no-load-optim --no-load-rng (or --finetune)")
@@ -509,11 +436,9 @@ class ReshardJob(MegatronSinkJob):
         self.plan = ChunkPlan(shards, extra_states(self.spec, self.target), dtypes, reads, world,
                               iteration_dir(self.iteration))
         args = argparse.Namespace(**vars(ckpt.args))
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
-        args.expert_model_parallel_size, args.padded_vocab_size = ep, padded
-        args.world_size, args.data_parallel_size = self.target.world, self.target.stage_ranks // tp
-        args.expert_tensor_parallel_size = self.target.expert_tp  # dense: TP, as Megatron-LM resolves it
-        args.transformer_impl = options["transformer_impl"]
+        for name, value in layout_args(self.target).items():
+            setattr(args, name, value)
+        args.padded_vocab_size, args.transformer_impl = padded, options["transformer_impl"]
         if experts:
             args.moe_grouped_gemm = grouped
         self.common = {k: v for k, v in ckpt.common.items() if k not in ("optimizer", "content_metadata", "rng_state")}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import PretrainedConfig
@@ -95,9 +95,9 @@ def _compile(pattern: str) -> re.Pattern[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """``megatron`` (first spelling is canonical; others are accepted aliases) <-> ``hf`` names."""
+    """A Megatron name (canonical: the catalogue's, with ``{layer}`` and ``{expert}``) <-> ``hf`` names."""
 
-    megatron: str | tuple[str, ...]
+    megatron: str
     hf: str | tuple[str, ...]
     transform: Transform = COPY
     fp8: bool = False  # the HF tensors are linear weights that block-wise FP8 releases quantize
@@ -118,19 +118,12 @@ class Rule:
         return tuple(self.mtp_copy.format(layer=spec.num_layers + m) for m in range(spec.mtp_num_layers))
 
     @property
-    def megatron_names(self) -> tuple[str, ...]:
-        return (self.megatron,) if isinstance(self.megatron, str) else self.megatron
-
-    @property
     def hf_names(self) -> tuple[str, ...]:
         return (self.hf,) if isinstance(self.hf, str) else self.hf
 
     def match(self, name: str) -> dict[str, str] | None:
-        for pattern in self.megatron_names:
-            m = _compile(pattern).match(name)
-            if m:
-                return m.groupdict()
-        return None
+        m = _compile(self.megatron).match(name)
+        return m.groupdict() if m else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -287,15 +280,23 @@ def _close(a: Any, b: Any) -> bool:
 _ADVISORY_FIELDS = {"max_position_embeddings", "initializer_range", "torch_dtype", "bos_token_id", "eos_token_id"}
 
 
-def pick_family(families: Sequence[Family], spec: ModelSpec, architecture: str | None) -> Family:
-    """The family named by ``architecture`` (from --hf-config), else the first that detects."""
-    if architecture is not None:
+def pick_family(families: Sequence[Family], spec: ModelSpec | None = None, architecture: str | None = None, *,
+                importing: bool = False) -> Family:
+    """The family an HF architecture names (``--hf-config``'s, or the config an import reads), else
+    the first whose ``detect`` accepts ``spec``. An export needs it to express ``spec`` exactly; an
+    import needs its table to read HF configs (``spec_fields``)."""
+    if architecture is not None or importing:
         by_name = {f.architecture: f for f in families}
         if architecture not in by_name:
             raise DistconvError(f"unsupported HF architecture {architecture}; supported: {', '.join(sorted(by_name))}")
         family = by_name[architecture]
     else:
         family = next(f for f in families if f.detect(spec))
+    if importing:
+        if not family.spec_fields:  # export only: no table reads its HF config yet
+            importable = sorted(f.architecture for f in families if f.spec_fields)
+            raise DistconvError(f"import of {architecture} is not supported yet (export is); importable: {', '.join(importable)}")
+        return family
     reasons = family.unsupported(spec)
     if reasons:
         raise DistconvError(
@@ -303,7 +304,3 @@ def pick_family(families: Sequence[Family], spec: ModelSpec, architecture: str |
             f"{', '.join(reasons)} (unsupported combination)"
         )
     return family
-
-
-def names(rules: Iterable[Rule]) -> list[str]:
-    return [n for r in rules for n in r.megatron_names]

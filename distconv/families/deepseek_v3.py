@@ -40,10 +40,10 @@ HA = H + "self_attn."
 MLA_RULES = (
     Rule(A + "linear_q_proj.weight", HA + "q_proj.weight", fp8=True),
     Rule(A + "linear_q_down_proj.weight", HA + "q_a_proj.weight", fp8=True),
-    Rule((A + "linear_q_up_proj.layer_norm_weight", A + "q_layernorm.weight"), HA + "q_a_layernorm.weight"),
+    Rule(A + "linear_q_up_proj.layer_norm_weight", HA + "q_a_layernorm.weight"),
     Rule(A + "linear_q_up_proj.weight", HA + "q_b_proj.weight", fp8=True),
     Rule(A + "linear_kv_down_proj.weight", HA + "kv_a_proj_with_mqa.weight", fp8=True),
-    Rule((A + "linear_kv_up_proj.layer_norm_weight", A + "kv_layernorm.weight"), HA + "kv_a_layernorm.weight"),
+    Rule(A + "linear_kv_up_proj.layer_norm_weight", HA + "kv_a_layernorm.weight"),
     Rule(A + "linear_kv_up_proj.weight", HA + "kv_b_proj.weight", fp8=True),
 )
 
@@ -74,7 +74,7 @@ DEEPSEEK_V3 = Family(
     architecture="DeepseekV3ForCausalLM",
     config_class=DeepseekV3Config,
     # Llama's rules without the fused q/k/v (its q_proj would be MLA's own when there is no q LoRA)
-    rules=with_mtp(tuple(r for r in RULES if r.megatron_names[0] != L + "self_attention.linear_qkv.weight")
+    rules=with_mtp(tuple(r for r in RULES if r.megatron != L + "self_attention.linear_qkv.weight")
                    + MLA_RULES + SIGMOID_RULES),
     requires={
         **SIGMOID_REQUIRES,

@@ -11,10 +11,10 @@ H = "model.layers.{layer}."
 
 RULES = (
     Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
-    Rule((L + "self_attention.linear_qkv.layer_norm_weight", L + "input_layernorm.weight"), H + "input_layernorm.weight"),
+    Rule(L + "self_attention.linear_qkv.layer_norm_weight", H + "input_layernorm.weight"),
     Rule(L + "self_attention.linear_qkv.weight", (H + "self_attn.q_proj.weight", H + "self_attn.k_proj.weight", H + "self_attn.v_proj.weight"), QKV, fp8=True),
     Rule(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight", fp8=True),
-    Rule((L + "mlp.linear_fc1.layer_norm_weight", L + "pre_mlp_layernorm.weight"), H + "post_attention_layernorm.weight"),
+    Rule(L + "mlp.linear_fc1.layer_norm_weight", H + "post_attention_layernorm.weight"),
     Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GATE_UP, fp8=True),
     Rule(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight", fp8=True),
     Rule("decoder.final_layernorm.weight", "model.norm.weight"),

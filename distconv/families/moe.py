@@ -131,8 +131,8 @@ MTP_RULES = (
 
 def with_mtp(rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
     """``rules`` with ``MTP_RULES`` (whose embedding and output rules replace the plain ones)."""
-    replaced = {n for r in MTP_RULES for n in r.megatron_names if r.mtp_copy}
-    return MTP_RULES + tuple(r for r in rules if r.megatron_names[0] not in replaced)
+    replaced = {r.megatron for r in MTP_RULES if r.mtp_copy}
+    return MTP_RULES + tuple(r for r in rules if r.megatron not in replaced)
 
 
 def _groups(c: PretrainedConfig) -> int | None:

@@ -153,7 +153,7 @@ def expected_hf_tensors(config: Any) -> dict[str, tuple[int, ...]]:
 
     transformers 5 fuses some weights when it loads (MoE experts); the names and shapes are
     taken in the saved (hub) form. MTP layers (``num_mtp_layers``) are not part of the model
-    transformers builds; they are added as DeepSeek's releases store them (``_mtp_tensors``).
+    transformers builds (``directions.hf_model`` adds them).
     """
     from transformers import AutoModelForCausalLM
 
@@ -169,25 +169,7 @@ def expected_hf_tensors(config: Any) -> dict[str, tuple[int, ...]]:
         state = revert_weight_conversion(model, state)
     except ImportError:
         pass
-    expected = {n: tuple(t.shape) for n, t in state.items()}
-    return {**expected, **_mtp_tensors(config, expected)}
-
-
-def _mtp_tensors(config: Any, expected: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """HF's MTP layer ``m`` (what transformers' ``MtpModel`` and vLLM read): ``model.layers.{n + m}``
-    holds a decoder layer like the last one (with experts), its own norms (``enorm``, ``hnorm``,
-    ``shared_head.norm``) and projection (``eh_proj``), and copies of the embedding and output head
-    (``embed_tokens``, ``shared_head.head``; some releases, GLM-4.6's, leave these out)."""
-    n, hidden = config.num_hidden_layers, config.hidden_size
-    last = f"model.layers.{n - 1}."
-    out: dict[str, tuple[int, ...]] = {}
-    for layer in range(n, n + int(getattr(config, "num_mtp_layers", 0) or 0)):
-        at = f"model.layers.{layer}."
-        out.update({at + k.removeprefix(last): shape for k, shape in expected.items() if k.startswith(last)})
-        out.update({at + "enorm.weight": (hidden,), at + "hnorm.weight": (hidden,), at + "eh_proj.weight": (hidden, 2 * hidden),
-                    at + "shared_head.norm.weight": (hidden,), at + "embed_tokens.weight": expected["model.embed_tokens.weight"],
-                    at + "shared_head.head.weight": expected.get("lm_head.weight", expected["model.embed_tokens.weight"])})
-    return out
+    return {n: tuple(t.shape) for n, t in state.items()}
 
 
 @dataclasses.dataclass

@@ -1,127 +1,286 @@
-"""Where megatron-core's ``GPTModel.sharded_state_dict()`` puts each weight at a given layout.
+"""The catalogue of megatron-core's checkpoint layout: what ``GPTModel.sharded_state_dict()`` saves.
 
-Import and reshard write checkpoints whose keys, global shapes and chunking are exactly what a
-model built at the target layout saves and loads (checked in the tests against a real
-``GPTModel``, local layer spec): stacked ``decoder.layers.*`` keys with a leading layer axis,
-column-parallel tensors split on dim 0, row-parallel on dim 1, gated ``linear_fc1`` stored
-``[gate; up]`` with ``2 x TP`` fragments, replicated norms saved once, and a ``None``
-``_extra_state`` object per linear layer. This describes megatron-core's modules, not any model
-family.
+One entry (``ModuleKind``) per kind of module megatron-core's GPT model is built of: its tensors
+(``Param``), how each is split over tensor parallelism, how each transformer spec spells its key,
+which modules save an (empty) ``_extra_state``, and in which layers the module exists. Everything
+else about the layout is derived from ``CATALOGUE`` here: the chunks import and reshard write
+(``shards_of``, ``extra_states``), the canonical names export, reshard and verify read stored keys
+back to (``canonical``, ``spellings``), the legacy reader's split axes (``param_of``), and the
+names of an MTP layer's own tensors. This describes megatron-core's modules, not any model family:
+a family's rules map the canonical names to HF names.
 
-Mixture of experts (``Target.ep``, ``Target.etp``):
+**Names.** A per-layer tensor is named ``decoder.layers.{i}.<name>``, a routed expert's
+``decoder.layers.{i}.mlp.experts.{e}.<name>``, a model tensor by its key. Canonical names are the
+transformer-engine spec's fused ones (``self_attention.linear_qkv.layer_norm_weight``); a
+``Spelling`` says when a checkpoint keys a tensor otherwise. Import and reshard write checkpoints
+whose keys, global shapes and chunking are exactly what a model built at the target layout saves
+and loads (checked in the tests against a real ``GPTModel``, local and transformer-engine specs).
 
-- routed experts are saved under ``mlp.experts.experts.*`` with a global expert axis after the
-  layer axis, split over expert TP (ETP, by default TP) like a dense MLP; ``SequentialMLP`` (and
-  transformer-engine's ``TEGroupedMLP``) save one chunk per expert and ETP rank, the local
-  ``GroupedMLP`` (``--moe-grouped-gemm`` without transformer-engine) one chunk per EP rank
-  covering all its experts;
-- the router's ``weight`` and ``expert_bias`` and the shared expert's ``gate_weight`` are
-  replicated; the shared expert is a dense MLP split over TP;
-- models mixing dense and MoE layers (``moe_layer_freq`` a list or > 1) save per-layer keys
-  ``decoder.layers.{i}.*`` without the layer axis (megatron-core's "non-homogeneous" layers).
+**Layers.** Decoder layers are stacked: one ``decoder.layers.<name>`` key with a leading layer
+axis. Models mixing dense and MoE layers (``moe_layer_freq`` a list or > 1) save per-layer keys
+``decoder.layers.{i}.<name>`` without the layer axis (megatron-core's "non-homogeneous" layers).
 
-Transformer-engine's spec (``Target.te``; Megatron-LM's default ``--transformer-impl``) differs
-from the local one in its norms (``TENorm``: q/k, final, and an MoE layer's pre-MLP norm), which
-each save an (empty) ``_extra_state``, as transformer-engine 2's norms do, and in MoE models: an
-MoE layer's pre-MLP norm is a module of its own, ``pre_mlp_layernorm.*`` (the local spec saves
-it as ``mlp.linear_fc1.layer_norm_*``), and ``--moe-grouped-gemm`` builds ``TEGroupedMLP``,
-whose chunks are ``SequentialMLP``'s. Names in the plans stay canonical (``Shard.name``); only the
-checkpoint keys (``Shard.key``) follow the spec.
+**Splits.** Column-parallel tensors are split over TP on dim 0, row-parallel ones on dim 1, the
+vocab tensors on dim 0 (padded to ``make_vocab_size_divisible_by x TP`` rows); the rest is
+replicated and saved once. Gated ``linear_fc1`` is stored ``[gate; up]`` and split as ``2 x TP``
+fragments (each TP rank holds its slice of both halves). Each linear layer saves a ``None``
+``_extra_state`` object, as the local and non-fp8 transformer-engine specs do.
 
-Multi-latent attention (``MLASelfAttention``) is laid out as the transformer-engine spec saves it:
-``input_layernorm`` a norm of its own; ``linear_q_proj`` and the up projections
-(``linear_q_up_proj``, ``linear_kv_up_proj``: whole heads per TP rank) split on dim 0, with the
-latent norms fused into the up projections (``layer_norm_weight``, replicated); the down
-projections replicated (``TELinear``, ``parallel_mode="duplicated"``). The local spec splits the
-down projections over TP instead; import and reshard refuse it for MLA.
+**Transformer-engine's spec** (``Target.te``; Megatron-LM's default ``--transformer-impl``)
+differs from the local one in its norms (``TENorm``: q/k, final, an MoE layer's pre-MLP norm,
+MLA's input norm), which each save an (empty) ``_extra_state`` as transformer-engine 2's norms
+do; an MoE layer's pre-MLP norm is a module of its own (``pre_mlp_layernorm.*``, where the local
+spec keys it ``mlp.linear_fc1.layer_norm_*``); ``--moe-grouped-gemm`` builds ``TEGroupedMLP``,
+whose chunks are ``SequentialMLP``'s. Names in the plans stay canonical (``Shard.name``); only
+the checkpoint keys (``Shard.key``) follow the spec.
 
-Multi-token prediction layers (``mtp.layers.{m}``, on the last pipeline stage) are named in the
-plans as decoder layer ``num_layers + m`` (``mtp_as_layer``; HF's index too) and saved with
-per-layer keys: their own ``enorm``, ``hnorm``, ``final_layernorm`` (replicated; TENorms with an
-``_extra_state`` in the transformer-engine spec) and ``eh_proj`` (column-parallel), and a decoder
-layer under ``transformer_layer.``, built like the last decoder layer.
+**Mixture of experts** (``Target.ep``, ``Target.etp``): routed experts are saved under
+``mlp.experts.experts.<name>`` with a global expert axis after the layer axis, split over expert
+TP (ETP, by default TP) like a dense MLP; ``SequentialMLP`` (and ``TEGroupedMLP``) save one chunk
+per expert and ETP rank, the local ``GroupedMLP`` (``--moe-grouped-gemm`` without
+transformer-engine) one chunk per EP rank covering all its experts. Other versions and formats
+key one expert per key (``EXPERT_SPELLINGS``).
+
+**Multi-latent attention** (``MLASelfAttention``) is laid out as the transformer-engine spec
+saves it; the local spec splits the down projections over TP instead, and import and reshard
+refuse it for MLA.
+
+**Multi-token prediction** layers (``mtp.layers.{m}``, on the last pipeline stage) are named as
+decoder layer ``num_layers + m`` (``mtp_as_layer``; HF's index too) and saved with per-layer keys:
+their own modules (``MTP``), and a decoder layer under ``transformer_layer.``, built like the
+last decoder layer.
+
+Adding a module kind (a Mamba mixer, a gated delta net, an indexer) is one ``ModuleKind`` here,
+plus the family's rules (and the model builder, for ``verify``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import re
+from typing import Callable
 
 from distconv.engine.plan import Item
 from distconv.errors import DistconvError
 from distconv.megatron.checkpoint import TensorInfo
 from distconv.spec import ModelSpec
 
-_STACKED = re.compile(r"^(?P<prefix>decoder\.layers\.)(?P<sub>[A-Za-z_].*)$")
-_PER_LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.")
-_MTP = re.compile(r"^mtp\.layers\.(?P<m>\d+)\.(?:transformer_layer\.)?(?P<sub>.+)$")
-# grouped expert tensors carry an expert axis after the layer axis (SequentialMLP and GroupedMLP alike)
-_GROUPED_EXPERTS = ".mlp.experts.experts."
-# per-expert spellings of other versions and formats -> the canonical ``mlp.experts.{e}.``
-_PER_EXPERT = (
+
+class Split(enum.Enum):
+    """How a tensor is divided over tensor parallelism (expert TP for a routed expert's)."""
+
+    COLUMN = 0  # dim 0
+    ROW = 1  # dim 1
+    VOCAB = 2  # dim 0, padded rows
+    REPLICATED = 3  # whole on every rank, saved once
+
+    @property
+    def axis(self) -> int | None:
+        return {Split.COLUMN: 0, Split.ROW: 1, Split.VOCAB: 0}.get(self)
+
+
+class Scope(enum.Enum):
+    """What a name is relative to."""
+
+    MODEL = "model"  # a top-level key
+    LAYER = "layer"  # a decoder layer (or an MTP layer's transformer layer)
+    EXPERT = "expert"  # one routed expert of an MoE layer (after ``mlp.experts.{e}.``)
+    MTP = "mtp"  # an MTP layer's own modules (beside its transformer layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Spelling:
+    """A key (or module path) other than the canonical one, and where it is used: in
+    multi-latent attention models or not (``mla``), in the transformer-engine spec or the local one
+    (``te``), in MoE layers or dense ones (``moe``); None: either. Reading, a spelling is taken back
+    to the canonical name whatever the spec and layer (a checkpoint of any spec is read)."""
+
+    key: str
+    mla: bool | None = None
+    te: bool | None = None
+    moe: bool | None = None
+
+    def applies(self, mla: bool, te: bool, moe: bool) -> bool:
+        return all(want is None or want == have for want, have in ((self.mla, mla), (self.te, te), (self.moe, moe)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One tensor of a module."""
+
+    name: str  # canonical, relative to the entry's scope
+    split: Split = Split.REPLICATED
+    gated: bool = False  # ``[gate; up]`` halves, split separately when the MLP is gated (swiglu)
+    spellings: tuple[Spelling, ...] = ()  # keys of some specs or layers
+    aliases: tuple[str, ...] = ()  # names other versions saved it under (legacy GPT, unmapped local modules)
+    shape: Callable[[ModelSpec], tuple[int, ...]] | None = None  # where nothing else tells it (MTP's own)
+
+
+def _always(spec: ModelSpec, layer: int | None) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleKind:
+    """One kind of module: its tensors and ``_extra_state`` objects, and where it exists."""
+
+    kind: str
+    scope: Scope
+    params: tuple[Param, ...]
+    extra_state: tuple[Spelling, ...] = ()  # module paths saving an (empty) ``_extra_state``, and where
+    present: Callable[[ModelSpec, int | None], bool] = _always  # whether the model (layer ``i``) has it
+
+
+def _mla(spec: ModelSpec, layer: int | None) -> bool:
+    return spec.multi_latent_attention
+
+
+def _moe(spec: ModelSpec, layer: int | None) -> bool:
+    return spec.is_moe(layer)
+
+
+_W, _B = "weight", "bias"
+_SA, _MLP = "self_attention.", "mlp."
+PROJ = (Param(_SA + "linear_proj.weight", Split.ROW, aliases=("self_attention.dense.weight", "attention.dense.weight")),
+        Param(_SA + "linear_proj.bias", aliases=("self_attention.dense.bias", "attention.dense.bias")))
+_TE_ONLY = dict(te=True)
+
+
+def _norm(name: str, *spellings: Spelling, aliases: tuple[str, ...] = ()) -> tuple[Param, ...]:
+    """A norm's weight and bias (LayerNorm; RMSNorm has the weight only), replicated."""
+    return tuple(Param(f"{name}{p}", spellings=tuple(dataclasses.replace(s, key=s.key + p) for s in spellings),
+                       aliases=tuple(f"{old}{p}" for old in aliases)) for p in (_W, _B))
+
+
+def _linear(name: str, split: Split, gated: bool = False, aliases: tuple[str, ...] = ()) -> tuple[Param, ...]:
+    """A linear layer's weight and bias (split like the weight's rows; a row-parallel bias is replicated)."""
+    return (Param(f"{name}.weight", split, gated, aliases=tuple(f"{old}.weight" for old in aliases)),
+            Param(f"{name}.bias", Split.REPLICATED if split is Split.ROW else split, gated,
+                  aliases=tuple(f"{old}.bias" for old in aliases)))
+
+
+# in the order megatron-core's save lists a layer's extra state: attention (MLA's q and kv, the input
+# norm, or fused QKV and its q/k norms), then the MLP (shared expert or dense MLP, the pre-MLP norm,
+# router, experts)
+CATALOGUE: tuple[ModuleKind, ...] = (
+    ModuleKind("embedding", Scope.MODEL, (Param("embedding.word_embeddings.weight", Split.VOCAB),
+                                          Param("embedding.position_embeddings.weight"))),
+    ModuleKind("mla_q_lora", Scope.LAYER, (
+        Param(_SA + "linear_q_down_proj.weight"),
+        Param(_SA + "linear_q_up_proj.weight", Split.COLUMN),
+        Param(_SA + "linear_q_up_proj.layer_norm_weight", spellings=(Spelling(_SA + "q_layernorm.weight", mla=True, te=False),)),
+    ), (Spelling(_SA + "linear_q_down_proj"), Spelling(_SA + "linear_q_up_proj")),
+        present=lambda spec, layer: spec.multi_latent_attention and bool(spec.q_lora_rank)),
+    ModuleKind("mla_q_proj", Scope.LAYER, (Param(_SA + "linear_q_proj.weight", Split.COLUMN),),
+               (Spelling(_SA + "linear_q_proj"),),
+               present=lambda spec, layer: spec.multi_latent_attention and not spec.q_lora_rank),
+    # multi-latent attention: the up projections (whole heads per TP rank) split on dim 0, the down
+    # projections replicated (TELinear, parallel_mode="duplicated"), the latent norms fused into the
+    # up projections (the local spec keeps them as q_layernorm / kv_layernorm)
+    ModuleKind("mla", Scope.LAYER, (
+        Param(_SA + "linear_kv_down_proj.weight"),
+        Param(_SA + "linear_kv_up_proj.weight", Split.COLUMN),
+        Param(_SA + "linear_kv_up_proj.layer_norm_weight", spellings=(Spelling(_SA + "kv_layernorm.weight", mla=True, te=False),)),
+    ) + PROJ, (Spelling(_SA + "linear_kv_down_proj"), Spelling(_SA + "linear_kv_up_proj"), Spelling(_SA + "linear_proj")),
+        present=_mla),
+    # the norm before attention: fused into linear_qkv (TELayerNormColumnParallelLinear; the local
+    # spec's module maps its keys there), a module of its own in MLA layers (both specs; a TENorm)
+    ModuleKind("input_norm", Scope.LAYER,
+               _norm(_SA + "linear_qkv.layer_norm_", Spelling("input_layernorm.", mla=True),
+                     aliases=("input_layernorm.", "input_norm.")),
+               (Spelling("input_layernorm", mla=True, te=True),)),
+    ModuleKind("qkv_attention", Scope.LAYER,
+               _linear(_SA + "linear_qkv", Split.COLUMN,
+                       aliases=("self_attention.query_key_value", "attention.query_key_value")) + PROJ,
+               (Spelling(_SA + "linear_qkv"), Spelling(_SA + "linear_proj")),
+               present=lambda spec, layer: not spec.multi_latent_attention),
+    # per-head q/k norms (Qwen3, GLM-4.5): TENorms in the transformer-engine spec
+    ModuleKind("qk_norms", Scope.LAYER, _norm(_SA + "q_layernorm.") + _norm(_SA + "k_layernorm."),
+               (Spelling(_SA + "q_layernorm", te=True), Spelling(_SA + "k_layernorm", te=True)),
+               present=lambda spec, layer: spec.qk_layernorm and not spec.multi_latent_attention),
+    # the shared expert: a dense MLP split over TP, and its sigmoid gate (replicated)
+    ModuleKind("shared_expert", Scope.LAYER,
+               _linear(_MLP + "shared_experts.linear_fc1", Split.COLUMN, gated=True)
+               + _linear(_MLP + "shared_experts.linear_fc2", Split.ROW) + (Param(_MLP + "shared_experts.gate_weight"),),
+               (Spelling(_MLP + "shared_experts.linear_fc1"), Spelling(_MLP + "shared_experts.linear_fc2")),
+               present=lambda spec, layer: spec.is_moe(layer) and bool(spec.moe_shared_ffn_hidden_size)),
+    # the dense MLP, gated (SwiGLU) or plain
+    ModuleKind("mlp", Scope.LAYER,
+               _linear(_MLP + "linear_fc1", Split.COLUMN, gated=True, aliases=("mlp.dense_h_to_4h",))
+               + _linear(_MLP + "linear_fc2", Split.ROW, aliases=("mlp.dense_4h_to_h",)),
+               (Spelling(_MLP + "linear_fc1"), Spelling(_MLP + "linear_fc2")),
+               present=lambda spec, layer: not spec.is_moe(layer)),
+    # the norm before the MLP: fused into linear_fc1 (the local spec maps its keys there); an MoE
+    # layer of the transformer-engine spec has no fused fc1: a TENorm of its own
+    ModuleKind("pre_mlp_norm", Scope.LAYER,
+               _norm(_MLP + "linear_fc1.layer_norm_", Spelling("pre_mlp_layernorm.", te=True, moe=True),
+                     aliases=("pre_mlp_layernorm.", "post_attention_layernorm.", "post_attention_norm.")),
+               (Spelling("pre_mlp_layernorm", te=True, moe=True),)),
+    # the router: its weight and the selection bias (--moe-router-enable-expert-bias), replicated
+    ModuleKind("router", Scope.LAYER, (Param(_MLP + "router.weight"), Param(_MLP + "router.expert_bias")), present=_moe),
+    # routed experts (one entry per expert; stored grouped, see ``EXPERT_SPELLINGS``), split over expert TP
+    ModuleKind("experts", Scope.EXPERT, _linear("linear_fc1", Split.COLUMN, gated=True) + _linear("linear_fc2", Split.ROW),
+               (Spelling(_MLP + "experts.experts.linear_fc1"), Spelling(_MLP + "experts.experts.linear_fc2")),
+               present=_moe),
+    # an MTP layer's own modules: the embedding's and the hidden state's norms, the projection of
+    # both, and the final norm (TENorms in the transformer-engine spec)
+    ModuleKind("mtp", Scope.MTP, (
+        Param("enorm.weight", shape=lambda s: (s.hidden_size,)),
+        Param("hnorm.weight", shape=lambda s: (s.hidden_size,)),
+        Param("eh_proj.weight", Split.COLUMN, shape=lambda s: (s.hidden_size, 2 * s.hidden_size)),
+        Param("final_layernorm.weight", shape=lambda s: (s.hidden_size,)),
+    ), (Spelling("eh_proj"), Spelling("enorm", te=True), Spelling("hnorm", te=True), Spelling("final_layernorm", te=True)),
+        present=lambda spec, layer: bool(spec.mtp_num_layers)),
+    ModuleKind("final_norm", Scope.MODEL, _norm("decoder.final_layernorm."),
+               (Spelling("decoder.final_layernorm", te=True),)),
+    ModuleKind("output", Scope.MODEL, (Param("output_layer.weight", Split.VOCAB),)),
+)
+
+# a routed expert's key in other versions and formats -> the canonical ``mlp.experts.{e}.<name>``
+EXPERT_SPELLINGS = (
     re.compile(r"\.mlp\.experts\.local_experts\.(?P<e>\d+)\.(?P<rest>.+)$"),  # SequentialMLP module keys
     re.compile(r"\.mlp\.experts\.experts\.(?P<e>\d+)\.(?P<rest>.+)$"),  # singleton local shards
     re.compile(r"\.mlp\.experts\.(?P<rest>[a-z_0-9]+\.(?:weight|bias))(?P<e>\d+)$"),  # TEGroupedMLP weight{e}
 )
-
-
+# grouped expert tensors carry an expert axis after the layer axis (SequentialMLP and GroupedMLP alike)
+_GROUPED_EXPERTS = ".mlp.experts.experts."
+_STACKED = re.compile(r"^(?P<prefix>decoder\.layers\.)(?P<sub>[A-Za-z_].*)$")
+_PER_LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.")
+_MTP = re.compile(r"^mtp\.layers\.(?P<m>\d+)\.(?:transformer_layer\.)?(?P<sub>.+)$")
 _LAYER = re.compile(r"^decoder\.layers\.(?P<layer>\d+)\.(?P<sub>.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(?P<expert>\d+)\.(?P<rest>.+)$")
-# per-layer sub-name (or top-level name) -> TP-split axis; anything else is replicated
-TP_AXIS = {
-    "self_attention.linear_qkv.weight": 0,
-    "self_attention.linear_qkv.bias": 0,
-    "self_attention.linear_proj.weight": 1,
-    "mlp.linear_fc1.weight": 0,
-    "mlp.linear_fc1.bias": 0,
-    "mlp.linear_fc2.weight": 1,
-    "mlp.shared_experts.linear_fc1.weight": 0,
-    "mlp.shared_experts.linear_fc1.bias": 0,
-    "mlp.shared_experts.linear_fc2.weight": 1,
-    "embedding.word_embeddings.weight": 0,
-    "output_layer.weight": 0,
-    # multi-latent attention (transformer-engine's spec): the up projections split by heads
-    "self_attention.linear_q_proj.weight": 0,
-    "self_attention.linear_q_up_proj.weight": 0,
-    "self_attention.linear_kv_up_proj.weight": 0,
-    "eh_proj.weight": 0,  # an MTP layer's projection: column-parallel
-}
-GATED = ("mlp.linear_fc1.weight", "mlp.linear_fc1.bias", "mlp.shared_experts.linear_fc1.weight",
-         "mlp.shared_experts.linear_fc1.bias")
-# one routed expert's tensors (after ``mlp.experts.{e}.``) -> expert-TP split axis
-EXPERT_TP_AXIS = {"linear_fc1.weight": 0, "linear_fc1.bias": 0, "linear_fc2.weight": 1}
-EXPERT_GATED = ("linear_fc1.weight", "linear_fc1.bias")
-# replicated per-layer tensors and top-level tensors megatron-core's GPT saves
-REPLICATED = {
-    "self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.layer_norm_bias",
-    "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.layer_norm_bias",
-    "pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias",  # the transformer-engine spec's MoE layers
-    "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
-    "self_attention.q_layernorm.bias", "self_attention.k_layernorm.bias",
-    "self_attention.linear_proj.bias", "mlp.linear_fc2.bias", "mlp.shared_experts.linear_fc2.bias",
-    "mlp.router.weight", "mlp.router.expert_bias", "mlp.shared_experts.gate_weight",
-    "decoder.final_layernorm.weight", "decoder.final_layernorm.bias", "embedding.position_embeddings.weight",
-    # MLA, transformer-engine's spec: the down projections are TELinear(parallel_mode="duplicated"),
-    # the latent norms fused into the up projections
-    "self_attention.linear_q_down_proj.weight", "self_attention.linear_kv_down_proj.weight",
-    "self_attention.linear_q_up_proj.layer_norm_weight", "self_attention.linear_kv_up_proj.layer_norm_weight",
-    "enorm.weight", "hnorm.weight", "final_layernorm.weight",  # an MTP layer's own norms
-}
-# an MTP layer's own modules (the rest of it is its ``transformer_layer``); the norms are TENorms
-# in the transformer-engine spec
-MTP_EXTRA_STATE = ("eh_proj",)
-MTP_TE_NORMS = ("enorm", "hnorm", "final_layernorm")
-_MTP_OWN = re.compile(r"^(enorm|hnorm|eh_proj|final_layernorm)\.")
-EXPERT_REPLICATED = {"linear_fc2.bias"}
-# linear layers whose (empty, for the local and non-fp8 TE specs) extra state megatron-core saves
-EXTRA_STATE = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
-ATTENTION_EXTRA_STATE = EXTRA_STATE[:2]
-SHARED_EXTRA_STATE = ("mlp.shared_experts.linear_fc1", "mlp.shared_experts.linear_fc2")
-EXPERT_EXTRA_STATE = ("mlp.experts.experts.linear_fc1", "mlp.experts.experts.linear_fc2")
-QK_NORM_EXTRA_STATE = ("self_attention.q_layernorm", "self_attention.k_layernorm")
-MLA_KV_EXTRA_STATE = ("self_attention.linear_kv_down_proj", "self_attention.linear_kv_up_proj", "self_attention.linear_proj")
-MLA_Q_EXTRA_STATE = ("self_attention.linear_q_down_proj", "self_attention.linear_q_up_proj")  # with q_lora_rank
+
+
+def _index() -> dict[tuple[bool, str], tuple[ModuleKind, Param]]:
+    """(per expert?, canonical name) -> its entry and param; names of MODEL, LAYER and MTP scope
+    share one namespace (they never clash), a routed expert's names have their own."""
+    out: dict[tuple[bool, str], tuple[ModuleKind, Param]] = {}
+    for kind in CATALOGUE:
+        for param in kind.params:
+            key = (kind.scope is Scope.EXPERT, param.name)
+            if key in out and out[key][1] != param:
+                raise AssertionError(f"catalogue: {param.name} is described twice, differently")
+            out[key] = (kind, param)
+    return out
+
+
+_PARAMS = _index()
+_MTP_OWN = tuple(p.name.split(".")[0] + "." for k in CATALOGUE if k.scope is Scope.MTP for p in k.params)
+
+def _aliases() -> dict[str, tuple[str, bool]]:
+    """A layer tensor's other keys -> (its canonical name, whether the key means it in MLA models
+    only: outside them ``self_attention.q_layernorm`` is the per-head q norm, not MLA's latent one)."""
+    out: dict[str, tuple[str, bool]] = {}
+    for kind in CATALOGUE:
+        for param in kind.params if kind.scope is Scope.LAYER else ():
+            out.update({s.key: (param.name, bool(s.mla)) for s in param.spellings})
+            out.update({alias: (param.name, False) for alias in param.aliases})
+    return out
+
+
+_ALIASES = _aliases()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,13 +373,45 @@ def split_expert(sub: str) -> tuple[int | None, str]:
     return (int(m["expert"]), m["rest"]) if m else (None, sub)
 
 
+def param_of(name: str) -> Param | None:
+    """The catalogue's ``Param`` of a canonical per-layer, per-expert or model tensor name, or None."""
+    layer, sub = split_name(name)
+    expert, rest = split_expert(sub) if layer is not None else (None, sub)
+    found = _PARAMS.get((expert is not None, rest))
+    return found[1] if found else None
+
+
 def known(name: str) -> bool:
-    """Whether this module knows where megatron-core keeps the per-layer (or top-level) tensor."""
-    _, sub = split_name(name)
-    expert, rest = split_expert(sub)
-    if expert is not None:
-        return rest in EXPERT_TP_AXIS or rest in EXPERT_REPLICATED
-    return sub in TP_AXIS or sub in REPLICATED
+    """Whether the catalogue knows where megatron-core keeps the per-layer (or top-level) tensor."""
+    return param_of(name) is not None
+
+
+def canonical(name: str, mla: bool = False) -> str:
+    """A stored per-layer name in its canonical spelling (the transformer-engine spec's fused one):
+    ``input_layernorm.*`` -> ``self_attention.linear_qkv.layer_norm_*``, ``pre_mlp_layernorm.*``
+    -> ``mlp.linear_fc1.layer_norm_*``, the legacy GPT's names, and (``mla``: in MLA models only)
+    the local spec's latent norms -> the up projections' ``layer_norm_weight``."""
+    layer, sub = split_name(name)
+    if layer is None or sub not in _ALIASES:
+        return name
+    canon, mla_only = _ALIASES[sub]
+    return f"decoder.layers.{layer}.{canon}" if mla or not mla_only else name
+
+
+def spellings(sub: str) -> tuple[str, ...]:
+    """Every key a layer tensor is saved under (its canonical name first), whatever the spec."""
+    canon = _ALIASES.get(sub, (sub, False))[0]
+    return (canon, *(alias for alias, (c, _) in _ALIASES.items() if c == canon))
+
+
+def vocab_names() -> tuple[str, ...]:
+    """The model tensors holding a row per (padded) vocab entry."""
+    return tuple(p.name for k in CATALOGUE if k.scope is Scope.MODEL for p in k.params if p.split is Split.VOCAB)
+
+
+def mtp_params(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """An MTP layer's own tensors (relative names) and their shapes."""
+    return {p.name: p.shape(spec) for k in CATALOGUE if k.scope is Scope.MTP for p in k.params}
 
 
 def stage_of(name: str, num_layers: int, pp: int) -> int:
@@ -286,12 +477,14 @@ def shards_of(name: str, shape: tuple[int, ...], spec: ModelSpec, target: Target
     layer, sub = split_name(name)
     base = stage_of(name, spec.num_layers, target.pp) * target.stage_ranks
     if layer is None or target.per_layer or layer >= spec.num_layers:
-        key, lead, lead_shape = _key(name, spec, target), (), ()
+        key, lead, lead_shape = key_of(name, spec, target), (), ()
     else:
-        key, lead, lead_shape = _key(f"decoder.layers.{sub}", spec, target, layer), (layer,), (spec.num_layers,)
+        key, lead, lead_shape = key_of(f"decoder.layers.{sub}", spec, target, layer), (layer,), (spec.num_layers,)
     expert, rest = split_expert(sub) if layer is not None else (None, sub)
     if expert is None:
-        boxes = _tp_boxes(name, shape, TP_AXIS.get(sub), target.tp, sub in GATED and spec.gated_mlp)
+        param = param_of(name)
+        split = param.split if param else Split.REPLICATED
+        boxes = _tp_boxes(name, shape, split.axis, target.tp, bool(param and param.gated) and spec.gated_mlp)
         return [Shard(key, name, lead_shape + shape, lead + _starts(box), box, lead_shape + frag, base + r)
                 for box, frag, r in boxes]
     if not spec.num_experts:
@@ -301,7 +494,9 @@ def shards_of(name: str, shape: tuple[int, ...], spec: ModelSpec, target: Target
     key = key.replace(f"mlp.experts.{expert}.", "mlp.experts.experts.")
     global_shape = lead_shape + (experts,) + shape
     rank = base + etp * (expert // local)  # expert ranks: ETP innermost, then EP (Megatron-LM's order)
-    boxes = _tp_boxes(name, shape, EXPERT_TP_AXIS.get(rest), etp, rest in EXPERT_GATED and spec.gated_mlp)
+    param = param_of(name)
+    split = param.split if param else Split.REPLICATED
+    boxes = _tp_boxes(name, shape, split.axis, etp, bool(param and param.gated) and spec.gated_mlp)
     if not target.grouped_gemm:  # one chunk per expert
         return [Shard(key, name, global_shape, lead + (expert,) + _starts(box), box, lead_shape + (experts,) + frag,
                       rank + r) for box, frag, r in boxes]
@@ -312,89 +507,65 @@ def shards_of(name: str, shape: tuple[int, ...], spec: ModelSpec, target: Target
                   lead_shape + (target.ep,) + frag, rank + r, parts) for box, frag, r in boxes]
 
 
-# an MoE layer's pre-MLP norm: the local spec's spelling (canonical) -> transformer-engine's
-TE_MOE_NORM = {"mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-               "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias"}
-# MLA layers' input norm is a module of its own in both specs (canonical -> key)
-MLA_INPUT_NORM = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight"}
-# MLA's latent norms: the local spec's modules -> transformer-engine's (canonical) fused ones
-LOCAL_MLA_NORMS = {"self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
-                   "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight"}
-
-
-def canonical(name: str, mla: bool = False) -> str:
-    """A checkpoint's per-layer name in the canonical spelling: ``pre_mlp_layernorm.*`` (the
-    transformer-engine spec's MoE layers) -> ``mlp.linear_fc1.layer_norm_*``; in MLA models
-    ``input_layernorm.weight`` -> ``self_attention.linear_qkv.layer_norm_weight`` and the local
-    spec's latent norms -> the up projections' ``layer_norm_weight``."""
-    layer, sub = split_name(name)
-    renames = {te: local for local, te in TE_MOE_NORM.items()}
-    if mla:
-        renames.update({key: canon for canon, key in MLA_INPUT_NORM.items()})
-        renames.update(LOCAL_MLA_NORMS)
-    return f"decoder.layers.{layer}.{renames[sub]}" if layer is not None and sub in renames else name
-
-
-def _key(key: str, spec: ModelSpec, target: Target, layer: int | None = None) -> str:
+def key_of(name: str, spec: ModelSpec, target: Target, layer: int | None = None) -> str:
     """The checkpoint key of a canonical (per-layer or stacked) name at the target's spec."""
     if layer is None:
-        layer, sub = split_name(key)
+        layer, sub = split_name(name)
     else:
-        sub = key.removeprefix("decoder.layers.")
-    if spec.multi_latent_attention and sub in MLA_INPUT_NORM:
-        key = key.removesuffix(sub) + MLA_INPUT_NORM[sub]
-    elif target.te and layer is not None and spec.is_moe(layer) and sub in TE_MOE_NORM:
-        key = key.removesuffix(sub) + TE_MOE_NORM[sub]
-    return mtp_key(key, spec.num_layers) if layer is not None and layer >= spec.num_layers else key
+        sub = name.removeprefix("decoder.layers.")
+    found = _PARAMS.get((False, sub)) if layer is not None else None
+    if found:
+        context = (spec.multi_latent_attention, target.te, spec.is_moe(layer))
+        spelled = next((s.key for s in found[1].spellings if s.applies(*context)), None)
+        if spelled is not None:
+            name = name.removesuffix(sub) + spelled
+    return mtp_key(name, spec.num_layers) if layer is not None and layer >= spec.num_layers else name
 
 
 def mtp_key(key: str, num_layers: int) -> str:
     """The checkpoint key of an MTP layer's tensor named ``decoder.layers.{num_layers + m}.*``
     (``mtp_as_layer``'s inverse): ``mtp.layers.{m}.`` then its own module or ``transformer_layer.``."""
     layer, sub = split_name(key)
-    return f"mtp.layers.{layer - num_layers}." + (sub if _MTP_OWN.match(sub) else f"transformer_layer.{sub}")
+    return f"mtp.layers.{layer - num_layers}." + (sub if sub.startswith(_MTP_OWN) else f"transformer_layer.{sub}")
 
 
 def _starts(box: tuple[slice, ...]) -> tuple[int, ...]:
     return tuple(s.start for s in box)
 
 
+def _extra_paths(kind: ModuleKind, spec: ModelSpec, target: Target, layer: int | None) -> list[str]:
+    context = (spec.multi_latent_attention, target.te, spec.is_moe(layer) if layer is not None else False)
+    return [s.key for s in kind.extra_state if s.applies(*context)] if kind.present(spec, layer) else []
+
+
 def extra_states(spec: ModelSpec, target: Target) -> list[ExtraState]:
-    """One ``_extra_state`` object per linear layer (and routed expert) and transformer-engine norm,
-    saved by one rank of its stage."""
+    """One ``_extra_state`` object per linear layer (and routed expert) and transformer-engine norm
+    the model has, saved by one rank of its stage."""
     experts = spec.num_experts or 0
     out = []
     for layer in range(spec.num_layers + spec.mtp_num_layers):
         base = layer_stage(layer, spec.num_layers, target.pp) * target.stage_ranks
-        moe = spec.is_moe(layer)
         mtp = layer >= spec.num_layers
         if mtp:
             own = f"mtp.layers.{layer - spec.num_layers}."
-            out += [ExtraState(f"{own}{sub}._extra_state", (1,), (0,), base)
-                    for sub in MTP_EXTRA_STATE + (MTP_TE_NORMS if target.te else ())]
+            out += [ExtraState(f"{own}{path}._extra_state", (1,), (0,), base)
+                    for kind in CATALOGUE if kind.scope is Scope.MTP for path in _extra_paths(kind, spec, target, layer)]
             prefix, shape, offsets = f"{own}transformer_layer.", (1,), (0,)
         elif target.per_layer:
             prefix, shape, offsets = f"decoder.layers.{layer}.", (1,), (0,)
         else:
             prefix, shape, offsets = "decoder.layers.", (spec.num_layers,), (layer,)
-        if spec.multi_latent_attention:  # the input norm: a TENorm of its own
-            q = MLA_Q_EXTRA_STATE if spec.q_lora_rank else ("self_attention.linear_q_proj",)
-            subs = q + MLA_KV_EXTRA_STATE + (("input_layernorm",) if target.te else ())
-        else:
-            subs = ATTENTION_EXTRA_STATE + (QK_NORM_EXTRA_STATE if target.te and spec.qk_layernorm else ())
-        subs += (SHARED_EXTRA_STATE if spec.moe_shared_ffn_hidden_size else ()) if moe else EXTRA_STATE[2:]
-        if target.te and moe:  # TENorm
-            subs += ("pre_mlp_layernorm",)
-        out += [ExtraState(f"{prefix}{sub}._extra_state", shape, offsets, base) for sub in subs]
-        if moe:
-            lead_shape, lead = ((), ()) if target.per_layer or mtp else (shape, offsets)
-            local = experts // target.ep
-            out += [ExtraState(f"{prefix}{sub}._extra_state", lead_shape + (experts,), lead + (e,),
-                               base + target.expert_tp * (e // local))
-                    for e in range(experts) for sub in EXPERT_EXTRA_STATE]
-    if target.te:
-        out.append(ExtraState("decoder.final_layernorm._extra_state", (1,), (0,), (target.pp - 1) * target.stage_ranks))
-    return out
+        out += [ExtraState(f"{prefix}{path}._extra_state", shape, offsets, base)
+                for kind in CATALOGUE if kind.scope is Scope.LAYER for path in _extra_paths(kind, spec, target, layer)]
+        lead_shape, lead = ((), ()) if target.per_layer or mtp else (shape, offsets)
+        local = experts // target.ep if experts else 1
+        out += [ExtraState(f"{prefix}{path}._extra_state", lead_shape + (experts,), lead + (e,),
+                           base + target.expert_tp * (e // local))
+                for e in range(experts)
+                for kind in CATALOGUE if kind.scope is Scope.EXPERT for path in _extra_paths(kind, spec, target, layer)]
+    last = (target.pp - 1) * target.stage_ranks
+    return out + [ExtraState(f"{path}._extra_state", (1,), (0,), last)
+                  for kind in CATALOGUE if kind.scope is Scope.MODEL for path in _extra_paths(kind, spec, target, None)]
 
 
 def padded_vocab(vocab: int, divisible_by: int, tp: int) -> int:
@@ -405,7 +576,7 @@ def padded_vocab(vocab: int, divisible_by: int, tp: int) -> int:
 
 def expert_name(name: str) -> str:
     """A per-expert tensor name in its canonical form ``...mlp.experts.{e}.linear_fc1.weight``."""
-    for pattern in _PER_EXPERT:
+    for pattern in EXPERT_SPELLINGS:
         m = pattern.search(name)
         if m:
             return f"{name[: m.start()]}.mlp.experts.{m['e']}.{m['rest']}"
@@ -420,12 +591,13 @@ def mtp_as_layer(key: str, num_layers: int) -> str:
 
 
 def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None) -> list[Item]:
-    """Split a stored tensor into per-layer (and per-expert) items.
+    """Split a stored tensor into per-layer (and per-expert) items, named as stored (``canonical``
+    gives the name the mappings use).
 
     Stacked ``decoder.layers.*`` keys have a leading layer axis; grouped expert keys
     (``mlp.experts.experts.*``) then an expert axis. Per-layer keys (``decoder.layers.{i}.*``,
     non-homogeneous models; MTP layers, see ``mtp_as_layer``) and per-expert keys keep their index
-    in the name.
+    in the name; a per-expert key of another version is named in the canonical per-expert form.
     """
     m = _STACKED.match(tensor.key)
     if m and tensor.shape and tensor.shape[0] == num_layers:
@@ -447,3 +619,11 @@ def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None
         else:
             items.append(Item(expert_name(name), tensor.key, index, shape, layer))
     return items
+
+
+def other_spellings(key: str) -> list[str]:
+    """``key`` (a checkpoint key ending in a layer tensor's name) with that name spelled every other
+    way it is saved (``spellings``); empty when the name has no other spelling."""
+    spelled = sorted({*_ALIASES, *(canon for canon, _ in _ALIASES.values())}, key=len, reverse=True)
+    sub = next((s for s in spelled if key.endswith("." + s)), None)
+    return [] if sub is None else [key.removesuffix(sub) + s for s in spellings(sub) if s != sub]

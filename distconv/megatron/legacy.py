@@ -6,7 +6,8 @@ place each rank's piece in the global tensor (TP split axis, PP layer offset). T
 gather stages then work unchanged; ``LegacyReader`` loads each planned box from the one file
 that holds it. Both legacy (non-core) GPT models (``language_model.{embedding, encoder|
 transformer, output_layer}``) and megatron-core models saved in this format (local module
-keys) are understood. Files are opened with ``torch.load(weights_only=True, mmap=True)`` and
+keys) are understood: a layer tensor's name is read back by the catalogue (its ``aliases``), which
+also gives its TP split axis. Files are opened with ``torch.load(weights_only=True, mmap=True)`` and
 the allow-list, so describing reads metadata only and reading touches only the needed bytes;
 optimizer and RNG state are never materialised.
 
@@ -28,39 +29,15 @@ import torch
 
 from distconv.engine.plan import Read
 from distconv.errors import DistconvError
+from distconv.megatron.args import arg
+from distconv.megatron.catalogue import canonical, param_of, split_name
 from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo, overlaps, safe_globals
-from distconv.spec import arg
 
 FILE_NAME = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 _LAYER = re.compile(r"^(?:encoder|transformer|decoder)\.layers\.(\d+)\.(.+)$")
 _FINAL_NORM = re.compile(r"^(?:encoder|transformer|decoder)\.(?:final_layernorm|final_norm)\.(weight|bias)$")
 _IGNORED = re.compile(r"(^word_embeddings_for_head\.|_extra_state$|\.inv_freq$)")
-
-# (pattern of a layer sub-key, megatron-core sub-key, TP split axis or None, kind); legacy
-# (non-core) spellings first, then megatron-core local/TE module spellings.
-_LAYER_TABLE: tuple[tuple[str, str, int | None, str], ...] = (
-    (r"(?:input_layernorm|input_norm)\.(weight|bias)", r"self_attention.linear_qkv.layer_norm_\1", None, ""),
-    (r"self_attention\.linear_qkv\.layer_norm_(weight|bias)", r"self_attention.linear_qkv.layer_norm_\1", None, ""),
-    (r"(?:self_attention|attention)\.query_key_value\.(weight|bias)", r"self_attention.linear_qkv.\1", 0, "qkv"),
-    (r"self_attention\.linear_qkv\.(weight|bias)", r"self_attention.linear_qkv.\1", 0, "qkv"),
-    (r"self_attention\.(q|k)_layernorm\.weight", r"self_attention.\1_layernorm.weight", None, ""),
-    (r"(?:self_attention|attention)\.dense\.weight", "self_attention.linear_proj.weight", 1, ""),
-    (r"self_attention\.linear_proj\.weight", "self_attention.linear_proj.weight", 1, ""),
-    (r"(?:self_attention|attention)\.dense\.bias", "self_attention.linear_proj.bias", None, ""),
-    (r"self_attention\.linear_proj\.bias", "self_attention.linear_proj.bias", None, ""),
-    (r"(?:post_attention_layernorm|post_attention_norm|pre_mlp_layernorm)\.(weight|bias)", r"mlp.linear_fc1.layer_norm_\1", None, ""),
-    (r"mlp\.linear_fc1\.layer_norm_(weight|bias)", r"mlp.linear_fc1.layer_norm_\1", None, ""),
-    (r"mlp\.(?:dense_h_to_4h|linear_fc1)\.(weight|bias)", r"mlp.linear_fc1.\1", 0, "fc1"),
-    (r"mlp\.(?:dense_4h_to_h|linear_fc2)\.weight", "mlp.linear_fc2.weight", 1, ""),
-    (r"mlp\.(?:dense_4h_to_h|linear_fc2)\.bias", "mlp.linear_fc2.bias", None, ""),
-)
-_TOP_TABLE: dict[str, tuple[str, int | None]] = {
-    "embedding.word_embeddings.weight": ("embedding.word_embeddings.weight", 0),
-    "embedding.position_embeddings.weight": ("embedding.position_embeddings.weight", None),
-    "output_layer.weight": ("output_layer.weight", 0),
-}
-_COMPILED = tuple((re.compile(p + "$"), sub, axis, kind) for p, sub, axis, kind in _LAYER_TABLE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +48,8 @@ class _Piece:
     source: str  # key inside the file's flattened model dict
     shape: tuple[int, ...]
     dtype: torch.dtype
-    axis: int | None
-    kind: str
+    axis: int | None  # the TP split axis (the catalogue's)
+    gated: bool  # [gate; up] halves split separately (the catalogue's, when the MLP is gated)
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -171,28 +148,22 @@ def _pieces(model: dict[str, Any], chunk: int, layer_offset: int, tied: bool, wh
         if _IGNORED.search(local) or (tied and local == "output_layer.weight"):
             continue  # a tied model's last stage keeps a copy of the embedding for its head
         shape, dtype = tuple(t.shape), t.dtype
-        if local in _TOP_TABLE:
-            name, axis = _TOP_TABLE[local]
-            pieces.append(_Piece(name, key, shape, dtype, axis, ""))
-            continue
         m = _FINAL_NORM.match(local)
         if m:
-            pieces.append(_Piece(f"decoder.final_layernorm.{m.group(1)}", key, shape, dtype, None, ""))
-            continue
+            local = f"decoder.final_layernorm.{m.group(1)}"
         m = _LAYER.match(local)
         if m:
-            layer, sub = int(m.group(1)), m.group(2)
-            for pattern, target, axis, kind in _COMPILED:
-                hit = pattern.match(sub)
-                if hit:
-                    layers.add(layer)
-                    name = f"decoder.layers.{layer + layer_offset}.{hit.expand(target)}"
-                    pieces.append(_Piece(name, key, shape, dtype, axis, kind))
-                    break
-            else:
+            layer = int(m.group(1))
+            name = canonical(f"decoder.layers.{layer + layer_offset}.{m.group(2)}")
+            if param_of(name) is None:
                 raise DistconvError(f"{what}: distconv does not know the legacy layer tensor {flat_key}")
-            continue
-        raise DistconvError(f"{what}: distconv does not know the legacy tensor {flat_key}")
+            layers.add(layer)
+        elif split_name(local)[0] is None and param_of(local) is not None:
+            name = local
+        else:
+            raise DistconvError(f"{what}: distconv does not know the legacy tensor {flat_key}")
+        param = param_of(name)
+        pieces.append(_Piece(name, key, shape, dtype, param.split.axis, param.gated))
     if layers and layers != set(range(len(layers))):
         raise DistconvError(f"{what}: layer indices {sorted(layers)} are not 0..{len(layers) - 1}")
     return pieces, len(layers)
@@ -274,7 +245,7 @@ def _assemble(by_rank: dict[tuple[int, int], list[_Piece]], files: dict[tuple[in
         shape = tuple(s * tp if d == axis else s for d, s in enumerate(local))
         chunks = []
         for t, (pc, file, w) in sorted(per_tp.items()):
-            if pc.kind == "fc1" and gated:  # each rank holds [gate_t; up_t]; globally [gate; up]
+            if pc.gated and gated:  # each rank holds [gate_t; up_t]; globally [gate; up]
                 half = local[0] // 2
                 for j in range(2):
                     off = (j * half * tp + t * half,) + zeros[1:]

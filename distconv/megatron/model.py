@@ -1,4 +1,5 @@
-"""Build and run megatron-core's own ``GPTModel`` from a checkpoint's Megatron-LM args.
+"""Build and run megatron-core's own ``GPTModel`` from a checkpoint's Megatron-LM args (read by the
+args table, ``megatron.args``).
 
 ``distconv verify`` compares an export against this model, and the test fixtures are built
 with it. The model is built from megatron-core's local layer specs (no transformer-engine; the
@@ -15,88 +16,8 @@ import importlib.util
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
-# Megatron-LM's values for the args the builder reads, for args that lack some (older
-# Megatron-LM, dense models); the sizes describe a small Llama-style model (test fixtures).
-ARG_DEFAULTS: dict[str, Any] = dict(
-    num_layers=4,
-    hidden_size=64,
-    ffn_hidden_size=128,
-    num_attention_heads=4,
-    kv_channels=None,
-    group_query_attention=True,
-    num_query_groups=2,
-    max_position_embeddings=128,
-    seq_length=32,
-    position_embedding_type="rope",
-    rotary_base=10000,
-    rotary_percent=1.0,
-    rotary_interleaved=False,
-    rotary_seq_len_interpolation_factor=None,
-    use_rope_scaling=False,
-    rope_scaling_factor=8.0,
-    normalization="RMSNorm",
-    layernorm_epsilon=1e-5,
-    layernorm_zero_centered_gamma=False,
-    swiglu=True,
-    squared_relu=False,
-    openai_gelu=False,
-    bias_gelu_fusion=False,
-    add_bias_linear=False,
-    add_qkv_bias=False,
-    qk_layernorm=False,
-    untie_embeddings_and_output_weights=True,
-    vocab_size=None,
-    padded_vocab_size=256,
-    make_vocab_size_divisible_by=64,
-    tokenizer_type="HuggingFaceTokenizer",
-    tokenizer_model=None,
-    window_size=None,
-    num_experts=None,
-    moe_ffn_hidden_size=None,
-    moe_router_topk=2,
-    moe_router_pre_softmax=False,
-    moe_router_score_function="softmax",
-    moe_router_topk_scaling_factor=None,
-    moe_router_enable_expert_bias=False,
-    moe_router_num_groups=None,
-    moe_router_group_topk=None,
-    moe_router_load_balancing_type="aux_loss",
-    moe_aux_loss_coeff=0.0,
-    moe_shared_expert_intermediate_size=None,
-    moe_shared_expert_gate=False,
-    moe_layer_freq=1,
-    moe_grouped_gemm=False,
-    moe_token_dispatcher_type="allgather",
-    multi_latent_attention=False,
-    q_lora_rank=None,
-    kv_lora_rank=32,
-    qk_head_dim=16,
-    qk_pos_emb_head_dim=8,
-    v_head_dim=16,
-    rope_type="rope",
-    rotary_scaling_factor=1.0,
-    mscale=1.0,
-    mscale_all_dim=0.0,
-    mtp_num_layers=None,
-    bf16=False,
-    fp16=False,
-    params_dtype=torch.float32,
-    init_method_std=0.02,
-    hidden_dropout=0.0,
-    attention_dropout=0.0,
-    tensor_model_parallel_size=1,
-    pipeline_model_parallel_size=1,
-    expert_model_parallel_size=1,
-    expert_tensor_parallel_size=None,
-    world_size=1,
-    data_parallel_size=1,
-    ckpt_format="torch_dist",
-    transformer_impl="local",
-    iteration=0,
-)
-
+from distconv.megatron.args import arg, config_fields, rope_args, spec_from_args
 
 Change = tuple[Any, str, Any]  # (object, attribute, the value it takes while a context is active)
 
@@ -167,87 +88,20 @@ def _sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> tor
     return (k < q - left) | (k > q + right)
 
 
-def with_defaults(args: argparse.Namespace) -> argparse.Namespace:
-    """``args`` completed with ``ARG_DEFAULTS`` for fields it lacks (e.g. MoE off)."""
-    full = {**ARG_DEFAULTS, **vars(args)}
-    if full["kv_channels"] is None:
-        full["kv_channels"] = full["hidden_size"] // full["num_attention_heads"]
-    return argparse.Namespace(**full)
-
-
-def _moe_fields(args: argparse.Namespace) -> dict[str, Any]:
-    """MoE TransformerConfig fields from args (CPU: allgather dispatcher, no grouped GEMM)."""
-    if not args.num_experts:
-        return {}
-    return dict(
-        num_moe_experts=args.num_experts,
-        moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
-        moe_router_topk=args.moe_router_topk,
-        moe_router_pre_softmax=args.moe_router_pre_softmax,
-        moe_router_score_function=args.moe_router_score_function,
-        moe_router_topk_scaling_factor=args.moe_router_topk_scaling_factor,
-        moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-        moe_router_num_groups=args.moe_router_num_groups,
-        moe_router_group_topk=args.moe_router_group_topk,
-        moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-        moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-        moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-        moe_shared_expert_gate=args.moe_shared_expert_gate,
-        moe_layer_freq=args.moe_layer_freq,
-        moe_grouped_gemm=args.moe_grouped_gemm,
-        moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-    )
-
-
-def _mla_fields(args: argparse.Namespace) -> dict[str, Any]:
-    if not args.multi_latent_attention:
-        return {}
-    return dict(
-        q_lora_rank=args.q_lora_rank,
-        kv_lora_rank=args.kv_lora_rank,
-        qk_head_dim=args.qk_head_dim,
-        qk_pos_emb_head_dim=args.qk_pos_emb_head_dim,
-        v_head_dim=args.v_head_dim,
-        rope_type=args.rope_type,
-        rotary_base=args.rotary_base,
-        rotary_scaling_factor=args.rotary_scaling_factor,
-        mscale=args.mscale,
-        mscale_all_dim=args.mscale_all_dim,
-    )
-
-
 def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = True):
-    """The TransformerConfig Megatron-LM derives from ``args`` (the fields our fixtures use)."""
-    args = with_defaults(args)
+    """The ``TransformerConfig`` (``MLATransformerConfig`` for MLA) of the model ``args`` describe
+    (``megatron.args``: an arg missing without a Megatron-LM default is an error naming it), built
+    at TP x PP (and the args' EP x ETP) on the CPU in float32, with no fused kernels."""
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
 
-    activation, fusion = F.silu, False
-    if not args.swiglu:  # as Megatron-LM: exact GELU, or the tanh form of the fused bias_gelu
-        activation, fusion = F.gelu, bool(getattr(args, "bias_gelu_fusion", False))
-        if getattr(args, "openai_gelu", False):
-            from megatron.core.transformer.utils import openai_gelu
-
-            activation, fusion = openai_gelu, False
-    config_class = MLATransformerConfig if args.multi_latent_attention else TransformerConfig
+    spec = spec_from_args(args)
+    experts = dict(moe_grouped_gemm=bool(arg(args, "moe_grouped_gemm", default=False)),
+                   expert_model_parallel_size=int(arg(args, "expert_model_parallel_size", default=1)),
+                   expert_tensor_parallel_size=arg(args, "expert_tensor_parallel_size")) if spec.num_experts else {}
+    config_class = MLATransformerConfig if spec.multi_latent_attention else TransformerConfig
     return config_class(
-        **_moe_fields(args),
-        **_mla_fields(args),
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups if args.group_query_attention else None,
-        kv_channels=args.kv_channels,
-        normalization=args.normalization,
-        layernorm_epsilon=args.layernorm_epsilon,
-        gated_linear_unit=args.swiglu,
-        activation_func=activation,
-        add_bias_linear=args.add_bias_linear,
-        add_qkv_bias=args.add_qkv_bias,
-        qk_layernorm=args.qk_layernorm,
-        window_size=tuple(args.window_size) if args.window_size else None,
+        **config_fields(args),
+        **experts,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
         pipeline_dtype=torch.float32,
@@ -255,15 +109,12 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
         params_dtype=torch.float32,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=args.init_method_std,
-        bias_activation_fusion=fusion,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         masked_softmax_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         perform_initialization=init,
-        **({"mtp_num_layers": args.mtp_num_layers} if args.mtp_num_layers else {}),  # only models with MTP layers
     )
 
 
@@ -275,44 +126,45 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
     Megatron-LM builds models by default (needs transformer-engine's modules, or the tests'
     stand-ins).
     """
-    args = with_defaults(args)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
+    spec = spec_from_args(args)
     config = transformer_config(args, tp, pp, init)
     if transformer_engine:
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=args.normalization)
-    elif args.num_experts and args.moe_layer_freq != 1:  # dense and MoE layers mixed
-        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=args.normalization)
+        layers = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=spec.normalization)
+    elif spec.num_experts and not all(spec.moe_layers):  # dense and MoE layers mixed
+        layers = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=spec.normalization)
     else:
-        spec = get_gpt_layer_local_spec(
-            num_experts=args.num_experts, moe_grouped_gemm=args.moe_grouped_gemm,
-            qk_layernorm=args.qk_layernorm, normalization=args.normalization,
-            multi_latent_attention=args.multi_latent_attention,
+        layers = get_gpt_layer_local_spec(
+            num_experts=spec.num_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=spec.qk_layernorm, normalization=spec.normalization,
+            multi_latent_attention=spec.multi_latent_attention,
         )
-    if args.multi_latent_attention:
-        _use_local_mla_attention(spec)
+    if spec.multi_latent_attention:
+        _use_local_mla_attention(layers)
     mtp = {}
-    if args.mtp_num_layers:  # MTP layers (on the last stage), built like the last decoder layer
+    if spec.mtp_num_layers:  # MTP layers (on the last stage), built like the last decoder layer
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
-        mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, spec, use_transformer_engine=transformer_engine)
+        mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, layers, use_transformer_engine=transformer_engine)
+    rope = rope_args(spec)
     return GPTModel(
         **mtp,
         config=config,
-        transformer_layer_spec=spec,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
+        transformer_layer_spec=layers,
+        vocab_size=spec.padded_vocab_size,
+        max_sequence_length=spec.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
-        position_embedding_type=args.position_embedding_type,
-        rotary_percent=args.rotary_percent,
-        rotary_base=args.rotary_base,
-        rope_scaling=args.use_rope_scaling,
-        rope_scaling_factor=args.rope_scaling_factor,
-        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        share_embeddings_and_output_weights=spec.tie_embeddings,
+        position_embedding_type=spec.position_embedding,
+        rotary_percent=spec.rotary_percent,
+        rotary_base=spec.rotary_base,
+        rope_scaling=rope["use_rope_scaling"],
+        rope_scaling_factor=rope["rope_scaling_factor"],
+        seq_len_interpolation_factor=rope["rotary_seq_len_interpolation_factor"],
     )
 
 

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from distconv.errors import DistconvError
+from distconv.megatron.args import parallel_sizes
 from distconv.megatron.checkpoint import (
     Checkpoint,
     check_files,
@@ -18,7 +19,6 @@ from distconv.megatron.checkpoint import (
     read_tensor_index,
 )
 from distconv.megatron.legacy import describe_legacy
-from distconv.spec import arg
 
 
 def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint:
@@ -51,7 +51,5 @@ def model_parallel_size(load: str | Path, iteration: int | str | None = None) ->
         args = load_common_state(folder).get("args")
     if args is None:
         raise DistconvError(f"{folder}: the common state has no Megatron-LM 'args'")
-    tp, pp, ep = (int(arg(args, name, default=1) or 1) for name in
-                  ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
-    etp = int(arg(args, "expert_tensor_parallel_size", default=None) or tp)
+    tp, pp, ep, etp = parallel_sizes(args)
     return pp * math.lcm(tp, ep * etp)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from distconv.errors import DistconvError
-from distconv.spec import arg
+from distconv.megatron.args import arg
 
 _SENTENCEPIECE = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
 _CONTROL = 3  # ModelProto.SentencePiece.Type.CONTROL

@@ -47,7 +47,7 @@ import torch
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.hf.source import HFSource, SafetensorsFiles, file_identity
-from distconv.spec import spec_from_args
+from distconv.megatron.args import arg_type, spec_from_args
 
 _N = r"(?P<n>\d+)"
 _LEGACY = (
@@ -304,13 +304,15 @@ class MindSporeSource:
         return self.files.read(self.to_ms[name], (slice(lo, hi),) + tuple(box[1:]))[rows - lo]
 
 
-# flag -> (type, default); names and meaning as in Megatron-LM's arguments (seed command's flags)
+# flag -> (type, default): Megatron-LM's args (types from the args table), with the defaults of
+# MindSpore's conversion command (``convert.py --loader core_mf``: a Llama-style model), and the true vocab
 MODEL_FLAGS: dict[str, tuple[Any, Any]] = {
-    "num_layers": (int, None), "hidden_size": (int, None), "ffn_hidden_size": (int, None),
-    "num_attention_heads": (int, None), "num_query_groups": (int, None), "kv_channels": (int, None),
-    "seq_length": (int, None), "max_position_embeddings": (int, None), "normalization": (str, "RMSNorm"),
-    "norm_epsilon": (float, 1e-5), "position_embedding_type": (str, "rope"), "rotary_base": (float, 10000.0),
-    "true_vocab_size": (int, None), "padded_vocab_size": (int, None), "init_method_std": (float, 0.02),
+    **{name: (arg_type(name), default) for name, default in (
+        ("num_layers", None), ("hidden_size", None), ("ffn_hidden_size", None), ("num_attention_heads", None),
+        ("num_query_groups", None), ("kv_channels", None), ("seq_length", None), ("max_position_embeddings", None),
+        ("normalization", "RMSNorm"), ("norm_epsilon", 1e-5), ("position_embedding_type", "rope"),
+        ("rotary_base", 10000.0), ("padded_vocab_size", None), ("init_method_std", 0.02))},
+    "true_vocab_size": (int, None),
 }
 MODEL_SWITCHES = ("swiglu", "add_bias_linear", "add_qkv_bias", "qk_layernorm", "untie_embeddings_and_output_weights")
 

@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from distconv.families import FAMILIES, pick_family
-from distconv.megatron.catalogue import items_of
+from distconv.megatron.args import spec_from_args
+from distconv.megatron.catalogue import canonical, items_of
 from distconv.megatron.checkpoint import safe_globals
 from distconv.megatron.source import describe
-from distconv.spec import spec_from_args
 
 from tests.benchmarks.export_stats import io_counters
 
@@ -47,7 +47,7 @@ def main() -> None:
     for key, info in ckpt.tensors.items():
         for item in items_of(info, spec.num_layers):
             tensor = state[key][item.index] if item.index else state[key]
-            for name, t in family.export_tensor(item.name, tensor, spec):
+            for name, t in family.export_tensor(canonical(item.name, spec.multi_latent_attention), tensor, spec):
                 hf[name] = t.contiguous()
     save_file(hf, str(out / "model.safetensors"), metadata={"format": "pt"})
     seconds, after = time.perf_counter() - start, io_counters()

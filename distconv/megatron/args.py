@@ -1,0 +1,389 @@
+"""Megatron-LM's training args in one table: read into ``ModelSpec``, written back, given to megatron-core.
+
+A checkpoint's ``args`` (an ``argparse.Namespace`` in its common state) is the only record of
+the model it holds. ``FIELDS`` has one row per model-defining field: the ``ModelSpec`` field,
+the Megatron-LM arg names (0.12 to 0.19 spellings; the first is written, any is read), the value
+Megatron-LM itself uses when the arg is absent (its ``megatron/training/arguments.py`` defaults,
+or megatron-core's ``TransformerConfig``/``MLATransformerConfig`` defaults where Megatron-LM has
+no flag), and megatron-core's ``TransformerConfig`` field. An absent arg with no such default
+(``num_layers``, ``hidden_size``, ...) is an error naming it, never a guess. From the table:
+
+- ``spec_from_args``: the spec of a checkpoint (export, reshard, verify, inspect, MindSpore);
+- ``megatron_args``: the args an import writes, which ``spec_from_args`` reads back as the same spec;
+- ``config_fields``: the ``TransformerConfig`` fields megatron-core builds the model from
+  (``distconv verify``'s model, the tests' fixtures);
+- ``layout_args`` and ``parallel_sizes``: the parallel layout, written and read.
+
+Rows are grouped as the writer emits them: the MoE args, the MLA args, then the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from distconv.errors import DistconvError
+from distconv.megatron.catalogue import Target
+from distconv.spec import ModelSpec
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()  # no default: a checkpoint lacking the arg is an error naming it
+
+
+def arg(args: argparse.Namespace, *names: str, default: Any = None) -> Any:
+    """The first of ``names`` that ``args`` holds and is not None (args were renamed over time)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One row: a ``ModelSpec`` field and the Megatron-LM args that carry it.
+
+    A plain row copies one value: read from the first of ``names`` that args hold (else
+    ``default``, which may be a function of args), converted by ``kind``; written under
+    ``names[0]``; given to ``TransformerConfig`` as ``config``. A derived row (several args make
+    one field) has its own ``read``, ``write`` and ``configure``.
+    """
+
+    spec: str
+    names: tuple[str, ...]
+    default: Any = REQUIRED
+    kind: Callable[[Any], Any] = lambda value: value
+    config: str | None = None
+    read: Callable[[argparse.Namespace], Any] | None = None
+    write: Callable[[ModelSpec], dict[str, Any]] | None = None
+    configure: Callable[[ModelSpec, argparse.Namespace], dict[str, Any]] | None = None
+
+    def value(self, args: argparse.Namespace) -> Any:
+        if self.read is not None:
+            return self.read(args)
+        found = arg(args, *self.names)
+        if found is None:
+            if self.default is REQUIRED:
+                raise DistconvError(f"checkpoint args lack {self.names[0]}: cannot describe the model")
+            found = self.default(args) if callable(self.default) else self.default
+        return None if found is None else self.kind(found)
+
+    def written(self, spec: ModelSpec) -> dict[str, Any]:
+        return self.write(spec) if self.write is not None else {self.names[0]: getattr(spec, self.spec)}
+
+    def configured(self, spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
+        if self.configure is not None:
+            return self.configure(spec, args)
+        return {self.config: getattr(spec, self.spec)} if self.config else {}
+
+
+# ---- derived rows -----------------------------------------------------------------------------
+
+def _query_groups(args: argparse.Namespace) -> int:
+    heads = int(_field("num_attention_heads").value(args))
+    return int(args.num_query_groups) if arg(args, "group_query_attention", default=False) else heads
+
+
+def _activation(args: argparse.Namespace) -> str:
+    if arg(args, "swiglu", default=False):
+        return "silu"
+    if arg(args, "squared_relu", default=False):
+        return "relu2"
+    if arg(args, "openai_gelu", default=False):
+        return "gelu_new"
+    if arg(args, "bias_gelu_fusion", default=False):
+        return "gelu_fast"
+    return "gelu"
+
+
+def _activation_config(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
+    """The activation as Megatron-LM configures it: SiLU for SwiGLU, else exact GELU, its tanh form
+    fused with the bias (``--bias-gelu-fusion``), OpenAI's GELU, or squared ReLU."""
+    import torch.nn.functional as F
+
+    fn, fusion = {"silu": (F.silu, False), "gelu": (F.gelu, False), "gelu_fast": (F.gelu, True)}.get(spec.activation,
+                                                                                                   (None, False))
+    if spec.activation == "gelu_new":
+        from megatron.core.transformer.utils import openai_gelu as fn
+    elif spec.activation == "relu2":
+        from megatron.core.activations import squared_relu as fn
+    return {"activation_func": fn, "bias_activation_fusion": fusion}
+
+
+def _rope_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
+    if arg(args, "multi_latent_attention", default=False) and arg(args, "rope_type", default="yarn") == "yarn":
+        # MLA's YaRN; 0.16 has no CLI args for the last three (MLATransformerConfig defaults)
+        return {
+            "rope_type": "yarn",
+            "factor": float(arg(args, "rotary_scaling_factor", default=40.0)),
+            "original_max_position_embeddings": int(arg(args, "original_max_position_embeddings", default=4096)),
+            "beta_fast": float(arg(args, "beta_fast", default=32.0)),
+            "beta_slow": float(arg(args, "beta_slow", default=1.0)),
+            "mscale": float(arg(args, "mscale", default=1.0)),
+            "mscale_all_dim": float(arg(args, "mscale_all_dim", default=0.0)),
+        }
+    if arg(args, "use_rope_scaling", default=False):
+        # megatron-core hard-codes Llama 3's low/high frequency factors and original length
+        return {
+            "rope_type": "llama3",
+            "factor": float(arg(args, "rope_scaling_factor", default=8.0)),
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        }
+    factor = arg(args, "rotary_seq_len_interpolation_factor")
+    if factor:
+        return {"rope_type": "linear", "factor": float(factor)}
+    return None
+
+
+def _yarn(spec: ModelSpec) -> dict[str, Any] | None:
+    return spec.rope_scaling if (spec.rope_scaling or {}).get("rope_type") == "yarn" else None
+
+
+def rope_args(spec: ModelSpec) -> dict[str, Any]:
+    """Megatron-LM's RoPE scaling args (also ``GPTModel``'s): linear interpolation or Llama 3's."""
+    rope = spec.rope_scaling or {}
+    return dict(rotary_seq_len_interpolation_factor=rope.get("factor") if rope.get("rope_type") == "linear" else None,
+                use_rope_scaling=rope.get("rope_type") == "llama3", rope_scaling_factor=rope.get("factor", 8.0))
+
+
+def _mla_rope_written(spec: ModelSpec) -> dict[str, Any]:
+    """``--rope-type``: MLA's own RoPE, YaRN or plain (written with the other MLA args)."""
+    if not spec.multi_latent_attention:
+        return {}
+    yarn = _yarn(spec)
+    return dict(rope_type="yarn" if yarn else "rope", **({"rotary_scaling_factor": yarn["factor"], **{k: yarn[k] for k in (
+        "mscale", "mscale_all_dim", "original_max_position_embeddings", "beta_fast", "beta_slow")}} if yarn else {}))
+
+
+def _mla_rope_config(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
+    """MLA's RoPE settings. Its softmax scale depends on ``rotary_scaling_factor`` and
+    ``mscale_all_dim`` whatever the RoPE type, so with plain RoPE they are args' (Megatron-LM's
+    defaults 1.0, 1.0 and 0.0) as Megatron-LM passes them, not left to MLATransformerConfig's."""
+    if not spec.multi_latent_attention:
+        return {}
+    yarn = _yarn(spec) or {"factor": float(arg(args, "rotary_scaling_factor", default=1.0)),
+                           "mscale": float(arg(args, "mscale", default=1.0)),
+                           "mscale_all_dim": float(arg(args, "mscale_all_dim", default=0.0))}
+    return dict(rope_type="yarn" if _yarn(spec) else "rope", rotary_base=spec.rotary_base, rotary_scaling_factor=yarn["factor"],
+                mscale=yarn["mscale"], mscale_all_dim=yarn["mscale_all_dim"])
+
+
+def _moe_layers(args: argparse.Namespace) -> tuple[bool, ...]:
+    """Which layers are MoE: ``moe_layer_freq`` is an int N (every N-th layer) or a 0/1 list."""
+    num_layers = int(_field("num_layers").value(args))
+    if not arg(args, "num_experts"):
+        return (False,) * num_layers
+    freq = arg(args, "moe_layer_freq", default=1)
+    if isinstance(freq, str) and freq.strip().isdigit():
+        freq = int(freq)
+    if isinstance(freq, int):
+        return tuple(i % freq == 0 for i in range(num_layers))
+    if isinstance(freq, (list, tuple)) and len(freq) == num_layers:
+        return tuple(bool(x) for x in freq)
+    raise DistconvError(f"cannot read moe_layer_freq={freq!r} for {num_layers} layers")
+
+
+def moe_layer_freq(spec: ModelSpec) -> int | list[int]:
+    """Megatron-LM's ``moe_layer_freq`` for ``spec``: 1 when every layer is MoE, else its 0/1 list."""
+    return 1 if all(spec.moe_layers) else [int(m) for m in spec.moe_layers]
+
+
+def _train_dtype(args: argparse.Namespace) -> torch.dtype:
+    if arg(args, "bf16", default=False):
+        return torch.bfloat16
+    return torch.float16 if arg(args, "fp16", default=False) else torch.float32
+
+
+def _routing_type(value: Any) -> str:
+    return value if isinstance(value, str) else ",".join(value)
+
+
+def _rotary_base(spec: ModelSpec) -> dict[str, Any]:
+    base = spec.rotary_base
+    return {"rotary_base": int(base) if base == int(base) else base}
+
+
+# ---- the table --------------------------------------------------------------------------------
+
+MOE_FIELDS: tuple[Field, ...] = (
+    Field("num_experts", ("num_experts",), None, int, "num_moe_experts"),
+    Field("moe_ffn_hidden_size", ("moe_ffn_hidden_size", "ffn_hidden_size"), None, int, "moe_ffn_hidden_size"),
+    Field("moe_topk", ("moe_router_topk",), 2, int, "moe_router_topk"),
+    Field("moe_pre_softmax", ("moe_router_pre_softmax",), False, bool, "moe_router_pre_softmax"),
+    Field("moe_score_function", ("moe_router_score_function",), "softmax", str, "moe_router_score_function"),
+    Field("moe_scaling_factor", ("moe_router_topk_scaling_factor",), None, float, "moe_router_topk_scaling_factor"),
+    Field("moe_expert_bias", ("moe_router_enable_expert_bias",), False, bool, "moe_router_enable_expert_bias"),
+    Field("moe_num_groups", ("moe_router_num_groups",), None, int, "moe_router_num_groups"),
+    Field("moe_group_topk", ("moe_router_group_topk",), None, int, "moe_router_group_topk"),
+    Field("moe_routing_type", ("moe_router_load_balancing_type",), "aux_loss", _routing_type,
+          configure=lambda s, a: {"moe_router_load_balancing_type": s.moe_routing_type.split(",")
+                               if "," in s.moe_routing_type else s.moe_routing_type}),
+    # token dropping: no family converts it (HF has none), and verify's model is built without it
+    Field("moe_capacity_factor", ("moe_expert_capacity_factor",), None, float),
+    Field("moe_shared_ffn_hidden_size", ("moe_shared_expert_intermediate_size",), None, int,
+          "moe_shared_expert_intermediate_size"),
+    Field("moe_shared_gate", ("moe_shared_expert_gate",), False, bool, "moe_shared_expert_gate"),
+    # every layer MoE: 1 (stacked keys); otherwise Megatron-LM's per-layer 0/1 list
+    Field("moe_layers", ("moe_layer_freq",), read=_moe_layers, write=lambda s: {"moe_layer_freq": moe_layer_freq(s)},
+          configure=lambda s, a: {"moe_layer_freq": moe_layer_freq(s)}),
+)
+
+MLA_FIELDS: tuple[Field, ...] = (
+    Field("multi_latent_attention", ("multi_latent_attention",), False, bool),
+    Field("q_lora_rank", ("q_lora_rank",), None, int, "q_lora_rank"),
+    Field("kv_lora_rank", ("kv_lora_rank",), None, int, "kv_lora_rank"),
+    Field("qk_head_dim", ("qk_head_dim",), None, int, "qk_head_dim"),
+    Field("qk_pos_emb_head_dim", ("qk_pos_emb_head_dim",), None, int, "qk_pos_emb_head_dim"),
+    Field("v_head_dim", ("v_head_dim",), None, int, "v_head_dim"),
+)
+
+FIELDS: tuple[Field, ...] = (
+    Field("num_layers", ("num_layers",), REQUIRED, int, "num_layers"),
+    Field("hidden_size", ("hidden_size",), REQUIRED, int, "hidden_size"),
+    Field("ffn_hidden_size", ("ffn_hidden_size",), lambda a: 4 * int(a.hidden_size), int, "ffn_hidden_size"),
+    Field("num_attention_heads", ("num_attention_heads",), REQUIRED, int, "num_attention_heads"),
+    Field("head_dim", ("kv_channels",), lambda a: int(a.hidden_size) // int(a.num_attention_heads), int, "kv_channels"),
+    Field("num_query_groups", ("group_query_attention", "num_query_groups"), kind=int, read=_query_groups,
+          write=lambda s: {"group_query_attention": s.num_query_groups != s.num_attention_heads,
+                           "num_query_groups": s.num_query_groups},
+          configure=lambda s, a: {"num_query_groups": s.num_query_groups
+                               if s.num_query_groups != s.num_attention_heads else None}),
+    Field("max_position_embeddings", ("max_position_embeddings", "seq_length"), REQUIRED, int,
+          write=lambda s: {"max_position_embeddings": s.max_position_embeddings, "seq_length": s.max_position_embeddings}),
+    # before position_embedding_type existed (mid-2023), RoPE was --use-rotary-position-embeddings
+    Field("position_embedding", ("position_embedding_type", "use_rotary_position_embeddings"), kind=str,
+          read=lambda a: arg(a, "position_embedding_type", default="rope" if arg(
+              a, "use_rotary_position_embeddings", default=False) else "learned_absolute"),
+          write=lambda s: {"position_embedding_type": s.position_embedding}),
+    Field("rotary_base", ("rotary_base",), 10000, float, write=_rotary_base),
+    Field("rotary_percent", ("rotary_percent",), 1.0, float),
+    Field("rotary_interleaved", ("rotary_interleaved",), False, bool, "rotary_interleaved"),
+    # linear interpolation, Llama 3's, or (MLA) YaRN; 0.16 has no flags for YaRN's last three (MLATransformerConfig's)
+    Field("rope_scaling", ("rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor", "rope_type",
+                           "rotary_scaling_factor", "mscale", "mscale_all_dim", "original_max_position_embeddings",
+                           "beta_fast", "beta_slow"),
+          read=_rope_scaling, write=rope_args, configure=_mla_rope_config),
+    Field("normalization", ("normalization",), "LayerNorm", str, "normalization"),
+    Field("norm_epsilon", ("layernorm_epsilon", "norm_epsilon"), 1e-5, float, "layernorm_epsilon"),
+    Field("zero_centered_gamma", ("layernorm_zero_centered_gamma", "apply_layernorm_1p"), False, bool,
+          "layernorm_zero_centered_gamma"),
+    Field("gated_mlp", ("swiglu",), False, bool, "gated_linear_unit", write=lambda s: {}),
+    Field("activation", ("swiglu", "squared_relu", "openai_gelu", "bias_gelu_fusion"), read=_activation,
+          write=lambda s: {"swiglu": s.gated_mlp, "squared_relu": s.activation == "relu2",
+                           "openai_gelu": s.activation == "gelu_new", "bias_gelu_fusion": s.activation == "gelu_fast"},
+          configure=_activation_config),
+    Field("add_bias_linear", ("add_bias_linear",), True, bool, "add_bias_linear"),
+    Field("add_qkv_bias", ("add_qkv_bias",), False, bool, "add_qkv_bias"),
+    Field("qk_layernorm", ("qk_layernorm",), False, bool, "qk_layernorm"),
+    Field("tie_embeddings", ("untie_embeddings_and_output_weights",), read=lambda a: not arg(
+        a, "untie_embeddings_and_output_weights", default=False),
+        write=lambda s: {"untie_embeddings_and_output_weights": not s.tie_embeddings}),
+    Field("vocab_size", ("vocab_size",), None, int, write=lambda s: {"vocab_size": s.vocab_size},
+          read=lambda a: None),  # the true vocab is found elsewhere (``megatron.tokenizer``, the export's options)
+    Field("padded_vocab_size", ("padded_vocab_size",), REQUIRED, int),
+    Field("mtp_num_layers", ("mtp_num_layers",), 0, lambda n: int(n or 0),
+          write=lambda s: {"mtp_num_layers": s.mtp_num_layers or None},
+          configure=lambda s, a: {"mtp_num_layers": s.mtp_num_layers} if s.mtp_num_layers else {}),  # only models with MTP
+    Field("window_size", ("window_size",), None, lambda w: tuple(w) if w else None,
+          configure=lambda s, a: {"window_size": tuple(s.window_size) if s.window_size else None}),
+    Field("train_dtype", ("bf16", "fp16", "params_dtype"), read=_train_dtype,
+          write=lambda s: {"bf16": s.train_dtype == torch.bfloat16, "fp16": s.train_dtype == torch.float16,
+                           "params_dtype": s.train_dtype}),
+    Field("init_std", ("init_method_std",), 0.02, float, "init_method_std"),
+)
+
+
+def _field(spec_name: str) -> Field:
+    return next(f for f in FIELDS + MOE_FIELDS + MLA_FIELDS if f.spec == spec_name)
+
+
+def arg_names() -> tuple[str, ...]:
+    """Every Megatron-LM arg the table reads or writes."""
+    return tuple(dict.fromkeys(n for f in FIELDS + MOE_FIELDS + MLA_FIELDS for n in f.names))
+
+
+def arg_type(name: str) -> Callable[[Any], Any]:
+    """The type of Megatron-LM arg ``name``'s value (for flags that take it on a command line)."""
+    return next(f.kind for f in FIELDS + MOE_FIELDS + MLA_FIELDS if name in f.names)
+
+
+def spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    """The ``ModelSpec`` of Megatron-LM ``args`` (0.12 to 0.19 spellings); an absent arg without
+    Megatron-LM default is an error naming it. A dense model's router args mean nothing and keep
+    ``ModelSpec``'s defaults; multi-latent attention's sizes are read for MLA models only."""
+    missing = [f.names[0] for f in FIELDS if f.default is REQUIRED and f.read is None and arg(args, *f.names) is None]
+    if missing:
+        raise DistconvError(f"checkpoint args lack {', '.join(missing)}: cannot describe the model")
+    values = {f.spec: f.value(args) for f in FIELDS}
+    if arg(args, "num_experts"):
+        values.update({f.spec: f.value(args) for f in MOE_FIELDS})
+    mla = _field("multi_latent_attention").value(args)
+    values.update({f.spec: f.value(args) if mla or f.spec == "multi_latent_attention" else None for f in MLA_FIELDS})
+    return ModelSpec(**values)
+
+
+def megatron_args(spec: ModelSpec, target: Target, *, divisible_by: int, tokenizer: str | None,
+                  grouped_gemm: bool = False, transformer_impl: str = "transformer_engine") -> argparse.Namespace:
+    """Megatron-LM 0.16 training args for ``spec`` saved at ``target`` (what ``spec_from_args``
+    reads back), with an HF tokenizer folder (``tokenizer``), vocab padding unit ``divisible_by``
+    and ``--moe-grouped-gemm``."""
+    written: dict[str, Any] = {}
+    if spec.num_experts:
+        for f in MOE_FIELDS:
+            written.update(f.written(spec))
+        written["moe_grouped_gemm"] = grouped_gemm
+    else:
+        written["num_experts"] = None
+    if spec.multi_latent_attention:
+        for f in MLA_FIELDS:
+            written.update(f.written(spec))
+        written.update(_mla_rope_written(spec))
+    else:
+        written["multi_latent_attention"] = False
+    for f in FIELDS:
+        written.update(f.written(spec))
+        if f.spec == "padded_vocab_size":
+            written["make_vocab_size_divisible_by"] = divisible_by
+        elif f.spec == "mtp_num_layers":
+            written.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer)
+    written.update(layout_args(target), ckpt_format="torch_dist")
+    written["transformer_impl"] = transformer_impl  # the keys written follow it (``Target.te``)
+    return argparse.Namespace(**written)
+
+
+def layout_args(target: Target) -> dict[str, Any]:
+    """The args that say how a checkpoint is laid out: the parallel sizes (expert TP resolved as
+    Megatron-LM resolves it) and the smallest world Megatron-LM accepts for them."""
+    return dict(tensor_model_parallel_size=target.tp, pipeline_model_parallel_size=target.pp,
+                expert_model_parallel_size=target.ep, expert_tensor_parallel_size=target.expert_tp,
+                world_size=target.world, data_parallel_size=target.stage_ranks // target.tp)
+
+
+def parallel_sizes(args: argparse.Namespace) -> tuple[int, int, int, int]:
+    """``(TP, PP, EP, expert TP)`` of a checkpoint's args (Megatron-LM's defaults 1, 1, 1 and TP)."""
+    tp, pp, ep = (int(arg(args, name, default=1) or 1) for name in
+                  ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
+    return tp, pp, ep, int(arg(args, "expert_tensor_parallel_size", default=None) or tp)
+
+
+def config_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``TransformerConfig`` (``MLATransformerConfig`` for MLA) fields that describe the model of
+    ``args``; the caller adds how it is built (parallel sizes, initialisation, fusions)."""
+    spec = spec_from_args(args)
+    rows = FIELDS + (MOE_FIELDS if spec.num_experts else ()) + (MLA_FIELDS if spec.multi_latent_attention else ())
+    out: dict[str, Any] = {}
+    for f in rows:
+        out.update(f.configured(spec, args))
+    if spec.num_experts:  # Megatron-LM's defaults: no auxiliary loss in a forward pass, the allgather dispatcher
+        out.update(moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather")
+    return out
