@@ -21,15 +21,15 @@ def export(*args, **kwargs):
 
 
 def import_hf(*args, **kwargs):
-    """HF folder -> Megatron torch_dist; see ``distconv.directions.to_megatron.import_hf``."""
-    from distconv.directions.to_megatron import import_hf as _import_hf
+    """HF folder -> Megatron torch_dist; see ``distconv.directions.import_.import_hf``."""
+    from distconv.directions.import_ import import_hf as _import_hf
 
     return _import_hf(*args, **kwargs)
 
 
 def reshard(*args, **kwargs):
-    """Megatron checkpoint -> Megatron torch_dist at another layout; see ``distconv.directions.to_megatron.reshard``."""
-    from distconv.directions.to_megatron import reshard as _reshard
+    """Megatron checkpoint -> Megatron torch_dist at another layout; see ``distconv.directions.reshard.reshard``."""
+    from distconv.directions.reshard import reshard as _reshard
 
     return _reshard(*args, **kwargs)
 

@@ -67,7 +67,8 @@ def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.T
         if tuple(info.shape) != tuple(data.shape):
             raise DistconvError(f"{ckpt.path}: {source} is {list(info.shape)}, megatron-core's {name} is {list(data.shape)}")
         zeros = (0,) * len(info.shape)
-        box = Read(0, 0, source, tuple(info.shape), zeros, tuple(info.shape), tuple(slice(None) for _ in info.shape))
+        box = Read(0, 0, source, tuple(info.shape), zeros, tuple(info.shape), tuple(slice(None) for _ in info.shape),
+                   info.nbytes)
         state[name] = reader.read([box], torch.float32)[0]
     return state
 

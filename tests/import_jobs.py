@@ -23,7 +23,8 @@ import torch
 import torch.distributed as dist
 
 import distconv
-from distconv.directions.to_megatron import import_hf, import_mindspore, reshard
+from distconv.directions.import_ import import_hf, import_mindspore
+from distconv.directions.reshard import reshard
 from distconv.megatron.model import sharded_state_dict
 from distconv.megatron.source import describe
 

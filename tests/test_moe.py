@@ -201,15 +201,15 @@ def test_hf_configs_carry_the_moe_layout(exported):
     assert glm["rope_parameters"]["partial_rotary_factor"] == 0.5 and glm["routed_scaling_factor"] == 2.5
 
 
-def test_windowed_export_splits_layers_into_expert_groups(exported, built):
+def test_windowed_export_splits_layers_into_expert_units(exported, built):
     result = exported[("mixtral", "tp1pp2ep2", OTHER_WORLD, "window")]
     assert result["ok"], result.get("error")
     assert _logits_diff(built, "mixtral", result["save"]) <= TOL
     ckpt, plan = _plan(built / "mixtral" / "tp1pp2ep2", 2, window=WINDOW)
-    layer0 = [g for g in plan.groups if {i.layer for i in g.items} == {0}]
-    assert len(layer0) > 2  # one layer's experts span several groups
-    for group in plan.groups:
-        assert sum(torch.Size(i.shape).numel() * 4 for i in group.items) <= WINDOW or len(group.items) == 1
+    layer0 = [u for u in plan.units if {i.layer for i in u.parts} == {0}]
+    assert len(layer0) > 2  # one layer's experts span several units
+    for unit in plan.units:
+        assert sum(torch.Size(i.shape).numel() * 4 for i in unit.parts) <= WINDOW or len(unit.parts) == 1
 
 
 def test_deepseek_hub_config_is_accepted(exported, built):
@@ -236,9 +236,9 @@ def test_each_rank_reads_only_the_experts_it_saved(built, layout):
     ckpt, plan = _plan(built / "mixtral" / layout, TRAINING_WORLD)
     assert sum(plan.bytes_read_by(r) for r in range(TRAINING_WORLD)) == ckpt.weight_bytes
     experts_of: dict[int, set[int]] = {}
-    for group in plan.groups:
-        for read in group.reads:
-            m = re.search(r"\.mlp\.experts\.(\d+)\.", group.items[read.item].name)
+    for unit in plan.units:
+        for read in unit.reads:
+            m = re.search(r"\.mlp\.experts\.(\d+)\.", unit.parts[read.part].name)
             if m:
                 experts_of.setdefault(read.rank, set()).add(int(m[1]))
                 chunk = next(c for c in ckpt.tensors[read.key].chunks if all(

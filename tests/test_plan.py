@@ -22,7 +22,7 @@ def _plan(built, name, tp, pp, world, window=1 << 30):
 def test_optimizer_state_is_present_but_never_read(built):
     ckpt, plan = _plan(built, "llama", 2, 2, 4)
     assert ckpt.other_bytes > ckpt.weight_bytes  # Adam moments as training leaves them
-    keys = {r.key for g in plan.groups for r in g.reads}
+    keys = {r.key for g in plan.units for r in g.reads}
     assert keys == set(ckpt.tensors) and not any(k.startswith("optimizer.") for k in keys)
     read = sum(plan.bytes_read_by(r) for r in range(4))
     assert read == ckpt.weight_bytes  # every weight byte exactly once, nothing else
@@ -32,8 +32,8 @@ def test_training_world_reads_what_each_rank_saved(built):
     ckpt, plan = _plan(built, "qwen3", 2, 2, ckpt_world := 4)
     assert ckpt.writers == ckpt_world
     by_file = {(c.file, c.offsets): c.writer for t in ckpt.tensors.values() for c in t.chunks}
-    for group in plan.groups:
-        for read in group.reads:
+    for unit in plan.units:
+        for read in unit.reads:
             chunk = next(c for c in ckpt.tensors[read.key].chunks if all(
                 o <= ro and ro + rs <= o + s for o, s, ro, rs in zip(c.offsets, c.sizes, read.offsets, read.sizes)))
             assert read.rank == by_file[(chunk.file, chunk.offsets)]
@@ -44,16 +44,16 @@ def test_every_world_size_is_served(built):
     for world in (1, 3, 7):
         ckpt, plan = _plan(built, "llama", 2, 2, world)
         assert sum(plan.bytes_read_by(r) for r in range(world)) == ckpt.weight_bytes
-        assert {r.rank for g in plan.groups for r in g.reads} <= set(range(world))
+        assert {r.rank for g in plan.units for r in g.reads} <= set(range(world))
 
 
-def test_groups_are_bounded_by_the_window_not_the_model(built):
+def test_units_are_bounded_by_the_window_not_the_model(built):
     window = 40_000
     ckpt, plan = _plan(built, "llama", 1, 1, 1, window=window)
-    for group in plan.groups:
-        sizes = [torch.Size(i.shape).numel() * 4 for i in group.items]
+    for unit in plan.units:
+        sizes = [torch.Size(i.shape).numel() * 4 for i in unit.parts]
         assert sum(sizes) <= window or len(sizes) == 1
-    assert len({i.layer for g in plan.groups for i in g.items if i.layer is not None}) == 4
+    assert len({i.layer for g in plan.units for i in g.parts if i.layer is not None}) == 4
 
 
 def test_writers_own_disjoint_files_and_interleave(built):
@@ -61,7 +61,7 @@ def test_writers_own_disjoint_files_and_interleave(built):
     spec = spec_from_args(ckpt.args).with_vocab(250)
     plan = make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, 4, max_shard_size=10**6, window=1 << 30, writers=2)
     assert plan.writers == [0, 2]
-    files = {w: {o.file for g in plan.groups if g.writer == w for o in g.outputs} for w in plan.writers}
+    files = {w: {o.file for g in plan.units if g.writer == w for o in g.outputs} for w in plan.writers}
     assert files[0] and files[2] and not files[0] & files[2]
-    assert [g.writer for g in plan.groups[:2]] == [0, 2]  # the two writers' ranges alternate
+    assert [g.writer for g in plan.units[:2]] == [0, 2]  # the two writers' ranges alternate
     assert [o.name for o in plan.outputs][0] == "model.embed_tokens.weight"

@@ -1,8 +1,8 @@
-"""The reader thread and the transfers' bookkeeping, on a real checkpoint's plan.
+"""The read-ahead and the transfers' bookkeeping, on a real checkpoint's plan.
 
 The reader stands in for megatron-core's load (a collective) with one that records which
 slices were asked for, when, and hands back tensors of the planned shape: what is checked is
-when the ``Prefetcher`` starts a load, not what a load returns.
+when the read-ahead starts a load, not what a load returns.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from distconv.directions.export import make_plan
 from distconv.engine.comm import Comm, HostBuffers
 from distconv.engine.plan import Plan, Read
-from distconv.engine.stream import Prefetcher
+from distconv.engine.stream import ReadAhead, Stream
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.megatron.args import spec_from_args
@@ -30,50 +30,81 @@ WINDOW = 20_000  # bytes per read batch: several batches
 class _Recording:
     """Records each ``read`` call; returns zeros of the planned shapes, in ``dtype`` if given."""
 
-    def __init__(self, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, dtype: torch.dtype | None = None, collective: bool = True) -> None:
         self.calls: list[list[str]] = []
-        self.dtype = dtype
+        self.dtype, self.collective = dtype, collective
 
     def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
         self.calls.append([r.key for r in reads])
         return [torch.zeros(r.sizes, dtype=self.dtype or dtype) for r in reads]
 
+    def files(self, reads: list[Read]) -> list[str]:
+        return []
+
 
 def _plan(built) -> Plan:
     ckpt = describe(layout_dir(built, "llama", 2, 1))
     spec = spec_from_args(ckpt.args).with_vocab(250)
-    plan = make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, 2, max_shard_size=5 * 10**9, window=WINDOW)
+    plan = make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, 1, max_shard_size=5 * 10**9, window=WINDOW)
     assert len(plan.batches(WINDOW)) >= 4
     return plan
+
+
+def _alone() -> Comm:
+    """Rank 0 of a world of one (its agreement and gather need no process group)."""
+    return Comm(0, 1, torch.device("cpu"), False, None, None)
 
 
 def _reader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "distconv-reader"]
 
 
-def test_a_batch_is_read_only_once_every_rank_agreed_on_the_one_before(built):
+def test_a_collective_batch_is_read_only_once_permitted():
+    """Each rank reads a batch once every rank agreed on the one before (``permit``); a permitted
+    batch is read even after ``close``, as its peers read it too."""
+    calls: list[int] = []
+    ahead = ReadAhead([10, 10, 10], lambda k: calls.append(k) or k, limit=100, collective=True)
+    ahead.permit(1)
+    assert ahead.take(0) == (0, None)
+    time.sleep(0.3)
+    assert calls == [0], "batch 1 was read before it was permitted"
+    ahead.permit(2)
+    ahead.close()
+    assert calls == [0, 1] and not _reader_threads(), "close() must read the permitted batch and join the thread"
+
+
+def test_walking_a_unit_permits_the_next_batch(built):
+    """On a real plan: walking the first unit (every rank agreed on it) starts the next batch's load."""
     plan = _plan(built)
-    first = plan.batches(WINDOW)[0]
-    for agreed, loads in ((False, 1), (True, 2)):
-        reader = _Recording()
-        prefetch = Prefetcher(reader, plan, 0, WINDOW)
-        groups = iter(prefetch)
-        tensors, error = next(groups)
-        assert error is None and len(tensors) == len(plan.groups[0].reads_of(0))
-        if agreed:  # the next batch may start; close() then waits for it, as the peers read it too
-            prefetch.agreed(first[0])
-        prefetch.close()
-        assert len(reader.calls) == loads, f"agreed={agreed}: {len(reader.calls)} loads started"
-        assert not _reader_threads(), "close() must join the reader thread"
+    reader = _Recording()
+    stream = Stream(plan, reader, _alone(), WINDOW)
+    index, parts = next(stream.walk())
+    assert index == 0 and [tuple(p.shape) for p in parts] == [part.shape for part in plan.units[0].parts]
+    stream.close()
+    assert len(reader.calls) == 2, f"{len(reader.calls)} loads started"
+    assert not _reader_threads(), "close() must join the reader thread"
+
+
+def test_a_local_read_ahead_holds_at_most_its_window_and_reads_a_miss_next():
+    """Local reads: as many batches ahead as ``limit`` bytes hold; one asked for before its turn is
+    read next and counted."""
+    calls: list[int] = []
+    ahead = ReadAhead([40, 40, 40, 40], lambda k: calls.append(k) or k, limit=100, collective=False)
+    time.sleep(0.3)
+    assert calls == [0, 1], "two batches of 40 fit 100 bytes, a third does not"
+    assert ahead.take(3) == (3, None) and ahead.misses == 1 and calls == [0, 1, 3]
+    assert ahead.take(0) == (0, None) and ahead.take(1) == (1, None) and ahead.take(2) == (2, None)
+    ahead.close()
+    assert calls == [0, 1, 3, 2] and not _reader_threads()
 
 
 def test_slices_unlike_the_plan_are_an_error_before_any_transfer(built):
     plan = _plan(built)
-    prefetch = Prefetcher(_Recording(torch.float16), plan, 0, WINDOW)
-    tensors, error = next(iter(prefetch))
-    prefetch.close()
-    assert tensors is None and isinstance(error, DistconvError)
-    assert "loaded as torch.float16" in str(error) and "planned torch.float32" in str(error)
+    stream = Stream(plan, _Recording(torch.float16), _alone(), WINDOW)
+    with pytest.raises(DistconvError) as error:
+        next(stream.walk())
+    stream.close()
+    assert "loaded as torch.float16" in str(error.value) and "planned torch.float32" in str(error.value)
 
 
 def test_host_buffers_are_reused_per_source_and_grow():

@@ -1,7 +1,9 @@
 """Export: a Megatron checkpoint (torch_dist or legacy) into an HF folder, as one ``Job`` of the engine.
 
-Per group of the plan: each rank reads its slices ahead in a thread, the group is gathered on its
-writer (NCCL on GPUs, else gloo), mapped by the family table, and written behind in a second thread.
+The plan's units are a layer's tensors (cut at ``--window`` bytes), read by the ranks that saved
+them (megatron-core's collective load; legacy rank files locally), gathered on the unit's
+writer (NCCL on GPUs, else gloo), mapped by the family table and written behind into
+safetensors shards (``engine.stream``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ from distconv.directions.hf_model import hf_tensors
 from distconv.engine import marker
 from distconv.engine.comm import Comm
 from distconv.engine.folder import refuse_overlap
-from distconv.engine.plan import Group, Item, Output, Plan, Read, numel
-from distconv.engine.progress import Tracker, plan_text
-from distconv.engine.run import RunOptions, parse_size, run
-from distconv.engine.stream import Prefetcher, WriterThread
+from distconv.engine.plan import Output, Part, Plan, Read, Unit, numel
+from distconv.engine.progress import Tracker
+from distconv.engine.run import RunOptions, launch, parse_size
+from distconv.engine.stream import Stream, WriterThread
 from distconv.errors import DistconvError, warn
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.hf.fp8 import FP8, SCALE, quantization_config, scale_shape
@@ -37,10 +39,8 @@ from distconv.hf.tokenizer import cached_hub_tokenizer, load_tokenizer
 from distconv.megatron.args import arg, parallel_sizes, spec_from_args
 from distconv.megatron.catalogue import canonical, items_of
 from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo
-from distconv.megatron.legacy import LegacyReader
-from distconv.megatron.source import describe
+from distconv.megatron.source import describe, open_reader
 from distconv.megatron.tokenizer import megatron_vocab, special_tokens
-from distconv.megatron.torch_dist import Reader
 from distconv.spec import DTYPES, ModelSpec
 
 FORMATS = ("safetensors", "torch")
@@ -151,7 +151,7 @@ def _chunks_by_index(tensor: TensorInfo, lead: int) -> dict[tuple[int, ...], lis
     return by_index
 
 
-def _reads_for(item: Item, pos: int, tensor: TensorInfo, chunks: list[Chunk], world: int) -> list[Read]:
+def _reads_for(item: Part, pos: int, tensor: TensorInfo, chunks: list[Chunk], world: int, itemsize: int) -> list[Read]:
     """Intersect the item's box with the stored chunks; the chunk's writer rank reads it."""
     lead = len(item.index)
     box_off = item.index + (0,) * len(item.shape)
@@ -164,14 +164,14 @@ def _reads_for(item: Item, pos: int, tensor: TensorInfo, chunks: list[Chunk], wo
             continue
         sizes = tuple(h - l for l, h in zip(lo, hi))
         dest = tuple(slice(l, h) for l, h in zip(lo[lead:], hi[lead:]))
-        reads.append(Read(pos, chunk.writer % world, tensor.key, tensor.shape, lo, sizes, dest))
+        reads.append(Read(pos, chunk.writer % world, tensor.key, tensor.shape, lo, sizes, dest, numel(sizes) * itemsize))
     covered = sum(numel(r.sizes) for r in reads)
     if covered != numel(item.shape):
         raise DistconvError(f"checkpoint tensor {item.key} is incomplete: its stored chunks cover {covered} of {numel(item.shape)} elements of {item.name}")
     return reads
 
 
-def _order(item: Item) -> tuple[int, int, str]:
+def _order(item: Part) -> tuple[int, int, str]:
     if item.key.startswith("embedding."):
         return (0, 0, item.name)
     if item.layer is not None:
@@ -179,9 +179,9 @@ def _order(item: Item) -> tuple[int, int, str]:
     return (2, 0, item.name)
 
 
-def _split(items: list[Item], window: int, itemsize: int) -> list[list[Item]]:
+def _split(items: list[Part], window: int, itemsize: int) -> list[list[Part]]:
     """Cut a run of items into pieces of at most ``window`` bytes (an item is never cut)."""
-    pieces: list[list[Item]] = [[]]
+    pieces: list[list[Part]] = [[]]
     size = 0
     for item in items:
         n = numel(item.shape) * itemsize
@@ -205,14 +205,14 @@ def make_plan(
     writers: int = 1,
     fp8_rest: torch.dtype | None = None,
 ) -> Plan:
-    """Items grouped per layer (split by ``window`` bytes), their reads, and the HF outputs.
+    """Units of a layer's items (split by ``window`` bytes), their reads, and the HF outputs.
 
-    With ``writers`` > 1 the groups are cut into that many contiguous ranges of about equal
+    With ``writers`` > 1 the units are cut into that many contiguous ranges of about equal
     bytes; each range is written by its own rank into its own files, and the ranges are
     interleaved in the processing order so that the writers work at the same time. ``dtype`` is
     the gathered dtype; with ``fp8_rest`` the family's quantized weights are planned as FP8 plus
     their float32 ``_scale_inv`` (quantized from ``dtype``) and every other output in ``fp8_rest``.
-    Tensors a ``Rule.float32`` maps that the checkpoint stores float32 are read in float32, in groups
+    Tensors a ``Rule.float32`` maps that the checkpoint stores float32 are read in float32, in units
     of their own.
     """
     if not 1 <= writers <= world:
@@ -220,24 +220,24 @@ def make_plan(
     # sorted by the stored names (the outputs' order), then named as the mappings name them
     items = sorted((i for t in ckpt.tensors.values() for i in items_of(t, spec.num_layers, spec.num_experts)), key=_order)
     items = [dataclasses.replace(i, name=canonical(i.name, spec.multi_latent_attention)) for i in items]
-    by_unit: dict[tuple[int, int | str], list[Item]] = {}
+    by_unit: dict[tuple[int, int | str], list[Part]] = {}
     for item in items:
         unit = _order(item)
         by_unit.setdefault((unit[0], item.layer if item.layer is not None else item.name), []).append(item)
 
-    groups: list[Group] = []
+    units: list[Unit] = []
     named: list[list[tuple[str, torch.Tensor]]] = []
     indexes: dict[str, dict[tuple[int, ...], list[Chunk]]] = {}
 
     float32_rules = [r for r in family.rules if r.float32]
 
-    def float32(item: Item) -> bool:
+    def float32(item: Part) -> bool:
         return (dtype != torch.float32 and ckpt.tensors[item.key].dtype == torch.float32
                 and any(r.match(item.name) is not None for r in float32_rules))
 
     for unit_items in by_unit.values():
-        kept: list[Item] = []
-        rest: list[Item] = []
+        kept: list[Part] = []
+        rest: list[Part] = []
         for item in unit_items:
             (kept if float32(item) else rest).append(item)
         for kind, part in ((torch.float32, kept), (None, rest)):
@@ -248,24 +248,24 @@ def make_plan(
                     if item.key not in indexes:
                         indexes[item.key] = _chunks_by_index(tensor, len(item.index))
                     chunks = indexes[item.key].get(item.index, [])
-                    reads += _reads_for(item, pos, tensor, chunks, world)
+                    reads += _reads_for(item, pos, tensor, chunks, world, (kind or dtype).itemsize)
                     meta = torch.empty(item.shape, dtype=kind or dtype, device="meta")
                     outs += family.export_tensor(item.name, meta, spec, fp8_rest)
-                groups.append(Group(piece, reads, dtype=kind))
+                units.append(Unit(piece, reads, dtype=kind))
                 named.append(outs)
 
     ranges = _ranges([sum(t.numel() * t.element_size() for _, t in outs) for outs in named], writers)
     writer_ranks = [i * world // writers for i in range(writers)]
     outputs, files = _assign_files(named, ranges, max_shard_size)
-    for group_outputs, group, r in zip(outputs, groups, [r for r, rng in enumerate(ranges) for _ in rng]):
-        group.outputs, group.writer = group_outputs, writer_ranks[r]
-    order = [g for batch in itertools.zip_longest(*ranges) for g in batch if g is not None]
+    for unit_outputs, unit, r in zip(outputs, units, [r for r, rng in enumerate(ranges) for _ in rng]):
+        unit.outputs, unit.writer = unit_outputs, writer_ranks[r]
+    order = [u for batch in itertools.zip_longest(*ranges) for u in batch if u is not None]
     flat = [o for outs in outputs for o in outs]
-    return Plan([groups[g] for g in order], flat, files, dtype, world, writer_ranks[: len(ranges)])
+    return Plan([units[u] for u in order], flat, files, dtype, world, writer_ranks[: len(ranges)])
 
 
 def _ranges(sizes: list[int], parts: int) -> list[range]:
-    """Cut group indices into ``parts`` contiguous ranges of about equal total size."""
+    """Cut unit indices into ``parts`` contiguous ranges of about equal total size."""
     total, bounds, acc = sum(sizes), [0], 0
     for i, n in enumerate(sizes):
         acc += n
@@ -379,6 +379,9 @@ class ExportJob:
         self.save = Path(opts.save).resolve()
         self.inputs = (load, self.ckpt.path, opts.hf_config, self.tokenizer_source)
         refuse_overlap(self.save, self.inputs)
+        self.reader = open_reader(self.ckpt, collective=True)
+        self.small_files = ("config.json, generation_config.json, model.safetensors.index.json, distconv.json"
+                            " (and the tokenizer files when there is a tokenizer)")
 
     @property
     def dtype_name(self) -> str:
@@ -397,47 +400,39 @@ class ExportJob:
             + (f", {spec.num_experts} experts (top {spec.moe_topk}) in {sum(spec.moe_layers)} layers" if spec.num_experts else ""),
             f"vocab       {spec.vocab_size} of {spec.padded_vocab_size} padded rows, from {self.vocab_source}",
             f"tokens      bos {getattr(self.config, 'bos_token_id', None)}, eos {getattr(self.config, 'eos_token_id', None)}, from {self.tokens_source}",
-            f"plan        {world} rank(s), {len(plan.groups)} groups, {plan.total_bytes / 1e9:.3f} GB of {self.dtype_name} "
+            f"plan        {world} rank(s), {len(plan.units)} units, {plan.total_bytes / 1e9:.3f} GB of {self.dtype_name} "
             f"into {len(plan.files)} file(s); optimizer and other state ({ckpt.other_bytes / 1e9:.3f} GB) not read",
         ])
 
-    def dry_run_text(self) -> str:
-        return plan_text(self.plan, self.ckpt, self.save)
-
     def convert(self, comm: Comm, tmp: Path, tracker: Tracker) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-        """Read ahead, gather, and map + write behind, group by group."""
+        """Walk the units: read ahead, gather on each unit's writer, and map + write behind."""
         plan = self.plan
-        mine = [o for g in plan.groups if g.writer == comm.rank for o in g.outputs]
+        mine = [o for u in plan.units if u.writer == comm.rank for o in u.outputs]
         shards = self._shard_writer(tmp, mine) if mine else None
         nonfinite: dict[str, int] = {}  # HF name -> NaN/Inf count, of this rank's outputs
 
-        def write_group(index: int, full: list[torch.Tensor]) -> None:
-            group = plan.groups[index]
+        def write_unit(index: int, full: list[torch.Tensor]) -> None:
             found = []
-            for item, tensor in zip(group.items, full):
-                for name, out in self.family.export_tensor(item.name, tensor, self.spec, self.fp8_rest):
+            for part, tensor in zip(plan.units[index].parts, full):
+                for name, out in self.family.export_tensor(part.name, tensor, self.spec, self.fp8_rest):
                     out = out.contiguous()
                     if count := _nonfinite(out):
                         nonfinite[name] = count
-                        found.append(f"{name} (from Megatron {item.name}): {count} of {out.numel()}")
+                        found.append(f"{name} (from Megatron {part.name}): {count} of {out.numel()}")
                     shards.write(name, out)
             if found and not self.opts.allow_nonfinite:
                 raise DistconvError(
                     f"NaN or Inf values in HF tensor {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}: the model would "
                     "produce garbage (stopped at the first tensors found holding any; --allow-nonfinite exports them)")
 
-        writer = WriterThread(write_group) if shards else None
-        prefetch = None
+        writer = WriterThread(write_unit) if shards else None
+        stream = None
         try:
-            reader = LegacyReader(self.ckpt) if self.ckpt.format == "legacy" else Reader(self.ckpt.path, self.ckpt.metadata)
-            prefetch = Prefetcher(reader, plan, comm.rank, self.window, comm.overlap_reads)
-            for index, (tensors, error) in enumerate(prefetch):
-                comm.agree(error or (writer.error if writer else None))
-                prefetch.agreed(index)
-                full = comm.gather(plan.groups[index], tensors, plan.dtype_of(plan.groups[index]))
+            stream = Stream(plan, self.reader, comm, self.window, threaded=comm.overlap_reads)
+            for index, full in stream.walk(lambda: writer.error if writer else None):
                 if full is not None:
                     writer.put(index, full)
-                tracker.advance(plan.read_bytes(plan.groups[index]), shards.bytes_written if shards else 0)
+                tracker.advance(plan.read_bytes(plan.units[index]), shards.bytes_written if shards else 0)
             error = writer.join() if writer else None
             if shards is not None and error is None:
                 error = _attempt(shards.close)
@@ -448,13 +443,13 @@ class ExportJob:
                 self.warnings.append(f"exported {len(found)} tensor(s) holding NaN or Inf (--allow-nonfinite)")
                 if comm.rank == 0:
                     warn(self.warnings[-1])
-            prefetch.close()
+            stream.close()
             fields = {"architecture": self.family.architecture, "save": str(self.save), "nonfinite": found, "vocab_size": self.spec.vocab_size, "vocab_source": self.vocab_source,
                       "format": self.format, "quantization": self.quantization}
             return fields, getattr(shards, "sums", {})
         except BaseException:
-            if prefetch is not None:  # joined: a load in flight is one every rank started
-                prefetch.close()
+            if stream is not None:  # joined: a load in flight is one every rank started
+                stream.close()
             if writer is not None:
                 writer.join(discard=True)
             if shards is not None:
@@ -498,14 +493,7 @@ def export(load: str | Path, save: str | Path, **options: Any) -> dict[str, Any]
     group of one.
     """
     opts = ExportOptions(save=save, **options)
-    comm = Comm.setup(opts.device, opts.timeout_s)
-    try:
-        result = run(comm, lambda: ExportJob(load, opts, comm.world), opts)
-    except BaseException:
-        comm.close(clean=False)
-        raise
-    comm.close(clean=True)
-    return result
+    return launch(lambda world: ExportJob(load, opts, world), opts, opts.device)
 
 
 def _nonfinite(t: torch.Tensor) -> int:

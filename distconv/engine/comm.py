@@ -1,4 +1,4 @@
-"""Stage 4: the process group, error agreement, and gathering each group's slices on rank 0.
+"""The process group, error agreement, and gathering each unit's slices on its writer.
 
 NCCL carries tensors when CUDA is available (``--device auto``), gloo otherwise. Control
 messages (error agreement) always go over a gloo group so they never need a GPU.
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from distconv.engine.plan import Group, Read
+from distconv.engine.plan import Read, Unit
 from distconv.errors import DistconvError, user_error, warn
 
 _ALIGN = 16
@@ -134,29 +134,29 @@ class Comm:
             dist.broadcast_object_list(token, src=0, group=self.control)
         return token[0]
 
-    def gather(self, group: Group, mine: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor] | None:
-        """Assemble the group's items on its writer rank from every rank's slices.
+    def gather(self, unit: Unit, mine: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """Assemble the unit's parts on its writer rank from every rank's slices.
 
-        Returns the items on the writer, None elsewhere. A rank's slices travel as one packed
+        Returns the parts on the writer, None elsewhere. A rank's slices travel as one packed
         message; the writer posts its receives as one batch (``batch_isend_irecv``: under NCCL
         on the group's one communicator, not one per rank pair; gloo sends each on its own).
-        Where a single read is the whole item, that tensor is used as is.
+        Where a single read is the whole part, that tensor is used as is.
         """
-        dst = group.writer
+        dst = unit.writer
         if self.rank != dst:
             if mine:
-                packed = _pack(mine, group.reads_of(self.rank), dtype, self.device)
+                packed = _pack(mine, unit.reads_of(self.rank), dtype, self.device)
                 self.wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, packed, dst, group=self.data)]))
             return None
-        full: list[torch.Tensor | None] = [None] * len(group.items)
-        for read, t in zip(group.reads_of(dst), mine):
-            if t.shape == group.items[read.item].shape and full[read.item] is None:
-                full[read.item] = t  # the read is the whole item: no copy
+        full: list[torch.Tensor | None] = [None] * len(unit.parts)
+        for read, t in zip(unit.reads_of(dst), mine):
+            if t.shape == unit.parts[read.part].shape and full[read.part] is None:
+                full[read.part] = t  # the read is the whole part: no copy
             else:
-                _place(full, group, read, t, dtype)
+                place(full, unit, read, t, dtype)
         pending = []
         for src in range(self.world):
-            reads = group.reads_of(src) if src != dst else []
+            reads = unit.reads_of(src) if src != dst else []
             if reads:
                 pending.append((src, reads, torch.empty(_packed_size(reads, dtype), dtype=torch.uint8, device=self.device)))
         if pending:
@@ -165,7 +165,7 @@ class Comm:
         for src, reads, buf in pending:
             host = buf if buf.device.type == "cpu" else self.staging.copy(src, buf)
             for read, t in zip(reads, _unpack(host, reads, dtype)):
-                _place(full, group, read, t, dtype)
+                place(full, unit, read, t, dtype)
         return full  # type: ignore[return-value]
 
     def wait(self, works: list[Any]) -> None:
@@ -283,10 +283,13 @@ class HostBuffers:
         self._held.clear()
 
 
-def _place(full: list, group: Group, read, t: torch.Tensor, dtype: torch.dtype) -> None:
-    if full[read.item] is None:
-        full[read.item] = torch.empty(group.items[read.item].shape, dtype=dtype)
-    target = full[read.item][read.dest]
+def place(full: list[torch.Tensor | None], unit: Unit, read: Read, t: torch.Tensor, dtype: torch.dtype,
+          fill: bool = False) -> None:
+    """Put a read's data where it lands in its part (made on first use: empty, or zeros with
+    ``fill`` where reads may leave rows uncovered: padding rows)."""
+    if full[read.part] is None:
+        full[read.part] = (torch.zeros if fill else torch.empty)(unit.parts[read.part].shape, dtype=dtype)
+    target = full[read.part][read.dest]
     target.copy_(t.reshape(target.shape))
 
 

@@ -1,69 +1,90 @@
-"""The plan's vocabulary: which rank reads which box, in which streaming group, into which output.
+"""The plan's vocabulary, the same for every direction: which rank reads which box, into which
+unit, written by which rank into which output.
 
-A plan is a pure function of the source's description, the mapping, the world size and the
-options, so every rank computes the same plan without talking to the others.
+A ``Unit`` is what one writer produces in one step: its ``parts`` (the tensors it assembles
+from its reads: an export's per-layer Megatron tensors, an import's or reshard's one target
+chunk), the ``reads`` that fill them (each by the rank that reads it), and the ``outputs`` the
+writer's sink receives (HF tensors in safetensors files, or checkpoint chunks). A unit whose
+reads all lie on its writer needs no gather. A ``Plan`` is the units in processing order; it
+is a pure function of the source's description, the mapping, the world size and the options,
+so every rank computes the same plan without talking to the others.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 
 
-@dataclasses.dataclass(frozen=True)
-class Item:
-    """One logical Megatron tensor (one layer's slice of a stacked key): the unit of mapping."""
+def numel(shape: tuple[int, ...]) -> int:
+    """The number of elements of a tensor of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
-    name: str  # per-layer name the mappings use, e.g. decoder.layers.3.mlp.linear_fc2.weight
-    key: str  # checkpoint key
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One tensor a unit assembles from its reads: one layer's (and expert's) slice ``index`` of the
+    stored tensor ``key`` (``layer`` None for a model tensor), or a whole target chunk."""
+
+    name: str  # the name the mapping uses, e.g. decoder.layers.3.mlp.linear_fc2.weight
+    key: str  # the stored (or target) tensor's key
     index: tuple[int, ...]  # leading indices into the stored tensor
     shape: tuple[int, ...]
-    layer: int | None
+    layer: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Read:
-    """A box of a stored tensor that one rank loads, and where it lands in its item."""
+    """A box of a source tensor that one rank reads, and where it lands in its unit's part."""
 
-    item: int  # position in the group's items
+    part: int  # position in the unit's parts
     rank: int
     key: str
     global_shape: tuple[int, ...]
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
-    dest: tuple[slice, ...]  # inside the item tensor
+    dest: tuple[slice, ...]  # inside the part
+    nbytes: int  # what reading it costs the source (its stored dtype; an HF-named source's rows)
 
 
 @dataclasses.dataclass(frozen=True)
 class Output:
-    """One HF tensor and the safetensors file it goes to."""
+    """One tensor a sink writes: its name, shape and dtype, the file it goes to, and (for a
+    checkpoint chunk) the sink's own description of where in the tensor it lies."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str
+    place: Any = None
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return numel(self.shape) * self.dtype.itemsize
 
 
 @dataclasses.dataclass
-class Group:
-    """What is read, gathered and written together; its writer holds one group at a time."""
+class Unit:
+    """What one writer produces in one step; its writer holds one unit's parts at a time."""
 
-    items: list[Item]
+    parts: list[Part]
     reads: list[Read]
     outputs: list[Output] = dataclasses.field(default_factory=list)
-    writer: int = 0  # the rank that gathers, maps and writes this group
-    dtype: torch.dtype | None = None  # read and gathered in this dtype (None: the plan's)
+    writer: int = 0  # the rank that assembles (gathers), maps and writes this unit
+    dtype: torch.dtype | None = None  # read in this dtype (None: the plan's)
 
     def reads_of(self, rank: int) -> list[Read]:
         return [r for r in self.reads if r.rank == rank]
+
+    @property
+    def gathered(self) -> bool:
+        """Whether some of its reads lie on other ranks than its writer."""
+        return any(r.rank != self.writer for r in self.reads)
 
     @property
     def nbytes(self) -> int:
@@ -72,27 +93,27 @@ class Group:
 
 @dataclasses.dataclass
 class Plan:
-    groups: list[Group]  # in processing order (writers' ranges interleaved)
+    units: list[Unit]  # in processing order (writers' ranges interleaved)
     outputs: list[Output]  # in model order
-    files: list[str]
+    files: list[str]  # the files the sink writes tensors into (and the checkpoint's metadata files)
     dtype: torch.dtype
     world: int
-    writers: list[int]  # ranks that write safetensors files
+    writers: list[int]  # ranks that write
 
-    def dtype_of(self, group: Group) -> torch.dtype:
-        """The dtype ``group`` is read and gathered in."""
-        return group.dtype or self.dtype
+    def dtype_of(self, unit: Unit) -> torch.dtype:
+        """The dtype ``unit`` is read in."""
+        return unit.dtype or self.dtype
 
     def batches(self, limit: int) -> list[list[int]]:
-        """Consecutive groups of one dtype read by one ``load`` call, at most ``limit`` bytes each."""
+        """Consecutive units of one dtype read by one ``load`` call, at most ``limit`` bytes each."""
         out: list[list[int]] = [[]]
         size = 0
-        for i, g in enumerate(self.groups):
-            if out[-1] and (size + g.nbytes > limit or self.dtype_of(self.groups[out[-1][0]]) != self.dtype_of(g)):
+        for i, u in enumerate(self.units):
+            if out[-1] and (size + u.nbytes > limit or self.dtype_of(self.units[out[-1][0]]) != self.dtype_of(u)):
                 out.append([])
                 size = 0
             out[-1].append(i)
-            size += g.nbytes
+            size += u.nbytes
         return out
 
     @property
@@ -103,20 +124,12 @@ class Plan:
     def tensors(self) -> int:
         return len(self.outputs)
 
-    def read_bytes(self, group: Group) -> int:
-        """Bytes of ``group``'s reads (all ranks)."""
-        return sum(numel(r.sizes) for r in group.reads) * self.dtype_of(group).itemsize
+    def read_bytes(self, unit: Unit) -> int:
+        """Bytes of ``unit``'s reads (all ranks)."""
+        return sum(r.nbytes for r in unit.reads)
 
     def bytes_read_by(self, rank: int) -> int:
-        return sum(numel(r.sizes) * self.dtype_of(g).itemsize for g in self.groups for r in g.reads if r.rank == rank)
+        return sum(r.nbytes for u in self.units for r in u.reads if r.rank == rank)
 
     def bytes_written_by(self, rank: int) -> int:
-        return sum(g.nbytes for g in self.groups if g.writer == rank)
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    """The number of elements of a tensor of ``shape``."""
-    n = 1
-    for s in shape:
-        n *= s
-    return n
+        return sum(u.nbytes for u in self.units if u.writer == rank)

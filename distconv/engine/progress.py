@@ -1,7 +1,7 @@
 """Progress bars, the run report and the ``--dry-run`` plan, all printed by rank 0 alone.
 
-The pipeline calls a ``Tracker`` at a few points (after planning, after each group, before
-and after finishing). Bars are tqdm's (bytes, with rates), shown only on a terminal and
+The run calls a ``Tracker`` at a few points (after planning, after each unit, before and after
+finishing). Bars are tqdm's (bytes, with rates), shown only on a terminal and
 without ``--quiet``. The report (phase times, bytes, GB/s, peak RSS and bytes read from storage
 of every rank and, when gathering on GPUs, peak CUDA memory, tensor count) is gathered to rank
 0 over the control group and stored in the output's marker (``distconv.json``) and, with
@@ -16,28 +16,13 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from distconv.engine.plan import Plan
+from distconv.engine.plan import Plan, Read
 from distconv.errors import DistconvError, warn
-
-
-class Work(Protocol):
-    """What a run's plan tells the tracker, whatever the sink."""
-
-    world: int
-
-    @property
-    def tensors(self) -> int: ...
-    @property
-    def files(self) -> list[str]: ...
-    @property
-    def total_bytes(self) -> int: ...
-    def bytes_read_by(self, rank: int) -> int: ...
-    def bytes_written_by(self, rank: int) -> int: ...
 
 
 def peak_rss_bytes() -> int:
@@ -87,13 +72,13 @@ class Tracker:
         self.marks: dict[str, float] = {}
         self.read_bar = self.write_bar = None
         self.written = 0
-        self.plan: Work | None = None
+        self.plan: Plan | None = None
         self.io: dict[str, int | None] = {}  # storage_bytes_read() when the conversion starts and ends
 
     def _mark(self, phase: str) -> None:
         self.marks[phase] = time.perf_counter()
 
-    def planned(self, plan: Work) -> None:
+    def planned(self, plan: Plan) -> None:
         """Planning is over; open the bars (rank 0, on a terminal, unless quiet)."""
         self._mark("plan")
         self.plan = plan
@@ -200,20 +185,23 @@ def check_report_path(path: str | Path | None) -> Path | None:
     return path
 
 
-def plan_text(plan: Plan, ckpt: Any, save: Path) -> str:
-    """The ``--dry-run`` listing: what each rank reads, and the files that would be written."""
+def plan_text(plan: Plan, files_read: Callable[[list[Read]], list[str]], save: Path, small_files: str) -> str:
+    """The ``--dry-run`` listing of any conversion: what each rank would read (``files_read``: the
+    source's files some reads touch) and write, and the files that would be written: the plan's
+    tensor files with their writers, and by rank 0 its other files and the sink's ``small_files``."""
     lines = [f"dry run: nothing is read or written. {plan.world} rank(s) would read:"]
     for rank in range(plan.world):
-        reads = [r for g in plan.groups for r in g.reads if r.rank == rank]
-        files = sorted({c.file for t in ckpt.tensors.values() for c in t.chunks if c.writer % plan.world == rank})
+        reads = [r for u in plan.units for r in u.reads if r.rank == rank]
+        files = files_read(reads)
         lines.append(f"  rank {rank}: {len(reads)} slices of {len({r.key for r in reads})} tensors, "
-                     f"{plan.bytes_read_by(rank) / 1e6:.3f} MB from {', '.join(files) or 'nothing'}")
+                     f"{plan.bytes_read_by(rank) / 1e6:.3f} MB from {', '.join(files[:6]) or 'nothing'}"
+                     f"{' ...' if len(files) > 6 else ''}; writes {plan.bytes_written_by(rank) / 1e6:.3f} MB")
     lines.append(f"and would write {save}/ (atomically), {len(plan.outputs)} tensors, {plan.total_bytes / 1e6:.3f} MB:")
-    writer_of = {o.file: g.writer for g in plan.groups for o in g.outputs}
+    writer_of = {o.file: u.writer for u in plan.units for o in u.outputs}
     for file in plan.files:
         outs = [o for o in plan.outputs if o.file == file]
-        lines.append(f"  {file}: {len(outs)} tensors, {sum(o.nbytes for o in outs) / 1e6:.3f} MB of tensor data "
-                     f"(written by rank {writer_of.get(file, 0)})")
-    lines.append("  config.json, generation_config.json, model.safetensors.index.json, distconv.json"
-                 " (and the tokenizer files when there is a tokenizer), by rank 0")
+        if outs:
+            lines.append(f"  {file}: {len(outs)} tensors, {sum(o.nbytes for o in outs) / 1e6:.3f} MB of tensor data "
+                         f"(written by rank {writer_of[file]})")
+    lines.append(f"  {', '.join([f for f in plan.files if f not in writer_of] + [small_files])}, by rank 0")
     return "\n".join(lines)

@@ -19,7 +19,9 @@ from typing import Any, Callable, Protocol
 from distconv.engine import marker
 from distconv.engine.comm import Comm
 from distconv.engine.folder import OutputFolder
-from distconv.engine.progress import Tracker, Work, check_report_path
+from distconv.engine.plan import Plan
+from distconv.engine.progress import Tracker, check_report_path, plan_text
+from distconv.engine.stream import Reader
 from distconv.errors import DistconvError, warn
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -56,10 +58,11 @@ class Job(Protocol):
     inputs: tuple[str | Path | None, ...]  # what ``save`` must stay clear of
     identity: dict[str, Any]  # the source and options, recorded in and compared with ``distconv.json``
     warnings: list[str]
-    plan: Work
+    plan: Plan
+    reader: Reader  # the source's
+    small_files: str  # what the sink writes besides the plan's tensors (for ``--dry-run``)
 
     def summary(self, world: int) -> str: ...
-    def dry_run_text(self) -> str: ...
     def convert(self, comm: Comm, tmp: Path, tracker: Tracker) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
         """Collective: stream everything into ``tmp``; returns fields for the report (the same on
         every rank) and this rank's files hashed as written (name -> bytes, sha256)."""
@@ -93,7 +96,7 @@ def run(comm: Comm, plan: Callable[[], Job], opts: RunOptions) -> dict[str, Any]
         for warning in job.warnings:
             warn(warning)
     if opts.dry_run:
-        say(comm, False, job.dry_run_text())
+        say(comm, False, plan_text(job.plan, job.reader.files, job.save, job.small_files))
         return {"dry_run": True, "tensors": job.plan.tensors, "files": job.plan.files,
                 "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)}}
     if marker.rank0_value(comm, comm.rank == 0 and not opts.overwrite and marker.finished(job.save, job.identity)):
@@ -124,3 +127,17 @@ def run(comm: Comm, plan: Callable[[], Job], opts: RunOptions) -> dict[str, Any]
         raise
     say(comm, opts.quiet, job.done_text(report))
     return report
+
+
+def launch(make_job: Callable[[int], Job], opts: RunOptions, device: str = "cpu") -> dict[str, Any]:
+    """Collective: one conversion in its own process groups (``Comm.setup``; inside a job whose
+    default group exists, that one is reused and left as it was): ``make_job(world)`` planned and
+    run, then the groups made for it destroyed (waiting for every rank only after a success)."""
+    comm = Comm.setup(device, opts.timeout_s)
+    try:
+        result = run(comm, lambda: make_job(comm.world), opts)
+    except BaseException:
+        comm.close(clean=False)
+        raise
+    comm.close(clean=True)
+    return result

@@ -1,12 +1,26 @@
-"""Overlap of the stages: a reader thread runs ahead, a writer thread runs behind.
+"""The one data path: a plan's units streamed from a source to their writers.
 
-Per rank: the reader thread loads the next batch of groups (one ``dist_checkpointing.load``
-call per batch, a collective on the default process group) while the main thread gathers the
-current group (on its own groups), and, on writer ranks, a writer thread maps and writes the
-previous one. The reader starts a batch only when the consumer permits it, which it does once
-every rank has agreed on the previous batch's first group: so every rank starts the same
-loads, and none is left inside a collective that its peers will not join. Both threads are
-joined before ``export`` returns, on success and on error.
+One read-ahead thread per rank reads the units' boxes in plan order, holding at most
+``--window`` bytes read and not yet taken. It reads in one of two modes, which the source's
+reader decides:
+
+- **collective**: megatron-core's ``load`` is a collective on the default process group, so
+  every rank loads the same batches of units (one call per batch of at most ``--window`` bytes)
+  and a batch starts only once the consumer permits it, which it does when every rank has agreed
+  on the batch before it: none is left inside a collective its peers will not join;
+- **local**: each rank reads alone, a unit at a time, as room allows.
+
+Two ways to consume them:
+
+- ``walk`` (export): every rank goes through every unit in plan order; the ranks agree after each
+  unit's reads (one message if any failed), and its parts are gathered on its writer (NCCL on
+  GPUs, else gloo; no transfer when its reads all lie there), where the sink maps and writes them
+  behind, in a ``WriterThread``;
+- ``take`` (import, reshard): the writer's sink asks for one of its own units when it reaches it
+  (megatron-core's save, from inside DCP's planner); its reads all lie on the writer, so no
+  collective is involved, and a unit asked for before its turn is read next (``misses``).
+
+The threads are joined before the run returns, on success and on error.
 """
 
 from __future__ import annotations
@@ -15,113 +29,216 @@ import ctypes
 import os
 import queue
 import threading
-from typing import Callable, Hashable, Iterator, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
-from distconv.engine.comm import check_slices
-from distconv.engine.plan import Plan, Read
-
-_Result = tuple[list[list[torch.Tensor]] | None, BaseException | None]
+from distconv.engine.comm import Comm, check_slices, place
+from distconv.engine.plan import Plan, Read, Unit
 
 
 class Reader(Protocol):
-    """Loads planned boxes of a source (megatron-core's collective load, or a rank's own reads)."""
+    """Reads planned boxes of a source, as CPU tensors of the planned dtype."""
+
+    collective: bool  # every rank must read each batch together (megatron-core's load)
 
     def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]: ...
+    def files(self, reads: list[Read]) -> list[str]:
+        """The source's files ``reads`` touch (for ``--dry-run``)."""
 
 
-class Prefetcher:
-    """Reads this rank's slices of every group, in plan order, one permitted batch ahead."""
+_Result = tuple[Any, BaseException | None]
 
-    def __init__(self, reader: Reader, plan: Plan, rank: int, batch_bytes: int, threaded: bool = True) -> None:
-        """``threaded=False`` reads each batch only when the consumer reaches it."""
-        self._reader, self._plan, self._rank = reader, plan, rank
-        self._batches = plan.batches(batch_bytes)
-        self._batch_of_first = {batch[0]: k for k, batch in enumerate(self._batches)}
-        self._cond = threading.Condition()
-        self._permitted = 0  # batches 0 .. permitted-1 may be read
+
+class ReadAhead:
+    """Batches read by one background thread in order, holding at most ``limit`` bytes read and not
+    yet taken (one batch more when it alone is larger).
+
+    ``collective``: a batch is read only once ``permit`` allows it, and a permitted batch is read
+    even after ``close`` (its peers read it too); after a failed read nothing more is read.
+    Otherwise a batch asked for before its turn is read next (counted in ``misses``).
+    ``threaded=False`` reads each batch only when it is taken, in the taking thread.
+    """
+
+    def __init__(self, sizes: list[int], read: Callable[[int], Any], limit: int, collective: bool,
+                 threaded: bool = True) -> None:
+        self._sizes, self._read, self._limit, self._collective = sizes, read, limit, collective
+        self._order = list(range(len(sizes)))
+        self._done: dict[int, _Result] = {}
+        self._started: set[int] = set()
+        self._urgent: int | None = None
+        self._permitted = 0 if collective else len(sizes)  # batches 0 .. permitted-1 may be read
+        self._held = 0
         self._stopped = False
-        self._results: dict[int, _Result] = {}
+        self.misses = 0
+        self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         if threaded:
-            self._thread = threading.Thread(target=self._fill, name="distconv-reader", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="distconv-reader", daemon=True)
             self._thread.start()
 
-    def _fill(self) -> None:
-        """Read each batch once permitted. A permitted batch is read even after ``close``:
-        every rank got the same permissions, so its peers start that load too."""
-        for k in range(len(self._batches)):
+    def _next(self) -> int | None:
+        """Under the lock: the batch to read now, or None to wait."""
+        if self._urgent is not None and self._urgent not in self._started:
+            return self._urgent
+        while self._order and self._order[0] in self._started:
+            self._order.pop(0)
+        if not self._order or self._order[0] >= self._permitted:
+            return None
+        k = self._order[0]
+        # once stopped, a collective reader still reads what is permitted, room or not
+        return k if self._stopped or self._held == 0 or self._held + self._sizes[k] <= self._limit else None
+
+    def _run(self) -> None:
+        while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._permitted > k or self._stopped)
-                if self._permitted <= k:
-                    return
-            result = self._read(k)
+                while (k := self._next()) is None or self._stopped:
+                    if self._stopped and (k is None or not self._collective):
+                        return
+                    if k is not None:  # stopped, yet permitted: its peers start this load too
+                        break
+                    if not self._order and self._urgent is None:
+                        return
+                    self._cond.wait()
+                self._started.add(k)
+            result = self._attempt(k)
             with self._cond:
-                self._results[k] = result
+                self._done[k] = result
+                self._held += self._sizes[k]
                 self._cond.notify_all()
-            if result[1] is not None:
+            if result[1] is not None and self._collective:
                 return
 
-    def _read(self, k: int) -> _Result:
-        batch = self._batches[k]
-        reads = [r for g in batch for r in self._plan.groups[g].reads_of(self._rank)]
+    def _attempt(self, k: int) -> _Result:
         try:
-            dtype = self._plan.dtype_of(self._plan.groups[batch[0]])
-            tensors = self._reader.read(reads, dtype)
-            check_slices(reads, tensors, dtype)
-        except BaseException as e:  # handed to the consumer, which makes every rank agree
+            return self._read(k), None
+        except BaseException as e:  # handed to the consumer (which makes every rank agree on it)
             return None, e
-        per_group, at = [], 0
-        for g in batch:
-            n = len(self._plan.groups[g].reads_of(self._rank))
-            per_group.append(tensors[at : at + n])
-            at += n
-        return per_group, None
 
-    def _take(self, k: int) -> _Result:
-        with self._cond:
-            if self._permitted <= k:
-                raise RuntimeError(f"internal: batch {k} taken before every rank agreed on the one before")
-        if self._thread is None:
-            return self._read(k)
-        with self._cond:
-            self._cond.wait_for(lambda: k in self._results)
-            return self._results.pop(k)
-
-    def _permit(self, batches: int) -> None:
+    def permit(self, batches: int) -> None:
+        """Batches ``0 .. batches-1`` may be read (collective mode)."""
         with self._cond:
             self._permitted = max(self._permitted, batches)
             self._cond.notify_all()
 
-    def __iter__(self) -> Iterator[tuple[list[torch.Tensor] | None, BaseException | None]]:
-        """Yields ``(tensors, error)`` per group in plan order; after an error, only the error.
-
-        Starts the first batch; each later one waits for ``agreed`` on the batch before it.
-        """
-        self._permit(1)
-        for k in range(len(self._batches)):
-            per_group, error = self._take(k)
-            if error is not None:
-                yield None, error
-                return
-            yield from ((tensors, None) for tensors in per_group)
-
-    def agreed(self, index: int) -> None:
-        """Every rank agreed that group ``index`` was read: the batch after its batch may start."""
-        k = self._batch_of_first.get(index)
-        if k is not None:
-            self._permit(k + 2)
+    def take(self, k: int) -> _Result:
+        """Batch ``k``'s data and error (one of them None); a batch is taken once."""
+        with self._cond:
+            if self._permitted <= k:
+                raise RuntimeError(f"internal: batch {k} taken before every rank agreed on the one before")
+        if self._thread is None:
+            return self._attempt(k)
+        with self._cond:
+            if k not in self._started and not self._collective:
+                self.misses += 1
+                self._urgent = k
+                self._cond.notify_all()
+            while k not in self._done:
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"internal: the read-ahead thread ended without reading batch {k}")
+                self._cond.wait(timeout=1.0)
+            result = self._done.pop(k)
+            self._held -= self._sizes[k]
+            if self._urgent == k:
+                self._urgent = None
+            self._cond.notify_all()
+        return result
 
     def close(self) -> None:
-        """Start no further batch and join the thread. A load in flight is one every rank
-        started; it ends, or fails within the group's timeout when a peer died."""
+        """Start no further batch (but a permitted one, collectively) and join the thread. A load
+        in flight is one every rank started; it ends, or fails within the group's timeout when a
+        peer died."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
-        self._results.clear()
+        self._done.clear()
+
+
+def assemble(unit: Unit, data: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """A unit's parts from all its reads' ``data`` (rows no read covers are zeros: padding)."""
+    parts: list[torch.Tensor | None] = [None] * len(unit.parts)
+    for read, tensor in zip(unit.reads, data):
+        place(parts, unit, read, tensor, dtype, fill=True)
+    return [p if p is not None else torch.zeros(part.shape, dtype=dtype) for p, part in zip(parts, unit.parts)]
+
+
+class Stream:
+    """A plan's units streamed from ``reader`` through one ``ReadAhead`` of ``window`` bytes.
+
+    ``pull=False``: every rank ``walk``s every unit (a collective reader's units in batches of at
+    most ``window`` bytes). ``pull=True``: a writer ``take``s its own units, one at a time, in plan
+    order ahead of the asking (a local reader only).
+    """
+
+    def __init__(self, plan: Plan, reader: Reader, comm: Comm, window: int, pull: bool = False,
+                 threaded: bool = True) -> None:
+        if pull and reader.collective:
+            raise RuntimeError("internal: a collective reader's units are walked, not pulled")
+        self._plan, self._reader, self._comm = plan, reader, comm
+        if pull:
+            batches = [[i] for i, u in enumerate(plan.units) if u.writer == comm.rank]
+        elif reader.collective:
+            batches = plan.batches(window)
+        else:
+            batches = [[i] for i in range(len(plan.units))]
+        self._batches = batches
+        self._batch_of = {index: k for k, batch in enumerate(batches) for index in batch}
+        sizes = [sum(plan.units[i].nbytes for i in batch) for batch in batches]
+        read = self._pulled if pull else self._walked
+        self._ahead = ReadAhead(sizes, read, window, reader.collective, threaded)
+
+    def _walked(self, k: int) -> list[list[torch.Tensor]]:
+        """This rank's reads of batch ``k``'s units, in one call: per unit, its tensors."""
+        units = [self._plan.units[i] for i in self._batches[k]]
+        reads = [r for u in units for r in u.reads_of(self._comm.rank)]
+        dtype = self._plan.dtype_of(units[0])
+        tensors = self._reader.read(reads, dtype)
+        check_slices(reads, tensors, dtype)
+        per_unit, at = [], 0
+        for u in units:
+            n = len(u.reads_of(self._comm.rank))
+            per_unit.append(tensors[at : at + n])
+            at += n
+        return per_unit
+
+    def _pulled(self, k: int) -> list[torch.Tensor]:
+        """Batch ``k``'s one unit's parts, read and assembled."""
+        unit = self._plan.units[self._batches[k][0]]
+        dtype = self._plan.dtype_of(unit)
+        return assemble(unit, self._reader.read(unit.reads, dtype), dtype)
+
+    def walk(self, check: Callable[[], BaseException | None] = lambda: None
+             ) -> Iterator[tuple[int, list[torch.Tensor] | None]]:
+        """Collective: ``(unit index, its parts on its writer, None elsewhere)`` for every unit in plan
+        order. Every rank agrees after each unit's reads, on them and on ``check()`` (the sink's
+        error): a failure anywhere is one ``DistconvError`` on every rank. A batch starts once every
+        rank agreed on the first unit of the batch before it."""
+        self._ahead.permit(1)
+        for k, batch in enumerate(self._batches):
+            per_unit, error = self._ahead.take(k)
+            for j, index in enumerate(batch):
+                self._comm.agree(error or check())
+                if j == 0:
+                    self._ahead.permit(k + 2)
+                unit = self._plan.units[index]
+                yield index, self._comm.gather(unit, per_unit[j], self._plan.dtype_of(unit))
+
+    def take(self, index: int) -> list[torch.Tensor]:
+        """This writer's unit ``index``'s parts (raising its read's error)."""
+        data, error = self._ahead.take(self._batch_of[index])
+        if error is not None:
+            raise error
+        return data
+
+    @property
+    def misses(self) -> int:
+        """Units taken before the read-ahead reached them."""
+        return self._ahead.misses
+
+    def close(self) -> None:
+        self._ahead.close()
 
 
 class WriterThread:
@@ -178,82 +295,3 @@ def heap_trimmer() -> Callable[[], None]:
         return lambda: None
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     return lambda: trim(0) and None
-
-
-class ReadAhead:
-    """Chunks read by one background thread in the order they are expected to be asked for,
-    holding at most ``limit`` bytes read and not yet taken (one chunk more when it alone is larger).
-
-    ``take(key)`` returns a chunk; one not read yet is read next, ahead of the expected order
-    (counted in ``misses``). Only the thread reads, so a source's reader is never used by two
-    threads. ``close`` stops and joins the thread, on success and on error.
-    """
-
-    def __init__(self, order: list[Hashable], sizes: dict[Hashable, int], read: Callable[[Hashable], torch.Tensor],
-                 limit: int) -> None:
-        self._order, self._sizes, self._read, self._limit = list(order), sizes, read, limit
-        self._done: dict[Hashable, tuple[torch.Tensor | None, BaseException | None]] = {}
-        self._started: set[Hashable] = set()
-        self._urgent: Hashable | None = None
-        self._held = 0
-        self._stopped = False
-        self.misses = 0
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="distconv-read-ahead", daemon=True)
-        self._thread.start()
-
-    def _next(self) -> Hashable | None:
-        """Under the lock: the chunk to read now, or None to wait."""
-        if self._urgent is not None and self._urgent not in self._started:
-            return self._urgent
-        while self._order and self._order[0] in self._started:
-            self._order.pop(0)
-        if not self._order:
-            return None
-        key = self._order[0]
-        return key if self._held == 0 or self._held + self._sizes[key] <= self._limit else None
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopped and (key := self._next()) is None:
-                    if not self._order and self._urgent is None:
-                        return
-                    self._cond.wait()
-                if self._stopped:
-                    return
-                self._started.add(key)
-            try:
-                result: tuple[torch.Tensor | None, BaseException | None] = (self._read(key), None)
-            except BaseException as e:
-                result = (None, e)
-            with self._cond:
-                self._done[key] = result
-                self._held += self._sizes[key]
-                self._cond.notify_all()
-
-    def take(self, key: Hashable) -> torch.Tensor:
-        with self._cond:
-            if key not in self._started:
-                self.misses += 1
-                self._urgent = key
-                self._cond.notify_all()
-            while key not in self._done:
-                if not self._thread.is_alive():
-                    raise RuntimeError(f"internal: the read-ahead thread ended without reading {key}")
-                self._cond.wait(timeout=1.0)
-            data, error = self._done.pop(key)
-            self._held -= self._sizes[key]
-            if self._urgent == key:
-                self._urgent = None
-            self._cond.notify_all()
-        if error is not None:
-            raise error
-        return data
-
-    def close(self) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify_all()
-        self._thread.join()
-        self._done.clear()

@@ -62,7 +62,7 @@ import math
 import re
 from typing import Callable
 
-from distconv.engine.plan import Item
+from distconv.engine.plan import Part
 from distconv.errors import DistconvError
 from distconv.megatron.checkpoint import TensorInfo
 from distconv.spec import ModelSpec
@@ -590,7 +590,7 @@ def mtp_as_layer(key: str, num_layers: int) -> str:
     return f"decoder.layers.{num_layers + int(m['m'])}.{m['sub']}" if m else key
 
 
-def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None) -> list[Item]:
+def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None) -> list[Part]:
     """Split a stored tensor into per-layer (and per-expert) items, named as stored (``canonical``
     gives the name the mappings use).
 
@@ -613,11 +613,11 @@ def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None
         head, grouped, tail = name.partition(_GROUPED_EXPERTS)
         if grouped and not tail[:1].isdigit() and num_experts and shape and shape[0] == num_experts:
             items += [
-                Item(f"{head}.mlp.experts.{e}.{tail}", tensor.key, index + (e,), shape[1:], layer)
+                Part(f"{head}.mlp.experts.{e}.{tail}", tensor.key, index + (e,), shape[1:], layer)
                 for e in range(num_experts)
             ]
         else:
-            items.append(Item(expert_name(name), tensor.key, index, shape, layer))
+            items.append(Part(expert_name(name), tensor.key, index, shape, layer))
     return items
 
 

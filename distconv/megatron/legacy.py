@@ -257,7 +257,7 @@ def _assemble(by_rank: dict[tuple[int, int], list[_Piece]], files: dict[tuple[in
     return tensors
 
 
-# ---------------------------------------------------------------- reading (stage 3, legacy)
+# ---------------------------------------------------------------- reading
 
 
 def _qkv_to_core(t: torch.Tensor, version: float, head_dim: int) -> torch.Tensor:
@@ -272,11 +272,13 @@ def _qkv_to_core(t: torch.Tensor, version: float, head_dim: int) -> torch.Tensor
 
 
 class LegacyReader:
-    """Stage 3 for legacy checkpoints: each planned box is cut from the one rank file holding it.
+    """Reads legacy checkpoints: each planned box is cut from the rank files holding it.
 
     Reading is local (no collective); a rank opens only the files its reads name, each once
-    per export (memory-mapped, so only the bytes sliced are read).
+    per run (memory-mapped, so only the bytes sliced are read).
     """
+
+    collective = False
 
     def __init__(self, ckpt: Checkpoint) -> None:
         self.ckpt = ckpt
@@ -298,6 +300,9 @@ class LegacyReader:
                 if isinstance(t, torch.Tensor)
             }
         return self._files[name]
+
+    def files(self, reads: list[Read]) -> list[str]:
+        return sorted({c.file for r in reads for c, _, _ in overlaps(r, self.ckpt.tensors[r.key].chunks)})
 
     def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
         """This rank's planned boxes as CPU tensors of ``dtype`` (a box may span rank files)."""

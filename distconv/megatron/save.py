@@ -84,10 +84,11 @@ def _strategy(fetch: Fetch, group: Any):
     return LazyStrategy("torch_dist", 1)
 
 
-def save_root(comm: Any, tmp: Path, *, shards: list[Shard], extras: list[ExtraState], dtype_of: Callable[[Shard], torch.dtype],
+def save_root(comm: Any, tmp: Path, *, chunks: list[tuple[Shard, torch.dtype]], extras: list[ExtraState],
               fetch: Fetch, common: dict[str, Any], iteration: int | str) -> None:
-    """Collective: write ``tmp/<iteration folder>`` with this rank's ``shards`` and ``extras``, then
-    (rank 0) the tracker file. ``fetch`` supplies each chunk's data as the writer reaches it."""
+    """Collective: write ``tmp/<iteration folder>`` with this rank's ``chunks`` (each with its stored
+    dtype) and ``extras``, then (rank 0) the tracker file. ``fetch`` supplies each chunk's data as
+    the writer reaches it."""
     from megatron.core import dist_checkpointing
 
     ckpt = tmp / iteration_dir(iteration)
@@ -95,7 +96,7 @@ def save_root(comm: Any, tmp: Path, *, shards: list[Shard], extras: list[ExtraSt
         ckpt.mkdir()
     if comm.world > 1:
         dist.barrier(group=comm.control)
-    state: dict[str, Any] = {f"t{n}": sharded_tensor(s, dtype_of(s)) for n, s in enumerate(shards)}
+    state: dict[str, Any] = {f"t{n}": sharded_tensor(s, dtype) for n, (s, dtype) in enumerate(chunks)}
     state.update({f"x{n}": extra_state_object(e) for n, e in enumerate(extras)})
     try:
         # keep the save off the GPU: no CUDA context on device 0 per rank (exclusive-process

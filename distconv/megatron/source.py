@@ -1,5 +1,5 @@
-"""Megatron checkpoints as sources: find the iteration folder and describe it, whatever its format;
-the training's model-parallel size, which launchers use as the default process count."""
+"""Megatron checkpoints as sources: find the iteration folder, describe it and read it, whatever its
+format; the training's model-parallel size, which launchers use as the default process count."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from distconv.megatron.checkpoint import (
     read_dcp_metadata,
     read_tensor_index,
 )
-from distconv.megatron.legacy import describe_legacy
+from distconv.megatron.legacy import LegacyReader, describe_legacy
+from distconv.megatron.torch_dist import TorchDistReader
 
 
 def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint:
@@ -38,6 +39,12 @@ def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint
         raise DistconvError(f"{folder} holds no model tensors")
     writers = 1 + max((c.writer for t in tensors.values() for c in t.chunks), default=0)
     return Checkpoint(folder, iteration, fmt, args, common, tensors, other, writers, metadata)
+
+
+def open_reader(ckpt: Checkpoint, collective: bool) -> LegacyReader | TorchDistReader:
+    """The reader of a described checkpoint: a legacy one's rank files are always read locally; a
+    torch_dist one's through megatron-core's collective load, or by each rank alone."""
+    return LegacyReader(ckpt) if ckpt.format == "legacy" else TorchDistReader(ckpt, collective)
 
 
 def model_parallel_size(load: str | Path, iteration: int | str | None = None) -> int:

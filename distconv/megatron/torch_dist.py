@@ -1,10 +1,8 @@
-"""Reading torch_dist checkpoints: collectively through megatron-core (export), or per rank (``LocalReader``).
+"""Reading torch_dist checkpoints: one reader, collectively through megatron-core or by each rank alone.
 
-The request is a dict of ``ShardedTensor``s built from the plan (no model instance, no
+A collective read is a dict of ``ShardedTensor``s built from the plan (no model instance, no
 transformer-engine), loaded by megatron-core's torch_dist strategy with the DCP metadata
-distconv already parsed (``serving_metadata``). ``load`` is collective over the default
-process group, so every rank calls it once per read batch, with an empty request when it owns
-nothing there.
+distconv already parsed (``serving_metadata``).
 """
 
 from __future__ import annotations
@@ -105,42 +103,50 @@ def _sharded_tensor(read: Read, dtype: torch.dtype):
     )
 
 
-class Reader:
-    """Loads planned slices of one checkpoint folder."""
+class TorchDistReader:
+    """Boxes of one torch_dist folder, read in one of two modes.
 
-    def __init__(self, folder: Path, metadata: Any) -> None:
-        self.folder = Path(folder)
-        self.metadata = metadata  # allow-listed DCP metadata from ``describe``
+    ``collective``: through megatron-core's torch_dist strategy (``load``, a collective over the
+    default process group: every rank calls it once per batch, with an empty request when it owns
+    nothing there); it reads only the requested chunks (no ``common.pt``).
+
+    Local: by this rank alone, with no collective (a sink that asks for each chunk when its writer
+    reaches it, on each rank at its own pace, cannot take part in a collective ``load``). The
+    stored chunks a box overlaps are read by byte range, as DCP's own reader does (each chunk is
+    one ``torch.save``'d tensor, unpickled with ``weights_only`` and distconv's allow-list), and
+    the last chunk is kept for the next box cut from it.
+    """
+
+    def __init__(self, ckpt: Checkpoint, collective: bool) -> None:
+        self.ckpt, self.collective = ckpt, collective
+        self._last: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
 
     def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
-        """Load ``reads`` (this rank's part of one batch) as CPU tensors of ``dtype``."""
+        """``reads`` (this rank's part of one batch) as CPU tensors of ``dtype``."""
+        return self._load(reads, dtype) if self.collective else [self._cut(read, dtype) for read in reads]
+
+    def files(self, reads: list[Read]) -> list[str]:
+        return sorted({c.file for r in reads for c, _, _ in overlaps(r, self.ckpt.tensors[r.key].chunks)})
+
+    def _load(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
 
+        folder = self.ckpt.path
         request = {f"r{i}": _sharded_tensor(r, dtype) for i, r in enumerate(reads)}
         try:
-            # the torch_dist strategy itself: it reads only the requested chunks (no common.pt)
-            with serving_metadata(self.folder, self.metadata):
-                loaded = TorchDistLoadShardedStrategy().load(request, self.folder)
+            with serving_metadata(folder, self.ckpt.metadata):
+                loaded = TorchDistLoadShardedStrategy().load(request, folder)
         except BaseException as e:  # torch's CheckpointException derives from BaseException
             if isinstance(e, (KeyboardInterrupt, SystemExit)):
                 raise
-            raise user_error(e, f"reading {self.folder}") from e
+            raise user_error(e, f"reading {folder}") from e
         return [loaded[f"r{i}"].reshape(r.sizes) for i, r in enumerate(reads)]
 
-
-class LocalReader:
-    """Boxes of one torch_dist folder read by this rank alone, with no collective.
-
-    The sink of import and reshard asks for each chunk when its writer reaches it, on each rank
-    at its own pace, so it cannot take part in megatron-core's collective ``load``. This reads
-    the stored chunks a box overlaps by byte range, as DCP's own reader does (each chunk is one
-    ``torch.save``'d tensor, unpickled with ``weights_only`` and distconv's allow-list), and
-    keeps the last chunk for the next box cut from it.
-    """
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        self.ckpt = ckpt
-        self._last: tuple[tuple[str, tuple[int, ...]], torch.Tensor] | None = None
+    def _cut(self, read: Read, dtype: torch.dtype) -> torch.Tensor:
+        box = torch.empty(read.sizes, dtype=dtype)
+        for chunk, src, dst in overlaps(read, self.ckpt.tensors[read.key].chunks):
+            box[dst] = self._chunk(read.key, chunk)[src]
+        return box
 
     def _chunk(self, key: str, chunk: Chunk) -> torch.Tensor:
         from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -157,13 +163,3 @@ class LocalReader:
             raise DistconvError(f"{self.ckpt.path / info.relative_path}: {key} at {chunk.offsets} is not a tensor of shape {chunk.sizes}")
         self._last = ((key, chunk.offsets), tensor)
         return tensor
-
-    def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
-        """``reads`` as CPU tensors of ``dtype``, each cut from the stored chunks it overlaps."""
-        out = []
-        for read in reads:
-            box = torch.empty(read.sizes, dtype=dtype)
-            for chunk, src, dst in overlaps(read, self.ckpt.tensors[read.key].chunks):
-                box[dst] = self._chunk(read.key, chunk)[src]
-            out.append(box)
-        return out

@@ -22,7 +22,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distconv.directions.to_megatron import ImportJob, MegatronOptions, ReshardJob
+from distconv.directions.import_ import ImportJob
+from distconv.directions.reshard import ReshardJob
+from distconv.directions.to_megatron import MegatronOptions
+from distconv.engine.stream import assemble
 from distconv.hf.source import open_hf
 from distconv.megatron.checkpoint import TRACKER, iteration_dir
 from distconv.megatron.model import no_device_calls, stand_ins
@@ -32,7 +35,7 @@ from tests.benchmarks.export_stats import current_rss, io_counters, warm_imports
 
 
 class InMemory:
-    """HF-named tensors held in RAM (what ``read_shard`` reads its boxes from)."""
+    """HF-named tensors held in RAM (what ``import_.read_shard`` reads its boxes from)."""
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
@@ -51,7 +54,9 @@ class InMemory:
 
 
 class InMemoryReader:
-    """A torch_dist checkpoint's weights held in RAM, read like ``LocalReader``."""
+    """A torch_dist checkpoint's weights held in RAM, read like a local ``TorchDistReader``."""
+
+    collective = False
 
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         self.tensors = tensors
@@ -75,7 +80,7 @@ def load_whole(op: str, load: str, opts: MegatronOptions):
     job = ReshardJob(load, opts, 1)
     whole = {key: torch.empty(info.shape, dtype=info.dtype) for key, info in job.ckpt.tensors.items()}
     dcp.load(whole, checkpoint_id=str(job.ckpt.path))
-    job._reader = InMemoryReader(whole)
+    job.reader = InMemoryReader(whole)
     return job, whole
 
 
@@ -100,12 +105,11 @@ def main() -> None:
     before, start = io_counters(), time.perf_counter()
     job, whole = load_whole(opts.op, opts.load, MegatronOptions(save=out, tp=opts.tp, pp=opts.pp, ep=opts.ep, etp=opts.etp,
                                                                          overwrite=True))
-    plan = job.plan
-    state = {f"t{n}": sharded_tensor(s, plan.dtypes[n]) for n, s in enumerate(plan.shards)}
-    for n in range(len(plan.shards)):
-        data = job.read(n)
+    state = {f"t{n}": sharded_tensor(u.outputs[0].place, u.dtype) for n, u in enumerate(job.plan.units)}
+    for n, unit in enumerate(job.plan.units):
+        (data,) = assemble(unit, job.reader.read(unit.reads, unit.dtype), unit.dtype)
         state[f"t{n}"].data = data.reshape(state[f"t{n}"].local_shape)
-    state.update({f"x{n}": extra_state_object(e) for n, e in enumerate(plan.extras)})
+    state.update({f"x{n}": extra_state_object(e) for n, e in enumerate(job.extras)})
     whole.clear()
     del whole
     folder = out / iteration_dir(job.iteration)
