@@ -9,8 +9,6 @@ import signal
 import sys
 from typing import Any
 
-from torch.distributed.elastic.multiprocessing.errors import record
-
 from distconv.errors import DistconvError
 
 _WATCH_ONLY = {"poll": "--poll", "watch_timeout": "--watch-timeout", "once": "--once"}
@@ -94,7 +92,7 @@ def _layout_args(p: argparse.ArgumentParser) -> None:
 
 
 def _import_parsers(sub: argparse._SubParsersAction) -> None:
-    from distconv.mindspore.source import add_model_args
+    from distconv.mindspore.flags import add_model_args
 
     imp = sub.add_parser("import", help="HF (or MindSpore Transformers) safetensors -> Megatron torch_dist checkpoint")
     imp.add_argument("--load", required=True, help="HF model folder; with --source mindspore: a MindFormers save root or iteration folder, or safetensors file/folder")
@@ -129,10 +127,17 @@ def _record(error: BaseException) -> None:
         get_error_handler().record_exception(error)
 
 
-@record
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; errors become one ``distconv: error:`` line from rank 0 and exit status 1."""
+    """Run one command; errors become one ``distconv: error:`` line from rank 0 and exit status 1.
+    The options are parsed before torch is imported (``--help`` and bad flags stay light); the
+    command then runs under torchelastic's ``record``, as torchrun's workers should."""
     opts = _parser().parse_args(argv)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_main)(opts)
+
+
+def _main(opts: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     signal.signal(signal.SIGTERM, _on_sigterm)  # unwind, so that partial output is removed
     try:
@@ -188,7 +193,8 @@ def _dispatch(opts: argparse.Namespace) -> int:
                   f"{result['top1_agreement']:.2%} -> {'OK' if result['ok'] else 'MISMATCH'} (tolerance {opts.tol:g})")
         return 0 if result["ok"] else 1
     if opts.command in ("import", "reshard"):
-        from distconv.directions.to_megatron import import_hf, import_mindspore, reshard
+        from distconv.directions.import_ import import_hf, import_mindspore
+        from distconv.directions.reshard import reshard
 
         options = dict(tp=opts.tensor_model_parallel_size, pp=opts.pipeline_model_parallel_size,
                        ep=opts.expert_model_parallel_size, etp=opts.expert_tensor_parallel_size,

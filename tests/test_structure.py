@@ -129,3 +129,17 @@ def test_production_modules_never_import_tests():
     bad = sorted(f"{_module(p)} -> {name}" for p in PACKAGE.rglob("*.py") for name in _imported(p)
                  if name.split(".")[0] in names)
     assert bad == []
+
+
+def test_the_command_line_help_imports_no_heavy_library():
+    """``distconv --help`` (and each command's) answers without torch, megatron-core or transformers."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom distconv.cli import main\n"
+            "for argv in (['--help'], ['export', '--help'], ['import', '--help'], ['reshard', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'megatron', 'transformers'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
