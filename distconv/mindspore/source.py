@@ -227,7 +227,7 @@ class MindSporeSource:
         if unmapped:
             raise DistconvError(f"MindSpore parameter names with no mapping: {', '.join(sorted(unmapped)[:12])}"
                                 f"{' ...' if len(unmapped) > 12 else ''} (supported: legacy MindFormers Llama names and "
-                                "parallel_core names of dense GPT models; see README)")
+                                "parallel_core names of dense GPT models; see docs/import-reshard.md)")
         if unordered:
             raise DistconvError(
                 f"the checkpoint's fused parallel_core tensors ({', '.join(sorted(unordered.values()))}, ...) do "
