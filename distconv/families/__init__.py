@@ -7,10 +7,10 @@ from distconv.families.gpt2 import GPT2
 from distconv.families.llama import LLAMA
 from distconv.families.mistral import MISTRAL
 from distconv.families.mixtral import MIXTRAL
-from distconv.families.qwen2 import QWEN2
 from distconv.families.qwen2_moe import QWEN2_MOE
-from distconv.families.qwen3 import QWEN3
 from distconv.families.qwen3_moe import QWEN3_MOE
+from distconv.families.qwen2 import QWEN2
+from distconv.families.qwen3 import QWEN3
 
 FAMILIES: tuple[Family, ...] = (DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT2, QWEN3, QWEN2, MISTRAL, LLAMA)
 

@@ -25,13 +25,7 @@ from distconv.errors import DistconvError
 from distconv.families.base import Family, Rule
 from distconv.families.llama import RULES, H, L, spec_fields
 from distconv.families.moe import (
-    SIGMOID_FIELDS,
-    SIGMOID_REQUIRES,
-    SIGMOID_RULES,
-    SIGMOID_SPEC,
-    fields,
-    with_fields,
-    with_mtp,
+    SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields, with_mtp,
 )
 
 A = L + "self_attention."

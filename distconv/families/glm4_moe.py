@@ -22,13 +22,7 @@ from transformers import Glm4MoeConfig
 from distconv.families.base import QKV, Family, Rule, _hf_value
 from distconv.families.llama import RULES, H, L, spec_fields
 from distconv.families.moe import (
-    SIGMOID_FIELDS,
-    SIGMOID_REQUIRES,
-    SIGMOID_RULES,
-    SIGMOID_SPEC,
-    fields,
-    with_fields,
-    with_mtp,
+    SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields, with_mtp,
 )
 
 A = L + "self_attention."

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from transformers import MistralConfig
 
-from distconv.families.base import Family
 from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, spec_fields
+from distconv.families.base import Family
 from distconv.spec import ModelSpec
 
 

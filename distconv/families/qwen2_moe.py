@@ -7,13 +7,7 @@ from transformers import Qwen2MoeConfig
 from distconv.families.base import QKV, Family, Rule
 from distconv.families.llama import RULES, H, L, spec_fields
 from distconv.families.moe import (
-    QWEN_MOE_FIELDS,
-    QWEN_MOE_SPEC,
-    QWEN_MOE_SPELLED_BY,
-    SOFTMAX_REQUIRES,
-    expert_rules,
-    shared_expert_rules,
-    with_fields,
+    QWEN_MOE_FIELDS, QWEN_MOE_SPEC, QWEN_MOE_SPELLED_BY, SOFTMAX_REQUIRES, expert_rules, shared_expert_rules, with_fields,
 )
 
 QWEN2_MOE = Family(

@@ -5,14 +5,7 @@ from __future__ import annotations
 from transformers import Qwen3MoeConfig
 
 from distconv.families.base import Family
-from distconv.families.moe import (
-    QWEN_MOE_FIELDS,
-    QWEN_MOE_SPEC,
-    QWEN_MOE_SPELLED_BY,
-    SOFTMAX_REQUIRES,
-    expert_rules,
-    with_fields,
-)
+from distconv.families.moe import QWEN_MOE_FIELDS, QWEN_MOE_SPEC, QWEN_MOE_SPELLED_BY, SOFTMAX_REQUIRES, expert_rules, with_fields
 from distconv.families.qwen3 import QWEN3
 
 QWEN3_MOE = Family(
