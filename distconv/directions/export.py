@@ -38,7 +38,7 @@ from distconv.hf.sink import (
 from distconv.hf.tokenizer import cached_hub_tokenizer, load_tokenizer
 from distconv.megatron.args import arg, parallel_sizes, spec_from_args
 from distconv.megatron.catalogue import canonical, items_of
-from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo
+from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo, overlaps
 from distconv.megatron.source import describe, open_reader
 from distconv.megatron.tokenizer import megatron_vocab, special_tokens
 from distconv.spec import DTYPES, ModelSpec
@@ -154,17 +154,13 @@ def _chunks_by_index(tensor: TensorInfo, lead: int) -> dict[tuple[int, ...], lis
 def _reads_for(item: Part, pos: int, tensor: TensorInfo, chunks: list[Chunk], world: int, itemsize: int) -> list[Read]:
     """Intersect the item's box with the stored chunks; the chunk's writer rank reads it."""
     lead = len(item.index)
-    box_off = item.index + (0,) * len(item.shape)
-    box_size = (1,) * lead + item.shape
+    offsets = item.index + (0,) * len(item.shape)
+    box = Read(pos, 0, tensor.key, tensor.shape, offsets, (1,) * lead + item.shape, (), 0)
     reads = []
-    for chunk in chunks:
-        lo = tuple(max(a, b) for a, b in zip(box_off, chunk.offsets))
-        hi = tuple(min(a + s, b + t) for a, s, b, t in zip(box_off, box_size, chunk.offsets, chunk.sizes))
-        if any(h <= l for l, h in zip(lo, hi)):
-            continue
-        sizes = tuple(h - l for l, h in zip(lo, hi))
-        dest = tuple(slice(l, h) for l, h in zip(lo[lead:], hi[lead:]))
-        reads.append(Read(pos, chunk.writer % world, tensor.key, tensor.shape, lo, sizes, dest, numel(sizes) * itemsize))
+    for chunk, _, dest in overlaps(box, tuple(chunks)):
+        lo = tuple(o + d.start for o, d in zip(offsets, dest))
+        sizes = tuple(d.stop - d.start for d in dest)
+        reads.append(Read(pos, chunk.writer % world, tensor.key, tensor.shape, lo, sizes, dest[lead:], numel(sizes) * itemsize))
     covered = sum(numel(r.sizes) for r in reads)
     if covered != numel(item.shape):
         raise DistconvError(f"checkpoint tensor {item.key} is incomplete: its stored chunks cover {covered} of {numel(item.shape)} elements of {item.name}")

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import torch
 
 from distconv.directions.hf_model import hf_tensors
-from distconv.directions.to_megatron import MegatronOptions, ToMegatron, _target
+from distconv.directions.to_megatron import MegatronOptions, ToMegatron, target_layout
 from distconv.engine.folder import refuse_overlap
 from distconv.engine.plan import Read, numel
 from distconv.engine.run import launch, parse_size
@@ -158,7 +158,7 @@ class ImportJob(ToMegatron):
             raise DistconvError(f"--expert-model-parallel-size {ep}, --expert-tensor-parallel-size, --moe-grouped-gemm: "
                                 f"the {family.architecture} model has no experts")
         grouped = bool(opts.moe_grouped_gemm)
-        self.target, options = _target(opts, self.spec, opts.transformer_impl or "transformer_engine", grouped,
+        self.target, options = target_layout(opts, self.spec, opts.transformer_impl or "transformer_engine", grouped,
                                        per_layer=experts and not all(self.spec.moe_layers))
         shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, self.target)]
         self.iteration = "release" if opts.iteration is None else opts.iteration

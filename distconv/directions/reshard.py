@@ -14,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from distconv.directions.to_megatron import MegatronOptions, ToMegatron, _target
+from distconv.directions.to_megatron import MegatronOptions, ToMegatron, target_layout
 from distconv.engine import marker
 from distconv.engine.folder import refuse_overlap
 from distconv.engine.plan import Part, Read, numel
@@ -59,7 +59,7 @@ class ReshardJob(ToMegatron):
         grouped = experts and bool(arg(ckpt.args, "moe_grouped_gemm", default=False) if opts.moe_grouped_gemm is None
                                    else opts.moe_grouped_gemm)
         # the source's spelling of the keys does not matter: its names are read back to canonical ones
-        self.target, options = _target(
+        self.target, options = target_layout(
             opts, self.spec, opts.transformer_impl or arg(ckpt.args, "transformer_impl", default="transformer_engine"),
             grouped, per_layer=per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts))
         # every per-layer (and per-expert) tensor of the source, under its canonical name

@@ -50,7 +50,8 @@ class MegatronOptions(RunOptions):
     with_optimizer: bool = False  # reshard: not supported yet (an error)
 
 
-def _target(opts: MegatronOptions, spec: ModelSpec, impl: str, grouped: bool, per_layer: bool) -> tuple[Target, dict[str, Any]]:
+def target_layout(opts: MegatronOptions, spec: ModelSpec, impl: str, grouped: bool,
+                  per_layer: bool) -> tuple[Target, dict[str, Any]]:
     """The checked target layout, and the options the marker records for it (the expert ones for
     MoE models only). ``grouped`` is ``--moe-grouped-gemm``: only the local spec's GroupedMLP
     chunks experts by EP rank (transformer-engine's TEGroupedMLP saves them per expert)."""

@@ -261,7 +261,7 @@ def _unpin_default_group() -> None:
 
 
 class HostBuffers:
-    """One host byte buffer per source rank, grown as needed and reused group after group, so
+    """One host byte buffer per source rank, grown as needed and reused unit after unit, so
     the writer holds at most one message per peer on the host (pinned: GPU -> CPU is a DMA copy)."""
 
     def __init__(self, pin: bool) -> None:

@@ -107,7 +107,7 @@ class Tracker:
         self.written = bytes_written
 
     def converted(self, bytes_written: int) -> None:
-        """Every group is read, gathered and written; close the bars."""
+        """Every unit is read, gathered and written; close the bars."""
         self._mark("convert")
         self.io["convert"] = storage_bytes_read()
         self._wrote(bytes_written)
