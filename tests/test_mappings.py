@@ -156,3 +156,40 @@ def test_common_state_unpickler_refuses_foreign_globals(tmp_path):
     buf.seek(0)
     with pytest.raises(DistconvError, match="allow-list"):
         safe_torch_load(buf, "common.pt")
+
+
+@pytest.mark.parametrize("missing,named", [
+    (("hidden_size",), "hidden_size"),
+    (("num_layers", "num_attention_heads"), "num_layers, num_attention_heads"),
+    (("max_position_embeddings", "seq_length"), "max_position_embeddings"),
+    (("padded_vocab_size",), "padded_vocab_size"),
+])
+def test_a_missing_arg_without_a_default_is_an_error_naming_it(missing, named):
+    """Reading a checkpoint's args (export, reshard, and the model verify builds): an arg Megatron-LM
+    has no default for is named, never filled in with a test model's value."""
+    from distconv.megatron.model import transformer_config
+
+    args = megatron_args()
+    for name in missing:
+        delattr(args, name)
+    for read in (spec_from_args, lambda a: transformer_config(a, 1, 1)):
+        with pytest.raises(DistconvError, match=f"checkpoint args lack {named}"):
+            read(args)
+
+
+def test_an_absent_arg_reads_as_megatron_lm_defaults_it():
+    """What Megatron-LM's own flags default to, not the small test model's values (RMSNorm, SwiGLU,
+    RoPE, no linear bias), in the spec and in the model verify builds."""
+    from distconv.megatron.model import transformer_config
+
+    args = megatron_args()
+    for name in ("normalization", "swiglu", "position_embedding_type", "add_bias_linear", "ffn_hidden_size",
+                 "kv_channels", "layernorm_epsilon", "init_method_std", "untie_embeddings_and_output_weights"):
+        delattr(args, name)
+    spec = spec_from_args(args)
+    assert (spec.normalization, spec.gated_mlp, spec.activation, spec.position_embedding) == ("LayerNorm", False, "gelu", "learned_absolute")
+    assert (spec.add_bias_linear, spec.ffn_hidden_size, spec.head_dim) == (True, 4 * args.hidden_size, args.hidden_size // args.num_attention_heads)
+    assert (spec.norm_epsilon, spec.init_std, spec.tie_embeddings) == (1e-5, 0.02, True)
+    config = transformer_config(args, 1, 1)
+    assert (config.normalization, config.gated_linear_unit, config.add_bias_linear) == ("LayerNorm", False, True)
+    assert (config.ffn_hidden_size, config.kv_channels) == (4 * args.hidden_size, args.hidden_size // args.num_attention_heads)
