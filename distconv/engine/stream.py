@@ -26,6 +26,7 @@ The threads are joined before the run returns, on success and on error.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import queue
 import threading
@@ -156,6 +157,28 @@ class ReadAhead:
         self._done.clear()
 
 
+def _walked(plan: Plan, reader: Reader, rank: int, batches: list[list[int]], k: int) -> list[list[torch.Tensor]]:
+    """This rank's reads of batch ``k``'s units, in one call: per unit, its tensors."""
+    units = [plan.units[i] for i in batches[k]]
+    reads = [r for u in units for r in u.reads_of(rank)]
+    dtype = plan.dtype_of(units[0])
+    tensors = reader.read(reads, dtype)
+    check_slices(reads, tensors, dtype)
+    per_unit, at = [], 0
+    for u in units:
+        n = len(u.reads_of(rank))
+        per_unit.append(tensors[at : at + n])
+        at += n
+    return per_unit
+
+
+def _pulled(plan: Plan, reader: Reader, rank: int, batches: list[list[int]], k: int) -> list[torch.Tensor]:
+    """Batch ``k``'s one unit's parts, read and assembled (by its writer: ``rank``)."""
+    unit = plan.units[batches[k][0]]
+    dtype = plan.dtype_of(unit)
+    return assemble(unit, reader.read(unit.reads, dtype), dtype)
+
+
 def assemble(unit: Unit, data: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
     """A unit's parts from all its reads' ``data`` (rows no read covers are zeros: padding)."""
     parts: list[torch.Tensor | None] = [None] * len(unit.parts)
@@ -176,7 +199,7 @@ class Stream:
                  threaded: bool = True) -> None:
         if pull and reader.collective:
             raise RuntimeError("internal: a collective reader's units are walked, not pulled")
-        self._plan, self._reader, self._comm = plan, reader, comm
+        self._plan, self._comm = plan, comm
         if pull:
             batches = [[i] for i, u in enumerate(plan.units) if u.writer == comm.rank]
         elif reader.collective:
@@ -186,28 +209,9 @@ class Stream:
         self._batches = batches
         self._batch_of = {index: k for k, batch in enumerate(batches) for index in batch}
         sizes = [sum(plan.units[i].nbytes for i in batch) for batch in batches]
-        read = self._pulled if pull else self._walked
+        # the read functions hold no reference to the stream: no cycle keeps its groups alive
+        read = functools.partial(_pulled if pull else _walked, plan, reader, comm.rank, batches)
         self._ahead = ReadAhead(sizes, read, window, reader.collective, threaded)
-
-    def _walked(self, k: int) -> list[list[torch.Tensor]]:
-        """This rank's reads of batch ``k``'s units, in one call: per unit, its tensors."""
-        units = [self._plan.units[i] for i in self._batches[k]]
-        reads = [r for u in units for r in u.reads_of(self._comm.rank)]
-        dtype = self._plan.dtype_of(units[0])
-        tensors = self._reader.read(reads, dtype)
-        check_slices(reads, tensors, dtype)
-        per_unit, at = [], 0
-        for u in units:
-            n = len(u.reads_of(self._comm.rank))
-            per_unit.append(tensors[at : at + n])
-            at += n
-        return per_unit
-
-    def _pulled(self, k: int) -> list[torch.Tensor]:
-        """Batch ``k``'s one unit's parts, read and assembled."""
-        unit = self._plan.units[self._batches[k][0]]
-        dtype = self._plan.dtype_of(unit)
-        return assemble(unit, self._reader.read(unit.reads, dtype), dtype)
 
     def walk(self, check: Callable[[], BaseException | None] = lambda: None
              ) -> Iterator[tuple[int, list[torch.Tensor] | None]]:
