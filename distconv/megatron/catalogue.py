@@ -95,7 +95,8 @@ class Spelling:
     """A key (or module path) other than the canonical one, and where it is used: in
     multi-latent attention models or not (``mla``), in the transformer-engine spec or the local one
     (``te``), in MoE layers or dense ones (``moe``); None: either. Reading, a spelling is taken back
-    to the canonical name whatever the spec and layer (a checkpoint of any spec is read)."""
+    to the canonical name whatever the spec and layer (a checkpoint of any spec is read), but one
+    used in MLA models only is read so in MLA models only (``canonical``)."""
 
     key: str
     mla: bool | None = None
@@ -145,7 +146,6 @@ _W, _B = "weight", "bias"
 _SA, _MLP = "self_attention.", "mlp."
 PROJ = (Param(_SA + "linear_proj.weight", Split.ROW, aliases=("self_attention.dense.weight", "attention.dense.weight")),
         Param(_SA + "linear_proj.bias", aliases=("self_attention.dense.bias", "attention.dense.bias")))
-_TE_ONLY = dict(te=True)
 
 
 def _norm(name: str, *spellings: Spelling, aliases: tuple[str, ...] = ()) -> tuple[Param, ...]:
@@ -167,6 +167,10 @@ def _linear(name: str, split: Split, gated: bool = False, aliases: tuple[str, ..
 CATALOGUE: tuple[ModuleKind, ...] = (
     ModuleKind("embedding", Scope.MODEL, (Param("embedding.word_embeddings.weight", Split.VOCAB),
                                           Param("embedding.position_embeddings.weight"))),
+    # multi-latent attention (its query, with or without LoRA, then its kv and output): the up
+    # projections (whole heads per TP rank) split on dim 0, the down projections replicated
+    # (TELinear, parallel_mode="duplicated"), the latent norms fused into the up projections (the
+    # local spec keeps them as q_layernorm / kv_layernorm)
     ModuleKind("mla_q_lora", Scope.LAYER, (
         Param(_SA + "linear_q_down_proj.weight"),
         Param(_SA + "linear_q_up_proj.weight", Split.COLUMN),
@@ -176,9 +180,6 @@ CATALOGUE: tuple[ModuleKind, ...] = (
     ModuleKind("mla_q_proj", Scope.LAYER, (Param(_SA + "linear_q_proj.weight", Split.COLUMN),),
                (Spelling(_SA + "linear_q_proj"),),
                present=lambda spec, layer: spec.multi_latent_attention and not spec.q_lora_rank),
-    # multi-latent attention: the up projections (whole heads per TP rank) split on dim 0, the down
-    # projections replicated (TELinear, parallel_mode="duplicated"), the latent norms fused into the
-    # up projections (the local spec keeps them as q_layernorm / kv_layernorm)
     ModuleKind("mla", Scope.LAYER, (
         Param(_SA + "linear_kv_down_proj.weight"),
         Param(_SA + "linear_kv_up_proj.weight", Split.COLUMN),
