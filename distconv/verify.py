@@ -89,15 +89,28 @@ def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
     return sharded
 
 
+def _tensors_only(sharded: dict[str, Any]) -> dict[str, Any]:
+    """The sharded state dict without its ``ShardedObject``s (the modules' ``_extra_state``):
+    torch's DCP reads those bytes back with ``torch.load(weights_only=False)``, which would run
+    whatever a checkpoint stores there."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    _, tensors = extract_matching_values(sharded, lambda v: isinstance(v, ShardedObject))
+    return tensors
+
+
 def _torch_dist_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict from a torch_dist checkpoint through ``dist_checkpointing.load``."""
+    """The model's tensors from a torch_dist checkpoint through ``dist_checkpointing.load``
+    (no ``_extra_state``: see ``_tensors_only``)."""
     from megatron.core import dist_checkpointing
 
     from distconv.megatron_model import sharded_state_dict
 
     try:
         with serving_metadata(ckpt.path, ckpt.metadata):
-            loaded = dist_checkpointing.load({"model": _as_stored(sharded_state_dict(model), ckpt)}, str(ckpt.path),
+            request = _tensors_only(_as_stored(sharded_state_dict(model), ckpt))
+            loaded = dist_checkpointing.load({"model": request}, str(ckpt.path),
                                              common_strategy=_known_common(ckpt.common),
                                              validate_access_integrity=False)
     except BaseException as e:  # DCP's CheckpointException is a BaseException
@@ -128,13 +141,10 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
                 model = build_gpt(args, 1, 1)
             except (AttributeError, TypeError, ValueError) as e:
                 raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
-            if ckpt.format == "legacy":
-                state = _legacy_state(ckpt, model)
-                missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("_extra_state")]
-                if missing:
-                    raise DistconvError(f"{ckpt.path}: the legacy checkpoint gives no value for {', '.join(missing[:8])}")
-            else:
-                model.load_state_dict(_torch_dist_state(ckpt, model))
+            state = _legacy_state(ckpt, model) if ckpt.format == "legacy" else _torch_dist_state(ckpt, model)
+            missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("_extra_state")]
+            if missing:
+                raise DistconvError(f"{ckpt.path}: the checkpoint gives no value for {', '.join(missing[:8])}")
             model = model.float()
             return forward_logits(model, tokens).float()
     finally:

@@ -374,3 +374,43 @@ def test_a_failed_rename_puts_back_what_save_held(tmp_path):
         folder.commit()
     assert (save / "model.safetensors").read_bytes() == b"the user's previous export"
     assert not list(tmp_path.glob(".out.distconv-old-*"))
+
+
+# ---- round two (issue 25) -------------------------------------------------------------------
+
+def _export(capsys, ckpt: Path, out: Path, *extra: str) -> None:
+    code, errors = _cli(capsys, "export", "--load", str(ckpt), "--save", str(out), "--quiet", *extra)
+    assert code == 0 and not errors, errors
+
+
+def test_verify_never_unpickles_extra_state(ckpt, tmp_path, capsys):
+    """An ``_extra_state`` item of an allow-listed ``.metadata`` pointed at a ``torch.save``'d payload
+    appended to a ``.distcp`` file: torch's DCP would read it with ``weights_only=False``."""
+    import io
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    hf = tmp_path / "hf"
+    _export(capsys, ckpt, hf)
+    flag = tmp_path / "pwned"
+    evil = io.BytesIO()
+    torch.save(_Payload(flag), evil)
+    torch.load(io.BytesIO(evil.getvalue()), weights_only=False)
+    assert flag.exists(), "the payload is not live"
+    flag.unlink()
+    folder = ckpt / ITER
+    metadata = FileSystemReader(str(folder)).read_metadata()  # our own fixture, trusted
+    extra = [k for k, m in metadata.state_dict_metadata.items() if isinstance(m, BytesStorageMetadata)
+             and "_extra_state" in k]
+    assert extra
+    for index, info in metadata.storage_data.items():
+        if index.fqn in extra:
+            data = folder / info.relative_path
+            info.offset, info.length = data.stat().st_size, len(evil.getvalue())
+            with data.open("ab") as f:
+                f.write(evil.getvalue())
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    code, errors = _cli(capsys, "verify", "--load", str(ckpt), "--hf", str(hf))
+    assert not flag.exists(), "the payload ran"
+    assert code == 0 and not errors, errors
