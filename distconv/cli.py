@@ -142,12 +142,24 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"distconv: error: {e}", file=sys.stderr, flush=True)
         return 1
-    except RuntimeError as e:  # a peer died or the network failed mid-collective
+    except (RuntimeError, MemoryError) as e:  # out of memory; with other ranks: a peer died or the network failed
         _record(e)
         if rank == 0:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"distconv: error: lost contact with another rank ({first})", file=sys.stderr, flush=True)
+            print(f"distconv: error: {_runtime_error(e)}", file=sys.stderr, flush=True)
         return 1
+
+
+def _runtime_error(e: BaseException) -> str:
+    """What an error that is not distconv's own means: memory ran out, contact with another rank
+    was lost (only where there are other ranks), or what it says."""
+    import torch
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in first:
+        return f"out of memory ({first})"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"lost contact with another rank ({first})"
+    return f"{type(e).__name__}: {first}"
 
 
 def export_keywords(opts: argparse.Namespace) -> dict[str, Any]:

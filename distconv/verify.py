@@ -184,7 +184,10 @@ def verify(
         config = json.loads((Path(hf) / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise DistconvError(f"--hf {hf}: no readable config.json ({e})") from None
-    vocab = int(config["vocab_size"])
+    vocab = config.get("vocab_size") if isinstance(config, dict) else None
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
+        raise DistconvError(f"--hf {hf}: config.json gives no vocab_size as a positive whole number "
+                            f"({'vocab_size ' + repr(vocab) if isinstance(config, dict) else 'not a JSON object'})")
     ckpt = describe(load, iteration)
     length = min(length, int(arg(ckpt.args, "max_position_embeddings", "seq_length", default=length)))
     tokens = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))

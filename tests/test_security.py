@@ -414,3 +414,71 @@ def test_verify_never_unpickles_extra_state(ckpt, tmp_path, capsys):
     code, errors = _cli(capsys, "verify", "--load", str(ckpt), "--hf", str(hf))
     assert not flag.exists(), "the payload ran"
     assert code == 0 and not errors, errors
+
+
+def test_tracker_with_a_digit_int_refuses_is_one_line(ckpt, tmp_path, capsys):
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("²")  # str.isdigit() is True, int() fails
+    _refused(capsys, "neither an iteration number nor 'release'", "inspect", str(ckpt))
+    _refused(capsys, "neither an iteration number nor 'release'", "export", "--watch", str(ckpt), "--save",
+             str(tmp_path / "hf"), "--once")
+
+
+@pytest.mark.parametrize("config,header,needle", [
+    ("[1, 2]", None, "not an object"),
+    ('{"architectures": "LlamaForCausalLM"}', None, "architectures"),
+    ('{"quantization_config": [1]}', None, "quantization_config"),
+    ("{}", [1], "not an object"),
+    ("{}", {"w": 5}, "header entry 'w'"),
+    ("{}", {"w": {"dtype": "F32", "shape": [2], "data_offsets": [8]}}, "header entry 'w'"),
+])
+def test_inspect_malformed_hf_folder_is_one_line(tmp_path, capsys, config, header, needle):
+    import json
+
+    (tmp_path / "config.json").write_text(config)
+    if header is not None:
+        raw = json.dumps(header).encode()
+        (tmp_path / "model.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    _refused(capsys, needle, "inspect", str(tmp_path))
+
+
+@pytest.mark.parametrize("config", ['{"architectures": ["LlamaForCausalLM"]}', '{"vocab_size": "250"}', "[250]"])
+def test_verify_config_without_a_vocab_size_is_one_line(ckpt, tmp_path, capsys, config):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(config)
+    _refused(capsys, "vocab_size", "verify", "--load", str(ckpt), "--hf", str(hf))
+
+
+def test_single_process_errors_are_not_lost_contact(capsys, monkeypatch):
+    """What a memory or other runtime error says: "lost contact" only where there are other ranks."""
+    import distconv.cli
+
+    for world, error, needle in [
+        (None, MemoryError(), "out of memory"),
+        (None, RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
+         "out of memory"),
+        (None, RuntimeError("Error(s) in loading state_dict"), "RuntimeError: Error(s) in loading state_dict"),
+        ("2", RuntimeError("Connection closed by peer"), "lost contact with another rank (Connection closed"),
+    ]:
+        def fail(opts, error=error):
+            raise error
+
+        monkeypatch.setattr(distconv.cli, "_dispatch", fail)
+        if world is None:
+            monkeypatch.delenv("WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("WORLD_SIZE", world)
+        message = _refused(capsys, needle, "inspect", "anything")
+        assert ("lost contact" in message) == (world is not None)
+
+
+def test_args_of_the_wrong_type_are_one_line_in_inspect(ckpt, capsys):
+    common = ckpt / ITER / "common.pt"
+    state = torch.load(common, weights_only=False)  # our own fixture, trusted
+    state["args"].num_experts, state["args"].moe_layer_freq = 2, "²"
+    torch.save(state, common)
+    code, errors = _cli(capsys, "inspect", str(ckpt))
+    assert code == 0 and not errors  # the family is "none (...)", the rest is reported
+    state["args"].tensor_model_parallel_size = "two"
+    torch.save(state, common)
+    _refused(capsys, "tensor_model_parallel_size='two', not a whole number", "inspect", str(ckpt))
