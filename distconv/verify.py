@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -49,10 +49,21 @@ def _known_common(common: dict[str, Any]):
 def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict from a legacy checkpoint: each sharded-state key (per-layer ones as
     ``decoder.layers.{i}.X``, the legacy reader's names) read whole in fp32."""
-    from distconv.megatron_model import sharded_state_dict
     from distconv.sources.legacy import LegacyReader
 
     reader, state = LegacyReader(ckpt), {}
+    for name, source, info, _ in _legacy_sources(ckpt, model):
+        zeros = (0,) * len(info.shape)
+        box = Read(0, 0, source, tuple(info.shape), zeros, tuple(info.shape), tuple(slice(None) for _ in info.shape))
+        state[name] = reader.read([box], torch.float32)[0]
+    return state
+
+
+def _legacy_sources(ckpt: Checkpoint, model: torch.nn.Module) -> Iterator[tuple[str, str, Any, torch.Tensor]]:
+    """Each of the model's sharded-state tensors with the legacy checkpoint's key for it and what it
+    stores there, its shape checked."""
+    from distconv.megatron_model import sharded_state_dict
+
     for name, sharded in sharded_state_dict(model).items():
         key = getattr(sharded, "key", None)
         data = getattr(sharded, "data", None)
@@ -65,10 +76,7 @@ def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.T
             raise DistconvError(f"{ckpt.path}: the legacy checkpoint holds no {source} (megatron-core's {name})")
         if tuple(info.shape) != tuple(data.shape):
             raise DistconvError(f"{ckpt.path}: {source} is {list(info.shape)}, megatron-core's {name} is {list(data.shape)}")
-        zeros = (0,) * len(info.shape)
-        box = Read(0, 0, source, tuple(info.shape), zeros, tuple(info.shape), tuple(slice(None) for _ in info.shape))
-        state[name] = reader.read([box], torch.float32)[0]
-    return state
+        yield name, source, info, data
 
 
 def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
@@ -87,6 +95,65 @@ def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
                     t.key = t.key.removesuffix(local) + te
                     break  # one rename: the reverse pair must not undo it
     return sharded
+
+
+_STACKED = re.compile(r"^decoder\.layers\.[A-Za-z_]")
+_PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_MTP_LAYER = re.compile(r"^mtp\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+_GROUPED = ".mlp.experts.experts."
+
+
+def _stored_counts(ckpt: Checkpoint) -> dict[str, int]:
+    """How many decoder layers, MTP layers and experts the checkpoint stores, from its keys and shapes
+    alone (stacked keys lead with the layer axis, grouped experts then with the expert axis)."""
+    from distconv.engine.plan import expert_name
+
+    counts = {"num_layers": 0, "mtp_num_layers": 0, "num_experts": 0}
+    for key, info in ckpt.tensors.items():
+        stacked = bool(_STACKED.match(key))
+        layer, mtp, expert = _PER_LAYER.match(key), _MTP_LAYER.match(key), _EXPERT.search(expert_name(key))
+        if stacked and info.shape:
+            counts["num_layers"] = max(counts["num_layers"], info.shape[0])
+        if layer:
+            counts["num_layers"] = max(counts["num_layers"], int(layer.group(1)) + 1)
+        if mtp:
+            counts["mtp_num_layers"] = max(counts["mtp_num_layers"], int(mtp.group(1)) + 1)
+        if expert:
+            counts["num_experts"] = max(counts["num_experts"], int(expert.group(1)) + 1)
+        elif _GROUPED in key and len(info.shape) > int(stacked):
+            counts["num_experts"] = max(counts["num_experts"], info.shape[int(stacked)])
+    return counts
+
+
+def _check_args(ckpt: Checkpoint, args: argparse.Namespace) -> None:
+    """args' layer and expert counts must be what the checkpoint stores: a model of args is then no
+    larger than the checkpoint's, even on the meta device (each module costs memory and time)."""
+    for name, stored in _stored_counts(ckpt).items():
+        value = getattr(args, name, None) or 0
+        if value != stored:
+            raise DistconvError(f"{ckpt.path}: the checkpoint's args say {name}={value}, but it stores {stored}; "
+                                "megatron-core's model is not built from args that contradict the tensors")
+
+
+def _check_shapes(ckpt: Checkpoint, meta: torch.nn.Module) -> None:
+    """Every tensor of megatron-core's model of the args (built on the meta device: no memory) has
+    the shape the checkpoint stores, so that building it for real allocates no more than that."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from distconv.megatron_model import sharded_state_dict
+
+    if ckpt.format == "legacy":
+        list(_legacy_sources(ckpt, meta))  # raises at the first key missing or of another shape
+        return
+    sharded = _as_stored(sharded_state_dict(meta), ckpt)
+    apply_factories(sharded)
+    for t in nested_values(sharded):
+        info = ckpt.tensors.get(t.key) if isinstance(t, ShardedTensor) else None
+        if info is not None and tuple(info.shape) != tuple(t.global_shape):
+            raise DistconvError(f"{ckpt.path}: {t.key} is stored as {list(info.shape)}, but megatron-core's model of "
+                                f"the checkpoint's args has {list(t.global_shape)}: the args contradict the tensors")
 
 
 def _tensors_only(sharded: dict[str, Any]) -> dict[str, Any]:
@@ -137,10 +204,14 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
     try:
         with cpu_compat():
             parallel_state.initialize_model_parallel(1, 1)
+            _check_args(ckpt, args)
             try:
-                model = build_gpt(args, 1, 1)
-            except (AttributeError, TypeError, ValueError) as e:
+                with torch.device("meta"):
+                    meta = build_gpt(args, 1, 1, init=False)
+            except (AttributeError, TypeError, ValueError, AssertionError) as e:  # megatron-core checks args by assert too
                 raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
+            _check_shapes(ckpt, meta)
+            model = build_gpt(args, 1, 1)
             state = _legacy_state(ckpt, model) if ckpt.format == "legacy" else _torch_dist_state(ckpt, model)
             missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("_extra_state")]
             if missing:

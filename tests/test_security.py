@@ -482,3 +482,61 @@ def test_args_of_the_wrong_type_are_one_line_in_inspect(ckpt, capsys):
     state["args"].tensor_model_parallel_size = "two"
     torch.save(state, common)
     _refused(capsys, "tensor_model_parallel_size='two', not a whole number", "inspect", str(ckpt))
+
+
+def _edit_common(folder: Path, **changes) -> None:
+    common = folder / "common.pt"
+    state = torch.load(common, weights_only=False)  # our own fixture, trusted
+    for k, v in changes.items():
+        setattr(state["args"], k, v)
+    torch.save(state, common)
+
+
+def test_import_checks_config_sizes_before_building_a_model(ckpt, tmp_path, capsys):
+    """A config.json claiming a million layers (or experts) over 4 stored layers is refused at once,
+    not built as a meta model for minutes and gigabytes."""
+    import json
+
+    hf = tmp_path / "hf"
+    _export(capsys, ckpt, hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 1_000_000}))
+    _refused(capsys, "the config says 1000000 layers, but the safetensors store 4", "import", "--load", str(hf),
+             "--save", str(tmp_path / "mc"))
+    assert not (tmp_path / "mc").exists()
+
+
+def test_export_checks_stored_experts_before_building_a_model(built, tmp_path, capsys):
+    root = tmp_path / "mixtral"
+    shutil.copytree(built / "mixtral" / "grouped_gemm_keys", root)  # per-expert keys: weight{e}
+    _edit_common(root / "release", num_experts=1_000_000)
+    _refused(capsys, "args say 1000000 experts, but it stores 4", "export", "--load", str(root), "--save",
+             str(tmp_path / "hf"))
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"ffn_hidden_size": 2**27}, "linear_fc1.weight is stored as [4, 256, 64]"),
+    ({"num_layers": 1_000_000}, "num_layers=1000000, but it stores 4"),
+])
+def test_verify_checks_args_against_stored_shapes_before_building(ckpt, tmp_path, capsys, change, needle):
+    """Args that contradict the stored shapes are refused before megatron-core's model is built (run
+    with a 6 GiB address-space limit, so that an attempt to allocate fails instead of paging)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    hf = tmp_path / "hf"
+    _export(capsys, ckpt, hf)
+    _edit_common(ckpt / ITER, **change)
+
+    def limit() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+
+    proc = subprocess.run([sys.executable, "-m", "distconv", "verify", "--load", str(ckpt), "--hf", str(hf)],
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          preexec_fn=limit)
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("distconv: error:")]
+    assert proc.returncode == 1 and len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]

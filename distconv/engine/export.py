@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,22 @@ def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any,
             _NO_VOCAB.format(padded=spec.padded_vocab_size))
 
 
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+def _check_counts(plan: Plan, spec: ModelSpec, ckpt: Checkpoint) -> None:
+    """The layers (MTP layers included) and experts the checkpoint stores are the args', before the
+    HF model of the args is built to check the outputs against (on the meta device its modules still
+    cost memory and time, per layer and per expert)."""
+    items = [i for g in plan.groups for i in g.items]
+    layers = 1 + max((i.layer for i in items if i.layer is not None), default=-1)
+    experts = 1 + max((int(m.group(1)) for i in items if (m := _EXPERT.search(i.name))), default=-1)
+    for kind, stored, said in (("layers", layers, spec.num_layers + spec.mtp_num_layers),
+                               ("experts", experts, spec.num_experts or 0)):
+        if stored != said:
+            raise DistconvError(f"{ckpt.path}: the checkpoint's args say {said} {kind}, but it stores {stored}")
+
+
 def _check_against_hf(plan: Plan, config: Any) -> None:
     """The outputs must be exactly the HF model's state dict: no tensor missing, none extra."""
     expected = expected_hf_tensors(config)
@@ -207,6 +224,7 @@ class ExportJob:
         shard_size = parse_size(max_shard_size, "--max-shard-size")
         self.plan = make_plan(self.ckpt, self.spec, self.family, self.gather_dtype, world, max_shard_size=shard_size,
                               window=self.window, writers=writers, fp8_rest=self.fp8_rest)
+        _check_counts(self.plan, self.spec, self.ckpt)
         _check_against_hf(self.plan, self.config)
         self.identity = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -207,6 +208,24 @@ class Item:
     rule: Rule
     shape: tuple[int, ...]
     copies: tuple[str, ...] = ()  # HF tensors present that must equal ``hf[0]`` (``Rule.mtp_copy``)
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_HF_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _check_counts(spec: ModelSpec, source: Source, what: str) -> None:
+    """The config's layer and expert counts against the tensors the source stores, before any model
+    of the config is built (on the meta device its modules still cost memory and time, per layer
+    and per expert)."""
+    names = source.names()
+    for kind, pattern, said in (("layers", _HF_LAYER, spec.num_layers + spec.mtp_num_layers),
+                                ("experts", _HF_EXPERT, spec.num_experts or 0)):
+        stored = 1 + max((int(m.group(1)) for n in names if (m := pattern.search(n))), default=-1)
+        if said != stored:
+            mtp = " (MTP layers included)" if kind == "layers" and spec.mtp_num_layers else ""
+            raise DistconvError(f"{what}: the config says {said} {kind}{mtp}, but the safetensors store {stored}; "
+                                "no model is built from a config that contradicts the tensors")
 
 
 def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, tuple[int, ...]]) -> list[Item]:
@@ -393,6 +412,7 @@ class ImportJob(MegatronSinkJob):
             raise DistconvError(f"--dtype {opts.dtype}: choose auto, bf16, fp16 or fp32")
         self.family, self.source, self.what = family, tensors, source.what
         spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), torch.float32)
+        _check_counts(spec, tensors, source.what)
         self.items = {item.name: item for item in _items(family, spec, tensors, expected_hf_tensors(config))}
         dtype = _source_dtype(self.items.values(), tensors) if opts.dtype == "auto" else DTYPES[opts.dtype]
         self.spec = dataclasses.replace(spec, train_dtype=dtype)
