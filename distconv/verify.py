@@ -26,7 +26,8 @@ import torch
 from distconv.engine.layout import LOCAL_MLA_NORMS, TE_MOE_NORM
 from distconv.sources.checkpoint import Checkpoint, Read
 from distconv.sources.megatron import describe
-from distconv.errors import DistconvError
+from distconv.errors import DistconvError, warn
+from distconv.sources.hf import auto_map_file, remote_code
 from distconv.sources.torch_dist import serving_metadata
 from distconv.spec import arg
 
@@ -229,11 +230,17 @@ def hf_logits(hf: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    remote = auto_map_file(hf)
     try:  # safetensors only: a pytorch_model.bin is never unpickled
-        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32, use_safetensors=True).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=False).eval()
     except Exception as e:  # transformers raises many types for a bad folder
+        if remote:
+            raise DistconvError(remote_code(remote, "--hf", False)) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistconvError(f"--hf {hf}: transformers cannot load its safetensors weights: {first}") from None
+    if remote:
+        warn(remote_code(remote, "--hf", True))
     with torch.no_grad():
         return model(tokens).logits.float()
 

@@ -29,7 +29,8 @@ def _cli(capsys, *argv: str) -> tuple[int, list[str]]:
     """Run one command; its exit status and its ``distconv: error:`` lines."""
     capsys.readouterr()
     code = main(list(argv))
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "Do you wish to run the custom code" not in out + err, "transformers asked about remote code"
     return code, [l for l in err.splitlines() if l.startswith("distconv: error:")]
 
 
@@ -540,3 +541,102 @@ def test_verify_checks_args_against_stored_shapes_before_building(ckpt, tmp_path
                           preexec_fn=limit)
     errors = [l for l in proc.stderr.splitlines() if l.startswith("distconv: error:")]
     assert proc.returncode == 1 and len(errors) == 1 and needle in errors[0], proc.stderr[-3000:]
+
+
+def _with_remote_code(folder: Path, flag: Path, json_name: str, known: bool) -> None:
+    """``folder``'s ``json_name`` gets an ``auto_map`` naming Python files of the folder that touch
+    ``flag`` when imported (what ``trust_remote_code`` would run); unless ``known``, its model type or
+    tokenizer class is one transformers does not have, so only that code could load it."""
+    import json
+
+    code = f"open({str(flag)!r}, 'w').close()\n"
+    (folder / "tokenization_evil.py").write_text(code + "from transformers import PreTrainedTokenizerFast\n"
+                                                 "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    (folder / "configuration_evil.py").write_text(code + "from transformers import LlamaConfig\n"
+                                                  "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n")
+    (folder / "modeling_evil.py").write_text(code + "from transformers import LlamaForCausalLM\n"
+                                             "class EvilModel(LlamaForCausalLM):\n    pass\n")
+    path = folder / json_name
+    data = json.loads(path.read_text()) if path.exists() else {}
+    if json_name == "tokenizer_config.json":
+        data["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", "tokenization_evil.EvilTokenizer"]}
+        if not known:
+            data["tokenizer_class"] = "EvilTokenizer"
+    else:
+        data["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}
+        if not known:
+            data["model_type"] = "evil"
+    path.write_text(json.dumps(data))
+
+
+def test_remote_code_is_never_run_nor_asked_about(ckpt, built, tmp_path, capsys, monkeypatch):
+    """A folder that only its own code could load (an ``auto_map`` and a type transformers lacks) is
+    one line naming the file, even with "y" waiting on stdin for transformers' question."""
+    import io
+    import sys
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 20))
+    flag = tmp_path / "pwned"
+    hf = tmp_path / "hf"
+    _export(capsys, ckpt, hf)
+    out = tmp_path / "out"
+
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(built / "tokenizer", tokenizer)
+    _with_remote_code(tokenizer, flag, "tokenizer_config.json", known=False)
+    _refused(capsys, f"{tokenizer}/tokenizer_config.json has an auto_map", "export", "--load", str(ckpt), "--save",
+             str(out), "--tokenizer", str(tokenizer))
+    _edit_common(ckpt / ITER, tokenizer_model=str(tokenizer), tokenizer_type="HuggingFaceTokenizer")
+    _refused(capsys, "tokenizer_config.json has an auto_map", "export", "--load", str(ckpt), "--save", str(out))
+    _edit_common(ckpt / ITER, tokenizer_model=None)
+
+    config_dir = tmp_path / "config_dir"
+    config_dir.mkdir()
+    shutil.copy(hf / "config.json", config_dir / "config.json")
+    _with_remote_code(config_dir, flag, "config.json", known=False)
+    for given in (config_dir, config_dir / "config.json"):
+        _refused(capsys, f"{config_dir}/config.json has an auto_map", "export", "--load", str(ckpt), "--save", str(out),
+                 "--hf-config", str(given))
+
+    remote = tmp_path / "remote"
+    shutil.copytree(hf, remote)
+    _with_remote_code(remote, flag, "config.json", known=False)
+    _refused(capsys, f"{remote}/config.json has an auto_map", "import", "--load", str(remote), "--save", str(out))
+    _refused(capsys, f"{remote}/config.json has an auto_map", "verify", "--load", str(ckpt), "--hf", str(remote))
+    assert not flag.exists(), "the folder's code ran"
+    assert not out.exists()
+
+
+def test_an_auto_map_transformers_does_not_need_is_ignored_and_not_exported(ckpt, built, tmp_path, capsys):
+    """Hub folders such as DeepSeek-V3's name their own code in ``auto_map`` though transformers has the
+    class: its own class is used, one warning names the file, and no ``auto_map`` or code reaches the export."""
+    import json
+
+    flag = tmp_path / "pwned"
+    hf = tmp_path / "hf"
+    _export(capsys, ckpt, hf)
+    tokenizer, config_dir = tmp_path / "tok", tmp_path / "config_dir"
+    shutil.copytree(built / "tokenizer", tokenizer)
+    _with_remote_code(tokenizer, flag, "tokenizer_config.json", known=True)
+    config_dir.mkdir()
+    shutil.copy(hf / "config.json", config_dir / "config.json")
+    _with_remote_code(config_dir, flag, "config.json", known=True)
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["export", "--load", str(ckpt), "--save", str(out), "--quiet", "--tokenizer", str(tokenizer),
+                 "--hf-config", str(config_dir)]) == 0
+    warnings = [l for l in capsys.readouterr().err.splitlines() if "auto_map" in l]
+    assert len(warnings) == 2 and f"{tokenizer}/tokenizer_config.json" in warnings[1], warnings
+    assert all("is ignored" in w for w in warnings) and f"{config_dir}/config.json" in warnings[0]
+    for name in ("config.json", "tokenizer_config.json"):
+        assert "auto_map" not in json.loads((out / name).read_text()), name
+    assert not list(out.glob("*.py"))
+
+    remote = tmp_path / "remote"
+    shutil.copytree(hf, remote)
+    _with_remote_code(remote, flag, "config.json", known=True)
+    capsys.readouterr()
+    assert main(["import", "--load", str(remote), "--save", str(tmp_path / "mc"), "--quiet"]) == 0
+    assert main(["verify", "--load", str(ckpt), "--hf", str(remote)]) == 0
+    assert capsys.readouterr().err.count(f"the auto_map in {remote}/config.json is ignored") == 2
+    assert not flag.exists(), "the folder's code ran"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from distconv.sources.checkpoint import Checkpoint
-from distconv.sources.hf import expected_hf_tensors
+from distconv.sources.hf import auto_map_file, expected_hf_tensors, remote_code
 from distconv.sources.megatron import describe
 from distconv.errors import DistconvError, warn
 from distconv.families import FAMILIES, Family, pick_family
@@ -42,24 +42,34 @@ from distconv.sinks.hf import (
 )
 
 FORMATS = ("safetensors", "torch")
-def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
+def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None, list[str]]:
+    """``--hf-config`` (a folder or a ``config.json``): the config, its folder, and a warning when
+    its ``auto_map`` was ignored (it is not written into the export)."""
     if path is None:
-        return None, None
+        return None, None, []
     from transformers import AutoConfig
 
     path = Path(path)
+    remote = auto_map_file(path)
     try:
         if path.is_dir():
-            return AutoConfig.from_pretrained(str(path)), path
-        data = json.loads(path.read_text())
-        return AutoConfig.for_model(**data), path.parent
-    except (OSError, ValueError, KeyError) as e:
-        raise DistconvError(f"--hf-config {path}: cannot read an HF config: {e}") from None
+            config, folder = AutoConfig.from_pretrained(str(path), trust_remote_code=False), path
+        else:
+            config, folder = AutoConfig.for_model(**json.loads(path.read_text())), path.parent
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DistconvError(remote_code(remote, "--hf-config", False) if remote
+                            else f"--hf-config {path}: cannot read an HF config: {e}") from None
+    if remote is None:
+        return config, folder, []
+    if hasattr(config, "auto_map"):
+        del config.auto_map
+    return config, folder, [remote_code(remote, "--hf-config", True)]
 
 
-def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | None]:
+def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | None, list[str]]:
     """The tokenizer from ``--tokenizer``, else args' ``tokenizer_model``: a local folder, or a hub id
-    whose snapshot is in the local HF cache (looked up offline, never downloaded).
+    whose snapshot is in the local HF cache (looked up offline, never downloaded); and a warning
+    when the folder's ``auto_map`` was ignored (it is not written into the export).
 
     A folder that does not load as an HF tokenizer is an error naming it and the reason; args'
     value is not looked at otherwise (a hub id not in the cache, a SentencePiece or tiktoken file).
@@ -75,12 +85,19 @@ def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | 
         folder = cached_hub_tokenizer(str(candidate))
         origin = f"args.tokenizer_model {candidate} (HF cache)"
     if folder is None:
-        return None, None
+        return None, None, []
+    remote = auto_map_file(folder)
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), str(folder)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises many kinds (ValueError, OSError, JSON and tokenizers errors)
+        if remote:
+            raise DistconvError(remote_code(remote, origin, False)) from None
         reason = " ".join(str(e).split()) or type(e).__name__
         raise DistconvError(f"{origin} {folder}: the folder does not load as an HF tokenizer: {reason}") from None
+    if remote is None:
+        return tokenizer, str(folder), []
+    tokenizer.init_kwargs.pop("auto_map", None)  # what save_pretrained writes into tokenizer_config.json
+    return tokenizer, str(folder), [remote_code(remote, origin, True)]
 
 
 _NO_VOCAB = ("no true vocab size was found (no --vocab-size, no --hf-config, no tokenizer Megatron-LM's args name "
@@ -190,12 +207,12 @@ class ExportJob:
         max_shard_size, writers = (1 << 62, 1) if fmt == "torch" else (opts.max_shard_size, opts.writers)  # one model.pt
         self.ckpt: Checkpoint = describe(load, opts.iteration)
         spec = spec_from_args(self.ckpt.args)
-        user_config, self.config_dir = _load_hf_config(opts.hf_config)
+        user_config, self.config_dir, config_warnings = _load_hf_config(opts.hf_config)
         arch = (user_config.architectures or [None])[0] if user_config is not None else None
         self.family: Family = pick_family(FAMILIES, spec, arch)
-        self.tokenizer, self.tokenizer_source = _load_tokenizer(opts.tokenizer, self.ckpt.args)
+        self.tokenizer, self.tokenizer_source, tokenizer_warnings = _load_tokenizer(opts.tokenizer, self.ckpt.args)
         vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args, opts.vocab_size)
-        self.warnings: list[str] = [warning] if warning else []
+        self.warnings: list[str] = config_warnings + tokenizer_warnings + ([warning] if warning else [])
         self.spec = spec.with_vocab(vocab)
         has_output = "output_layer.weight" in self.ckpt.tensors
         if has_output == self.spec.tie_embeddings:

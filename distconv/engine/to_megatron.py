@@ -440,7 +440,7 @@ class ImportJob(MegatronSinkJob):
         self.identity = {"source": source.identity, "options": {
             **options, "dtype": str(dtype).removeprefix("torch."), "divisible_by": opts.divisible_by,
             "iteration": self.iteration}}
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(source.warnings)
 
     def _parts(self, shard: Shard) -> list[tuple[Item, tuple[slice, ...]]]:
         """The Megatron tensors a chunk is cut from, each with its box (grouped-GEMM chunks: one per expert)."""
