@@ -640,3 +640,59 @@ def test_an_auto_map_transformers_does_not_need_is_ignored_and_not_exported(ckpt
     assert main(["verify", "--load", str(ckpt), "--hf", str(remote)]) == 0
     assert capsys.readouterr().err.count(f"the auto_map in {remote}/config.json is ignored") == 2
     assert not flag.exists(), "the folder's code ran"
+
+
+def _relist(folder: Path, keep) -> None:
+    """Rewrite ``folder``'s marker to list only the files ``keep(name)`` accepts (what a hand-edited
+    marker would say); their sums stay right."""
+    import json
+
+    data = json.loads((folder / marker.MARKER).read_text())
+    data["files"] = {n: v for n, v in data["files"].items() if keep(n)}
+    (folder / marker.MARKER).write_text(json.dumps(data))
+
+
+def test_marker_lists_the_whole_folder(ckpt, tmp_path, capsys):
+    """A file, link or folder planted into a finished export makes it unfinished (it is not skipped as
+    done); so does a marker trimmed to fewer files, with or without those files."""
+    out = tmp_path / "hf"
+    _export(capsys, ckpt, out)
+    assert marker.finished(out)
+    for plant in ("pytorch_model.bin", "modeling_evil.py", "sub/x.json", "link", "empty"):
+        path = out / plant
+        if plant == "link":
+            path.symlink_to(out / "config.json")
+        elif plant == "empty":
+            path.mkdir()
+        else:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text("planted")
+        assert not marker.finished(out), plant
+        if plant == "pytorch_model.bin":  # asked again, the export is not "already done"
+            _refused(capsys, "not empty; pass --overwrite", "export", "--load", str(ckpt), "--save", str(out))
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        if path.parent != out:
+            path.parent.rmdir()
+        assert marker.finished(out), plant
+
+    _relist(out, lambda n: n == "config.json")
+    assert not marker.finished(out)
+    for f in out.iterdir():
+        if f.name not in ("config.json", marker.MARKER):
+            f.unlink()
+    assert not marker.finished(out), "a folder of config.json alone is no export"
+
+
+def test_marker_of_a_megatron_save_root_needs_every_data_file(ckpt, tmp_path, capsys):
+    hf, mc = tmp_path / "hf", tmp_path / "mc"
+    _export(capsys, ckpt, hf)
+    code, errors = _cli(capsys, "import", "--load", str(hf), "--save", str(mc), "--quiet")
+    assert code == 0 and not errors, errors
+    assert marker.finished(mc)
+    (mc / "release" / "extra.pt").write_bytes(b"planted")
+    assert not marker.finished(mc)
+    (mc / "release" / "extra.pt").unlink()
+    shard = next((mc / "release").glob("*.distcp"))
+    shard.unlink()
+    _relist(mc, lambda n: n != f"release/{shard.name}")
+    assert not marker.finished(mc), "the marker lists what is there, but .metadata names a missing file"
