@@ -696,3 +696,18 @@ def test_marker_of_a_megatron_save_root_needs_every_data_file(ckpt, tmp_path, ca
     shard.unlink()
     _relist(mc, lambda n: n != f"release/{shard.name}")
     assert not marker.finished(mc), "the marker lists what is there, but .metadata names a missing file"
+
+
+def test_watcher_never_redoes_a_folder_without_a_marker(ckpt, tmp_path, capsys):
+    """The user's own ``SAVE/iter_0000100`` (no distconv.json) is left alone: that iteration fails with
+    one line, as a plain export would; a target that is a file is left alone too."""
+    save = tmp_path / "hf"
+    mine = save / ITER
+    mine.mkdir(parents=True)
+    (mine / "precious.txt").write_text("the user's")
+    _refused(capsys, "exists and is not empty", "export", "--watch", str(ckpt), "--save", str(save), "--once")
+    assert (mine / "precious.txt").read_text() == "the user's" and sorted(p.name for p in mine.iterdir()) == ["precious.txt"]
+    shutil.rmtree(mine)
+    mine.write_text("a file")
+    _refused(capsys, "is a file", "export", "--watch", str(ckpt), "--save", str(save), "--once")
+    assert mine.read_text() == "a file"
