@@ -711,3 +711,82 @@ def test_watcher_never_redoes_a_folder_without_a_marker(ckpt, tmp_path, capsys):
     mine.write_text("a file")
     _refused(capsys, "is a file", "export", "--watch", str(ckpt), "--save", str(save), "--once")
     assert mine.read_text() == "a file"
+
+
+def test_one_run_per_save(ckpt, tmp_path, capsys):
+    """A run stopped (SIGSTOP) while it writes holds --save: a second run, with or without
+    --overwrite, gets one line and touches nothing; the first then finishes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT, subprocess_env
+
+    hf, save = tmp_path / "hf", tmp_path / "mc"
+    _export(capsys, ckpt, hf)
+    first = ["import", "--load", str(hf), "--save", str(save), "--quiet"]
+    for attempt in range(5):  # stop it between creating its partial folder and renaming it onto --save
+        run = subprocess.Popen([sys.executable, "-m", "distconv", *first], env=subprocess_env(), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        partial = None
+        while run.poll() is None and partial is None:
+            partial = next(tmp_path.glob(".mc.distconv-partial-*"), None)
+            time.sleep(0.0005)
+        if partial is not None:
+            run.send_signal(signal.SIGSTOP)
+            if partial.exists():
+                break
+            run.send_signal(signal.SIGCONT)
+        run.communicate(timeout=300)
+        shutil.rmtree(save, ignore_errors=True)
+    else:
+        pytest.skip("could not stop the first run while it was writing (5 tries)")
+    try:
+        _refused(capsys, "is being written by another distconv run", *first)
+        _refused(capsys, "is being written by another distconv run", *first, "--overwrite")
+        assert partial.exists(), "--overwrite removed the partial folder of a live run"
+        assert not save.exists()
+    finally:
+        run.send_signal(signal.SIGCONT)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err[-3000:]
+    assert marker.finished(save) and not partial.exists()
+    assert not list(tmp_path.glob(".mc.distconv-lock")), "the run removes the lock file it created"
+
+
+def test_lock_file_is_never_followed_nor_removed_unless_created(ckpt, tmp_path, capsys):
+    precious = tmp_path / "precious"
+    precious.write_text("the user's")
+    out = tmp_path / "hf"
+    lock = tmp_path / ".hf.distconv-lock"
+    lock.symlink_to(precious)
+    _refused(capsys, f"cannot use the lock file {lock}", "export", "--load", str(ckpt), "--save", str(out))
+    assert precious.read_text() == "the user's" and not out.exists()
+    lock.unlink()
+    lock.write_text("")  # left by a killed run: reused, and kept (this run did not create it)
+    _export(capsys, ckpt, out)
+    assert lock.exists() and marker.finished(out)
+
+
+def test_read_only_parent_needs_no_lock_to_skip(ckpt, tmp_path, capsys):
+    """Guard for the lock: a finished export on a read-only file system is still skipped (the lock is
+    taken only to write), and writing there is one line naming the lock file."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=50m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("this process may not mount a tmpfs to make read-only (root only)")
+    try:
+        out = disk / "hf"
+        _export(capsys, ckpt, out)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        capsys.readouterr()
+        assert main(["export", "--load", str(ckpt), "--save", str(out)]) == 0
+        assert "skipped" in capsys.readouterr().out
+        _refused(capsys, f"cannot create the lock file {disk}/.hf.distconv-lock next to --save: Read-only file system",
+                 "export", "--load", str(ckpt), "--save", str(out), "--dtype", "fp32", "--overwrite")
+        assert marker.finished(out)
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
