@@ -790,3 +790,37 @@ def test_read_only_parent_needs_no_lock_to_skip(ckpt, tmp_path, capsys):
         assert marker.finished(out)
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_overwrite_never_destroys_a_source_through_its_links(ckpt, tmp_path, capsys):
+    """A checkpoint (or HF folder) whose data files are links into --save: --overwrite would replace
+    --save and with it the source's data. Every command refuses, and both stay byte for byte."""
+    store = tmp_path / "store"
+    store.mkdir()
+    for f in (ckpt / ITER).glob("*.distcp"):
+        shutil.move(f, store / f.name)
+        f.symlink_to(store / f.name)
+    before, kept = _tree(ckpt), _tree(store)
+    for command in ("export", "reshard"):
+        _refused(capsys, f"contains the source {store}/", command, "--load", str(ckpt), "--save", str(store),
+                 "--overwrite")
+    assert _tree(ckpt) == before and _tree(store) == kept
+
+    hf = tmp_path / "hf"
+    _export(capsys, ckpt, hf)
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for f in hf.glob("*.safetensors"):
+        shutil.move(f, shards / f.name)
+        f.symlink_to(shards / f.name)
+    (hf / "tokenizer.json").unlink(missing_ok=True)
+    kept = _tree(shards)
+    _refused(capsys, f"contains the source {shards}/", "import", "--load", str(hf), "--save", str(shards), "--overwrite")
+    config_dir = tmp_path / "config_dir"
+    config_dir.mkdir()
+    shutil.move(hf / "config.json", shards / "config.json")
+    (config_dir / "config.json").symlink_to(shards / "config.json")
+    kept = _tree(shards)
+    _refused(capsys, f"contains the source {shards}/config.json", "export", "--load", str(ckpt), "--save", str(shards),
+             "--overwrite", "--hf-config", str(config_dir))
+    assert _tree(shards) == kept

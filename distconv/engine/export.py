@@ -16,7 +16,7 @@ import torch
 
 from distconv.sources.checkpoint import Checkpoint
 from distconv.sources.hf import auto_map_file, expected_hf_tensors, remote_code
-from distconv.sources.megatron import describe
+from distconv.sources.megatron import describe, read_files
 from distconv.errors import DistconvError, warn
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.fp8 import FP8, SCALE, quantization_config, scale_shape
@@ -31,7 +31,7 @@ from distconv.sources.torch_dist import Reader
 from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
 from distconv.sources.tokens import special_tokens
 from distconv.sources.vocab import cached_hub_tokenizer, megatron_vocab
-from distconv.sinks.folder import refuse_overlap
+from distconv.sinks.folder import files_in, refuse_overlap
 from distconv.sinks.hf import (
     ShardWriter,
     TorchFileWriter,
@@ -250,7 +250,8 @@ class ExportJob:
             **({"allow_nonfinite": True} if opts.allow_nonfinite else {}),
             **({"quantization": self.quantization} if self.fp8 else {})})
         self.save = Path(opts.save).resolve()
-        self.inputs = (load, self.ckpt.path, opts.hf_config, self.tokenizer_source)
+        self.inputs = (load, self.ckpt.path, opts.hf_config, self.tokenizer_source, *read_files(load, self.ckpt),
+                       *files_in(self.config_dir), *files_in(self.tokenizer_source))
         refuse_overlap(self.save, self.inputs)
 
     @property

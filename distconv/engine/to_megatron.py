@@ -48,7 +48,7 @@ from distconv.sinks.megatron import save_root
 from distconv.sources.checkpoint import TRACKER, Read, iteration_dir, overlaps
 from distconv.sources.hf import HFSource, Source, expected_hf_tensors, open_hf
 from distconv.sources.legacy import LegacyReader
-from distconv.sources.megatron import describe
+from distconv.sources.megatron import describe, read_files
 from distconv.sources.torch_dist import LocalReader
 from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
 
@@ -537,7 +537,7 @@ class ReshardJob(MegatronSinkJob):
         self.common["checkpoint_version"] = 3.0  # legacy sources are read into megatron-core's QKV order
         self.layout, self.window = self.target.describe(experts), parse_size(opts.window, "--window")
         self.save = Path(opts.save).resolve()
-        self.inputs = (load, ckpt.path)
+        self.inputs = (load, ckpt.path, *read_files(load, ckpt))
         refuse_overlap(self.save, self.inputs)
         self.identity = marker.source_of(ckpt, options)
         self.warnings = []

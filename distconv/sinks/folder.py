@@ -18,7 +18,10 @@ from distconv.errors import DistconvError, warn
 
 
 def refuse_overlap(save: Path, sources: Iterable[str | Path | None]) -> None:
-    """``save`` may not be, lie inside, or contain any source (compared after resolving symlinks)."""
+    """``save`` may not be, lie inside, or contain any source (compared after resolving symlinks).
+
+    ``sources`` name the folders given and every file the run reads in them, so that a file which
+    is a link is checked where it leads."""
     target = Path(save).resolve()
     for source in sources:
         if source is None:
@@ -29,6 +32,14 @@ def refuse_overlap(save: Path, sources: Iterable[str | Path | None]) -> None:
         if how:
             raise DistconvError(f"--save {target} {how} the source {src}; distconv never writes into, over or "
                                 "around what it reads: choose another --save")
+
+
+def files_in(folder: str | Path | None) -> list[Path]:
+    """The files and links directly in ``folder`` (none when it is no folder): what transformers may
+    read from an HF folder, for ``refuse_overlap``, which follows each link."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    return sorted(p for p in Path(folder).iterdir() if p.is_symlink() or not p.is_dir())
 
 
 def _remove(path: Path) -> None:

@@ -12,6 +12,7 @@ import torch
 from distconv.errors import DistconvError
 from distconv.fp8 import SCALE, check_scale, dequantize
 from distconv.sources.checkpoint import inside
+from distconv.sinks.folder import files_in
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -270,5 +271,6 @@ def open_hf(load: str | Path) -> HFSource:
         tensors: Source = DequantizedFP8(files, quantization)
     else:
         tensors = files
-    return HFSource(tensors, config, tokenizer, str(load), (load,), file_identity(sorted(set(files.where.values())), path / "config.json"),
+    return HFSource(tensors, config, tokenizer, str(load), (load, *files_in(path)),
+                    file_identity(sorted(set(files.where.values())), path / "config.json"),
                     [remote_code(remote, "--load", True)] if remote else [])

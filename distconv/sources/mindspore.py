@@ -414,6 +414,7 @@ def mindformers_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
         except (OSError, ValueError) as e:
             raise DistconvError(f"{hf_config} (pretrained_model_dir of {where}): {e}") from None
         values.update(_mf_model_settings(base, str(hf_config)))
+        values["_read"] = str(hf_config)  # a file outside the checkpoint the run reads (see open_mindspore)
     values.update(_mf_model_settings(model_config, f"{where} model.model_config"))
     legacy = bool(data.get("use_legacy", True))  # MindFormers' default: the legacy models
     if legacy and values.get("ffn_hidden_size") is None and values.get("hidden_size"):
@@ -490,6 +491,7 @@ def open_mindspore(load: str | Path, ms_config: str | None, flags: Any) -> HFSou
     """MindSpore Transformers safetensors as an import source: HF names, and the HF config of the
     family the model shape (``--ms-config`` or flags) describes."""
     values = model_settings(ms_config, flags)
+    read = values.pop("_read", None)
     source = MindSporeSource(load, values.get("true_vocab_size"), values)
     names = source.names()
     for switch, suffix in (("qk_layernorm", ".self_attn.q_norm.weight"), ("add_qkv_bias", ".self_attn.q_proj.bias")):
@@ -505,5 +507,6 @@ def open_mindspore(load: str | Path, ms_config: str | None, flags: Any) -> HFSou
     config = pick_family(FAMILIES, spec, None).hf_config(spec)
     files = sorted(set(source.files.where.values()))
     extra = (Path(ms_config),) if ms_config else ()
-    return HFSource(source, config, None, f"MindSpore Transformers {source.folder}", (load, ms_config),
+    inputs = (load, ms_config, read, *files, Path(load) / TRACKER)  # every file read: links are followed
+    return HFSource(source, config, None, f"MindSpore Transformers {source.folder}", inputs,
                     {"files": file_identity(files, *extra), "settings": values})
