@@ -824,3 +824,17 @@ def test_overwrite_never_destroys_a_source_through_its_links(ckpt, tmp_path, cap
     _refused(capsys, f"contains the source {shards}/config.json", "export", "--load", str(ckpt), "--save", str(shards),
              "--overwrite", "--hf-config", str(config_dir))
     assert _tree(shards) == kept
+
+
+def test_import_refuses_fp8_scales_that_are_not_finite_and_positive(ckpt, tmp_path, capsys):
+    from test_bad_input import _poison_hf
+
+    clean = tmp_path / "clean"
+    _export(capsys, ckpt, clean, "--dtype", "fp8")
+    for value in (float("nan"), float("inf"), 0.0, -1.0):
+        source = tmp_path / f"fp8_{value}"
+        shutil.copytree(clean, source)
+        _poison_hf(source, "model.layers.0.mlp.down_proj.weight_scale_inv", value)
+        _refused(capsys, "model.layers.0.mlp.down_proj.weight_scale_inv holds a scale that is NaN, infinite, zero or "
+                 "negative", "import", "--load", str(source), "--save", str(tmp_path / "mc"))
+        assert not (tmp_path / "mc").exists()

@@ -387,9 +387,12 @@ def export(load: str | Path, save: str | Path, **options: Any) -> dict[str, Any]
 
 def _nonfinite(t: torch.Tensor) -> int:
     """How many NaN/Inf values ``t`` holds. A sum is finite unless some value is not (or it
-    overflows), and costs far less than ``isfinite``, which only then counts them. An FP8 weight
-    counts none: a block holding NaN/Inf has a non-finite ``_scale_inv``, which is counted."""
-    if not t.is_floating_point() or t.dtype == FP8 or torch.isfinite(t.sum()):
+    overflows), and costs far less than ``isfinite``, which only then counts them. An FP8 (e4m3fn)
+    weight has no Inf and cannot be summed: its NaNs are the bytes ``0x7F`` and ``0xFF``, one byte
+    compared per value (``fp8.quantize`` writes NaN for every NaN and Inf it is given)."""
+    if t.dtype == FP8:
+        return int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    if not t.is_floating_point() or torch.isfinite(t.sum()):
         return 0
     return int(torch.isfinite(t).logical_not().sum())
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 
 from distconv.engine import marker
+from distconv.engine.export import _nonfinite
 from distconv.engine.gather import Comm
 from distconv.engine.layout import (
     ExtraState, Shard, Target, canonical, check_layout, extra_states, known, padded_vocab, per_layer_keys, shards_of,
@@ -114,6 +115,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def refuse_nonfinite(data: torch.Tensor, shard: Shard, source: str) -> None:
+    """A chunk holding NaN or Inf is an error naming it and the source tensors it was read from:
+    a model holding any produces garbage (export alone has ``--allow-nonfinite``)."""
+    if count := _nonfinite(data):
+        raise DistconvError(f"NaN or Inf values in {shard.key} (the chunk at {list(shard.offsets)}, read from {source}): "
+                            f"{count} of {data.numel()}; the model would produce garbage")
 
 
 class MegatronSinkJob:
@@ -459,7 +468,9 @@ class ImportJob(MegatronSinkJob):
     def read(self, n: int) -> torch.Tensor:
         shard, dtype = self.plan.shards[n], self.plan.dtypes[n]
         parts = [read_shard(self.source, item, box, self.spec, dtype) for item, box in self._parts(shard)]
-        return torch.stack(parts) if shard.parts else parts[0]
+        data = torch.stack(parts) if shard.parts else parts[0]
+        refuse_nonfinite(data, shard, ", ".join(h for item, _ in self._parts(shard) for h in item.hf))
+        return data
 
     def source_files(self, rank: int) -> list[str]:
         where = getattr(self.source, "file_of", None)
@@ -570,6 +581,7 @@ class ReshardJob(MegatronSinkJob):
                 self._reader = LegacyReader(self.ckpt) if self.ckpt.format == "legacy" else LocalReader(self.ckpt)
             for read, data in zip(reads, self._reader.read(reads, dtype)):
                 full[read.dest] = data.reshape(full[read.dest].shape)
+        refuse_nonfinite(full, shard, ", ".join(sorted({r.key for r in reads})))
         return full
 
     def source_files(self, rank: int) -> list[str]:

@@ -146,6 +146,9 @@ class DequantizedFP8:
         bo, bi = self.block
         q = self.files.read(name, (slice(r0, r1), slice(c0, c1)))
         scale = self.files.read(name + SCALE, (slice(r0 // bo, -(-r1 // bo)), slice(c0 // bi, -(-c1 // bi))))
+        if not bool((scale.float() > 0).all() & torch.isfinite(scale.float()).all()):
+            raise DistconvError(f"{name}{SCALE} holds a scale that is NaN, infinite, zero or negative (block rows from "
+                                f"{r0 // bo}, columns from {c0 // bi}): a block-wise FP8 scale must be finite and positive")
         return dequantize(q, scale, r0, c0, self.block)
 
 
