@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     lay = sub.add_parser("layout", help="print the training's model-parallel size (TP x PP x EP), for launchers")
     lay.add_argument("load", help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
     lay.add_argument("--nodes", type=int, default=1, help="print processes per node for this many nodes (rounded up)")
+    lay.add_argument("--cpu", action="store_true", help="the processes run on CPUs: at most the checkpoint's writer "
+                     "count in all, and this node's usable cores")
     _import_parsers(sub)
     exp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
                      help="safetensors shards (default), or torch: one model.pt holding {model_state_dict, model_config}")
@@ -221,10 +223,9 @@ def _dispatch(opts: argparse.Namespace) -> int:
 
         return main_inspect(opts)
     if opts.command == "layout":
-        from distconv.parallelism import model_parallel_size
+        from distconv.parallelism import processes_per_node
 
-        size = model_parallel_size(opts.load)
-        print(-(-size // max(1, opts.nodes)))
+        print(processes_per_node(opts.load, opts.nodes, opts.cpu))
         return 0
     return 2
 

@@ -838,3 +838,36 @@ def test_import_refuses_fp8_scales_that_are_not_finite_and_positive(ckpt, tmp_pa
         _refused(capsys, "model.layers.0.mlp.down_proj.weight_scale_inv holds a scale that is NaN, infinite, zero or "
                  "negative", "import", "--load", str(source), "--save", str(tmp_path / "mc"))
         assert not (tmp_path / "mc").exists()
+
+
+def test_launchers_cap_processes_on_cpus(ckpt, tmp_path):
+    """Args claiming TP 512 x PP 8 on a node without GPUs: the launchers start at most as many
+    processes as ranks wrote the checkpoint (4 here) and the node has cores, not 4,096."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    _edit_common(ckpt / ITER, tensor_model_parallel_size=512, pipeline_model_parallel_size=8)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    python = fake / "python"  # the real interpreter, except that torchrun only says how it was started
+    python.write_text(f'#!/bin/bash\nif [ "$1 $2" = "-m torch.distributed.run" ]; then echo "torchrun $*"; exit 0; fi\n'
+                      f'exec {sys.executable} "$@"\n')
+    for name, body in (("nvidia-smi", "exit 1"), ("scontrol", "echo node0"), ("srun", 'echo "srun $*"')):
+        (fake / name).write_text(f"#!/bin/bash\n{body}\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    env = {**subprocess_env(), "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": str(python),
+           "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node0"}
+    want = min(4, len(os.sched_getaffinity(0)))
+    for script in (["bash", str(ROOT / "launch" / "export.sh"), str(ckpt), str(tmp_path / "hf")],
+                   ["bash", str(ROOT / "slurm" / "distconv.sbatch"), "export", "--load", str(ckpt), "--save", "x"]):
+        proc = subprocess.run(script, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"--nproc-per-node {want} " in proc.stdout, proc.stdout
+    proc = subprocess.run([str(python), "-m", "distconv", "layout", str(ckpt)], env=env, capture_output=True, text=True)
+    assert proc.stdout.strip() == "4096", "without --cpu, layout still prints the args' model-parallel size"
+    from distconv.parallelism import writer_count
+
+    assert writer_count(ckpt) == 4  # the fixture was saved by 4 ranks (__0_0 ... __3_1.distcp)
