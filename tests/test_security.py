@@ -871,3 +871,57 @@ def test_launchers_cap_processes_on_cpus(ckpt, tmp_path):
     from distconv.parallelism import writer_count
 
     assert writer_count(ckpt) == 4  # the fixture was saved by 4 ranks (__0_0 ... __3_1.distcp)
+
+
+def test_tokenizer_saved_in_the_checkpoint_wins_over_files_args_name(ckpt, built, tmp_path, capsys):
+    """Megatron-LM saves the tokenizer in the iteration's ``tokenizer/``: it is used, and the folder
+    args name elsewhere is not read; without it, args' folder is read with a warning naming it."""
+    import json
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(built / "tokenizer", elsewhere)
+    _edit_common(ckpt / ITER, tokenizer_model=str(elsewhere), tokenizer_type="HuggingFaceTokenizer")
+    out = tmp_path / "hf"
+    capsys.readouterr()
+    assert main(["export", "--load", str(ckpt), "--save", str(out), "--quiet"]) == 0
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("distconv: warning:")]
+    assert len(warnings) == 1 and f"args.tokenizer_model {elsewhere} lies outside the checkpoint" in warnings[0], warnings
+
+    shutil.copytree(built / "tokenizer", ckpt / ITER / "tokenizer")
+    (elsewhere / "tokenizer.json").write_text("not read")  # it would fail to load if it were
+    out = tmp_path / "hf2"
+    capsys.readouterr()
+    assert main(["export", "--load", str(ckpt), "--save", str(out), "--quiet"]) == 0
+    assert "distconv: warning:" not in capsys.readouterr().err
+    options = json.loads((out / marker.MARKER).read_text())["source"]["options"]
+    assert options["tokenizer"] == str(ckpt / ITER / "tokenizer") and (out / "tokenizer.json").is_file()
+
+
+def test_vocab_file_args_name_is_read_from_the_checkpoint_first_and_never_replaced(ckpt, tmp_path, capsys):
+    """GPT2BPETokenizer: the checkpoint's saved ``tokenizer/vocab.json`` gives the vocab size; args'
+    ``vocab_file`` elsewhere is read only without it, with a warning, and a --save holding it is refused."""
+    import json
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "vocab.json").write_text(json.dumps({f"t{i}": i for i in range(200)}))
+    _edit_common(ckpt / ITER, tokenizer_type="GPT2BPETokenizer", tokenizer_model=None, vocab_size=None,
+                 vocab_file=str(store / "vocab.json"), merge_file=str(store / "merges.txt"))
+    _refused(capsys, f"contains the source {store}/vocab.json", "export", "--load", str(ckpt), "--save", str(store),
+             "--overwrite")
+    assert (store / "vocab.json").is_file()
+    out = tmp_path / "hf"
+    capsys.readouterr()
+    assert main(["export", "--load", str(ckpt), "--save", str(out), "--quiet", "--report", str(tmp_path / "r.json")]) == 0
+    assert f"args.vocab_file {store}/vocab.json (GPT2BPETokenizer) lies outside" in capsys.readouterr().err
+    assert json.loads((tmp_path / "r.json").read_text())["vocab_size"] == 200
+
+    (ckpt / ITER / "tokenizer").mkdir()
+    (ckpt / ITER / "tokenizer" / "vocab.json").write_text(json.dumps({f"t{i}": i for i in range(210)}))
+    (store / "vocab.json").unlink()
+    capsys.readouterr()
+    assert main(["export", "--load", str(ckpt), "--save", str(store), "--quiet", "--overwrite", "--report",
+                 str(tmp_path / "r.json")]) == 0
+    assert "distconv: warning:" not in capsys.readouterr().err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["vocab_size"] == 210 and report["vocab_source"].startswith("the checkpoint's ")
