@@ -105,36 +105,49 @@ _EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
 _GROUPED = ".mlp.experts.experts."
 
 
-def _stored_counts(ckpt: Checkpoint) -> dict[str, int]:
-    """How many decoder layers, MTP layers and experts the checkpoint stores, from its keys and shapes
-    alone (stacked keys lead with the layer axis, grouped experts then with the expert axis)."""
+_COUNTS = ("num_layers", "mtp_num_layers", "num_experts")
+
+
+def _stored_counts(ckpt: Checkpoint) -> tuple[dict[str, int], dict[str, set[int]]]:
+    """The decoder layers, MTP layers and experts the checkpoint stores, from its keys and shapes
+    alone: how many the stacked keys' axes hold (the layer axis first, a grouped expert axis next),
+    and the numbers the other keys carry."""
     from distconv.engine.plan import expert_name
 
-    counts = {"num_layers": 0, "mtp_num_layers": 0, "num_experts": 0}
+    extent, numbers = dict.fromkeys(_COUNTS, 0), {name: set() for name in _COUNTS}
     for key, info in ckpt.tensors.items():
         stacked = bool(_STACKED.match(key))
         layer, mtp, expert = _PER_LAYER.match(key), _MTP_LAYER.match(key), _EXPERT.search(expert_name(key))
         if stacked and info.shape:
-            counts["num_layers"] = max(counts["num_layers"], info.shape[0])
+            extent["num_layers"] = max(extent["num_layers"], info.shape[0])
         if layer:
-            counts["num_layers"] = max(counts["num_layers"], int(layer.group(1)) + 1)
+            numbers["num_layers"].add(int(layer.group(1)))
         if mtp:
-            counts["mtp_num_layers"] = max(counts["mtp_num_layers"], int(mtp.group(1)) + 1)
+            numbers["mtp_num_layers"].add(int(mtp.group(1)))
         if expert:
-            counts["num_experts"] = max(counts["num_experts"], int(expert.group(1)) + 1)
+            numbers["num_experts"].add(int(expert.group(1)))
         elif _GROUPED in key and len(info.shape) > int(stacked):
-            counts["num_experts"] = max(counts["num_experts"], info.shape[int(stacked)])
-    return counts
+            extent["num_experts"] = max(extent["num_experts"], info.shape[int(stacked)])
+    return extent, numbers
 
 
 def _check_args(ckpt: Checkpoint, args: argparse.Namespace) -> None:
-    """args' layer and expert counts must be what the checkpoint stores: a model of args is then no
-    larger than the checkpoint's, even on the meta device (each module costs memory and time)."""
-    for name, stored in _stored_counts(ckpt).items():
+    """args' layer and expert counts must be what the checkpoint stores (numbered from 0, none
+    missing): a model of args is then no larger than the checkpoint's, even on the meta device
+    (each module costs memory and time)."""
+    from distconv.engine.plan import numbered
+
+    extent, numbers = _stored_counts(ckpt)
+    for name in _COUNTS:
         value = getattr(args, name, None) or 0
-        if value != stored:
-            raise DistconvError(f"{ckpt.path}: the checkpoint's args say {name}={value}, but it stores {stored}; "
-                                "megatron-core's model is not built from args that contradict the tensors")
+        if extent[name]:  # stacked keys hold them all; keys of their own may number only those
+            ok = value == extent[name] and all(n < value for n in numbers[name])
+        else:
+            ok = isinstance(value, int) and numbered(numbers[name], value)
+        if not ok:
+            raise DistconvError(f"{ckpt.path}: the checkpoint's args say {name}={value}, but it stores "
+                                f"{extent[name] or len(numbers[name])}; megatron-core's model is not built from "
+                                "args that contradict the tensors")
 
 
 def _check_shapes(ckpt: Checkpoint, meta: torch.nn.Module) -> None:

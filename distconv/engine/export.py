@@ -24,7 +24,7 @@ from distconv.engine.gather import Comm
 from distconv.engine import marker
 from distconv.engine.progress import Tracker, plan_text
 from distconv.engine.run import RunOptions, parse_size, run
-from distconv.engine.plan import Plan, make_plan
+from distconv.engine.plan import Plan, make_plan, numbered
 from distconv.sources.legacy import LegacyReader
 from distconv.engine.stream import Prefetcher, WriterThread
 from distconv.sources.torch_dist import Reader
@@ -160,12 +160,13 @@ def _check_counts(plan: Plan, spec: ModelSpec, ckpt: Checkpoint) -> None:
     HF model of the args is built to check the outputs against (on the meta device its modules still
     cost memory and time, per layer and per expert)."""
     items = [i for g in plan.groups for i in g.items]
-    layers = 1 + max((i.layer for i in items if i.layer is not None), default=-1)
-    experts = 1 + max((int(m.group(1)) for i in items if (m := _EXPERT.search(i.name))), default=-1)
+    layers = {i.layer for i in items if i.layer is not None}
+    experts = {int(m.group(1)) for i in items if (m := _EXPERT.search(i.name))}
     for kind, stored, said in (("layers", layers, spec.num_layers + spec.mtp_num_layers),
                                ("experts", experts, spec.num_experts or 0)):
-        if stored != said:
-            raise DistconvError(f"{ckpt.path}: the checkpoint's args say {said} {kind}, but it stores {stored}")
+        if not numbered(stored, said):
+            held = f"{len(stored)} (numbered {min(stored)} to {max(stored)})" if stored else "none"
+            raise DistconvError(f"{ckpt.path}: the checkpoint's args say {said} {kind}, but it stores {held}")
 
 
 def _check_against_hf(plan: Plan, config: Any) -> None:

@@ -8,7 +8,7 @@ the same source and options, an export whose marker checks out (every file re-ha
 skipped; a folder without a marker is not distconv's finished work and is redone only with
 ``--overwrite`` (the watcher redoes only folders that hold a marker). The marker lists the
 folder's complete contents: a folder holding anything it does not list, or lacking a file its
-format needs (``complete``), is not finished.
+format needs (``_complete``), is not finished.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def read_marker(save: str | Path) -> dict[str, Any] | None:
 
 def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
     """True when ``save`` holds a complete export (of ``source``, if given): the marker matches, it
-    lists exactly the folder's contents, those include every file the format needs (``complete``),
+    lists exactly the folder's contents, those include every file the format needs (``_complete``),
     and every file has its recorded size and SHA-256 (re-hashed, in parallel threads)."""
     data = read_marker(save)
     if data is None or (source is not None and data.get("source") != json.loads(json.dumps(source, default=str))):
@@ -105,7 +105,7 @@ def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
     if not isinstance(files, dict) or not files:
         return False
     folder = Path(save)
-    if not _lists_everything(folder, set(files)) or not complete(folder, set(files)):
+    if not _lists_everything(folder, set(files)) or not _complete(folder, set(files)):
         return False
     for name, info in files.items():
         path = folder / name
@@ -136,7 +136,7 @@ def _lists_everything(folder: Path, listed: set[str]) -> bool:
     return found - {MARKER} == listed
 
 
-def complete(folder: Path, names: set[str]) -> bool:
+def _complete(folder: Path, names: set[str]) -> bool:
     """``names`` hold what the output's format needs: an HF folder's ``config.json`` with its weights
     (``model.pt``, or the safetensors index and every shard it names), a Megatron save root's tracker
     with the iteration's ``metadata.json``, ``.metadata`` and every data file ``.metadata`` names."""

@@ -37,7 +37,7 @@ from distconv.engine.layout import (
     ExtraState, Shard, Target, canonical, check_layout, extra_states, known, padded_vocab, per_layer_keys, shards_of,
 )
 from distconv.engine.plan import Item as SourceItem
-from distconv.engine.plan import items_of
+from distconv.engine.plan import items_of, numbered
 from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, parse_size, run
 from distconv.engine.stream import ReadAhead, heap_trimmer
@@ -230,10 +230,11 @@ def _check_counts(spec: ModelSpec, source: Source, what: str) -> None:
     names = source.names()
     for kind, pattern, said in (("layers", _HF_LAYER, spec.num_layers + spec.mtp_num_layers),
                                 ("experts", _HF_EXPERT, spec.num_experts or 0)):
-        stored = 1 + max((int(m.group(1)) for n in names if (m := pattern.search(n))), default=-1)
-        if said != stored:
+        stored = {int(m.group(1)) for n in names if (m := pattern.search(n))}
+        if not numbered(stored, said):
             mtp = " (MTP layers included)" if kind == "layers" and spec.mtp_num_layers else ""
-            raise DistconvError(f"{what}: the config says {said} {kind}{mtp}, but the safetensors store {stored}; "
+            held = f"{len(stored)} (numbered {min(stored)} to {max(stored)})" if stored else "none"
+            raise DistconvError(f"{what}: the config says {said} {kind}{mtp}, but the safetensors store {held}; "
                                 "no model is built from a config that contradicts the tensors")
 
 

@@ -141,8 +141,9 @@ class SaveLock:
     kernel releases it when the process dies.
 
     The lock file is removed on release only when this run created it (one left by a killed run
-    stays, empty, and is reused). A lock file that is a link is refused, and one that was replaced
-    while this run waited for it is opened again, so two runs never hold two different files.
+    stays, empty, and is reused); it is removed while still locked, and a run that locked a file
+    which meanwhile left its name opens the name again, so two runs never hold two different files.
+    A lock file that is a link is refused.
     """
 
     def __init__(self, save: Path) -> None:
