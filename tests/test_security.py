@@ -925,3 +925,10 @@ def test_vocab_file_args_name_is_read_from_the_checkpoint_first_and_never_replac
     assert "distconv: warning:" not in capsys.readouterr().err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["vocab_size"] == 210 and report["vocab_source"].startswith("the checkpoint's ")
+
+
+def test_save_in_a_folder_that_does_not_exist_yet(ckpt, tmp_path, capsys):
+    """--save's parent is created (as before the lock), and the lock file next to it is removed."""
+    out = tmp_path / "new" / "deeper" / "hf"
+    _export(capsys, ckpt, out)
+    assert marker.finished(out) and sorted(p.name for p in out.parent.iterdir()) == ["hf"]

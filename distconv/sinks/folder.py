@@ -83,6 +83,10 @@ class OutputFolder:
     def create(self) -> Path:
         """Lock ``save`` for this run, then create this run's folder. Under the lock no other live
         run has a partial folder of ``save``, so those found are of runs that died."""
+        try:  # --save's parent (and the lock file's) may not exist yet, e.g. the watcher's SAVE/iter_XXXXXXX
+            self.save.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DistconvError(f"cannot create output folder next to {self.save}: {e.strerror or e}") from None
         self.lock.acquire()
         try:
             self._refuse_existing()  # again, under the lock: another run may have finished meanwhile
