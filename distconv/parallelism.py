@@ -1,11 +1,14 @@
-"""The training's model-parallel size, which launchers use as the default process count."""
+"""The training's model-parallel size, which launchers use as the default process count, and the
+bounds the files themselves set on it where the processes run on CPUs."""
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
-from distconv.sources.checkpoint import detect_format, load_common_state, locate
+from distconv.sources.checkpoint import detect_format, load_common_state, locate, read_dcp_metadata, read_tensor_index
+from distconv.sources.legacy import rank_files
 from distconv.sources.megatron import describe
 from distconv.errors import DistconvError
 from distconv.spec import arg
@@ -26,3 +29,23 @@ def model_parallel_size(load: str | Path, iteration: int | str | None = None) ->
                   ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
     etp = int(arg(args, "expert_tensor_parallel_size", default=None) or tp)
     return pp * math.lcm(tp, ep * etp)
+
+
+def writer_count(load: str | Path, iteration: int | str | None = None) -> int:
+    """How many distinct ranks wrote the checkpoint's model tensors (from the allow-listed DCP
+    metadata's file names, or the legacy rank files): unlike args, a count the files vouch for."""
+    folder, _ = locate(load, iteration)
+    if detect_format(folder) == "legacy":
+        return len(rank_files(folder))
+    tensors, _ = read_tensor_index(folder, read_dcp_metadata(folder))
+    return len({c.writer for t in tensors.values() for c in t.chunks}) or 1
+
+
+def processes_per_node(load: str | Path, nodes: int, cpu: bool) -> int:
+    """The launchers' default process count per node: the model-parallel size over ``nodes``; on
+    CPUs (``cpu``) at most the checkpoint's writer count in all and this node's usable cores."""
+    size = model_parallel_size(load)
+    if cpu:
+        size = min(size, writer_count(load))
+    per_node = -(-size // max(1, nodes))
+    return min(per_node, len(os.sched_getaffinity(0))) if cpu else per_node

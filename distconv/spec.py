@@ -161,7 +161,7 @@ def _moe_layers(args: argparse.Namespace, num_layers: int) -> tuple[bool, ...]:
     if not arg(args, "num_experts"):
         return (False,) * num_layers
     freq = arg(args, "moe_layer_freq", default=1)
-    if isinstance(freq, str) and freq.strip().isdigit():
+    if isinstance(freq, str) and freq.strip().isascii() and freq.strip().isdigit():
         freq = int(freq)
     if isinstance(freq, int):
         return tuple(i % freq == 0 for i in range(num_layers))

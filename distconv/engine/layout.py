@@ -146,7 +146,7 @@ def per_layer_keys(moe_layer_freq: object, experts: bool) -> bool:
     """Whether megatron-core saves per-layer keys: MoE with ``moe_layer_freq`` a list or an int > 1."""
     if not experts:
         return False
-    if isinstance(moe_layer_freq, str) and moe_layer_freq.strip().isdigit():
+    if isinstance(moe_layer_freq, str) and moe_layer_freq.strip().isascii() and moe_layer_freq.strip().isdigit():
         moe_layer_freq = int(moe_layer_freq)
     return not (isinstance(moe_layer_freq, int) and moe_layer_freq == 1)
 

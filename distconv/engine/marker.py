@@ -6,7 +6,9 @@ names the source (iteration folder, iteration, a hash of the training args), the
 options, the tensor count, every file's size and SHA-256, and the run report. Asked again for
 the same source and options, an export whose marker checks out (every file re-hashed) is
 skipped; a folder without a marker is not distconv's finished work and is redone only with
-``--overwrite`` (the watcher redoes such folders itself).
+``--overwrite`` (the watcher redoes only folders that hold a marker). The marker lists the
+folder's complete contents: a folder holding anything it does not list, or lacking a file its
+format needs (``_complete``), is not finished.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from distconv.errors import DistconvError
+from distconv.sources.checkpoint import TRACKER, iteration_dir, read_dcp_metadata, tracker_iteration
 
 MARKER = "distconv.json"
 _CHUNK = 16 << 20
@@ -92,8 +95,9 @@ def read_marker(save: str | Path) -> dict[str, Any] | None:
 
 
 def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
-    """True when ``save`` holds a complete export (of ``source``, if given): the marker matches
-    and every file it lists has its recorded size and SHA-256 (re-hashed, in parallel threads)."""
+    """True when ``save`` holds a complete export (of ``source``, if given): the marker matches, it
+    lists exactly the folder's contents, those include every file the format needs (``_complete``),
+    and every file has its recorded size and SHA-256 (re-hashed, in parallel threads)."""
     data = read_marker(save)
     if data is None or (source is not None and data.get("source") != json.loads(json.dumps(source, default=str))):
         return False
@@ -101,6 +105,8 @@ def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
     if not isinstance(files, dict) or not files:
         return False
     folder = Path(save)
+    if not _lists_everything(folder, set(files)) or not _complete(folder, set(files)):
+        return False
     for name, info in files.items():
         path = folder / name
         if not _relative(name) or not isinstance(info, dict) or not path.is_file() or path.is_symlink() \
@@ -113,6 +119,43 @@ def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
     except OSError:
         return False
     return all(files[n].get("sha256") == s for n, s in zip(names, sums))
+
+
+def _lists_everything(folder: Path, listed: set[str]) -> bool:
+    """The folder holds the marker, the files it lists and the folders they lie in, and nothing else
+    (a file, link or folder planted into a finished output makes it unfinished)."""
+    parents = {p.as_posix() for name in listed for p in Path(name).parents if p != Path(".")}
+    found: set[str] = set()
+    for root, dirs, names in os.walk(folder):  # links are listed, never followed
+        here = Path(root).relative_to(folder)
+        for name in dirs:
+            entry = (here / name).as_posix()
+            if (Path(root) / name).is_symlink() or entry not in parents:
+                return False
+        found.update((here / name).as_posix() for name in names)
+    return found - {MARKER} == listed
+
+
+def _complete(folder: Path, names: set[str]) -> bool:
+    """``names`` hold what the output's format needs: an HF folder's ``config.json`` with its weights
+    (``model.pt``, or the safetensors index and every shard it names), a Megatron save root's tracker
+    with the iteration's ``metadata.json``, ``.metadata`` and every data file ``.metadata`` names."""
+    try:
+        if "config.json" in names:
+            if "model.pt" in names:
+                return True
+            index = "model.safetensors.index.json"
+            shards = json.loads((folder / index).read_text())["weight_map"].values() if index in names else ()
+            return bool(shards) and all(isinstance(s, str) and s in names for s in shards)
+        if TRACKER in names:
+            tracker = folder / TRACKER
+            iteration = iteration_dir(tracker_iteration(tracker, tracker.read_text()))
+            needed = {"metadata.json", ".metadata"} | {
+                info.relative_path for info in read_dcp_metadata(folder / iteration).storage_data.values()}
+            return all(f"{iteration}/{n}" in names for n in needed)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DistconvError):
+        return False
+    return False
 
 
 def _relative(name: str) -> bool:

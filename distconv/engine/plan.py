@@ -127,6 +127,12 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
+def numbered(indices: set[int], n: int) -> bool:
+    """``indices`` are exactly ``0 .. n-1`` (layers or experts, none missing, none extra), checked
+    without building ``range(n)``: ``n`` may be a hostile claim."""
+    return len(indices) == n and (n == 0 or (min(indices) == 0 and max(indices) == n - 1))
+
+
 def expert_name(name: str) -> str:
     """A per-expert tensor name in its canonical form ``...mlp.experts.{e}.linear_fc1.weight``."""
     for pattern in _PER_EXPERT:

@@ -24,18 +24,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
 
 from distconv.engine import marker
+from distconv.engine.export import _nonfinite
 from distconv.engine.gather import Comm
 from distconv.engine.layout import (
     ExtraState, Shard, Target, canonical, check_layout, extra_states, known, padded_vocab, per_layer_keys, shards_of,
 )
 from distconv.engine.plan import Item as SourceItem
-from distconv.engine.plan import items_of
+from distconv.engine.plan import items_of, numbered
 from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, parse_size, run
 from distconv.engine.stream import ReadAhead, heap_trimmer
@@ -47,7 +49,7 @@ from distconv.sinks.megatron import save_root
 from distconv.sources.checkpoint import TRACKER, Read, iteration_dir, overlaps
 from distconv.sources.hf import HFSource, Source, expected_hf_tensors, open_hf
 from distconv.sources.legacy import LegacyReader
-from distconv.sources.megatron import describe
+from distconv.sources.megatron import describe, read_files
 from distconv.sources.torch_dist import LocalReader
 from distconv.spec import DTYPES, ModelSpec, arg, spec_from_args
 
@@ -113,6 +115,14 @@ def _numel(shape: tuple[int, ...]) -> int:
     for s in shape:
         n *= s
     return n
+
+
+def refuse_nonfinite(data: torch.Tensor, shard: Shard, source: str) -> None:
+    """A chunk holding NaN or Inf is an error naming it and the source tensors it was read from:
+    a model holding any produces garbage (export alone has ``--allow-nonfinite``)."""
+    if count := _nonfinite(data):
+        raise DistconvError(f"NaN or Inf values in {shard.key} (the chunk at {list(shard.offsets)}, read from {source}): "
+                            f"{count} of {data.numel()}; the model would produce garbage")
 
 
 class MegatronSinkJob:
@@ -207,6 +217,25 @@ class Item:
     rule: Rule
     shape: tuple[int, ...]
     copies: tuple[str, ...] = ()  # HF tensors present that must equal ``hf[0]`` (``Rule.mtp_copy``)
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_HF_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _check_counts(spec: ModelSpec, source: Source, what: str) -> None:
+    """The config's layer and expert counts against the tensors the source stores, before any model
+    of the config is built (on the meta device its modules still cost memory and time, per layer
+    and per expert)."""
+    names = source.names()
+    for kind, pattern, said in (("layers", _HF_LAYER, spec.num_layers + spec.mtp_num_layers),
+                                ("experts", _HF_EXPERT, spec.num_experts or 0)):
+        stored = {int(m.group(1)) for n in names if (m := pattern.search(n))}
+        if not numbered(stored, said):
+            mtp = " (MTP layers included)" if kind == "layers" and spec.mtp_num_layers else ""
+            held = f"{len(stored)} (numbered {min(stored)} to {max(stored)})" if stored else "none"
+            raise DistconvError(f"{what}: the config says {said} {kind}{mtp}, but the safetensors store {held}; "
+                                "no model is built from a config that contradicts the tensors")
 
 
 def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, tuple[int, ...]]) -> list[Item]:
@@ -393,6 +422,7 @@ class ImportJob(MegatronSinkJob):
             raise DistconvError(f"--dtype {opts.dtype}: choose auto, bf16, fp16 or fp32")
         self.family, self.source, self.what = family, tensors, source.what
         spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), torch.float32)
+        _check_counts(spec, tensors, source.what)
         self.items = {item.name: item for item in _items(family, spec, tensors, expected_hf_tensors(config))}
         dtype = _source_dtype(self.items.values(), tensors) if opts.dtype == "auto" else DTYPES[opts.dtype]
         self.spec = dataclasses.replace(spec, train_dtype=dtype)
@@ -420,7 +450,7 @@ class ImportJob(MegatronSinkJob):
         self.identity = {"source": source.identity, "options": {
             **options, "dtype": str(dtype).removeprefix("torch."), "divisible_by": opts.divisible_by,
             "iteration": self.iteration}}
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(source.warnings)
 
     def _parts(self, shard: Shard) -> list[tuple[Item, tuple[slice, ...]]]:
         """The Megatron tensors a chunk is cut from, each with its box (grouped-GEMM chunks: one per expert)."""
@@ -439,7 +469,9 @@ class ImportJob(MegatronSinkJob):
     def read(self, n: int) -> torch.Tensor:
         shard, dtype = self.plan.shards[n], self.plan.dtypes[n]
         parts = [read_shard(self.source, item, box, self.spec, dtype) for item, box in self._parts(shard)]
-        return torch.stack(parts) if shard.parts else parts[0]
+        data = torch.stack(parts) if shard.parts else parts[0]
+        refuse_nonfinite(data, shard, ", ".join(h for item, _ in self._parts(shard) for h in item.hf))
+        return data
 
     def source_files(self, rank: int) -> list[str]:
         where = getattr(self.source, "file_of", None)
@@ -517,7 +549,7 @@ class ReshardJob(MegatronSinkJob):
         self.common["checkpoint_version"] = 3.0  # legacy sources are read into megatron-core's QKV order
         self.layout, self.window = self.target.describe(experts), parse_size(opts.window, "--window")
         self.save = Path(opts.save).resolve()
-        self.inputs = (load, ckpt.path)
+        self.inputs = (load, ckpt.path, *read_files(load, ckpt))
         refuse_overlap(self.save, self.inputs)
         self.identity = marker.source_of(ckpt, options)
         self.warnings = []
@@ -550,6 +582,7 @@ class ReshardJob(MegatronSinkJob):
                 self._reader = LegacyReader(self.ckpt) if self.ckpt.format == "legacy" else LocalReader(self.ckpt)
             for read, data in zip(reads, self._reader.read(reads, dtype)):
                 full[read.dest] = data.reshape(full[read.dest].shape)
+        refuse_nonfinite(full, shard, ", ".join(sorted({r.key for r in reads})))
         return full
 
     def source_files(self, rank: int) -> list[str]:

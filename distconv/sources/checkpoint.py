@@ -140,7 +140,7 @@ def tracker_iteration(tracker: Path, text: str) -> int | str:
     text = text.strip()
     if text == "release":
         return text
-    if text.isdigit():
+    if re.fullmatch(r"[0-9]+", text):  # ASCII digits only: ``str.isdigit`` also takes "²", which ``int`` refuses
         return int(text)
     raise DistconvError(f"{tracker} holds {text[:100]!r}, neither an iteration number nor 'release'")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from distconv.errors import DistconvError
 from distconv.sources.checkpoint import (
+    TRACKER,
     Checkpoint,
     check_files,
     detect_format,
@@ -15,7 +16,7 @@ from distconv.sources.checkpoint import (
     read_dcp_metadata,
     read_tensor_index,
 )
-from distconv.sources.legacy import describe_legacy
+from distconv.sources.legacy import describe_legacy, rank_files
 
 
 def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint:
@@ -35,3 +36,17 @@ def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint
         raise DistconvError(f"{folder} holds no model tensors")
     writers = 1 + max((c.writer for t in tensors.values() for c in t.chunks), default=0)
     return Checkpoint(folder, iteration, fmt, args, common, tensors, other, writers, metadata)
+
+
+def read_files(load: str | Path, ckpt: Checkpoint) -> list[Path]:
+    """Every file a run reads from the checkpoint at ``load``: the tracker, the metadata and every data
+    file (any of them may be a link: ``refuse_overlap`` follows each to what it names)."""
+    folder = Path(ckpt.path)
+    if folder.is_file():  # a zipped legacy release
+        return [folder]
+    if ckpt.format == "legacy":
+        names = set(rank_files(folder).values())
+    else:
+        names = {".metadata", "metadata.json", "common.pt"} | {info.relative_path for info in ckpt.metadata.storage_data.values()}
+    trackers = {Path(load) / TRACKER, folder.parent / TRACKER}
+    return sorted(t for t in trackers if t.exists()) + [folder / name for name in sorted(names)]
