@@ -89,15 +89,32 @@ def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
     return sharded
 
 
+def _stored_extra_state_only(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
+    """``_extra_state`` objects the checkpoint does not store are not requested (kept local), as
+    Megatron-LM's ``--ckpt-drop-redundant-extra-state`` (#5552) saves and loads them."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedObject
+
+    stored = ckpt.metadata.state_dict_metadata
+
+    def local_if_absent(x: Any) -> Any:
+        if isinstance(x, ShardedObject) and x.key.endswith("_extra_state") and x.unique_key not in stored:
+            return LocalNonpersistentObject(x.data)
+        return x
+
+    return dict_list_map_inplace(local_if_absent, sharded)
+
+
 def _torch_dist_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict from a torch_dist checkpoint through ``dist_checkpointing.load``."""
     from megatron.core import dist_checkpointing
 
     from distconv.megatron_model import sharded_state_dict
 
+    request = _stored_extra_state_only(_as_stored(sharded_state_dict(model), ckpt), ckpt)
     try:
         with serving_metadata(ckpt.path, ckpt.metadata):
-            loaded = dist_checkpointing.load({"model": _as_stored(sharded_state_dict(model), ckpt)}, str(ckpt.path),
+            loaded = dist_checkpointing.load({"model": request}, str(ckpt.path),
                                              common_strategy=_known_common(ckpt.common),
                                              validate_access_integrity=False)
     except BaseException as e:  # DCP's CheckpointException is a BaseException

@@ -162,6 +162,17 @@ def test_export_matches_megatron_core_0192_logits(m019, name):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
+def test_verify_reads_megatron_core_0192_saves(m019, name):
+    """``distconv verify`` (megatron-core 0.16.1's model here) loads each 0.19.2 save, the one without
+    ``_extra_state`` too, and agrees with the export."""
+    from distconv.verify import verify
+
+    ok(m019, f"export {name}")
+    result = verify(m019["fx"] / name, m019["work"] / "hf" / name, sequences=1, length=8, tol=TOL)
+    assert result["ok"], result
+
+
+@pytest.mark.parametrize("name", FIXTURES)
 def test_megatron_core_0192_loads_its_own_fixture(m019, name):
     """The check itself, on 0.19.2's own saves: the chunks match and the logits are its own. A job
     without the drop flag cannot load the dropped save (its ``_extra_state`` are requested and
