@@ -115,6 +115,8 @@ def test_vocab_from_each_tokenizer_type(built, tmp_path, monkeypatch):
         "gptsentencepiece": (dict(nothing, tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=str(files / "sp.model")), 153),
         "tiktoken": (dict(nothing, tokenizer_type="TikTokenizer", vocab_size=180, tiktoken_num_special_tokens=10), 180),
         "null": (dict(nothing, tokenizer_type="NullTokenizer", vocab_size=199), 200),
+        # megatron-core >= 0.18 (Megatron-LM #4057): no added token; its args carry null_tokenizer_eod_id
+        "null_0_18": (dict(nothing, tokenizer_type="NullTokenizer", vocab_size=199, null_tokenizer_eod_id=None), 199),
         "hub_cache": (dict(nothing, tokenizer_type="HuggingFaceTokenizer", tokenizer_model="tiny-org/tiny-tok"), hf_count),
         "hub_absent": (dict(nothing, tokenizer_type="HuggingFaceTokenizer", tokenizer_model="tiny-org/absent"), PADDED),
     }

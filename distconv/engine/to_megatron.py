@@ -337,7 +337,9 @@ def megatron_args(spec: ModelSpec, tp: int, pp: int, ep: int, divisible_by: int,
         qk_layernorm=spec.qk_layernorm, untie_embeddings_and_output_weights=not spec.tie_embeddings,
         vocab_size=spec.vocab_size, padded_vocab_size=spec.padded_vocab_size, make_vocab_size_divisible_by=divisible_by,
         mtp_num_layers=spec.mtp_num_layers or None,
-        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer,
+        # no tokenizer: no type either, or a job resuming with --use-checkpoint-args takes
+        # HuggingFaceTokenizer without a path over its own --tokenizer-type and fails to build it
+        tokenizer_type="HuggingFaceTokenizer" if tokenizer else None, tokenizer_model=tokenizer,
         window_size=spec.window_size,
         bf16=spec.train_dtype == torch.bfloat16, fp16=spec.train_dtype == torch.float16, params_dtype=spec.train_dtype,
         init_method_std=spec.init_std, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,

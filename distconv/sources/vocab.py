@@ -9,7 +9,9 @@ only the padded size, so the true one is recomputed here per ``tokenizer_type``:
   bos and eos pieces (``<PAD>``/``<BOS>``/``<EOS>`` when the model has no such control piece) and
   ``vocab_extra_ids`` ``<extra_id_i>`` tokens, each only when not already a piece.
 - ``TikTokenizer``: ``vocab_size``, else 2**17 (the file is cut to it, special tokens included).
-- ``NullTokenizer``: ``vocab_size`` + 1 (its end-of-document id is ``vocab_size``).
+- ``NullTokenizer``: ``vocab_size`` + 1 (its end-of-document id is ``vocab_size``) up to megatron-core
+  0.17; ``vocab_size`` from 0.18 on (Megatron-LM #4057: the id is ``vocab_size - 1`` unless
+  ``--null-tokenizer-eod-id`` says, and args carry ``null_tokenizer_eod_id`` from then on, None or not).
 
 A SentencePiece ``.model`` file is a ``ModelProto`` protobuf, read here with a small
 wire-format reader (pieces with their types, and the trainer spec's special piece names).
@@ -109,6 +111,8 @@ def megatron_vocab(args: Any, saved: Path | None = None) -> tuple[int, str, Path
     kind = arg(args, "tokenizer_type")
     vocab_size = arg(args, "vocab_size")
     if kind == "NullTokenizer" and vocab_size is not None:
+        if hasattr(args, "null_tokenizer_eod_id"):  # Megatron-LM >= #4057 (megatron-core 0.18)
+            return int(vocab_size), "args.vocab_size (NullTokenizer of megatron-core >= 0.18, its end-of-document token inside)", None
         return int(vocab_size) + 1, "args.vocab_size + 1 (NullTokenizer's end-of-document token)", None
     if kind == "TikTokenizer":
         if vocab_size is not None:
