@@ -85,14 +85,14 @@ def _iteration_folder(root: Path) -> Path:
     return root / ("release" if tracked == "release" else f"iter_{int(tracked):07d}")
 
 
-def _dcp_tensor_bytes(folder: Path, skip_prefix: str = "optimizer.") -> int:
-    """Bytes of the tensors a DCP folder's ``.metadata`` describes (optimizer state left out)."""
+def _dcp_tensor_bytes(folder: Path, optimizer: bool = False) -> int:
+    """Bytes of the model's tensors a DCP folder's ``.metadata`` describes, or of its optimizer state."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = FileSystemReader(str(folder)).read_metadata().state_dict_metadata
     return sum(math.prod(m.size) * m.properties.dtype.itemsize for k, m in meta.items()
-               if isinstance(m, TensorStorageMetadata) and not k.startswith(skip_prefix))
+               if isinstance(m, TensorStorageMetadata) and k.startswith("optimizer.") == optimizer)
 
 
 def _safetensors_bytes(folder: Path) -> int:
@@ -265,8 +265,17 @@ def test_report_counts_bytes_read_per_rank(runs):
     assert all(r["peak_rss_bytes"] > 0 for r in ranks), ranks
     assert all(isinstance(r["bytes_read"], int) for r in ranks), ranks
     assert report["bytes_read"] == sum(r["bytes_read"] for r in ranks)
-    # reading the fixture's optimizer state too (twice the weights) would show
-    assert report["bytes_read"] <= 1.5 * needed, (needed, report["bytes_read"])
+    # The measured figure also counts code pages a lazy import faults in mid-run when they have
+    # left the page cache (CI saw 0.45 MiB of them on a 0.7 MiB import), so its bound allows that.
+    # Reshard: reading the fixture's optimizer state too (twice the weights) would exceed it.
+    # Import: every byte at most once, plus such pages.
+    if kind == "import":
+        bound = 2 * needed
+    else:
+        optimizer = _dcp_tensor_bytes(_iteration_folder(load), optimizer=True)
+        assert optimizer >= 2 * needed, (needed, optimizer)
+        bound = needed + optimizer // 2
+    assert report["bytes_read"] <= bound, (needed, report["bytes_read"], bound)
     written = _dcp_tensor_bytes(_iteration_folder(save))
     on_disk = sum(size for name, (size, _, _) in runs["after_redo"].items())
     assert written <= report["bytes_written"] <= on_disk, (written, report["bytes_written"], on_disk)
