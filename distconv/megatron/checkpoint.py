@@ -38,7 +38,7 @@ class Chunk:
     sizes: tuple[int, ...]
     file: str
     writer: int  # the training rank that saved it (from ``__{rank}_{n}.distcp``)
-    source: str = ""  # legacy format: the tensor's key inside ``file`` (torch_dist: unused)
+    source: str = ""  # legacy: the tensor's key inside ``file``; plain DCP: its stored key (torch_dist: unused)
     source_offsets: tuple[int, ...] = ()  # legacy format: where the chunk starts in that tensor
     stored_offsets: tuple[int, ...] = ()  # plain DCP: the chunk's offsets under its stored key ``source``
 
