@@ -7,11 +7,14 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from distconv.directions.export import tokenizer_folder
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.hf.fp8 import SCALE
 from distconv.megatron.args import arg, arg_names, parallel_sizes, spec_from_args
+from distconv.megatron.checkpoint import Checkpoint
 from distconv.megatron.source import describe
+from distconv.megatron.tokenizer import checkpoint_tokenizer, outside_checkpoint, tokenizer_file
 
 # The Megatron-LM args that decide how a checkpoint converts (missing ones are left out): the
 # model's (the args table's), its layout, tokenizer and layer spec.
@@ -44,6 +47,7 @@ def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> 
         "layout": layout,
         "args": {name: _plain(getattr(args, name)) for name in ARGS_THAT_MATTER if getattr(args, name, None) is not None},
         "hf_family": family,
+        "tokenizer": tokenizer_report(ckpt),
         "tensors": [
             {"name": t.key, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "bytes": t.nbytes}
             for t in sorted(ckpt.tensors.values(), key=lambda t: t.key)
@@ -54,6 +58,22 @@ def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> 
     if ckpt.format == "legacy":
         report["checkpoint_version"] = ckpt.common.get("checkpoint_version")
     return report
+
+
+def tokenizer_report(ckpt: Checkpoint) -> dict[str, Any]:
+    """Which tokenizer an export without ``--tokenizer`` reads, and from where (no tokenizer file is
+    read): an HF tokenizer folder (written into the export), else the file Megatron-LM's file-based
+    tokenizer type reads (for the vocab size only), else none."""
+    folder, origin, warnings = tokenizer_folder(None, ckpt)
+    if folder is not None:
+        return {"kind": "HF tokenizer", "path": str(folder), "from": origin, "outside_checkpoint": bool(warnings)}
+    kind = arg(ckpt.args, "tokenizer_type")
+    path, origin = tokenizer_file(ckpt.args, checkpoint_tokenizer(Path(ckpt.path))) or (None, "")
+    if path is not None:
+        return {"kind": f"{kind} file (the vocab size only)", "path": str(path), "from": origin,
+                "outside_checkpoint": outside_checkpoint(path, Path(ckpt.path))}
+    return {"kind": "none", "path": None, "from": f"no tokenizer of args' tokenizer_type {kind} is readable here",
+            "outside_checkpoint": False}
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
@@ -150,6 +170,13 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def _tokenizer_line(tok: dict[str, Any]) -> str:
+    if tok["path"] is None:
+        return f"none ({tok['from']})"
+    where = ", outside the checkpoint: export warns" if tok["outside_checkpoint"] else ""
+    return f"{tok['kind']} {tok['path']} (from {tok['from']}{where})"
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.3f} GB" if n >= 1e8 else f"{n / 1e6:.3f} MB"
 
@@ -167,6 +194,7 @@ def render(report: dict[str, Any]) -> str:
         + (f" DP{lay['data_parallel_size']}" if lay["data_parallel_size"] else "")
         + f"; {lay['files_or_writers']} {'rank files' if report['format'] == 'legacy' else 'writer ranks'}",
         f"HF family    {report['hf_family']}",
+        f"tokenizer    {_tokenizer_line(report['tokenizer'])}",
         "args         " + ", ".join(f"{k}={v}" for k, v in report["args"].items()),
         "",
     ]

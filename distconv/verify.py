@@ -244,6 +244,9 @@ def verify(
         raise DistconvError(f"--hf {hf}: config.json gives no vocab_size as a positive whole number "
                             f"({'vocab_size ' + repr(vocab) if isinstance(config, dict) else 'not a JSON object'})")
     ckpt = describe(load, iteration)
+    if ckpt.format not in ("torch_dist", "legacy"):
+        raise DistconvError(f"--load {load}: verify loads torch_dist and legacy checkpoints into megatron-core, not "
+                            f"{ckpt.format}; `distconv reshard` writes it as torch_dist, which verify loads")
     length = min(length, int(arg(ckpt.args, "max_position_embeddings", "seq_length", default=length)))
     tokens = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))
     theirs = hf_logits(hf, tokens)

@@ -930,6 +930,48 @@ def test_vocab_file_args_name_is_read_from_the_checkpoint_first_and_never_replac
     assert report["vocab_size"] == 210 and report["vocab_source"].startswith("the checkpoint's ")
 
 
+def test_inspect_says_which_tokenizer_an_export_reads(ckpt, built, tmp_path):
+    """The checkpoint's ``tokenizer/`` first, as args' ``tokenizer_type`` reads it (an empty one is
+    none; TikTokenizer's ``tokenizer.json`` is its tiktoken vocab, no HF tokenizer), else args' paths."""
+    import json
+
+    from distconv.inspect import inspect_checkpoint
+
+    def said() -> dict:
+        return inspect_checkpoint(ckpt)["tokenizer"]
+
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(built / "tokenizer", elsewhere)
+    _edit_common(ckpt / ITER, tokenizer_model=str(elsewhere), tokenizer_type="HuggingFaceTokenizer")
+    (ckpt / ITER / "tokenizer").mkdir()  # empty: NullTokenizer's, or a failed copy
+    assert said() == {"kind": "HF tokenizer", "path": str(elsewhere), "from": "args.tokenizer_model",
+                      "outside_checkpoint": True}
+    shutil.copytree(built / "tokenizer", ckpt / ITER / "tokenizer", dirs_exist_ok=True)
+    assert said() == {"kind": "HF tokenizer", "path": str(ckpt / ITER / "tokenizer"), "from": "the checkpoint's tokenizer",
+                      "outside_checkpoint": False}
+    _edit_common(ckpt / ITER, tokenizer_type="TikTokenizer", tokenizer_model=str(tmp_path / "gone.tiktoken"))
+    assert said()["kind"] == "none"
+    (ckpt / ITER / "tokenizer" / "vocab.json").write_text(json.dumps({"a": 0}))
+    _edit_common(ckpt / ITER, tokenizer_type="GPT2BPETokenizer", vocab_file=str(elsewhere / "vocab.json"))
+    assert said() == {"kind": "GPT2BPETokenizer file (the vocab size only)", "path": str(ckpt / ITER / "tokenizer" / "vocab.json"),
+                      "from": "the checkpoint's", "outside_checkpoint": False}
+
+
+def test_tiktoken_vocab_saved_as_tokenizer_json_is_not_read_as_an_hf_tokenizer(ckpt, tmp_path, capsys):
+    """Megatron-LM saves TikTokenizer's vocab as ``tokenizer/tokenizer.json``: the export takes the vocab
+    size from args, as Megatron-LM's TikTokenizer does, and writes no tokenizer (it used to fail loading it)."""
+    import json
+
+    (ckpt / ITER / "tokenizer").mkdir()
+    (ckpt / ITER / "tokenizer" / "tokenizer.json").write_text(json.dumps([{"token_bytes": "AA==", "rank": 0}]))
+    _edit_common(ckpt / ITER, tokenizer_type="TikTokenizer", tokenizer_model=None, vocab_size=250)
+    out = tmp_path / "hf"
+    _export(capsys, ckpt, out, "--report", str(tmp_path / "r.json"))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["vocab_size"] == 250 and report["vocab_source"] == "args.vocab_size (TikTokenizer)"
+    assert not (out / "tokenizer.json").exists()
+
+
 def test_save_in_a_folder_that_does_not_exist_yet(ckpt, tmp_path, capsys):
     """--save's parent is created (as before the lock), and the lock file next to it is removed."""
     out = tmp_path / "new" / "deeper" / "hf"

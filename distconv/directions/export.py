@@ -43,7 +43,14 @@ from distconv.megatron.args import arg, parallel_sizes, spec_from_args
 from distconv.megatron.catalogue import canonical, items_of
 from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo, overlaps
 from distconv.megatron.source import describe, open_reader, read_files
-from distconv.megatron.tokenizer import checkpoint_tokenizer, megatron_vocab, outside_checkpoint, special_tokens
+from distconv.megatron.tokenizer import (
+    HF_TYPES,
+    checkpoint_tokenizer,
+    megatron_vocab,
+    outside_checkpoint,
+    saved_hf_tokenizer,
+    special_tokens,
+)
 from distconv.spec import DTYPES, ModelSpec
 
 FORMATS = ("safetensors", "torch")
@@ -71,35 +78,38 @@ def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None, list[str
     return config, folder, [remote_code(remote, "--hf-config", True)]
 
 
-def _load_tokenizer(explicit: str | Path | None, ckpt: Checkpoint) -> tuple[Any, str | None, list[str]]:
-    """The HF tokenizer to export, and warnings: ``--tokenizer``, else the one saved inside the
-    checkpoint (``tokenizer/``), else args' ``tokenizer_model``: a local folder, or a hub id whose
-    snapshot is in the local HF cache (looked up offline, never downloaded), with a warning naming
-    it when it lies outside the checkpoint. A warning also says when the folder's ``auto_map`` was
-    ignored (it is not written into the export).
-
-    A folder that does not load as an HF tokenizer is an error naming it and the reason; args'
-    value is not looked at otherwise (a hub id not in the cache, a SentencePiece or tiktoken file).
-    """
+def tokenizer_folder(explicit: str | Path | None, ckpt: Checkpoint) -> tuple[Path | None, str, list[str]]:
+    """The HF tokenizer folder an export reads, where it came from, and warnings: ``--tokenizer``, else
+    the one saved inside the checkpoint (``tokenizer/``, when args' ``tokenizer_type`` is an HF one),
+    else args' ``tokenizer_model``: a local folder, or a hub id whose snapshot is in the local HF cache
+    (looked up offline, never downloaded), with a warning naming it when it lies outside the checkpoint.
+    None when there is none (args' value is not looked at otherwise: a hub id not in the cache, a
+    SentencePiece or tiktoken file)."""
     args, saved = ckpt.args, checkpoint_tokenizer(Path(ckpt.path))
-    warnings = []
     if explicit is not None:
         if not Path(explicit).is_dir():
             raise DistconvError(f"--tokenizer {explicit} is not a folder holding an HF tokenizer")
-        folder, origin = Path(explicit), "--tokenizer"
-    elif saved is not None and any((saved / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        folder, origin = saved, "the checkpoint's tokenizer"
-    else:
-        candidate = arg(args, "tokenizer_model")
-        origin = "args.tokenizer_model"
-        folder = Path(candidate) if candidate is not None and Path(candidate).is_dir() else None
-        if folder is None and candidate is not None and arg(args, "tokenizer_type") in (None, "HuggingFaceTokenizer"):
-            folder = cached_hub_tokenizer(str(candidate))
-            origin = f"args.tokenizer_model {candidate} (HF cache)"
-        if folder is None:
-            return None, None, []
-        if outside_checkpoint(folder, Path(ckpt.path)):
-            warnings.append(_outside(f"{origin} {folder}"))
+        return Path(explicit), "--tokenizer", []
+    if saved_hf_tokenizer(args, saved):
+        return saved, "the checkpoint's tokenizer", []
+    candidate = arg(args, "tokenizer_model")
+    origin = "args.tokenizer_model"
+    folder = Path(candidate) if candidate is not None and Path(candidate).is_dir() else None
+    if folder is None and candidate is not None and arg(args, "tokenizer_type") in HF_TYPES:
+        folder = cached_hub_tokenizer(str(candidate))
+        origin = f"args.tokenizer_model {candidate} (HF cache)"
+    if folder is None:
+        return None, "", []
+    return folder, origin, [_outside(f"{origin} {folder}")] if outside_checkpoint(folder, Path(ckpt.path)) else []
+
+
+def _load_tokenizer(explicit: str | Path | None, ckpt: Checkpoint) -> tuple[Any, str | None, list[str]]:
+    """The HF tokenizer to export (``tokenizer_folder``'s), its folder, and warnings; one also says when
+    the folder's ``auto_map`` was ignored (it is not written into the export). A folder that does not
+    load as an HF tokenizer is an error naming it and the reason."""
+    folder, origin, warnings = tokenizer_folder(explicit, ckpt)
+    if folder is None:
+        return None, None, []
     tokenizer, ignored = load_tokenizer(folder, origin)
     return tokenizer, str(folder), warnings + ignored
 

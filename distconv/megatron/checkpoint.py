@@ -38,8 +38,9 @@ class Chunk:
     sizes: tuple[int, ...]
     file: str
     writer: int  # the training rank that saved it (from ``__{rank}_{n}.distcp``)
-    source: str = ""  # legacy format: the tensor's key inside ``file`` (torch_dist: unused)
+    source: str = ""  # legacy: the tensor's key inside ``file``; plain DCP: its stored key (torch_dist: unused)
     source_offsets: tuple[int, ...] = ()  # legacy format: where the chunk starts in that tensor
+    stored_offsets: tuple[int, ...] = ()  # plain DCP: the chunk's offsets under its stored key ``source``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,9 @@ def tracker_iteration(tracker: Path, text: str) -> int | str:
 
 
 def detect_format(folder: Path) -> str:
-    """``torch_dist`` (metadata.json, written last by a complete save) or ``legacy`` (mp_rank_*)."""
+    """``torch_dist`` (metadata.json, written last by a complete save), ``legacy`` (mp_rank_*) or
+    ``dcp``: DCP files alone, which a ``torch_dcp`` or ``fsdp_dtensor`` save writes (and an unfinished
+    torch_dist one leaves); ``fsdp_dtensor.describe_plain_dcp`` tells them apart by their keys and args."""
     if folder.is_file():
         return "legacy"  # a .zip, see locate()
     if (folder / "metadata.json").exists():
@@ -137,10 +140,7 @@ def detect_format(folder: Path) -> str:
     if any(folder.glob("mp_rank_*")):
         return "legacy"
     if (folder / ".metadata").exists():
-        raise DistconvError(
-            f"{folder} has DCP files but no metadata.json: the save did not finish, or it is a "
-            "torch_dcp/fsdp_dtensor checkpoint, which distconv does not read"
-        )
+        return "dcp"
     raise DistconvError(f"{folder} is not a Megatron checkpoint (no metadata.json, no mp_rank_* folders)")
 
 
@@ -318,7 +318,7 @@ def load_common_state(folder: Path, metadata: Any = None) -> dict[str, Any]:
 
 def read_tensor_index(folder: Path, metadata: Any) -> tuple[dict[str, TensorInfo], int]:
     """Model tensors (global shape, dtype, stored chunks with their files) and other bytes."""
-    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     tensors: dict[str, TensorInfo] = {}
     other = 0
@@ -329,14 +329,22 @@ def read_tensor_index(folder: Path, metadata: Any) -> tuple[dict[str, TensorInfo
         if key.startswith(NON_MODEL_PREFIXES) or "._extra_state" in key:
             other += numel(shape) * md.properties.dtype.itemsize
             continue
-        chunks = []
-        for c in md.chunks:
-            info = metadata.storage_data.get(MetadataIndex(key, torch.Size(c.offsets)))
-            file = info.relative_path if info is not None else ""
-            m = _WRITER_FILE.search(file)
-            chunks.append(Chunk(tuple(c.offsets), tuple(c.sizes), file, int(m.group(1)) if m else 0))
-        tensors[key] = TensorInfo(key, shape, md.properties.dtype, tuple(chunks))
+        tensors[key] = TensorInfo(key, shape, md.properties.dtype, stored_chunks(metadata, key, md))
     return tensors, other
+
+
+def stored_chunks(metadata: Any, key: str, md: Any) -> tuple[Chunk, ...]:
+    """The chunks DCP ``metadata`` lists for ``key`` (``md``: its ``TensorStorageMetadata``), each with
+    its data file and the rank that wrote it (from ``__{rank}_{n}.distcp``)."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    chunks = []
+    for c in md.chunks:
+        info = metadata.storage_data.get(MetadataIndex(key, torch.Size(c.offsets)))
+        file = info.relative_path if info is not None else ""
+        m = _WRITER_FILE.search(file)
+        chunks.append(Chunk(tuple(c.offsets), tuple(c.sizes), file, int(m.group(1)) if m else 0))
+    return tuple(chunks)
 
 
 def check_files(folder: Path, metadata: Any) -> None:

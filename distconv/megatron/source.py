@@ -22,6 +22,7 @@ from distconv.megatron.checkpoint import (
     read_dcp_metadata,
     read_tensor_index,
 )
+from distconv.megatron.fsdp_dtensor import describe_plain_dcp, plain_dcp_args
 from distconv.megatron.legacy import LegacyReader, describe_legacy, rank_files
 from distconv.megatron.torch_dist import TorchDistReader
 
@@ -32,6 +33,8 @@ def describe(load: str | Path, iteration: int | str | None = None) -> Checkpoint
     fmt = detect_format(folder)
     if fmt == "legacy":
         return describe_legacy(folder, iteration)
+    if fmt == "dcp":
+        return describe_plain_dcp(folder, iteration)
     metadata = read_dcp_metadata(folder)
     check_files(folder, metadata)
     common = load_common_state(folder, metadata)
@@ -60,9 +63,12 @@ def read_files(load: str | Path, ckpt: Checkpoint) -> list[Path]:
 
 
 def open_reader(ckpt: Checkpoint, collective: bool) -> LegacyReader | TorchDistReader:
-    """The reader of a described checkpoint: a legacy one's rank files are always read locally; a
-    torch_dist one's through megatron-core's collective load, or by each rank alone."""
-    return LegacyReader(ckpt) if ckpt.format == "legacy" else TorchDistReader(ckpt, collective)
+    """The reader of a described checkpoint: a legacy one's rank files are always read locally, and
+    so are a plain DCP save's chunks (fsdp_dtensor, torch_dcp: their keys are not megatron-core's
+    sharded ones); a torch_dist one's through megatron-core's collective load, or by each rank alone."""
+    if ckpt.format == "legacy":
+        return LegacyReader(ckpt)
+    return TorchDistReader(ckpt, collective and ckpt.format == "torch_dist")
 
 
 def model_parallel_size(load: str | Path, iteration: int | str | None = None) -> int:
@@ -70,8 +76,11 @@ def model_parallel_size(load: str | Path, iteration: int | str | None = None) ->
     the fewest ranks that hold distinct slices, as Megatron-LM lays out dense and expert groups
     over the same ranks (expert TP defaults to TP)."""
     folder, iteration = locate(load, iteration)
-    if detect_format(folder) == "legacy":
+    fmt = detect_format(folder)
+    if fmt == "legacy":
         args = describe(folder, iteration).args
+    elif fmt == "dcp":
+        args = plain_dcp_args(folder, read_dcp_metadata(folder))
     else:
         args = load_common_state(folder).get("args")
     if args is None:
@@ -83,10 +92,11 @@ def model_parallel_size(load: str | Path, iteration: int | str | None = None) ->
 def writer_count(load: str | Path, iteration: int | str | None = None) -> int:
     """How many distinct ranks wrote the checkpoint's model tensors (from the allow-listed DCP
     metadata's file names, or the legacy rank files): unlike args, a count the files vouch for."""
-    folder, _ = locate(load, iteration)
-    if detect_format(folder) == "legacy":
+    folder, iteration = locate(load, iteration)
+    fmt = detect_format(folder)
+    if fmt == "legacy":
         return len(rank_files(folder))
-    tensors, _ = read_tensor_index(folder, read_dcp_metadata(folder))
+    tensors = describe(folder, iteration).tensors if fmt == "dcp" else read_tensor_index(folder, read_dcp_metadata(folder))[0]
     return len({c.writer for t in tensors.values() for c in t.chunks}) or 1
 
 

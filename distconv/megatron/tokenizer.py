@@ -20,8 +20,10 @@ wire-format reader (pieces with their types, and the trainer spec's special piec
 
 The files come from the checkpoint first: Megatron-LM (``--save-tokenizer-assets``) saves the
 tokenizer in the iteration folder's ``tokenizer/`` (``vocab.json`` and ``merges.txt``,
-``tokenizer.model``, or an HF tokenizer). Only without one are the paths args name read, which
-lie wherever the training ran (the export warns, naming them).
+``tokenizer.model``, or an HF tokenizer; TikTokenizer's vocab as ``tokenizer.json``, which is no
+HF tokenizer; nothing for NullTokenizer). The folder is taken by args' ``tokenizer_type``, and an
+empty one is none. Only without one are the paths args name read, which lie wherever the training
+ran (the export warns, naming them).
 
 Special token ids for an exported config come from the tokenizer, else from args, else nowhere.
 Serving engines stop generating at ``generation_config.json``'s ``eos_token_id``, so a config
@@ -42,6 +44,9 @@ from distconv.megatron.args import arg
 from distconv.megatron.checkpoint import TRACKER
 
 _SENTENCEPIECE = ("SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer")
+# the file a file-based tokenizer type reads: its name in the checkpoint's tokenizer/, and the arg naming it
+_FILES = {"GPT2BPETokenizer": ("vocab.json", "vocab_file"), **{k: ("tokenizer.model", "tokenizer_model") for k in _SENTENCEPIECE}}
+HF_TYPES = (None, "HuggingFaceTokenizer", "MultimodalTokenizer")  # tokenizer types that are HF tokenizers (None: args predate it)
 _CONTROL = 3  # ModelProto.SentencePiece.Type.CONTROL
 _TIKTOKEN_DEFAULT = 2**17
 
@@ -127,24 +132,19 @@ def megatron_vocab(args: Any, saved: Path | None = None) -> tuple[int, str, Path
         if vocab_size is not None:
             return int(vocab_size), "args.vocab_size (TikTokenizer)", None
         return _TIKTOKEN_DEFAULT, "TikTokenizer's default size 2**17 (args.vocab_size unset)", None
-    if kind == "GPT2BPETokenizer":
-        vocab_file, origin = _file(saved, "vocab.json", args, "vocab_file")
-        if vocab_file is None:
-            return None
-        try:
-            entries = json.loads(vocab_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DistconvError(f"{origin} {vocab_file}: not a GPT-2 vocab JSON ({e})") from None
-        if not isinstance(entries, dict):
-            raise DistconvError(f"{origin} {vocab_file}: not a GPT-2 vocab JSON (no object)")
-        return len(entries), f"{origin} {vocab_file} (GPT2BPETokenizer)", vocab_file
+    path, origin = tokenizer_file(args, saved) or (None, "")
+    if path is None:
+        return None
     if kind in _SENTENCEPIECE:
-        model, origin = _file(saved, "tokenizer.model", args, "tokenizer_model")
-        if model is None:
-            return None
         extra = int(arg(args, "vocab_extra_ids", default=0) or 0)
-        return _sentencepiece_size(str(model), kind, extra, origin), f"{origin} {model} ({kind})", model
-    return None
+        return _sentencepiece_size(str(path), kind, extra, origin), f"{origin} {path} ({kind})", path
+    try:  # GPT2BPETokenizer
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DistconvError(f"{origin} {path}: not a GPT-2 vocab JSON ({e})") from None
+    if not isinstance(entries, dict):
+        raise DistconvError(f"{origin} {path}: not a GPT-2 vocab JSON (no object)")
+    return len(entries), f"{origin} {path} (GPT2BPETokenizer)", path
 
 
 def special_tokens(tokenizer: Any, args: Any) -> tuple[int | None, int | None, str]:
@@ -157,21 +157,36 @@ def special_tokens(tokenizer: Any, args: Any) -> tuple[int | None, int | None, s
     return None, None, "nothing (no tokenizer, no token ids in args): written as null"
 
 
-def _file(saved: Path | None, name: str, args: Any, field: str) -> tuple[Path | None, str]:
-    """The checkpoint's saved copy ``saved/name`` if there is one, else the file args' ``field`` names."""
+def tokenizer_file(args: Any, saved: Path | None) -> tuple[Path | None, str] | None:
+    """For a file-based ``tokenizer_type`` (``_FILES``), the file whose size it has and where it came
+    from: the checkpoint's ``saved`` copy (as Megatron-LM names it there) if there is one, else the
+    file args name (None when that is no file here); None for any other type."""
+    kind = arg(args, "tokenizer_type")
+    if kind not in _FILES:
+        return None
+    name, field = _FILES[kind]
     if saved is not None and (saved / name).is_file():
         return saved / name, "the checkpoint's"
     value = arg(args, field)
     return (Path(value) if value is not None and Path(value).is_file() else None), f"args.{field}"
 
 
+def saved_hf_tokenizer(args: Any, saved: Path | None) -> bool:
+    """Whether the checkpoint's ``saved`` tokenizer folder holds an HF tokenizer: only for an HF (or
+    multimodal) ``tokenizer_type`` (TikTokenizer saves its tiktoken vocab as ``tokenizer.json`` too)."""
+    return saved is not None and arg(args, "tokenizer_type") in HF_TYPES and any(
+        (saved / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def checkpoint_tokenizer(folder: Path) -> Path | None:
     """The tokenizer folder saved inside the checkpoint: ``tokenizer/`` in the iteration ``folder``
-    (where Megatron-LM saves it), else in the save root above it."""
+    (where Megatron-LM saves it), else in the save root above it. An empty one is none (Megatron-LM
+    leaves it empty for NullTokenizer, and after a failed copy)."""
     if not folder.is_dir():  # a zipped legacy release
         return None
     root = folder.parent if (folder.parent / TRACKER).is_file() else None
-    return next((f for f in (folder / "tokenizer", root / "tokenizer" if root else None) if f and f.is_dir()), None)
+    return next((f for f in (folder / "tokenizer", root / "tokenizer" if root else None)
+                 if f and f.is_dir() and any(f.iterdir())), None)
 
 
 def outside_checkpoint(path: str | Path, folder: Path) -> bool:

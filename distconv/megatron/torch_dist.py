@@ -154,9 +154,10 @@ class TorchDistReader:
         if self._last is not None and self._last[0] == (key, chunk.offsets):
             return self._last[1]
         self._last = None
-        info = self.ckpt.metadata.storage_data.get(MetadataIndex(key, torch.Size(chunk.offsets)))
+        stored, offsets = chunk.source or key, chunk.stored_offsets or chunk.offsets  # a plain DCP key's own
+        info = self.ckpt.metadata.storage_data.get(MetadataIndex(stored, torch.Size(offsets)))
         if info is None:
-            raise DistconvError(f"{self.ckpt.path}/.metadata names no data for {key} at {chunk.offsets}")
+            raise DistconvError(f"{self.ckpt.path}/.metadata names no data for {stored} at {offsets}")
         data = read_stored(self.ckpt.path, info, key, random_access=True)
         tensor = safe_torch_load(io.BytesIO(data), f"{self.ckpt.path / info.relative_path} ({key})")
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.sizes):
