@@ -26,8 +26,8 @@ from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.families.base import Rule
 from distconv.hf.source import HFSource, Source, open_hf
-from distconv.megatron.args import megatron_args
-from distconv.megatron.catalogue import Shard, extra_states, padded_vocab, shards_of
+from distconv.megatron.args import linear_attention_freq, megatron_args, moe_layer_freq
+from distconv.megatron.catalogue import Shard, extra_states, padded_vocab, per_layer_keys, shards_of
 from distconv.spec import DTYPES, ModelSpec
 
 
@@ -159,7 +159,8 @@ class ImportJob(ToMegatron):
                                 f"the {family.architecture} model has no experts")
         grouped = bool(opts.moe_grouped_gemm)
         self.target, options = target_layout(opts, self.spec, opts.transformer_impl or "transformer_engine", grouped,
-                                       per_layer=experts and not all(self.spec.moe_layers))
+                                       per_layer=per_layer_keys(moe_layer_freq(self.spec), experts,
+                                                                linear_attention_freq(self.spec) if self.spec.linear_attention else None))
         shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, self.target)]
         self.iteration = "release" if opts.iteration is None else opts.iteration
         self.extras = extra_states(self.spec, self.target)
