@@ -98,17 +98,20 @@ class Scope(enum.Enum):
 class Spelling:
     """A key (or module path) other than the canonical one, and where it is used: in
     multi-latent attention models or not (``mla``), in the transformer-engine spec or the local one
-    (``te``), in MoE layers or dense ones (``moe``); None: either. Reading, a spelling is taken back
-    to the canonical name whatever the spec and layer (a checkpoint of any spec is read), but one
-    used in MLA models only is read so in MLA models only (``canonical``)."""
+    (``te``), in MoE layers or dense ones (``moe``), in gated delta net layers or attention ones
+    (``linear``); None: either. Reading, a spelling is taken back to the canonical name whatever the
+    spec and layer (a checkpoint of any spec is read), but one used in MLA models only is read so in
+    MLA models only (``canonical``)."""
 
     key: str
     mla: bool | None = None
     te: bool | None = None
     moe: bool | None = None
+    linear: bool | None = None
 
-    def applies(self, mla: bool, te: bool, moe: bool) -> bool:
-        return all(want is None or want == have for want, have in ((self.mla, mla), (self.te, te), (self.moe, moe)))
+    def applies(self, mla: bool, te: bool, moe: bool, linear: bool = False) -> bool:
+        return all(want is None or want == have for want, have in
+                   ((self.mla, mla), (self.te, te), (self.moe, moe), (self.linear, linear)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,10 +151,11 @@ def _moe(spec: ModelSpec, layer: int | None) -> bool:
 
 def _attention(spec: ModelSpec, layer: int | None) -> bool:
     """Softmax attention with fused QKV (not MLA; not a gated delta net layer)."""
-    return not spec.multi_latent_attention and not (layer is not None and spec.is_linear_attention(layer))
+    return not spec.multi_latent_attention and not _gdn(spec, layer)
 
 
-def _linear(spec: ModelSpec, layer: int | None) -> bool:
+def _gdn(spec: ModelSpec, layer: int | None) -> bool:
+    """A gated delta net layer (linear attention)."""
     return layer is not None and spec.is_linear_attention(layer)
 
 
@@ -202,12 +206,13 @@ CATALOGUE: tuple[ModuleKind, ...] = (
     ) + PROJ, (Spelling(_SA + "linear_kv_down_proj"), Spelling(_SA + "linear_kv_up_proj"), Spelling(_SA + "linear_proj")),
         present=_mla),
     # the norm before attention: fused into linear_qkv (TELayerNormColumnParallelLinear; the local
-    # spec's module maps its keys there), a module of its own in MLA layers (both specs; a TENorm)
+    # spec's module maps its keys there), a module of its own in MLA layers (both specs; a TENorm),
+    # fused into the gated delta net's in_proj in its layers
     ModuleKind("input_norm", Scope.LAYER,
                _norm(_SA + "linear_qkv.layer_norm_", Spelling("input_layernorm.", mla=True),
+                     Spelling(_SA + "in_proj.layer_norm_", linear=True),
                      aliases=("input_layernorm.", "input_norm.")),
-               (Spelling("input_layernorm", mla=True, te=True),),
-               present=lambda spec, layer: not _linear(spec, layer)),
+               (Spelling("input_layernorm", mla=True, te=True),)),
     # fused QKV, per query group ``[q (heads/groups heads), k, v]``; with ``attention_output_gate``
     # (Qwen3-Next) ``[q, gate, k, v]``, the gate as many rows as the group's queries
     ModuleKind("qkv_attention", Scope.LAYER,
@@ -224,17 +229,17 @@ CATALOGUE: tuple[ModuleKind, ...] = (
     # ``[q_r; k_r; v_r; z_r; beta_r; alpha_r]`` and its conv1d channels ``[q_r; k_r; v_r]``, each the
     # r-th contiguous 1/TP slice of its component (whole key heads and their value heads: the
     # checkpoint's TP axis is never the packed rows). megatron-core saves each component as a
-    # global tensor of its own (``in_proj.weight.query``, ...), split over TP on dim 0; the fused
-    # input norm, the output norm (over one value head) replicated; A_log and dt_bias per value head.
+    # global tensor of its own (``in_proj.weight.query``, ...), split over TP on dim 0; the output
+    # norm (over one value head) replicated; A_log and dt_bias per value head. The input norm fused
+    # into in_proj is ``input_norm``'s.
     ModuleKind("gated_delta_net", Scope.LAYER, (
-        Param(_SA + "in_proj.layer_norm_weight"),
         *(Param(f"{_SA}in_proj.weight.{c}", Split.COLUMN) for c in GDN_IN_PROJ),
         *(Param(f"{_SA}conv1d.weight.{c}", Split.COLUMN) for c in GDN_CONV),
         Param(_SA + "A_log", Split.COLUMN),
         Param(_SA + "dt_bias", Split.COLUMN),
         Param(_SA + "out_norm.weight"),
         Param(_SA + "out_proj.weight", Split.ROW),
-    ), (Spelling(_SA + "in_proj"), Spelling(_SA + "out_norm", te=True), Spelling(_SA + "out_proj")), present=_linear),
+    ), (Spelling(_SA + "in_proj"), Spelling(_SA + "out_norm", te=True), Spelling(_SA + "out_proj")), present=_gdn),
     # the shared expert: a dense MLP split over TP, and its sigmoid gate (replicated)
     ModuleKind("shared_expert", Scope.LAYER,
                _linear(_MLP + "shared_experts.linear_fc1", Split.COLUMN, gated=True)
@@ -557,7 +562,7 @@ def key_of(name: str, spec: ModelSpec, target: Target, layer: int | None = None)
         sub = name.removeprefix("decoder.layers.")
     found = _PARAMS.get((False, sub)) if layer is not None else None
     if found:
-        context = (spec.multi_latent_attention, target.te, spec.is_moe(layer))
+        context = (spec.multi_latent_attention, target.te, spec.is_moe(layer), spec.is_linear_attention(layer))
         spelled = next((s.key for s in found[1].spellings if s.applies(*context)), None)
         if spelled is not None:
             name = name.removesuffix(sub) + spelled
@@ -576,7 +581,8 @@ def _starts(box: tuple[slice, ...]) -> tuple[int, ...]:
 
 
 def _extra_paths(kind: ModuleKind, spec: ModelSpec, target: Target, layer: int | None) -> list[str]:
-    context = (spec.multi_latent_attention, target.te, spec.is_moe(layer) if layer is not None else False)
+    context = (spec.multi_latent_attention, target.te, spec.is_moe(layer) if layer is not None else False,
+               _gdn(spec, layer))
     return [s.key for s in kind.extra_state if s.applies(*context)] if kind.present(spec, layer) else []
 
 
