@@ -67,6 +67,17 @@ class ModelSpec:
     qk_pos_emb_head_dim: int | None = None
     v_head_dim: int | None = None
     mtp_num_layers: int = 0
+    # gated attention (Qwen3-Next): attention output times sigmoid(gate), the gate rows in linear_qkv
+    attention_output_gate: bool = False
+    # megatron-core's ``experimental_attention_variant``: None, or "gated_delta_net" (Qwen3-Next's
+    # linear attention, in the layers ``linear_attention`` marks; full attention in the others)
+    experimental_attention_variant: str | None = None
+    linear_attention: tuple[bool, ...] = ()  # per layer: gated delta net (True) or full attention
+    linear_conv_kernel_dim: int | None = None
+    linear_key_head_dim: int | None = None
+    linear_value_head_dim: int | None = None
+    linear_num_key_heads: int | None = None
+    linear_num_value_heads: int | None = None
 
     @property
     def moe_group_score_topk(self) -> int | None:
@@ -83,6 +94,10 @@ class ModelSpec:
         """Whether layer ``layer`` has experts. An MTP layer (``num_layers + m``) is built like the
         last decoder layer, as megatron-core's MTP block spec builds it."""
         return bool(self.num_experts) and self.moe_layers[min(layer, self.num_layers - 1)]
+
+    def is_linear_attention(self, layer: int) -> bool:
+        """Whether layer ``layer`` is a gated delta net (linear attention) rather than full attention."""
+        return bool(self.linear_attention) and self.linear_attention[min(layer, self.num_layers - 1)]
 
     @property
     def mtp_conflict(self) -> str | None:

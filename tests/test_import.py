@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from distconv.errors import DistconvError
 
 from conftest import ROOT, distconv_cli, torchrun
+from fixtures.build import FIXTURES
 from mtp_reference import hf_mtp_logits
 
 TOL = 1e-4
@@ -52,6 +53,9 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
     ("deepseek_v3", 1, 1, 2, None, False, TE), ("deepseek_v3", 2, 1, 2, 1, False, TE),
     ("deepseek_v3", 1, 2, 2, None, False, TE), ("glm4_moe", 2, 2, 1, None, False, TE),  # MTP on the last stage
     ("deepseek_v3_q_proj", 2, 1, 2, None, False, TE),
+    # gated delta net layers (megatron-core builds them from its TE spec only): TP2 x EP2, PP2 x EP2
+    ("qwen3_next", 2, 1, 2, None, False, TE), ("qwen3_next", 1, 2, 2, None, False, TE),
+    ("qwen3_5_moe", 2, 1, 2, 1, False, TE),
 ]
 # block-wise FP8 MoE releases (every expert's and attention's projections quantized, the router,
 # norms, embeddings and MTP layers' own projection in high precision), imported at EP x ETP:
@@ -59,7 +63,7 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
 FP8_MOE_IMPORTS = [("qwen3_moe", 2, 1, 2, 1), ("qwen2_moe", 1, 2, 2, None), ("deepseek_v3", 2, 1, 2, 1),
                    ("glm4_moe", 1, 2, 2, None), ("mixtral", 1, 1, 4, None)]
 # exported back and compared with the source: each family at its most split layout, and each chunking
-MOE_ROUND_TRIPS = [c for c in MOE_IMPORTS if c[3:5] == (2, 1) or c[5] or c[3] == 4]
+MOE_ROUND_TRIPS = [c for c in MOE_IMPORTS if c[3:5] == (2, 1) or c[5] or c[3] == 4 or c[0] == "qwen3_next"]
 MOE = dict(intermediate_size=32)  # the experts' width (Mixtral); Qwen's dense layers keep SMALL's 128
 MODELS.update({
     "mixtral": ("MixtralConfig", dict(MOE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
@@ -91,6 +95,14 @@ MODELS.update({
         num_nextn_predict_layers=1, topk_method="noaux_tc", scoring_func="sigmoid", moe_layer_freq=1,
         tie_word_embeddings=False), torch.float32),
 })
+# Qwen3-Next: gated delta net layers (2 key heads, 4 value heads of 16) alternating with gated attention
+# (head_dim 32, a quarter rotated), a dense first layer, a gated shared expert, zero-centred norms
+# (HF's linear_attn.norm plain); Qwen3.5's text MoE model: the same without the dense layer
+QWEN3_NEXT = dict(num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                  linear_value_head_dim=16, full_attention_interval=2, num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=32, shared_expert_intermediate_size=48, tie_word_embeddings=False)
+MODELS["qwen3_next"] = ("Qwen3NextConfig", dict(QWEN3_NEXT, mlp_only_layers=[0]), torch.float32)
+MODELS["qwen3_5_moe"] = ("Qwen3_5MoeTextConfig", dict(QWEN3_NEXT, num_experts=8, num_experts_per_tok=3), torch.float32)
 # the other MLA query path (q_proj, no q LoRA), plain RoPE, one group, every layer MoE (stacked keys)
 MODELS["deepseek_v3_q_proj"] = ("DeepseekV3Config", dict(
     MODELS["deepseek_v3"][1], q_lora_rank=None, first_k_dense_replace=0, n_group=1, topk_group=1,
@@ -118,6 +130,9 @@ MOE_RESHARDS = {
     "fx_deepseek_v3_to_tp2ep2etp1": ("fx/deepseek_v3/tp1pp1ep2", 2, 1, 2, 1, None, TE),
     # MTP layers: from the last of two stages to TP2 at PP1 (GLM-4.5, two MTP layers)
     "fx_glm4_moe_pp2_to_tp2etp1": ("fx/glm4_moe/tp1pp2ep2", 2, 1, 2, 1, None, TE),
+    # gated delta net layers: megatron-core's own TP2 x EP2 save -> PP2 x EP2, and an import TP2 -> TP1
+    "fx_qwen3_next_to_pp2ep2": ("fx/qwen3_next/tp2pp1ep2", 1, 2, 2, None, None, None),
+    "qwen3_next_tp2_to_tp1ep4": ("qwen3_next_tp2pp1ep2", 1, 1, 4, None, None, None),
 }
 
 
@@ -136,7 +151,7 @@ def make_hf(folder: Path, name: str) -> Path:
 
     cls_name, overrides, dtype = MODELS[name]
     config = getattr(transformers, cls_name)(**{**SMALL, **overrides})
-    config.architectures = [cls_name.replace("Config", "ForCausalLM")]
+    config.architectures = [cls_name.replace("TextConfig", "Config").replace("Config", "ForCausalLM")]
     model = transformers.AutoModelForCausalLM.from_config(config)
     gen = torch.Generator().manual_seed(len(name))
     for pname, p in sorted(model.named_parameters()):
@@ -298,8 +313,9 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
             moe_grouped_gemm=grouped, transformer_impl=impl, divisible_by=64)
         add(f"check {key}", op="check", root=root, tp=tp, pp=pp, ep=ep, etp=etp, tokens=TOKENS,
             logits_out=str(work / f"{key}.pt"))
-        if (name, tp, pp, ep, etp, grouped, impl) in MOE_ROUND_TRIPS:
-            add(f"export {key}", op="export", load=root, save=str(work / "back" / key))
+        if (name, tp, pp, ep, etp, grouped, impl) in MOE_ROUND_TRIPS:  # Qwen3.5: named by its HF config
+            add(f"export {key}", op="export", load=root, save=str(work / "back" / key),
+                **({"hf_config": str(hf[name])} if name == "qwen3_5_moe" else {}))
     for key, (source, tp, pp, ep, etp, grouped, impl) in MOE_RESHARDS.items():
         if source.startswith("fx/"):
             load = str(built / source.removeprefix("fx/"))
@@ -671,7 +687,9 @@ def _impl(key: str) -> str:
     if key in MOE_RESHARDS:
         source, impl = MOE_RESHARDS[key][0], MOE_RESHARDS[key][6]
         return _impl(source) if impl is None else impl
-    return LOCAL if key.startswith("fx/") or key.endswith("_local") else TE
+    if key.startswith("fx/"):  # megatron-core's own saves: the spec the fixture's args name
+        return FIXTURES[key.split("/")[1]].args.get("transformer_impl", LOCAL)
+    return LOCAL if key.endswith("_local") else TE
 
 
 def _check_layout(jobs: dict, key: str, tp: int, pp: int, ep: int, etp: int | None) -> None:
@@ -771,10 +789,11 @@ def test_te_spec_stand_in_undoes_itself():
 
 
 @pytest.mark.parametrize("key", ["mixtral_tp2pp1ep2etp1", "qwen2_moe_tp2pp1ep2etp1", "deepseek_v3_tp2pp1ep2etp1",
-                                 "glm4_moe_tp2pp1ep2etp1"])
+                                 "glm4_moe_tp2pp1ep2etp1", "qwen3_next_tp2pp1ep2", "qwen3_5_moe_tp2pp1ep2etp1"])
 def test_verify_reads_a_transformer_engine_moe_import(jobs, key):
     """``distconv verify`` (a local-spec model) loads the TE spec's ``pre_mlp_layernorm`` keys, MLA's
-    fused latent norms and MTP layers."""
+    fused latent norms and MTP layers; gated delta net models (megatron-core's TE spec, its fla and
+    transformer-engine calls stood in for on the CPU) are checked the same way."""
     from distconv.verify import verify
 
     ok(jobs, f"export {key}")

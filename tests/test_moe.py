@@ -37,7 +37,7 @@ MOE = [name for name, fx in FIXTURES.items() if fx.args.get("num_experts")]
 CASES = [(name, layout_dir(Path(), name, *parallel(l)).name) for name in MOE for l in FIXTURES[name].layouts if len(l) > 2]
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
         "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-        "glm4_moe_plain": "Glm4MoeForCausalLM"}
+        "glm4_moe_plain": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
 KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
 WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
 
@@ -69,6 +69,11 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
                 path.write_text(json.dumps({**glm, **changes}))
                 jobs[("glm4_moe", "tp2pp1ep2", world, kind)] = {
                     "load": str(built / "glm4_moe" / "tp2pp1ep2"), "save": str(out / f"glm_{kind}"), "hf_config": str(path)}
+            qwen3_5 = out / "qwen3_5_moe.json"  # the same megatron-core model as Qwen3.5's text MoE model
+            qwen3_5.write_text(_qwen3_5_config().to_json_string())
+            for layout in ("tp2pp1ep2", "tp1pp2ep2"):
+                jobs[("qwen3_next", layout, world, "qwen3_5")] = {
+                    "load": str(built / "qwen3_next" / layout), "save": str(out / f"qwen3_5_{layout}"), "hf_config": str(qwen3_5)}
             wrong = out / "mixtral_top1.json"
             wrong.write_text(json.dumps(_mixtral_config(num_experts_per_tok=1)))
             jobs[("mixtral", "tp1pp1ep2", world, "conflict")] = {
@@ -89,6 +94,12 @@ def _mixtral_config(**override) -> dict:
         "num_experts_per_tok": a["moe_router_topk"], "rms_norm_eps": a["layernorm_epsilon"],
     }
     return {**config, **override}
+
+
+def _qwen3_5_config():
+    from distconv.families.qwen3_next import QWEN3_5_MOE
+
+    return QWEN3_5_MOE.hf_config(spec_from_args(megatron_args(**FIXTURES["qwen3_next"].args)).with_vocab(256))
 
 
 def _logits_diff(built: Path, name: str, folder: Path, zero: str | None = None, **config_override) -> float:
@@ -422,3 +433,69 @@ def test_mtp_layers_export_as_released(exported, built, tmp_path, name, layout):
     (swapped / "config.json").write_text((folder / "config.json").read_text())
     _, mtp = hf_mtp_logits(swapped, ref["tokens"])
     assert (mtp[0] - ref["mtp_logits"][0][..., :vocab]).abs().max().item() > 100 * TOL
+
+
+# ---- Qwen3-Next and Qwen3.5 (gated delta net) ---------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["tp2pp1ep2", "tp1pp2ep2"])
+def test_qwen3_5_text_model_exports_from_the_same_checkpoint(exported, built, layout):
+    """With an HF config naming Qwen3_5MoeForCausalLM, the Qwen3-Next fixture exports as Qwen3.5's text
+    MoE model (flat in_proj_qkv, in_proj_z/b/a), and transformers' logits equal megatron-core's."""
+    result = exported[("qwen3_next", layout, OTHER_WORLD, "qwen3_5")]
+    assert result["ok"], result.get("error")
+    assert result["report"]["architecture"] == "Qwen3_5MoeForCausalLM"
+    names = set(json.loads((result["save"] / "model.safetensors.index.json").read_text())["weight_map"])
+    assert {"model.layers.0.linear_attn.in_proj_qkv.weight", "model.layers.0.linear_attn.in_proj_b.weight"} <= names
+    assert not any("in_proj_qkvz" in n for n in names)
+    assert _logits_diff(built, "qwen3_next", result["save"]) <= TOL
+
+
+def test_qwen3_next_config_carries_the_hybrid_layout(exported):
+    config = json.loads((exported[("qwen3_next", "tp1pp2ep2", OTHER_WORLD)]["save"] / "config.json").read_text())
+    assert config["layer_types"] == ["linear_attention", "full_attention"] * 2
+    assert (config["linear_num_key_heads"], config["linear_num_value_heads"], config["linear_key_head_dim"],
+            config["linear_value_head_dim"], config["linear_conv_kernel_dim"]) == (2, 4, 16, 16, 4)
+    assert (config["head_dim"], config["rope_parameters"]["partial_rotary_factor"], config["norm_topk_prob"]) == (32, 0.25, True)
+    assert (config["shared_expert_intermediate_size"], config["mlp_only_layers"], config["num_experts"]) == (48, [], 4)
+
+
+def _broken_qwen3_next(how: str):
+    """Qwen3-Next's table with one deliberate mistake."""
+    import dataclasses
+
+    from distconv.families import qwen3_next as q
+    from distconv.families.base import Transform
+
+    class Twice(Transform):  # the norm offset applied twice
+        def export(self, t, spec):
+            return q.PLAIN.export(q.PLAIN.export(t, spec)[0], spec)
+
+    class GateAfterQueries(q.GatedQKV):  # HF q_proj as [all q; all gates], not per head
+        def export(self, t, spec):
+            q_proj, k, v = super().export(t, spec)
+            heads = q_proj.reshape(spec.num_attention_heads, 2, spec.head_dim, -1)
+            return heads.transpose(0, 1).reshape(q_proj.shape), k, v
+
+    wrong = {"norm-offset-twice": (q.A + "out_norm.weight", Twice()),
+             "flat-in-proj": (q.A + "in_proj.weight.query", q.PerKeyHead(q._qkvz, grouped=False)),
+             "gate-after-queries": (q.A + "linear_qkv.weight", GateAfterQueries())}[how]
+    rules = tuple(dataclasses.replace(r, transform=wrong[1]) if r.megatron == wrong[0] else r for r in q.QWEN3_NEXT.rules)
+    return dataclasses.replace(q.QWEN3_NEXT, rules=rules)
+
+
+@pytest.mark.parametrize("how", [None, "norm-offset-twice", "flat-in-proj", "gate-after-queries"])
+def test_a_wrong_qwen3_next_mapping_fails(built, tmp_path, how):
+    """The suite's proof rejects a deliberately wrong table: the output norm's +1 applied twice, the
+    packed in_proj poured into in_proj_qkvz flat (not per key head), the attention gate rows after
+    all query rows. The real export runs (one process, TP2 x EP2 checkpoint) with the wrong table in
+    place of the right one; the right one (None) passes the same check."""
+    from unittest import mock
+
+    import distconv
+    from distconv.directions import export as export_direction
+
+    families = tuple(_broken_qwen3_next(how) if how and f.architecture == "Qwen3NextForCausalLM" else f for f in FAMILIES)
+    with mock.patch.object(export_direction, "FAMILIES", families):
+        distconv.export(load=str(built / "qwen3_next" / "tp2pp1ep2"), save=str(tmp_path / "hf"), quiet=True)
+    diff = _logits_diff(built, "qwen3_next", tmp_path / "hf")
+    assert diff <= TOL if how is None else diff > 100 * TOL

@@ -238,16 +238,20 @@ def _order(item: Part) -> tuple[int, int, str]:
     return (2, 0, item.name)
 
 
-def _split(items: list[Part], window: int, itemsize: int) -> list[list[Part]]:
-    """Cut a run of items into pieces of at most ``window`` bytes (an item is never cut)."""
+def _split(items: list[Part], window: int, itemsize: int, family: Family) -> list[list[Part]]:
+    """Cut a run of items into pieces of at most ``window`` bytes (an item is never cut, nor are the
+    items a family maps together: ``Family.group_of``)."""
+    groups: dict[str, list[Part]] = {}
+    for item in items:
+        groups.setdefault(family.group_of(item.name), []).append(item)
     pieces: list[list[Part]] = [[]]
     size = 0
-    for item in items:
-        n = numel(item.shape) * itemsize
+    for group in groups.values():
+        n = sum(numel(item.shape) for item in group) * itemsize
         if pieces[-1] and size + n > window:
             pieces.append([])
             size = 0
-        pieces[-1].append(item)
+        pieces[-1] += group
         size += n
     return pieces
 
@@ -300,16 +304,16 @@ def make_plan(
         for item in unit_items:
             (kept if float32(item) else rest).append(item)
         for kind, part in ((torch.float32, kept), (None, rest)):
-            for piece in _split(part, window, (kind or dtype).itemsize) if part else ():
-                reads, outs = [], []
+            for piece in _split(part, window, (kind or dtype).itemsize, family) if part else ():
+                reads = []
                 for pos, item in enumerate(piece):
                     tensor = ckpt.tensors[item.key]
                     if item.key not in indexes:
                         indexes[item.key] = _chunks_by_index(tensor, len(item.index))
                     chunks = indexes[item.key].get(item.index, [])
                     reads += _reads_for(item, pos, tensor, chunks, world, (kind or dtype).itemsize)
-                    meta = torch.empty(item.shape, dtype=kind or dtype, device="meta")
-                    outs += family.export_tensor(item.name, meta, spec, fp8_rest)
+                metas = [(item.name, torch.empty(item.shape, dtype=kind or dtype, device="meta")) for item in piece]
+                outs = [(name, t) for name, t, _ in family.export_tensors(metas, spec, fp8_rest)]
                 units.append(Unit(piece, reads, dtype=kind))
                 named.append(outs)
 
@@ -475,13 +479,13 @@ class ExportJob:
 
         def write_unit(index: int, full: list[torch.Tensor]) -> None:
             found = []
-            for part, tensor in zip(plan.units[index].parts, full):
-                for name, out in self.family.export_tensor(part.name, tensor, self.spec, self.fp8_rest):
-                    out = out.contiguous()
-                    if count := nonfinite_count(out):
-                        nonfinite[name] = count
-                        found.append(f"{name} (from Megatron {part.name}): {count} of {out.numel()}")
-                    shards.write(name, out)
+            parts = [(part.name, tensor) for part, tensor in zip(plan.units[index].parts, full)]
+            for name, out, source in self.family.export_tensors(parts, self.spec, self.fp8_rest):
+                out = out.contiguous()
+                if count := nonfinite_count(out):
+                    nonfinite[name] = count
+                    found.append(f"{name} (from Megatron {source}): {count} of {out.numel()}")
+                shards.write(name, out)
             if found and not self.opts.allow_nonfinite:
                 raise DistconvError(
                     f"NaN or Inf values in HF tensor {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}: the model would "

@@ -27,8 +27,8 @@ from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family, pick_family
 from distconv.families.base import Rule
 from distconv.hf.source import HFSource, Source, open_hf
-from distconv.megatron.args import megatron_args
-from distconv.megatron.catalogue import Shard, extra_states, padded_vocab, shards_of
+from distconv.megatron.args import linear_attention_freq, megatron_args, moe_layer_freq
+from distconv.megatron.catalogue import Shard, extra_states, padded_vocab, per_layer_keys, shards_of
 from distconv.spec import DTYPES, ModelSpec
 
 
@@ -41,6 +41,7 @@ class Mapped:
     rule: Rule
     shape: tuple[int, ...]
     copies: tuple[str, ...] = ()  # HF tensors present that must equal ``hf[0]`` (``Rule.mtp_copy``)
+    part: int = 0  # which of a joint rule's Megatron tensors (``Rule.megatron_names``)
 
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -86,18 +87,21 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
             if not all(h in expected for h in hf):
                 raise DistconvError(f"internal: {family.architecture} expects only some of {', '.join(hf)}")
             metas = tuple(torch.empty(expected[h], device="meta") for h in hf)
-            out = rule.transform.import_(metas, spec)
-            if any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
-                raise DistconvError(f"internal: the {rule.megatron} transform is not row-wise; import cannot slice it")
             copies = tuple(c for c in rule.mtp_copies(spec) if c in have)  # optional: they repeat hf[0]
-            items.append(Mapped(rule.megatron.format(**fmt), hf, rule, tuple(out.shape), copies))
+            for part, megatron in enumerate(rule.megatron_names):
+                out = rule.import_rows(metas, spec, part)
+                if any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
+                    raise DistconvError(f"internal: the {megatron} transform is not row-wise; import cannot slice it")
+                items.append(Mapped(megatron.format(**fmt), hf, rule, tuple(out.shape), copies, part))
             used.update(hf + copies)
     unused = sorted(have - used)
     tied_extra = {"lm_head.weight"} if spec.tie_embeddings else set()
     unused = [n for n in unused if n not in tied_extra]
     if unused:
+        why = [reason for prefix, reason in family.unconverted if any(n.startswith(prefix) for n in unused)]
         raise DistconvError(f"the source has tensors the {family.architecture} mapping does not use: "
-                            f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}")
+                            f"{', '.join(unused[:8])}{' ...' if len(unused) > 8 else ''}"
+                            + "".join(f" ({reason})" for reason in why))
     return items
 
 
@@ -115,13 +119,14 @@ def read_shard(source: Source, item: Mapped, box: tuple[slice, ...], spec: Model
     """Read the ``box`` of one Megatron tensor: only the HF rows (and columns) it is made of.
 
     Running the transform on row numbers tells which row of which HF tensor each Megatron row
-    comes from (0 marks vocab padding, which stays zero). The same rows of ``item.copies`` are read
-    too and must be equal: Megatron holds one tensor where HF repeats it.
+    comes from (0 marks vocab padding, which stays zero); the values are then those Megatron
+    stores (``Transform.import_values``). The same rows of ``item.copies`` are read too and must be
+    equal: Megatron holds one tensor where HF repeats it.
     """
     rows_in = [source.shape(h)[0] for h in item.hf]
     base = max(rows_in) + 1
     codes = tuple(torch.arange(n, dtype=torch.int64) + (i + 1) * base for i, n in enumerate(rows_in))
-    rowmap = item.rule.transform.import_(codes, spec)[box[0]]
+    rowmap = item.rule.import_rows(codes, spec, item.part)[box[0]]
     out = torch.zeros(tuple(s.stop - s.start for s in box), dtype=dtype)
     for i, name in enumerate(item.hf):
         sel = rowmap // base == i + 1
@@ -135,7 +140,7 @@ def read_shard(source: Source, item: Mapped, box: tuple[slice, ...], spec: Model
                 raise DistconvError(f"{copy} differs from {name}: megatron-core's MTP layers share the model's "
                                     f"{item.name.split('.')[0]} tensor, so the two must be equal")
         out[sel] = data.to(dtype)[rows - lo]
-    return out
+    return item.rule.import_values(out, spec)
 
 
 class FromHF:
@@ -180,7 +185,8 @@ class ImportJob(ToMegatron):
                                 f"the {family.architecture} model has no experts")
         grouped = bool(opts.moe_grouped_gemm)
         self.target, options = target_layout(opts, self.spec, opts.transformer_impl or "transformer_engine", grouped,
-                                       per_layer=experts and not all(self.spec.moe_layers))
+                                       per_layer=per_layer_keys(moe_layer_freq(self.spec), experts,
+                                                                linear_attention_freq(self.spec) if self.spec.linear_attention else None))
         shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, self.target)]
         self.iteration = "release" if opts.iteration is None else opts.iteration
         self.extras = extra_states(self.spec, self.target)

@@ -61,7 +61,8 @@ class ReshardJob(ToMegatron):
         # the source's spelling of the keys does not matter: its names are read back to canonical ones
         self.target, options = target_layout(
             opts, self.spec, opts.transformer_impl or arg(ckpt.args, "transformer_impl", default="transformer_engine"),
-            grouped, per_layer=per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts))
+            grouped, per_layer=per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts,
+                                              arg(ckpt.args, "linear_attention_freq") if source_spec.linear_attention else None))
         # every per-layer (and per-expert) tensor of the source, under its canonical name
         self.items: dict[str, Part] = {}
         for info in ckpt.tensors.values():

@@ -11,7 +11,8 @@ from distconv.families.qwen2_moe import QWEN2_MOE
 from distconv.families.qwen3_moe import QWEN3_MOE
 from distconv.families.qwen2 import QWEN2
 from distconv.families.qwen3 import QWEN3
+from distconv.families.qwen3_next import QWEN3_5_MOE, QWEN3_NEXT
 
-FAMILIES: tuple[Family, ...] = (DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT2, QWEN3, QWEN2, MISTRAL, LLAMA)
+FAMILIES: tuple[Family, ...] = (QWEN3_NEXT, QWEN3_5_MOE, DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT2, QWEN3, QWEN2, MISTRAL, LLAMA)
 
 __all__ = ["FAMILIES", "Family", "pick_family"]

@@ -24,13 +24,33 @@ Tensors = tuple[torch.Tensor, ...]
 
 
 class Transform:
-    """Turns one Megatron tensor into HF tensors (``export``) and back (``import_``)."""
+    """Turns one Megatron tensor into HF tensors (``export``) and back (``import_`` and ``import_values``).
+
+    ``import_`` only places rows (import reads each Megatron row from the HF row it is made of:
+    ``directions.import_.read_shard`` runs it on row numbers); ``import_values`` then changes the
+    values, element by element, where the two formats store them differently (``NormOffset``).
+    """
 
     def export(self, t: torch.Tensor, spec: ModelSpec) -> Tensors:
         return (t,)
 
     def import_(self, ts: Tensors, spec: ModelSpec) -> torch.Tensor:
         return ts[0]
+
+    def import_values(self, t: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+        return t
+
+
+class JointTransform:
+    """Several Megatron tensors and the HF tensors made of them all, mapped together (a ``Rule``
+    with ``joint`` names): ``export`` takes the Megatron tensors in the rule's order, ``import_``
+    gives them back, placing rows only (see ``Transform``)."""
+
+    def export(self, ts: Tensors, spec: ModelSpec) -> Tensors:
+        raise NotImplementedError
+
+    def import_(self, ts: Tensors, spec: ModelSpec) -> Tensors:
+        raise NotImplementedError
 
 
 class SplitQKV(Transform):
@@ -110,6 +130,9 @@ class Rule:
     # an HF name (with ``{layer}``) repeating the rule's one HF tensor in every MTP layer: DeepSeek's
     # releases store the shared embedding and output head again in each MTP layer
     mtp_copy: str | None = None
+    # further Megatron names the (``JointTransform``) transform takes with ``megatron``, in its order:
+    # HF tensors each made of several Megatron ones (Qwen3-Next's grouped ``in_proj_qkvz``)
+    joint: tuple[str, ...] = ()
 
     def mtp_copies(self, spec: ModelSpec) -> tuple[str, ...]:
         """The HF names of this rule's copies in ``spec``'s MTP layers."""
@@ -121,9 +144,24 @@ class Rule:
     def hf_names(self) -> tuple[str, ...]:
         return (self.hf,) if isinstance(self.hf, str) else self.hf
 
+    @property
+    def megatron_names(self) -> tuple[str, ...]:
+        return (self.megatron, *self.joint)
+
     def match(self, name: str) -> dict[str, str] | None:
-        m = _compile(self.megatron).match(name)
-        return m.groupdict() if m else None
+        for pattern in self.megatron_names:
+            m = _compile(pattern).match(name)
+            if m:
+                return m.groupdict()
+        return None
+
+    def import_rows(self, ts: Tensors, spec: ModelSpec, part: int = 0) -> torch.Tensor:
+        """The Megatron tensor ``megatron_names[part]``'s rows from the HF tensors (``Transform.import_``)."""
+        return self.transform.import_(ts, spec)[part] if self.joint else self.transform.import_(ts, spec)
+
+    def import_values(self, t: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+        """``Transform.import_values`` (a joint transform places rows only)."""
+        return t if self.joint else self.transform.import_values(t, spec)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +180,9 @@ class Family:
     # decoder_sparse_step and mlp_only_layers): a given config is compared by the spec field it
     # reads as (``spec_fields``), not field by field
     spelled_by: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # HF name prefixes of tensors releases hold and no rule converts, and why (an import refuses a
+    # folder holding them, saying so): Qwen3-Next's MTP layers
+    unconverted: tuple[tuple[str, str], ...] = ()
 
     def unsupported(self, spec: ModelSpec) -> list[str]:
         """Reasons this family cannot express ``spec`` exactly (empty when it can)."""
@@ -216,7 +257,45 @@ class Family:
         tensor comes out in ``fp8_rest``.
         """
         rule, groups = self.rule_for(name)
-        out = rule.transform.export(t, spec)
+        if rule.joint:
+            raise DistconvError(f"internal: {name} maps together with {', '.join(rule.joint)} (export_tensors)")
+        return self._outputs(rule, groups, rule.transform.export(t, spec), spec, fp8_rest)
+
+    def export_tensors(self, named: Sequence[tuple[str, torch.Tensor]], spec: ModelSpec,
+                       fp8_rest: torch.dtype | None = None) -> list[tuple[str, torch.Tensor, str]]:
+        """``export_tensor`` over a unit's Megatron tensors: ``(HF name, tensor, Megatron name)``, a joint
+        rule's HF tensors once all of its Megatron tensors are there (``group_of`` keeps them in one
+        unit); one missing is an error naming it."""
+        out: list[tuple[str, torch.Tensor, str]] = []
+        waiting: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}  # a joint rule's names -> those seen
+        for name, t in named:
+            rule, groups = self.rule_for(name)
+            if not rule.joint:
+                out += [(hf, x, name) for hf, x in self.export_tensor(name, t, spec, fp8_rest)]
+                continue
+            names = tuple(n.format(**groups) for n in rule.megatron_names)
+            got = waiting.setdefault(names, {})
+            got[name] = t
+            if len(got) == len(names):
+                exported = rule.transform.export(tuple(got[n] for n in names), spec)
+                out += [(hf, x, name) for hf, x in self._outputs(rule, groups, exported, spec, fp8_rest)]
+                del waiting[names]
+        for names, got in waiting.items():
+            missing = [n for n in names if n not in got]
+            raise DistconvError(f"the checkpoint holds {', '.join(got)} but not {', '.join(missing)}, which "
+                                f"{self.architecture} maps together with it")
+        return out
+
+    def group_of(self, name: str) -> str:
+        """The name a Megatron tensor is exported with: a joint rule's first name, else its own."""
+        for rule in self.rules:
+            groups = rule.match(name) if rule.joint else None
+            if groups is not None:
+                return rule.megatron.format(**groups)
+        return name
+
+    def _outputs(self, rule: Rule, groups: dict[str, str], out: Tensors, spec: ModelSpec,
+                 fp8_rest: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:
         named = [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
         named += [(copy, named[0][1]) for copy in rule.mtp_copies(spec)]
         if rule.float32:

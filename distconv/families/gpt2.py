@@ -75,6 +75,8 @@ GPT2 = Family(
         zero_centered_gamma=False,
         window_size=None,
         plain_mha=True,
+        attention_output_gate=False,
+        experimental_attention_variant=None,
     ),
     config_fields=(
         ("vocab_size", lambda s: s.vocab_size or s.padded_vocab_size),

@@ -36,6 +36,8 @@ REQUIRES = dict(
     num_experts=None,
     multi_latent_attention=False,
     mtp_num_layers=0,
+    attention_output_gate=False,
+    experimental_attention_variant=None,
 )
 
 CONFIG_FIELDS = (

@@ -14,7 +14,8 @@ no flag), and megatron-core's ``TransformerConfig`` field. An absent arg with no
   (``distconv verify``'s model, the tests' fixtures);
 - ``layout_args`` and ``parallel_sizes``: the parallel layout, written and read.
 
-Rows are grouped as the writer emits them: the MoE args, the MLA args, then the rest.
+Rows are grouped as the writer emits them: the MoE args, the MLA args, the gated delta net's, then
+the rest.
 """
 
 from __future__ import annotations
@@ -198,6 +199,28 @@ def moe_layer_freq(spec: ModelSpec) -> int | list[int]:
     return 1 if all(spec.moe_layers) else [int(m) for m in spec.moe_layers]
 
 
+def _linear_attention(args: argparse.Namespace) -> tuple[bool, ...]:
+    """Which layers are gated delta nets: ``linear_attention_freq`` is an int N (every N-th layer is
+    full attention, the others linear) or a 0/1 list (1: linear), as megatron-core reads it."""
+    num_layers = int(_field("num_layers").value(args))
+    freq = arg(args, "linear_attention_freq")
+    if isinstance(freq, str) and freq.strip().isdigit():
+        freq = int(freq)
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1:
+        return tuple((i + 1) % freq != 0 for i in range(num_layers))
+    if isinstance(freq, (list, tuple)) and len(freq) == num_layers and all(x in (0, 1) for x in freq):
+        return tuple(bool(x) for x in freq)
+    raise DistconvError(f"cannot read linear_attention_freq={freq!r} for {num_layers} layers of a gated delta net model")
+
+
+def linear_attention_freq(spec: ModelSpec) -> int | list[int]:
+    """Megatron-LM's ``linear_attention_freq`` for ``spec``: the int N > 1 when every N-th layer is full
+    attention and the others linear (Megatron-LM's ``--linear-attention-freq N``), else its 0/1 list."""
+    n = spec.num_layers
+    return next((freq for freq in range(2, n + 1) if tuple((i + 1) % freq != 0 for i in range(n)) == spec.linear_attention),
+                [int(x) for x in spec.linear_attention])
+
+
 def _train_dtype(args: argparse.Namespace) -> torch.dtype:
     if arg(args, "bf16", default=False):
         return torch.bfloat16
@@ -247,6 +270,20 @@ MLA_FIELDS: tuple[Field, ...] = (
     Field("v_head_dim", ("v_head_dim",), None, int, "v_head_dim"),
 )
 
+# the gated delta net (``experimental_attention_variant="gated_delta_net"``, megatron-core 0.16):
+# megatron-core's TransformerConfig defaults where Megatron-LM 0.16 generates the flags from it
+GATED_DELTA_NET = "gated_delta_net"
+GDN_FIELDS: tuple[Field, ...] = (
+    Field("linear_attention", ("linear_attention_freq",), read=_linear_attention,
+          write=lambda s: {"linear_attention_freq": linear_attention_freq(s)},
+          configure=lambda s, a: {"linear_attention_freq": linear_attention_freq(s)}),
+    Field("linear_conv_kernel_dim", ("linear_conv_kernel_dim",), 4, int, "linear_conv_kernel_dim"),
+    Field("linear_key_head_dim", ("linear_key_head_dim",), 128, int, "linear_key_head_dim"),
+    Field("linear_value_head_dim", ("linear_value_head_dim",), 128, int, "linear_value_head_dim"),
+    Field("linear_num_key_heads", ("linear_num_key_heads",), 16, int, "linear_num_key_heads"),
+    Field("linear_num_value_heads", ("linear_num_value_heads",), 32, int, "linear_num_value_heads"),
+)
+
 FIELDS: tuple[Field, ...] = (
     Field("num_layers", ("num_layers",), REQUIRED, int, "num_layers"),
     Field("hidden_size", ("hidden_size",), REQUIRED, int, "hidden_size"),
@@ -275,6 +312,8 @@ FIELDS: tuple[Field, ...] = (
           read=_rope_scaling, write=rope_args, configure=_mla_rope_config),
     Field("normalization", ("normalization",), "LayerNorm", str, "normalization"),
     Field("norm_epsilon", ("layernorm_epsilon", "norm_epsilon"), 1e-5, float, "layernorm_epsilon"),
+    # stored gamma - 1, the norms computing x_hat * (1 + weight): Megatron-LM 0.16 names the flag after
+    # TransformerConfig's field, 0.12 to 0.15 ``--apply-layernorm-1p``
     Field("zero_centered_gamma", ("layernorm_zero_centered_gamma", "apply_layernorm_1p"), False, bool,
           "layernorm_zero_centered_gamma"),
     Field("gated_mlp", ("swiglu",), False, bool, "gated_linear_unit", write=lambda s: {}),
@@ -285,6 +324,9 @@ FIELDS: tuple[Field, ...] = (
     Field("add_bias_linear", ("add_bias_linear",), True, bool, "add_bias_linear"),
     Field("add_qkv_bias", ("add_qkv_bias",), False, bool, "add_qkv_bias"),
     Field("qk_layernorm", ("qk_layernorm",), False, bool, "qk_layernorm"),
+    Field("attention_output_gate", ("attention_output_gate",), False, bool, "attention_output_gate"),
+    Field("experimental_attention_variant", ("experimental_attention_variant",), None, str,
+          "experimental_attention_variant"),
     Field("tie_embeddings", ("untie_embeddings_and_output_weights",), read=lambda a: not arg(
         a, "untie_embeddings_and_output_weights", default=False),
         write=lambda s: {"untie_embeddings_and_output_weights": not s.tie_embeddings}),
@@ -304,17 +346,17 @@ FIELDS: tuple[Field, ...] = (
 
 
 def _field(spec_name: str) -> Field:
-    return next(f for f in FIELDS + MOE_FIELDS + MLA_FIELDS if f.spec == spec_name)
+    return next(f for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS if f.spec == spec_name)
 
 
 def arg_names() -> tuple[str, ...]:
     """Every Megatron-LM arg the table reads or writes."""
-    return tuple(dict.fromkeys(n for f in FIELDS + MOE_FIELDS + MLA_FIELDS for n in f.names))
+    return tuple(dict.fromkeys(n for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS for n in f.names))
 
 
 def arg_type(name: str) -> Callable[[Any], Any]:
     """The type of Megatron-LM arg ``name``'s value (for flags that take it on a command line)."""
-    return next(f.kind for f in FIELDS + MOE_FIELDS + MLA_FIELDS if name in f.names)
+    return next(f.kind for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS if name in f.names)
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
@@ -329,6 +371,8 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
         values.update({f.spec: f.value(args) for f in MOE_FIELDS})
     mla = _field("multi_latent_attention").value(args)
     values.update({f.spec: f.value(args) if mla or f.spec == "multi_latent_attention" else None for f in MLA_FIELDS})
+    if values["experimental_attention_variant"] == GATED_DELTA_NET:
+        values.update({f.spec: f.value(args) for f in GDN_FIELDS})
     return ModelSpec(**values)
 
 
@@ -350,6 +394,9 @@ def megatron_args(spec: ModelSpec, target: Target, *, divisible_by: int, tokeniz
         written.update(_mla_rope_written(spec))
     else:
         written["multi_latent_attention"] = False
+    if spec.experimental_attention_variant == GATED_DELTA_NET:
+        for f in GDN_FIELDS:
+            written.update(f.written(spec))
     for f in FIELDS:
         written.update(f.written(spec))
         if f.spec == "padded_vocab_size":
@@ -390,7 +437,8 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
     """The ``TransformerConfig`` (``MLATransformerConfig`` for MLA) fields that describe the model of
     ``args``; the caller adds how it is built (parallel sizes, initialisation, fusions)."""
     spec = spec_from_args(args)
-    rows = FIELDS + (MOE_FIELDS if spec.num_experts else ()) + (MLA_FIELDS if spec.multi_latent_attention else ())
+    rows = (FIELDS + (MOE_FIELDS if spec.num_experts else ()) + (MLA_FIELDS if spec.multi_latent_attention else ())
+            + (GDN_FIELDS if spec.experimental_attention_variant == GATED_DELTA_NET else ()))
     out: dict[str, Any] = {}
     for f in rows:
         out.update(f.configured(spec, args))

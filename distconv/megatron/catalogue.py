@@ -51,8 +51,12 @@ decoder layer ``num_layers + m`` (``mtp_as_layer``; HF's index too) and saved wi
 their own modules (``MTP``), and a decoder layer under ``transformer_layer.``, built like the
 last decoder layer.
 
-Adding a module kind (a Mamba mixer, a gated delta net, an indexer) is one ``ModuleKind`` here,
-plus the family's rules (and the model builder, for ``verify``).
+**Gated delta net** layers (Qwen3-Next's linear attention, ``experimental_attention_variant=
+"gated_delta_net"``) replace attention in the layers ``linear_attention_freq`` marks; such models
+save per-layer keys. Each of the packed ``in_proj``'s components is saved as a tensor of its own.
+
+Adding a module kind (a Mamba mixer, an indexer) is one ``ModuleKind`` here, plus the family's
+rules (and the model builder, for ``verify``).
 """
 
 from __future__ import annotations
@@ -95,17 +99,20 @@ class Scope(enum.Enum):
 class Spelling:
     """A key (or module path) other than the canonical one, and where it is used: in
     multi-latent attention models or not (``mla``), in the transformer-engine spec or the local one
-    (``te``), in MoE layers or dense ones (``moe``); None: either. Reading, a spelling is taken back
-    to the canonical name whatever the spec and layer (a checkpoint of any spec is read), but one
-    used in MLA models only is read so in MLA models only (``canonical``)."""
+    (``te``), in MoE layers or dense ones (``moe``), in gated delta net layers or attention ones
+    (``linear``); None: either. Reading, a spelling is taken back to the canonical name whatever the
+    spec and layer (a checkpoint of any spec is read), but one used in MLA models only is read so in
+    MLA models only (``canonical``)."""
 
     key: str
     mla: bool | None = None
     te: bool | None = None
     moe: bool | None = None
+    linear: bool | None = None
 
-    def applies(self, mla: bool, te: bool, moe: bool) -> bool:
-        return all(want is None or want == have for want, have in ((self.mla, mla), (self.te, te), (self.moe, moe)))
+    def applies(self, mla: bool, te: bool, moe: bool, linear: bool = False) -> bool:
+        return all(want is None or want == have for want, have in
+                   ((self.mla, mla), (self.te, te), (self.moe, moe), (self.linear, linear)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +150,19 @@ def _moe(spec: ModelSpec, layer: int | None) -> bool:
     return spec.is_moe(layer)
 
 
+def _attention(spec: ModelSpec, layer: int | None) -> bool:
+    """Softmax attention with fused QKV (not MLA; not a gated delta net layer)."""
+    return not spec.multi_latent_attention and not _gdn(spec, layer)
+
+
+def _gdn(spec: ModelSpec, layer: int | None) -> bool:
+    """A gated delta net layer (linear attention)."""
+    return layer is not None and spec.is_linear_attention(layer)
+
+
 _W, _B = "weight", "bias"
+GDN_IN_PROJ = ("query", "key", "value", "z", "beta", "alpha")  # the gated delta net's in_proj components
+GDN_CONV = ("query", "key", "value")  # ... and its conv1d's
 _SA, _MLP = "self_attention.", "mlp."
 PROJ = (Param(_SA + "linear_proj.weight", Split.ROW, aliases=("self_attention.dense.weight", "attention.dense.weight")),
         Param(_SA + "linear_proj.bias", aliases=("self_attention.dense.bias", "attention.dense.bias")))
@@ -188,20 +207,40 @@ CATALOGUE: tuple[ModuleKind, ...] = (
     ) + PROJ, (Spelling(_SA + "linear_kv_down_proj"), Spelling(_SA + "linear_kv_up_proj"), Spelling(_SA + "linear_proj")),
         present=_mla),
     # the norm before attention: fused into linear_qkv (TELayerNormColumnParallelLinear; the local
-    # spec's module maps its keys there), a module of its own in MLA layers (both specs; a TENorm)
+    # spec's module maps its keys there), a module of its own in MLA layers (both specs; a TENorm),
+    # fused into the gated delta net's in_proj in its layers
     ModuleKind("input_norm", Scope.LAYER,
                _norm(_SA + "linear_qkv.layer_norm_", Spelling("input_layernorm.", mla=True),
+                     Spelling(_SA + "in_proj.layer_norm_", linear=True),
                      aliases=("input_layernorm.", "input_norm.")),
                (Spelling("input_layernorm", mla=True, te=True),)),
+    # fused QKV, per query group ``[q (heads/groups heads), k, v]``; with ``attention_output_gate``
+    # (Qwen3-Next) ``[q, gate, k, v]``, the gate as many rows as the group's queries
     ModuleKind("qkv_attention", Scope.LAYER,
                _linear(_SA + "linear_qkv", Split.COLUMN,
                        aliases=("self_attention.query_key_value", "attention.query_key_value")) + PROJ,
                (Spelling(_SA + "linear_qkv"), Spelling(_SA + "linear_proj")),
-               present=lambda spec, layer: not spec.multi_latent_attention),
+               present=_attention),
     # per-head q/k norms (Qwen3, GLM-4.5): TENorms in the transformer-engine spec
     ModuleKind("qk_norms", Scope.LAYER, _norm(_SA + "q_layernorm.") + _norm(_SA + "k_layernorm."),
                (Spelling(_SA + "q_layernorm", te=True), Spelling(_SA + "k_layernorm", te=True)),
-               present=lambda spec, layer: spec.qk_layernorm and not spec.multi_latent_attention),
+               present=lambda spec, layer: spec.qk_layernorm and _attention(spec, layer)),
+    # the gated delta net (``GatedDeltaNet``, the layers ``linear_attention_freq`` makes linear; built
+    # from the transformer-engine spec only). In memory TP rank r's ``in_proj`` rows are
+    # ``[q_r; k_r; v_r; z_r; beta_r; alpha_r]`` and its conv1d channels ``[q_r; k_r; v_r]``, each the
+    # r-th contiguous 1/TP slice of its component (whole key heads and their value heads: the
+    # checkpoint's TP axis is never the packed rows). megatron-core saves each component as a
+    # global tensor of its own (``in_proj.weight.query``, ...), split over TP on dim 0; the output
+    # norm (over one value head) replicated; A_log and dt_bias per value head. The input norm fused
+    # into in_proj is ``input_norm``'s.
+    ModuleKind("gated_delta_net", Scope.LAYER, (
+        *(Param(f"{_SA}in_proj.weight.{c}", Split.COLUMN) for c in GDN_IN_PROJ),
+        *(Param(f"{_SA}conv1d.weight.{c}", Split.COLUMN) for c in GDN_CONV),
+        Param(_SA + "A_log", Split.COLUMN),
+        Param(_SA + "dt_bias", Split.COLUMN),
+        Param(_SA + "out_norm.weight"),
+        Param(_SA + "out_proj.weight", Split.ROW),
+    ), (Spelling(_SA + "in_proj"), Spelling(_SA + "out_norm", te=True), Spelling(_SA + "out_proj")), present=_gdn),
     # the shared expert: a dense MLP split over TP, and its sigmoid gate (replicated)
     ModuleKind("shared_expert", Scope.LAYER,
                _linear(_MLP + "shared_experts.linear_fc1", Split.COLUMN, gated=True)
@@ -318,13 +357,15 @@ class Target:
         return text
 
 
-def per_layer_keys(moe_layer_freq: object, experts: bool) -> bool:
-    """Whether megatron-core saves per-layer keys: MoE with ``moe_layer_freq`` a list or an int > 1."""
-    if not experts:
-        return False
-    if isinstance(moe_layer_freq, str) and moe_layer_freq.strip().isascii() and moe_layer_freq.strip().isdigit():
-        moe_layer_freq = int(moe_layer_freq)
-    return not (isinstance(moe_layer_freq, int) and moe_layer_freq == 1)
+def per_layer_keys(moe_layer_freq: object, experts: bool, linear_attention_freq: object = None) -> bool:
+    """Whether megatron-core saves per-layer keys: MoE with ``moe_layer_freq`` a list or an int > 1,
+    or gated delta net layers (``linear_attention_freq`` a list or an int > 1)."""
+    def varies(freq: object) -> bool:
+        if isinstance(freq, str) and freq.strip().isascii() and freq.strip().isdigit():
+            freq = int(freq)
+        return freq is not None and not (isinstance(freq, int) and freq == 1)
+
+    return (experts and varies(moe_layer_freq)) or varies(linear_attention_freq)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +483,11 @@ def check_layout(spec: ModelSpec, target: Target) -> None:
                         ("the shared expert's ffn size", spec.moe_shared_ffn_hidden_size or 0)):
             if n % tp:
                 problems.append(f"{what} {n} is not divisible by TP {tp}")
+        if spec.linear_attention:  # the gated delta net's heads (megatron-core asserts both)
+            for what, n in (("linear_num_key_heads", spec.linear_num_key_heads),
+                            ("linear_num_value_heads", spec.linear_num_value_heads)):
+                if n % tp:
+                    problems.append(f"{what} {n} is not divisible by TP {tp}")
         if spec.num_experts:
             if spec.num_experts % ep:
                 problems.append(f"num_experts {spec.num_experts} is not divisible by EP {ep}")
@@ -517,7 +563,7 @@ def key_of(name: str, spec: ModelSpec, target: Target, layer: int | None = None)
         sub = name.removeprefix("decoder.layers.")
     found = _PARAMS.get((False, sub)) if layer is not None else None
     if found:
-        context = (spec.multi_latent_attention, target.te, spec.is_moe(layer))
+        context = (spec.multi_latent_attention, target.te, spec.is_moe(layer), spec.is_linear_attention(layer))
         spelled = next((s.key for s in found[1].spellings if s.applies(*context)), None)
         if spelled is not None:
             name = name.removesuffix(sub) + spelled
@@ -536,7 +582,8 @@ def _starts(box: tuple[slice, ...]) -> tuple[int, ...]:
 
 
 def _extra_paths(kind: ModuleKind, spec: ModelSpec, target: Target, layer: int | None) -> list[str]:
-    context = (spec.multi_latent_attention, target.te, spec.is_moe(layer) if layer is not None else False)
+    context = (spec.multi_latent_attention, target.te, spec.is_moe(layer) if layer is not None else False,
+               _gdn(spec, layer))
     return [s.key for s in kind.extra_state if s.applies(*context)] if kind.present(spec, layer) else []
 
 

@@ -3,7 +3,9 @@ args table, ``megatron.args``).
 
 ``distconv verify`` compares an export against this model, and the test fixtures are built
 with it. The model is built from megatron-core's local layer specs (no transformer-engine; the
-tests build models from its transformer-engine spec too, with stand-in modules).
+tests build models from its transformer-engine spec too, with stand-in modules); gated delta net
+models, which megatron-core builds from its transformer-engine spec only, from that spec with the
+stand-ins of ``distconv.megatron.gated_delta_net``, active only while the model is built or run.
 megatron-core 0.16 makes a few CUDA calls unconditionally; ``cpu_compat`` makes exactly those
 harmless on a machine without CUDA, only while it is active, and restores them on exit.
 """
@@ -17,7 +19,8 @@ from typing import Any, Iterator
 
 import torch
 
-from distconv.megatron.args import arg, config_fields, rope_args, spec_from_args
+from distconv.megatron import gated_delta_net
+from distconv.megatron.args import GATED_DELTA_NET, arg, config_fields, rope_args, spec_from_args
 
 Change = tuple[Any, str, Any]  # (object, attribute, the value it takes while a context is active)
 
@@ -132,7 +135,15 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
 
     spec = spec_from_args(args)
     config = transformer_config(args, tp, pp, init)
-    if transformer_engine:
+    gdn = spec.experimental_attention_variant == GATED_DELTA_NET
+    if gdn:  # megatron-core's one spec for these: its transformer-engine block spec
+        from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
+            get_transformer_block_with_experimental_attention_variant_spec,
+        )
+
+        with stand_ins(gated_delta_net.spec_changes()):
+            layers = get_transformer_block_with_experimental_attention_variant_spec(config)
+    elif transformer_engine:
         layers = get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization=spec.normalization)
     elif spec.num_experts and not all(spec.moe_layers):  # dense and MoE layers mixed
         layers = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=spec.normalization)
@@ -150,22 +161,23 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
 
         mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, layers, use_transformer_engine=transformer_engine)
     rope = rope_args(spec)
-    return GPTModel(
-        **mtp,
-        config=config,
-        transformer_layer_spec=layers,
-        vocab_size=spec.padded_vocab_size,
-        max_sequence_length=spec.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=spec.tie_embeddings,
-        position_embedding_type=spec.position_embedding,
-        rotary_percent=spec.rotary_percent,
-        rotary_base=spec.rotary_base,
-        rope_scaling=rope["use_rope_scaling"],
-        rope_scaling_factor=rope["rope_scaling_factor"],
-        seq_len_interpolation_factor=rope["rotary_seq_len_interpolation_factor"],
-    )
+    with stand_ins(gated_delta_net.kernel_changes() if gdn else []):
+        return GPTModel(
+            **mtp,
+            config=config,
+            transformer_layer_spec=layers,
+            vocab_size=spec.padded_vocab_size,
+            max_sequence_length=spec.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(),
+            post_process=parallel_state.is_pipeline_last_stage(),
+            share_embeddings_and_output_weights=spec.tie_embeddings,
+            position_embedding_type=spec.position_embedding,
+            rotary_percent=spec.rotary_percent,
+            rotary_base=spec.rotary_base,
+            rope_scaling=rope["use_rope_scaling"],
+            rope_scaling_factor=rope["rope_scaling_factor"],
+            seq_len_interpolation_factor=rope["rotary_seq_len_interpolation_factor"],
+        )
 
 
 def _mla_core_attention():
@@ -209,8 +221,15 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, mtp: bool = Fal
 
     With ``mtp``: ``(logits, [logits of each MTP layer])``; MTP layer ``k``'s logits at position
     ``i`` predict token ``i + k + 2``. megatron-core computes MTP outputs only as a loss (it needs
-    labels); they are taken from its MTP block's output, through the model's output layer.
+    labels); they are taken from its MTP block's output, through the model's output layer. A gated
+    delta net model runs with ``distconv.megatron.gated_delta_net``'s kernel stand-ins.
     """
+    with stand_ins(gated_delta_net.kernel_changes() if model.config.experimental_attention_variant == GATED_DELTA_NET
+                   else []):
+        return _forward(model, tokens, mtp)
+
+
+def _forward(model: torch.nn.Module, tokens: torch.Tensor, mtp: bool) -> Any:
     model.eval()
     b, s = tokens.shape
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
