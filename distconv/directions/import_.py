@@ -40,6 +40,7 @@ class Mapped:
     rule: Rule
     shape: tuple[int, ...]
     copies: tuple[str, ...] = ()  # HF tensors present that must equal ``hf[0]`` (``Rule.mtp_copy``)
+    slab: int | None = None  # ``Rule.stacked``: the expert whose slab of the HF tensors it is made of
 
 
 def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, tuple[int, ...]]) -> list[Mapped]:
@@ -65,12 +66,13 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
                 continue
             if not all(h in expected for h in hf):
                 raise DistconvError(f"internal: {family.architecture} expects only some of {', '.join(hf)}")
-            metas = tuple(torch.empty(expected[h], device="meta") for h in hf)
+            metas = tuple(torch.empty(expected[h][1:] if rule.stacked else expected[h], device="meta") for h in hf)
             out = rule.transform.import_(metas, spec)
-            if any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
+            if not rule.stacked and any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
                 raise DistconvError(f"internal: the {rule.megatron} transform is not row-wise; import cannot slice it")
             copies = tuple(c for c in rule.mtp_copies(spec) if c in have)  # optional: they repeat hf[0]
-            items.append(Mapped(rule.megatron.format(**fmt), hf, rule, tuple(out.shape), copies))
+            items.append(Mapped(rule.megatron.format(**fmt), hf, rule, tuple(out.shape), copies,
+                                expert if rule.stacked else None))
             used.update(hf + copies)
     unused = sorted(have - used)
     tied_extra = {"lm_head.weight"} if spec.tie_embeddings else set()
@@ -91,8 +93,15 @@ def _source_dtype(items: Iterable[Mapped], source: Source) -> torch.dtype:
     return dtypes.pop()
 
 
+def read_slab(source: Source, item: Mapped, spec: ModelSpec) -> torch.Tensor:
+    """The whole Megatron tensor of a ``Rule.stacked`` item: its expert's slab of each HF tensor,
+    mapped (the transform need not be row-wise: gpt-oss's transposes)."""
+    e = item.slab
+    return item.rule.transform.import_(tuple(source.read(h, (slice(e, e + 1),))[0] for h in item.hf), spec)
+
+
 def read_shard(source: Source, item: Mapped, box: tuple[slice, ...], spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
-    """Read the ``box`` of one Megatron tensor: only the HF rows (and columns) it is made of.
+    """Read the ``box`` of one (not stacked) Megatron tensor: only the HF rows (and columns) it is made of.
 
     Running the transform on row numbers tells which row of which HF tensor each Megatron row
     comes from (0 marks vocab padding, which stays zero). The same rows of ``item.copies`` are read
@@ -120,16 +129,25 @@ def read_shard(source: Source, item: Mapped, box: tuple[slice, ...], spec: Model
 
 class FromHF:
     """An HF-named source read under Megatron names: a read's box of Megatron tensor ``key`` is read
-    from the HF tensors it is made of (``read_shard``). Local: each rank reads alone."""
+    from the HF tensors it is made of (``read_shard``; a stacked expert tensor from its slabs,
+    ``read_slab``). Local: each rank reads alone."""
 
     collective = False
 
     def __init__(self, source: Source, items: dict[str, Mapped], spec: ModelSpec) -> None:
         self.source, self.items, self.spec = source, items, spec
+        self._slab: tuple[str, torch.Tensor] | None = None  # the last stacked item read (its chunks come together)
 
     def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
-        return [read_shard(self.source, self.items[r.key], tuple(slice(o, o + s) for o, s in zip(r.offsets, r.sizes)),
-                           self.spec, dtype) for r in reads]
+        return [self._read(self.items[r.key], tuple(slice(o, o + s) for o, s in zip(r.offsets, r.sizes)), dtype)
+                for r in reads]
+
+    def _read(self, item: Mapped, box: tuple[slice, ...], dtype: torch.dtype) -> torch.Tensor:
+        if item.slab is None:
+            return read_shard(self.source, item, box, self.spec, dtype)
+        if self._slab is None or self._slab[0] != item.name:  # gate and up chunks: one read of the slab
+            self._slab = (item.name, read_slab(self.source, item, self.spec))
+        return self._slab[1][box].to(dtype)
 
     def files(self, reads: list[Read]) -> list[str]:
         where = getattr(self.source, "file_of", None)
@@ -185,9 +203,13 @@ class ImportJob(ToMegatron):
         out = []
         for i, (name, box) in enumerate(shard.pieces()):
             item, sizes = self.items[name], tuple(s.stop - s.start for s in box)
-            rows = sum(self.source.shape(h)[0] for h in item.hf)
-            kept = min(sizes[0], max(0, rows - box[0].start))
-            nbytes = (kept * numel(sizes[1:]) * (1 + len(item.copies)) * max(self.source.dtype(h).itemsize for h in item.hf))
+            itemsize = max(self.source.dtype(h).itemsize for h in item.hf)
+            if item.slab is not None:  # its expert's slabs (read once for the item's chunks)
+                nbytes = numel(sizes) * itemsize
+            else:
+                rows = sum(self.source.shape(h)[0] for h in item.hf)
+                kept = min(sizes[0], max(0, rows - box[0].start))
+                nbytes = kept * numel(sizes[1:]) * (1 + len(item.copies)) * itemsize
             dest = ((slice(i, i + 1),) if shard.parts else ()) + tuple(slice(0, s) for s in sizes)
             out.append(Read(0, 0, name, item.shape, tuple(s.start for s in box), sizes, dest, nbytes))
         return out

@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from distconv.errors import DistconvError
 from distconv.hf.fp8 import SCALE, quantize
+from distconv.hf.mxfp4 import BLOCKS, SCALES, quantize as quantize_mxfp4
 from distconv.spec import ModelSpec
 
 Tensors = tuple[torch.Tensor, ...]
@@ -110,6 +111,12 @@ class Rule:
     # an HF name (with ``{layer}``) repeating the rule's one HF tensor in every MTP layer: DeepSeek's
     # releases store the shared embedding and output head again in each MTP layer
     mtp_copy: str | None = None
+    # the HF tensors hold every routed expert of the layer (gpt-oss): expert {expert}'s tensors
+    # are their slab [expert] along the first axis, which the transform maps
+    stacked: bool = False
+    # the HF tensors are ``[..., in, out]`` weights that MXFP4 releases store as ``_blocks`` and
+    # ``_scales``, transposed (``hf.mxfp4``)
+    mxfp4: bool = False
 
     def mtp_copies(self, spec: ModelSpec) -> tuple[str, ...]:
         """The HF names of this rule's copies in ``spec``'s MTP layers."""
@@ -206,14 +213,22 @@ class Family:
                 return rule, groups
         raise DistconvError(f"{self.architecture} has no mapping for checkpoint tensor {megatron_name}")
 
-    def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec,
-                      fp8_rest: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
-        """Map one Megatron tensor (per-layer name) to its HF tensors, in ``t``'s dtype (float32 for
-        ``Rule.float32``).
+    def slab_of(self, name: str, spec: ModelSpec) -> tuple[int, int] | None:
+        """For a Megatron tensor whose HF tensors are stacked over experts (``Rule.stacked``): which
+        slab of how many its HF tensors are (its expert, the model's experts); else None."""
+        rule, groups = self.rule_for(name)
+        return (int(groups["expert"]), int(spec.num_experts or 0)) if rule.stacked else None
+
+    def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec, fp8_rest: torch.dtype | None = None,
+                      mxfp4_rest: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
+        """Map one Megatron tensor (per-layer name) to its HF tensors (a stacked rule's: their slab),
+        in ``t``'s dtype (float32 for ``Rule.float32``).
 
         With ``fp8_rest`` (``--dtype fp8``) the rule's quantized weights come out block-wise FP8,
         quantized from ``t``'s own precision and each followed by its ``_scale_inv``; every other
-        tensor comes out in ``fp8_rest``.
+        tensor comes out in ``fp8_rest``. With ``mxfp4_rest`` (``--dtype mxfp4``) a ``Rule.mxfp4``
+        weight ``[..., in, out]`` comes out as MXFP4 ``_blocks`` and ``_scales`` of its transpose, the
+        rest in ``mxfp4_rest``.
         """
         rule, groups = self.rule_for(name)
         out = rule.transform.export(t, spec)
@@ -221,6 +236,14 @@ class Family:
         named += [(copy, named[0][1]) for copy in rule.mtp_copies(spec)]
         if rule.float32:
             return [(hf, x.float()) for hf, x in named]
+        if mxfp4_rest is not None:
+            if not rule.mxfp4:
+                return [(hf, x.to(mxfp4_rest)) for hf, x in named]
+            quantized = []
+            for hf, x in named:
+                blocks, scales = quantize_mxfp4(x.transpose(-1, -2), f"{hf} (from Megatron {name})")
+                quantized += [(hf + BLOCKS, blocks), (hf + SCALES, scales)]
+            return quantized
         if fp8_rest is None:
             return named
         if not rule.fp8:
@@ -235,6 +258,11 @@ class Family:
     def quantizable(self) -> bool:
         """Whether any rule is marked for block-wise FP8 (``--dtype fp8``)."""
         return any(r.fp8 for r in self.rules)
+
+    @property
+    def mxfp4(self) -> bool:
+        """Whether any rule is marked for MXFP4 (``--dtype mxfp4``)."""
+        return any(r.mxfp4 for r in self.rules)
 
 
 def _rope(scaling: dict[str, Any] | None) -> tuple[str, float] | None:

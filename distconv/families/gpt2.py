@@ -75,6 +75,9 @@ GPT2 = Family(
         zero_centered_gamma=False,
         window_size=None,
         plain_mha=True,
+        softmax_type="vanilla",
+        activation_clamp=None,
+        glu_linear_offset=0.0,
     ),
     config_fields=(
         ("vocab_size", lambda s: s.vocab_size or s.padded_vocab_size),
