@@ -31,6 +31,7 @@ the logits, softmax over the k (megatron-core's softmax router without pre-softm
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -75,7 +76,12 @@ class Transposed(Transform):
 GATE_UP = InterleavedGateUp()
 DOWN = Transposed()
 
-RULES = tuple(r for r in RULES if r.megatron not in (L + "mlp.linear_fc1.weight", L + "mlp.linear_fc2.weight")) + (
+# transformers keeps the norms float32 in a model of any dtype (``_keep_in_fp32_modules``): a folder it
+# saved may hold them so beside bf16 weights (the hub's are bf16)
+_NORMS = (L + "self_attention.linear_qkv.layer_norm_weight", L + "mlp.linear_fc1.layer_norm_weight",
+          "decoder.final_layernorm.weight")
+RULES = tuple(dataclasses.replace(r, hf_float32=r.megatron in _NORMS) for r in RULES
+              if r.megatron not in (L + "mlp.linear_fc1.weight", L + "mlp.linear_fc2.weight")) + (
     Rule(A + "linear_qkv.bias", (HA + "q_proj.bias", HA + "k_proj.bias", HA + "v_proj.bias"), QKV),
     Rule(A + "linear_proj.bias", HA + "o_proj.bias"),
     Rule(A + "core_attention.softmax_offset", HA + "sinks"),
