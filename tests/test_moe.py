@@ -453,8 +453,17 @@ def test_gpt_oss_features_decide_the_logits(exported, built, change):
 
 
 def test_gpt_oss_config_and_expert_layout(exported):
-    """The fixture's settings in transformers' spelling, and the experts fused as the hub stores them."""
-    folder = exported[("gpt_oss", "tp1pp2ep2", OTHER_WORLD)]["save"]
+    """The fixture's settings in transformers' spelling, and the experts fused as the hub stores them;
+    the export warns that vLLM clamps at 7.0 whatever swiglu_limit says (the fixture's windows, on
+    layers 0 and 2, are vLLM's; gpt_oss_square's, on layer 1, are not: warned too)."""
+    result = exported[("gpt_oss", "tp1pp2ep2", OTHER_WORLD)]
+    clamp = "vLLM 0.32 clamps gpt-oss's experts at 7.0 whatever the config says (transformers reads it)"
+    assert [w for w in result["report"]["warnings"] if "vLLM" in w] == [f"swiglu_limit 0.5: {clamp}"]
+    square = exported[("gpt_oss_square", "tp1pp1ep2", OTHER_WORLD)]["report"]["warnings"]
+    assert [w for w in square if "vLLM" in w] == [f"swiglu_limit 0.3: {clamp}", (
+        "layer_types: vLLM 0.32 gives gpt-oss's sliding window to layers 0, 2, 4, ... whatever the config says "
+        "(transformers reads it)")]
+    folder = result["save"]
     config = json.loads((folder / "config.json").read_text())
     assert config["layer_types"] == ["sliding_attention", "full_attention"] * 2 and config["sliding_window"] == 4
     assert (config["swiglu_limit"], config["swiglu_alpha"], config["attention_bias"]) == (0.5, 1.702, True)

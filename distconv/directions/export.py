@@ -358,7 +358,7 @@ class ExportJob:
         self.family: Family = pick_family(FAMILIES, spec, arch)
         self.tokenizer, self.tokenizer_source = _load_tokenizer(opts.tokenizer, self.ckpt.args)
         vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args, opts.vocab_size)
-        self.warnings: list[str] = [warning] if warning else []
+        self.warnings: list[str] = ([warning] if warning else []) + self.family.notes(spec)
         self.spec = spec.with_vocab(vocab)
         has_output = "output_layer.weight" in self.ckpt.tensors
         if has_output == self.spec.tie_embeddings:

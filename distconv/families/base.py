@@ -149,6 +149,8 @@ class Family:
     # decoder_sparse_step and mlp_only_layers): a given config is compared by the spec field it
     # reads as (``spec_fields``), not field by field
     spelled_by: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    # what an export of ``spec`` should know though the folder is exact (a consumer that reads it otherwise)
+    notes: Callable[[ModelSpec], list[str]] = lambda spec: []
 
     def unsupported(self, spec: ModelSpec) -> list[str]:
         """Reasons this family cannot express ``spec`` exactly (empty when it can)."""

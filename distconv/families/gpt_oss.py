@@ -167,6 +167,20 @@ def _alpha(config: PretrainedConfig) -> str:
     return "quick_gelu"
 
 
+def _vllm_notes(spec: ModelSpec) -> list[str]:
+    """What vLLM 0.32 serves otherwise: it clamps at 7.0 (``SwigluOAIAndMul``) and windows the even
+    layers (``models/gpt_oss.py``), whatever ``swiglu_limit`` and ``layer_types`` say."""
+    notes = []
+    if spec.activation_clamp != 7.0:
+        notes.append(f"swiglu_limit {spec.activation_clamp}: vLLM 0.32 clamps gpt-oss's experts at 7.0 whatever the "
+                     "config says (transformers reads it)")
+    if spec.window_size is not None and [spec.windowed(i) for i in range(spec.num_layers)] != [
+            i % 2 == 0 for i in range(spec.num_layers)]:
+        notes.append("layer_types: vLLM 0.32 gives gpt-oss's sliding window to layers 0, 2, 4, ... whatever the "
+                     "config says (transformers reads it)")
+    return notes
+
+
 GPT_OSS = Family(
     architecture="GptOssForCausalLM",
     config_class=GptOssConfig,
@@ -204,6 +218,7 @@ GPT_OSS = Family(
     ),
     detect=lambda spec: spec.softmax_type == "learnable" and bool(spec.num_experts),
     nullable=("sliding_window",),
+    notes=_vllm_notes,
     spec_fields=with_fields(
         spec_fields(
             ffn_hidden_size=lambda c: c.intermediate_size,
