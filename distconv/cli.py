@@ -61,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     lay = sub.add_parser("layout", help="print the training's model-parallel size (TP x PP x EP), for launchers")
     lay.add_argument("load", help="Megatron-LM save root, or one iter_XXXXXXX/release folder")
     lay.add_argument("--nodes", type=int, default=1, help="print processes per node for this many nodes (rounded up)")
+    lay.add_argument("--cpu", action="store_true", help="the processes run on CPUs: at most the checkpoint's writer "
+                     "count in all, and this node's usable cores")
     _import_parsers(sub)
     exp.add_argument("--format", default="safetensors", choices=["safetensors", "torch"],
                      help="safetensors shards (default), or torch: one model.pt holding {model_state_dict, model_config}")
@@ -148,12 +150,24 @@ def _main(opts: argparse.Namespace) -> int:
         if rank == 0:
             print(f"distconv: error: {e}", file=sys.stderr, flush=True)
         return 1
-    except RuntimeError as e:  # a peer died or the network failed mid-collective
+    except (RuntimeError, MemoryError) as e:  # out of memory; with other ranks: a peer died or the network failed
         _record(e)
         if rank == 0:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            print(f"distconv: error: lost contact with another rank ({first})", file=sys.stderr, flush=True)
+            print(f"distconv: error: {_runtime_error(e)}", file=sys.stderr, flush=True)
         return 1
+
+
+def _runtime_error(e: BaseException) -> str:
+    """What an error that is not distconv's own means: memory ran out, contact with another rank
+    was lost (only where there are other ranks), or what it says."""
+    import torch
+
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in first:
+        return f"out of memory ({first})"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"lost contact with another rank ({first})"
+    return f"{type(e).__name__}: {first}"
 
 
 def export_keywords(opts: argparse.Namespace) -> dict[str, Any]:
@@ -216,10 +230,9 @@ def _dispatch(opts: argparse.Namespace) -> int:
 
         return main_inspect(opts)
     if opts.command == "layout":
-        from distconv.megatron.source import model_parallel_size
+        from distconv.megatron.source import processes_per_node
 
-        size = model_parallel_size(opts.load)
-        print(-(-size // max(1, opts.nodes)))
+        print(processes_per_node(opts.load, opts.nodes, opts.cpu))
         return 0
     return 2
 

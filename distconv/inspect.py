@@ -25,7 +25,7 @@ def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> 
     args = ckpt.args
     try:
         family = pick_family(FAMILIES, spec_from_args(args), None).architecture
-    except DistconvError as e:
+    except (DistconvError, TypeError, ValueError) as e:  # args of any type reach here: say what is wrong
         family = f"none ({e})"
     tp, pp, ep, _ = parallel_sizes(args)
     layout = {
@@ -57,7 +57,7 @@ def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> 
 
 
 def _safetensors_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a ``.safetensors`` file (name -> dtype, shape, data_offsets)."""
+    """The JSON header of a ``.safetensors`` file (name -> dtype, shape, data_offsets), each entry checked."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
         if not 0 < size <= 100 * 2**20:
@@ -66,8 +66,21 @@ def _safetensors_header(path: Path) -> dict[str, Any]:
             header = json.loads(f.read(size))
         except ValueError as e:
             raise DistconvError(f"{path} is not a safetensors file: {e}") from None
+    if not isinstance(header, dict):
+        raise DistconvError(f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
+    for name, info in header.items():
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and _ints(info.get("shape"))
+                and _ints(info.get("data_offsets")) and len(info["data_offsets"]) == 2
+                and info["data_offsets"][0] <= info["data_offsets"][1]):
+            raise DistconvError(f"{path} is not a safetensors file: its header entry {name!r} is not "
+                                "{dtype, shape, data_offsets}")
     return header
+
+
+def _ints(value: Any) -> bool:
+    """A JSON list of non-negative whole numbers."""
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
 
 
 def inspect_hf(folder: str | Path) -> dict[str, Any]:
@@ -78,6 +91,13 @@ def inspect_hf(folder: str | Path) -> dict[str, Any]:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise DistconvError(f"{folder}/config.json cannot be read: {e}") from None
+    if not isinstance(config, dict):
+        raise DistconvError(f"{folder}/config.json holds a JSON {type(config).__name__}, not an object")
+    for key, kind in (("architectures", list), ("quantization_config", dict)):
+        if config.get(key) is not None and not isinstance(config[key], kind):
+            raise DistconvError(f"{folder}/config.json: {key} is {config[key]!r}, not a JSON {kind.__name__}")
+    if not all(isinstance(a, str) for a in config.get("architectures") or []):
+        raise DistconvError(f"{folder}/config.json: architectures {config['architectures']!r} are not all names")
     entries = {name: (f.name, info) for f in sorted(folder.glob("*.safetensors")) for name, info in _safetensors_header(f).items()}
     quantization = config.get("quantization_config")
     tensors = []

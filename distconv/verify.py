@@ -19,14 +19,15 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
-from distconv.engine.plan import Read
-from distconv.errors import DistconvError
+from distconv.engine.plan import Read, numbered
+from distconv.errors import DistconvError, warn
+from distconv.hf.source import auto_map_file, remote_code
 from distconv.megatron.args import arg
-from distconv.megatron.catalogue import other_spellings
+from distconv.megatron.catalogue import COUNTS, other_spellings, stored_counts
 from distconv.megatron.checkpoint import Checkpoint
 from distconv.megatron.source import describe
 from distconv.megatron.torch_dist import serving_metadata
@@ -51,9 +52,21 @@ def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.T
     """The model's state dict from a legacy checkpoint: each sharded-state key (per-layer ones as
     ``decoder.layers.{i}.X``, the legacy reader's names) read whole in fp32."""
     from distconv.megatron.legacy import LegacyReader
-    from distconv.megatron.model import sharded_state_dict
 
     reader, state = LegacyReader(ckpt), {}
+    for name, source, info, _ in _legacy_sources(ckpt, model):
+        zeros = (0,) * len(info.shape)
+        box = Read(0, 0, source, tuple(info.shape), zeros, tuple(info.shape), tuple(slice(None) for _ in info.shape),
+                   info.nbytes)
+        state[name] = reader.read([box], torch.float32)[0]
+    return state
+
+
+def _legacy_sources(ckpt: Checkpoint, model: torch.nn.Module) -> Iterator[tuple[str, str, Any, torch.Tensor]]:
+    """Each of the model's sharded-state tensors with the legacy checkpoint's key for it and what it
+    stores there, its shape checked."""
+    from distconv.megatron.model import sharded_state_dict
+
     for name, sharded in sharded_state_dict(model).items():
         key = getattr(sharded, "key", None)
         data = getattr(sharded, "data", None)
@@ -66,11 +79,7 @@ def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.T
             raise DistconvError(f"{ckpt.path}: the legacy checkpoint holds no {source} (megatron-core's {name})")
         if tuple(info.shape) != tuple(data.shape):
             raise DistconvError(f"{ckpt.path}: {source} is {list(info.shape)}, megatron-core's {name} is {list(data.shape)}")
-        zeros = (0,) * len(info.shape)
-        box = Read(0, 0, source, tuple(info.shape), zeros, tuple(info.shape), tuple(slice(None) for _ in info.shape),
-                   info.nbytes)
-        state[name] = reader.read([box], torch.float32)[0]
-    return state
+        yield name, source, info, data
 
 
 def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
@@ -88,15 +97,65 @@ def _as_stored(sharded: dict[str, Any], ckpt: Checkpoint) -> dict[str, Any]:
     return sharded
 
 
+def _check_args(ckpt: Checkpoint, args: argparse.Namespace) -> None:
+    """args' layer and expert counts must be what the checkpoint stores (numbered from 0, none
+    missing): a model of args is then no larger than the checkpoint's, even on the meta device
+    (each module costs memory and time)."""
+    extent, numbers = stored_counts(ckpt.tensors.values())
+    for name in COUNTS:
+        value = getattr(args, name, None) or 0
+        if extent[name]:  # stacked keys hold them all; keys of their own may number only those
+            ok = value == extent[name] and all(n < value for n in numbers[name])
+        else:
+            ok = isinstance(value, int) and numbered(numbers[name], value)
+        if not ok:
+            raise DistconvError(f"{ckpt.path}: the checkpoint's args say {name}={value}, but it stores "
+                                f"{extent[name] or len(numbers[name])}; megatron-core's model is not built from "
+                                "args that contradict the tensors")
+
+
+def _check_shapes(ckpt: Checkpoint, meta: torch.nn.Module) -> None:
+    """Every tensor of megatron-core's model of the args (built on the meta device: no memory) has
+    the shape the checkpoint stores, so that building it for real allocates no more than that."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    from distconv.megatron.model import sharded_state_dict
+
+    if ckpt.format == "legacy":
+        list(_legacy_sources(ckpt, meta))  # raises at the first key missing or of another shape
+        return
+    sharded = _as_stored(sharded_state_dict(meta), ckpt)
+    apply_factories(sharded)
+    for t in nested_values(sharded):
+        info = ckpt.tensors.get(t.key) if isinstance(t, ShardedTensor) else None
+        if info is not None and tuple(info.shape) != tuple(t.global_shape):
+            raise DistconvError(f"{ckpt.path}: {t.key} is stored as {list(info.shape)}, but megatron-core's model of "
+                                f"the checkpoint's args has {list(t.global_shape)}: the args contradict the tensors")
+
+
+def _tensors_only(sharded: dict[str, Any]) -> dict[str, Any]:
+    """The sharded state dict without its ``ShardedObject``s (the modules' ``_extra_state``):
+    torch's DCP reads those bytes back with ``torch.load(weights_only=False)``, which would run
+    whatever a checkpoint stores there."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    _, tensors = extract_matching_values(sharded, lambda v: isinstance(v, ShardedObject))
+    return tensors
+
+
 def _torch_dist_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict from a torch_dist checkpoint through ``dist_checkpointing.load``."""
+    """The model's tensors from a torch_dist checkpoint through ``dist_checkpointing.load``
+    (no ``_extra_state``: see ``_tensors_only``)."""
     from megatron.core import dist_checkpointing
 
     from distconv.megatron.model import sharded_state_dict
 
     try:
         with serving_metadata(ckpt.path, ckpt.metadata):
-            loaded = dist_checkpointing.load({"model": _as_stored(sharded_state_dict(model), ckpt)}, str(ckpt.path),
+            request = _tensors_only(_as_stored(sharded_state_dict(model), ckpt))
+            loaded = dist_checkpointing.load({"model": request}, str(ckpt.path),
                                              common_strategy=_known_common(ckpt.common),
                                              validate_access_integrity=False)
     except BaseException as e:  # DCP's CheckpointException is a BaseException
@@ -123,17 +182,18 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
     try:
         with cpu_compat():
             parallel_state.initialize_model_parallel(1, 1)
+            _check_args(ckpt, args)
             try:
-                model = build_gpt(args, 1, 1)
-            except (AttributeError, TypeError, ValueError) as e:
+                with torch.device("meta"):
+                    meta = build_gpt(args, 1, 1, init=False)
+            except (AttributeError, TypeError, ValueError, AssertionError) as e:  # megatron-core checks args by assert too
                 raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
-            if ckpt.format == "legacy":
-                state = _legacy_state(ckpt, model)
-                missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("_extra_state")]
-                if missing:
-                    raise DistconvError(f"{ckpt.path}: the legacy checkpoint gives no value for {', '.join(missing[:8])}")
-            else:
-                model.load_state_dict(_torch_dist_state(ckpt, model))
+            _check_shapes(ckpt, meta)
+            model = build_gpt(args, 1, 1)
+            state = _legacy_state(ckpt, model) if ckpt.format == "legacy" else _torch_dist_state(ckpt, model)
+            missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("_extra_state")]
+            if missing:
+                raise DistconvError(f"{ckpt.path}: the checkpoint gives no value for {', '.join(missing[:8])}")
             model = model.float()
             return forward_logits(model, tokens).float()
     finally:
@@ -147,11 +207,17 @@ def hf_logits(hf: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+    remote = auto_map_file(hf)
     try:  # safetensors only: a pytorch_model.bin is never unpickled
-        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32, use_safetensors=True).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32, use_safetensors=True,
+                                                     trust_remote_code=False).eval()
     except Exception as e:  # transformers raises many types for a bad folder
+        if remote:
+            raise DistconvError(remote_code(remote, "--hf", False)) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistconvError(f"--hf {hf}: transformers cannot load its safetensors weights: {first}") from None
+    if remote:
+        warn(remote_code(remote, "--hf", True))
     with torch.no_grad():
         return model(tokens).logits.float()
 
@@ -173,7 +239,10 @@ def verify(
         config = json.loads((Path(hf) / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise DistconvError(f"--hf {hf}: no readable config.json ({e})") from None
-    vocab = int(config["vocab_size"])
+    vocab = config.get("vocab_size") if isinstance(config, dict) else None
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or vocab <= 0:
+        raise DistconvError(f"--hf {hf}: config.json gives no vocab_size as a positive whole number "
+                            f"({'vocab_size ' + repr(vocab) if isinstance(config, dict) else 'not a JSON object'})")
     ckpt = describe(load, iteration)
     length = min(length, int(arg(ckpt.args, "max_position_embeddings", "seq_length", default=length)))
     tokens = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))

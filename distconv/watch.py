@@ -5,8 +5,9 @@ complete, so an iteration is exported once the tracker names it. Rank 0 alone re
 system and tells the other ranks (all of them run every export together). Each iteration goes
 to ``SAVE/iter_XXXXXXX`` (``SAVE/release``), or to ``SAVE`` formatted with ``{iteration}`` and
 ``{name}`` when it holds a ``{``. A target holding a finished export (valid ``distconv.json``)
-is skipped by the export itself; one without a valid marker (an unfinished or damaged
-export) is redone, and with ``overwrite`` every target is redone (as a plain export would).
+is skipped by the export itself; one whose marker does not check out (an unfinished or damaged
+export) is redone; one without a marker is not distconv's and is left alone (that export fails,
+as a plain export would); with ``overwrite`` every target is redone (as a plain export would).
 Every other export option applies to each export; those naming one export (``iteration``,
 ``dry_run``, ``report``) are refused.
 """
@@ -20,8 +21,9 @@ from typing import Any
 
 from distconv.engine.comm import Comm
 from distconv.engine.folder import refuse_overlap
-from distconv.engine.marker import finished, rank0_value
+from distconv.engine.marker import MARKER, finished, rank0_value
 from distconv.errors import DistconvError
+from distconv.hf.sink import complete
 from distconv.megatron.checkpoint import TRACKER, iteration_dir, tracker_iteration
 
 
@@ -55,6 +57,14 @@ def tracked_iteration(root: Path) -> int | str | None:
     except OSError:
         return None
     return tracker_iteration(tracker, text) if text.strip() else None
+
+
+def unfinished_export(dest: Path) -> bool:
+    """``dest`` holds a ``distconv.json`` that does not check out: distconv's own unfinished or damaged
+    export, which the watcher redoes. A folder without one is not distconv's: it is never redone
+    (the export refuses it unless ``overwrite``)."""
+    mark = dest / MARKER
+    return mark.is_file() and not mark.is_symlink() and not finished(dest, complete)
 
 
 def watch(
@@ -104,7 +114,7 @@ def watch(
             if iteration is not None and iteration not in done:
                 done.add(iteration)
                 dest = target(save, iteration)
-                redo = rank0_value(comm, comm.rank == 0 and dest.exists() and any(dest.iterdir()) and not finished(dest))
+                redo = rank0_value(comm, comm.rank == 0 and unfinished_export(dest))
                 say(f"iteration {iteration} -> {dest}{' (redoing an unfinished export)' if redo else ''}")
                 try:
                     export(root, dest, iteration=iteration, overwrite=overwrite or redo, device=device, timeout_s=timeout_s,

@@ -10,11 +10,12 @@
 # with NODE_RANK set as well it uses a static rendezvous with that node rank instead.
 #
 # NPROC (processes per node) defaults to the training's model-parallel size (TP x PP x EP,
-# from the checkpoint's args) divided over the nodes, at most one per GPU when there are GPUs.
+# from the checkpoint's args) divided over the nodes, at most one per GPU when there are GPUs;
+# without GPUs at most the number of ranks that wrote the checkpoint in all, and the node's cores.
 # PYTHON picks the interpreter (default: python). Other options go to `distconv export`.
 set -euo pipefail
 if [ $# -lt 2 ]; then
-    sed -n '2,17p' "$0" >&2
+    sed -n '2,15p' "$0" >&2
     exit 2
 fi
 LOAD=$1 SAVE=$2
@@ -23,9 +24,13 @@ PYTHON=${PYTHON:-python}
 NNODES=${NNODES:-1}
 if [ -z "${NPROC:-}" ]; then
     # an unreadable checkpoint gives 1 process here; distconv itself then reports the problem
-    NPROC=$("$PYTHON" -m distconv layout "$LOAD" --nodes "$NNODES" 2>/dev/null || echo 1)
     GPUS=$(nvidia-smi -L 2>/dev/null | wc -l || true)
-    if [ "${GPUS:-0}" -gt 0 ] && [ "$NPROC" -gt "$GPUS" ]; then NPROC=$GPUS; fi
+    if [ "${GPUS:-0}" -gt 0 ]; then
+        NPROC=$("$PYTHON" -m distconv layout "$LOAD" --nodes "$NNODES" 2>/dev/null || echo 1)
+        if [ "$NPROC" -gt "$GPUS" ]; then NPROC=$GPUS; fi
+    else  # args may claim any TP x PP: the files written and the cores bound it
+        NPROC=$("$PYTHON" -m distconv layout "$LOAD" --nodes "$NNODES" --cpu 2>/dev/null || echo 1)
+    fi
 fi
 if [ "$NNODES" -eq 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
     RDZV=(--standalone)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distconv.directions.export import _nonfinite
+from distconv.directions.export import nonfinite_count
 
 from conftest import distconv_cli
 from fixtures.build import layout_dir
@@ -184,9 +184,9 @@ def test_nonfinite_weights_are_refused_unless_allowed(built, tmp_path):
 
 
 def test_nonfinite_count():
-    assert _nonfinite(torch.full((4,), 3e38)) == 0  # the sum overflows, the values are finite
-    assert _nonfinite(torch.tensor([1.0, float("nan"), float("-inf"), 0.0], dtype=torch.bfloat16)) == 2
-    assert _nonfinite(torch.arange(4)) == 0
+    assert nonfinite_count(torch.full((4,), 3e38)) == 0  # the sum overflows, the values are finite
+    assert nonfinite_count(torch.tensor([1.0, float("nan"), float("-inf"), 0.0], dtype=torch.bfloat16)) == 2
+    assert nonfinite_count(torch.arange(4)) == 0
 
 
 def test_user_error_finds_the_cause_behind_dcp_and_megatron_wrappers():
@@ -236,3 +236,60 @@ def test_user_error_names_a_short_write_without_errno(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("writing failed: File too large: a file under"), proc.stdout
     assert "(100000 bytes)" in proc.stdout, proc.stdout
+
+
+def _poison_hf(folder: Path, name: str, value: float) -> None:
+    """Set the first value of HF tensor ``name`` in its safetensors file."""
+    from safetensors.torch import save_file
+
+    for f in folder.glob("*.safetensors"):
+        tensors = load_file(f)
+        if name in tensors:
+            t = tensors[name]
+            t.view(-1)[0] = value if t.dtype != torch.float8_e4m3fn else torch.tensor(value).to(t.dtype)
+            save_file(tensors, f, metadata={"format": "pt"})
+            return
+    raise AssertionError(f"{name} is in no file of {folder}")
+
+
+def test_fp8_export_catches_nan_before_it_hides_in_a_block(built, tmp_path):
+    """--dtype fp8: a NaN used to make its block's amax NaN, the scale 1 and the block's other values
+    saturated; it is refused, and with --allow-nonfinite only that value is NaN."""
+    from distconv.hf.fp8 import dequantize
+
+    root = _copy(built, "llama", 1, 1, tmp_path)
+    _poison(root / "iter_0000100", "decoder.layers.self_attention.linear_proj.weight", (0, 0, 0))  # layer 0
+    out = tmp_path / "hf"
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), "--dtype", "fp8", timeout=180)
+    _assert_clean_failure(proc, out, "NaN or Inf values in HF tensor model.layers.0.self_attn.o_proj.weight "
+                          "(from Megatron decoder.layers.0.self_attention.linear_proj.weight): 1 of 4096", "--allow-nonfinite")
+    proc = distconv_cli("export", "--load", str(root), "--save", str(out), "--dtype", "fp8", "--allow-nonfinite",
+                        "--quiet", timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    clean = tmp_path / "clean"
+    proc = distconv_cli("export", "--load", str(_copy(built, "llama", 1, 1, clean)), "--save", str(clean / "hf"),
+                        "--dtype", "fp8", "--quiet", timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = "model.layers.0.self_attn.o_proj.weight"
+    got, want = load_file(out / "model-00001-of-00001.safetensors"), load_file(clean / "hf" / "model-00001-of-00001.safetensors")
+    assert torch.isfinite(got[name + "_scale_inv"]).all()
+    values, reference = (dequantize(t[name], t[name + "_scale_inv"]) for t in (got, want))
+    assert values.isnan().sum() == 1 and values.view(-1)[0].isnan()
+    assert torch.equal(values.view(-1)[1:], reference.view(-1)[1:]), "the NaN's block is quantized as without it"
+
+
+@pytest.mark.parametrize("command", ["import", "reshard"])
+def test_import_and_reshard_refuse_nonfinite_weights(built, tmp_path, command):
+    root = _copy(built, "llama", 1, 1, tmp_path)
+    if command == "reshard":
+        _poison(root / "iter_0000100", "decoder.layers.self_attention.linear_proj.weight", (0, 0, 0))
+        source, needle = root, "read from decoder.layers.self_attention.linear_proj.weight"
+    else:
+        source = tmp_path / "hf"
+        assert distconv_cli("export", "--load", str(root), "--save", str(source), "--quiet").returncode == 0
+        _poison_hf(source, "model.layers.1.mlp.down_proj.weight", float("inf"))
+        needle = "read from model.layers.1.mlp.down_proj.weight"
+    out = tmp_path / "mc"
+    proc = distconv_cli(command, "--load", str(source), "--save", str(out), "--tensor-model-parallel-size", "2", nproc=2,
+                        timeout=180)
+    _assert_clean_failure(proc, out, "NaN or Inf values in decoder.layers.", needle, "1 of ")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 
 from distconv.engine import marker
+from distconv.hf import sink as hf_sink
 
 from conftest import ROOT, torchrun
 from fixtures.build import layout_dir
@@ -42,4 +43,4 @@ def test_hook_exports_then_the_job_exits_cleanly(built, tmp_path):
             assert result["threads_after_failure"] == [], f"rank {rank}: threads left running by the failed export()"
             assert result["all_reduce"] == [3.0] * 4, f"rank {rank}: the job's next collective went wrong"
         for run in range(RUNS):
-            assert marker.finished(out / f"run{run}"), f"launch {launch} run {run} is incomplete"
+            assert marker.finished(out / f"run{run}", hf_sink.complete), f"launch {launch} run {run} is incomplete"

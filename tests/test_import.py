@@ -633,6 +633,8 @@ def test_moe_import_args_read_back_as_the_same_spec(name):
     assert spec_from_args(args).with_vocab(VOCAB) == spec
     assert (args.expert_model_parallel_size, args.expert_tensor_parallel_size, args.moe_grouped_gemm) == (2, 1, True)
     assert (args.world_size, args.data_parallel_size, args.transformer_impl) == (2, 1, "transformer_engine")
+    # no tokenizer: no tokenizer type for Megatron-LM's --use-checkpoint-args to take over the job's own
+    assert args.tokenizer_type is None and args.tokenizer_model is None
     expected = {"mixtral": (4, 2, False, None, 1), "qwen2_moe": (4, 2, True, 48, [0, 1, 1, 1]),
                 "qwen3_moe": (8, 3, False, None, 1), "qwen3_moe_sparse_step": (8, 3, False, None, [0, 1, 0, 1])}[name]
     assert (args.num_experts, args.moe_router_topk, args.moe_router_pre_softmax,

@@ -229,6 +229,9 @@ def test_parallel_core_yaml_gives_shape_and_layouts_with_mindformers_defaults(tm
                       "ms_qkv_layout": "grouped", "ms_fc1_layout": "interleaved"}
     values = model_settings(str(config), flags(ms_fc1_layout="concatenated", num_layers=2))  # flags win
     assert (values["ms_fc1_layout"], values["num_layers"]) == ("concatenated", 2)
+    read: list[Path] = []  # the pretrained config.json is a file the run reads: the import's overlap check gets it
+    model_settings(str(config), flags(), read)
+    assert read == [hf / "config.json"]
     config = run_yaml(tmp_path / "b.yaml", {"use_legacy": False, "model": {"model_config": dict(
         num_layers=2, hidden_size=8, intermediate_size=16, num_heads=2, use_contiguous_weight_layout_attention=True,
         use_interleaved_weight_layout_mlp=False)}})

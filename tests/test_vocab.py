@@ -115,6 +115,8 @@ def test_vocab_from_each_tokenizer_type(built, tmp_path, monkeypatch):
         "gptsentencepiece": (dict(nothing, tokenizer_type="GPTSentencePieceTokenizer", tokenizer_model=str(files / "sp.model")), 153),
         "tiktoken": (dict(nothing, tokenizer_type="TikTokenizer", vocab_size=180, tiktoken_num_special_tokens=10), 180),
         "null": (dict(nothing, tokenizer_type="NullTokenizer", vocab_size=199), 200),
+        # megatron-core >= 0.18 (Megatron-LM #4057): no added token; its args carry null_tokenizer_eod_id
+        "null_0_18": (dict(nothing, tokenizer_type="NullTokenizer", vocab_size=199, null_tokenizer_eod_id=None), 199),
         "hub_cache": (dict(nothing, tokenizer_type="HuggingFaceTokenizer", tokenizer_model="tiny-org/tiny-tok"), hf_count),
         "hub_absent": (dict(nothing, tokenizer_type="HuggingFaceTokenizer", tokenizer_model="tiny-org/absent"), PADDED),
     }
@@ -128,7 +130,15 @@ def test_vocab_from_each_tokenizer_type(built, tmp_path, monkeypatch):
         assert result["report"]["vocab_size"] == expected, name
     absent = results[list(cases).index("hub_absent")]["report"]
     assert len(absent["warnings"]) == 1 and "--vocab-size" in absent["warnings"][0]  # not in the cache: padded rows kept
-    assert all(not r["report"]["warnings"] for name, r in zip(cases, results) if name != "hub_absent")
+    outside = {"gpt2bpe": vocab_json, "sentencepiece": files / "sp.model", "sentencepiece_pad": files / "sp_pad.model",
+               "llama2": files / "sp.model", "gptsentencepiece": files / "sp.model",
+               "hub_cache": next((home / "hub").glob("models--tiny-org--tiny-tok/snapshots/*"))}
+    for name, result in zip(cases, results):  # files args name outside the checkpoint are read, with a warning naming them
+        warnings = result["report"]["warnings"]
+        if name in outside:
+            assert len(warnings) == 1 and str(outside[name]) in warnings[0] and "lies outside the checkpoint" in warnings[0], name
+        elif name != "hub_absent":
+            assert not warnings, (name, warnings)
     assert _rows(tmp_path / "hand_hf") == (210, 210)  # --vocab-size wins over the GPT-2 vocab file
     assert results[-1]["report"]["vocab_source"] == "--vocab-size"
     assert (tmp_path / "hub_cache_hf" / "tokenizer.json").is_file()  # the cached HF tokenizer is copied

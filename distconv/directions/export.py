@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,8 @@ import torch
 from distconv.directions.hf_model import hf_tensors
 from distconv.engine import marker
 from distconv.engine.comm import Comm
-from distconv.engine.folder import refuse_overlap
-from distconv.engine.plan import Output, Part, Plan, Read, Slab, Unit, numel, whole
+from distconv.engine.folder import files_in, refuse_overlap
+from distconv.engine.plan import Output, Part, Plan, Read, Slab, Unit, numbered, numel, whole
 from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, launch, parse_size
 from distconv.engine.stream import Stream, WriterThread
@@ -31,53 +32,83 @@ from distconv.hf.fp8 import FP8, SCALE, quantization_config, scale_shape
 from distconv.hf.sink import (
     ShardWriter,
     TorchFileWriter,
+    complete,
     write_config,
     write_generation_config,
     write_index,
     write_tokenizer,
 )
+from distconv.hf.source import auto_map_file, remote_code
 from distconv.hf.tokenizer import cached_hub_tokenizer, load_tokenizer
 from distconv.megatron.args import arg, parallel_sizes, spec_from_args
 from distconv.megatron.catalogue import canonical, items_of, split_expert, split_name
 from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo, overlaps
-from distconv.megatron.source import describe, open_reader
-from distconv.megatron.tokenizer import megatron_vocab, special_tokens
+from distconv.megatron.source import describe, open_reader, read_files
+from distconv.megatron.tokenizer import checkpoint_tokenizer, megatron_vocab, outside_checkpoint, special_tokens
 from distconv.spec import DTYPES, ModelSpec
 
 FORMATS = ("safetensors", "torch")
-def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None]:
+def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None, list[str]]:
+    """``--hf-config`` (a folder or a ``config.json``): the config, its folder, and a warning when
+    its ``auto_map`` was ignored (it is not written into the export)."""
     if path is None:
-        return None, None
+        return None, None, []
     from transformers import AutoConfig
 
     path = Path(path)
+    remote = auto_map_file(path)
     try:
         if path.is_dir():
-            return AutoConfig.from_pretrained(str(path)), path
-        data = json.loads(path.read_text())
-        return AutoConfig.for_model(**data), path.parent
-    except (OSError, ValueError, KeyError) as e:
-        raise DistconvError(f"--hf-config {path}: cannot read an HF config: {e}") from None
+            config, folder = AutoConfig.from_pretrained(str(path), trust_remote_code=False), path
+        else:
+            config, folder = AutoConfig.for_model(**json.loads(path.read_text())), path.parent
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DistconvError(remote_code(remote, "--hf-config", False) if remote
+                            else f"--hf-config {path}: cannot read an HF config: {e}") from None
+    if remote is None:
+        return config, folder, []
+    if hasattr(config, "auto_map"):
+        del config.auto_map
+    return config, folder, [remote_code(remote, "--hf-config", True)]
 
 
-def _load_tokenizer(explicit: str | Path | None, args: Any) -> tuple[Any, str | None]:
-    """The tokenizer from ``--tokenizer``, else args' ``tokenizer_model``: a local folder, or a hub id
-    whose snapshot is in the local HF cache (looked up offline, never downloaded).
+def _load_tokenizer(explicit: str | Path | None, ckpt: Checkpoint) -> tuple[Any, str | None, list[str]]:
+    """The HF tokenizer to export, and warnings: ``--tokenizer``, else the one saved inside the
+    checkpoint (``tokenizer/``), else args' ``tokenizer_model``: a local folder, or a hub id whose
+    snapshot is in the local HF cache (looked up offline, never downloaded), with a warning naming
+    it when it lies outside the checkpoint. A warning also says when the folder's ``auto_map`` was
+    ignored (it is not written into the export).
 
     A folder that does not load as an HF tokenizer is an error naming it and the reason; args'
     value is not looked at otherwise (a hub id not in the cache, a SentencePiece or tiktoken file).
     """
-    candidate = explicit if explicit is not None else arg(args, "tokenizer_model")
-    if explicit is not None and not Path(explicit).is_dir():
-        raise DistconvError(f"--tokenizer {explicit} is not a folder holding an HF tokenizer")
-    origin = "--tokenizer" if explicit is not None else "args.tokenizer_model"
-    folder = Path(candidate) if candidate is not None and Path(candidate).is_dir() else None
-    if folder is None and candidate is not None and arg(args, "tokenizer_type") in (None, "HuggingFaceTokenizer"):
-        folder = cached_hub_tokenizer(str(candidate))
-        origin = f"args.tokenizer_model {candidate} (HF cache)"
-    if folder is None:
-        return None, None
-    return load_tokenizer(folder, origin), str(folder)
+    args, saved = ckpt.args, checkpoint_tokenizer(Path(ckpt.path))
+    warnings = []
+    if explicit is not None:
+        if not Path(explicit).is_dir():
+            raise DistconvError(f"--tokenizer {explicit} is not a folder holding an HF tokenizer")
+        folder, origin = Path(explicit), "--tokenizer"
+    elif saved is not None and any((saved / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        folder, origin = saved, "the checkpoint's tokenizer"
+    else:
+        candidate = arg(args, "tokenizer_model")
+        origin = "args.tokenizer_model"
+        folder = Path(candidate) if candidate is not None and Path(candidate).is_dir() else None
+        if folder is None and candidate is not None and arg(args, "tokenizer_type") in (None, "HuggingFaceTokenizer"):
+            folder = cached_hub_tokenizer(str(candidate))
+            origin = f"args.tokenizer_model {candidate} (HF cache)"
+        if folder is None:
+            return None, None, []
+        if outside_checkpoint(folder, Path(ckpt.path)):
+            warnings.append(_outside(f"{origin} {folder}"))
+    tokenizer, ignored = load_tokenizer(folder, origin)
+    return tokenizer, str(folder), warnings + ignored
+
+
+def _outside(what: str) -> str:
+    """The warning for a tokenizer file read from outside the checkpoint (where args name it)."""
+    return (f"{what} lies outside the checkpoint, which holds no tokenizer of its own: it was read from there; "
+            "make sure it is the one the model was trained with (or pass --tokenizer)")
 
 
 _NO_VOCAB = ("no true vocab size was found (no --vocab-size, no --hf-config, no tokenizer Megatron-LM's args name "
@@ -85,29 +116,51 @@ _NO_VOCAB = ("no true vocab size was found (no --vocab-size, no --hf-config, no 
              "(or --hf-config with vocab_size, or --tokenizer) to trim them")
 
 
-def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, args: Any,
-                vocab_size: int | None = None) -> tuple[int, str, str | None]:
-    """The vocab size without Megatron's padding, where it came from, and a warning when nothing told it.
+def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, ckpt: Checkpoint,
+                vocab_size: int | None = None) -> tuple[int, str, str | None, Path | None]:
+    """The vocab size without Megatron's padding, where it came from, a warning (when nothing told it,
+    or a file outside the checkpoint did), and the tokenizer file read for it.
 
     ``--vocab-size`` first (it must agree with ``--hf-config``), then ``--hf-config``, the HF
-    tokenizer, the size Megatron-LM's tokenizer of args' ``tokenizer_type`` has, ``args.vocab_size``.
+    tokenizer, the size Megatron-LM's tokenizer of args' ``tokenizer_type`` has (from the files
+    saved in the checkpoint, else those args name), ``args.vocab_size``.
     """
+    args = ckpt.args
     if vocab_size is not None:
         if int(vocab_size) <= 0:
             raise DistconvError(f"--vocab-size {vocab_size}: give a positive size")
         if config is not None and int(config.vocab_size) != int(vocab_size):
             raise DistconvError(f"--vocab-size {vocab_size} contradicts --hf-config vocab_size {config.vocab_size}")
-        return int(vocab_size), "--vocab-size", None
+        return int(vocab_size), "--vocab-size", None, None
     if config is not None:
-        return int(config.vocab_size), "--hf-config vocab_size", None
+        return int(config.vocab_size), "--hf-config vocab_size", None, None
     if tokenizer is not None:
-        return len(tokenizer), "the tokenizer's size", None
-    if (found := megatron_vocab(args)) is not None:
-        return found[0], found[1], None
+        return len(tokenizer), "the tokenizer's size", None, None
+    if (found := megatron_vocab(args, checkpoint_tokenizer(Path(ckpt.path)))) is not None:
+        size, source, read = found
+        outside = read is not None and outside_checkpoint(read, Path(ckpt.path))
+        return size, source, _outside(source) if outside else None, read
     if arg(args, "vocab_size") is not None:
-        return int(args.vocab_size), "args.vocab_size", None
+        return int(args.vocab_size), "args.vocab_size", None, None
     return (spec.padded_vocab_size, "nothing (no --vocab-size, --hf-config, tokenizer or args.vocab_size): padded size kept",
-            _NO_VOCAB.format(padded=spec.padded_vocab_size))
+            _NO_VOCAB.format(padded=spec.padded_vocab_size), None)
+
+
+_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.")
+
+
+def _check_counts(plan: Plan, spec: ModelSpec, ckpt: Checkpoint) -> None:
+    """The layers (MTP layers included) and experts the checkpoint stores are the args', before the
+    HF model of the args is built to check the outputs against (on the meta device its modules still
+    cost memory and time, per layer and per expert)."""
+    parts = [p for u in plan.units for p in u.parts]
+    layers = {p.layer for p in parts if p.layer is not None}
+    experts = {int(m.group(1)) for p in parts if (m := _EXPERT.search(p.name))}
+    for kind, stored, said in (("layers", layers, spec.num_layers + spec.mtp_num_layers),
+                               ("experts", experts, spec.num_experts or 0)):
+        if not numbered(stored, said):
+            held = f"{len(stored)} (numbered {min(stored)} to {max(stored)})" if stored else "none"
+            raise DistconvError(f"{ckpt.path}: the checkpoint's args say {said} {kind}, but it stores {held}")
 
 
 def _check_against_hf(plan: Plan, config: Any, family: Family, spec: ModelSpec) -> None:
@@ -344,6 +397,7 @@ class ExportJob:
     """Everything planning decides, identical on every rank; ``convert`` streams it."""
 
     kind = "export"
+    complete = staticmethod(complete)  # what an HF folder needs (the marker's check)
 
     def __init__(self, load: str | Path, opts: ExportOptions, world: int) -> None:
         fmt = opts.format
@@ -353,12 +407,13 @@ class ExportJob:
         max_shard_size, writers = (1 << 62, 1) if fmt == "torch" else (opts.max_shard_size, opts.writers)  # one model.pt
         self.ckpt: Checkpoint = describe(load, opts.iteration)
         spec = spec_from_args(self.ckpt.args)
-        user_config, self.config_dir = _load_hf_config(opts.hf_config)
+        user_config, self.config_dir, config_warnings = _load_hf_config(opts.hf_config)
         arch = (user_config.architectures or [None])[0] if user_config is not None else None
         self.family: Family = pick_family(FAMILIES, spec, arch)
-        self.tokenizer, self.tokenizer_source = _load_tokenizer(opts.tokenizer, self.ckpt.args)
-        vocab, self.vocab_source, warning = _true_vocab(spec, user_config, self.tokenizer, self.ckpt.args, opts.vocab_size)
-        self.warnings: list[str] = ([warning] if warning else []) + self.family.notes(spec)
+        self.tokenizer, self.tokenizer_source, tokenizer_warnings = _load_tokenizer(opts.tokenizer, self.ckpt)
+        vocab, self.vocab_source, warning, vocab_file = _true_vocab(spec, user_config, self.tokenizer, self.ckpt, opts.vocab_size)
+        self.warnings: list[str] = (config_warnings + tokenizer_warnings + ([warning] if warning else [])
+                                    + self.family.notes(spec))
         self.spec = spec.with_vocab(vocab)
         has_output = "output_layer.weight" in self.ckpt.tensors
         if has_output == self.spec.tie_embeddings:
@@ -394,6 +449,7 @@ class ExportJob:
         shard_size = parse_size(max_shard_size, "--max-shard-size")
         self.plan = make_plan(self.ckpt, self.spec, self.family, self.gather_dtype, world, max_shard_size=shard_size,
                               window=self.window, writers=writers, fp8_rest=self.fp8_rest, mxfp4_rest=self.mxfp4_rest)
+        _check_counts(self.plan, self.spec, self.ckpt)
         _check_against_hf(self.plan, self.config, self.family, self.spec)
         self.identity = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
@@ -402,7 +458,8 @@ class ExportJob:
             **({"allow_nonfinite": True} if opts.allow_nonfinite else {}),
             **({"quantization": self.quantization} if self.quantization else {})})
         self.save = Path(opts.save).resolve()
-        self.inputs = (load, self.ckpt.path, opts.hf_config, self.tokenizer_source)
+        self.inputs = (load, self.ckpt.path, opts.hf_config, self.tokenizer_source, *read_files(load, self.ckpt),
+                       *files_in(self.config_dir), *files_in(self.tokenizer_source), vocab_file)
         refuse_overlap(self.save, self.inputs)
         self.reader = open_reader(self.ckpt, collective=True)
         self.small_files = ("config.json, generation_config.json, model.safetensors.index.json, distconv.json"
@@ -444,7 +501,7 @@ class ExportJob:
             for part, tensor in zip(plan.units[index].parts, full):
                 for name, out in self.family.export_tensor(part.name, tensor, self.spec, self.fp8_rest, self.mxfp4_rest):
                     out = out.contiguous()
-                    if count := _nonfinite(out):
+                    if count := nonfinite_count(out):
                         nonfinite[name] = count
                         found.append(f"{name} (from Megatron {part.name}): {count} of {out.numel()}")
                     shards.write(name, out)
@@ -524,11 +581,14 @@ def export(load: str | Path, save: str | Path, **options: Any) -> dict[str, Any]
     return launch(lambda world: ExportJob(load, opts, world), opts, opts.device)
 
 
-def _nonfinite(t: torch.Tensor) -> int:
+def nonfinite_count(t: torch.Tensor) -> int:
     """How many NaN/Inf values ``t`` holds. A sum is finite unless some value is not (or it
-    overflows), and costs far less than ``isfinite``, which only then counts them. An FP8 weight
-    counts none: a block holding NaN/Inf has a non-finite ``_scale_inv``, which is counted."""
-    if not t.is_floating_point() or t.dtype == FP8 or torch.isfinite(t.sum()):
+    overflows), and costs far less than ``isfinite``, which only then counts them. An FP8 (e4m3fn)
+    weight has no Inf and cannot be summed: its NaNs are the bytes ``0x7F`` and ``0xFF``, one byte
+    compared per value (``fp8.quantize`` writes NaN for every NaN and Inf it is given)."""
+    if t.dtype == FP8:
+        return int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    if not t.is_floating_point() or torch.isfinite(t.sum()):
         return 0
     return int(torch.isfinite(t).logical_not().sum())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,7 +21,7 @@ import torch
 from distconv.directions.hf_model import hf_tensors
 from distconv.directions.to_megatron import MegatronOptions, ToMegatron, target_layout
 from distconv.engine.folder import refuse_overlap
-from distconv.engine.plan import Read, numel
+from distconv.engine.plan import Read, Unit, numbered, numel
 from distconv.engine.run import launch, parse_size
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, Family, pick_family
@@ -41,6 +42,33 @@ class Mapped:
     shape: tuple[int, ...]
     copies: tuple[str, ...] = ()  # HF tensors present that must equal ``hf[0]`` (``Rule.mtp_copy``)
     slab: int | None = None  # ``Rule.stacked``: the expert whose slab of the HF tensors it is made of
+
+
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_HF_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def _check_counts(spec: ModelSpec, family: Family, source: Source, what: str) -> None:
+    """The config's layer and expert counts against the tensors the source stores, before any model
+    of the config is built (on the meta device its modules still cost memory and time, per layer
+    and per expert). Experts are counted by their names, or, where one tensor holds every expert
+    of a layer (gpt-oss), by that tensor's first axis."""
+    names = source.names()
+    experts = spec.num_experts or 0
+    stacks = {n: (source.shape(n) or (0,))[0] for n in names if family.holds_every_expert(n)}
+    for name, held in stacks.items():
+        if held != experts:
+            raise DistconvError(f"{what}: the config says {experts} experts, but the safetensors' {name} holds {held}; "
+                                "no model is built from a config that contradicts the tensors")
+    counts = (("layers", _HF_LAYER, spec.num_layers + spec.mtp_num_layers),) + (
+        () if stacks else (("experts", _HF_EXPERT, experts),))
+    for kind, pattern, said in counts:
+        stored = {int(m.group(1)) for n in names if (m := pattern.search(n))}
+        if not numbered(stored, said):
+            mtp = " (MTP layers included)" if kind == "layers" and spec.mtp_num_layers else ""
+            held = f"{len(stored)} (numbered {min(stored)} to {max(stored)})" if stored else "none"
+            raise DistconvError(f"{what}: the config says {said} {kind}{mtp}, but the safetensors store {held}; "
+                                "no model is built from a config that contradicts the tensors")
 
 
 def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, tuple[int, ...]]) -> list[Mapped]:
@@ -168,6 +196,7 @@ class ImportJob(ToMegatron):
             raise DistconvError(f"--dtype {opts.dtype}: choose auto, bf16, fp16 or fp32")
         self.family, self.source, self.what = family, tensors, source.what
         spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), torch.float32)
+        _check_counts(spec, family, tensors, source.what)
         self.items = {item.name: item for item in _items(family, spec, tensors, hf_tensors(config, family, spec))}
         dtype = _source_dtype(self.items.values(), tensors) if opts.dtype == "auto" else DTYPES[opts.dtype]
         self.spec = dataclasses.replace(spec, train_dtype=dtype)
@@ -195,7 +224,7 @@ class ImportJob(ToMegatron):
         self.identity = {"source": source.identity, "options": {
             **options, "dtype": str(dtype).removeprefix("torch."), "divisible_by": opts.divisible_by,
             "iteration": self.iteration}}
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(source.warnings)
 
     def _reads(self, shard: Shard) -> list[Read]:
         """A chunk's reads: a box of each Megatron tensor it is cut from (grouped-GEMM chunks: one per
@@ -213,6 +242,9 @@ class ImportJob(ToMegatron):
             dest = ((slice(i, i + 1),) if shard.parts else ()) + tuple(slice(0, s) for s in sizes)
             out.append(Read(0, 0, name, item.shape, tuple(s.start for s in box), sizes, dest, nbytes))
         return out
+
+    def read_from(self, unit: Unit) -> str:
+        return ", ".join(h for r in unit.reads for h in self.items[r.key].hf)
 
     def summary(self, world: int) -> str:
         s = self.spec

@@ -17,7 +17,7 @@ from typing import Any
 from distconv.directions.to_megatron import MegatronOptions, ToMegatron, target_layout
 from distconv.engine import marker
 from distconv.engine.folder import refuse_overlap
-from distconv.engine.plan import Part, Read, numel
+from distconv.engine.plan import Part, Read, Unit, numel
 from distconv.engine.run import launch, parse_size
 from distconv.errors import DistconvError
 from distconv.megatron.args import arg, layout_args, spec_from_args
@@ -32,7 +32,7 @@ from distconv.megatron.catalogue import (
     shards_of,
     vocab_names,
 )
-from distconv.megatron.source import describe, open_reader
+from distconv.megatron.source import describe, open_reader, read_files
 
 VOCAB_KEYS = vocab_names()
 
@@ -89,7 +89,7 @@ class ReshardJob(ToMegatron):
         self.common["checkpoint_version"] = 3.0  # legacy sources are read into megatron-core's QKV order
         self.layout, self.window = self.target.describe(experts), parse_size(opts.window, "--window")
         self.save = Path(opts.save).resolve()
-        self.inputs = (load, ckpt.path)
+        self.inputs = (load, ckpt.path, *read_files(load, ckpt))
         refuse_overlap(self.save, self.inputs)
         self.identity = marker.source_of(ckpt, options)
         self.warnings = []
@@ -112,6 +112,9 @@ class ReshardJob(ToMegatron):
             out.append(Read(0, 0, item.key, info.shape, item.index + tuple(s.start for s in box),
                             (1,) * len(item.index) + tuple(sizes), dest, numel(sizes) * info.dtype.itemsize))
         return out
+
+    def read_from(self, unit: Unit) -> str:
+        return ", ".join(sorted({r.key for r in unit.reads}))
 
     def summary(self, world: int) -> str:
         return (f"reshard     {self.ckpt.path} ({self.ckpt.format}) -> {self.layout}: {self.plan.tensors} chunks "

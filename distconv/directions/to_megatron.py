@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from distconv.directions.export import nonfinite_count
 from distconv.engine import marker
 from distconv.engine.comm import Comm
 from distconv.engine.plan import Output, Part, Plan, Read, Unit
@@ -29,7 +30,7 @@ from distconv.engine.stream import Reader, Stream, heap_trimmer
 from distconv.errors import DistconvError
 from distconv.megatron.catalogue import ExtraState, Shard, Target, check_layout
 from distconv.megatron.checkpoint import TRACKER, iteration_dir
-from distconv.megatron.save import save_root
+from distconv.megatron.save import complete, save_root
 from distconv.spec import ModelSpec
 
 
@@ -70,6 +71,14 @@ def target_layout(opts: MegatronOptions, spec: ModelSpec, impl: str, grouped: bo
     return target, options
 
 
+def refuse_nonfinite(data: torch.Tensor, shard: Shard, source: str) -> None:
+    """A chunk holding NaN or Inf is an error naming it and the source tensors it was read from:
+    a model holding any produces garbage (export alone has ``--allow-nonfinite``)."""
+    if count := nonfinite_count(data):
+        raise DistconvError(f"NaN or Inf values in {shard.key} (the chunk at {list(shard.offsets)}, read from {source}): "
+                            f"{count} of {data.numel()}; the model would produce garbage")
+
+
 def chunk_plan(chunks: list[tuple[Shard, torch.dtype, list[Read]]], world: int, folder: str, dtype: torch.dtype) -> Plan:
     """A unit per target chunk (its shard, stored dtype and reads; the reads are made its owner's),
     each rank's in the order megatron-core's save hands DCP its chunks: by key (first seen among the
@@ -105,6 +114,11 @@ class ToMegatron:
     warnings: list[str]
     layout: str  # e.g. "TP2 PP1"
     window: int  # bytes read ahead of the writer, per rank
+    complete = staticmethod(complete)  # what a save root needs (the marker's check)
+
+    def read_from(self, unit: Unit) -> str:
+        """The source tensors ``unit``'s chunk is read from, for messages."""
+        raise NotImplementedError
 
     def _planned(self, chunks: list[tuple[Shard, torch.dtype, list[Read]]], world: int) -> None:
         """The plan of ``chunks``, its files (a DCP file per rank that saves chunks or extra state,
@@ -132,6 +146,7 @@ class ToMegatron:
                 raise DistconvError(f"internal: rank {comm.rank} was asked for a chunk of {key} at {offsets} it does not own")
             trim()
             (data,) = stream.take(n)
+            refuse_nonfinite(data, plan.units[n].outputs[0].place, self.read_from(plan.units[n]))
             written += plan.units[n].nbytes
             tracker.advance(plan.read_bytes(plan.units[n]), written)
             return data

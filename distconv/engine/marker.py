@@ -6,7 +6,9 @@ names the source (iteration folder, iteration, a hash of the training args), the
 options, the tensor count, every file's size and SHA-256, and the run report. Asked again for
 the same source and options, an export whose marker checks out (every file re-hashed) is
 skipped; a folder without a marker is not distconv's finished work and is redone only with
-``--overwrite`` (the watcher redoes such folders itself).
+``--overwrite`` (the watcher redoes only folders that hold a marker). The marker lists the
+folder's complete contents: a folder holding anything it does not list, or lacking a file its
+format needs (the sink's ``complete``), is not finished.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from distconv.errors import DistconvError
 
@@ -91,9 +93,15 @@ def read_marker(save: str | Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
-    """True when ``save`` holds a complete export (of ``source``, if given): the marker matches
-    and every file it lists has its recorded size and SHA-256 (re-hashed, in parallel threads)."""
+Complete = Callable[[Path, set[str]], bool]
+"""A sink's check that a folder's files (relative names) hold everything its format needs, reading
+the folder's own index files for the files they name (``hf.sink.complete``, ``megatron.save.complete``)."""
+
+
+def finished(save: str | Path, complete: Complete, source: dict[str, Any] | None = None) -> bool:
+    """True when ``save`` holds a complete output (of ``source``, if given): the marker matches, it
+    lists exactly the folder's contents, those include every file the format needs (``complete``),
+    and every file has its recorded size and SHA-256 (re-hashed, in parallel threads)."""
     data = read_marker(save)
     if data is None or (source is not None and data.get("source") != json.loads(json.dumps(source, default=str))):
         return False
@@ -101,6 +109,13 @@ def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
     if not isinstance(files, dict) or not files:
         return False
     folder = Path(save)
+    if not _lists_everything(folder, set(files)):
+        return False
+    try:
+        if not complete(folder, set(files)):
+            return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DistconvError):  # an index that does not read
+        return False
     for name, info in files.items():
         path = folder / name
         if not _relative(name) or not isinstance(info, dict) or not path.is_file() or path.is_symlink() \
@@ -113,6 +128,21 @@ def finished(save: str | Path, source: dict[str, Any] | None = None) -> bool:
     except OSError:
         return False
     return all(files[n].get("sha256") == s for n, s in zip(names, sums))
+
+
+def _lists_everything(folder: Path, listed: set[str]) -> bool:
+    """The folder holds the marker, the files it lists and the folders they lie in, and nothing else
+    (a file, link or folder planted into a finished output makes it unfinished)."""
+    parents = {p.as_posix() for name in listed for p in Path(name).parents if p != Path(".")}
+    found: set[str] = set()
+    for root, dirs, names in os.walk(folder):  # links are listed, never followed
+        here = Path(root).relative_to(folder)
+        for name in dirs:
+            entry = (here / name).as_posix()
+            if (Path(root) / name).is_symlink() or entry not in parents:
+                return False
+        found.update((here / name).as_posix() for name in names)
+    return found - {MARKER} == listed
 
 
 def _relative(name: str) -> bool:

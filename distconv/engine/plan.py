@@ -181,3 +181,9 @@ class Plan:
 
     def bytes_written_by(self, rank: int) -> int:
         return sum(u.nbytes for u in self.units if u.writer == rank)
+
+
+def numbered(indices: set[int], n: int) -> bool:
+    """``indices`` are exactly ``0 .. n-1`` (layers or experts, none missing, none extra), checked
+    without building ``range(n)``: ``n`` may be a hostile claim."""
+    return len(indices) == n and (n == 0 or (min(indices) == 0 and max(indices) == n - 1))

@@ -61,6 +61,7 @@ class Job(Protocol):
     plan: Plan
     reader: Reader  # the source's
     small_files: str  # what the sink writes besides the plan's tensors (for ``--dry-run``)
+    complete: marker.Complete  # whether a folder's files hold what the sink's format needs
 
     def summary(self, world: int) -> str: ...
     def convert(self, comm: Comm, tmp: Path, tracker: Tracker) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
@@ -99,7 +100,7 @@ def run(comm: Comm, plan: Callable[[], Job], opts: RunOptions) -> dict[str, Any]
         say(comm, False, plan_text(job.plan, job.reader.files, job.save, job.small_files))
         return {"dry_run": True, "tensors": job.plan.tensors, "files": job.plan.files,
                 "bytes_read": {r: job.plan.bytes_read_by(r) for r in range(comm.world)}}
-    if marker.rank0_value(comm, comm.rank == 0 and not opts.overwrite and marker.finished(job.save, job.identity)):
+    if marker.rank0_value(comm, comm.rank == 0 and not opts.overwrite and marker.finished(job.save, job.complete, job.identity)):
         say(comm, opts.quiet, f"{job.save} already holds this {job.kind} (its {marker.MARKER} and every file's checksum "
                               "check out): skipped")
         return {"skipped": True, "save": str(job.save), "tensors": job.plan.tensors}

@@ -215,6 +215,11 @@ class Family:
                 return rule, groups
         raise DistconvError(f"{self.architecture} has no mapping for checkpoint tensor {megatron_name}")
 
+    def holds_every_expert(self, hf_name: str) -> bool:
+        """Whether HF tensor ``hf_name`` holds every routed expert of its layer (a ``Rule.stacked``
+        rule's: its first axis is the expert)."""
+        return any(_compile(h).match(hf_name) for rule in self.rules if rule.stacked for h in rule.hf_names)
+
     def slab_of(self, name: str, spec: ModelSpec) -> tuple[int, int] | None:
         """For a Megatron tensor whose HF tensors are stacked over experts (``Rule.stacked``): which
         slab of how many its HF tensors are (its expert, the model's experts); else None."""

@@ -5,7 +5,9 @@ A quantized 2-D weight ``W [out, in]`` is stored as ``float8_e4m3fn`` plus a flo
 are partial): ``W ~= fp8 * scale_inv`` per block. On export a block's scale is its absolute
 maximum / 448 (e4m3's largest finite value), and the FP8 value is ``W / scale`` rounded to
 nearest by the cast. An all-zero block gets scale 1, so it dequantizes to exact zeros (any
-positive scale would; 1 keeps the file free of denormal scales).
+positive scale would; 1 keeps the file free of denormal scales). A NaN or Inf is quantized to
+FP8 NaN, and its block's scale comes from the block's finite values (the export counts the NaN
+and refuses it unless ``--allow-nonfinite``).
 
 Everything here is plain tensor math on the tensor's own device (``meta`` included, which is
 how the plan learns the shapes).
@@ -50,9 +52,15 @@ def quantize(w: torch.Tensor, block: tuple[int, int] = BLOCK) -> tuple[torch.Ten
         x = w[r0 * bo : r1 * bo].float()
         n = x.shape[0]
         x = torch.nn.functional.pad(x, (0, nc * bi - cols, 0, (r1 - r0) * bo - n)).view(r1 - r0, bo, nc, bi)
-        amax = x.abs().amax(dim=(1, 3))
+        amax = x.abs().amax(dim=(1, 3))  # NaN and Inf reach it
+        finite = None if x.is_meta or bool(torch.isfinite(amax).all()) else torch.isfinite(x)
+        if finite is not None:  # scales from the finite values alone, so the rest of each block stays right
+            amax = torch.where(finite, x.abs(), 0).amax(dim=(1, 3))
         scale[r0:r1] = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        q[r0 * bo : r0 * bo + n] = (x / scale[r0:r1, None, :, None]).to(FP8).view((r1 - r0) * bo, nc * bi)[:n, :cols]
+        y = x / scale[r0:r1, None, :, None]
+        if finite is not None:  # NaN and Inf come out as FP8 NaN (e4m3fn has no Inf; the cast would saturate it)
+            y = torch.where(finite, y, torch.nan)
+        q[r0 * bo : r0 * bo + n] = y.to(FP8).view((r1 - r0) * bo, nc * bi)[:n, :cols]
     return q, scale
 
 

@@ -209,6 +209,17 @@ def write_index(folder: Path, outputs: list[Output]) -> None:
     _write_json(folder / INDEX, index)
 
 
+def complete(folder: Path, names: set[str]) -> bool:
+    """``names`` (the files of an HF folder) hold what the format needs: ``config.json`` with the
+    weights, ``model.pt`` or the safetensors index and every shard it names (read from the index)."""
+    if "config.json" not in names:
+        return False
+    if TorchFileWriter.FILE in names:
+        return True
+    shards = json.loads((folder / INDEX).read_text())["weight_map"].values() if INDEX in names else ()
+    return bool(shards) and all(isinstance(s, str) and s in names for s in shards)
+
+
 def write_config(folder: Path, config: Any, dtype: torch.dtype, quantization: dict[str, Any] | None = None) -> None:
     """``config.json`` from transformers' own config class, with ``dtype`` and ``torch_dtype``
     (and ``quantization_config`` when given: the FP8 export).

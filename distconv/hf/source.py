@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from distconv.engine.folder import inside
+from distconv.engine.folder import files_in, inside
 from distconv.errors import DistconvError
 from distconv.hf import mxfp4
 from distconv.hf.fp8 import SCALE, check_scale, dequantize
@@ -146,6 +146,9 @@ class DequantizedFP8:
         bo, bi = self.block
         q = self.files.read(name, (slice(r0, r1), slice(c0, c1)))
         scale = self.files.read(name + SCALE, (slice(r0 // bo, -(-r1 // bo)), slice(c0 // bi, -(-c1 // bi))))
+        if not bool((scale.float() > 0).all() & torch.isfinite(scale.float()).all()):
+            raise DistconvError(f"{name}{SCALE} holds a scale that is NaN, infinite, zero or negative (block rows from "
+                                f"{r0 // bo}, columns from {c0 // bi}): a block-wise FP8 scale must be finite and positive")
         return dequantize(q, scale, r0, c0, self.block)
 
 
@@ -215,7 +218,7 @@ def expected_hf_tensors(config: Any) -> dict[str, tuple[int, ...]]:
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     aliases = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
     if getattr(config, "tie_word_embeddings", False):
         aliases |= set(getattr(model, "all_tied_weights_keys", None) or {})
@@ -239,6 +242,7 @@ class HFSource:
     what: str  # for messages
     inputs: tuple[str | Path | None, ...]  # what the output must stay clear of
     identity: dict[str, Any]  # recorded in the output's marker
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
 
 def file_identity(files: list[Path], *extra: Path) -> dict[str, Any]:
@@ -261,6 +265,32 @@ def _check_index(folder: Path) -> None:
             raise DistconvError(f"source file {folder / name} is missing (named by {index.name})")
 
 
+def auto_map_file(where: str | Path) -> Path | None:
+    """The folder's ``config.json`` or ``tokenizer_config.json`` (or the JSON file ``where`` itself)
+    that holds an ``auto_map`` (classes in the folder's own Python files), if any. distconv never
+    runs such code: transformers is always passed ``trust_remote_code=False``, so it never asks and
+    uses its own classes where it has them."""
+    where = Path(where)
+    for path in (where / "config.json", where / "tokenizer_config.json") if where.is_dir() else (where,):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):  # no such file, or not JSON: transformers' own reading reports it
+            continue
+        if isinstance(data, dict) and "auto_map" in data:
+            return path
+    return None
+
+
+def remote_code(file: Path, what: str, loaded: bool) -> str:
+    """The one line about ``file``'s ``auto_map``: a warning when transformers loaded the folder with
+    classes of its own, the error when it cannot load it without running the folder's code."""
+    if loaded:
+        return (f"{what}: the auto_map in {file} is ignored: transformers' own classes are used, and the folder's "
+                "Python files are neither run nor copied")
+    return (f"{what}: {file} has an auto_map, and transformers has no class of its own for this folder: it would "
+            "have to run the folder's Python code, which distconv never does")
+
+
 def open_hf(load: str | Path) -> HFSource:
     """An HF model folder: its tensors, its config, and itself as tokenizer if it holds one."""
     from transformers import AutoConfig
@@ -268,10 +298,11 @@ def open_hf(load: str | Path) -> HFSource:
     path = Path(load)
     if not (path / "config.json").exists():
         raise DistconvError(f"--load {path} is not an HF model folder (no config.json)")
+    remote = auto_map_file(path)
     try:
-        config = AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
-        raise DistconvError(f"--load {path}: cannot read config.json: {e}") from None
+        raise DistconvError(remote_code(remote, "--load", False) if remote else f"--load {path}: cannot read config.json: {e}") from None
     tokenizer = str(path.absolute()) if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else None
     _check_index(path)
     files = SafetensorsFiles(path)
@@ -282,4 +313,6 @@ def open_hf(load: str | Path) -> HFSource:
         tensors: Source = DequantizedMXFP4(files, quantization) if mx else DequantizedFP8(files, quantization)
     else:
         tensors = files
-    return HFSource(tensors, config, tokenizer, str(load), (load,), file_identity(sorted(set(files.where.values())), path / "config.json"))
+    return HFSource(tensors, config, tokenizer, str(load), (load, *files_in(path)),
+                    file_identity(sorted(set(files.where.values())), path / "config.json"),
+                    [remote_code(remote, "--load", True)] if remote else [])

@@ -232,7 +232,7 @@ def _moe_layers(args: argparse.Namespace) -> tuple[bool, ...]:
     if not arg(args, "num_experts"):
         return (False,) * num_layers
     freq = arg(args, "moe_layer_freq", default=1)
-    if isinstance(freq, str) and freq.strip().isdigit():
+    if isinstance(freq, str) and freq.strip().isascii() and freq.strip().isdigit():
         freq = int(freq)
     if isinstance(freq, int):
         return tuple(i % freq == 0 for i in range(num_layers))
@@ -456,7 +456,9 @@ def megatron_args(spec: ModelSpec, target: Target, *, divisible_by: int, tokeniz
         if f.spec == "padded_vocab_size":
             written["make_vocab_size_divisible_by"] = divisible_by
         elif f.spec == "mtp_num_layers":
-            written.update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer)
+            # no tokenizer: no type either, or a job resuming with --use-checkpoint-args takes
+            # HuggingFaceTokenizer without a path over its own --tokenizer-type and fails to build it
+            written.update(tokenizer_type="HuggingFaceTokenizer" if tokenizer else None, tokenizer_model=tokenizer)
     written.update(layout_args(target), ckpt_format="torch_dist")
     written["transformer_impl"] = transformer_impl  # the keys written follow it (``Target.te``)
     return argparse.Namespace(**written)
@@ -471,10 +473,18 @@ def layout_args(target: Target) -> dict[str, Any]:
 
 
 def parallel_sizes(args: argparse.Namespace) -> tuple[int, int, int, int]:
-    """``(TP, PP, EP, expert TP)`` of a checkpoint's args (Megatron-LM's defaults 1, 1, 1 and TP)."""
-    tp, pp, ep = (int(arg(args, name, default=1) or 1) for name in
+    """``(TP, PP, EP, expert TP)`` of a checkpoint's args (Megatron-LM's defaults 1, 1, 1 and TP); a
+    size that is not a whole number is an error naming it."""
+    tp, pp, ep = (_whole(args, name, 1) or 1 for name in
                   ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"))
-    return tp, pp, ep, int(arg(args, "expert_tensor_parallel_size", default=None) or tp)
+    return tp, pp, ep, _whole(args, "expert_tensor_parallel_size", None) or tp
+
+
+def _whole(args: argparse.Namespace, name: str, default: int | None) -> int | None:
+    value = arg(args, name, default=default)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise DistconvError(f"the checkpoint's args give {name}={value!r}, not a whole number")
+    return value
 
 
 def config_fields(args: argparse.Namespace) -> dict[str, Any]:

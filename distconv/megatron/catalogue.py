@@ -5,8 +5,9 @@ One entry (``ModuleKind``) per kind of module megatron-core's GPT model is built
 which modules save an (empty) ``_extra_state``, and in which layers the module exists. Everything
 else about the layout is derived from ``CATALOGUE`` here: the chunks import and reshard write
 (``shards_of``, ``extra_states``), the canonical names export, reshard and verify read stored keys
-back to (``canonical``, ``spellings``), the legacy reader's split axes (``param_of``), and the
-names of an MTP layer's own tensors. This describes megatron-core's modules, not any model family:
+back to (``canonical``, ``spellings``), the legacy reader's split axes (``param_of``), the
+names of an MTP layer's own tensors, and the layer and expert counts stored keys hold
+(``stored_counts``, which ``verify`` checks args against). This describes megatron-core's modules, not any model family:
 a family's rules map the canonical names to HF names.
 
 **Names.** A per-layer tensor is named ``decoder.layers.{i}.<name>``, a routed expert's
@@ -60,7 +61,7 @@ import dataclasses
 import enum
 import math
 import re
-from typing import Callable
+from typing import Callable, Iterable
 
 from distconv.engine.plan import Part
 from distconv.errors import DistconvError
@@ -329,7 +330,7 @@ def per_layer_keys(moe_layer_freq: object, experts: bool) -> bool:
     """Whether megatron-core saves per-layer keys: MoE with ``moe_layer_freq`` a list or an int > 1."""
     if not experts:
         return False
-    if isinstance(moe_layer_freq, str) and moe_layer_freq.strip().isdigit():
+    if isinstance(moe_layer_freq, str) and moe_layer_freq.strip().isascii() and moe_layer_freq.strip().isdigit():
         moe_layer_freq = int(moe_layer_freq)
     return not (isinstance(moe_layer_freq, int) and moe_layer_freq == 1)
 
@@ -631,6 +632,33 @@ def items_of(tensor: TensorInfo, num_layers: int, num_experts: int | None = None
         else:
             items.append(Part(expert_name(name), tensor.key, index, shape, layer))
     return items
+
+
+COUNTS = ("num_layers", "mtp_num_layers", "num_experts")  # what ``stored_counts`` counts, as args name it
+_EXPERT_NUMBER = re.compile(r"\.mlp\.experts\.(?P<e>\d+)\.")
+
+
+def stored_counts(tensors: Iterable[TensorInfo]) -> tuple[dict[str, int], dict[str, set[int]]]:
+    """The decoder layers, MTP layers and experts (``COUNTS``) stored tensors hold, from their keys
+    and shapes alone: how many the stacked keys' axes hold (the layer axis first, a grouped expert
+    axis next), and the numbers the other keys carry (a per-expert key of any version counted by its
+    expert)."""
+    extent, numbers = dict.fromkeys(COUNTS, 0), {name: set() for name in COUNTS}
+    for info in tensors:
+        key = info.key
+        stacked = bool(_STACKED.match(key))
+        layer, mtp, expert = _PER_LAYER.match(key), _MTP.match(key), _EXPERT_NUMBER.search(expert_name(key))
+        if stacked and info.shape:
+            extent["num_layers"] = max(extent["num_layers"], info.shape[0])
+        if layer:
+            numbers["num_layers"].add(int(layer["layer"]))
+        if mtp:
+            numbers["mtp_num_layers"].add(int(mtp["m"]))
+        if expert:
+            numbers["num_experts"].add(int(expert["e"]))
+        elif _GROUPED_EXPERTS in key and len(info.shape) > int(stacked):
+            extent["num_experts"] = max(extent["num_experts"], info.shape[int(stacked)])
+    return extent, numbers
 
 
 def other_spellings(key: str) -> list[str]:

@@ -123,7 +123,7 @@ def tracker_iteration(tracker: Path, text: str) -> int | str:
     text = text.strip()
     if text == "release":
         return text
-    if text.isdigit():
+    if re.fullmatch(r"[0-9]+", text):  # ASCII digits only: ``str.isdigit`` also takes "²", which ``int`` refuses
         return int(text)
     raise DistconvError(f"{tracker} holds {text[:100]!r}, neither an iteration number nor 'release'")
 
@@ -144,6 +144,44 @@ def detect_format(folder: Path) -> str:
     raise DistconvError(f"{folder} is not a Megatron checkpoint (no metadata.json, no mp_rank_* folders)")
 
 
+# Enums newer megatron-cores put in ``args`` (0.19: ``inference_cuda_graph_scope``), by exact
+# (module, name); where the installed megatron-core lacks one, ``_newer_enum`` stands in for it.
+NEWER_ENUMS = (("megatron.core.transformer.enums", "InferenceCudaGraphScope"),
+               ("megatron.core.transformer.enums", "CudaGraphModule"))
+
+
+class NewerEnumMember:
+    """A member of an enum of a newer megatron-core than the installed one: keeps its value, and
+    pickles back as that enum's member (``Enum.__reduce_ex__``'s form), so that a reshard writes
+    the source's args as they were."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return type(self), (self.value,)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash((type(self).__qualname__, self.value))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__qualname__}: {self.value!r}>"
+
+
+def _newer_enum(module_name: str, name: str) -> Any:
+    """The installed megatron-core's ``module.name``; where it lacks it, a ``NewerEnumMember``
+    class of that name, set on the module (pickle finds a class by its module and name)."""
+    module = importlib.import_module(module_name)
+    found = getattr(module, name, None)
+    if found is None:
+        found = type(name, (NewerEnumMember,), {"__module__": module_name, "__qualname__": name})
+        setattr(module, name, found)
+    return found
+
+
 def safe_globals() -> list[Any]:
     """Types Megatron-LM puts in ``args`` and the common state (besides plain containers)."""
     allowed: list[Any] = [argparse.Namespace, pathlib.PosixPath, pathlib.WindowsPath, io.BytesIO]
@@ -153,6 +191,11 @@ def safe_globals() -> list[Any]:
         allowed += list(SAFE_GLOBALS)
     except ImportError:
         pass
+    for module_name, name in NEWER_ENUMS:
+        try:
+            allowed.append(_newer_enum(module_name, name))
+        except ImportError:  # no megatron-core at all: the args cannot name its enums either
+            pass
     return allowed
 
 

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from distconv.errors import user_error
 from distconv.megatron.catalogue import ExtraState, Shard
-from distconv.megatron.checkpoint import TRACKER, iteration_dir
+from distconv.megatron.checkpoint import TRACKER, iteration_dir, read_dcp_metadata, tracker_iteration
 from distconv.megatron.model import no_device_calls, stand_ins
 
 # (key, global offsets) of one chunk -> its data, read when the writer reaches it
@@ -109,3 +109,16 @@ def save_root(comm: Any, tmp: Path, *, chunks: list[tuple[Shard, torch.dtype]], 
         raise user_error(e, f"writing the Megatron checkpoint into {ckpt}", writing=ckpt) from e
     if comm.rank == 0:
         (tmp / TRACKER).write_text(str(iteration))
+
+
+def complete(folder: Path, names: set[str]) -> bool:
+    """``names`` (the files of a save root) hold what the format needs: the tracker, and in the
+    iteration folder it names ``metadata.json``, ``.metadata`` and every data file ``.metadata``
+    names (read through the allow-listed unpickler)."""
+    if TRACKER not in names:
+        return False
+    tracker = folder / TRACKER
+    iteration = iteration_dir(tracker_iteration(tracker, tracker.read_text()))
+    needed = {"metadata.json", ".metadata"} | {
+        info.relative_path for info in read_dcp_metadata(folder / iteration).storage_data.values()}
+    return all(f"{iteration}/{n}" in names for n in needed)

@@ -383,6 +383,7 @@ def mindformers_settings(data: dict[str, Any], where: str) -> dict[str, Any]:
         except (OSError, ValueError) as e:
             raise DistconvError(f"{hf_config} (pretrained_model_dir of {where}): {e}") from None
         values.update(_mf_model_settings(base, str(hf_config)))
+        values["_read"] = str(hf_config)  # a file outside the checkpoint the run reads (see model_settings)
     values.update(_mf_model_settings(model_config, f"{where} model.model_config"))
     legacy = bool(data.get("use_legacy", True))  # MindFormers' default: the legacy models
     if legacy and values.get("ffn_hidden_size") is None and values.get("hidden_size"):
@@ -427,12 +428,16 @@ def _read_config(ms_config: str) -> dict[str, Any]:
     return data
 
 
-def model_settings(ms_config: str | None, flags: Any) -> dict[str, Any]:
+def model_settings(ms_config: str | None, flags: Any, read: list[Path] | None = None) -> dict[str, Any]:
+    """The model's settings from ``--ms-config`` and the flags; ``read`` gets the files outside the
+    checkpoint that were read for them besides ``--ms-config`` (the YAML's pretrained ``config.json``)."""
     values: dict[str, Any] = _read_config(ms_config) if ms_config else {}
     for name in (*MODEL_FLAGS, *MODEL_SWITCHES, *LAYOUTS):
         if getattr(flags, name, None) is not None:
             values[name] = getattr(flags, name)
     note = values.pop("_pretrained_note", None)
+    if (pretrained := values.pop("_read", None)) is not None and read is not None:
+        read.append(Path(pretrained))
     missing = [n for n in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads") if values.get(n) is None]
     if missing:
         raise DistconvError("--source mindspore needs the model shape: " + ", ".join("--" + m.replace("_", "-") for m in missing)
@@ -458,7 +463,8 @@ def megatron_namespace(values: dict[str, Any], vocab: int, tied: bool) -> argpar
 def open_mindspore(load: str | Path, ms_config: str | None, flags: Any) -> HFSource:
     """MindSpore Transformers safetensors as an import source: HF names, and the HF config of the
     family the model shape (``--ms-config`` or flags) describes."""
-    values = model_settings(ms_config, flags)
+    read: list[Path] = []
+    values = model_settings(ms_config, flags, read)
     source = MindSporeSource(load, values.get("true_vocab_size"), values)
     names = source.names()
     for switch, suffix in (("qk_layernorm", ".self_attn.q_norm.weight"), ("add_qkv_bias", ".self_attn.q_proj.bias")):
@@ -474,5 +480,6 @@ def open_mindspore(load: str | Path, ms_config: str | None, flags: Any) -> HFSou
     config = pick_family(FAMILIES, spec, None).hf_config(spec)
     files = sorted(set(source.files.where.values()))
     extra = (Path(ms_config),) if ms_config else ()
-    return HFSource(source, config, None, f"MindSpore Transformers {source.folder}", (load, ms_config),
+    inputs = (load, ms_config, *read, *files, Path(load) / TRACKER)  # every file read: links are followed
+    return HFSource(source, config, None, f"MindSpore Transformers {source.folder}", inputs,
                     {"files": file_identity(files, *extra), "settings": values})

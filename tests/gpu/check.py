@@ -242,8 +242,9 @@ class Check:
         if backend == "nccl" and r.get("tensor_device", "").split(":")[0] != "cuda":
             problems.append(f"the all_reduce tensor was on {r.get('tensor_device')}")
         from distconv.engine import marker
+        from distconv.hf import sink as hf_sink
 
-        if r["first"].get("ok") and not marker.finished(out / "ok"):
+        if r["first"].get("ok") and not marker.finished(out / "ok", hf_sink.complete):
             problems.append("the first export's folder is not a finished export")
         if (out / "bad").exists():
             problems.append("the failing export left its --save folder")
