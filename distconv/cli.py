@@ -31,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--tokenizer", help="local HF tokenizer folder to copy (default: args.tokenizer_model if local)")
     exp.add_argument("--vocab-size", type=int, help="true (unpadded) vocab size; wins over tokenizer and args, "
                      "must agree with --hf-config")
-    exp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8"],
-                     help="output dtype (auto: training dtype; fp8: block-wise e4m3 linear weights, the rest bf16)")
+    exp.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32", "fp8", "mxfp4"],
+                     help="output dtype (auto: training dtype; fp8: block-wise e4m3 linear weights, the rest bf16; "
+                          "mxfp4: gpt-oss's experts as its hub release stores them, the rest bf16)")
     exp.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     exp.add_argument("--overwrite", action="store_true", help="replace a non-empty --save (with --watch: each iteration's target)")
     exp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where gathering happens (auto: NCCL on CUDA if available)")

@@ -39,7 +39,7 @@ class ModelSpec:
     rotary_percent: float
     rotary_interleaved: bool
     rope_scaling: dict[str, Any] | None
-    window_size: tuple[int, int] | None
+    window_size: tuple[int, int] | None  # (left, right) tokens each query sees besides itself
     zero_centered_gamma: bool
     init_std: float
     train_dtype: torch.dtype
@@ -78,6 +78,16 @@ class ModelSpec:
     linear_value_head_dim: int | None = None
     linear_num_key_heads: int | None = None
     linear_num_value_heads: int | None = None
+    # attention sinks: "vanilla" softmax, or a "learnable" per-head logit added to every row's
+    # denominator (megatron-core's ``softmax_offset``, gpt-oss's ``sinks``); "off-by-one" adds 1
+    softmax_type: str = "vanilla"
+    # per layer: whether ``window_size`` applies (megatron-core's ``window_attn_skip_freq``); None:
+    # every layer (or none, without a window)
+    window_layers: tuple[bool, ...] | None = None
+    # the gated MLP's clamp (gate at most c, the linear half within [-c, c]) and the offset added
+    # to its linear half: ``act(min(g, c)) * (clamp(u, -c, c) + offset)``
+    activation_clamp: float | None = None
+    glu_linear_offset: float = 0.0
 
     @property
     def moe_group_score_topk(self) -> int | None:
@@ -109,6 +119,10 @@ class ModelSpec:
         if self.num_experts and not self.is_moe(self.num_layers):
             return "MTP layers without experts"
         return None
+
+    def windowed(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) attends through the sliding window."""
+        return self.window_size is not None and (self.window_layers is None or self.window_layers[layer])
 
     @property
     def plain_mha(self) -> bool:

@@ -4,7 +4,8 @@
 
 The test suite uses it to keep torchrun launches few. It also exercises the post-training
 hook contract: ``distconv.export`` must reuse this script's process group and leave it alive.
-A job is ``distconv.export``'s keyword arguments, plus optionally ``"cold": FOLDER``: that
+A job is ``distconv.export``'s keyword arguments, plus optionally ``"wrong_mapping": NAME`` (export
+with a deliberately broken gpt-oss table, ``wrong_mapping``) and ``"cold": FOLDER``: that
 folder's files are evicted from the page cache once planning is over, so the conversion reads
 them from storage and each rank's measured ``bytes_read`` shows what it read first; the
 result's ``mapped`` then lists, per rank, the bytes of those files its memory maps hold as
@@ -23,6 +24,7 @@ import torch.distributed as dist
 
 import distconv
 from distconv.engine.progress import Tracker
+from wrong_mapping import wrong_mapping
 
 
 def drop_page_cache(folder: str | Path) -> None:
@@ -94,10 +96,10 @@ def main() -> None:
     dist.init_process_group("gloo")
     results = []
     for job in json.load(open(jobs_path)):
-        cold = job.pop("cold", None)
+        cold, wrong = job.pop("cold", None), job.pop("wrong_mapping", None)
         mapped: dict[str, int] = {}
         try:
-            with cold_conversion(cold) as mapped:
+            with cold_conversion(cold) as mapped, wrong_mapping(wrong):
                 report = distconv.export(**job, quiet=True)
             results.append({"ok": True, "report": report})
         except distconv.DistconvError as e:

@@ -11,6 +11,7 @@ builds ``GPTModel`` at the target TP x PP (a model whose args say
 metadata, (2) ``dist_checkpointing.load`` of that state dict with ``StrictHandling.RAISE_ALL``
 must succeed; then (3) the model is built at TP1 PP1, strictly loaded again and its logits (and
 its MTP layers', beside them) on the given tokens are saved for the test to compare with transformers'.
+``import`` and ``export`` jobs may name a ``wrong_mapping`` (a deliberately broken gpt-oss table).
 """
 
 import argparse
@@ -30,6 +31,7 @@ from distconv.megatron.source import describe
 
 from fixtures.megatron_cpu import model_parallel
 from fixtures.te_spec import te_spec_stand_in
+from wrong_mapping import wrong_mapping
 
 
 def model_chunks(model) -> set:
@@ -110,6 +112,11 @@ def check(root: str, tp: int, pp: int, tokens: list, logits_out: str, ep: int = 
 
 def run(job: dict) -> dict:
     op = job.pop("op")
+    with wrong_mapping(job.pop("wrong_mapping", None)):
+        return _run(op, job)
+
+
+def _run(op: str, job: dict) -> dict:
     if op == "import":
         return import_hf(**job, quiet=True)
     if op == "import_ms":

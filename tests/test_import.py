@@ -56,6 +56,8 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
     # gated delta net layers (megatron-core builds them from its TE spec only): TP2 x EP2, PP2 x EP2
     ("qwen3_next", 2, 1, 2, None, False, TE), ("qwen3_next", 1, 2, 2, None, False, TE),
     ("qwen3_5_moe", 2, 1, 2, 1, False, TE),
+    # gpt-oss: expert biases only at expert TP 1; the TE spec's attention saves an extra state beside the sinks
+    ("gpt_oss", 2, 1, 2, 1, False, TE), ("gpt_oss", 1, 2, 2, None, False, TE), ("gpt_oss", 1, 1, 2, None, False, LOCAL),
 ]
 # block-wise FP8 MoE releases (every expert's and attention's projections quantized, the router,
 # norms, embeddings and MTP layers' own projection in high precision), imported at EP x ETP:
@@ -103,6 +105,13 @@ QWEN3_NEXT = dict(num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, li
                   moe_intermediate_size=32, shared_expert_intermediate_size=48, tie_word_embeddings=False)
 MODELS["qwen3_next"] = ("Qwen3NextConfig", dict(QWEN3_NEXT, mlp_only_layers=[0]), torch.float32)
 MODELS["qwen3_5_moe"] = ("Qwen3_5MoeTextConfig", dict(QWEN3_NEXT, num_experts=8, num_experts_per_tok=3), torch.float32)
+# gpt-oss (bf16, as released): sinks, a 4-token window on every other layer, YaRN (transformers' default),
+# biases everywhere, a GLU clamped at 0.5; and with square experts (F == H == 64), two layers
+MODELS["gpt_oss"] = ("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
+                                          num_key_value_heads=2, head_dim=16, sliding_window=4, swiglu_limit=0.5,
+                                          tie_word_embeddings=False), torch.bfloat16)
+MODELS["gpt_oss_square"] = ("GptOssConfig", dict(MODELS["gpt_oss"][1], intermediate_size=64, num_hidden_layers=2),
+                            torch.bfloat16)
 # the other MLA query path (q_proj, no q LoRA), plain RoPE, one group, every layer MoE (stacked keys)
 MODELS["deepseek_v3_q_proj"] = ("DeepseekV3Config", dict(
     MODELS["deepseek_v3"][1], q_lora_rank=None, first_k_dense_replace=0, n_group=1, topk_group=1,
@@ -133,6 +142,8 @@ MOE_RESHARDS = {
     # gated delta net layers: megatron-core's own TP2 x EP2 save -> PP2 x EP2, and an import TP2 -> TP1
     "fx_qwen3_next_to_pp2ep2": ("fx/qwen3_next/tp2pp1ep2", 1, 2, 2, None, None, None),
     "qwen3_next_tp2_to_tp1ep4": ("qwen3_next_tp2pp1ep2", 1, 1, 4, None, None, None),
+    # gpt-oss: PP2 -> TP2 (sinks split by heads), megatron-core's local-spec save -> the TE spec
+    "fx_gpt_oss_pp2_to_tp2etp1": ("fx/gpt_oss/tp1pp2ep2", 2, 1, 2, 1, None, TE),
 }
 
 
@@ -226,6 +237,27 @@ def to_mindspore(hf: Path, out: Path, table: list[tuple[str, str]], extra: dict 
 
 FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "q_a_proj", "q_b_proj",
                "kv_a_proj_with_mqa", "kv_b_proj")
+
+
+def to_mxfp4(hf: Path, out: Path) -> Path:
+    """The HF gpt-oss model as its hub release stores it: the experts' weights MXFP4 (quantized by the
+    test's own reference, see test_mxfp4) as ``*_blocks``/``*_scales`` of their transpose."""
+    from test_mxfp4 import ref_quantize
+
+    quantized = {}
+    for name, t in tensors(hf).items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            quantized[name + "_blocks"], quantized[name + "_scales"] = ref_quantize(t.transpose(-1, -2).float())
+        else:
+            quantized[name] = t
+    folder = out / f"{hf.name}_mxfp4"
+    folder.mkdir(parents=True)
+    save_file(quantized, str(folder / "model.safetensors"))
+    config = json.loads((hf / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                            "model.embed_tokens", "lm_head"]}}))
+    return folder
 
 
 def to_fp8(hf: Path, out: Path) -> tuple[Path, Path]:
@@ -374,6 +406,22 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("export ds bf16", op="export", load=meg("deepseek_v3_bf16", 1, 1), save=str(work / "back" / "deepseek_v3_bf16"))
     add("import mtp no copies", op="import", load=str(bare), save=meg("glm4_moe_no_copies", 2, 1), tp=2, pp=1, ep=2, etp=1)
     add("export mtp no copies", op="export", load=meg("glm4_moe_no_copies", 2, 1), save=str(work / "back" / "no_copies"))
+    # gpt-oss: the hub's MXFP4 release at TP2 x EP2 x ETP1, back as bf16 and as MXFP4
+    hf["gpt_oss mxfp4"] = mx = to_mxfp4(hf["gpt_oss"], work / "mxfp4")
+    add("import gpt_oss mxfp4", op="import", load=str(mx), save=meg("gpt_oss_mxfp4", 2, 1), tp=2, pp=1, ep=2, etp=1)
+    add("check gpt_oss mxfp4", op="check", root=meg("gpt_oss_mxfp4", 2, 1), tp=2, pp=1, ep=2, etp=1, tokens=TOKENS,
+        logits_out=str(work / "gpt_oss_mxfp4.pt"))
+    for dtype in ("auto", "mxfp4"):
+        add(f"export gpt_oss mxfp4 {dtype}", op="export", load=meg("gpt_oss_mxfp4", 2, 1), dtype=dtype,
+            save=str(work / "back" / f"gpt_oss_mxfp4_{dtype}"))
+    add("import gpt_oss etp2", op="import", load=str(hf["gpt_oss"]), save=str(work / "bad10"), tp=2, pp=1, ep=2)
+    # the deliberately wrong down_proj mapping, made the same way both ways (square experts)
+    add("import gpt_oss wrong", op="import", load=str(hf["gpt_oss_square"]), save=meg("gpt_oss_wrong", 1, 1), tp=1, pp=1,
+        ep=2, wrong_mapping="down_not_transposed")
+    add("check gpt_oss wrong", op="check", root=meg("gpt_oss_wrong", 1, 1), tp=1, pp=1, ep=2, tokens=TOKENS,
+        logits_out=str(work / "gpt_oss_wrong.pt"))
+    add("export gpt_oss wrong", op="export", load=meg("gpt_oss_wrong", 1, 1), save=str(work / "back" / "gpt_oss_wrong"),
+        wrong_mapping="down_not_transposed")
 
     jobs_file, results_file = work / "jobs.json", work / "results.json"
     jobs_file.write_text(json.dumps(job_list))
@@ -470,6 +518,7 @@ REFUSALS = {  # job -> (words of its error, the folder it must not leave)
     "reshard mla to local": ("--transformer-impl local: multi-latent attention", "bad8"),  # the source's spec
     # found while the chunk is read, on the rank that reads it
     "import mtp copy differs": ("model.layers.5.embed_tokens.weight differs from model.embed_tokens.weight", "bad9"),
+    "import gpt_oss etp2": ("expert biases (add_bias_linear) need expert TP 1, not 2", "bad10"),
 }
 
 
@@ -789,10 +838,12 @@ def test_te_spec_stand_in_undoes_itself():
 
 
 @pytest.mark.parametrize("key", ["mixtral_tp2pp1ep2etp1", "qwen2_moe_tp2pp1ep2etp1", "deepseek_v3_tp2pp1ep2etp1",
-                                 "glm4_moe_tp2pp1ep2etp1", "qwen3_next_tp2pp1ep2", "qwen3_5_moe_tp2pp1ep2etp1"])
+                                 "glm4_moe_tp2pp1ep2etp1", "qwen3_next_tp2pp1ep2", "qwen3_5_moe_tp2pp1ep2etp1",
+                                 "gpt_oss_tp2pp1ep2etp1"])
 def test_verify_reads_a_transformer_engine_moe_import(jobs, key):
-    """``distconv verify`` (a local-spec model) loads the TE spec's ``pre_mlp_layernorm`` keys, MLA's
-    fused latent norms and MTP layers; gated delta net models (megatron-core's TE spec, its fla and
+    """``distconv verify`` (a local-spec model, on CPU) loads the TE spec's ``pre_mlp_layernorm`` keys,
+    MLA's fused latent norms, MTP layers, and gpt-oss's sinks (beside TE's attention's extra state),
+    windows, YaRN and clamped GLU; gated delta net models (megatron-core's TE spec, its fla and
     transformer-engine calls stood in for on the CPU) are checked the same way."""
     from distconv.verify import verify
 
@@ -832,3 +883,46 @@ def test_bf16_deepseek_folder_keeps_its_float32_expert_bias(jobs):
             assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], t.bfloat16()), name
         else:
             assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+# ---- gpt-oss ---------------------------------------------------------------------------------------
+
+def test_gpt_oss_mxfp4_release_imports_dequantized_and_exports_back(jobs):
+    """The hub's MXFP4 layout, dequantized as it streams into TP2 x EP2 x ETP1: megatron-core's logits
+    equal transformers' on the release (which dequantizes it on CPU); the bf16 export is exactly the
+    parameters transformers loads from the release; ``--dtype mxfp4`` gives the release back, bytes
+    and all (the test's reference quantizer made it, and MXFP4 values requantize to themselves)."""
+    from transformers import AutoModelForCausalLM
+
+    ok(jobs, "import gpt_oss mxfp4")
+    assert ok(jobs, "check gpt_oss mxfp4")["layout_equal"]
+    release = jobs["hf"]["gpt_oss mxfp4"]
+    megatron = torch.load(jobs["work"] / "gpt_oss_mxfp4.pt")
+    assert (megatron[..., :VOCAB] - hf_logits(release)).abs().max().item() <= TOL
+    for dtype in ("auto", "mxfp4"):
+        ok(jobs, f"export gpt_oss mxfp4 {dtype}")
+    loaded = AutoModelForCausalLM.from_pretrained(str(release), dtype=torch.bfloat16).state_dict()
+    bf16 = tensors(jobs["work"] / "back" / "gpt_oss_mxfp4_auto")
+    assert sorted(bf16) == sorted(loaded)
+    # (transformers loads the norms float32, ``_keep_in_fp32_modules``: the release holds them bf16)
+    assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], loaded[k].bfloat16()) for k in loaded)
+    again, source = tensors(jobs["work"] / "back" / "gpt_oss_mxfp4_mxfp4"), tensors(release)
+    assert sorted(again) == sorted(source)
+    assert all(again[k].dtype == t.dtype and torch.equal(again[k], t) for k, t in source.items())
+    assert json.loads((jobs["work"] / "back" / "gpt_oss_mxfp4_mxfp4" / "config.json").read_text())["quantization_config"] == \
+        json.loads((release / "config.json").read_text())["quantization_config"]
+
+
+def test_a_wrong_gpt_oss_mapping_survives_the_round_trip_but_not_the_logits(jobs):
+    """down_proj left untransposed both ways (square experts: every shape agrees) passes HF -> Megatron
+    -> HF bit for bit, as Megatron-Bridge's did; megatron-core's forward on the imported checkpoint
+    misses transformers' logits on the source, so the import proof rejects it."""
+    ok(jobs, "import gpt_oss wrong")
+    assert ok(jobs, "check gpt_oss wrong")["layout_equal"]
+    ok(jobs, "export gpt_oss wrong")
+    source, back = tensors(jobs["hf"]["gpt_oss_square"]), tensors(jobs["work"] / "back" / "gpt_oss_wrong")
+    assert sorted(source) == sorted(back) and all(torch.equal(source[k], back[k]) for k in source)
+    megatron = torch.load(jobs["work"] / "gpt_oss_wrong.pt")
+    diff = (megatron[..., :VOCAB] - hf_logits(jobs["hf"]["gpt_oss_square"])).abs().max().item()
+    print(f"gpt-oss imported with down_proj untransposed: max |logit difference| = {diff:.3e}")
+    assert diff > 100 * TOL

@@ -260,7 +260,8 @@ def test_inspect_torch_dist(built, name):
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel",
                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                 "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM",
-                "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_plain": "Glm4MoeForCausalLM"}
+                "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_plain": "Glm4MoeForCausalLM",
+                "gpt_oss": "GptOssForCausalLM", "gpt_oss_square": "GptOssForCausalLM"}
     for (tp, pp, ep, _), report in zip(layouts, reports):
         assert report["format"] == "torch_dist" and report["iteration"] == fx.iteration
         lay = report["layout"]

@@ -37,7 +37,8 @@ MOE = [name for name, fx in FIXTURES.items() if fx.args.get("num_experts")]
 CASES = [(name, layout_dir(Path(), name, *parallel(l)).name) for name in MOE for l in FIXTURES[name].layouts if len(l) > 2]
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
         "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
-        "glm4_moe_plain": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM"}
+        "glm4_moe_plain": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "gpt_oss": "GptOssForCausalLM",
+        "gpt_oss_square": "GptOssForCausalLM"}
 KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
 WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
 
@@ -74,6 +75,13 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
             for layout in ("tp2pp1ep2", "tp1pp2ep2"):
                 jobs[("qwen3_next", layout, world, "qwen3_5")] = {
                     "load": str(built / "qwen3_next" / layout), "save": str(out / f"qwen3_5_{layout}"), "hf_config": str(qwen3_5)}
+            jobs[("gpt_oss", "tp2pp1ep2etp1", world, "mxfp4")] = {
+                "load": str(built / "gpt_oss" / "tp2pp1ep2etp1"), "save": str(out / "gpt_oss_mxfp4"), "dtype": "mxfp4"}
+            for name, layout, wrong_name in (("gpt_oss_square", "tp1pp1ep2", "down_not_transposed"),
+                                             ("gpt_oss", "tp1pp1", "down_not_transposed"),
+                                             ("gpt_oss", "tp1pp2ep2", "gate_up_concatenated")):
+                jobs[(name, layout, world, wrong_name)] = {"load": str(built / name / layout), "wrong_mapping": wrong_name,
+                                                           "save": str(out / f"{name}_{wrong_name}")}
             wrong = out / "mixtral_top1.json"
             wrong.write_text(json.dumps(_mixtral_config(num_experts_per_tok=1)))
             jobs[("mixtral", "tp1pp1ep2", world, "conflict")] = {
@@ -499,3 +507,103 @@ def test_a_wrong_qwen3_next_mapping_fails(built, tmp_path, how):
         distconv.export(load=str(built / "qwen3_next" / "tp2pp1ep2"), save=str(tmp_path / "hf"), quiet=True)
     diff = _logits_diff(built, "qwen3_next", tmp_path / "hf")
     assert diff <= TOL if how is None else diff > 100 * TOL
+
+
+# ---- gpt-oss -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("change", [
+    dict(zero="model.layers.0.self_attn.sinks"), dict(layer_types=["full_attention"] * 4),
+    dict(layer_types=["full_attention", "sliding_attention"] * 2), dict(sliding_window=5), dict(swiglu_limit=7.0),
+    dict(rope_parameters={"rope_type": "default", "rope_theta": 150000.0}),
+    dict(rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": True,
+                          "original_max_position_embeddings": 4096, "rope_theta": 150000.0}),
+    dict(zero="model.layers.1.mlp.router.bias"), dict(zero="model.layers.1.mlp.experts.gate_up_proj_bias"),
+    dict(zero="model.layers.1.mlp.experts.down_proj_bias"), dict(zero="model.layers.2.self_attn.k_proj.bias"),
+    dict(zero="model.layers.0.self_attn.o_proj.bias"),
+], ids=["sinks", "no-window", "window-on-other-layers", "window-size", "clamp", "no-yarn", "yarn-truncate", "router-bias",
+        "gate-up-bias", "down-bias", "k-bias", "o-bias"])
+def test_gpt_oss_features_decide_the_logits(exported, built, change):
+    """Each gpt-oss setting and bias the export writes is needed for the 1e-4 proof: the export,
+    changed in one, misses megatron-core's logits (the fixture's window of 4 tokens on layers 1 and
+    3, its clamp at 0.5, YaRN without truncation, all reached on 12 tokens)."""
+    folder = exported[("gpt_oss", "tp2pp1ep2etp1", TRAINING_WORLD)]["save"]
+    assert _logits_diff(built, "gpt_oss", folder, **change) > TOL
+
+
+def test_gpt_oss_config_and_expert_layout(exported):
+    """The fixture's settings in transformers' spelling, and the experts fused as the hub stores them;
+    the export warns that vLLM clamps at 7.0 whatever swiglu_limit says (the fixture's windows, on
+    layers 0 and 2, are vLLM's; gpt_oss_square's, on layer 1, are not: warned too)."""
+    result = exported[("gpt_oss", "tp1pp2ep2", OTHER_WORLD)]
+    clamp = "vLLM 0.32 clamps gpt-oss's experts at 7.0 whatever the config says (transformers reads it)"
+    assert [w for w in result["report"]["warnings"] if "vLLM" in w] == [f"swiglu_limit 0.5: {clamp}"]
+    square = exported[("gpt_oss_square", "tp1pp1ep2", OTHER_WORLD)]["report"]["warnings"]
+    assert [w for w in square if "vLLM" in w] == [f"swiglu_limit 0.3: {clamp}", (
+        "layer_types: vLLM 0.32 gives gpt-oss's sliding window to layers 0, 2, 4, ... whatever the config says "
+        "(transformers reads it)")]
+    folder = result["save"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["layer_types"] == ["sliding_attention", "full_attention"] * 2 and config["sliding_window"] == 4
+    assert (config["swiglu_limit"], config["swiglu_alpha"], config["attention_bias"]) == (0.5, 1.702, True)
+    assert config["rope_parameters"] == {"rope_type": "yarn", "factor": 32.0, "original_max_position_embeddings": 4096,
+                                         "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0}
+    state = {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    shapes = {k.removeprefix("model.layers.0."): tuple(v.shape) for k, v in state.items() if k.startswith("model.layers.0.mlp")}
+    assert shapes == {"mlp.router.weight": (4, 64), "mlp.router.bias": (4,), "mlp.experts.gate_up_proj": (4, 64, 64),
+                      "mlp.experts.gate_up_proj_bias": (4, 64), "mlp.experts.down_proj": (4, 32, 64),
+                      "mlp.experts.down_proj_bias": (4, 64)}
+    assert state["model.layers.0.self_attn.sinks"].shape == (4,)
+
+
+def test_gpt_oss_mxfp4_export_is_the_bf16_export_quantized(exported):
+    """``--dtype mxfp4`` writes the hub's layout (uint8 blocks and scales of the transposed experts, the
+    rest bf16) with transformers' quantization_config; its blocks and scales are the reference
+    quantizer's (``test_mxfp4``, from the format's definition) of the bf16 export's experts, and
+    transformers loads the folder (dequantizing on CPU) to exactly those values."""
+    from transformers import AutoModelForCausalLM
+
+    from test_mxfp4 import ref_quantize
+
+    mx, bf16 = exported[("gpt_oss", "tp2pp1ep2etp1", OTHER_WORLD, "mxfp4")], exported[("gpt_oss", "tp2pp1ep2etp1", OTHER_WORLD)]
+    assert mx["ok"], mx.get("error")
+    config = json.loads((mx["save"] / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    ours = {k: v for f in sorted(mx["save"].glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    plain = {k: v for f in sorted(bf16["save"].glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    experts = [k for k in plain if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert len(experts) == 8 and sorted(ours) == sorted([k for k in plain if k not in experts]
+                                                         + [k + s for k in experts for s in ("_blocks", "_scales")])
+    for name in experts:
+        blocks, scales = ref_quantize(plain[name].transpose(-1, -2).float())
+        assert torch.equal(ours[name + "_blocks"], blocks) and torch.equal(ours[name + "_scales"], scales), name
+    for name, t in ours.items():
+        if name[: -len("_blocks")] not in experts and name[: -len("_scales")] not in experts:
+            assert t.dtype == torch.bfloat16 and torch.equal(t, plain[name].bfloat16()), name
+    loaded = AutoModelForCausalLM.from_pretrained(str(mx["save"]), dtype=torch.float32).state_dict()
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    for name in experts:
+        expected = convert_moe_packed_tensors(ours[name + "_blocks"], ours[name + "_scales"], dtype=torch.float32)
+        assert torch.equal(loaded[name], expected), name
+
+
+@pytest.mark.parametrize("name,layout,wrong", [("gpt_oss_square", "tp1pp1ep2", "down_not_transposed"),
+                                               ("gpt_oss", "tp1pp2ep2", "gate_up_concatenated")])
+def test_a_wrong_gpt_oss_mapping_is_rejected_by_the_logits(exported, built, name, layout, wrong):
+    """The deliberately wrong mappings (``wrong_mapping``) export without complaint: every tensor has
+    the shape transformers expects (square experts: down_proj [64, 64] either way). Only the logits
+    proof rejects them; the right mapping of the same checkpoint passes it."""
+    result = exported[(name, layout, OTHER_WORLD, wrong)]
+    assert result["ok"], result.get("error")
+    diff = _logits_diff(built, name, result["save"])
+    print(f"{name} with {wrong}: max |logit difference| = {diff:.3e}")
+    assert diff > 100 * TOL
+    assert _logits_diff(built, name, exported[(name, layout, OTHER_WORLD)]["save"]) <= TOL
+
+
+def test_an_untransposed_down_proj_of_rectangular_experts_is_refused_by_shape(exported):
+    """With F != H the same wrong mapping does not even make a folder: the plan's shapes differ from transformers'."""
+    result = exported[("gpt_oss", "tp1pp1", OTHER_WORLD, "down_not_transposed")]
+    assert not result["ok"] and "shape mismatch" in result["error"] and "down_proj" in result["error"]
+    assert not result["save"].exists()

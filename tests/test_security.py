@@ -510,6 +510,21 @@ def test_import_checks_config_sizes_before_building_a_model(ckpt, tmp_path, caps
     assert not (tmp_path / "mc").exists()
 
 
+def test_import_counts_experts_held_in_one_tensor_before_building_a_model(built, tmp_path, capsys):
+    """gpt-oss holds a layer's experts in one tensor: they are counted by its first axis (the folder
+    imports as it is; a config claiming a million experts over 4 is refused at once)."""
+    import json
+
+    hf = tmp_path / "hf"
+    _export(capsys, layout_dir(built, "gpt_oss", 1, 1), hf)
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "num_local_experts": 1_000_000}))
+    message = _refused(capsys, "the config says 1000000 experts, but the safetensors' model.layers.", "import", "--load",
+                       str(hf), "--save", str(tmp_path / "mc"))
+    assert message.endswith("holds 4; no model is built from a config that contradicts the tensors"), message
+    assert not (tmp_path / "mc").exists()
+
+
 def test_export_checks_stored_experts_before_building_a_model(built, tmp_path, capsys):
     root = tmp_path / "mixtral"
     shutil.copytree(built / "mixtral" / "grouped_gemm_keys", root)  # per-expert keys: weight{e}

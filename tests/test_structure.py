@@ -17,6 +17,7 @@ RANKS = {
     "distconv.errors": 0,
     "distconv.spec": 1,
     "distconv.hf.fp8": 2,  # the block-wise FP8 format's tensor math, which families quantize with
+    "distconv.hf.mxfp4": 2,  # the MXFP4 format's tensor math, likewise
     "distconv.families": 3,
     "distconv.engine": 3,  # direction-agnostic: no format room, no family
     "distconv.megatron": 4,

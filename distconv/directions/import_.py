@@ -42,19 +42,28 @@ class Mapped:
     shape: tuple[int, ...]
     copies: tuple[str, ...] = ()  # HF tensors present that must equal ``hf[0]`` (``Rule.mtp_copy``)
     part: int = 0  # which of a joint rule's Megatron tensors (``Rule.megatron_names``)
+    slab: int | None = None  # ``Rule.stacked``: the expert whose slab of the HF tensors it is made of
 
 
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _HF_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
-def _check_counts(spec: ModelSpec, source: Source, what: str) -> None:
+def _check_counts(spec: ModelSpec, family: Family, source: Source, what: str) -> None:
     """The config's layer and expert counts against the tensors the source stores, before any model
     of the config is built (on the meta device its modules still cost memory and time, per layer
-    and per expert)."""
+    and per expert). Experts are counted by their names, or, where one tensor holds every expert
+    of a layer (gpt-oss), by that tensor's first axis."""
     names = source.names()
-    for kind, pattern, said in (("layers", _HF_LAYER, spec.num_layers + spec.mtp_num_layers),
-                                ("experts", _HF_EXPERT, spec.num_experts or 0)):
+    experts = spec.num_experts or 0
+    stacks = {n: (source.shape(n) or (0,))[0] for n in names if family.holds_every_expert(n)}
+    for name, held in stacks.items():
+        if held != experts:
+            raise DistconvError(f"{what}: the config says {experts} experts, but the safetensors' {name} holds {held}; "
+                                "no model is built from a config that contradicts the tensors")
+    counts = (("layers", _HF_LAYER, spec.num_layers + spec.mtp_num_layers),) + (
+        () if stacks else (("experts", _HF_EXPERT, experts),))
+    for kind, pattern, said in counts:
         stored = {int(m.group(1)) for n in names if (m := pattern.search(n))}
         if not numbered(stored, said):
             mtp = " (MTP layers included)" if kind == "layers" and spec.mtp_num_layers else ""
@@ -86,13 +95,14 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
                 continue
             if not all(h in expected for h in hf):
                 raise DistconvError(f"internal: {family.architecture} expects only some of {', '.join(hf)}")
-            metas = tuple(torch.empty(expected[h], device="meta") for h in hf)
+            metas = tuple(torch.empty(expected[h][1:] if rule.stacked else expected[h], device="meta") for h in hf)
             copies = tuple(c for c in rule.mtp_copies(spec) if c in have)  # optional: they repeat hf[0]
             for part, megatron in enumerate(rule.megatron_names):
                 out = rule.import_rows(metas, spec, part)
-                if any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
+                if not rule.stacked and any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
                     raise DistconvError(f"internal: the {megatron} transform is not row-wise; import cannot slice it")
-                items.append(Mapped(megatron.format(**fmt), hf, rule, tuple(out.shape), copies, part))
+                items.append(Mapped(megatron.format(**fmt), hf, rule, tuple(out.shape), copies, part,
+                                    expert if rule.stacked else None))
             used.update(hf + copies)
     unused = sorted(have - used)
     tied_extra = {"lm_head.weight"} if spec.tie_embeddings else set()
@@ -115,8 +125,16 @@ def _source_dtype(items: Iterable[Mapped], source: Source) -> torch.dtype:
     return dtypes.pop()
 
 
+def read_slab(source: Source, item: Mapped, spec: ModelSpec) -> torch.Tensor:
+    """The whole Megatron tensor of a ``Rule.stacked`` item: its expert's slab of each HF tensor,
+    mapped (the transform need not be row-wise: gpt-oss's transposes)."""
+    e = item.slab
+    rows = item.rule.import_rows(tuple(source.read(h, (slice(e, e + 1),))[0] for h in item.hf), spec, item.part)
+    return item.rule.import_values(rows, spec)
+
+
 def read_shard(source: Source, item: Mapped, box: tuple[slice, ...], spec: ModelSpec, dtype: torch.dtype) -> torch.Tensor:
-    """Read the ``box`` of one Megatron tensor: only the HF rows (and columns) it is made of.
+    """Read the ``box`` of one (not stacked) Megatron tensor: only the HF rows (and columns) it is made of.
 
     Running the transform on row numbers tells which row of which HF tensor each Megatron row
     comes from (0 marks vocab padding, which stays zero); the values are then those Megatron
@@ -145,16 +163,25 @@ def read_shard(source: Source, item: Mapped, box: tuple[slice, ...], spec: Model
 
 class FromHF:
     """An HF-named source read under Megatron names: a read's box of Megatron tensor ``key`` is read
-    from the HF tensors it is made of (``read_shard``). Local: each rank reads alone."""
+    from the HF tensors it is made of (``read_shard``; a stacked expert tensor from its slabs,
+    ``read_slab``). Local: each rank reads alone."""
 
     collective = False
 
     def __init__(self, source: Source, items: dict[str, Mapped], spec: ModelSpec) -> None:
         self.source, self.items, self.spec = source, items, spec
+        self._slab: tuple[str, torch.Tensor] | None = None  # the last stacked item read (its chunks come together)
 
     def read(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
-        return [read_shard(self.source, self.items[r.key], tuple(slice(o, o + s) for o, s in zip(r.offsets, r.sizes)),
-                           self.spec, dtype) for r in reads]
+        return [self._read(self.items[r.key], tuple(slice(o, o + s) for o, s in zip(r.offsets, r.sizes)), dtype)
+                for r in reads]
+
+    def _read(self, item: Mapped, box: tuple[slice, ...], dtype: torch.dtype) -> torch.Tensor:
+        if item.slab is None:
+            return read_shard(self.source, item, box, self.spec, dtype)
+        if self._slab is None or self._slab[0] != item.name:  # gate and up chunks: one read of the slab
+            self._slab = (item.name, read_slab(self.source, item, self.spec))
+        return self._slab[1][box].to(dtype)
 
     def files(self, reads: list[Read]) -> list[str]:
         where = getattr(self.source, "file_of", None)
@@ -175,7 +202,7 @@ class ImportJob(ToMegatron):
             raise DistconvError(f"--dtype {opts.dtype}: choose auto, bf16, fp16 or fp32")
         self.family, self.source, self.what = family, tensors, source.what
         spec = family.spec_from_hf_config(config, padded_vocab(int(config.vocab_size), opts.divisible_by, tp), torch.float32)
-        _check_counts(spec, tensors, source.what)
+        _check_counts(spec, family, tensors, source.what)
         self.items = {item.name: item for item in _items(family, spec, tensors, hf_tensors(config, family, spec))}
         dtype = _source_dtype(self.items.values(), tensors) if opts.dtype == "auto" else DTYPES[opts.dtype]
         self.spec = dataclasses.replace(spec, train_dtype=dtype)
@@ -212,9 +239,13 @@ class ImportJob(ToMegatron):
         out = []
         for i, (name, box) in enumerate(shard.pieces()):
             item, sizes = self.items[name], tuple(s.stop - s.start for s in box)
-            rows = sum(self.source.shape(h)[0] for h in item.hf)
-            kept = min(sizes[0], max(0, rows - box[0].start))
-            nbytes = (kept * numel(sizes[1:]) * (1 + len(item.copies)) * max(self.source.dtype(h).itemsize for h in item.hf))
+            itemsize = max(self.source.dtype(h).itemsize for h in item.hf)
+            if item.slab is not None:  # its expert's slabs (read once for the item's chunks)
+                nbytes = numel(sizes) * itemsize
+            else:
+                rows = sum(self.source.shape(h)[0] for h in item.hf)
+                kept = min(sizes[0], max(0, rows - box[0].start))
+                nbytes = kept * numel(sizes[1:]) * (1 + len(item.copies)) * itemsize
             dest = ((slice(i, i + 1),) if shard.parts else ()) + tuple(slice(0, s) for s in sizes)
             out.append(Read(0, 0, name, item.shape, tuple(s.start for s in box), sizes, dest, nbytes))
         return out

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from distconv.errors import DistconvError
 
 def numel(shape: tuple[int, ...]) -> int:
     """The number of elements of a tensor of ``shape``."""
@@ -53,9 +54,20 @@ class Read:
 
 
 @dataclasses.dataclass(frozen=True)
+class Slab:
+    """Piece ``index`` of ``count`` equal pieces of one tensor, stacked along its first axis (an HF
+    tensor holding every expert of a layer). A tensor's slabs are planned in order into one file;
+    a sink stores them together (``file_order``, ``whole``)."""
+
+    index: int
+    count: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Output:
-    """One tensor a sink writes: its name, shape and dtype, the file it goes to, and (for a
-    checkpoint chunk) the sink's own description of where in the tensor it lies."""
+    """One tensor a sink writes: its name, shape and dtype, the file it goes to, and where in the
+    tensor it lies: a ``Slab`` of it (an HF tensor stacked over experts), or for a checkpoint chunk
+    the sink's own description."""
 
     name: str
     shape: tuple[int, ...]
@@ -66,6 +78,41 @@ class Output:
     @property
     def nbytes(self) -> int:
         return numel(self.shape) * self.dtype.itemsize
+
+
+def whole(outputs: list[Output]) -> dict[str, tuple[tuple[int, ...], torch.dtype, str]]:
+    """The tensors ``outputs`` make, in order of first appearance: name -> (shape, dtype, file), a
+    tensor's slabs joined. A tensor planned twice, or slabs that miss one, repeat one or differ in
+    shape, dtype or file, are an (internal) error."""
+    out: dict[str, tuple[tuple[int, ...], torch.dtype, str]] = {}
+    slabs: dict[str, list[Output]] = {}
+    for o in outputs:
+        slab = o.place if isinstance(o.place, Slab) else None
+        if slab is not None and o.name in slabs:
+            slabs[o.name].append(o)
+            continue
+        if o.name in out:
+            raise DistconvError(f"internal: the plan writes {o.name} twice")
+        out[o.name] = ((slab.count, *o.shape) if slab else o.shape, o.dtype, o.file)
+        if slab is not None:
+            slabs[o.name] = [o]
+    for name, pieces in slabs.items():
+        first = pieces[0]
+        if (sorted(p.place.index for p in pieces) != list(range(first.place.count))
+                or any((p.shape, p.dtype, p.file, p.place.count) != (first.shape, first.dtype, first.file, first.place.count)
+                       for p in pieces)):
+            raise DistconvError(f"internal: the slabs of {name} are not {first.place.count} alike in one file")
+    return out
+
+
+def file_order(outputs: list[Output]) -> list[Output]:
+    """``outputs`` in the order a file stores them: each tensor's slabs together, by index, where
+    its first one is (MXFP4's blocks and scales arrive together one expert at a time, yet each is
+    one tensor of every expert's slabs)."""
+    first: dict[str, int] = {}
+    for i, o in enumerate(outputs):
+        first.setdefault(o.name, i)
+    return sorted(outputs, key=lambda o: (first[o.name], o.place.index if isinstance(o.place, Slab) else 0))
 
 
 @dataclasses.dataclass
@@ -122,7 +169,8 @@ class Plan:
 
     @property
     def tensors(self) -> int:
-        return len(self.outputs)
+        """The tensors (or checkpoint chunks) written; an HF tensor's slabs count once."""
+        return sum(not isinstance(o.place, Slab) or o.place.index == 0 for o in self.outputs)
 
     def read_bytes(self, unit: Unit) -> int:
         """Bytes of ``unit``'s reads (all ranks)."""

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from distconv.engine.plan import Plan, Read
+from distconv.engine.plan import Plan, Read, Slab
 from distconv.errors import DistconvError, warn
 
 
@@ -196,12 +196,12 @@ def plan_text(plan: Plan, files_read: Callable[[list[Read]], list[str]], save: P
         lines.append(f"  rank {rank}: {len(reads)} slices of {len({r.key for r in reads})} tensors, "
                      f"{plan.bytes_read_by(rank) / 1e6:.3f} MB from {', '.join(files[:6]) or 'nothing'}"
                      f"{' ...' if len(files) > 6 else ''}; writes {plan.bytes_written_by(rank) / 1e6:.3f} MB")
-    lines.append(f"and would write {save}/ (atomically), {len(plan.outputs)} tensors, {plan.total_bytes / 1e6:.3f} MB:")
+    lines.append(f"and would write {save}/ (atomically), {plan.tensors} tensors, {plan.total_bytes / 1e6:.3f} MB:")
     writer_of = {o.file: u.writer for u in plan.units for o in u.outputs}
     for file in plan.files:
         outs = [o for o in plan.outputs if o.file == file]
         if outs:
-            lines.append(f"  {file}: {len(outs)} tensors, {sum(o.nbytes for o in outs) / 1e6:.3f} MB of tensor data "
+            lines.append(f"  {file}: {sum(not isinstance(o.place, Slab) or o.place.index == 0 for o in outs)} tensors, {sum(o.nbytes for o in outs) / 1e6:.3f} MB of tensor data "
                          f"(written by rank {writer_of[file]})")
     lines.append(f"  {', '.join([f for f in plan.files if f not in writer_of] + [small_files])}, by rank 0")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from transformers import PretrainedConfig
 
 from distconv.errors import DistconvError
 from distconv.hf.fp8 import SCALE, quantize
+from distconv.hf.mxfp4 import BLOCKS, SCALES, quantize as quantize_mxfp4
 from distconv.spec import ModelSpec
 
 Tensors = tuple[torch.Tensor, ...]
@@ -133,6 +134,12 @@ class Rule:
     # further Megatron names the (``JointTransform``) transform takes with ``megatron``, in its order:
     # HF tensors each made of several Megatron ones (Qwen3-Next's grouped ``in_proj_qkvz``)
     joint: tuple[str, ...] = ()
+    # the HF tensors hold every routed expert of the layer (gpt-oss): expert {expert}'s tensors
+    # are their slab [expert] along the first axis, which the transform maps
+    stacked: bool = False
+    # the HF tensors are ``[..., in, out]`` weights that MXFP4 releases store as ``_blocks`` and
+    # ``_scales``, transposed (``hf.mxfp4``)
+    mxfp4: bool = False
 
     def mtp_copies(self, spec: ModelSpec) -> tuple[str, ...]:
         """The HF names of this rule's copies in ``spec``'s MTP layers."""
@@ -183,6 +190,8 @@ class Family:
     # HF name prefixes of tensors releases hold and no rule converts, and why (an import refuses a
     # folder holding them, saying so): Qwen3-Next's MTP layers
     unconverted: tuple[tuple[str, str], ...] = ()
+    # what an export of ``spec`` should know though the folder is exact (a consumer that reads it otherwise)
+    notes: Callable[[ModelSpec], list[str]] = lambda spec: []
 
     def unsupported(self, spec: ModelSpec) -> list[str]:
         """Reasons this family cannot express ``spec`` exactly (empty when it can)."""
@@ -247,22 +256,36 @@ class Family:
                 return rule, groups
         raise DistconvError(f"{self.architecture} has no mapping for checkpoint tensor {megatron_name}")
 
-    def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec,
-                      fp8_rest: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
-        """Map one Megatron tensor (per-layer name) to its HF tensors, in ``t``'s dtype (float32 for
-        ``Rule.float32``).
+    def holds_every_expert(self, hf_name: str) -> bool:
+        """Whether HF tensor ``hf_name`` holds every routed expert of its layer (a ``Rule.stacked``
+        rule's: its first axis is the expert)."""
+        return any(_compile(h).match(hf_name) for rule in self.rules if rule.stacked for h in rule.hf_names)
+
+    def slab_of(self, name: str, spec: ModelSpec) -> tuple[int, int] | None:
+        """For a Megatron tensor whose HF tensors are stacked over experts (``Rule.stacked``): which
+        slab of how many its HF tensors are (its expert, the model's experts); else None."""
+        rule, groups = self.rule_for(name)
+        return (int(groups["expert"]), int(spec.num_experts or 0)) if rule.stacked else None
+
+    def export_tensor(self, name: str, t: torch.Tensor, spec: ModelSpec, fp8_rest: torch.dtype | None = None,
+                      mxfp4_rest: torch.dtype | None = None) -> list[tuple[str, torch.Tensor]]:
+        """Map one Megatron tensor (per-layer name) to its HF tensors (a stacked rule's: their slab),
+        in ``t``'s dtype (float32 for ``Rule.float32``).
 
         With ``fp8_rest`` (``--dtype fp8``) the rule's quantized weights come out block-wise FP8,
         quantized from ``t``'s own precision and each followed by its ``_scale_inv``; every other
-        tensor comes out in ``fp8_rest``.
+        tensor comes out in ``fp8_rest``. With ``mxfp4_rest`` (``--dtype mxfp4``) a ``Rule.mxfp4``
+        weight ``[..., in, out]`` comes out as MXFP4 ``_blocks`` and ``_scales`` of its transpose, the
+        rest in ``mxfp4_rest``.
         """
         rule, groups = self.rule_for(name)
         if rule.joint:
             raise DistconvError(f"internal: {name} maps together with {', '.join(rule.joint)} (export_tensors)")
-        return self._outputs(rule, groups, rule.transform.export(t, spec), spec, fp8_rest)
+        return self._outputs(name, rule, groups, rule.transform.export(t, spec), spec, fp8_rest, mxfp4_rest)
 
     def export_tensors(self, named: Sequence[tuple[str, torch.Tensor]], spec: ModelSpec,
-                       fp8_rest: torch.dtype | None = None) -> list[tuple[str, torch.Tensor, str]]:
+                       fp8_rest: torch.dtype | None = None,
+                       mxfp4_rest: torch.dtype | None = None) -> list[tuple[str, torch.Tensor, str]]:
         """``export_tensor`` over a unit's Megatron tensors: ``(HF name, tensor, Megatron name)``, a joint
         rule's HF tensors once all of its Megatron tensors are there (``group_of`` keeps them in one
         unit); one missing is an error naming it."""
@@ -271,14 +294,14 @@ class Family:
         for name, t in named:
             rule, groups = self.rule_for(name)
             if not rule.joint:
-                out += [(hf, x, name) for hf, x in self.export_tensor(name, t, spec, fp8_rest)]
+                out += [(hf, x, name) for hf, x in self.export_tensor(name, t, spec, fp8_rest, mxfp4_rest)]
                 continue
             names = tuple(n.format(**groups) for n in rule.megatron_names)
             got = waiting.setdefault(names, {})
             got[name] = t
             if len(got) == len(names):
                 exported = rule.transform.export(tuple(got[n] for n in names), spec)
-                out += [(hf, x, name) for hf, x in self._outputs(rule, groups, exported, spec, fp8_rest)]
+                out += [(hf, x, name) for hf, x in self._outputs(name, rule, groups, exported, spec, fp8_rest, mxfp4_rest)]
                 del waiting[names]
         for names, got in waiting.items():
             missing = [n for n in names if n not in got]
@@ -294,12 +317,20 @@ class Family:
                 return rule.megatron.format(**groups)
         return name
 
-    def _outputs(self, rule: Rule, groups: dict[str, str], out: Tensors, spec: ModelSpec,
-                 fp8_rest: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:
+    def _outputs(self, name: str, rule: Rule, groups: dict[str, str], out: Tensors, spec: ModelSpec,
+                 fp8_rest: torch.dtype | None, mxfp4_rest: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:
         named = [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
         named += [(copy, named[0][1]) for copy in rule.mtp_copies(spec)]
         if rule.float32:
             return [(hf, x.float()) for hf, x in named]
+        if mxfp4_rest is not None:
+            if not rule.mxfp4:
+                return [(hf, x.to(mxfp4_rest)) for hf, x in named]
+            quantized = []
+            for hf, x in named:
+                blocks, scales = quantize_mxfp4(x.transpose(-1, -2), f"{hf} (from Megatron {name})")
+                quantized += [(hf + BLOCKS, blocks), (hf + SCALES, scales)]
+            return quantized
         if fp8_rest is None:
             return named
         if not rule.fp8:
@@ -314,6 +345,11 @@ class Family:
     def quantizable(self) -> bool:
         """Whether any rule is marked for block-wise FP8 (``--dtype fp8``)."""
         return any(r.fp8 for r in self.rules)
+
+    @property
+    def mxfp4(self) -> bool:
+        """Whether any rule is marked for MXFP4 (``--dtype mxfp4``)."""
+        return any(r.mxfp4 for r in self.rules)
 
 
 def _rope(scaling: dict[str, Any] | None) -> tuple[str, float] | None:

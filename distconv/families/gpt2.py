@@ -77,6 +77,9 @@ GPT2 = Family(
         plain_mha=True,
         attention_output_gate=False,
         experimental_attention_variant=None,
+        softmax_type="vanilla",
+        activation_clamp=None,
+        glu_linear_offset=0.0,
     ),
     config_fields=(
         ("vocab_size", lambda s: s.vocab_size or s.padded_vocab_size),

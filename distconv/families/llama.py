@@ -33,11 +33,15 @@ REQUIRES = dict(
     rotary_interleaved=False,
     zero_centered_gamma=False,
     window_size=None,
+    window_layers=None,
     num_experts=None,
     multi_latent_attention=False,
     mtp_num_layers=0,
     attention_output_gate=False,
     experimental_attention_variant=None,
+    softmax_type="vanilla",  # gpt-oss's attention sinks, clamped and offset GLU: no other family has them
+    activation_clamp=None,
+    glu_linear_offset=0.0,
 )
 
 CONFIG_FIELDS = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from distconv.engine.plan import Output
+from distconv.engine.plan import Output, Slab, file_order, whole
 from distconv.errors import DistconvError
 
 _ST_DTYPES = {
@@ -28,22 +29,50 @@ INDEX = "model.safetensors.index.json"
 
 
 def _header(outputs: list[Output]) -> bytes:
+    """The file's header (``outputs`` in ``file_order``); a tensor of slabs is one entry."""
     meta: dict[str, Any] = {"__metadata__": {"format": "pt"}}
     offset = 0
-    for o in outputs:
-        meta[o.name] = {"dtype": _ST_DTYPES[o.dtype], "shape": list(o.shape), "data_offsets": [offset, offset + o.nbytes]}
-        offset += o.nbytes
+    for name, (shape, dtype, _) in whole(outputs).items():
+        nbytes = math.prod(shape) * dtype.itemsize
+        meta[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(meta, separators=(",", ":")).encode()
     raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as safetensors writes it
     return len(raw).to_bytes(8, "little") + raw
 
 
+class _Arrivals:
+    """Where each planned output goes in ``file_order``: the k-th output written under a name is
+    the k-th planned under it (a tensor's slabs are planned in order)."""
+
+    def __init__(self, outputs: list[Output]) -> None:
+        self.order = file_order(outputs)
+        at = {id(o): i for i, o in enumerate(self.order)}
+        self._positions: dict[str, list[int]] = {}
+        for o in outputs:
+            self._positions.setdefault(o.name, []).append(at[id(o)])
+        self._seen: dict[str, int] = {}
+
+    def position(self, name: str) -> int | None:
+        """The file position of the next output written under ``name`` (None: none is left)."""
+        k = self._seen.get(name, 0)
+        positions = self._positions.get(name, [])
+        if k >= len(positions):
+            return None
+        self._seen[name] = k + 1
+        return positions[k]
+
+
 class ShardWriter:
-    """Writes the planned outputs, in plan order, into their safetensors files."""
+    """Writes the planned outputs into their safetensors files, each file in ``file_order``: an
+    output that arrives before its turn (MXFP4 scales, which come with each expert's blocks but
+    are stored after every expert's) is held until then."""
 
     def __init__(self, folder: Path, outputs: list[Output]) -> None:
         self.folder = folder
-        self.outputs = outputs
+        self.arrivals = _Arrivals(outputs)
+        self.outputs = self.arrivals.order
+        self.held: dict[int, torch.Tensor] = {}
         self.next = 0
         self.file: BinaryIO | None = None
         self.file_name: str | None = None
@@ -59,16 +88,25 @@ class ShardWriter:
         self._size += memoryview(data).nbytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self.next >= len(self.outputs):
+        at = self.arrivals.position(name)
+        if at is None:
             raise DistconvError(f"internal: unplanned output tensor {name}")
-        out = self.outputs[self.next]
+        out = self.outputs[at]
         if (name, tuple(tensor.shape), tensor.dtype) != (out.name, out.shape, out.dtype):
             raise DistconvError(
                 f"internal: expected {out.name} {out.shape} {out.dtype}, got {name} {tuple(tensor.shape)} {tensor.dtype}"
             )
+        data = tensor.detach().to("cpu").contiguous()
+        if at != self.next:
+            self.held[at] = data.clone()
+            return
+        self._store(out, data)
+        while self.next in self.held:
+            self._store(self.outputs[self.next], self.held.pop(self.next))
+
+    def _store(self, out: Output, data: torch.Tensor) -> None:
         if out.file != self.file_name:
             self._open(out.file)
-        data = tensor.detach().to("cpu").contiguous()
         try:
             self._put(data.reshape(-1).view(torch.uint8).numpy().data)
         except OSError as e:
@@ -121,24 +159,35 @@ class TorchFileWriter:
 
     def __init__(self, folder: Path, outputs: list[Output], config: dict[str, Any]) -> None:
         self.folder = folder
-        self.outputs = outputs
+        self.arrivals = _Arrivals(outputs)
+        self.outputs = self.arrivals.order
+        self.shapes = whole(outputs)
         self.tensors: dict[str, torch.Tensor] = {}
+        self.next = 0  # outputs taken
         self.config = config
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        out = self.outputs[len(self.tensors)] if len(self.tensors) < len(self.outputs) else None
+        at = self.arrivals.position(name)
+        out = self.outputs[at] if at is not None else None
         if out is None or (name, tuple(tensor.shape), tensor.dtype) != (out.name, out.shape, out.dtype):
             raise DistconvError(f"internal: unplanned output tensor {name} {tuple(tensor.shape)} {tensor.dtype}")
-        self.tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+        data = tensor.detach().to("cpu")
+        if isinstance(out.place, Slab):  # one tensor of every slab
+            if name not in self.tensors:
+                self.tensors[name] = torch.empty(self.shapes[name][0], dtype=out.dtype)
+            self.tensors[name][out.place.index].copy_(data)
+        else:
+            self.tensors[name] = data.contiguous().clone()
+        self.next += 1
 
     @property
     def bytes_written(self) -> int:
         """Bytes of the tensors taken so far (for progress; the file is written on ``close``)."""
-        return sum(o.nbytes for o in self.outputs[: len(self.tensors)])
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def close(self) -> None:
-        if len(self.tensors) != len(self.outputs):
-            raise DistconvError(f"internal: output incomplete, {self.outputs[len(self.tensors)].name} and later tensors were never written")
+        if self.next != len(self.outputs):
+            raise DistconvError(f"internal: output incomplete, {self.outputs[self.next].name} and later tensors were never written")
         path = self.folder / self.FILE
         try:
             with open(path, "wb") as f:

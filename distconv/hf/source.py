@@ -1,4 +1,4 @@
-"""HF safetensors folders as sources: tensors read a box at a time, block-wise FP8 dequantized as read."""
+"""HF safetensors folders as sources: tensors read a box at a time, block-wise FP8 and MXFP4 dequantized as read."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 from distconv.engine.folder import files_in, inside
 from distconv.errors import DistconvError
+from distconv.hf import mxfp4
 from distconv.hf.fp8 import SCALE, check_scale, dequantize
 
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -107,8 +108,8 @@ class DequantizedFP8:
         block = quantization.get("weight_block_size")
         if method != "fp8" or fmt != "e4m3" or not (isinstance(block, (list, tuple)) and len(block) == 2
                                                    and all(isinstance(b, int) and b > 0 for b in block)):
-            raise DistconvError(f"quantization_config {quantization!r}: import reads block-wise FP8 only "
-                                "(quant_method fp8, fmt e4m3, weight_block_size [rows, cols])")
+            raise DistconvError(f"quantization_config {quantization!r}: import reads block-wise FP8 "
+                                "(quant_method fp8, fmt e4m3, weight_block_size [rows, cols]) or MXFP4 (quant_method mxfp4) only")
         self.files, self.block = files, (block[0], block[1])
         names = set(files.names())
         scaled = {n.removesuffix(SCALE) for n in names if n.endswith(SCALE)}
@@ -149,6 +150,62 @@ class DequantizedFP8:
             raise DistconvError(f"{name}{SCALE} holds a scale that is NaN, infinite, zero or negative (block rows from "
                                 f"{r0 // bo}, columns from {c0 // bi}): a block-wise FP8 scale must be finite and positive")
         return dequantize(q, scale, r0, c0, self.block)
+
+
+class DequantizedMXFP4:
+    """An MXFP4 source (``quant_method: mxfp4``, gpt-oss's hub release) seen as high-precision tensors.
+
+    A weight stored as uint8 ``<name>_blocks [..., out, in/32, 16]`` and ``<name>_scales [..., out,
+    in/32]`` reads as ``<name> [..., in, out]`` (transformers' parameter: ``hf.mxfp4``), bfloat16
+    (which holds every MXFP4 value exactly); a box of it is dequantized from the blocks of the
+    experts (leading rows) it covers. Other tensors read as they are.
+    """
+
+    def __init__(self, files: SafetensorsFiles, quantization: dict[str, Any]) -> None:
+        if quantization.get("quant_method") != "mxfp4":
+            raise DistconvError(f"quantization_config {quantization!r}: not MXFP4")
+        self.files = files
+        names = set(files.names())
+        self.quantized: set[str] = set()
+        for n in sorted(names):
+            if n.endswith(mxfp4.SCALES) and n.removesuffix(mxfp4.SCALES) + mxfp4.BLOCKS not in names:
+                raise DistconvError(f"{n} is a scale of no tensor: the source has no {n.removesuffix(mxfp4.SCALES)}{mxfp4.BLOCKS}")
+            if not n.endswith(mxfp4.BLOCKS):
+                continue
+            base = n.removesuffix(mxfp4.BLOCKS)
+            scales = base + mxfp4.SCALES
+            mxfp4.check(base, files.shape(n), files.shape(scales) if scales in names else None)
+            if files.code(n) != "U8" or files.code(scales) != "U8":
+                raise DistconvError(f"{base}: MXFP4 blocks and scales are uint8, not {files.code(n)} and {files.code(scales)}")
+            if base in names:
+                raise DistconvError(f"{base} is in the source both as itself and as MXFP4 {n}")
+            self.quantized.add(base)
+        parts = {q + suffix for q in self.quantized for suffix in (mxfp4.BLOCKS, mxfp4.SCALES)}
+        self._names = [n.removesuffix(mxfp4.BLOCKS) if n in parts and n.endswith(mxfp4.BLOCKS) else n
+                       for n in files.names() if not (n in parts and n.endswith(mxfp4.SCALES))]
+
+    def names(self) -> list[str]:
+        return self._names
+
+    def file_of(self, name: str) -> str:
+        return self.files.file_of(name + mxfp4.BLOCKS if name in self.quantized else name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if name not in self.quantized:
+            return self.files.shape(name)
+        *lead, out, groups, _ = self.files.shape(name + mxfp4.BLOCKS)
+        return (*lead, groups * mxfp4.BLOCK, out)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return torch.bfloat16 if name in self.quantized else self.files.dtype(name)
+
+    def read(self, name: str, box: tuple[slice, ...]) -> torch.Tensor:
+        if name not in self.quantized:
+            return self.files.read(name, box)
+        lead = len(self.shape(name)) - 2
+        outer, inner = tuple(box[:lead]), tuple(box[lead:])
+        values = mxfp4.dequantize(self.files.read(name + mxfp4.BLOCKS, outer), self.files.read(name + mxfp4.SCALES, outer), name)
+        return values.transpose(-1, -2).to(torch.bfloat16)[(slice(None),) * lead + inner]
 
 
 def expected_hf_tensors(config: Any) -> dict[str, tuple[int, ...]]:
@@ -252,7 +309,8 @@ def open_hf(load: str | Path) -> HFSource:
     quantization = getattr(config, "quantization_config", None)
     if quantization is not None:
         quantization = quantization if isinstance(quantization, dict) else quantization.to_dict()
-        tensors: Source = DequantizedFP8(files, quantization)
+        mx = quantization.get("quant_method") == "mxfp4"
+        tensors: Source = DequantizedMXFP4(files, quantization) if mx else DequantizedFP8(files, quantization)
     else:
         tensors = files
     return HFSource(tensors, config, tokenizer, str(load), (load, *files_in(path)),

@@ -96,6 +96,8 @@ def _query_groups(args: argparse.Namespace) -> int:
 def _activation(args: argparse.Namespace) -> str:
     if arg(args, "swiglu", default=False):
         return "silu"
+    if arg(args, "quick_geglu", default=False):  # before bias_gelu_fusion, which it leaves set
+        return "quick_gelu"
     if arg(args, "squared_relu", default=False):
         return "relu2"
     if arg(args, "openai_gelu", default=False):
@@ -107,7 +109,10 @@ def _activation(args: argparse.Namespace) -> str:
 
 def _activation_config(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any]:
     """The activation as Megatron-LM configures it: SiLU for SwiGLU, else exact GELU, its tanh form
-    fused with the bias (``--bias-gelu-fusion``), OpenAI's GELU, or squared ReLU."""
+    fused with the bias (``--bias-gelu-fusion``), OpenAI's GELU, squared ReLU, or quick GELU for
+    ``--quick-geglu`` (gated). Quick-GEGLU is built unfused: megatron-core's fused kernel clamps
+    fc1's output before adding its bias (``fused_bias_geglu.weighted_bias_quick_geglu_impl``), the
+    unfused MLP and transformers after."""
     import torch.nn.functional as F
 
     fn, fusion = {"silu": (F.silu, False), "gelu": (F.gelu, False), "gelu_fast": (F.gelu, True)}.get(spec.activation,
@@ -116,6 +121,8 @@ def _activation_config(spec: ModelSpec, args: argparse.Namespace) -> dict[str, A
         from megatron.core.transformer.utils import openai_gelu as fn
     elif spec.activation == "relu2":
         from megatron.core.activations import squared_relu as fn
+    elif spec.activation == "quick_gelu":
+        from megatron.core.fusions.fused_bias_geglu import quick_gelu as fn
     return {"activation_func": fn, "bias_activation_fusion": fusion}
 
 
@@ -131,6 +138,8 @@ def _rope_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
             "mscale": float(arg(args, "mscale", default=1.0)),
             "mscale_all_dim": float(arg(args, "mscale_all_dim", default=0.0)),
         }
+    if arg(args, "position_embedding_type") == "yarn" and not arg(args, "multi_latent_attention", default=False):
+        return _gpt_yarn(args)
     if arg(args, "use_rope_scaling", default=False):
         # megatron-core hard-codes Llama 3's low/high frequency factors and original length
         return {
@@ -144,6 +153,45 @@ def _rope_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
     if factor:
         return {"rope_type": "linear", "factor": float(factor)}
     return None
+
+
+# GPT (not MLA) YaRN: ModelSpec.rope_scaling key -> (Megatron-LM >= 0.19 arg, megatron-core's config
+# attribute, the default core_v0.19's ``argument_utils._apply_yarn_config_from_args`` gives it)
+GPT_YARN: dict[str, tuple[str, str, Any]] = {
+    "factor": ("rotary_scaling_factor", "yarn_rotary_scaling_factor", 1.0),
+    "original_max_position_embeddings": ("yarn_original_max_position_embeddings",
+                                         "yarn_original_max_position_embeddings", 4096),
+    "beta_fast": ("yarn_beta_fast", "yarn_beta_fast", 32.0),
+    "beta_slow": ("yarn_beta_slow", "yarn_beta_slow", 1.0),
+    "mscale": ("mscale", "yarn_mscale", 1.0),
+    "mscale_all_dim": ("mscale_all_dim", "yarn_mscale_all_dim", 0.0),
+    "truncate": ("yarn_correction_range_round_to_int", "yarn_correction_range_round_to_int", True),
+}
+
+
+def _gpt_yarn(args: argparse.Namespace) -> dict[str, Any]:
+    """``--position-embedding-type yarn`` outside MLA (Megatron-LM core_v0.19's args, with its defaults)."""
+    kinds = {"original_max_position_embeddings": int, "truncate": bool}
+    return {"rope_type": "yarn", **{key: kinds.get(key, float)(arg(args, name, default=default))
+                                    for key, (name, _, default) in GPT_YARN.items()}}
+
+
+def gpt_yarn_attributes(spec: ModelSpec) -> dict[str, Any]:
+    """The ``yarn_*`` attributes megatron-core's ``GPTModel`` reads off its config for
+    ``position_embedding_type="yarn"`` (0.16 to 0.19: not ``TransformerConfig`` fields; a missing one
+    is an AttributeError there). Empty unless the model is a GPT (not MLA) YaRN model."""
+    if spec.position_embedding != "yarn" or spec.multi_latent_attention:
+        return {}
+    return {attribute: spec.rope_scaling[key] for key, (_, attribute, _) in GPT_YARN.items()}
+
+
+def _gpt_yarn_written(spec: ModelSpec) -> dict[str, Any]:
+    """Megatron-LM core_v0.19's args for GPT YaRN (``--rotary-scaling-factor``, ``--yarn-*``,
+    ``--mscale``, ``--mscale-all-dim``); Megatron-LM 0.16 has no flags for them (its model provider
+    must set ``gpt_yarn_attributes`` on the config)."""
+    if spec.position_embedding != "yarn" or spec.multi_latent_attention:
+        return {}
+    return {name: spec.rope_scaling[key] for key, (name, _, _) in GPT_YARN.items()}
 
 
 def _yarn(spec: ModelSpec) -> dict[str, Any] | None:
@@ -194,6 +242,37 @@ def _moe_layers(args: argparse.Namespace) -> tuple[bool, ...]:
     raise DistconvError(f"cannot read moe_layer_freq={freq!r} for {num_layers} layers")
 
 
+def _window_layers(args: argparse.Namespace) -> tuple[bool, ...] | None:
+    """Which layers use the sliding window: ``window_attn_skip_freq`` is None (all), an int N (layer
+    number ``i + 1`` not a multiple of N) or a 0/1 list (1: windowed), as megatron-core's
+    ``transformer.utils.is_layer_window_attention`` reads it; None when every layer (or none) has a window."""
+    freq = arg(args, "window_attn_skip_freq")
+    num_layers = int(_field("num_layers").value(args))
+    if freq is None or not arg(args, "window_size"):
+        return None
+    if isinstance(freq, str) and freq.strip().isdigit():
+        freq = int(freq)
+    if isinstance(freq, int) and freq > 0:
+        layers = tuple((i + 1) % freq != 0 for i in range(num_layers))
+    elif isinstance(freq, (list, tuple)) and len(freq) == num_layers:
+        layers = tuple(bool(x) for x in freq)
+    else:
+        raise DistconvError(f"cannot read window_attn_skip_freq={freq!r} for {num_layers} layers")
+    return None if all(layers) else layers
+
+
+def window_attn_skip_freq(spec: ModelSpec) -> int | list[int] | None:
+    """Megatron-LM's ``window_attn_skip_freq`` for ``spec``: None (every layer windowed), the
+    smallest N that gives its layers, else their 0/1 list."""
+    layers = spec.window_layers
+    if layers is None:
+        return None
+    for n in range(2, spec.num_layers + 1):
+        if layers == tuple((i + 1) % n != 0 for i in range(spec.num_layers)):
+            return n
+    return [int(w) for w in layers]
+
+
 def moe_layer_freq(spec: ModelSpec) -> int | list[int]:
     """Megatron-LM's ``moe_layer_freq`` for ``spec``: 1 when every layer is MoE, else its 0/1 list."""
     return 1 if all(spec.moe_layers) else [int(m) for m in spec.moe_layers]
@@ -229,6 +308,12 @@ def _train_dtype(args: argparse.Namespace) -> torch.dtype:
 
 def _routing_type(value: Any) -> str:
     return value if isinstance(value, str) else ",".join(value)
+
+
+def _if_set(**fields: Any) -> dict[str, Any]:
+    """``fields`` without those at megatron-core's default (None, 0): ``TransformerConfig`` fields
+    older versions lack are passed only when a model uses them."""
+    return {k: v for k, v in fields.items() if v}
 
 
 def _rotary_base(spec: ModelSpec) -> dict[str, Any]:
@@ -305,22 +390,32 @@ FIELDS: tuple[Field, ...] = (
     Field("rotary_base", ("rotary_base",), 10000, float, write=_rotary_base),
     Field("rotary_percent", ("rotary_percent",), 1.0, float),
     Field("rotary_interleaved", ("rotary_interleaved",), False, bool, "rotary_interleaved"),
-    # linear interpolation, Llama 3's, or (MLA) YaRN; 0.16 has no flags for YaRN's last three (MLATransformerConfig's)
+    # linear interpolation, Llama 3's, YaRN (MLA's: 0.16 has no flags for its last three, MLATransformerConfig's;
+    # GPT's: core_v0.19's --yarn-* flags, ``GPT_YARN``)
     Field("rope_scaling", ("rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor", "rope_type",
                            "rotary_scaling_factor", "mscale", "mscale_all_dim", "original_max_position_embeddings",
-                           "beta_fast", "beta_slow"),
-          read=_rope_scaling, write=rope_args, configure=_mla_rope_config),
+                           "beta_fast", "beta_slow", "yarn_original_max_position_embeddings", "yarn_beta_fast",
+                           "yarn_beta_slow", "yarn_correction_range_round_to_int"),
+          read=_rope_scaling, write=lambda s: {**rope_args(s), **_gpt_yarn_written(s)}, configure=_mla_rope_config),
     Field("normalization", ("normalization",), "LayerNorm", str, "normalization"),
     Field("norm_epsilon", ("layernorm_epsilon", "norm_epsilon"), 1e-5, float, "layernorm_epsilon"),
     # stored gamma - 1, the norms computing x_hat * (1 + weight): Megatron-LM 0.16 names the flag after
     # TransformerConfig's field, 0.12 to 0.15 ``--apply-layernorm-1p``
     Field("zero_centered_gamma", ("layernorm_zero_centered_gamma", "apply_layernorm_1p"), False, bool,
           "layernorm_zero_centered_gamma"),
-    Field("gated_mlp", ("swiglu",), False, bool, "gated_linear_unit", write=lambda s: {}),
-    Field("activation", ("swiglu", "squared_relu", "openai_gelu", "bias_gelu_fusion"), read=_activation,
-          write=lambda s: {"swiglu": s.gated_mlp, "squared_relu": s.activation == "relu2",
-                           "openai_gelu": s.activation == "gelu_new", "bias_gelu_fusion": s.activation == "gelu_fast"},
+    Field("gated_mlp", ("swiglu", "quick_geglu"), kind=bool, config="gated_linear_unit", write=lambda s: {},
+          read=lambda a: bool(arg(a, "swiglu", default=False) or arg(a, "quick_geglu", default=False))),
+    Field("activation", ("swiglu", "quick_geglu", "squared_relu", "openai_gelu", "bias_gelu_fusion"), read=_activation,
+          write=lambda s: {"swiglu": s.gated_mlp and s.activation == "silu", "quick_geglu": s.activation == "quick_gelu",
+                           "squared_relu": s.activation == "relu2", "openai_gelu": s.activation == "gelu_new",
+                           "bias_gelu_fusion": s.activation == "gelu_fast"},
           configure=_activation_config),
+    # gpt-oss's clamped GLU with an offset linear half (--activation-func-clamp-value, --glu-linear-offset)
+    # (these rows give megatron-core a field only when set: older versions have none of them)
+    Field("activation_clamp", ("activation_func_clamp_value",), None, float,
+          configure=lambda s, a: _if_set(activation_func_clamp_value=s.activation_clamp)),
+    Field("glu_linear_offset", ("glu_linear_offset",), 0.0, float,
+          configure=lambda s, a: _if_set(glu_linear_offset=s.glu_linear_offset)),
     Field("add_bias_linear", ("add_bias_linear",), True, bool, "add_bias_linear"),
     Field("add_qkv_bias", ("add_qkv_bias",), False, bool, "add_qkv_bias"),
     Field("qk_layernorm", ("qk_layernorm",), False, bool, "qk_layernorm"),
@@ -338,6 +433,12 @@ FIELDS: tuple[Field, ...] = (
           configure=lambda s, a: {"mtp_num_layers": s.mtp_num_layers} if s.mtp_num_layers else {}),  # only models with MTP
     Field("window_size", ("window_size",), None, lambda w: tuple(w) if w else None,
           configure=lambda s, a: {"window_size": tuple(s.window_size) if s.window_size else None}),
+    Field("window_layers", ("window_attn_skip_freq",), read=_window_layers,
+          write=lambda s: {"window_attn_skip_freq": window_attn_skip_freq(s)},
+          configure=lambda s, a: _if_set(window_attn_skip_freq=window_attn_skip_freq(s))),
+    # attention sinks (--softmax-type learnable: megatron-core's softmax_offset)
+    Field("softmax_type", ("softmax_type",), "vanilla", str,
+          configure=lambda s, a: {} if s.softmax_type == "vanilla" else {"softmax_type": s.softmax_type}),
     Field("train_dtype", ("bf16", "fp16", "params_dtype"), read=_train_dtype,
           write=lambda s: {"bf16": s.train_dtype == torch.bfloat16, "fp16": s.train_dtype == torch.float16,
                            "params_dtype": s.train_dtype}),

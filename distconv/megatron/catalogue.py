@@ -214,6 +214,11 @@ CATALOGUE: tuple[ModuleKind, ...] = (
                      Spelling(_SA + "in_proj.layer_norm_", linear=True),
                      aliases=("input_layernorm.", "input_norm.")),
                (Spelling("input_layernorm", mla=True, te=True),)),
+    # attention sinks (--softmax-type learnable, gpt-oss): a logit per head, split over TP with its heads;
+    # transformer-engine's attention then saves an (empty) ``_extra_state`` beside it
+    ModuleKind("attention_sinks", Scope.LAYER, (Param(_SA + "core_attention.softmax_offset", Split.COLUMN),),
+               (Spelling(_SA + "core_attention", te=True),),
+               present=lambda spec, layer: spec.softmax_type == "learnable" and _attention(spec, layer)),
     # fused QKV, per query group ``[q (heads/groups heads), k, v]``; with ``attention_output_gate``
     # (Qwen3-Next) ``[q, gate, k, v]``, the gate as many rows as the group's queries
     ModuleKind("qkv_attention", Scope.LAYER,
@@ -259,9 +264,12 @@ CATALOGUE: tuple[ModuleKind, ...] = (
                _norm(_MLP + "linear_fc1.layer_norm_", Spelling("pre_mlp_layernorm.", te=True, moe=True),
                      aliases=("pre_mlp_layernorm.", "post_attention_layernorm.", "post_attention_norm.")),
                (Spelling("pre_mlp_layernorm", te=True, moe=True),)),
-    # the router: its weight and the selection bias (--moe-router-enable-expert-bias), replicated
-    ModuleKind("router", Scope.LAYER, (Param(_MLP + "router.weight"), Param(_MLP + "router.expert_bias")), present=_moe),
-    # routed experts (one entry per expert; stored grouped, see ``EXPERT_SPELLINGS``), split over expert TP
+    # the router: its weight, its bias (--add-bias-linear) and the selection bias
+    # (--moe-router-enable-expert-bias), replicated
+    ModuleKind("router", Scope.LAYER, (Param(_MLP + "router.weight"), Param(_MLP + "router.bias"),
+                                       Param(_MLP + "router.expert_bias")), present=_moe),
+    # routed experts (one entry per expert; stored grouped, see ``EXPERT_SPELLINGS``), split over expert TP;
+    # their biases (--add-bias-linear) only at expert TP 1 (``check_layout``)
     ModuleKind("experts", Scope.EXPERT, _linear("linear_fc1", Split.COLUMN, gated=True) + _linear("linear_fc2", Split.ROW),
                (Spelling(_MLP + "experts.experts.linear_fc1"), Spelling(_MLP + "experts.experts.linear_fc2")),
                present=_moe),
@@ -493,6 +501,9 @@ def check_layout(spec: ModelSpec, target: Target) -> None:
                 problems.append(f"num_experts {spec.num_experts} is not divisible by EP {ep}")
             if (spec.moe_ffn_hidden_size or spec.ffn_hidden_size) % etp:
                 problems.append(f"moe_ffn_hidden_size {spec.moe_ffn_hidden_size} is not divisible by expert TP {etp}")
+            if spec.add_bias_linear and etp != 1:  # TransformerConfig asserts it (0.16.1 to 0.19)
+                problems.append(f"expert biases (add_bias_linear) need expert TP 1, not {etp} (megatron-core: \"Bias in "
+                                "Moe is only supported when ETP==1\"; pass --expert-tensor-parallel-size 1)")
         elif ep != 1 or etp != tp:
             problems.append("EP and expert TP need a model with experts")
     if problems:

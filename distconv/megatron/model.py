@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from distconv.megatron import gated_delta_net
-from distconv.megatron.args import GATED_DELTA_NET, arg, config_fields, rope_args, spec_from_args
+from distconv.megatron.args import GATED_DELTA_NET, arg, config_fields, gpt_yarn_attributes, rope_args, spec_from_args
 
 Change = tuple[Any, str, Any]  # (object, attribute, the value it takes while a context is active)
 
@@ -102,7 +102,7 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
                    expert_model_parallel_size=int(arg(args, "expert_model_parallel_size", default=1)),
                    expert_tensor_parallel_size=arg(args, "expert_tensor_parallel_size")) if spec.num_experts else {}
     config_class = MLATransformerConfig if spec.multi_latent_attention else TransformerConfig
-    return config_class(
+    config = config_class(
         **config_fields(args),
         **experts,
         tensor_model_parallel_size=tp,
@@ -119,6 +119,9 @@ def transformer_config(args: argparse.Namespace, tp: int, pp: int, init: bool = 
         persist_layer_norm=False,
         perform_initialization=init,
     )
+    for name, value in gpt_yarn_attributes(spec).items():  # GPT YaRN: attributes, not fields (0.16 to 0.19)
+        setattr(config, name, value)
+    return config
 
 
 def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, transformer_engine: bool = False):
