@@ -341,11 +341,9 @@ def _decoder_layers(model: torch.nn.Module, count: int) -> str:
     raise DistconvError(f"the HF model has no list of {count} decoder layers (the checkpoint's count)")
 
 
-def hf_layers(hf: Path, tokens: torch.Tensor, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> dict[str, Any]:
-    """transformers' logits for ``tokens`` from the export, and, with each decoder layer fed
-    megatron-core's input to it (``inputs``), the max |diff| of its output against ``outputs``."""
+def export_model(hf: Path) -> tuple[Any, Any]:
+    """transformers' model of the export's ``config.json`` on the meta device, and the export's tensors."""
     from accelerate import init_empty_weights
-    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
 
@@ -362,10 +360,19 @@ def hf_layers(hf: Path, tokens: torch.Tensor, inputs: list[torch.Tensor], output
         raise DistconvError(f"--hf {hf}: transformers cannot build its model: {first}") from None
     if remote:
         warn(remote_code(remote, "--hf", True))
+    return model, _export_tensors(hf, config)
+
+
+def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, inputs: list[torch.Tensor],
+              outputs: list[torch.Tensor]) -> dict[str, Any]:
+    """transformers' logits for ``tokens`` from the export (``export_model``), and, with each decoder
+    layer fed megatron-core's input to it (``inputs``), the max |diff| of its output against ``outputs``."""
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
     layers = _decoder_layers(model, len(inputs))
-    export = _ExportLayers(hf, model, layers, _export_tensors(hf, config))
+    export = _ExportLayers(hf, model, layers, tensors)
     export.load("", model)
-    if getattr(config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     export.check("", model, skip=f"{layers}.")
     b = tokens.shape[0]
@@ -405,8 +412,9 @@ def hf_layers(hf: Path, tokens: torch.Tensor, inputs: list[torch.Tensor], output
 def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float = 1e-3
             ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """``verify``'s result for ``tokens``, with megatron-core's logits (padded vocab) and the export's."""
+    model, tensors = export_model(Path(hf))  # a bad export is refused before megatron-core runs
     ours, inputs, outputs = megatron_layers(ckpt, tokens)
-    theirs = hf_layers(Path(hf), tokens, inputs, outputs)
+    theirs = hf_layers(Path(hf), model, tensors, tokens, inputs, outputs)
     vocab = theirs["logits"].shape[-1]
     if ours.shape[-1] < vocab:
         raise DistconvError(f"the HF vocab ({vocab}) is larger than the checkpoint's ({ours.shape[-1]})")
