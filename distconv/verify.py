@@ -38,6 +38,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from distconv.engine.plan import Read, numbered
+from distconv.engine.stream import heap_trimmer
 from distconv.errors import DistconvError, warn
 from distconv.hf.source import auto_map_file, remote_code
 from distconv.megatron.args import arg
@@ -200,6 +201,7 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor) -> tuple[torch.Tenso
 
     from distconv.megatron.model import build_gpt, cpu_compat, forward_logits
 
+    trim = heap_trimmer()  # a layer's freed weights handed back to the system (see heap_trimmer)
     args = _megatron_args(ckpt)
     owns = not dist.is_initialized()
     if owns:
@@ -238,6 +240,7 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor) -> tuple[torch.Tenso
                     lambda m, a, k: inputs.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
                 hooks.append(layer.register_forward_hook(
                     lambda m, a, out: outputs.append((out[0] if isinstance(out, tuple) else out).detach().clone())))
+                hooks.append(layer.register_forward_hook(lambda m, a, out: trim()))
             try:
                 logits = forward_logits(model, tokens).float()
             finally:
@@ -320,6 +323,7 @@ def _streamed_layer_hook(export: _ExportLayers, group: str) -> Any:
     """An accelerate hook materializing one HF decoder layer just before it runs, and dropping it after."""
     from accelerate.hooks import ModelHook
 
+    trim = heap_trimmer()
     class LayerHook(ModelHook):
         def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
             export.load(group, module)
@@ -328,6 +332,7 @@ def _streamed_layer_hook(export: _ExportLayers, group: str) -> Any:
 
         def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
             export.unload(module)
+            trim()
             return output
 
     return LayerHook()
