@@ -16,7 +16,8 @@ own files only while the module using them runs, and put back on the meta device
   transformers' own loader (its renames and MoE fusions; block-wise FP8 dequantized as read).
 
 The embeddings, final norm and output layer of both stay materialized. Peak memory is about one HF
-decoder layer, one megatron-core module, the embeddings and the activations of the few sequences.
+decoder layer, one megatron-core module, the embeddings, and every layer's input and output hidden
+states for the few sequences (kept to feed and compare the HF layers).
 
 The same seeded token sequences run through megatron-core's model; each decoder layer's input and
 output are kept. transformers runs the sequences twice in one batch: once on its own (its logits
