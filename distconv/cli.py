@@ -206,6 +206,12 @@ def _dispatch(opts: argparse.Namespace) -> int:
             print(f"transformers vs megatron-core ({result['format']} checkpoint) on {result['tokens'][0]}x{result['tokens'][1]} tokens: "
                   f"max |diff| {result['max_abs_diff']:.3e}, mean {result['mean_abs_diff']:.3e}, top-1 agreement "
                   f"{result['top1_agreement']:.2%} -> {'OK' if result['ok'] else 'MISMATCH'} (tolerance {opts.tol:g})")
+            first = result["first_mismatch"]
+            if first:
+                worst = next(layer["max_abs_diff"] for layer in result["layers"] if layer["megatron"] == first["megatron"])
+                print(f"first layer beyond the tolerance: {first['megatron']} / {first['hf']} (max |diff| {worst:.3e})")
+            elif result["embedding_max_abs_diff"] > opts.tol:
+                print(f"the embeddings differ (max |diff| {result['embedding_max_abs_diff']:.3e})")
         return 0 if result["ok"] else 1
     if opts.command in ("import", "reshard"):
         from distconv.directions.import_ import import_hf, import_mindspore

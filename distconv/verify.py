@@ -1,17 +1,32 @@
-"""``distconv verify --load CKPT --hf OUT``: the export's logits against megatron-core's own.
+"""``distconv verify --load CKPT --hf OUT``: the export against megatron-core's own forward, layer by layer.
 
-The Megatron side is megatron-core's ``GPTModel`` built from the checkpoint's args at TP1 PP1
-in this one process on CPU (fp32), its weights loaded from the checkpoint as saved (any
-training layout): a torch_dist one with ``dist_checkpointing.load``, a legacy ``mp_rank_*`` one
-(any TP/PP/VPP) through distconv's own legacy reader, which yields the same megatron-core
-tensors whole (QKV in megatron-core order, TP pieces joined); the HF side is transformers'
-``AutoModelForCausalLM`` on the exported folder. Both run on the same seeded token sequences.
-The model is built by ``distconv.megatron.model``, which the test fixtures use too, so it
-covers the families the fixtures cover (dense GPT, MoE, MLA).
+Both models are built on the meta device with accelerate's ``init_empty_weights`` (buffers such as
+RoPE's ``inv_freq`` stay real): megatron-core's ``GPTModel`` from the checkpoint's args at TP1 PP1
+(``distconv.megatron.model``, local layer specs, fp32), transformers' ``AutoModelForCausalLM`` from
+the export's ``config.json`` (``trust_remote_code=False``). Weights are materialized from each side's
+own files only while the module using them runs, and put back on the meta device after:
+
+- megatron-core: one accelerate ``AlignDevicesHook`` per module holding parameters under the
+  decoder (and MTP) layers, over a lazy map that reads each parameter when asked: the box of the
+  checkpoint tensor megatron-core's ``sharded_state_dict`` names for it (a torch_dist folder read
+  by byte range, each chunk unpickled with distconv's allow-list and no ``_extra_state`` read; a
+  legacy ``mp_rank_*`` one through distconv's legacy reader). MoE experts are modules of their own
+  (``SequentialMLP``'s ``local_experts.{e}``): one expert's linear layer is in memory at a time.
+- transformers: one hook per decoder layer loading that layer's safetensors tensors through
+  transformers' own loader (its renames and MoE fusions; block-wise FP8 dequantized as read).
+
+The embeddings, final norm and output layer of both stay materialized. Peak memory is about one HF
+decoder layer, one megatron-core module, the embeddings, and every layer's input and output hidden
+states for the few sequences (kept to feed and compare the HF layers).
+
+The same seeded token sequences run through megatron-core's model; each decoder layer's input and
+output are kept. transformers runs the sequences twice in one batch: once on its own (its logits
+are the export's logits), once with every decoder layer fed megatron-core's input to the same
+layer, so each layer's output is compared on its own. The first layer whose max |diff| exceeds the
+tolerance is named (``decoder.layers.{i}`` / ``model.layers.{i}``).
 
 megatron-core 0.16 makes a few CUDA calls unconditionally; on a machine without CUDA they are
 made harmless only while the model is built and run (``cpu_compat``), and restored after.
-It needs the whole model in fp32 twice in CPU memory.
 """
 
 from __future__ import annotations
@@ -19,47 +34,18 @@ from __future__ import annotations
 import argparse
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 
 from distconv.engine.plan import Read, numbered
+from distconv.engine.stream import heap_trimmer
 from distconv.errors import DistconvError, warn
 from distconv.hf.source import auto_map_file, remote_code
 from distconv.megatron.args import arg
 from distconv.megatron.catalogue import COUNTS, other_spellings, stored_counts
 from distconv.megatron.checkpoint import Checkpoint
 from distconv.megatron.source import describe
-from distconv.megatron.torch_dist import serving_metadata
-
-
-def _known_common(common: dict[str, Any]):
-    """A megatron-core common-state strategy that hands back what ``describe`` already read
-    (with the allow-list), so ``load`` never unpickles ``common.pt`` itself."""
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
-
-    class KnownCommon(TorchCommonLoadStrategy):
-        def load_common(self, checkpoint_dir: Any) -> dict[str, Any]:
-            return dict(common)
-
-        def load_sharded_objects(self, sharded_objects_state_dict: Any, checkpoint_dir: Any) -> Any:
-            raise DistconvError("internal: verify loads no sharded objects outside the torch_dist files")
-
-    return KnownCommon()
-
-
-def _legacy_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state dict from a legacy checkpoint: each sharded-state key (per-layer ones as
-    ``decoder.layers.{i}.X``, the legacy reader's names) read whole in fp32."""
-    from distconv.megatron.legacy import LegacyReader
-
-    reader, state = LegacyReader(ckpt), {}
-    for name, source, info, _ in _legacy_sources(ckpt, model):
-        zeros = (0,) * len(info.shape)
-        box = Read(0, 0, source, tuple(info.shape), zeros, tuple(info.shape), tuple(slice(None) for _ in info.shape),
-                   info.nbytes)
-        state[name] = reader.read([box], torch.float32)[0]
-    return state
 
 
 def _legacy_sources(ckpt: Checkpoint, model: torch.nn.Module) -> Iterator[tuple[str, str, Any, torch.Tensor]]:
@@ -134,48 +120,90 @@ def _check_shapes(ckpt: Checkpoint, meta: torch.nn.Module) -> None:
                                 f"the checkpoint's args has {list(t.global_shape)}: the args contradict the tensors")
 
 
-def _tensors_only(sharded: dict[str, Any]) -> dict[str, Any]:
-    """The sharded state dict without its ``ShardedObject``s (the modules' ``_extra_state``):
-    torch's DCP reads those bytes back with ``torch.load(weights_only=False)``, which would run
-    whatever a checkpoint stores there."""
-    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+class _CheckpointWeights(Mapping[str, torch.Tensor]):
+    """megatron-core's tensors by name (its ``state_dict`` names), each read from the checkpoint only
+    when asked, in fp32: accelerate's lazy ``weights_map``.
 
-    _, tensors = extract_matching_values(sharded, lambda v: isinstance(v, ShardedObject))
-    return tensors
+    torch_dist: the box of the stored tensor ``sharded_state_dict`` names (TP1: the whole tensor, or
+    one layer's or expert's row of a stacked one), read by byte range by this process alone; the
+    ``ShardedObject``s (``_extra_state``) are never read: torch's DCP would unpickle them with
+    ``weights_only=False``. Legacy: the whole tensor from the rank files, through the legacy reader.
+    """
+
+    def __init__(self, ckpt: Checkpoint, model: torch.nn.Module) -> None:
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        from distconv.megatron.model import sharded_state_dict
+
+        self.ckpt = ckpt
+        if ckpt.format == "legacy":
+            from distconv.megatron.legacy import LegacyReader
+
+            self._reader: Any = LegacyReader(ckpt)
+            self._where: dict[str, Any] = {name: (source, tuple(info.shape))
+                                           for name, source, info, _ in _legacy_sources(ckpt, model)}
+        else:
+            from distconv.megatron.torch_dist import TorchDistReader
+
+            self._reader = TorchDistReader(ckpt, collective=False)
+            self._where = {name: value for name, value in _as_stored(sharded_state_dict(model), ckpt).items()
+                           if not isinstance(value, ShardedObject) and not name.endswith("_extra_state")}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        where = self._where[name]
+        if isinstance(where, tuple):  # legacy: (key, shape)
+            key, shape = where
+            return self._box(key, shape, (0,) * len(shape), shape)
+        if hasattr(where, "merge_fn"):  # a ShardedTensorFactory: its pieces read, then merged as megatron-core does
+            from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+
+            return where.merge_fn(dict_list_map_inplace(self._sharded, where.build()))
+        return self._sharded(where)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def _sharded(self, t: Any) -> torch.Tensor:
+        if t.key not in self.ckpt.tensors:
+            t.key = next((key for key in other_spellings(t.key) if key in self.ckpt.tensors), t.key)
+        if t.key not in self.ckpt.tensors or t.flattened_range is not None:
+            raise DistconvError(f"{self.ckpt.path}: the checkpoint gives no value for {t.key}")
+        sizes = (1,) * t.prepend_axis_num + tuple(t.local_shape)
+        return self._box(t.key, tuple(t.global_shape), tuple(t.global_offset), sizes).reshape(t.local_shape)
+
+    def _box(self, key: str, shape: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        read = Read(0, 0, key, shape, offsets, sizes, tuple(slice(None) for _ in sizes), 0)
+        return self._reader.read([read], torch.float32)[0]
 
 
-def _torch_dist_state(ckpt: Checkpoint, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors from a torch_dist checkpoint through ``dist_checkpointing.load``
-    (no ``_extra_state``: see ``_tensors_only``)."""
-    from megatron.core import dist_checkpointing
-
-    from distconv.megatron.model import sharded_state_dict
-
-    try:
-        with serving_metadata(ckpt.path, ckpt.metadata):
-            request = _tensors_only(_as_stored(sharded_state_dict(model), ckpt))
-            loaded = dist_checkpointing.load({"model": request}, str(ckpt.path),
-                                             common_strategy=_known_common(ckpt.common),
-                                             validate_access_integrity=False)
-    except BaseException as e:  # DCP's CheckpointException is a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise DistconvError(f"megatron-core could not load {ckpt.path}: {str(e).strip().splitlines()[-1]}") from None
-    return loaded["model"]
+_STREAMED = ("decoder.layers.", "mtp.")  # materialized module by module; the rest stays in memory
 
 
-def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
-    """megatron-core's logits (padded vocab) for ``tokens``, from the described checkpoint."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
-    from distconv.megatron.model import build_gpt, cpu_compat, forward_logits
-
+def _megatron_args(ckpt: Checkpoint) -> argparse.Namespace:
     args = argparse.Namespace(**vars(ckpt.args))
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "expert_model_parallel_size", "expert_tensor_parallel_size"):
         setattr(args, name, 1)
+    return args
+
+
+def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """megatron-core's logits (padded vocab) for ``tokens``, and each decoder layer's input and output
+    hidden states ([seq, batch, hidden]), from a model on the meta device whose weights are read from
+    the checkpoint module by module."""
+    import torch.distributed as dist
+    from accelerate import init_empty_weights
+    from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
+    from accelerate.utils import set_module_tensor_to_device
+    from megatron.core import parallel_state
+
+    from distconv.megatron.model import build_gpt, cpu_compat, forward_logits
+
+    trim = heap_trimmer()  # a layer's freed weights handed back to the system (see heap_trimmer)
+    args = _megatron_args(ckpt)
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
@@ -184,42 +212,235 @@ def megatron_logits(ckpt: Checkpoint, tokens: torch.Tensor) -> torch.Tensor:
             parallel_state.initialize_model_parallel(1, 1)
             _check_args(ckpt, args)
             try:
-                with torch.device("meta"):
-                    meta = build_gpt(args, 1, 1, init=False)
+                with torch.device("meta"):  # nothing allocated, buffers included: checked before the model is built
+                    _check_shapes(ckpt, build_gpt(args, 1, 1, init=False))
             except (AttributeError, TypeError, ValueError, AssertionError) as e:  # megatron-core checks args by assert too
                 raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
-            _check_shapes(ckpt, meta)
-            model = build_gpt(args, 1, 1)
-            state = _legacy_state(ckpt, model) if ckpt.format == "legacy" else _torch_dist_state(ckpt, model)
-            missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("_extra_state")]
+            with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (RoPE's) computed
+                model = build_gpt(args, 1, 1, init=False)
+            weights = _CheckpointWeights(ckpt, model)
+            missing = [name for name, _ in model.named_parameters() if name not in weights]
             if missing:
                 raise DistconvError(f"{ckpt.path}: the checkpoint gives no value for {', '.join(missing[:8])}")
-            model = model.float()
-            return forward_logits(model, tokens).float()
+            buffers = {name for name, _ in model.named_buffers()}
+            for name, _ in model.named_parameters():
+                if not name.startswith(_STREAMED):
+                    set_module_tensor_to_device(model, name, "cpu", value=weights[name])
+            for name in buffers & set(weights):  # persistent buffers (a router's expert bias): small, read once
+                set_module_tensor_to_device(model, name, "cpu", value=weights[name])
+            for prefix in _STREAMED:
+                streamed = model.get_submodule(prefix.rstrip(".")) if hasattr(model, prefix.split(".")[0]) else None
+                if streamed is not None:
+                    attach_align_device_hook(streamed, execution_device=torch.device("cpu"), offload=True,
+                                             weights_map=weights, module_name=prefix.rstrip("."))
+            inputs: list[torch.Tensor] = []
+            outputs: list[torch.Tensor] = []
+            hooks = []
+            for layer in model.decoder.layers:
+                hooks.append(layer.register_forward_pre_hook(
+                    lambda m, a, k: inputs.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
+                hooks.append(layer.register_forward_hook(
+                    lambda m, a, out: outputs.append((out[0] if isinstance(out, tuple) else out).detach().clone())))
+                hooks.append(layer.register_forward_hook(lambda m, a, out: trim()))
+            try:
+                logits = forward_logits(model, tokens).float()
+            finally:
+                for hook in hooks:
+                    hook.remove()
+                remove_hook_from_submodules(model)
+            return logits, inputs, outputs
     finally:
         parallel_state.destroy_model_parallel()
         if owns:
             dist.destroy_process_group()
 
 
-def hf_logits(hf: str | Path, tokens: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
+def _export_tensors(hf: Path, config: Any) -> Any:
+    """The export's safetensors tensors by their saved names (block-wise FP8 dequantized as read)."""
+    from distconv.hf.source import DequantizedFP8, SafetensorsFiles, _check_index
+
+    if not any(hf.glob("*.safetensors")):
+        raise DistconvError(f"--hf {hf} holds no .safetensors files (verify reads safetensors only: a "
+                            "pytorch_model.bin is never unpickled)")
+    _check_index(hf)
+    files = SafetensorsFiles(hf)
+    quantization = getattr(config, "quantization_config", None)
+    if quantization is None:
+        return files
+    return DequantizedFP8(files, quantization if isinstance(quantization, dict) else quantization.to_dict())
+
+
+class _ExportLayers:
+    """The HF model's tensors loaded a decoder layer at a time (everything outside the layers at once)
+    by transformers' own loader, with the weight conversions ``from_pretrained`` applies (renames,
+    MoE experts fused into one tensor per layer): each layer holds its tensors only while it runs."""
+
+    def __init__(self, hf: Path, model: Any, layers: str, tensors: Any) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        self.hf, self.model, self.tensors = hf, model, tensors
+        self.mapping = get_model_conversion_mapping(model)
+        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        state = model.state_dict()
+        number = re.compile(rf"{re.escape(layers)}\.(\d+)\.")
+        self.groups: dict[str, list[str]] = {}
+        for key in tensors.names():
+            target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+            if target in state:  # not a tensor of the model transformers builds (MTP layers)
+                layer = number.match(target)
+                self.groups.setdefault(f"{layers}.{layer.group(1)}" if layer else "", []).append(key)
+
+    def load(self, group: str, module: torch.nn.Module) -> None:
+        """Materialize ``module`` (named ``group``; ``""``: the whole model, layers excepted) from its files."""
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        state = {}
+        for key in self.groups.get(group, []):
+            shape = self.tensors.shape(key)
+            state[key] = self.tensors.read(key, tuple(slice(None) for _ in shape)).to(torch.float32)
+        convert_and_load_state_dict_in_model(self.model, state, LoadStateDictConfig(dtype=torch.float32,
+                                                                                     weight_mapping=self.mapping))
+        del state
+
+    def unload(self, module: torch.nn.Module) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name in module.state_dict():
+            set_module_tensor_to_device(module, name, "meta")
+
+    def check(self, group: str, module: torch.nn.Module, skip: str | None = None) -> None:
+        empty = [name for name, t in module.state_dict().items()
+                 if t.device.type == "meta" and not (skip and name.startswith(skip))]
+        if empty:
+            where = f"{group}." if group else ""
+            raise DistconvError(f"--hf {self.hf}: the export gives no value for {where}{empty[0]}"
+                                f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}")
+
+
+def _streamed_layer_hook(export: _ExportLayers, group: str) -> Any:
+    """An accelerate hook materializing one HF decoder layer just before it runs, and dropping it after."""
+    from accelerate.hooks import ModelHook
+
+    trim = heap_trimmer()
+    class LayerHook(ModelHook):
+        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            export.load(group, module)
+            export.check(group, module)
+            return args, kwargs
+
+        def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+            export.unload(module)
+            trim()
+            return output
+
+    return LayerHook()
+
+
+def _decoder_layers(model: torch.nn.Module, count: int) -> str:
+    """The name of the HF model's list of decoder layers (``model.layers``, ``transformer.h``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count and name.endswith((".layers", ".h")):
+            return name
+    raise DistconvError(f"the HF model has no list of {count} decoder layers (the checkpoint's count)")
+
+
+def export_model(hf: Path) -> tuple[Any, Any]:
+    """transformers' model of the export's ``config.json`` on the meta device, and the export's tensors."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     remote = auto_map_file(hf)
-    try:  # safetensors only: a pytorch_model.bin is never unpickled
-        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32, use_safetensors=True,
-                                                     trust_remote_code=False).eval()
+    try:
+        config = AutoConfig.from_pretrained(str(hf), trust_remote_code=False)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
     except Exception as e:  # transformers raises many types for a bad folder
         if remote:
             raise DistconvError(remote_code(remote, "--hf", False)) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DistconvError(f"--hf {hf}: transformers cannot load its safetensors weights: {first}") from None
+        raise DistconvError(f"--hf {hf}: transformers cannot build its model: {first}") from None
     if remote:
         warn(remote_code(remote, "--hf", True))
-    with torch.no_grad():
-        return model(tokens).logits.float()
+    return model, _export_tensors(hf, config)
+
+
+def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, inputs: list[torch.Tensor],
+              outputs: list[torch.Tensor]) -> dict[str, Any]:
+    """transformers' logits for ``tokens`` from the export (``export_model``), and, with each decoder
+    layer fed megatron-core's input to it (``inputs``), the max |diff| of its output against ``outputs``."""
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    layers = _decoder_layers(model, len(inputs))
+    export = _ExportLayers(hf, model, layers, tensors)
+    export.load("", model)
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    export.check("", model, skip=f"{layers}.")
+    b = tokens.shape[0]
+    diffs: list[float] = []
+    embedding: list[float] = []
+
+    def feed(i: int):
+        def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            if i == 0:
+                embedding.append((hidden[:b] - inputs[0].transpose(0, 1)).abs().max().item())
+            hidden[b:] = inputs[i].transpose(0, 1)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+        def post(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
+            out = out[0] if isinstance(out, tuple) else out
+            diffs.append((out[b:] - outputs[i].transpose(0, 1)).abs().max().item())
+        return pre, post
+
+    hooks = []
+    for i, layer in enumerate(model.get_submodule(layers)):
+        pre, post = feed(i)
+        hooks += [layer.register_forward_pre_hook(pre, with_kwargs=True),
+                  layer.register_forward_hook(post, with_kwargs=True)]
+        add_hook_to_module(layer, _streamed_layer_hook(export, f"{layers}.{i}"))
+    try:
+        with torch.no_grad():
+            logits = model(torch.cat([tokens, tokens])).logits[:b].float()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for layer in model.get_submodule(layers):
+            remove_hook_from_module(layer)
+    return {"logits": logits, "layers": layers, "diffs": diffs, "embedding": embedding[0]}
+
+
+def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float = 1e-3
+            ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """``verify``'s result for ``tokens``, with megatron-core's logits (padded vocab) and the export's."""
+    model, tensors = export_model(Path(hf))  # a bad export is refused before megatron-core runs
+    ours, inputs, outputs = megatron_layers(ckpt, tokens)
+    theirs = hf_layers(Path(hf), model, tensors, tokens, inputs, outputs)
+    vocab = theirs["logits"].shape[-1]
+    if ours.shape[-1] < vocab:
+        raise DistconvError(f"the HF vocab ({vocab}) is larger than the checkpoint's ({ours.shape[-1]})")
+    diff = (theirs["logits"] - ours[..., :vocab]).abs()  # megatron's padding rows are not part of the model
+    layers = [{"megatron": f"decoder.layers.{i}", "hf": f"{theirs['layers']}.{i}", "max_abs_diff": d}
+              for i, d in enumerate(theirs["diffs"])]
+    first = next((layer for layer in layers if not layer["max_abs_diff"] <= tol), None)
+    result = {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "top1_agreement": (theirs["logits"].argmax(-1) == ours[..., :vocab].argmax(-1)).float().mean().item(),
+        "tokens": list(tokens.shape),
+        "tolerance": tol,
+        "format": ckpt.format,
+        "embedding_max_abs_diff": theirs["embedding"],
+        "layers": layers,
+        "first_mismatch": first and {"megatron": first["megatron"], "hf": first["hf"]},
+    }
+    result["ok"] = result["max_abs_diff"] <= tol and first is None and theirs["embedding"] <= tol
+    return result, ours, theirs["logits"]
 
 
 def verify(
@@ -232,7 +453,8 @@ def verify(
     seed: int = 0,
     tol: float = 1e-3,
 ) -> dict[str, Any]:
-    """Compare logits on ``sequences`` random token sequences; ``ok`` when max |diff| <= ``tol``."""
+    """Compare ``sequences`` random token sequences layer by layer and by logits; ``ok`` when the
+    logits' max |diff|, the embeddings' and every decoder layer's are all <= ``tol``."""
     import json
 
     try:
@@ -249,19 +471,4 @@ def verify(
                             f"{ckpt.format}; `distconv reshard` writes it as torch_dist, which verify loads")
     length = min(length, int(arg(ckpt.args, "max_position_embeddings", "seq_length", default=length)))
     tokens = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))
-    theirs = hf_logits(hf, tokens)
-    ours = megatron_logits(ckpt, tokens)
-    if ours.shape[-1] < vocab:
-        raise DistconvError(f"the HF vocab ({vocab}) is larger than the checkpoint's ({ours.shape[-1]})")
-    ours = ours[..., :vocab]  # megatron's padding rows are not part of the model
-    diff = (theirs - ours).abs()
-    result = {
-        "max_abs_diff": diff.max().item(),
-        "mean_abs_diff": diff.mean().item(),
-        "top1_agreement": (theirs.argmax(-1) == ours.argmax(-1)).float().mean().item(),
-        "tokens": list(tokens.shape),
-        "tolerance": tol,
-        "format": ckpt.format,
-    }
-    result["ok"] = result["max_abs_diff"] <= tol
-    return result
+    return compare(ckpt, hf, tokens, tol=tol)[0]
