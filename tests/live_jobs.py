@@ -1,0 +1,138 @@
+"""A training job that refits a running vLLM from its live megatron-core model, at TP2.
+
+    torchrun --nproc-per-node 2 tests/live_jobs.py WORKDIR
+
+tests/vllm_live.py serves the vLLM engine (its port in ``WORKDIR/rpc_port``). Each rank builds
+its TP shard of a small Llama with random weights and makes one ``distconv.weights(model=...)``
+source (fp32) and one ``GlooSender``; rank 0 writes the source's HF config into
+``WORKDIR/hf0/`` (vLLM starts from it with dummy weights). Then, twice: perturb the weights, give
+every parameter a NaN gradient (a source that read gradients would fail), sync into vLLM, check
+the parameters are bit-identical to before the sync, have vLLM generate, save the model with
+megatron-core (``WORKDIR/ckpt{i}``) and export that checkpoint with ``distconv.export``
+(``WORKDIR/hf{i}``): the test compares vLLM with transformers on that folder. The first round
+also checks one more pass of the source, and of a bf16 source, bit for bit against the exports
+in fp32 and bf16. Last, a sync with a NaN in one rank's shard of layer 1 must fail on every rank;
+vLLM's call log and what it then serves are recorded. ``WORKDIR/rank{R}.json`` holds the results.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+import xmlrpc.client
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+import distconv
+from distconv.megatron.model import build_gpt, cpu_compat
+from distconv.vllm.sender import GlooSender, Link
+from fixtures.build import Fixture, save_layout
+from fixtures.megatron_cpu import megatron_args, model_parallel, randomize_
+
+ARGS = dict(num_layers=2, num_attention_heads=2, num_query_groups=2, vocab_size=250)  # head size 32: vLLM's CPU kernels
+SEED = 31
+PROMPTS = [[5, 17, 33, 101, 7, 9, 200, 45, 150, 3, 88, 240], [3, 4, 5, 6, 7]]
+MAX_TOKENS = 8
+BAD = "decoder.layers.1.mlp.linear_fc2.weight"  # given a NaN on rank 1 for the failing sync
+
+
+@torch.no_grad()
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _, p in sorted(model.named_parameters()):
+        p.add_(0.05 * torch.randn(p.shape, generator=gen))
+        p.grad = torch.full_like(p, float("nan"))
+
+
+def exported(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def same_as_export(source, folder: Path, rank: int) -> bool | None:
+    """One pass of ``source`` (collective), bit for bit against the export's tensors, on rank 0."""
+    got = dict(iter(source))
+    if rank != 0:
+        return None
+    want = exported(folder)
+    meta = {m.name: (m.dtype, tuple(m.shape)) for m in source.metadata()}
+    return (got.keys() == want.keys() == meta.keys() and all(torch.equal(got[k], want[k]) for k in want)
+            and all(meta[k] == (want[k].dtype, tuple(want[k].shape)) for k in want))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    work = Path(sys.argv[1])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out: dict = {"rounds": []}
+    with cpu_compat(), model_parallel(2, 1):
+        args = megatron_args(**ARGS)
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = 2, 1
+        args.world_size, args.data_parallel_size = 2, 1
+        model = build_gpt(args, 2, 1)
+        randomize_(model, SEED)
+        started = time.perf_counter()
+        source = distconv.weights(model=model, args=args, dtype="fp32", window="64KB")
+        out["plan_s"] = time.perf_counter() - started
+        out["groups"] = source.groups()
+        if rank == 0:
+            (work / "hf0").mkdir()
+            source.config.to_json_file(str(work / "hf0" / "config.json"))
+            while not (work / "rpc_port").exists():
+                time.sleep(0.2)
+        client = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{(work / 'rpc_port').read_text()}", allow_none=True) if rank == 0 else None
+        port = [free_port()]
+        dist.broadcast_object_list(port)
+        sender = GlooSender(source, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
+        for i in (1, 2):
+            perturb(model, 100 * i + rank)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            stats = sender.send(f"v{i}")
+            round_ = {"sync": stats,
+                      "identical": all(torch.equal(p, before[n]) for n, p in model.named_parameters()),
+                      "grads_untouched": all(p.grad.isnan().all().item() for p in model.parameters())}
+            if rank == 0:
+                round_["vllm"] = client.generate(PROMPTS, MAX_TOKENS)
+            save_layout(model, args, work / f"ckpt{i}", Fixture(ARGS, SEED), optimizer=False)
+            distconv.export(work / f"ckpt{i}", work / f"hf{i}", quiet=True)
+            if i == 1:
+                round_["fp32_pass_equals_export"] = same_as_export(source, work / "hf1", rank)
+                distconv.export(work / "ckpt1", work / "hf1_bf16", dtype="bf16", quiet=True)
+                with distconv.weights(model=model, args=args, dtype="bf16") as bf16:
+                    round_["bf16_pass_equals_export"] = same_as_export(bf16, work / "hf1_bf16", rank)
+            out["rounds"].append(round_)
+        params = dict(model.named_parameters())
+        if rank == 1:
+            with torch.no_grad():
+                kept = params[BAD].view(-1)[7].item()
+                params[BAD].view(-1)[7] = float("nan")
+        try:
+            sender.send("bad")
+            out["failure"] = None
+        except distconv.DistconvError as e:
+            out["failure"] = str(e)
+        if rank == 1:
+            with torch.no_grad():
+                params[BAD].view(-1)[7] = kept
+        if rank == 0:
+            out["calls"] = client.calls()
+            out["served_after_failure"] = client.generate(PROMPTS, 2)
+            client.stop()
+        source.close()
+    dist.barrier()
+    (work / f"rank{rank}.json").write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
