@@ -1,4 +1,4 @@
-"""A training job that refits a running vLLM from its live megatron-core model, at TP2.
+"""A training job that refits a running vLLM from its live megatron-core model, at TP2 and at PP2.
 
     torchrun --nproc-per-node 2 tests/live_jobs.py WORKDIR
 
@@ -11,7 +11,9 @@ the parameters are bit-identical to before the sync, have vLLM generate, save th
 megatron-core (``WORKDIR/ckpt{i}``) and export that checkpoint with ``distconv.export``
 (``WORKDIR/hf{i}``): the test compares vLLM with transformers on that folder. The first round
 also checks one more pass of the source, and of a bf16 source, bit for bit against the exports
-in fp32 and bf16. Last, a sync with a NaN in one rank's shard of layer 1 must fail on every rank;
+in fp32 and bf16. Round 3 builds the model again at PP2 (rank 1 holds layer 1, the final norm
+and the output layer) and syncs it through the same link. Last, a sync of the PP2 model with a
+NaN in rank 1's layer 1 must fail on every rank;
 vLLM's call log and what it then serves are recorded. ``WORKDIR/rank{R}.json`` holds the results.
 """
 
@@ -38,7 +40,7 @@ ARGS = dict(num_layers=2, num_attention_heads=2, num_query_groups=2, vocab_size=
 SEED = 31
 PROMPTS = [[5, 17, 33, 101, 7, 9, 200, 45, 150, 3, 88, 240], [3, 4, 5, 6, 7]]
 MAX_TOKENS = 8
-BAD = "decoder.layers.1.mlp.linear_fc2.weight"  # given a NaN on rank 1 for the failing sync
+BAD = "decoder.layers.0.mlp.linear_fc2.weight"  # at PP2, rank 1's (layer 1's): given a NaN for the failing sync
 
 
 @torch.no_grad()
@@ -70,65 +72,90 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def build(tp: int, pp: int):
+    """This rank's part of the model at TP x PP (2 ranks), with random weights, and its args."""
+    args = megatron_args(**ARGS)
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+    args.world_size, args.data_parallel_size = 2, 2 // (tp * pp)
+    model = build_gpt(args, tp, pp)
+    randomize_(model, SEED)
+    return model, args
+
+
+def sync_round(i: int, model, args, source, sender: GlooSender, client, work: Path, rank: int) -> dict:
+    """Perturb, sync, have vLLM generate, save with megatron-core and export that checkpoint."""
+    perturb(model, 100 * i + rank)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = sender.send(f"v{i}", source)
+    result = {"sync": stats,
+              "identical": all(torch.equal(p, before[n]) for n, p in model.named_parameters()),
+              "grads_untouched": all(p.grad.isnan().all().item() for p in model.parameters())}
+    if rank == 0:
+        result["vllm"] = client.generate(PROMPTS, MAX_TOKENS)
+    save_layout(model, args, work / f"ckpt{i}", Fixture(ARGS, SEED), optimizer=False)
+    distconv.export(work / f"ckpt{i}", work / f"hf{i}", quiet=True)
+    return result
+
+
+def failed_sync(model, source, sender: GlooSender, rank: int, bad: str) -> str | None:
+    """A sync with a NaN in rank 1's ``bad`` parameter: the error it raised here (None: none)."""
+    param = dict(model.named_parameters())[bad]
+    if rank == 1:
+        with torch.no_grad():
+            kept = param.view(-1)[7].item()
+            param.view(-1)[7] = float("nan")
+    try:
+        sender.send("bad", source)
+        return None
+    except distconv.DistconvError as e:
+        return str(e)
+    finally:
+        if rank == 1:
+            with torch.no_grad():
+                param.view(-1)[7] = kept
+
+
 def main() -> None:
     work = Path(sys.argv[1])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    out: dict = {"rounds": []}
-    with cpu_compat(), model_parallel(2, 1):
-        args = megatron_args(**ARGS)
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size = 2, 1
-        args.world_size, args.data_parallel_size = 2, 1
-        model = build_gpt(args, 2, 1)
-        randomize_(model, SEED)
-        started = time.perf_counter()
-        source = distconv.weights(model=model, args=args, dtype="fp32", window="64KB")
-        out["plan_s"] = time.perf_counter() - started
-        out["groups"] = source.groups()
-        if rank == 0:
-            (work / "hf0").mkdir()
-            source.config.to_json_file(str(work / "hf0" / "config.json"))
-            while not (work / "rpc_port").exists():
-                time.sleep(0.2)
-        client = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{(work / 'rpc_port').read_text()}", allow_none=True) if rank == 0 else None
-        port = [free_port()]
-        dist.broadcast_object_list(port)
-        sender = GlooSender(source, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
-        for i in (1, 2):
-            perturb(model, 100 * i + rank)
-            before = {n: p.detach().clone() for n, p in model.named_parameters()}
-            stats = sender.send(f"v{i}")
-            round_ = {"sync": stats,
-                      "identical": all(torch.equal(p, before[n]) for n, p in model.named_parameters()),
-                      "grads_untouched": all(p.grad.isnan().all().item() for p in model.parameters())}
+    out: dict = {"rounds": [], "groups": []}
+    with cpu_compat():
+        with model_parallel(2, 1):  # rounds 1 and 2 at TP2
+            model, args = build(2, 1)
+            started = time.perf_counter()
+            source = distconv.weights(model=model, args=args, dtype="fp32", window="64KB")
+            out["plan_s"] = time.perf_counter() - started
+            out["groups"].append(source.groups())
             if rank == 0:
-                round_["vllm"] = client.generate(PROMPTS, MAX_TOKENS)
-            save_layout(model, args, work / f"ckpt{i}", Fixture(ARGS, SEED), optimizer=False)
-            distconv.export(work / f"ckpt{i}", work / f"hf{i}", quiet=True)
-            if i == 1:
-                round_["fp32_pass_equals_export"] = same_as_export(source, work / "hf1", rank)
-                distconv.export(work / "ckpt1", work / "hf1_bf16", dtype="bf16", quiet=True)
-                with distconv.weights(model=model, args=args, dtype="bf16") as bf16:
-                    round_["bf16_pass_equals_export"] = same_as_export(bf16, work / "hf1_bf16", rank)
-            out["rounds"].append(round_)
-        params = dict(model.named_parameters())
-        if rank == 1:
-            with torch.no_grad():
-                kept = params[BAD].view(-1)[7].item()
-                params[BAD].view(-1)[7] = float("nan")
-        try:
-            sender.send("bad")
-            out["failure"] = None
-        except distconv.DistconvError as e:
-            out["failure"] = str(e)
-        if rank == 1:
-            with torch.no_grad():
-                params[BAD].view(-1)[7] = kept
-        if rank == 0:
-            out["calls"] = client.calls()
-            out["served_after_failure"] = client.generate(PROMPTS, 2)
-            client.stop()
-        source.close()
+                (work / "hf0").mkdir()
+                source.config.to_json_file(str(work / "hf0" / "config.json"))
+                while not (work / "rpc_port").exists():
+                    time.sleep(0.2)
+            port_file = work / "rpc_port"
+            client = xmlrpc.client.ServerProxy(f"http://127.0.0.1:{port_file.read_text()}", allow_none=True) if rank == 0 else None
+            port = [free_port()]
+            dist.broadcast_object_list(port)
+            sender = GlooSender(source, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
+            for i in (1, 2):
+                result = sync_round(i, model, args, source, sender, client, work, rank)
+                if i == 1:
+                    result["fp32_pass_equals_export"] = same_as_export(source, work / "hf1", rank)
+                    distconv.export(work / "ckpt1", work / "hf1_bf16", dtype="bf16", quiet=True)
+                    with distconv.weights(model=model, args=args, dtype="bf16") as bf16:
+                        result["bf16_pass_equals_export"] = same_as_export(bf16, work / "hf1_bf16", rank)
+                out["rounds"].append(result)
+            source.close()
+        with model_parallel(1, 2):  # round 3 at PP2 (into the same engine), then the failure
+            model, args = build(1, 2)
+            with distconv.weights(model=model, args=args, dtype="fp32") as source:
+                out["groups"].append(source.groups())
+                out["rounds"].append(sync_round(3, model, args, source, sender, client, work, rank))
+                out["failure"] = failed_sync(model, source, sender, rank, BAD)
+            if rank == 0:
+                out["calls"] = client.calls()
+                out["served_after_failure"] = client.generate(PROMPTS, 2)
+                client.stop()
     dist.barrier()
     (work / f"rank{rank}.json").write_text(json.dumps(out))
     dist.destroy_process_group()

@@ -82,22 +82,27 @@ class GlooSender:
                 broadcast(self._group, tensor)
             rpc.result()
 
-    def _on_sender(self, call: Callable[[], Any]) -> None:
+    def _on_sender(self, call: Callable[[], Any], source: Source) -> None:
         error = None
-        if self.sender:
-            try:
+        try:
+            if bool(source.held_names()) != self.sender:
+                raise ValueError("the source's tensors are held by another rank than this link's sender")
+            if self.sender:
                 call()
-            except Exception as e:
-                error = e
-        self.source.agree(error)
+        except Exception as e:
+            error = e
+        source.agree(error)
 
-    def send(self, weight_version: str | None = None) -> dict[str, Any]:
-        """Collective: one weight update, ``start`` .. one ``update_weights`` per group .. ``finish``.
-        Returns the seconds it took and the groups sent (the same on every rank)."""
+    def send(self, weight_version: str | None = None, source: Source | None = None) -> dict[str, Any]:
+        """Collective: one weight update, ``start`` .. one ``update_weights`` per group .. ``finish``,
+        from the sender's source or ``source`` (another source of the same job, also held by this
+        link's sender: e.g. the model after a change of layout). Returns the seconds it took and the
+        groups sent (the same on every rank)."""
         start = time.perf_counter()
-        self._on_sender(self.client.start_weight_update if self.sender else lambda: None)
-        groups = self.source.deliver(self._send_group)
-        self._on_sender(lambda: self.client.finish_weight_update(weight_version))
+        source = source or self.source
+        self._on_sender(self.client.start_weight_update if self.sender else lambda: None, source)
+        groups = source.deliver(self._send_group)
+        self._on_sender(lambda: self.client.finish_weight_update(weight_version), source)
         return {"seconds": time.perf_counter() - start, "groups": groups}
 
     def close(self) -> None:
