@@ -12,7 +12,8 @@ megatron-core (``WORKDIR/ckpt{i}``) and export that checkpoint with ``distconv.e
 (``WORKDIR/hf{i}``): the test compares vLLM with transformers on that folder. The first round
 also checks one more pass of the source, and of a bf16 source, bit for bit against the exports
 in fp32 and bf16. Round 3 builds the model again at PP2 (rank 1 holds layer 1, the final norm
-and the output layer) and syncs it through the same link. Last, a sync of the PP2 model with a
+and the output layer) and syncs it through the same link. Then ``distconv.weights(load=...)``
+syncs round 1's checkpoint from disk (no HF folder written for it). Last, a sync of the PP2 model with a
 NaN in rank 1's layer 1 must fail on every rank;
 vLLM's call log and what it then serves are recorded. ``WORKDIR/rank{R}.json`` holds the results.
 """
@@ -151,6 +152,11 @@ def main() -> None:
             with distconv.weights(model=model, args=args, dtype="fp32") as source:
                 out["groups"].append(source.groups())
                 out["rounds"].append(sync_round(3, model, args, source, sender, client, work, rank))
+            with distconv.weights(load=work / "ckpt1", dtype="fp32") as disk:  # round 1's weights, from its checkpoint
+                out["from_checkpoint"] = {"sync": sender.send("ckpt1", disk)}
+                if rank == 0:
+                    out["from_checkpoint"]["vllm"] = client.generate(PROMPTS, MAX_TOKENS)
+            with distconv.weights(model=model, args=args, dtype="fp32") as source:
                 out["failure"] = failed_sync(model, source, sender, rank, BAD)
             if rank == 0:
                 out["calls"] = client.calls()

@@ -61,6 +61,15 @@ def test_synced_vllm_matches_transformers_on_the_export(live, round_):
     assert vllm["tokens"] == tokens
 
 
+def test_a_sync_from_the_checkpoint_serves_its_weights(live):
+    """distconv.weights(load=ckpt1) after round 3: vLLM serves round 1's weights again."""
+    result = live["ranks"][0]["from_checkpoint"]
+    tokens, prompt_logprobs = _transformers(live["work"] / "hf1")
+    assert _max_diff(result["vllm"]["prompt_logprobs"], prompt_logprobs) <= TOL
+    assert result["vllm"]["tokens"] == tokens
+    assert _max_diff(result["vllm"]["prompt_logprobs"], live["ranks"][0]["rounds"][2]["vllm"]["prompt_logprobs"]) > 10 * TOL
+
+
 def test_each_sync_served_different_weights(live):
     served = [r["vllm"]["prompt_logprobs"] for r in live["ranks"][0]["rounds"]]
     assert all(_max_diff(a, b) > 10 * TOL for a, b in zip(served, served[1:]))
@@ -86,7 +95,7 @@ def test_a_failed_sync_fails_every_rank_and_never_finishes(live):
     last_start = len(calls) - 1 - calls[::-1].index("start")
     # the failed sync: started, the groups before layer 1 sent, never finished
     assert calls[last_start:] == ["start", "update", "update"]
-    assert calls.count("finish") == 3 and "failed" not in " ".join(calls)
+    assert calls.count("finish") == 4 and "failed" not in " ".join(calls)
     served = ranks[0]["served_after_failure"]
     # layer 1 and the rest wait on the meta device: vLLM refuses to compute rather than serve mixed weights
     assert "error" in served and "meta" in served["error"], served
