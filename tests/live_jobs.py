@@ -10,8 +10,8 @@ every parameter a NaN gradient (a source that read gradients would fail), sync i
 the parameters are bit-identical to before the sync, have vLLM generate, save the model with
 megatron-core (``WORKDIR/ckpt{i}``) and export that checkpoint with ``distconv.export``
 (``WORKDIR/hf{i}``): the test compares vLLM with transformers on that folder. The first round
-also checks one more pass of the source, and of a bf16 source, bit for bit against the exports
-in fp32 and bf16. Round 3 builds the model again at PP2 (rank 1 holds layer 1, the final norm
+also checks one more pass of the source, and of a bf16 and a block-FP8 source, bit for bit
+against the exports in fp32, bf16 and fp8 (FP8 weights with their ``weight_scale_inv``). Round 3 builds the model again at PP2 (rank 1 holds layer 1, the final norm
 and the output layer) and syncs it through the same link. Then ``distconv.weights(load=...)``
 syncs round 1's checkpoint from disk (no HF folder written for it). Last, a sync of the PP2 model with a
 NaN in rank 1's layer 1 must fail on every rank;
@@ -63,8 +63,14 @@ def same_as_export(source, folder: Path, rank: int) -> bool | None:
         return None
     want = exported(folder)
     meta = {m.name: (m.dtype, tuple(m.shape)) for m in source.metadata()}
-    return (got.keys() == want.keys() == meta.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    return (got.keys() == want.keys() == meta.keys() and all(same_bytes(got[k], want[k]) for k in want)
             and all(meta[k] == (want[k].dtype, tuple(want[k].shape)) for k in want))
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (FP8 has no comparison kernels on the CPU)."""
+    return (a.dtype == b.dtype and a.shape == b.shape
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
 
 
 def free_port() -> int:
@@ -145,6 +151,10 @@ def main() -> None:
                     distconv.export(work / "ckpt1", work / "hf1_bf16", dtype="bf16", quiet=True)
                     with distconv.weights(model=model, args=args, dtype="bf16") as bf16:
                         result["bf16_pass_equals_export"] = same_as_export(bf16, work / "hf1_bf16", rank)
+                    distconv.export(work / "ckpt1", work / "hf1_fp8", dtype="fp8", quiet=True)
+                    with distconv.weights(model=model, args=args, dtype="fp8") as fp8:
+                        result["fp8_pass_equals_export"] = same_as_export(fp8, work / "hf1_fp8", rank)
+                        result["fp8_tensors"] = [m.name for m in fp8.metadata() if m.dtype == torch.float8_e4m3fn]
                 out["rounds"].append(result)
             source.close()
         with model_parallel(1, 2):  # round 3 at PP2 (into the same engine), then the failure

@@ -82,6 +82,8 @@ def test_training_state_is_untouched_and_the_pass_is_the_export(live):
     first = live["ranks"][0]["rounds"][0]
     assert first["fp32_pass_equals_export"] is True
     assert first["bf16_pass_equals_export"] is True
+    assert first["fp8_pass_equals_export"] is True  # e4m3 weights and their float32 weight_scale_inv
+    assert "model.layers.1.mlp.down_proj.weight" in first["fp8_tensors"]
     for groups in live["ranks"][0]["groups"]:  # TP2, PP2: the embedding, each layer, the final norm and output layer
         assert [len(g) for g in groups] == [1, 9, 9, 2] and groups[-1] == ["model.norm.weight", "lm_head.weight"]
     assert live["ranks"][1]["groups"] == [[], []]  # rank 1 holds nothing: it only takes part in the gathers
