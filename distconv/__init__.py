@@ -34,4 +34,12 @@ def reshard(*args, **kwargs):
     return _reshard(*args, **kwargs)
 
 
-__all__ = ["DistconvError", "export", "import_hf", "reshard"]
+def weights(*args, **kwargs):
+    """A live megatron-core model's or a checkpoint's HF tensors for a serving engine's weight update
+    (vLLM's ``WeightSource``); see ``distconv.directions.weights.weights``."""
+    from distconv.directions.weights import weights as _weights
+
+    return _weights(*args, **kwargs)
+
+
+__all__ = ["DistconvError", "export", "import_hf", "reshard", "weights"]

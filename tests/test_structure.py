@@ -20,6 +20,7 @@ RANKS = {
     "distconv.hf.mxfp4": 2,  # the MXFP4 format's tensor math, likewise
     "distconv.families": 3,
     "distconv.engine": 3,  # direction-agnostic: no format room, no family
+    "distconv.vllm": 3,  # vLLM's side of a weight update, and the trainer's sender: no format, no family
     "distconv.megatron": 4,
     "distconv.hf": 4,
     "distconv.mindspore": 5,  # an HF-named source: reads with hf.source, describes with Megatron-LM args

@@ -13,7 +13,7 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -146,9 +146,10 @@ def _true_vocab(spec: ModelSpec, config: Any, tokenizer: Any, ckpt: Checkpoint,
         return int(config.vocab_size), "--hf-config vocab_size", None, None
     if tokenizer is not None:
         return len(tokenizer), "the tokenizer's size", None, None
-    if (found := megatron_vocab(args, checkpoint_tokenizer(Path(ckpt.path)))) is not None:
+    saved = checkpoint_tokenizer(Path(ckpt.path)) if ckpt.path is not None else None  # a live model: no folder
+    if (found := megatron_vocab(args, saved)) is not None:
         size, source, read = found
-        outside = read is not None and outside_checkpoint(read, Path(ckpt.path))
+        outside = read is not None and ckpt.path is not None and outside_checkpoint(read, Path(ckpt.path))
         return size, source, _outside(source) if outside else None, read
     if arg(args, "vocab_size") is not None:
         return int(args.vocab_size), "args.vocab_size", None, None
@@ -391,6 +392,69 @@ def _assign_files(
 
 
 @dataclasses.dataclass(frozen=True)
+class Mapped:
+    """A model's HF side, decided from its description alone: family, spec, config, dtypes, plan."""
+
+    family: Family
+    spec: ModelSpec
+    config: Any
+    plan: Plan
+    dtype: torch.dtype  # the outputs' dtype (FP8's other tensors: this one)
+    fp8: bool  # block-wise FP8 linear weights
+    fp8_rest: torch.dtype | None
+    mxfp4: bool  # MXFP4 experts (gpt-oss's release)
+    mxfp4_rest: torch.dtype | None
+    quantization: dict[str, Any] | None
+
+
+def map_model(ckpt: Checkpoint, spec: ModelSpec, user_config: Any, dtype: str, world: int, *, window: int,
+              max_shard_size: int, writers: int, bos_eos: tuple[int | None, int | None] = (None, None)) -> Mapped:
+    """The family, HF config and plan of a described model (``spec`` with its true vocab) in ``dtype``
+    (``auto``, ``bf16``, ``fp16``, ``fp32`` or ``fp8``), checked against the HF model: what export and
+    ``distconv.weights`` share, whether the model is a checkpoint or live."""
+    arch = (user_config.architectures or [None])[0] if user_config is not None else None
+    family = pick_family(FAMILIES, spec, arch)
+    has_output = "output_layer.weight" in ckpt.tensors
+    if has_output == spec.tie_embeddings:
+        raise DistconvError(
+            f"args say tie_embeddings={spec.tie_embeddings} but the {'checkpoint' if ckpt.path else 'model'} "
+            f"{'has' if has_output else 'has no'} output_layer.weight"
+        )
+    if user_config is not None:
+        family.check_config(user_config, spec)
+    config = user_config if user_config is not None else family.hf_config(spec, bos_token_id=bos_eos[0], eos_token_id=bos_eos[1])
+    if dtype not in ("auto", "fp8", "mxfp4", *DTYPES):
+        raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16, fp32, fp8 or mxfp4")
+    fp8 = dtype == "fp8"  # block-wise FP8 linear weights, everything else bf16
+    mx = dtype == "mxfp4"  # MXFP4 experts (gpt-oss's release), everything else bf16
+    if fp8 and not family.quantizable:
+        raise DistconvError(f"--dtype fp8: {family.architecture} has no block-wise FP8 layout; choose bf16, fp16 or fp32"
+                            + (" (or mxfp4)" if family.mxfp4 else ""))
+    if mx and not family.mxfp4:
+        raise DistconvError(f"--dtype mxfp4: {family.architecture} has no MXFP4 layout (gpt-oss has); choose "
+                            "bf16, fp16 or fp32" + (" (or fp8)" if family.quantizable else ""))
+    quantized = fp8 or mx
+    out_dtype = spec.train_dtype if dtype == "auto" else torch.bfloat16 if quantized else DTYPES[dtype]
+    # fp8, mxfp4: gathered in the model's precision and quantized from it; the rest in bf16
+    gather_dtype = spec.train_dtype if quantized else out_dtype
+    fp8_rest = out_dtype if fp8 else None
+    mxfp4_rest = out_dtype if mx else None
+    plan = make_plan(ckpt, spec, family, gather_dtype, world, max_shard_size=max_shard_size,
+                     window=window, writers=writers, fp8_rest=fp8_rest, mxfp4_rest=mxfp4_rest)
+    _check_counts(plan, spec, ckpt)
+    _check_against_hf(plan, config, family, spec)
+    quantization = quantization_config() if fp8 else mxfp4.quantization_config() if mx else None
+    return Mapped(family, spec, config, plan, out_dtype, fp8, fp8_rest, mx, mxfp4_rest, quantization)
+
+
+def hf_outputs(mapped: Mapped, unit: Unit, full: list[torch.Tensor]) -> Iterator[tuple[str, str, torch.Tensor]]:
+    """A gathered unit's HF tensors (contiguous), each as ``(Megatron name, HF name, tensor)``, in plan order."""
+    parts = [(part.name, tensor) for part, tensor in zip(unit.parts, full)]
+    for name, out, source in mapped.family.export_tensors(parts, mapped.spec, mapped.fp8_rest, mapped.mxfp4_rest):
+        yield source, name, out.contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
 class ExportOptions(RunOptions):
     """``distconv export``: a Megatron checkpoint into an HF folder (or one ``model.pt``)."""
 
@@ -418,52 +482,22 @@ class ExportJob:
             raise DistconvError(f"--format {fmt}: choose {' or '.join(FORMATS)}")
         self.format, self.opts = fmt, opts
         max_shard_size, writers = (1 << 62, 1) if fmt == "torch" else (opts.max_shard_size, opts.writers)  # one model.pt
+        if opts.dtype in ("fp8", "mxfp4") and fmt != "safetensors":
+            raise DistconvError(f"--dtype {opts.dtype} writes safetensors only (the hub's format); drop --format torch")
         self.ckpt: Checkpoint = describe(load, opts.iteration)
         spec = spec_from_args(self.ckpt.args)
         user_config, self.config_dir, config_warnings = _load_hf_config(opts.hf_config)
-        arch = (user_config.architectures or [None])[0] if user_config is not None else None
-        self.family: Family = pick_family(FAMILIES, spec, arch)
         self.tokenizer, self.tokenizer_source, tokenizer_warnings = _load_tokenizer(opts.tokenizer, self.ckpt)
         vocab, self.vocab_source, warning, vocab_file = _true_vocab(spec, user_config, self.tokenizer, self.ckpt, opts.vocab_size)
-        self.warnings: list[str] = (config_warnings + tokenizer_warnings + ([warning] if warning else [])
-                                    + self.family.notes(spec))
-        self.spec = spec.with_vocab(vocab)
-        has_output = "output_layer.weight" in self.ckpt.tensors
-        if has_output == self.spec.tie_embeddings:
-            raise DistconvError(
-                f"args say tie_embeddings={self.spec.tie_embeddings} but the checkpoint "
-                f"{'has' if has_output else 'has no'} output_layer.weight"
-            )
-        if user_config is not None:
-            self.family.check_config(user_config, self.spec)
+        self.warnings: list[str] = config_warnings + tokenizer_warnings + ([warning] if warning else [])
         bos, eos, self.tokens_source = special_tokens(self.tokenizer, self.ckpt.args) if user_config is None else (None, None, "--hf-config")
-        self.config = user_config if user_config is not None else self.family.hf_config(self.spec, bos_token_id=bos, eos_token_id=eos)
-        dtype = opts.dtype
-        if dtype not in ("auto", "fp8", "mxfp4", *DTYPES):
-            raise DistconvError(f"--dtype {dtype}: choose auto, bf16, fp16, fp32, fp8 or mxfp4")
-        self.fp8 = dtype == "fp8"  # block-wise FP8 linear weights, everything else bf16
-        self.mxfp4 = dtype == "mxfp4"  # MXFP4 experts (gpt-oss's release), everything else bf16
-        if self.fp8 and not self.family.quantizable:
-            raise DistconvError(f"--dtype fp8: {self.family.architecture} has no block-wise FP8 layout; choose bf16, fp16 or fp32"
-                                + (" (or mxfp4)" if self.family.mxfp4 else ""))
-        if self.mxfp4 and not self.family.mxfp4:
-            raise DistconvError(f"--dtype mxfp4: {self.family.architecture} has no MXFP4 layout (gpt-oss has); choose "
-                                "bf16, fp16 or fp32" + (" (or fp8)" if self.family.quantizable else ""))
-        if (self.fp8 or self.mxfp4) and fmt != "safetensors":
-            raise DistconvError(f"--dtype {dtype} writes safetensors only (the hub's format); drop --format torch")
-        quantized = self.fp8 or self.mxfp4
-        self.dtype = self.spec.train_dtype if dtype == "auto" else torch.bfloat16 if quantized else DTYPES[dtype]
-        # fp8, mxfp4: gathered in the checkpoint's precision and quantized from it; the rest written in bf16
-        self.gather_dtype = self.spec.train_dtype if quantized else self.dtype
-        self.fp8_rest = self.dtype if self.fp8 else None
-        self.mxfp4_rest = self.dtype if self.mxfp4 else None
-        self.quantization = quantization_config() if self.fp8 else mxfp4.quantization_config() if self.mxfp4 else None
         self.window = parse_size(opts.window, "--window")
         shard_size = parse_size(max_shard_size, "--max-shard-size")
-        self.plan = make_plan(self.ckpt, self.spec, self.family, self.gather_dtype, world, max_shard_size=shard_size,
-                              window=self.window, writers=writers, fp8_rest=self.fp8_rest, mxfp4_rest=self.mxfp4_rest)
-        _check_counts(self.plan, self.spec, self.ckpt)
-        _check_against_hf(self.plan, self.config, self.family, self.spec)
+        self.mapped = mapped = map_model(self.ckpt, spec.with_vocab(vocab), user_config, opts.dtype, world, window=self.window,
+                                         max_shard_size=shard_size, writers=writers, bos_eos=(bos, eos))
+        self.family, self.spec, self.config, self.plan = mapped.family, mapped.spec, mapped.config, mapped.plan
+        self.fp8, self.mxfp4, self.dtype, self.quantization = mapped.fp8, mapped.mxfp4, mapped.dtype, mapped.quantization
+        self.warnings += self.family.notes(self.spec)
         self.identity = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
@@ -511,9 +545,7 @@ class ExportJob:
 
         def write_unit(index: int, full: list[torch.Tensor]) -> None:
             found = []
-            parts = [(part.name, tensor) for part, tensor in zip(plan.units[index].parts, full)]
-            for name, out, source in self.family.export_tensors(parts, self.spec, self.fp8_rest, self.mxfp4_rest):
-                out = out.contiguous()
+            for source, name, out in hf_outputs(self.mapped, plan.units[index], full):
                 if count := nonfinite_count(out):
                     nonfinite[name] = count
                     found.append(f"{name} (from Megatron {source}): {count} of {out.numel()}")

@@ -1,0 +1,255 @@
+"""``distconv.weights``: a model's HF-named tensors handed to a consumer (a running inference
+engine) instead of written into a folder.
+
+The model is a live megatron-core model (``model=``: one model or its virtual-pipeline chunks,
+inside the job's process groups; its ``sharded_state_dict()`` describes it like a torch_dist
+checkpoint) or a checkpoint (``load=``). Either way it is export's plan, families, catalogue and
+gather (``export.map_model``, ``engine.stream``): no second mapping. The plan is made once, from
+metadata only, and gives ``metadata()``; each pass reads the model as it is then (a live model's
+``sharded_state_dict()`` taken afresh and checked against the plan), a layer group at a time, with
+at most ``window`` bytes read ahead, gathered on the writer rank (rank 0) only.
+
+It is vLLM's ``WeightSource`` (``vllm.distributed.weight_transfer.base``) where vLLM is importable,
+and the same methods otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from distconv.directions.export import _load_hf_config, _load_tokenizer, _true_vocab, hf_outputs, map_model, nonfinite_count
+from distconv.engine.comm import Comm
+from distconv.engine.plan import Plan
+from distconv.engine.run import agreed, parse_size
+from distconv.engine.stream import Reader, Stream
+from distconv.errors import DistconvError, warn
+from distconv.megatron.args import spec_from_args
+from distconv.megatron.live import describe_model, live_source, local_boxes, same_layout
+from distconv.megatron.source import describe, open_reader
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsOptions:
+    """What ``distconv.weights`` takes besides the model."""
+
+    dtype: str = "bf16"  # bf16, fp16, fp32, auto (the model's) or fp8 (block-wise, with hub-named scales)
+    window: str | int = "256MiB"  # bytes read ahead and not yet handed out
+    hf_config: str | Path | None = None  # the served model's config.json or folder (else from args)
+    vocab_size: int | None = None  # the true vocab size (else as export finds it)
+    iteration: int | str | None = None  # load=: which iteration
+    device: str = "auto"  # gather over NCCL on GPUs, else gloo
+    timeout_s: float = 1800.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorMeta:
+    """One tensor a pass yields (the fields of vLLM's ``ParamMeta``)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def _group_key(plan: Plan, index: int) -> tuple[int, int]:
+    """A unit's layer group, as vLLM's ``layerwise_groups`` groups the HF names: the embedding
+    before the layers, each layer, then the rest."""
+    part = plan.units[index].parts[0]
+    if part.layer is not None:
+        return (1, part.layer)
+    return (0, 0) if part.key.startswith("embedding.") else (2, 0)
+
+
+class Weights:
+    """A model's HF tensors, streamed group by group on every rank together (a collective)."""
+
+    def __init__(self, model: Any = None, load: str | Path | None = None, args: argparse.Namespace | None = None,
+                 opts: WeightsOptions = WeightsOptions()) -> None:
+        if (model is None) == (load is None):
+            raise DistconvError("distconv.weights: give model= (a megatron-core model or its virtual-pipeline chunks) "
+                                "or load= (a checkpoint), one of them")
+        if model is not None and args is None:
+            raise DistconvError("distconv.weights(model=...): give args=, the Megatron-LM args (or a Namespace of "
+                                "them) the model was built from")
+        self._models = None if model is None else list(model) if isinstance(model, (list, tuple)) else [model]
+        self._args, self._opts = args, opts
+        self._comm = Comm.setup(opts.device, opts.timeout_s)
+        try:
+            self._window = parse_size(opts.window, "window")
+            if self._models is not None:
+                held = agreed(self._comm, lambda: local_boxes(self._models))
+                boxes = self._comm.collect(sorted(box for box, _ in held.values()))
+                del held
+                self._ckpt, self._reader = agreed(self._comm, lambda: (describe_model(boxes, args), None))
+            else:
+                self._ckpt = agreed(self._comm, lambda: describe(load, opts.iteration))
+                self._reader = open_reader(self._ckpt, collective=True)
+            self._mapped = agreed(self._comm, self._map)
+        except BaseException:
+            self._comm.close()
+            raise
+        plan, rank = self._mapped.plan, self._comm.rank
+        self._groups: list[tuple[list[int], list[str]]] = []
+        for index, unit in enumerate(plan.units):
+            if index and _group_key(plan, index) == _group_key(plan, index - 1):
+                self._groups[-1][0].append(index)
+                self._groups[-1][1].extend(o.name for o in unit.outputs)
+            else:
+                self._groups.append(([index], [o.name for o in unit.outputs]))
+        self._held = frozenset(o.name for u in plan.units if u.writer == rank for o in u.outputs)
+        self._meta = [TensorMeta(o.name, o.dtype, o.shape) for o in plan.outputs]
+
+    def _map(self):
+        ckpt, opts = self._ckpt, self._opts
+        spec = spec_from_args(ckpt.args)
+        user_config, _, warnings = _load_hf_config(opts.hf_config)
+        tokenizer = None
+        if ckpt.path is not None and opts.vocab_size is None and user_config is None:
+            tokenizer, _, more = _load_tokenizer(None, ckpt)
+            warnings += more
+        vocab, _, warning, _ = _true_vocab(spec, user_config, tokenizer, ckpt, opts.vocab_size)
+        if self._comm.rank == 0:
+            for w in warnings + ([warning] if warning else []):
+                warn(w)
+        return map_model(ckpt, spec.with_vocab(vocab), user_config, opts.dtype, self._comm.world,
+                         window=self._window, max_shard_size=1 << 62, writers=1)
+
+    @property
+    def config(self) -> Any:
+        """The HF config of the tensors (what the serving engine's model must have)."""
+        return self._mapped.config
+
+    def metadata(self) -> list[TensorMeta]:
+        """Every tensor a pass yields, in order: name, dtype and full HF shape (no transfer)."""
+        return list(self._meta)
+
+    def held_names(self) -> frozenset[str]:
+        """The tensors this rank yields (the writer rank's: all; the others: none)."""
+        return self._held
+
+    def groups(self) -> list[list[str]]:
+        """This rank's layer groups, in metadata order (those it holds names of)."""
+        return [list(names) for _, names in self._groups if names[0] in self._held]
+
+    def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
+        """Collective, a fresh pass each call: ``(names, tensors)`` per group of ``groups()``; every
+        rank must exhaust it (a rank holding nothing yields nothing but takes part in the gathers).
+        A failure on any rank (a read, a NaN or Inf) raises one ``DistconvError`` on every rank
+        before the group it is in is handed out."""
+        for names, tensors, held in self._pass():
+            if held:
+                yield names, tensors
+
+    def deliver(self, send: Callable[[list[str], list[torch.Tensor]], None]) -> int:
+        """Collective: one pass, ``send(names, tensors)`` called with each group on the rank holding it.
+        A failure on any rank, in the pass or in ``send``, raises one ``DistconvError`` on every rank
+        before the next group. Returns the number of groups."""
+        count = 0
+        for names, tensors, held in self._pass():
+            error = None
+            if held:
+                try:
+                    send(names, tensors)
+                except Exception as e:
+                    error = e
+            self._comm.agree(error)
+            count += 1
+        return count
+
+    def _pass(self) -> Iterator[tuple[list[str], list[torch.Tensor], bool]]:
+        """Collective: every group, its tensors (on the rank holding it) and whether this rank does,
+        once every rank agreed that the group was read and mapped without error."""
+        comm, mapped = self._comm, self._mapped
+        plan = mapped.plan
+        stream = Stream(plan, self._current_reader(), comm, self._window, threaded=comm.overlap_reads)
+        try:
+            walk = stream.walk()
+            for indices, names in self._groups:
+                tensors: list[torch.Tensor] = []
+                error: BaseException | None = None
+                for _ in indices:
+                    index, full = next(walk)
+                    if full is None or error is not None:
+                        continue
+                    try:
+                        for source, name, out in hf_outputs(mapped, plan.units[index], full):
+                            if count := nonfinite_count(out):
+                                raise DistconvError(f"NaN or Inf values in HF tensor {name} (from Megatron {source}): "
+                                                    f"{count} of {out.numel()}; nothing of its layer group was handed out")
+                            tensors.append(out)
+                    except Exception as e:
+                        error = e
+                comm.agree(error)
+                yield list(names), tensors, names[0] in self._held
+        finally:
+            stream.close()
+
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for names, tensors in self.iter_groups():
+            yield from zip(names, tensors)
+
+    def agree(self, error: BaseException | None) -> None:
+        """Collective: if any rank failed (e.g. its consumer refused a group), every rank raises."""
+        self._comm.agree(error)
+
+    def close(self) -> None:
+        """Destroy the process groups this source made (the job's own are left as they were)."""
+        self._comm.close(clean=True)
+
+    def __enter__(self) -> "Weights":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._comm.close(clean=exc[0] is None)
+
+    def _current_reader(self) -> Reader:
+        """The reader of this pass: a live model's parts as they are now, in the layout planned."""
+        if self._models is None:
+            return self._reader
+        ckpt, reader = live_source(self._models, self._args, self._comm.collect)
+        if not same_layout(ckpt, self._ckpt):
+            raise DistconvError("the model's tensors changed shape, dtype or place since distconv.weights() described "
+                                "it: make a new source")
+        return reader
+
+
+def _vllm_source() -> type | None:
+    """``Weights`` as a subclass of vLLM's ``WeightSource``, where vLLM is importable."""
+    if importlib.util.find_spec("vllm") is None:
+        return None
+    from vllm.distributed.weight_transfer.base import WeightSource
+
+    from vllm.distributed.weight_transfer.base import ParamMeta, layerwise_groups
+
+    class VLLMWeights(Weights, WeightSource):
+        __doc__ = Weights.__doc__
+
+        def __init__(self, *args: Any) -> None:
+            Weights.__init__(self, *args)
+            if layerwise_groups([m.name for m in self._meta]) != [names for _, names in self._groups]:
+                self.close()
+                raise DistconvError("internal: the plan's layer groups are not vLLM's layerwise_groups")
+
+        def metadata(self) -> list[ParamMeta]:
+            return [ParamMeta(m.name, m.dtype, m.shape) for m in self._meta]
+
+    return VLLMWeights
+
+
+def weights(model: Any = None, load: str | Path | None = None, args: argparse.Namespace | None = None,
+            **options: Any) -> Weights:
+    """Collective: a source of a model's HF-named tensors for a serving engine's weight update.
+
+    ``model``: a live megatron-core model or the list of its virtual-pipeline chunks, with
+    ``args`` (Megatron-LM's); or ``load``: a Megatron checkpoint. ``options`` are
+    ``WeightsOptions``' fields. Returns vLLM's ``WeightSource`` where vLLM is importable (else the
+    same methods): ``metadata()``, ``iter_groups()``, iteration, ``held_names()``. Every rank of the
+    job must iterate each pass to its end; ``close()`` (or ``with``) frees its process groups.
+    """
+    cls = _vllm_source() or Weights
+    return cls(model, load, args, WeightsOptions(**options))

@@ -1,0 +1,103 @@
+"""Live weight sync: a megatron-core model at TP2, then at PP2, refits a running vLLM through ``distconv.weights``
+and the ``distconv_gloo`` engine, and vLLM then computes what transformers computes on
+``distconv.export``'s folder of the same weights.
+
+One torchrun launch (tests/live_jobs.py, 2 ranks) and one vLLM process (tests/vllm_live.py, in
+the vLLM venv, in-process engine) run side by side; see those files for the steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, subprocess_env, torchrun
+from live_jobs import MAX_TOKENS, PROMPTS
+from test_vllm import TOL, VENV, _max_diff, _transformers, _unavailable
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory) -> dict:
+    reason = _unavailable()
+    if reason:
+        pytest.skip(reason)
+    assert PROMPTS and MAX_TOKENS == 8  # the reference (test_vllm._transformers) uses test_vllm's, the same
+    work = tmp_path_factory.mktemp("live")
+    started = time.perf_counter()
+    with open(work / "vllm.log", "w") as log:
+        server = subprocess.Popen([str(VENV / "bin" / "python"), str(ROOT / "tests" / "vllm_live.py"), str(work)],
+                                  env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        try:
+            proc = torchrun(2, str(ROOT / "tests" / "live_jobs.py"), str(work), timeout=900, check=False)
+            server.wait(timeout=120)
+        finally:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+    seconds = time.perf_counter() - started
+    ranks = [work / f"rank{r}.json" for r in range(2)]
+    assert proc.returncode == 0 and all(r.exists() for r in ranks), (
+        f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}\n"
+        f"vLLM:\n{(work / 'vllm.log').read_text()[-6000:]}")
+    print(f"live sync test: {seconds:.0f} s for the torchrun job and the vLLM process")
+    return {"work": work, "ranks": [json.loads(r.read_text()) for r in ranks],
+            "vllm": json.loads((work / "vllm_live.json").read_text())}
+
+
+@pytest.mark.parametrize("round_", [1, 2, 3])  # TP2, TP2, PP2
+def test_synced_vllm_matches_transformers_on_the_export(live, round_):
+    result = live["ranks"][0]["rounds"][round_ - 1]
+    vllm = result["vllm"]
+    assert "error" not in vllm, vllm.get("error")
+    tokens, prompt_logprobs = _transformers(live["work"] / f"hf{round_}")
+    diff = _max_diff(vllm["prompt_logprobs"], prompt_logprobs)
+    print(f"sync {round_}: {result['sync']['seconds']:.2f} s, {result['sync']['groups']} groups; "
+          f"max |prompt logprob difference| vLLM - transformers = {diff:.2e}")
+    assert diff <= TOL
+    assert vllm["tokens"] == tokens
+
+
+def test_a_sync_from_the_checkpoint_serves_its_weights(live):
+    """distconv.weights(load=ckpt1) after round 3: vLLM serves round 1's weights again."""
+    result = live["ranks"][0]["from_checkpoint"]
+    tokens, prompt_logprobs = _transformers(live["work"] / "hf1")
+    assert _max_diff(result["vllm"]["prompt_logprobs"], prompt_logprobs) <= TOL
+    assert result["vllm"]["tokens"] == tokens
+    assert _max_diff(result["vllm"]["prompt_logprobs"], live["ranks"][0]["rounds"][2]["vllm"]["prompt_logprobs"]) > 10 * TOL
+
+
+def test_each_sync_served_different_weights(live):
+    served = [r["vllm"]["prompt_logprobs"] for r in live["ranks"][0]["rounds"]]
+    assert all(_max_diff(a, b) > 10 * TOL for a, b in zip(served, served[1:]))
+
+
+def test_training_state_is_untouched_and_the_pass_is_the_export(live):
+    for rank in live["ranks"]:
+        for result in rank["rounds"]:
+            assert result["identical"] and result["grads_untouched"]
+    first = live["ranks"][0]["rounds"][0]
+    assert first["fp32_pass_equals_export"] is True
+    assert first["bf16_pass_equals_export"] is True
+    assert first["fp8_pass_equals_export"] is True  # e4m3 weights and their float32 weight_scale_inv
+    assert "model.layers.1.mlp.down_proj.weight" in first["fp8_tensors"]
+    for groups in live["ranks"][0]["groups"]:  # TP2, PP2: the embedding, each layer, the final norm and output layer
+        assert [len(g) for g in groups] == [1, 9, 9, 2] and groups[-1] == ["model.norm.weight", "lm_head.weight"]
+    assert live["ranks"][1]["groups"] == [[], []]  # rank 1 holds nothing: it only takes part in the gathers
+
+
+def test_a_failed_sync_fails_every_rank_and_never_finishes(live):
+    ranks = live["ranks"]
+    messages = [r["failure"] for r in ranks]
+    assert all(m is not None and "NaN or Inf" in m and "model.layers.1.mlp.down_proj.weight" in m for m in messages)
+    calls = ranks[0]["calls"]
+    last_start = len(calls) - 1 - calls[::-1].index("start")
+    # the failed sync: started, the groups before layer 1 sent, never finished
+    assert calls[last_start:] == ["start", "update", "update"]
+    assert calls.count("finish") == 4 and "failed" not in " ".join(calls)
+    served = ranks[0]["served_after_failure"]
+    # layer 1 and the rest wait on the meta device: vLLM refuses to compute rather than serve mixed weights
+    assert "error" in served and "meta" in served["error"], served
