@@ -13,7 +13,6 @@ import subprocess
 import time
 
 import pytest
-import torch
 
 from conftest import ROOT, subprocess_env, torchrun
 from live_jobs import MAX_TOKENS, PROMPTS
