@@ -26,6 +26,16 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def venv_unavailable(venv: Path, what: str, setup: str) -> str | None:
+    """Why the real part ``what``, which ``tests/SETUP`` installs into its
+    own ``venv``, cannot be used (the skip reason), or None when it is ready."""
+    if (venv / "UNAVAILABLE").exists():
+        return f"{what} could not be installed: " + (venv / "UNAVAILABLE").read_text().strip()
+    if not (venv / "READY").exists():
+        return f"no {what} venv at {venv}: run bash tests/{setup}"
+    return None
+
+
 def torchrun(nproc: int, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Launch ``torchrun --standalone --nproc-per-node nproc ARGS`` and capture its output."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]

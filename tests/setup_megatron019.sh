@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Install megatron-core 0.19.2 into .venv-m019 for tests/test_megatron019.py: a second, newer writer
-# of real checkpoints beside the project's megatron-core 0.16.1. Never fails the caller: on any
-# failure it says why, writes the reason to .venv-m019/UNAVAILABLE (the tests skip with it) and
-# exits 0. A finished install is marked by .venv-m019/READY and reused.
+# of real checkpoints beside the project's megatron-core 0.16.1. Never fails the caller (see
+# tests/setup_venv.sh).
 #
 # How, and why: megatron-core 0.17 and newer declare Python >= 3.12 (0.19.2's only wheel is
 # cp312), and 0.19.2 imports triton unconditionally (megatron/core/transformer/moe/ops/paged_stash.py),
@@ -17,21 +16,8 @@ TORCH_VERSION=2.13.0
 # psutil: 0.19.2's dist_checkpointing save imports it (strategies/filesystem_async.py) but does not declare it
 PINS="megatron-core==$MEGATRON_VERSION torch==$TORCH_VERSION psutil==7.2.2"
 cd "$(dirname "$0")/.." || exit 0
-VENV=.venv-m019
-if [ -f "$VENV/READY" ] && [ "$(cat "$VENV/READY")" = "$PINS" ]; then
-    echo "setup_megatron019: $VENV already holds megatron-core $MEGATRON_VERSION"
-    exit 0
-fi
-LOG=$(mktemp)
-give_up() {
-    echo "setup_megatron019: $1, tests/test_megatron019.py will skip (last lines of the log below)"
-    tail -n 15 "$LOG"
-    mkdir -p "$VENV" && echo "$1" > "$VENV/UNAVAILABLE"
-    rm -f "$LOG"
-    exit 0
-}
-start=$(date +%s)
-rm -rf "$VENV"
+NAME=setup_megatron019 VENV=.venv-m019 TESTS=tests/test_megatron019.py
+. tests/setup_venv.sh
 # a Python 3.12: on PATH, else pyenv's (its shim answers only for the selected version)
 PY312=""
 if python3.12 -c "" >/dev/null 2>&1; then
@@ -55,7 +41,4 @@ from megatron.core import dist_checkpointing
 assert importlib.metadata.version('megatron-core') == '$MEGATRON_VERSION'") >>"$LOG" 2>&1 \
     || { rm -rf "$SCRATCH"; give_up "'import megatron.core' fails after installing $PINS"; }
 rm -rf "$SCRATCH"
-rm -f "$VENV/UNAVAILABLE" "$LOG"
-echo "$PINS" > "$VENV/READY"
-echo "setup_megatron019: installed megatron-core $MEGATRON_VERSION and torch $TORCH_VERSION ($("$PY" -c 'import sys; print(sys.version.split()[0])')) into $VENV in $(( $(date +%s) - start )) s"
-exit 0
+ready

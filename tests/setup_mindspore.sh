@@ -1,28 +1,13 @@
 #!/usr/bin/env bash
 # Install MindSpore and MindFormers (CPU) into .venv-mindspore for tests/test_mindspore_real.py,
 # apart from the project's venv (MindFormers pins numpy < 2 and its own dependencies). Never
-# fails the caller: on any failure it says why, writes the reason to .venv-mindspore/UNAVAILABLE
-# (the tests skip with it) and exits 0. A finished install is marked by .venv-mindspore/READY
-# and reused.
+# fails the caller (see tests/setup_venv.sh).
 MINDSPORE_VERSION=2.9.0
 MINDFORMERS_VERSION=1.9.0
 PINS="mindspore==$MINDSPORE_VERSION mindformers==$MINDFORMERS_VERSION pyarrow==19.0.0 numpy<2"
 cd "$(dirname "$0")/.." || exit 0
-VENV=.venv-mindspore
-if [ -f "$VENV/READY" ] && [ "$(cat "$VENV/READY")" = "$PINS" ]; then
-    echo "setup_mindspore: $VENV already holds mindspore $MINDSPORE_VERSION, mindformers $MINDFORMERS_VERSION"
-    exit 0
-fi
-LOG=$(mktemp)
-give_up() {
-    echo "setup_mindspore: $1, tests/test_mindspore_real.py will skip (last lines of the log below)"
-    tail -n 15 "$LOG"
-    mkdir -p "$VENV" && echo "$1" > "$VENV/UNAVAILABLE"
-    rm -f "$LOG"
-    exit 0
-}
-start=$(date +%s)
-rm -rf "$VENV"
+NAME=setup_mindspore VENV=.venv-mindspore TESTS=tests/test_mindspore_real.py
+. tests/setup_venv.sh
 python3 -m venv "$VENV" >"$LOG" 2>&1 || give_up "python3 -m venv $VENV failed"
 PY="$PWD/$VENV/bin/python"
 # one resolver run with every pin, so that pip never upgrades numpy or pyarrow past them
@@ -34,7 +19,4 @@ SCRATCH=$(mktemp -d)
 (cd "$SCRATCH" && timeout 600 "$PY" -c "import mindspore, mindformers") >>"$LOG" 2>&1 \
     || { rm -rf "$SCRATCH"; give_up "'import mindspore, mindformers' fails after installing $PINS"; }
 rm -rf "$SCRATCH"
-rm -f "$VENV/UNAVAILABLE" "$LOG"
-echo "$PINS" > "$VENV/READY"
-echo "setup_mindspore: installed mindspore $MINDSPORE_VERSION and mindformers $MINDFORMERS_VERSION into $VENV in $(( $(date +%s) - start )) s"
-exit 0
+ready

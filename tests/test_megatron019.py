@@ -32,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, hf_logits, torchrun
+from conftest import ROOT, hf_logits, torchrun, venv_unavailable
 
 VENV = ROOT / ".venv-m019"
 TOL = 1e-4
@@ -50,11 +50,7 @@ OUTPUTS = {
 
 
 def _unavailable() -> str | None:
-    if (VENV / "UNAVAILABLE").exists():
-        return "megatron-core 0.19.2 could not be installed: " + (VENV / "UNAVAILABLE").read_text().strip()
-    if not (VENV / "READY").exists():
-        return f"no megatron-core 0.19.2 venv at {VENV}: run bash tests/setup_megatron019.sh"
-    return None
+    return venv_unavailable(VENV, "megatron-core 0.19.2", "setup_megatron019.sh")
 
 
 def _m019(*args: str, cwd: Path, timeout: float) -> None:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import ROOT, distconv_cli, hf_logits, subprocess_env, torchrun
+from conftest import ROOT, distconv_cli, hf_logits, subprocess_env, torchrun, venv_unavailable
 
 VENV = ROOT / ".venv-mindspore"
 TOL = 1e-4
@@ -51,11 +51,7 @@ QWEN3 = [n for n in IMPORTS if n.startswith("qwen3")]
 
 
 def _unavailable() -> str | None:
-    if (VENV / "UNAVAILABLE").exists():
-        return "MindSpore/MindFormers could not be installed: " + (VENV / "UNAVAILABLE").read_text().strip()
-    if not (VENV / "READY").exists():
-        return f"no MindSpore venv at {VENV}: run bash tests/setup_mindspore.sh"
-    return None
+    return venv_unavailable(VENV, "MindSpore/MindFormers", "setup_mindspore.sh")
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ import torch
 
 from distconv.families import FAMILIES
 
-from conftest import ROOT, hf_logits, run_export_jobs
+from conftest import ROOT, hf_logits, run_export_jobs, venv_unavailable
 from fixtures.build import layout_dir
 
 VENV = ROOT / ".venv-vllm"
@@ -94,11 +94,7 @@ def _amx() -> bool:
 
 
 def _unavailable() -> str | None:
-    if (VENV / "UNAVAILABLE").exists():
-        return "vLLM could not be installed: " + (VENV / "UNAVAILABLE").read_text().strip()
-    if not (VENV / "READY").exists():
-        return f"no vLLM venv at {VENV}: run bash tests/setup_vllm.sh"
-    return None
+    return venv_unavailable(VENV, "vLLM", "setup_vllm.sh")
 
 
 @pytest.fixture(scope="module")

@@ -405,6 +405,7 @@ class Mapped:
     mxfp4: bool  # MXFP4 experts (gpt-oss's release)
     mxfp4_rest: torch.dtype | None
     quantization: dict[str, Any] | None
+    notes: tuple[str, ...]  # the family's warnings about this model (what a consumer may lack)
 
 
 def map_model(ckpt: Checkpoint, spec: ModelSpec, user_config: Any, dtype: str, world: int, *, window: int,
@@ -444,7 +445,7 @@ def map_model(ckpt: Checkpoint, spec: ModelSpec, user_config: Any, dtype: str, w
     _check_counts(plan, spec, ckpt)
     _check_against_hf(plan, config, family, spec)
     quantization = quantization_config() if fp8 else mxfp4.quantization_config() if mx else None
-    return Mapped(family, spec, config, plan, out_dtype, fp8, fp8_rest, mx, mxfp4_rest, quantization)
+    return Mapped(family, spec, config, plan, out_dtype, fp8, fp8_rest, mx, mxfp4_rest, quantization, tuple(family.notes(spec)))
 
 
 def hf_outputs(mapped: Mapped, unit: Unit, full: list[torch.Tensor]) -> Iterator[tuple[str, str, torch.Tensor]]:
@@ -495,9 +496,7 @@ class ExportJob:
         shard_size = parse_size(max_shard_size, "--max-shard-size")
         self.mapped = mapped = map_model(self.ckpt, spec.with_vocab(vocab), user_config, opts.dtype, world, window=self.window,
                                          max_shard_size=shard_size, writers=writers, bos_eos=(bos, eos))
-        self.family, self.spec, self.config, self.plan = mapped.family, mapped.spec, mapped.config, mapped.plan
-        self.fp8, self.mxfp4, self.dtype, self.quantization = mapped.fp8, mapped.mxfp4, mapped.dtype, mapped.quantization
-        self.warnings += self.family.notes(self.spec)
+        self.warnings += mapped.notes
         self.identity = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,
             "hf_config": str(self.config_dir) if self.config_dir else None, "tokenizer": self.tokenizer_source,
@@ -511,6 +510,15 @@ class ExportJob:
         self.reader = open_reader(self.ckpt, collective=True)
         self.small_files = ("config.json, generation_config.json, model.safetensors.index.json, distconv.json"
                             " (and the tokenizer files when there is a tokenizer)")
+
+    family = property(lambda self: self.mapped.family)
+    spec = property(lambda self: self.mapped.spec)
+    config = property(lambda self: self.mapped.config)
+    plan = property(lambda self: self.mapped.plan)
+    dtype = property(lambda self: self.mapped.dtype)
+    fp8 = property(lambda self: self.mapped.fp8)
+    mxfp4 = property(lambda self: self.mapped.mxfp4)
+    quantization = property(lambda self: self.mapped.quantization)
 
     @property
     def dtype_name(self) -> str:
@@ -548,12 +556,11 @@ class ExportJob:
             for source, name, out in hf_outputs(self.mapped, plan.units[index], full):
                 if count := nonfinite_count(out):
                     nonfinite[name] = count
-                    found.append(f"{name} (from Megatron {source}): {count} of {out.numel()}")
+                    found.append(nonfinite_entry(source, name, count, out))
                 shards.write(name, out)
             if found and not self.opts.allow_nonfinite:
-                raise DistconvError(
-                    f"NaN or Inf values in HF tensor {'; '.join(found[:4])}{' ...' if len(found) > 4 else ''}: the model would "
-                    "produce garbage (stopped at the first tensors found holding any; --allow-nonfinite exports them)")
+                raise nonfinite_error(found, "the model would produce garbage (stopped at the first tensors found "
+                                      "holding any; --allow-nonfinite exports them)")
 
         writer = WriterThread(write_unit) if shards else None
         stream = None
@@ -636,6 +643,17 @@ def nonfinite_count(t: torch.Tensor) -> int:
     if not t.is_floating_point() or torch.isfinite(t.sum()):
         return 0
     return int(torch.isfinite(t).logical_not().sum())
+
+
+def nonfinite_entry(source: str, name: str, count: int, t: torch.Tensor) -> str:
+    """One HF tensor holding ``count`` NaN/Inf values, for ``nonfinite_error``."""
+    return f"{name} (from Megatron {source}): {count} of {t.numel()}"
+
+
+def nonfinite_error(found: list[str], outcome: str) -> DistconvError:
+    """The one error for HF tensors holding NaN or Inf (``found``: ``nonfinite_entry`` lines)."""
+    listed = "; ".join(found[:4]) + (" ..." if len(found) > 4 else "")
+    return DistconvError(f"NaN or Inf values in HF tensor {listed}: {outcome}")
 
 
 def _attempt(fn) -> BaseException | None:

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from distconv.directions.export import _load_hf_config, _load_tokenizer, _true_vocab, hf_outputs, map_model, nonfinite_count
+from distconv.directions.export import (_load_hf_config, _load_tokenizer, _true_vocab, hf_outputs, map_model,
+                                       nonfinite_count, nonfinite_entry, nonfinite_error)
 from distconv.engine.comm import Comm
 from distconv.engine.plan import Plan
 from distconv.engine.run import agreed, parse_size
@@ -116,8 +117,12 @@ class Weights:
         if self._comm.rank == 0:
             for w in warnings + ([warning] if warning else []):
                 warn(w)
-        return map_model(ckpt, spec.with_vocab(vocab), user_config, opts.dtype, self._comm.world,
-                         window=self._window, max_shard_size=1 << 62, writers=1)
+        mapped = map_model(ckpt, spec.with_vocab(vocab), user_config, opts.dtype, self._comm.world,
+                           window=self._window, max_shard_size=1 << 62, writers=1)
+        if self._comm.rank == 0:
+            for note in mapped.notes:
+                warn(note)
+        return mapped
 
     @property
     def config(self) -> Any:
@@ -179,8 +184,8 @@ class Weights:
                     try:
                         for source, name, out in hf_outputs(mapped, plan.units[index], full):
                             if count := nonfinite_count(out):
-                                raise DistconvError(f"NaN or Inf values in HF tensor {name} (from Megatron {source}): "
-                                                    f"{count} of {out.numel()}; nothing of its layer group was handed out")
+                                raise nonfinite_error([nonfinite_entry(source, name, count, out)],
+                                                      "nothing of its layer group was handed out")
                             tensors.append(out)
                     except Exception as e:
                         error = e
