@@ -529,9 +529,9 @@ def test_a_wrong_qwen3_next_mapping_fails(built, tmp_path, how):
 # ---- DeepSeek-V3.2 and GLM-5 (the DSA indexer) ---------------------------------------------------
 
 @pytest.mark.parametrize("change", [
-    dict(index_topk=12), dict(zero="model.layers.0.self_attn.indexer.k_norm.bias"),
+    dict(index_topk=12), dict(zero="model.layers.0.self_attn.indexer.k_norm.weight"),
     dict(zero="model.layers.1.self_attn.indexer.weights_proj.weight"),
-], ids=["topk-covers-the-sequence", "k-norm-bias", "weights-proj"])
+], ids=["topk-covers-the-sequence", "k-norm", "weights-proj"])
 def test_the_indexer_decides_the_logits(exported, built, change):
     """The indexer keeps 4 of the fixture's 12 tokens: its top-k and tensors change the logits."""
     folder = exported[("deepseek_v32", "tp2pp1ep2", TRAINING_WORLD)]["save"]
