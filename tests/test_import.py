@@ -156,8 +156,8 @@ MOE_RESHARDS = {
     "qwen3_next_tp2_to_tp1ep4": ("qwen3_next_tp2pp1ep2", 1, 1, 4, None, None, None),
     # gpt-oss: PP2 -> TP2 (sinks split by heads), megatron-core's local-spec save -> the TE spec
     "fx_gpt_oss_pp2_to_tp2etp1": ("fx/gpt_oss/tp1pp2ep2", 2, 1, 2, 1, None, TE),
-    # the DSA indexer (replicated): megatron-core's own PP2 x EP2 save (MTP on the last stage) -> TP2 x EP2 x ETP1
-    "fx_deepseek_v32_pp2_to_tp2etp1": ("fx/deepseek_v32/tp1pp2ep2", 2, 1, 2, 1, None, None),
+    # the DSA indexer (replicated): megatron-core's own TP2 x PP2 x EP2 x ETP1 save (MTP on the last stage) -> EP4
+    "fx_deepseek_v32_to_ep4": ("fx/deepseek_v32/tp2pp2ep2etp1", 1, 1, 4, None, None, None),
 }
 
 
@@ -360,9 +360,9 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
             **({"dtype": IMPORT_DTYPES[name]} if name in IMPORT_DTYPES else {}))
         add(f"check {key}", op="check", root=root, tp=tp, pp=pp, ep=ep, etp=etp, tokens=TOKENS,
             logits_out=str(work / f"{key}.pt"))
-        if (name, tp, pp, ep, etp, grouped, impl) in MOE_ROUND_TRIPS:  # Qwen3.5: named by its HF config
+        if (name, tp, pp, ep, etp, grouped, impl) in MOE_ROUND_TRIPS:  # Qwen3.5, GLM-5: named by their HF config
             add(f"export {key}", op="export", load=root, save=str(work / "back" / key),
-                **({"hf_config": str(hf[name])} if name == "qwen3_5_moe" else {}))
+                **({"hf_config": str(hf[name])} if name in ("qwen3_5_moe", "glm_moe_dsa") else {}))
     for key, (source, tp, pp, ep, etp, grouped, impl) in MOE_RESHARDS.items():
         if source.startswith("fx/"):
             load = str(built / source.removeprefix("fx/"))

@@ -83,11 +83,11 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
                 jobs[(name, layout, world, wrong_name)] = {"load": str(built / name / layout), "wrong_mapping": wrong_name,
                                                            "save": str(out / f"{name}_{wrong_name}")}
             glm5 = out / "glm5.json"  # the same megatron-core model as GLM-5 (--hf-config)
-            glm5.write_text(json.dumps(_glm5_config(done[("deepseek_v32", "tp2pp1ep2", TRAINING_WORLD)]["save"])))
-            jobs[("deepseek_v32", "tp2pp1ep2", world, "glm5")] = {
-                "load": str(built / "deepseek_v32" / "tp2pp1ep2"), "save": str(out / "glm5"), "hf_config": str(glm5)}
-            jobs[("deepseek_v32", "tp1pp2ep2", world, "indexer_copied")] = {
-                "load": str(built / "deepseek_v32" / "tp1pp2ep2"), "wrong_mapping": "indexer_copied",
+            glm5.write_text(json.dumps(_glm5_config(done[("deepseek_v32", "tp2pp2ep2etp1", TRAINING_WORLD)]["save"])))
+            jobs[("deepseek_v32", "tp2pp2ep2etp1", world, "glm5")] = {
+                "load": str(built / "deepseek_v32" / "tp2pp2ep2etp1"), "save": str(out / "glm5"), "hf_config": str(glm5)}
+            jobs[("deepseek_v32", "tp2pp2ep2etp1", world, "indexer_copied")] = {
+                "load": str(built / "deepseek_v32" / "tp2pp2ep2etp1"), "wrong_mapping": "indexer_copied",
                 "save": str(out / "deepseek_v32_indexer_copied")}
             wrong = out / "mixtral_top1.json"
             wrong.write_text(json.dumps(_mixtral_config(num_experts_per_tok=1)))
@@ -434,7 +434,7 @@ def test_glm_import_refuses_what_megatron_cannot_express(override, named):
 
 
 @pytest.mark.parametrize("name,layout", [("deepseek_v3", "tp1pp2ep2"), ("glm4_moe", "tp2pp1ep2"),
-                                         ("deepseek_v32", "tp1pp2ep2")])
+                                         ("deepseek_v32", "tp2pp2ep2etp1")])
 def test_mtp_layers_export_as_released(exported, built, tmp_path, name, layout):
     """megatron-core's MTP logits (recorded when the fixture was built, PP2 with MTP on the last stage,
     or TP2; GLM with two MTP layers) equal the published MTP formula on the exported tensors, depth by
@@ -534,7 +534,7 @@ def test_a_wrong_qwen3_next_mapping_fails(built, tmp_path, how):
 ], ids=["topk-covers-the-sequence", "k-norm", "weights-proj"])
 def test_the_indexer_decides_the_logits(exported, built, change):
     """The indexer keeps 4 of the fixture's 12 tokens: its top-k and tensors change the logits."""
-    folder = exported[("deepseek_v32", "tp2pp1ep2", TRAINING_WORLD)]["save"]
+    folder = exported[("deepseek_v32", "tp2pp2ep2etp1", TRAINING_WORLD)]["save"]
     assert _logits_diff(built, "deepseek_v32", folder, **change) > 100 * TOL
 
 
@@ -542,12 +542,12 @@ def test_glm5_exports_from_the_same_checkpoint(exported, built):
     """With an HF config naming GlmMoeDsaForCausalLM the DSA fixture exports as GLM-5 (interleaved
     indexer RoPE, other row order) whose logits are megatron-core's too; its indexer tensors in
     DeepSeek-V3.2's class (half-split RoPE) are not."""
-    result = exported[("deepseek_v32", "tp2pp1ep2", OTHER_WORLD, "glm5")]
+    result = exported[("deepseek_v32", "tp2pp2ep2etp1", OTHER_WORLD, "glm5")]
     assert result["ok"], result.get("error")
     assert result["report"]["architecture"] == "GlmMoeDsaForCausalLM"
     assert _logits_diff(built, "deepseek_v32", result["save"]) <= TOL
     glm = {k: v for f in result["save"].glob("*.safetensors") for k, v in load_file(str(f)).items()}
-    ds_folder = exported[("deepseek_v32", "tp2pp1ep2", OTHER_WORLD)]["save"]
+    ds_folder = exported[("deepseek_v32", "tp2pp2ep2etp1", OTHER_WORLD)]["save"]
     ds = {k: v for f in ds_folder.glob("*.safetensors") for k, v in load_file(str(f)).items()}
     differ = sorted(k for k in ds if not torch.equal(ds[k], glm[k]))
     assert differ and all(".indexer." in k for k in differ) and not any("weights_proj" in k for k in differ)
@@ -561,7 +561,7 @@ def test_glm5_exports_from_the_same_checkpoint(exported, built):
 def test_a_wrong_dsa_mapping_is_rejected_by_the_logits(exported, built):
     """The indexer copied as stored (``wrong_mapping`` ``indexer_copied``: no RoPE row order, no gamma
     fold) exports without complaint, every shape as transformers expects; the logits proof rejects it."""
-    result = exported[("deepseek_v32", "tp1pp2ep2", OTHER_WORLD, "indexer_copied")]
+    result = exported[("deepseek_v32", "tp2pp2ep2etp1", OTHER_WORLD, "indexer_copied")]
     assert result["ok"], result.get("error")
     diff = _logits_diff(built, "deepseek_v32", result["save"])
     print(f"deepseek_v32 with indexer_copied: max |logit difference| = {diff:.3e}")
