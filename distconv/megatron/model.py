@@ -5,7 +5,8 @@ args table, ``megatron.args``).
 with it. The model is built from megatron-core's local layer specs (no transformer-engine; the
 tests build models from its transformer-engine spec too, with stand-in modules); gated delta net
 models, which megatron-core builds from its transformer-engine spec only, from that spec with the
-stand-ins of ``distconv.megatron.gated_delta_net``, active only while the model is built or run.
+stand-ins of ``distconv.megatron.gated_delta_net``, and DSA models (DeepSeek-V3.2, GLM-5) from its DSA
+attention spec with those of ``distconv.megatron.dsa``, active only while the model is built or run.
 megatron-core 0.16 makes a few CUDA calls unconditionally; ``cpu_compat`` makes exactly those
 harmless on a machine without CUDA, only while it is active, and restores them on exit.
 """
