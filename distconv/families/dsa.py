@@ -19,9 +19,9 @@ sequence misses it):
   positive per-token ``1 / rms(y)`` scales a query's scores alike and leaves its top-k; the
   per-channel ``gamma`` is folded out of ``wq_b``: HF ``wq_b = megatron wq_b / gamma`` (column-wise),
   and back. The fold is exact from an HF folder of bf16 or fp16 into float32 Megatron weights (the
-  product of two such values is exact in float32), so HF -> Megatron -> HF returns every bit then;
-  in other precisions it is within a rounding. A ``gamma`` of 0 has no HF form (the export
-  refuses the infinities).
+  product of two such values is exact in float32), and a float32 export returns every value; in
+  other precisions it costs one rounding of ``wq_b`` (an export to bf16 is mapped in bf16). A
+  ``gamma`` of 0 has no HF form (the export refuses the infinities).
 - megatron-core rotates q and k with a Hadamard transform (orthogonal: dot products unchanged),
   transformers does not; the weights do not depend on it.
 
