@@ -69,8 +69,9 @@ class ModelSpec:
     mtp_num_layers: int = 0
     # gated attention (Qwen3-Next): attention output times sigmoid(gate), the gate rows in linear_qkv
     attention_output_gate: bool = False
-    # megatron-core's ``experimental_attention_variant``: None, or "gated_delta_net" (Qwen3-Next's
-    # linear attention, in the layers ``linear_attention`` marks; full attention in the others)
+    # megatron-core's ``experimental_attention_variant``: None, "gated_delta_net" (Qwen3-Next's
+    # linear attention, in the layers ``linear_attention`` marks; full attention in the others), or
+    # "dsa" (DeepSeek-V3.2's and GLM-5's indexer in every MLA layer)
     experimental_attention_variant: str | None = None
     linear_attention: tuple[bool, ...] = ()  # per layer: gated delta net (True) or full attention
     linear_conv_kernel_dim: int | None = None
@@ -78,6 +79,12 @@ class ModelSpec:
     linear_value_head_dim: int | None = None
     linear_num_key_heads: int | None = None
     linear_num_value_heads: int | None = None
+    # experimental_attention_variant "dsa" (DeepSeek sparse attention: MLA plus a top-k indexer of
+    # ``dsa_indexer_n_heads`` heads of ``dsa_indexer_head_dim``, each query attending to the
+    # ``dsa_indexer_topk`` keys it scores highest)
+    dsa_indexer_n_heads: int | None = None
+    dsa_indexer_head_dim: int | None = None
+    dsa_indexer_topk: int | None = None
     # attention sinks: "vanilla" softmax, or a "learnable" per-head logit added to every row's
     # denominator (megatron-core's ``softmax_offset``, gpt-oss's ``sinks``); "off-by-one" adds 1
     softmax_type: str = "vanilla"

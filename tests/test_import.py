@@ -53,6 +53,8 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
     ("deepseek_v3", 1, 1, 2, None, False, TE), ("deepseek_v3", 2, 1, 2, 1, False, TE),
     ("deepseek_v3", 1, 2, 2, None, False, TE), ("glm4_moe", 2, 2, 1, None, False, TE),  # MTP on the last stage
     ("deepseek_v3_q_proj", 2, 1, 2, None, False, TE),
+    # DeepSeek-V3.2 and GLM-5: DeepSeek-V3 with the DSA indexer (megatron-core's TE spec is its only one)
+    ("deepseek_v32", 2, 1, 2, 1, False, TE), ("glm_moe_dsa", 2, 1, 2, 1, False, TE),
     # gated delta net layers (megatron-core builds them from its TE spec only): TP2 x EP2, PP2 x EP2
     ("qwen3_next", 2, 1, 2, None, False, TE), ("qwen3_next", 1, 2, 2, None, False, TE),
     ("qwen3_5_moe", 2, 1, 2, 1, False, TE),
@@ -63,7 +65,7 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
 # norms, embeddings and MTP layers' own projection in high precision), imported at EP x ETP:
 # (name, TP, PP, EP, ETP)
 FP8_MOE_IMPORTS = [("qwen3_moe", 2, 1, 2, 1), ("qwen2_moe", 1, 2, 2, None), ("deepseek_v3", 2, 1, 2, 1),
-                   ("glm4_moe", 1, 2, 2, None), ("mixtral", 1, 1, 4, None)]
+                   ("glm4_moe", 1, 2, 2, None), ("mixtral", 1, 1, 4, None), ("deepseek_v32", 1, 2, 2, None)]
 # exported back and compared with the source: each family at its most split layout, and each chunking
 MOE_ROUND_TRIPS = [c for c in MOE_IMPORTS if c[3:5] == (2, 1) or c[5] or c[3] == 4 or c[0] == "qwen3_next"]
 MOE = dict(intermediate_size=32)  # the experts' width (Mixtral); Qwen's dense layers keep SMALL's 128
@@ -112,6 +114,16 @@ MODELS["gpt_oss"] = ("GptOssConfig", dict(intermediate_size=32, num_local_expert
                                           tie_word_embeddings=False), torch.bfloat16)
 MODELS["gpt_oss_square"] = ("GptOssConfig", dict(MODELS["gpt_oss"][1], intermediate_size=64, num_hidden_layers=2),
                             torch.bfloat16)
+# DeepSeek-V3.2: DeepSeek-V3's model (no rope_interleave field) with the DSA indexer, 2 heads of 16
+# keeping 4 of the test's 12 tokens; GLM-5: the same model as GlmMoeDsa (interleaved indexer RoPE).
+# bf16, as released, imported to float32 (``IMPORT_DTYPES``), where the indexer's gamma fold
+# (``families.dsa``) is exact, and exported back as float32 (the source's values, every one exactly)
+DSA = dict({k: v for k, v in MODELS["deepseek_v3"][1].items() if k != "rope_interleave"}, index_n_heads=2,
+           index_head_dim=16, index_topk=4)
+MODELS["deepseek_v32"] = ("DeepseekV32Config", DSA, torch.bfloat16)
+MODELS["glm_moe_dsa"] = ("GlmMoeDsaConfig", {k: v for k, v in DSA.items() if k not in ("topk_method", "scoring_func",
+                                                                                         "moe_layer_freq")}, torch.bfloat16)
+IMPORT_DTYPES = {"deepseek_v32": "fp32", "glm_moe_dsa": "fp32"}  # name -> import --dtype
 # the other MLA query path (q_proj, no q LoRA), plain RoPE, one group, every layer MoE (stacked keys)
 MODELS["deepseek_v3_q_proj"] = ("DeepseekV3Config", dict(
     MODELS["deepseek_v3"][1], q_lora_rank=None, first_k_dense_replace=0, n_group=1, topk_group=1,
@@ -144,6 +156,8 @@ MOE_RESHARDS = {
     "qwen3_next_tp2_to_tp1ep4": ("qwen3_next_tp2pp1ep2", 1, 1, 4, None, None, None),
     # gpt-oss: PP2 -> TP2 (sinks split by heads), megatron-core's local-spec save -> the TE spec
     "fx_gpt_oss_pp2_to_tp2etp1": ("fx/gpt_oss/tp1pp2ep2", 2, 1, 2, 1, None, TE),
+    # the DSA indexer (replicated): megatron-core's own TP2 x PP2 x EP2 x ETP1 save (MTP on the last stage) -> EP4
+    "fx_deepseek_v32_to_ep4": ("fx/deepseek_v32/tp2pp2ep2etp1", 1, 1, 4, None, None, None),
 }
 
 
@@ -172,7 +186,7 @@ def make_hf(folder: Path, name: str) -> Path:
         if bname.endswith("e_score_correction_bias"):
             b.copy_(0.05 * torch.randn(b.shape, generator=gen))
     model.to(dtype).save_pretrained(str(folder / name))
-    depth = getattr(config, "num_mtp_layers", 0) or 0
+    depth = getattr(config, "num_mtp_layers", 0) or getattr(config, "num_nextn_predict_layers", 0) or 0
     if depth:  # as DeepSeek's releases store them: after the last layer, shaped like it, plus their own tensors
         path = folder / name / "model.safetensors"
         state = load_file(str(path))
@@ -236,7 +250,7 @@ def to_mindspore(hf: Path, out: Path, table: list[tuple[str, str]], extra: dict 
 
 
 FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "q_a_proj", "q_b_proj",
-               "kv_a_proj_with_mqa", "kv_b_proj")
+               "kv_a_proj_with_mqa", "kv_b_proj", "wq_b")  # the DSA indexer's wq_b (vLLM quantizes it; not wk, weights_proj)
 
 
 def to_mxfp4(hf: Path, out: Path) -> Path:
@@ -342,12 +356,13 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
         key = moe_dir(name, tp, pp, ep, etp, grouped, impl)
         root = str(work / "meg" / key)
         add(f"import {key}", op="import", load=str(hf[name]), save=root, tp=tp, pp=pp, ep=ep, etp=etp,
-            moe_grouped_gemm=grouped, transformer_impl=impl, divisible_by=64)
+            moe_grouped_gemm=grouped, transformer_impl=impl, divisible_by=64,
+            **({"dtype": IMPORT_DTYPES[name]} if name in IMPORT_DTYPES else {}))
         add(f"check {key}", op="check", root=root, tp=tp, pp=pp, ep=ep, etp=etp, tokens=TOKENS,
             logits_out=str(work / f"{key}.pt"))
-        if (name, tp, pp, ep, etp, grouped, impl) in MOE_ROUND_TRIPS:  # Qwen3.5: named by its HF config
+        if (name, tp, pp, ep, etp, grouped, impl) in MOE_ROUND_TRIPS:  # Qwen3.5, GLM-5: named by their HF config
             add(f"export {key}", op="export", load=root, save=str(work / "back" / key),
-                **({"hf_config": str(hf[name])} if name == "qwen3_5_moe" else {}))
+                **({"hf_config": str(hf[name])} if name in ("qwen3_5_moe", "glm_moe_dsa") else {}))
     for key, (source, tp, pp, ep, etp, grouped, impl) in MOE_RESHARDS.items():
         if source.startswith("fx/"):
             load = str(built / source.removeprefix("fx/"))
@@ -777,7 +792,8 @@ def _check_mtp(jobs: dict, key: str, name: str) -> None:
     """megatron-core's MTP layers, loaded from the checkpoint, against the published MTP formula on
     the HF source's tensors (``mtp_reference``), depth by depth."""
     mtp = torch.load(jobs["work"] / f"{key}.pt.mtp")
-    depth = getattr(__import__("transformers").AutoConfig.from_pretrained(str(jobs["hf"][name])), "num_mtp_layers", 0)
+    config = __import__("transformers").AutoConfig.from_pretrained(str(jobs["hf"][name]))
+    depth = getattr(config, "num_mtp_layers", 0) or getattr(config, "num_nextn_predict_layers", 0)
     assert len(mtp) == depth
     if depth:
         _, expected = hf_mtp_logits(jobs["hf"][name], torch.tensor(TOKENS))
@@ -792,6 +808,8 @@ def test_moe_hf_megatron_hf_round_trip_is_bit_exact(jobs, case):
     source, back = tensors(jobs["hf"][case[0]]), tensors(jobs["work"] / "back" / key)
     assert sorted(source) == sorted(back)
     for name, t in source.items():
+        if case[0] in IMPORT_DTYPES:  # imported to, so exported as, float32: the same values
+            t = t.to(back[name].dtype)
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
 
 
@@ -839,7 +857,7 @@ def test_te_spec_stand_in_undoes_itself():
 
 @pytest.mark.parametrize("key", ["mixtral_tp2pp1ep2etp1", "qwen2_moe_tp2pp1ep2etp1", "deepseek_v3_tp2pp1ep2etp1",
                                  "glm4_moe_tp2pp1ep2etp1", "qwen3_next_tp2pp1ep2", "qwen3_5_moe_tp2pp1ep2etp1",
-                                 "gpt_oss_tp2pp1ep2etp1"])
+                                 "gpt_oss_tp2pp1ep2etp1", "deepseek_v32_tp2pp1ep2etp1", "glm_moe_dsa_tp2pp1ep2etp1"])
 def test_verify_reads_a_transformer_engine_moe_import(jobs, key):
     """``distconv verify`` (a local-spec model, on CPU) loads the TE spec's ``pre_mlp_layernorm`` keys,
     MLA's fused latent norms, MTP layers, and gpt-oss's sinks (beside TE's attention's extra state),

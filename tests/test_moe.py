@@ -38,7 +38,7 @@ CASES = [(name, layout_dir(Path(), name, *parallel(l)).name) for name in MOE for
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
         "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
         "glm4_moe_plain": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "gpt_oss": "GptOssForCausalLM",
-        "gpt_oss_square": "GptOssForCausalLM"}
+        "gpt_oss_square": "GptOssForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
 KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
 WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
 
@@ -82,6 +82,13 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
                                              ("gpt_oss", "tp1pp2ep2", "gate_up_concatenated")):
                 jobs[(name, layout, world, wrong_name)] = {"load": str(built / name / layout), "wrong_mapping": wrong_name,
                                                            "save": str(out / f"{name}_{wrong_name}")}
+            glm5 = out / "glm5.json"  # the same megatron-core model as GLM-5 (--hf-config)
+            glm5.write_text(json.dumps(_glm5_config(done[("deepseek_v32", "tp2pp2ep2etp1", TRAINING_WORLD)]["save"])))
+            jobs[("deepseek_v32", "tp2pp2ep2etp1", world, "glm5")] = {
+                "load": str(built / "deepseek_v32" / "tp2pp2ep2etp1"), "save": str(out / "glm5"), "hf_config": str(glm5)}
+            jobs[("deepseek_v32", "tp2pp2ep2etp1", world, "indexer_copied")] = {
+                "load": str(built / "deepseek_v32" / "tp2pp2ep2etp1"), "wrong_mapping": "indexer_copied",
+                "save": str(out / "deepseek_v32_indexer_copied")}
             wrong = out / "mixtral_top1.json"
             wrong.write_text(json.dumps(_mixtral_config(num_experts_per_tok=1)))
             jobs[("mixtral", "tp1pp1ep2", world, "conflict")] = {
@@ -102,6 +109,15 @@ def _mixtral_config(**override) -> dict:
         "num_experts_per_tok": a["moe_router_topk"], "rms_norm_eps": a["layernorm_epsilon"],
     }
     return {**config, **override}
+
+
+def _glm5_config(dsv32: Path) -> dict:
+    """GLM-5's config of the model DeepSeek-V3.2's export describes: its fields, no DeepSeek routing keys."""
+    config = json.loads((dsv32 / "config.json").read_text())
+    for key in ("topk_method", "scoring_func", "moe_layer_freq"):
+        del config[key]
+    return {**config, "architectures": ["GlmMoeDsaForCausalLM"], "model_type": "glm_moe_dsa",
+            "indexer_types": ["full"] * config["num_hidden_layers"]}
 
 
 def _qwen3_5_config():
@@ -417,7 +433,8 @@ def test_glm_import_refuses_what_megatron_cannot_express(override, named):
             config, 256, torch.float32)
 
 
-@pytest.mark.parametrize("name,layout", [("deepseek_v3", "tp1pp2ep2"), ("glm4_moe", "tp2pp1ep2")])
+@pytest.mark.parametrize("name,layout", [("deepseek_v3", "tp1pp2ep2"), ("glm4_moe", "tp2pp1ep2"),
+                                         ("deepseek_v32", "tp2pp2ep2etp1")])
 def test_mtp_layers_export_as_released(exported, built, tmp_path, name, layout):
     """megatron-core's MTP logits (recorded when the fixture was built, PP2 with MTP on the last stage,
     or TP2; GLM with two MTP layers) equal the published MTP formula on the exported tensors, depth by
@@ -507,6 +524,48 @@ def test_a_wrong_qwen3_next_mapping_fails(built, tmp_path, how):
         distconv.export(load=str(built / "qwen3_next" / "tp2pp1ep2"), save=str(tmp_path / "hf"), quiet=True)
     diff = _logits_diff(built, "qwen3_next", tmp_path / "hf")
     assert diff <= TOL if how is None else diff > 100 * TOL
+
+
+# ---- DeepSeek-V3.2 and GLM-5 (the DSA indexer) ---------------------------------------------------
+
+@pytest.mark.parametrize("change", [
+    dict(index_topk=12), dict(zero="model.layers.0.self_attn.indexer.k_norm.weight"),
+    dict(zero="model.layers.1.self_attn.indexer.weights_proj.weight"),
+], ids=["topk-covers-the-sequence", "k-norm", "weights-proj"])
+def test_the_indexer_decides_the_logits(exported, built, change):
+    """The indexer keeps 4 of the fixture's 12 tokens: its top-k and tensors change the logits."""
+    folder = exported[("deepseek_v32", "tp2pp2ep2etp1", TRAINING_WORLD)]["save"]
+    assert _logits_diff(built, "deepseek_v32", folder, **change) > 100 * TOL
+
+
+def test_glm5_exports_from_the_same_checkpoint(exported, built):
+    """With an HF config naming GlmMoeDsaForCausalLM the DSA fixture exports as GLM-5 (interleaved
+    indexer RoPE, other row order) whose logits are megatron-core's too; its indexer tensors in
+    DeepSeek-V3.2's class (half-split RoPE) are not."""
+    result = exported[("deepseek_v32", "tp2pp2ep2etp1", OTHER_WORLD, "glm5")]
+    assert result["ok"], result.get("error")
+    assert result["report"]["architecture"] == "GlmMoeDsaForCausalLM"
+    assert _logits_diff(built, "deepseek_v32", result["save"]) <= TOL
+    glm = {k: v for f in result["save"].glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    ds_folder = exported[("deepseek_v32", "tp2pp2ep2etp1", OTHER_WORLD)]["save"]
+    ds = {k: v for f in ds_folder.glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    differ = sorted(k for k in ds if not torch.equal(ds[k], glm[k]))
+    assert differ and all(".indexer." in k for k in differ) and not any("weights_proj" in k for k in differ)
+    crossed = result["save"].parent / "dsv32_with_glm5_indexer"
+    crossed.mkdir()
+    save_file(glm, str(crossed / "model.safetensors"), metadata={"format": "pt"})
+    (crossed / "config.json").write_text((ds_folder / "config.json").read_text())
+    assert _logits_diff(built, "deepseek_v32", crossed) > 100 * TOL
+
+
+def test_a_wrong_dsa_mapping_is_rejected_by_the_logits(exported, built):
+    """The indexer copied as stored (``wrong_mapping`` ``indexer_copied``: no RoPE row order, no gamma
+    fold) exports without complaint, every shape as transformers expects; the logits proof rejects it."""
+    result = exported[("deepseek_v32", "tp2pp2ep2etp1", OTHER_WORLD, "indexer_copied")]
+    assert result["ok"], result.get("error")
+    diff = _logits_diff(built, "deepseek_v32", result["save"])
+    print(f"deepseek_v32 with indexer_copied: max |logit difference| = {diff:.3e}")
+    assert diff > 100 * TOL
 
 
 # ---- gpt-oss -------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from fixtures.build import layout_dir
 
 TOL = 1e-4
 SAME = 1e-6  # the streamed path against the whole models: the same numbers but for summation order
-FAMILIES = ["llama", "gpt2", "qwen3", "mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe"]
+FAMILIES = ["llama", "gpt2", "qwen3", "mixtral", "qwen2_moe", "deepseek_v3", "glm4_moe", "deepseek_v32"]
 
 
 @pytest.fixture(scope="module")

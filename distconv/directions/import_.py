@@ -99,7 +99,7 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
             copies = tuple(c for c in rule.mtp_copies(spec) if c in have)  # optional: they repeat hf[0]
             for part, megatron in enumerate(rule.megatron_names):
                 out = rule.import_rows(metas, spec, part)
-                if not rule.stacked and any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
+                if not (rule.stacked or rule.whole) and any(tuple(out.shape[1:]) != tuple(m.shape[1:]) for m in metas):
                     raise DistconvError(f"internal: the {megatron} transform is not row-wise; import cannot slice it")
                 items.append(Mapped(megatron.format(**fmt), hf, rule, tuple(out.shape), copies, part,
                                     expert if rule.stacked else None))
@@ -126,10 +126,12 @@ def _source_dtype(items: Iterable[Mapped], source: Source) -> torch.dtype:
 
 
 def read_slab(source: Source, item: Mapped, spec: ModelSpec) -> torch.Tensor:
-    """The whole Megatron tensor of a ``Rule.stacked`` item: its expert's slab of each HF tensor,
-    mapped (the transform need not be row-wise: gpt-oss's transposes)."""
+    """The whole Megatron tensor of a ``Rule.stacked`` item (its expert's slab of each HF tensor) or
+    a ``Rule.whole`` one (each HF tensor whole), mapped (the transform need not be row-wise: gpt-oss's
+    transposes, DSA's folded norm)."""
     e = item.slab
-    rows = item.rule.import_rows(tuple(source.read(h, (slice(e, e + 1),))[0] for h in item.hf), spec, item.part)
+    hf = tuple(source.read(h, ()) if e is None else source.read(h, (slice(e, e + 1),))[0] for h in item.hf)
+    rows = item.rule.import_rows(hf, spec, item.part)
     return item.rule.import_values(rows, spec)
 
 
@@ -177,7 +179,7 @@ class FromHF:
                 for r in reads]
 
     def _read(self, item: Mapped, box: tuple[slice, ...], dtype: torch.dtype) -> torch.Tensor:
-        if item.slab is None:
+        if item.slab is None and not item.rule.whole:
             return read_shard(self.source, item, box, self.spec, dtype)
         if self._slab is None or self._slab[0] != item.name:  # gate and up chunks: one read of the slab
             self._slab = (item.name, read_slab(self.source, item, self.spec))

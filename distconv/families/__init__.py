@@ -2,6 +2,7 @@
 
 from distconv.families.base import Family, pick_family
 from distconv.families.deepseek_v3 import DEEPSEEK_V3
+from distconv.families.dsa import DEEPSEEK_V32, GLM_MOE_DSA
 from distconv.families.glm4_moe import GLM4_MOE
 from distconv.families.gpt2 import GPT2
 from distconv.families.gpt_oss import GPT_OSS
@@ -14,7 +15,8 @@ from distconv.families.qwen2 import QWEN2
 from distconv.families.qwen3 import QWEN3
 from distconv.families.qwen3_next import QWEN3_5_MOE, QWEN3_NEXT
 
-FAMILIES: tuple[Family, ...] = (GPT_OSS, QWEN3_NEXT, QWEN3_5_MOE, DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT2, QWEN3,
+FAMILIES: tuple[Family, ...] = (GPT_OSS, QWEN3_NEXT, QWEN3_5_MOE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V3,
+                                 GLM4_MOE, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT2, QWEN3,
                                  QWEN2, MISTRAL, LLAMA)
 
 __all__ = ["FAMILIES", "Family", "pick_family"]

@@ -140,6 +140,11 @@ class Rule:
     # the HF tensors are ``[..., in, out]`` weights that MXFP4 releases store as ``_blocks`` and
     # ``_scales``, transposed (``hf.mxfp4``)
     mxfp4: bool = False
+    # the transform's import is not row-wise (a joint rule whose values mix its HF tensors: the DSA
+    # indexer's query weight folds the latent q norm's weight): import reads the HF tensors whole
+    whole: bool = False
+    # with ``fp8``: the indices of the rule's HF tensors that stay unquantized (a joint rule's norm)
+    fp8_keep: tuple[int, ...] = ()
 
     def mtp_copies(self, spec: ModelSpec) -> tuple[str, ...]:
         """The HF names of this rule's copies in ``spec``'s MTP layers."""
@@ -336,7 +341,10 @@ class Family:
         if not rule.fp8:
             return [(hf, x.to(fp8_rest)) for hf, x in named]
         out = []
-        for hf, x in named:
+        for i, (hf, x) in enumerate(named):
+            if i in rule.fp8_keep:
+                out.append((hf, x.to(fp8_rest)))
+                continue
             weight, scale = quantize(x)
             out += [(hf, weight), (hf + SCALE, scale)]
         return out

@@ -73,6 +73,7 @@ DEEPSEEK_V3 = Family(
     requires={
         **SIGMOID_REQUIRES,
         "multi_latent_attention": True,
+        "experimental_attention_variant": None,  # DSA: families.dsa
         "position_embedding": lambda p: p in ("rope", "none"),  # MLA applies its own rope either way
         "qk_layernorm": True,  # HF always normalises the latent q and kv
         "norm_epsilon": lambda eps: abs(eps - 1e-6) <= 1e-15,  # ... with eps 1e-6, whatever rms_norm_eps says

@@ -369,6 +369,33 @@ GDN_FIELDS: tuple[Field, ...] = (
     Field("linear_num_value_heads", ("linear_num_value_heads",), 32, int, "linear_num_value_heads"),
 )
 
+# DeepSeek sparse attention (``experimental_attention_variant="dsa"``, megatron-core 0.16 to 0.18):
+# the indexer's sizes (megatron-core has no defaults for them). Its loss weight is training's
+# (``dsa_indexer_loss_coeff``, ``dsa_indexer_use_sparse_loss``): neither read nor written.
+DSA = "dsa"
+DSA_FIELDS: tuple[Field, ...] = (
+    Field("dsa_indexer_n_heads", ("dsa_indexer_n_heads",), REQUIRED, int, "dsa_indexer_n_heads"),
+    Field("dsa_indexer_head_dim", ("dsa_indexer_head_dim",), REQUIRED, int, "dsa_indexer_head_dim"),
+    Field("dsa_indexer_topk", ("dsa_indexer_topk",), REQUIRED, int, "dsa_indexer_topk"),
+)
+# args only megatron-core 0.19's TransformerConfig has, and Megatron-LM 0.19 writes (it generates its
+# flags from those fields): 0.19 moved the indexer's RoPE to the front of each head, made its
+# interleaving a choice and feeds it the normalised query (commit b0eb914, "Fix several bugs for DSA
+# rope and spec"), so the same tensors mean another model there
+DSA_019_ARGS = ("dsa_indexer_rope_interleaved", "dsa_indexer_rotate_activation", "dsa_indexer_scoring_relu",
+                "dsa_indexer_k_norm_epsilon", "dsa_indexer_topk_freq", "dsa_kernel_backend")
+
+
+def _dsa_writer(args: argparse.Namespace) -> None:
+    """A DSA checkpoint of megatron-core 0.19 or later (``DSA_019_ARGS`` in its args) is refused."""
+    found = [name for name in DSA_019_ARGS if hasattr(args, name)]
+    if found:
+        raise DistconvError(
+            f"this DSA checkpoint was written by megatron-core 0.19 or later (its args carry {', '.join(found)}): "
+            "0.19 changed the DSA indexer's RoPE layout and query normalisation, and distconv converts the "
+            "indexer as megatron-core 0.16 to 0.18 compute it; 0.19 DSA checkpoints are not supported yet")
+
+
 FIELDS: tuple[Field, ...] = (
     Field("num_layers", ("num_layers",), REQUIRED, int, "num_layers"),
     Field("hidden_size", ("hidden_size",), REQUIRED, int, "hidden_size"),
@@ -447,17 +474,17 @@ FIELDS: tuple[Field, ...] = (
 
 
 def _field(spec_name: str) -> Field:
-    return next(f for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS if f.spec == spec_name)
+    return next(f for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS if f.spec == spec_name)
 
 
 def arg_names() -> tuple[str, ...]:
     """Every Megatron-LM arg the table reads or writes."""
-    return tuple(dict.fromkeys(n for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS for n in f.names))
+    return tuple(dict.fromkeys(n for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS for n in f.names))
 
 
 def arg_type(name: str) -> Callable[[Any], Any]:
     """The type of Megatron-LM arg ``name``'s value (for flags that take it on a command line)."""
-    return next(f.kind for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS if name in f.names)
+    return next(f.kind for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS if name in f.names)
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
@@ -474,6 +501,9 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     values.update({f.spec: f.value(args) if mla or f.spec == "multi_latent_attention" else None for f in MLA_FIELDS})
     if values["experimental_attention_variant"] == GATED_DELTA_NET:
         values.update({f.spec: f.value(args) for f in GDN_FIELDS})
+    if values["experimental_attention_variant"] == DSA:
+        _dsa_writer(args)
+        values.update({f.spec: f.value(args) for f in DSA_FIELDS})
     return ModelSpec(**values)
 
 
@@ -497,6 +527,9 @@ def megatron_args(spec: ModelSpec, target: Target, *, divisible_by: int, tokeniz
         written["multi_latent_attention"] = False
     if spec.experimental_attention_variant == GATED_DELTA_NET:
         for f in GDN_FIELDS:
+            written.update(f.written(spec))
+    if spec.experimental_attention_variant == DSA:
+        for f in DSA_FIELDS:
             written.update(f.written(spec))
     for f in FIELDS:
         written.update(f.written(spec))
@@ -539,10 +572,13 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
     ``args``; the caller adds how it is built (parallel sizes, initialisation, fusions)."""
     spec = spec_from_args(args)
     rows = (FIELDS + (MOE_FIELDS if spec.num_experts else ()) + (MLA_FIELDS if spec.multi_latent_attention else ())
-            + (GDN_FIELDS if spec.experimental_attention_variant == GATED_DELTA_NET else ()))
+            + (GDN_FIELDS if spec.experimental_attention_variant == GATED_DELTA_NET else ())
+            + (DSA_FIELDS if spec.experimental_attention_variant == DSA else ()))
     out: dict[str, Any] = {}
     for f in rows:
         out.update(f.configured(spec, args))
     if spec.num_experts:  # Megatron-LM's defaults: no auxiliary loss in a forward pass, the allgather dispatcher
         out.update(moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather")
+    if spec.experimental_attention_variant == DSA:  # no indexer loss in a forward pass
+        out.update(dsa_indexer_loss_coeff=0.0)
     return out

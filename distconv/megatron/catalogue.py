@@ -164,6 +164,7 @@ _W, _B = "weight", "bias"
 GDN_IN_PROJ = ("query", "key", "value", "z", "beta", "alpha")  # the gated delta net's in_proj components
 GDN_CONV = ("query", "key", "value")  # ... and its conv1d's
 _SA, _MLP = "self_attention.", "mlp."
+_IX = _SA + "core_attention.indexer."
 PROJ = (Param(_SA + "linear_proj.weight", Split.ROW, aliases=("self_attention.dense.weight", "attention.dense.weight")),
         Param(_SA + "linear_proj.bias", aliases=("self_attention.dense.bias", "attention.dense.bias")))
 
@@ -206,6 +207,17 @@ CATALOGUE: tuple[ModuleKind, ...] = (
         Param(_SA + "linear_kv_up_proj.layer_norm_weight", spellings=(Spelling(_SA + "kv_layernorm.weight", mla=True, te=False),)),
     ) + PROJ, (Spelling(_SA + "linear_kv_down_proj"), Spelling(_SA + "linear_kv_up_proj"), Spelling(_SA + "linear_proj")),
         present=_mla),
+    # DeepSeek sparse attention's indexer (``DSAIndexer``, experimental_attention_variant "dsa": every
+    # MLA layer, built from the transformer-engine spec only): its linears are TELinears of
+    # parallel_mode "duplicated" and its k_norm a LayerNorm, all replicated across TP, each saving
+    # an ``_extra_state``; the core attention around it (``DSAttention``) saves nothing of its own
+    ModuleKind("dsa_indexer", Scope.LAYER, (
+        Param(_IX + "linear_wq_b.weight"),
+        Param(_IX + "linear_wk.weight"),
+        *_norm(_IX + "k_norm."),
+        Param(_IX + "linear_weights_proj.weight"),
+    ), tuple(Spelling(_IX + m) for m in ("linear_wq_b", "linear_wk", "k_norm", "linear_weights_proj")),
+        present=lambda spec, layer: spec.multi_latent_attention and spec.experimental_attention_variant == "dsa"),
     # the norm before attention: fused into linear_qkv (TELayerNormColumnParallelLinear; the local
     # spec's module maps its keys there), a module of its own in MLA layers (both specs; a TENorm),
     # fused into the gated delta net's in_proj in its layers

@@ -5,7 +5,8 @@ args table, ``megatron.args``).
 with it. The model is built from megatron-core's local layer specs (no transformer-engine; the
 tests build models from its transformer-engine spec too, with stand-in modules); gated delta net
 models, which megatron-core builds from its transformer-engine spec only, from that spec with the
-stand-ins of ``distconv.megatron.gated_delta_net``, active only while the model is built or run.
+stand-ins of ``distconv.megatron.gated_delta_net``, and DSA models (DeepSeek-V3.2, GLM-5) from its DSA
+attention spec with those of ``distconv.megatron.dsa``, active only while the model is built or run.
 megatron-core 0.16 makes a few CUDA calls unconditionally; ``cpu_compat`` makes exactly those
 harmless on a machine without CUDA, only while it is active, and restores them on exit.
 """
@@ -19,8 +20,8 @@ from typing import Any, Iterator
 
 import torch
 
-from distconv.megatron import gated_delta_net
-from distconv.megatron.args import GATED_DELTA_NET, arg, config_fields, gpt_yarn_attributes, rope_args, spec_from_args
+from distconv.megatron import dsa, gated_delta_net
+from distconv.megatron.args import DSA, GATED_DELTA_NET, arg, config_fields, gpt_yarn_attributes, rope_args, spec_from_args
 
 Change = tuple[Any, str, Any]  # (object, attribute, the value it takes while a context is active)
 
@@ -139,7 +140,11 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
     spec = spec_from_args(args)
     config = transformer_config(args, tp, pp, init)
     gdn = spec.experimental_attention_variant == GATED_DELTA_NET
-    if gdn:  # megatron-core's one spec for these: its transformer-engine block spec
+    sparse = spec.experimental_attention_variant == DSA
+    if sparse:  # megatron-core's DSA spec: transformer-engine's layers (``distconv.megatron.dsa``)
+        with stand_ins(dsa.spec_changes()):
+            layers = dsa.layer_specs(config, spec.normalization)
+    elif gdn:  # megatron-core's one spec for these: its transformer-engine block spec
         from megatron.core.models.gpt.experimental_attention_variant_module_specs import (
             get_transformer_block_with_experimental_attention_variant_spec,
         )
@@ -156,15 +161,16 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
             qk_layernorm=spec.qk_layernorm, normalization=spec.normalization,
             multi_latent_attention=spec.multi_latent_attention,
         )
-    if spec.multi_latent_attention:
+    if spec.multi_latent_attention and not sparse:
         _use_local_mla_attention(layers)
     mtp = {}
     if spec.mtp_num_layers:  # MTP layers (on the last stage), built like the last decoder layer
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
-        mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, layers, use_transformer_engine=transformer_engine)
+        with stand_ins(dsa.spec_changes() if sparse else []):
+            mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, layers, use_transformer_engine=transformer_engine or sparse)
     rope = rope_args(spec)
-    with stand_ins(gated_delta_net.kernel_changes() if gdn else []):
+    with stand_ins(gated_delta_net.kernel_changes() if gdn else dsa.spec_changes() if sparse else []):
         return GPTModel(
             **mtp,
             config=config,
@@ -227,8 +233,9 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, mtp: bool = Fal
     labels); they are taken from its MTP block's output, through the model's output layer. A gated
     delta net model runs with ``distconv.megatron.gated_delta_net``'s kernel stand-ins.
     """
-    with stand_ins(gated_delta_net.kernel_changes() if model.config.experimental_attention_variant == GATED_DELTA_NET
-                   else []):
+    variant = model.config.experimental_attention_variant
+    with stand_ins(gated_delta_net.kernel_changes() if variant == GATED_DELTA_NET else
+                   dsa.kernel_changes() if variant == DSA else []):
         return _forward(model, tokens, mtp)
 
 
