@@ -15,6 +15,7 @@ import torch
 
 from distconv.directions.export import make_plan
 from distconv.engine.comm import Comm, HostBuffers
+from distconv.engine.marker import HashedWrites
 from distconv.engine.plan import Plan, Read
 from distconv.engine.stream import ReadAhead, Stream, WriterThread
 from distconv.errors import DistconvError
@@ -157,3 +158,19 @@ def test_a_stuck_writer_thread_is_an_error_within_its_bound():
         slow.put(index, [])
     assert slow.join(last=lambda: ended.append("last")) is None and not slow.alive
     assert ended == [0, 1, 2, 3, "last"]
+
+
+def test_hashed_writes_hash_every_byte_large_and_small(tmp_path):
+    """A buffer over ``OVERLAP_FROM`` is hashed on the other thread while it is written, a small one
+    in the writing thread; the sum is the file's either way."""
+    import hashlib
+    import os
+
+    writes = HashedWrites()
+    sha = hashlib.sha256()
+    parts = [b"header", os.urandom(3 << 20), memoryview(os.urandom(5000)), bytearray(os.urandom(HashedWrites.OVERLAP_FROM))]
+    with open(tmp_path / "f", "wb") as f:
+        for data in parts:
+            writes.write(f, sha, data)
+    writes.close()
+    assert sha.hexdigest() == hashlib.sha256((tmp_path / "f").read_bytes()).hexdigest()
