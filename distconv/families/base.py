@@ -10,6 +10,7 @@ names and shapes before any byte is read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Sequence
 
@@ -108,6 +109,7 @@ VOCAB = VocabRows()
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
+@functools.lru_cache(maxsize=None)
 def _compile(pattern: str) -> re.Pattern[str]:
     parts = _PLACEHOLDER.split(pattern)
     regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>\\d+)" for i, p in enumerate(parts))
