@@ -559,7 +559,8 @@ class ExportJob:
         stream = None
         try:
             stream = Stream(plan, self.reader, comm, self.window, threaded=comm.overlap_reads)
-            for index, full in stream.walk(lambda: writer.error if writer else None):
+            # on GPUs the parts stay there: mapped, checked and quantized on the device (unmeasured)
+            for index, full in stream.walk(lambda: writer.error if writer else None, on_device=True):
                 if full is not None:
                     writer.put(index, full)
                 tracker.advance(plan.read_bytes(plan.units[index]), shards.bytes_written if shards else 0)

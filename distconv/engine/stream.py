@@ -215,12 +215,12 @@ class Stream:
         read = functools.partial(_pulled if pull else _walked, plan, reader, comm.rank, batches)
         self._ahead = ReadAhead(sizes, read, window, reader.collective, threaded)
 
-    def walk(self, check: Callable[[], BaseException | None] = lambda: None
+    def walk(self, check: Callable[[], BaseException | None] = lambda: None, on_device: bool = False
              ) -> Iterator[tuple[int, list[torch.Tensor] | None]]:
         """Collective: ``(unit index, its parts on its writer, None elsewhere)`` for every unit in plan
         order. Every rank agrees after each unit's reads, on them and on ``check()`` (the sink's
         error): a failure anywhere is one ``DistconvError`` on every rank. A batch starts once every
-        rank agreed on the first unit of the batch before it."""
+        rank agreed on the first unit of the batch before it. ``on_device``: ``Comm.gather``'s."""
         self._ahead.permit(1)
         for k, batch in enumerate(self._batches):
             per_unit, error = self._ahead.take(k)
@@ -229,7 +229,7 @@ class Stream:
                 if j == 0:
                     self._ahead.permit(k + 2)
                 unit = self._plan.units[index]
-                yield index, self._comm.gather(unit, per_unit[j], self._plan.dtype_of(unit))
+                yield index, self._comm.gather(unit, per_unit[j], self._plan.dtype_of(unit), on_device)
 
     def take(self, index: int) -> list[torch.Tensor]:
         """This writer's unit ``index``'s parts (raising its read's error)."""
