@@ -1,4 +1,4 @@
-"""distconv benchmark: against the disk's limit and a single-process baseline, same run.
+"""distconv benchmark: against the copy limit and a single-process baseline, same run.
 
     python -m tests.benchmarks.run [--op export|import|reshard] [--gb 2 ...] [--ranks 1 2 4] [--tp T --pp P]
                                    [--experts N [--ep E --etp X]] [--writers 1] [--window 256MiB] [--repeat 1]
@@ -10,25 +10,30 @@ For each ``--gb`` size:
    checkpoint of ``--gb`` GB of bf16 weights (plus fp32 Adam moments unless ``--no-optimizer``),
    saved by 4 ranks at TP2 PP2 (with ``--experts N``: a Mixtral-shaped MoE model, saved at EP2
    with expert TP 1); for ``--op import`` also the HF folder distconv exports from it (one process).
-2. Measures the physical limit: plain sequential reads of the weights' byte count from the
-   source's files (``.distcp``, or ``.safetensors`` for import), then plain sequential writes
-   (fsync'ed) of as many bytes to the same disk.
-3. Runs distconv under torchrun at each ``--ranks`` count: ``export`` (with ``--writers``) to
-   an HF folder; ``import`` (HF folder) and ``reshard`` (the checkpoint) to a torch_dist save
-   root at ``--tp`` x ``--pp`` (default TP2 PP1 for import, TP1 PP2 for reshard), and for an MoE
-   model at ``--ep`` x ``--etp`` (default EP2 with expert TP 1 for import, EP4 for reshard).
-4. Runs the baseline in one process: for export ``baseline.py`` (``dcp_to_torch_save`` +
-   mapping + ``safetensors``); for import and reshard ``baseline_megatron.py`` (the whole
-   source loaded into RAM, every target chunk built in RAM, megatron-core's default
-   ``dist_checkpointing.save``).
+2. Measures the copy limit: a plain streaming copy of the weights' byte count from the source's
+   files (``.distcp``, or ``.safetensors`` for import) into one file on the same disk, a reader
+   thread and the writer overlapped, fsync'ed: what any conversion of these bytes needs at
+   least. Also ``python -m distconv --help``'s wall time and the planning time alone
+   (``plan_time.py``: imports done, one rank).
+3. Runs ``torchrun -m distconv`` at each ``--ranks`` count, as a user would: ``export`` (with
+   ``--writers``; at 2 ranks also ``--writers 2`` when ``--writers`` is 1) to an HF folder;
+   ``import`` (HF folder) and ``reshard`` (the checkpoint) to a torch_dist save root at ``--tp``
+   x ``--pp`` (default TP2 PP1 for import, TP1 PP2 for reshard), and for an MoE model at
+   ``--ep`` x ``--etp`` (default EP2 with expert TP 1 for import, EP4 for reshard). "time" is
+   the run's own (``--report``'s ``seconds.total``: planning, conversion, small files, marker),
+   "wall" the whole process tree's, start-up and imports included.
+4. Runs the baseline in one process (unless ``--skip-baseline``): for export ``baseline.py``
+   (``dcp_to_torch_save`` + mapping + ``safetensors``); for import and reshard
+   ``baseline_megatron.py`` (the whole source loaded into RAM, every target chunk built in RAM,
+   megatron-core's default ``dist_checkpointing.save``).
 
 With ``--repeat N`` every row is measured N times (the runs of a row back to back), and the
 table shows the median time and the largest peak RSS. The page cache is dropped for the source
 files (``posix_fadvise(DONTNEED)``) before each measurement, so reads come from the disk.
 Prints one table per size (and, for several sizes, how each run's peak memory grew with the
 weights) and the machine's load average over the runs, and writes them as JSON.
-Bytes read are the processes' ``read_bytes`` from ``/proc/<pid>/io`` (real storage reads).
-"start" is a process's resident memory after importing the runtime, before the conversion.
+Bytes read are what the whole process tree read from storage (``ru_inblock`` of the waited-for
+children); peak RSS is each rank's, from the run report.
 """
 
 from __future__ import annotations
