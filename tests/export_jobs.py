@@ -5,7 +5,9 @@
 The test suite uses it to keep torchrun launches few. It also exercises the post-training
 hook contract: ``distconv.export`` must reuse this script's process group and leave it alive.
 A job is ``distconv.export``'s keyword arguments, plus optionally ``"wrong_mapping": NAME`` (export
-with a deliberately broken gpt-oss table, ``wrong_mapping``) and ``"cold": FOLDER``: that
+with a deliberately broken gpt-oss table, ``wrong_mapping``), ``"stuck_writer": true`` (every
+``fsync`` of distconv's writer thread hangs until the export has returned: ``stuck_writer``; the
+result then also has every rank's error and the export's seconds) and ``"cold": FOLDER``: that
 folder's files are evicted from the page cache once planning is over, so the conversion reads
 them from storage and each rank's measured ``bytes_read`` shows what it read first; the
 result's ``mapped`` then lists, per rank, the bytes of those files its memory maps hold as
@@ -17,6 +19,8 @@ import gc
 import json
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 from unittest import mock
 
@@ -91,19 +95,46 @@ def cold_conversion(folder: str | None):
         yield record
 
 
+@contextlib.contextmanager
+def stuck_writer(on: bool):
+    """``os.fsync`` called from distconv's writer thread (``distconv-writer``) blocks until this
+    context exits, as a write to a hung file system would; other threads' calls are untouched.
+    The stuck thread is released on exit (its export has failed by then) and ``os.fsync`` restored."""
+    if not on:
+        yield
+        return
+    release, real = threading.Event(), os.fsync
+
+    def fsync(fd):
+        if threading.current_thread().name == "distconv-writer":
+            release.wait()
+        return real(fd)
+
+    try:
+        with mock.patch("os.fsync", fsync):
+            yield
+    finally:
+        release.set()
+
+
 def main() -> None:
     jobs_path, results_path = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
     results = []
     for job in json.load(open(jobs_path)):
-        cold, wrong = job.pop("cold", None), job.pop("wrong_mapping", None)
+        cold, wrong, stuck = job.pop("cold", None), job.pop("wrong_mapping", None), job.pop("stuck_writer", False)
         mapped: dict[str, int] = {}
+        start = time.monotonic()
         try:
-            with cold_conversion(cold) as mapped, wrong_mapping(wrong):
+            with cold_conversion(cold) as mapped, wrong_mapping(wrong), stuck_writer(stuck):
                 report = distconv.export(**job, quiet=True)
             results.append({"ok": True, "report": report})
         except distconv.DistconvError as e:
             results.append({"ok": False, "error": str(e)})
+        if stuck:  # every rank's outcome, and how long the export took to fail
+            results[-1]["seconds"] = time.monotonic() - start
+            results[-1]["rank_errors"] = [None] * dist.get_world_size()
+            dist.all_gather_object(results[-1]["rank_errors"], results[-1].get("error"))
         results[-1]["group_alive"] = dist.is_initialized()
         if cold is not None:  # every rank's maps of the cold files: rank -> {file: bytes}
             results[-1]["mapped"] = [None] * dist.get_world_size()

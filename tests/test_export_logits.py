@@ -61,6 +61,8 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
                 ("llama", 2, 2, world, "shards"): _job(built, out / "shards", "llama", 2, 2, world, max_shard_size="200KB"),
                 ("qwen3", 2, 2, world, "writers"): _job(built, out / "writers", "qwen3", 2, 2, world, writers=2,
                                                         max_shard_size="100KB", window="60KB"),
+                ("llama", 2, 2, world, "stuck"): _job(built, out / "stuck", "llama", 2, 2, world, stuck_writer=True,
+                                                      timeout_s=10),
             }
         results = run_export_jobs(world, jobs + list(extra.values()), out)
         for key, job, result in zip(keys + list(extra), jobs + list(extra.values()), results):
@@ -160,6 +162,20 @@ def test_parallel_writers_and_small_windows(exported, built):
     index = json.loads((result["save"] / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2
     assert _check_logits(built, "qwen3", result["save"]) <= TOL
+
+
+def test_stuck_writer_fails_every_rank_in_bounded_time(exported):
+    """The writer thread's fsync hangs (tests/export_jobs.py ``stuck_writer``): the main thread stops
+    waiting after half of ``--timeout`` (10 s here), every rank raises the one message, the caller's
+    group stays usable, and nothing is left at --save."""
+    result = exported[("llama", 2, 2, OTHER_WORLD, "stuck")]
+    assert not result["ok"]
+    assert "made no progress for 5 s" in result["error"] and "fsync" in result["error"]
+    assert result["rank_errors"] == [result["error"]] * OTHER_WORLD
+    assert result["seconds"] < 60, result["seconds"]  # planning + 5 s, not forever
+    assert result["group_alive"]
+    parent = result["save"].parent  # neither the output nor its hidden run folder is left
+    assert not parent.exists() or not list(parent.iterdir())
 
 
 def test_cli_single_process_without_torchrun(built, tmp_path):

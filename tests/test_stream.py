@@ -15,8 +15,9 @@ import torch
 
 from distconv.directions.export import make_plan
 from distconv.engine.comm import Comm, HostBuffers
+from distconv.engine.marker import HashedWrites
 from distconv.engine.plan import Plan, Read
-from distconv.engine.stream import ReadAhead, Stream
+from distconv.engine.stream import ReadAhead, Stream, WriterThread
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
 from distconv.megatron.args import spec_from_args
@@ -134,3 +135,42 @@ def test_a_stalled_gpu_transfer_is_one_error_at_the_timeout():
     with pytest.raises(DistconvError, match=r"did not finish within 0.2 s \(--timeout\): a peer rank died"):
         comm.wait([_Stalled()])
     assert time.monotonic() - start < 5
+
+
+def test_a_stuck_writer_thread_is_an_error_within_its_bound():
+    """A job that never ends (a hung fsync): ``put`` stops waiting for room, ``join`` for the end,
+    each after ``stall_s`` without progress; a slow job that ends in time is no error."""
+    release = threading.Event()
+    done = []
+    writer = WriterThread(lambda index, tensors: (release.wait() if index == 0 else time.sleep(0.3), done.append(index)),
+                          stall_s=0.5)
+    start = time.monotonic()
+    for index in range(4):  # job 0 hangs, 1 and 2 fill the queue, 3 finds no room
+        writer.put(index, [])
+    assert "made no progress for 0.5 s" in str(writer.error)
+    assert writer.join() is writer.error and writer.alive  # no second wait once stuck
+    assert time.monotonic() - start < 3
+    release.set()
+
+    ended: list = []
+    slow = WriterThread(lambda index, tensors: (time.sleep(0.3), ended.append(index)), stall_s=0.5)
+    for index in range(4):
+        slow.put(index, [])
+    assert slow.join(last=lambda: ended.append("last")) is None and not slow.alive
+    assert ended == [0, 1, 2, 3, "last"]
+
+
+def test_hashed_writes_hash_every_byte_large_and_small(tmp_path):
+    """A buffer over ``OVERLAP_FROM`` is hashed on the other thread while it is written, a small one
+    in the writing thread; the sum is the file's either way."""
+    import hashlib
+    import os
+
+    writes = HashedWrites()
+    sha = hashlib.sha256()
+    parts = [b"header", os.urandom(3 << 20), memoryview(os.urandom(5000)), bytearray(os.urandom(HashedWrites.OVERLAP_FROM))]
+    with open(tmp_path / "f", "wb") as f:
+        for data in parts:
+            writes.write(f, sha, data)
+    writes.close()
+    assert sha.hexdigest() == hashlib.sha256((tmp_path / "f").read_bytes()).hexdigest()

@@ -145,3 +145,17 @@ def test_the_command_line_help_imports_no_heavy_library():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]
+
+
+def test_the_families_and_directions_import_neither_transformers_nor_megatron_core():
+    """The family tables name their config classes; transformers and megatron-core are imported by
+    the steps that need them, not by importing the families or a direction."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport distconv.families, distconv.directions.export, distconv.directions.import_, "
+            "distconv.directions.reshard\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'transformers'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout[-500:]

@@ -562,17 +562,16 @@ class ExportJob:
                 raise nonfinite_error(found, "the model would produce garbage (stopped at the first tensors found "
                                       "holding any; --allow-nonfinite exports them)")
 
-        writer = WriterThread(write_unit) if shards else None
+        writer = WriterThread(write_unit, stall_s=comm.timeout_s / 2) if shards else None  # peers wait --timeout
         stream = None
         try:
             stream = Stream(plan, self.reader, comm, self.window, threaded=comm.overlap_reads)
-            for index, full in stream.walk(lambda: writer.error if writer else None):
+            # on GPUs the parts stay there: mapped, checked and quantized on the device (unmeasured)
+            for index, full in stream.walk(lambda: writer.error if writer else None, on_device=True):
                 if full is not None:
                     writer.put(index, full)
                 tracker.advance(plan.read_bytes(plan.units[index]), shards.bytes_written if shards else 0)
-            error = writer.join() if writer else None
-            if shards is not None and error is None:
-                error = _attempt(shards.close)
+            error = writer.join(last=shards.close) if writer else None  # the last fsync, bounded too
             tracker.converted(shards.bytes_written if shards else 0)
             comm.agree(error)  # every shard file is complete
             found = {k: v for part in comm.collect(nonfinite) for k, v in part.items()}
@@ -589,7 +588,7 @@ class ExportJob:
                 stream.close()
             if writer is not None:
                 writer.join(discard=True)
-            if shards is not None:
+            if shards is not None and not writer.alive:  # a stuck writer keeps its file
                 shards.abort()
             raise
 
@@ -655,10 +654,3 @@ def nonfinite_error(found: list[str], outcome: str) -> DistconvError:
     listed = "; ".join(found[:4]) + (" ..." if len(found) > 4 else "")
     return DistconvError(f"NaN or Inf values in HF tensor {listed}: {outcome}")
 
-
-def _attempt(fn) -> BaseException | None:
-    try:
-        fn()
-    except Exception as e:
-        return e
-    return None

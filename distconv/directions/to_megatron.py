@@ -154,14 +154,12 @@ class ToMegatron:
         chunks = [(plan.units[n].outputs[0].place, plan.units[n].dtype) for n in mine.values()]
         extras = [e for e in self.extras if e.target_rank % comm.world == comm.rank]
         try:
-            save_root(comm, tmp, chunks=chunks, extras=extras, fetch=fetch, common=self.common, iteration=self.iteration)
+            known = save_root(comm, tmp, chunks=chunks, extras=extras, fetch=fetch, common=self.common,
+                              iteration=self.iteration)  # its files hashed as written
         finally:
             stream.close()
         tracker.converted(written)
         misses = sum(comm.collect(stream.misses))
-        folder = iteration_dir(self.iteration)
-        known = {f"{folder}/{f.name}": {"bytes": f.stat().st_size, "sha256": marker.sha256(f)}
-                 for f in sorted((tmp / folder).glob(f"__{comm.rank}_*.distcp"))}
         return {"save": str(self.save), "layout": self.layout, "padded_vocab_size": self.spec.padded_vocab_size,
                 "read_ahead_misses": misses}, known
 

@@ -134,14 +134,19 @@ class Comm:
             dist.broadcast_object_list(token, src=0, group=self.control)
         return token[0]
 
-    def gather(self, unit: Unit, mine: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor] | None:
+    def gather(self, unit: Unit, mine: list[torch.Tensor], dtype: torch.dtype,
+               on_device: bool = False) -> list[torch.Tensor] | None:
         """Assemble the unit's parts on its writer rank from every rank's slices.
 
         Returns the parts on the writer, None elsewhere. A rank's slices travel as one packed
         message; the writer posts its receives as one batch (``batch_isend_irecv``: under NCCL
         on the group's one communicator, not one per rank pair; gloo sends each on its own).
-        Where a single read is the whole part, that tensor is used as is.
+        Where a single read is the whole part, that tensor is used as is. ``on_device``: on
+        GPUs the parts are assembled where the messages arrive, and stay there (what follows,
+        the family's transform, the NaN check and FP8's quantization, runs on the device, and
+        each output is copied back once as it is written); else they are assembled on the host.
         """
+        where = self.device if on_device else torch.device("cpu")
         dst = unit.writer
         if self.rank != dst:
             if mine:
@@ -150,10 +155,10 @@ class Comm:
             return None
         full: list[torch.Tensor | None] = [None] * len(unit.parts)
         for read, t in zip(unit.reads_of(dst), mine):
-            if t.shape == unit.parts[read.part].shape and full[read.part] is None:
+            if t.shape == unit.parts[read.part].shape and full[read.part] is None and t.device == where:
                 full[read.part] = t  # the read is the whole part: no copy
             else:
-                place(full, unit, read, t, dtype)
+                place(full, unit, read, t, dtype, device=where)
         pending = []
         for src in range(self.world):
             reads = unit.reads_of(src) if src != dst else []
@@ -163,9 +168,10 @@ class Comm:
             ops = [dist.P2POp(dist.irecv, buf, src, group=self.data) for src, _, buf in pending]
             self.wait(dist.batch_isend_irecv(ops))
         for src, reads, buf in pending:
-            host = buf if buf.device.type == "cpu" else self.staging.copy(src, buf)
-            for read, t in zip(reads, _unpack(host, reads, dtype)):
-                place(full, unit, read, t, dtype)
+            # on the device: placed from the message itself; else one copy to the host first
+            here = buf if buf.device == where else self.staging.copy(src, buf)
+            for read, t in zip(reads, _unpack(here, reads, dtype)):
+                place(full, unit, read, t, dtype, device=where)
         return full  # type: ignore[return-value]
 
     def wait(self, works: list[Any]) -> None:
@@ -284,11 +290,11 @@ class HostBuffers:
 
 
 def place(full: list[torch.Tensor | None], unit: Unit, read: Read, t: torch.Tensor, dtype: torch.dtype,
-          fill: bool = False) -> None:
-    """Put a read's data where it lands in its part (made on first use: empty, or zeros with
-    ``fill`` where reads may leave rows uncovered: padding rows)."""
+          fill: bool = False, device: torch.device | None = None) -> None:
+    """Put a read's data where it lands in its part (made on first use, on ``device``, the host by
+    default: empty, or zeros with ``fill`` where reads may leave rows uncovered: padding rows)."""
     if full[read.part] is None:
-        full[read.part] = (torch.zeros if fill else torch.empty)(unit.parts[read.part].shape, dtype=dtype)
+        full[read.part] = (torch.zeros if fill else torch.empty)(unit.parts[read.part].shape, dtype=dtype, device=device)
     target = full[read.part][read.dest]
     target.copy_(t.reshape(target.shape))
 

@@ -50,6 +50,33 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+class HashedWrites:
+    """Writes buffers into files while a second thread computes each file's SHA-256 (``sums``: file
+    -> bytes, sha256), so that the marker needs no second pass over what this run wrote.
+    ``hashlib`` releases the GIL for buffers over 2 KiB, as file writes do: on a free core the hash
+    costs no time. A buffer is hashed before ``write`` returns (the caller may reuse it)."""
+
+    OVERLAP_FROM = 1 << 20  # smaller buffers are hashed in the writing thread (a hand-off costs more)
+
+    def __init__(self) -> None:
+        self.sums: dict[str, dict[str, Any]] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="distconv-hash")
+
+    def write(self, file: Any, sha: Any, data: Any) -> int:
+        """``file.write(data)``, with ``sha.update(data)`` beside it; returns what the write returned."""
+        if memoryview(data).nbytes < self.OVERLAP_FROM:
+            sha.update(data)
+            return file.write(data)
+        hashed = self._pool.submit(sha.update, data)
+        try:
+            return file.write(data)
+        finally:
+            hashed.result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False)
+
+
 def file_sums(folder: Path, known: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
     """Size and SHA-256 of every file in ``folder``; ``known`` ones (hashed as they were
     written) are taken as given, the rest are hashed in parallel threads."""

@@ -11,7 +11,9 @@ the marker, so nothing at ``--save`` ever looks complete before it is.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import re
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -83,6 +85,21 @@ def agreed(comm: Comm, fn: Callable[[], Any]) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def collector_paused() -> Any:
+    """Python's cyclic garbage collector off, then back as it was (a caller's setting is kept).
+    Planning makes hundreds of thousands of small objects (DCP metadata, the plan) and no garbage
+    worth a pass: the passes the allocations trigger cost seconds on a 2 GB model (0.5-2 s of
+    ``ExportJob``'s 0.6-2.2 s measured, varying with the heap), none of it needed."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def say(comm: Comm, quiet: bool, text: str) -> None:
     if comm.rank == 0 and not quiet:
         print(text, flush=True)
@@ -91,7 +108,8 @@ def say(comm: Comm, quiet: bool, text: str) -> None:
 def run(comm: Comm, plan: Callable[[], Job], opts: RunOptions) -> dict[str, Any]:
     """Collective: plan, then skip, dry-run or convert; returns the report (the same on every rank)."""
     tracker = Tracker(comm.rank, comm.world, comm.control, opts.quiet)
-    job: Job = agreed(comm, plan)
+    with collector_paused():
+        job: Job = agreed(comm, plan)
     say(comm, opts.quiet, job.summary(comm.world))
     if comm.rank == 0:
         for warning in job.warnings:

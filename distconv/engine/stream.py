@@ -30,12 +30,14 @@ import functools
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
 from distconv.engine.comm import Comm, check_slices, place
 from distconv.engine.plan import Plan, Read, Unit
+from distconv.errors import DistconvError
 
 
 class Reader(Protocol):
@@ -213,12 +215,12 @@ class Stream:
         read = functools.partial(_pulled if pull else _walked, plan, reader, comm.rank, batches)
         self._ahead = ReadAhead(sizes, read, window, reader.collective, threaded)
 
-    def walk(self, check: Callable[[], BaseException | None] = lambda: None
+    def walk(self, check: Callable[[], BaseException | None] = lambda: None, on_device: bool = False
              ) -> Iterator[tuple[int, list[torch.Tensor] | None]]:
         """Collective: ``(unit index, its parts on its writer, None elsewhere)`` for every unit in plan
         order. Every rank agrees after each unit's reads, on them and on ``check()`` (the sink's
         error): a failure anywhere is one ``DistconvError`` on every rank. A batch starts once every
-        rank agreed on the first unit of the batch before it."""
+        rank agreed on the first unit of the batch before it. ``on_device``: ``Comm.gather``'s."""
         self._ahead.permit(1)
         for k, batch in enumerate(self._batches):
             per_unit, error = self._ahead.take(k)
@@ -227,7 +229,7 @@ class Stream:
                 if j == 0:
                     self._ahead.permit(k + 2)
                 unit = self._plan.units[index]
-                yield index, self._comm.gather(unit, per_unit[j], self._plan.dtype_of(unit))
+                yield index, self._comm.gather(unit, per_unit[j], self._plan.dtype_of(unit), on_device)
 
     def take(self, index: int) -> list[torch.Tensor]:
         """This writer's unit ``index``'s parts (raising its read's error)."""
@@ -246,13 +248,21 @@ class Stream:
 
 
 class WriterThread:
-    """Runs ``work(group_index, tensors)`` in order on a background thread; keeps the first error."""
+    """Runs ``work(group_index, tensors)`` in order on a background thread; keeps the first error.
 
-    def __init__(self, work: Callable[[int, list[torch.Tensor]], None]) -> None:
+    Waits on it are bounded: when no job finishes for ``stall_s`` seconds (a write or an
+    ``fsync`` that hangs on the output's storage), ``put`` and ``join`` stop waiting and ``error``
+    says so; the thread is then left behind (a daemon), since a system call cannot be interrupted.
+    """
+
+    def __init__(self, work: Callable[[int, list[torch.Tensor]], None], stall_s: float = 900.0) -> None:
         self.error: BaseException | None = None
+        self.stall_s = stall_s
         self._work = work
         self._drop = False  # set by ``join(discard=True)``: skip the jobs still queued
         self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._finished = 0  # jobs ended (done, failed or skipped): progress, for the bounded waits
+        self._stuck = False  # a wait gave up: later ones do not wait again
         self._thread = threading.Thread(target=self._run, name="distconv-writer", daemon=True)
         self._thread.start()
 
@@ -263,19 +273,50 @@ class WriterThread:
                 return
             if self.error is None and not self._drop:
                 try:
-                    self._work(*job)
+                    job()
                 except BaseException as e:
                     self.error = e
+            self._finished += 1
+
+    def _stalled(self) -> DistconvError:
+        self._stuck = True
+        return DistconvError(
+            f"writing the output made no progress for {self.stall_s:g} s (half of --timeout): a write or fsync to "
+            "the output's storage hangs; stopped")
 
     def put(self, index: int, tensors: list[torch.Tensor]) -> None:
-        self._queue.put((index, tensors))
+        """Queue one job; when the queue stays full for ``stall_s``, the job is dropped and ``error`` set."""
+        self._enqueue(functools.partial(self._work, index, tensors))
 
-    def join(self, discard: bool = False) -> BaseException | None:
-        """Finish the queued jobs (``discard``: skip them; a job under way still ends) and
-        join the thread; returns the first error."""
-        self._drop = discard
-        self._queue.put(None)
-        self._thread.join()
+    def _enqueue(self, job: Callable[[], None] | None) -> bool:
+        try:
+            self._queue.put(job, timeout=self.stall_s)
+            return True
+        except queue.Full:
+            stalled = self._stalled()
+            self.error = self.error or stalled
+            return False
+
+    @property
+    def alive(self) -> bool:
+        """The thread has not ended (it may be stuck in a write: leave its files alone)."""
+        return self._thread.is_alive()
+
+    def join(self, discard: bool = False, last: Callable[[], None] | None = None) -> BaseException | None:
+        """Finish the queued jobs (``discard``: skip them; a job under way still ends), then ``last``
+        (e.g. the final flush and ``fsync``) on the thread, and join it; returns the first error.
+        Gives up when no job ends for ``stall_s`` seconds."""
+        self._drop = self._drop or discard
+        if self._thread.is_alive() and not self._stuck and self._enqueue(last) and (last is None or self._enqueue(None)):
+            seen, since = self._finished, time.monotonic()
+            while self._thread.is_alive():
+                self._thread.join(timeout=min(1.0, self.stall_s))
+                if self._finished != seen:
+                    seen, since = self._finished, time.monotonic()
+                elif time.monotonic() - since > self.stall_s:
+                    stalled = self._stalled()
+                    self.error = self.error or stalled
+                    break
         return self.error
 
 

@@ -10,16 +10,19 @@ names and shapes before any byte is read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
-from transformers import PretrainedConfig
 
 from distconv.errors import DistconvError
 from distconv.hf.fp8 import SCALE, quantize
 from distconv.hf.mxfp4 import BLOCKS, SCALES, quantize as quantize_mxfp4
 from distconv.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -108,6 +111,7 @@ VOCAB = VocabRows()
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
 
 
+@functools.lru_cache(maxsize=None)
 def _compile(pattern: str) -> re.Pattern[str]:
     parts = _PLACEHOLDER.split(pattern)
     regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>\\d+)" for i, p in enumerate(parts))
@@ -181,7 +185,7 @@ class Family:
     """One HF architecture: its rules, what it can express, and how its config is built."""
 
     architecture: str
-    config_class: type[PretrainedConfig]
+    config_class: str  # transformers' config class, by its name in ``transformers`` (imported when first needed)
     rules: tuple[Rule, ...]
     requires: dict[str, Any]  # ModelSpec field -> required value (or a predicate)
     config_fields: tuple[tuple[str, Callable[[ModelSpec], Any]], ...]  # HF field <- spec
@@ -211,7 +215,9 @@ class Family:
     def hf_config(self, spec: ModelSpec, **tokens: int | None) -> PretrainedConfig:
         """The HF config for ``spec``; ``tokens`` (``bos_token_id=...``) are set as given, None included."""
         values = {name: fn(spec) for name, fn in self.config_fields}
-        config = self.config_class(**{k: v for k, v in values.items() if v is not None or k in self.nullable}, **tokens)
+        import transformers
+
+        config = getattr(transformers, self.config_class)(**{k: v for k, v in values.items() if v is not None or k in self.nullable}, **tokens)
         config.architectures = [self.architecture]
         return config
 

@@ -17,9 +17,7 @@ part in selection only), ``sigmoid`` scores, and MoE in every layer after the de
 
 from __future__ import annotations
 
-from typing import Any
-
-from transformers import DeepseekV3Config, PretrainedConfig
+from typing import TYPE_CHECKING, Any
 
 from distconv.errors import DistconvError
 from distconv.families.base import Family, Rule
@@ -27,6 +25,9 @@ from distconv.families.llama import RULES, H, L, spec_fields
 from distconv.families.moe import (
     SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields, with_mtp,
 )
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 A = L + "self_attention."
 HA = H + "self_attn."
@@ -66,7 +67,7 @@ def yarn_from_hf(config: PretrainedConfig) -> dict[str, Any] | None:
 
 DEEPSEEK_V3 = Family(
     architecture="DeepseekV3ForCausalLM",
-    config_class=DeepseekV3Config,
+    config_class="DeepseekV3Config",
     # Llama's rules without the fused q/k/v (its q_proj would be MLA's own when there is no q LoRA)
     rules=with_mtp(tuple(r for r in RULES if r.megatron != L + "self_attention.linear_qkv.weight")
                    + MLA_RULES + SIGMOID_RULES),

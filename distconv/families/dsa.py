@@ -38,15 +38,17 @@ FP8 releases quantize ``wq_b`` (vLLM builds it with the model's quantization) an
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from transformers import DeepseekV32Config, GlmMoeDsaConfig, PretrainedConfig
 
 from distconv.errors import DistconvError
 from distconv.families.base import Family, JointTransform, Rule, Tensors, Transform
 from distconv.families.deepseek_v3 import DEEPSEEK_V3, HA, A
 from distconv.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 IX = A + "core_attention.indexer."
 HIX = HA + "indexer."
@@ -122,7 +124,7 @@ def _indexer_types(config: PretrainedConfig) -> str:
     return "dsa"
 
 
-def _dsa_family(architecture: str, config_class: type[PretrainedConfig], half_split: bool,
+def _dsa_family(architecture: str, config_class: str, half_split: bool,
                 drop: tuple[str, ...], extra: tuple[tuple[str, Callable[[ModelSpec], Any]], ...]) -> Family:
     base = DEEPSEEK_V3
     rules = tuple(r for r in base.rules if r.megatron != _Q_NORM) + indexer_rules(half_split)
@@ -149,8 +151,8 @@ def _dsa_family(architecture: str, config_class: type[PretrainedConfig], half_sp
 
 
 # DeepSeek-V3.2's configs carry DeepSeek-V3's routing fields (vLLM and SGLang read them), not rope_interleave
-DEEPSEEK_V32 = _dsa_family("DeepseekV32ForCausalLM", DeepseekV32Config, True, drop=("rope_interleave",), extra=())
+DEEPSEEK_V32 = _dsa_family("DeepseekV32ForCausalLM", "DeepseekV32Config", True, drop=("rope_interleave",), extra=())
 # GLM-5's configs: no DeepSeek routing fields; every indexer layer "full"
-GLM_MOE_DSA = _dsa_family("GlmMoeDsaForCausalLM", GlmMoeDsaConfig, False,
+GLM_MOE_DSA = _dsa_family("GlmMoeDsaForCausalLM", "GlmMoeDsaConfig", False,
                           drop=("rope_interleave", "topk_method", "scoring_func", "moe_layer_freq"),
                           extra=(("indexer_types", lambda s: ["full"] * s.num_layers),))

@@ -17,8 +17,6 @@ writes ``num_nextn_predict_layers`` (transformers defaults it to 1).
 
 from __future__ import annotations
 
-from transformers import Glm4MoeConfig
-
 from distconv.families.base import QKV, Family, Rule, _hf_value
 from distconv.families.llama import RULES, H, L, spec_fields
 from distconv.families.moe import (
@@ -31,7 +29,7 @@ HA = H + "self_attn."
 
 GLM4_MOE = Family(
     architecture="Glm4MoeForCausalLM",
-    config_class=Glm4MoeConfig,
+    config_class="Glm4MoeConfig",
     rules=with_mtp(RULES + SIGMOID_RULES + (
         Rule(A + "linear_qkv.bias", (HA + "q_proj.bias", HA + "k_proj.bias", HA + "v_proj.bias"), QKV),
         Rule(A + "q_layernorm.weight", HA + "q_norm.weight"),

@@ -7,7 +7,6 @@ HF's ``Conv1D`` stores matrices as ``[in, out]``, so every matrix is transposed,
 from __future__ import annotations
 
 import torch
-from transformers import GPT2Config
 
 from distconv.families.base import QKV, VOCAB, Family, Rule, Tensors, Transform
 from distconv.spec import ModelSpec
@@ -63,7 +62,7 @@ RULES = (
 
 GPT2 = Family(
     architecture="GPT2LMHeadModel",
-    config_class=GPT2Config,
+    config_class="GPT2Config",
     rules=RULES,
     requires=dict(
         normalization="LayerNorm",

@@ -32,16 +32,18 @@ the logits, softmax over the k (megatron-core's softmax router without pre-softm
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import GptOssConfig, PretrainedConfig
 
 from distconv.errors import DistconvError
 from distconv.families.base import QKV, Family, Rule, Transform
 from distconv.families.llama import RULES, H, L, spec_fields
 from distconv.families.moe import MOE_REQUIRES, fields, with_fields
 from distconv.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 A, HA = L + "self_attention.", H + "self_attn."
 E, HE = L + "mlp.experts.{expert}.", H + "mlp.experts."
@@ -183,7 +185,7 @@ def _vllm_notes(spec: ModelSpec) -> list[str]:
 
 GPT_OSS = Family(
     architecture="GptOssForCausalLM",
-    config_class=GptOssConfig,
+    config_class="GptOssConfig",
     rules=RULES,
     requires={
         **MOE_REQUIRES,

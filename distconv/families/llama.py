@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from transformers import LlamaConfig
-
 from distconv.families.base import GATE_UP, QKV, VOCAB, Family, Rule, _hf_value, rope_from_hf
 
 L = "decoder.layers.{layer}."
@@ -97,7 +95,7 @@ def spec_fields(**overrides) -> tuple:
 
 LLAMA = Family(
     architecture="LlamaForCausalLM",
-    config_class=LlamaConfig,
+    config_class="LlamaConfig",
     rules=RULES,
     requires=REQUIRES,
     config_fields=CONFIG_FIELDS + (("attention_bias", lambda s: False), ("mlp_bias", lambda s: False)),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from transformers import MistralConfig
-
 from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, spec_fields
 from distconv.families.base import Family
 from distconv.spec import ModelSpec
@@ -16,7 +14,7 @@ def _sliding_window(spec: ModelSpec) -> int | None:
 
 MISTRAL = Family(
     architecture="MistralForCausalLM",
-    config_class=MistralConfig,
+    config_class="MistralConfig",
     rules=RULES,
     requires={**REQUIRES, "window_size": lambda w: w is None or w[1] == 0},
     config_fields=CONFIG_FIELDS + (("sliding_window", _sliding_window),),

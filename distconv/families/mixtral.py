@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from transformers import MixtralConfig
-
 from distconv.families.base import Family
 from distconv.families.llama import RULES, spec_fields
 from distconv.families.moe import SOFTMAX_REQUIRES, expert_rules, fields, with_fields
 
 MIXTRAL = Family(
     architecture="MixtralForCausalLM",
-    config_class=MixtralConfig,
+    config_class="MixtralConfig",
     rules=RULES + expert_rules("block_sparse_moe.", "w1.weight", "w3.weight", "w2.weight"),
     requires={
         **SOFTMAX_REQUIRES,

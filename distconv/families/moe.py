@@ -16,13 +16,14 @@ Token dropping (a capacity factor) and Sinkhorn routing have no HF equivalent.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
-
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING, Any, Callable
 
 from distconv.families.base import GATE_UP, VOCAB, Rule
 from distconv.families.llama import CONFIG_FIELDS, REQUIRES, H, L
 from distconv.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 E = "mlp.experts.{expert}."
 

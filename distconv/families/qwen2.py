@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import Qwen2Config
-
 from distconv.families.base import QKV, Family, Rule
 from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, H, L, spec_fields
 
 QWEN2 = Family(
     architecture="Qwen2ForCausalLM",
-    config_class=Qwen2Config,
+    config_class="Qwen2Config",
     rules=RULES + (
         Rule(L + "self_attention.linear_qkv.bias", (H + "self_attn.q_proj.bias", H + "self_attn.k_proj.bias", H + "self_attn.v_proj.bias"), QKV),
     ),

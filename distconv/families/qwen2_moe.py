@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from transformers import Qwen2MoeConfig
-
 from distconv.families.base import QKV, Family, Rule
 from distconv.families.llama import RULES, H, L, spec_fields
 from distconv.families.moe import (
@@ -12,7 +10,7 @@ from distconv.families.moe import (
 
 QWEN2_MOE = Family(
     architecture="Qwen2MoeForCausalLM",
-    config_class=Qwen2MoeConfig,
+    config_class="Qwen2MoeConfig",
     rules=RULES + expert_rules("mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight")
     + shared_expert_rules("shared_expert") + (
         Rule(L + "mlp.shared_experts.gate_weight", H + "mlp.shared_expert_gate.weight"),

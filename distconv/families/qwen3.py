@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from transformers import Qwen3Config
-
 from distconv.families.base import Family, Rule
 from distconv.families.llama import CONFIG_FIELDS, REQUIRES, RULES, H, L, spec_fields
 
 QWEN3 = Family(
     architecture="Qwen3ForCausalLM",
-    config_class=Qwen3Config,
+    config_class="Qwen3Config",
     rules=RULES + (
         Rule(L + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight"),
         Rule(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight"),

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from transformers import Qwen3MoeConfig
-
 from distconv.families.base import Family
 from distconv.families.moe import QWEN_MOE_FIELDS, QWEN_MOE_SPEC, QWEN_MOE_SPELLED_BY, SOFTMAX_REQUIRES, expert_rules, with_fields
 from distconv.families.qwen3 import QWEN3
 
 QWEN3_MOE = Family(
     architecture="Qwen3MoeForCausalLM",
-    config_class=Qwen3MoeConfig,
+    config_class="Qwen3MoeConfig",
     rules=QWEN3.rules + expert_rules("mlp.", "gate_proj.weight", "up_proj.weight", "down_proj.weight"),
     requires={**SOFTMAX_REQUIRES, "qk_layernorm": True, "moe_shared_ffn_hidden_size": None},
     config_fields=QWEN_MOE_FIELDS + (("attention_bias", lambda s: False),),

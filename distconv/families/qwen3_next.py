@@ -34,11 +34,9 @@ RoPE with text positions is the plain partial RoPE megatron-core applies.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
-from transformers import PretrainedConfig, Qwen3NextConfig
-from transformers.models.qwen3_5_moe import Qwen3_5MoeTextConfig
 
 from distconv.families.base import GATE_UP, VOCAB, Family, JointTransform, Rule, Tensors, Transform, _hf_value
 from distconv.families.llama import H, L, spec_fields
@@ -47,6 +45,9 @@ from distconv.families.moe import (
     with_fields,
 )
 from distconv.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 A = L + "self_attention."
 HA = H + "self_attn."
@@ -224,7 +225,7 @@ MTP = (("mtp.", "MTP layers: transformers does not load them, and distconv does 
 
 QWEN3_NEXT = Family(
     architecture="Qwen3NextForCausalLM",
-    config_class=Qwen3NextConfig,
+    config_class="Qwen3NextConfig",
     rules=COMMON_RULES + (
         Rule(_in_proj("query")[0], HL + "in_proj_qkvz.weight", PerKeyHead(_qkvz), joint=_in_proj("key", "value", "z")),
         Rule(_in_proj("beta")[0], HL + "in_proj_ba.weight", PerKeyHead(_ba), joint=_in_proj("alpha")),
@@ -248,7 +249,7 @@ def _all_moe(c: PretrainedConfig) -> tuple[bool, ...]:
 
 QWEN3_5_MOE = Family(
     architecture="Qwen3_5MoeForCausalLM",
-    config_class=Qwen3_5MoeTextConfig,
+    config_class="Qwen3_5MoeTextConfig",
     rules=COMMON_RULES + (
         Rule(_in_proj("query")[0], HL + "in_proj_qkv.weight", PerKeyHead(_qkv, grouped=False),
              joint=_in_proj("key", "value")),

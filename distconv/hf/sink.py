@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from distconv.engine.marker import HashedWrites
 from distconv.engine.plan import Output, Slab, file_order, whole
 from distconv.errors import DistconvError
 
@@ -80,11 +81,11 @@ class ShardWriter:
         self.sums: dict[str, dict[str, Any]] = {}  # file -> size and SHA-256, hashed as written
         self._hash: Any = None
         self._size = 0
+        self._writes = HashedWrites()  # the hash of a buffer computed while it is written
 
     def _put(self, data: Any) -> None:
         assert self.file is not None
-        self.file.write(data)
-        self._hash.update(data)
+        self._writes.write(self.file, self._hash, data)
         self._size += memoryview(data).nbytes
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -135,6 +136,7 @@ class ShardWriter:
     def close(self) -> None:
         """Finish the last file; every planned tensor must have been written."""
         self._close_file()
+        self._writes.close()
         if self.next != len(self.outputs):
             missing = self.outputs[self.next].name
             raise DistconvError(f"internal: output incomplete, {missing} and later tensors were never written")
@@ -146,6 +148,7 @@ class ShardWriter:
             except OSError:  # flushing what is buffered can fail again (a full disk)
                 pass
             self.file = None
+        self._writes.close()
 
 
 class TorchFileWriter:

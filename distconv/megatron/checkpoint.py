@@ -260,8 +260,12 @@ def read_dcp_metadata(folder: Path) -> Any:
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict) \
             or not isinstance(metadata.storage_data, dict):
         raise DistconvError(f"{path} does not hold DCP metadata (it unpickles to {type(metadata).__name__})")
+    checked: set[str] = set()  # thousands of items name a few files: each name is resolved once
     for info in metadata.storage_data.values():
-        inside(folder, getattr(info, "relative_path", None), str(path))
+        name = getattr(info, "relative_path", None)
+        if not isinstance(name, str) or name not in checked:
+            inside(folder, name, str(path))
+            checked.add(name)
         if not all(isinstance(getattr(info, a, None), int) and getattr(info, a) >= 0 for a in ("offset", "length")):
             raise DistconvError(f"{path} gives a data file range that is not a pair of byte counts")
     return metadata

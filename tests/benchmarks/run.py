@@ -1,4 +1,4 @@
-"""distconv benchmark: against the disk's limit and a single-process baseline, same run.
+"""distconv benchmark: against the copy limit and a single-process baseline, same run.
 
     python -m tests.benchmarks.run [--op export|import|reshard] [--gb 2 ...] [--ranks 1 2 4] [--tp T --pp P]
                                    [--experts N [--ep E --etp X]] [--writers 1] [--window 256MiB] [--repeat 1]
@@ -10,25 +10,30 @@ For each ``--gb`` size:
    checkpoint of ``--gb`` GB of bf16 weights (plus fp32 Adam moments unless ``--no-optimizer``),
    saved by 4 ranks at TP2 PP2 (with ``--experts N``: a Mixtral-shaped MoE model, saved at EP2
    with expert TP 1); for ``--op import`` also the HF folder distconv exports from it (one process).
-2. Measures the physical limit: plain sequential reads of the weights' byte count from the
-   source's files (``.distcp``, or ``.safetensors`` for import), then plain sequential writes
-   (fsync'ed) of as many bytes to the same disk.
-3. Runs distconv under torchrun at each ``--ranks`` count: ``export`` (with ``--writers``) to
-   an HF folder; ``import`` (HF folder) and ``reshard`` (the checkpoint) to a torch_dist save
-   root at ``--tp`` x ``--pp`` (default TP2 PP1 for import, TP1 PP2 for reshard), and for an MoE
-   model at ``--ep`` x ``--etp`` (default EP2 with expert TP 1 for import, EP4 for reshard).
-4. Runs the baseline in one process: for export ``baseline.py`` (``dcp_to_torch_save`` +
-   mapping + ``safetensors``); for import and reshard ``baseline_megatron.py`` (the whole
-   source loaded into RAM, every target chunk built in RAM, megatron-core's default
-   ``dist_checkpointing.save``).
+2. Measures the copy limit: a plain streaming copy of the weights' byte count from the source's
+   files (``.distcp``, or ``.safetensors`` for import) into one file on the same disk, a reader
+   thread and the writer overlapped, fsync'ed: what any conversion of these bytes needs at
+   least. Also ``python -m distconv --help``'s wall time and the planning time alone
+   (``plan_time.py``: imports done, one rank).
+3. Runs ``torchrun -m distconv`` at each ``--ranks`` count, as a user would: ``export`` (with
+   ``--writers``; at 2 ranks also ``--writers 2`` when ``--writers`` is 1) to an HF folder;
+   ``import`` (HF folder) and ``reshard`` (the checkpoint) to a torch_dist save root at ``--tp``
+   x ``--pp`` (default TP2 PP1 for import, TP1 PP2 for reshard), and for an MoE model at
+   ``--ep`` x ``--etp`` (default EP2 with expert TP 1 for import, EP4 for reshard). "time" is
+   the run's own (``--report``'s ``seconds.total``: planning, conversion, small files, marker),
+   "wall" the whole process tree's, start-up and imports included.
+4. Runs the baseline in one process (unless ``--skip-baseline``): for export ``baseline.py``
+   (``dcp_to_torch_save`` + mapping + ``safetensors``); for import and reshard
+   ``baseline_megatron.py`` (the whole source loaded into RAM, every target chunk built in RAM,
+   megatron-core's default ``dist_checkpointing.save``).
 
 With ``--repeat N`` every row is measured N times (the runs of a row back to back), and the
 table shows the median time and the largest peak RSS. The page cache is dropped for the source
 files (``posix_fadvise(DONTNEED)``) before each measurement, so reads come from the disk.
 Prints one table per size (and, for several sizes, how each run's peak memory grew with the
 weights) and the machine's load average over the runs, and writes them as JSON.
-Bytes read are the processes' ``read_bytes`` from ``/proc/<pid>/io`` (real storage reads).
-"start" is a process's resident memory after importing the runtime, before the conversion.
+Bytes read are what the whole process tree read from storage (``ru_inblock`` of the waited-for
+children); peak RSS is each rank's, from the run report.
 """
 
 from __future__ import annotations
@@ -37,8 +42,11 @@ import argparse
 import json
 import os
 import shutil
+import queue
+import resource
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -66,51 +74,95 @@ def drop_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def physical_limit(folder: Path, files: list[Path], nbytes: int, scratch: Path) -> dict[str, float]:
-    """Sequential read of ``nbytes`` from ``files``, then sequential write of as many."""
+def copy_limit(folder: Path, files: list[Path], nbytes: int, scratch: Path) -> dict[str, float]:
+    """The copy limit: a plain streaming copy of ``nbytes`` from ``files`` (in order, from the start)
+    into one file on the output's disk, a reader thread and the writer overlapped through a queue
+    of 4 blocks, fsync'ed: what any conversion of these bytes needs at least."""
     drop_cache(folder)
-    buf = bytearray(BLOCK)
-    left, start = nbytes, time.perf_counter()
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while left > 0:
-                n = f.readinto(memoryview(buf)[: min(BLOCK, left)])
-                if not n:
-                    break
-                left -= n
-        if left <= 0:
-            break
-    read_s = time.perf_counter() - start
+    blocks: queue.Queue = queue.Queue(maxsize=4)
+
+    def read() -> None:
+        left = nbytes
+        for path in files:
+            with open(path, "rb", buffering=0) as f:
+                while left > 0:
+                    buf = bytearray(min(BLOCK, left))
+                    n = f.readinto(buf)
+                    if not n:
+                        break
+                    blocks.put(memoryview(buf)[:n])
+                    left -= n
+            if left <= 0:
+                break
+        blocks.put(None)
+
     target = scratch / "limit.bin"
-    left, start = nbytes, time.perf_counter()
+    start = time.perf_counter()
+    reader = threading.Thread(target=read)
+    reader.start()
     with open(target, "wb", buffering=0) as f:
-        while left > 0:
-            left -= f.write(memoryview(buf)[: min(BLOCK, left)])
+        while (block := blocks.get()) is not None:
+            f.write(block)
         os.fsync(f.fileno())
-    write_s = time.perf_counter() - start
+    reader.join()
+    seconds = time.perf_counter() - start
     target.unlink()
-    return {"read_s": read_s, "write_s": write_s, "seconds": read_s + write_s}
+    return {"seconds": seconds, "load_avg_1m": os.getloadavg()[0]}
 
 
-def run_measured(cmd: list[str], stats: Path) -> dict:
+def plan_seconds(op: str, load: Path, tp: int, pp: int) -> float:
+    """Planning alone, its libraries imported (``plan_time.py``: the job planned twice in one process, the second timed)."""
+    proc = subprocess.run([sys.executable, "-m", "tests.benchmarks.plan_time", "--op", op, "--load", str(load),
+                           "--tp", str(tp), "--pp", str(pp)], env=env(), cwd=ROOT, check=True, capture_output=True, text=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])["plan_s"]
+
+
+def help_seconds(times: int = 3) -> float:
+    """The median wall time of ``python -m distconv --help`` (a fresh interpreter each time)."""
+    runs = []
+    for _ in range(times):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "distconv", "--help"], env=env(), cwd=ROOT, check=True, capture_output=True)
+        runs.append(time.perf_counter() - start)
+    return sorted(runs)[(times - 1) // 2]
+
+
+def run_measured(cmd: list[str], report_path: Path, save: Path) -> dict:
+    """One whole ``torchrun -m distconv ...`` process tree: its wall time, the storage bytes all its
+    processes read (``ru_inblock``), and from distconv's ``--report``: the run's own time, its
+    planning time and each rank's peak RSS."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    report = json.loads(report_path.read_text())
+    ranks = report["ranks"]
+    return {
+        "wall_s": wall,
+        "seconds": report["seconds"]["total"],
+        "plan_s": report["seconds"]["plan"],
+        "read_bytes": (after.ru_inblock - before.ru_inblock) * 512,
+        "rss_rank0": ranks[0]["peak_rss_bytes"],
+        "rss_other_max": max((r["peak_rss_bytes"] for r in ranks[1:]), default=0),
+        "read_ahead_misses": report.get("read_ahead_misses"),
+        "load_avg_1m": os.getloadavg()[0],
+        "report": report,
+    }
+
+
+def run_baseline(cmd: list[str], stats: Path, save: Path) -> dict:
+    """The baseline script's run: its own figures (``--stats``) and the process's wall time."""
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env(), cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    ranks = json.loads(stats.read_text())
-    misses = [r["read_ahead_misses"] for r in ranks if "read_ahead_misses" in r]
-    return {
-        "wall_s": wall,
-        "seconds": max(r["seconds"] for r in ranks),
-        "read_bytes": sum(r["read_bytes"] for r in ranks),
-        "rss_rank0": ranks[0]["peak_rss"],
-        "rss_other_max": max((r["peak_rss"] for r in ranks[1:]), default=0),
-        "rss_start_rank0": ranks[0].get("rss_before"),
-        "read_ahead_misses": misses[0] if misses else None,
-        "load_avg_1m": os.getloadavg()[0],
-        "ranks": ranks,
-    }
+    (r,) = json.loads(stats.read_text())
+    return {"wall_s": wall, "seconds": r["seconds"], "plan_s": None, "read_bytes": r["read_bytes"], "rss_rank0": r["peak_rss"],
+            "rss_other_max": 0, "read_ahead_misses": None, "load_avg_1m": os.getloadavg()[0]}
 
 
 def repeated(measure_once, times: int) -> dict:
@@ -119,10 +171,9 @@ def repeated(measure_once, times: int) -> dict:
     runs = [measure_once() for _ in range(times)]
     mid = lambda key: sorted(r[key] for r in runs)[(len(runs) - 1) // 2]  # noqa: E731  (the lower median)
     worst = lambda key: None if runs[0][key] is None else max(r[key] for r in runs)  # noqa: E731
-    return {"seconds": mid("seconds"), "wall_s": mid("wall_s"), "read_bytes": worst("read_bytes"),
+    return {"seconds": mid("seconds"), "wall_s": mid("wall_s"), "plan_s": mid("plan_s"), "read_bytes": worst("read_bytes"),
             "rss_rank0": worst("rss_rank0"), "rss_other_max": worst("rss_other_max"),
-            "rss_start_rank0": worst("rss_start_rank0"), "read_ahead_misses": worst("read_ahead_misses"),
-            "runs": runs}
+            "read_ahead_misses": worst("read_ahead_misses"), "runs": runs}
 
 
 def make_inputs(opts: argparse.Namespace, gb: float) -> tuple[Path, Path | None]:
@@ -149,6 +200,8 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
     from distconv.megatron.source import describe
 
     ckpt_root, hf = make_inputs(opts, gb)
+    help_s = help_seconds()
+    plan_s = plan_seconds(opts.op, hf if opts.op == "import" else ckpt_root, *TARGET.get(opts.op, (1, 1)))
     ckpt = describe(ckpt_root)
     weights = ckpt.weight_bytes
     source = hf if opts.op == "import" else ckpt.path
@@ -163,29 +216,37 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
     if opts.op != "export":
         target = f" -> TP{tp} PP{pp}" + (f" EP{ep}" + (f" ETP{etp}" if etp else "") if opts.experts else "")
 
-    limits = [physical_limit(source, source_files, weights, scratch) for _ in range(opts.repeat)]
+    limits = [copy_limit(source, source_files, weights, scratch) for _ in range(opts.repeat)]
     limit = dict(sorted(limits, key=lambda x: x["seconds"])[(len(limits) - 1) // 2], runs=limits)
-    rows = {"physical limit (read+write)": {"seconds": limit["seconds"], "wall_s": limit["seconds"], "read_bytes": weights,
-                                            "rss_rank0": 0, "rss_other_max": 0, "rss_start_rank0": None,
-                                            "read_ahead_misses": None}}
+    rows = {"copy limit (streaming copy, fsync'ed)": {
+        "seconds": limit["seconds"], "wall_s": limit["seconds"], "plan_s": None, "read_bytes": weights,
+        "rss_rank0": 0, "rss_other_max": 0, "read_ahead_misses": None, "runs": limits}}
 
-    def once(cmd: list[str], stats: Path, save: Path):
+    def once(measure_one, *args):
         def go() -> dict:
             drop_cache(source)
-            result = run_measured(cmd, stats)
-            shutil.rmtree(save)
+            result = measure_one(*args)
+            shutil.rmtree(args[-1])
             return result
         return go
 
-    for n in opts.ranks:
-        stats = scratch / f"stats{n}.json"
+    runs = [(n, min(opts.writers, n)) for n in opts.ranks]
+    if opts.op == "export" and 2 in opts.ranks and opts.writers == 1:
+        runs.append((2, 2))  # --writers 2 at 2 ranks beside --writers 1
+    for n, writers in runs:
+        report = scratch / f"report{n}.json"
         save = scratch / f"{opts.op}{n}"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-               str(ROOT / "tests/benchmarks/export_stats.py"), "--op", opts.op,
-               "--load", str(ckpt_root if opts.op == "export" else hf or ckpt_root),
-               "--save", str(save), "--stats", str(stats), "--window", opts.window, "--dtype", opts.dtype]
-        cmd += ["--writers", str(min(opts.writers, n))] if opts.op == "export" else ["--tp", str(tp), "--pp", str(pp), *experts]
-        rows[f"distconv {opts.op}{target}, {n} rank(s)"] = repeated(once(cmd, stats, save), opts.repeat)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "distconv",
+               opts.op, "--load", str(ckpt_root if opts.op == "export" else hf or ckpt_root), "--save", str(save),
+               "--overwrite", "--quiet", "--report", str(report), "--window", opts.window]
+        if opts.op == "export":
+            cmd += ["--writers", str(writers), "--dtype", opts.dtype]
+        else:
+            cmd += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+                    "--expert-model-parallel-size", str(ep), *(["--expert-tensor-parallel-size", str(etp)] if etp else []),
+                    *(["--dtype", opts.dtype] if opts.op == "import" else [])]
+        name = f"distconv {opts.op}{target}, {n} rank(s)" + (f", --writers {writers}" if opts.op == "export" else "")
+        rows[name] = repeated(once(run_measured, cmd, report, save), opts.repeat)
     base_name = None
     if not opts.skip_baseline:
         stats = scratch / "baseline.json"
@@ -199,37 +260,35 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
             cmd = [sys.executable, str(ROOT / "tests/benchmarks/baseline_megatron.py"), "--op", opts.op,
                    "--load", str(hf or ckpt_root), "--save", str(save), "--stats", str(stats), "--tp", str(tp), "--pp", str(pp),
                    *experts]
-        rows[base_name] = repeated(once(cmd, stats, save), opts.repeat)
+        rows[base_name] = repeated(once(run_baseline, cmd, stats, save), opts.repeat)
 
     base = rows.get(base_name) if base_name else None
     shape = f"{ckpt.args.num_layers} layers of hidden {ckpt.args.hidden_size}" + (
         f", {opts.experts} experts each" if opts.experts else "")
     print(f"\n{opts.op}{target}: source {source} ({shape}: {weights / 1e9:.2f} GB weights, {ckpt.other_bytes / 1e9:.2f} GB optimizer "
-          f"state in the checkpoint); limit: read {weights / limit['read_s'] / 1e9:.2f} GB/s, "
-          f"write {weights / limit['write_s'] / 1e9:.2f} GB/s; --window {opts.window}; "
-          f"{opts.repeat} run(s) each: median time, largest peak RSS")
-    print(f"{'run':52} {'time s':>7} {'wall s':>7} {'GB/s':>6} {'read/weights':>12} {'rss r0 GB':>9} {'r0 start':>8} "
-          f"{'rss max other':>13} {'misses':>6} {'x limit':>7} {'speedup':>7} {'mem ratio':>9}")
+          f"state in the checkpoint); copy limit {weights / limit['seconds'] / 1e9:.2f} GB/s; --window {opts.window}; "
+          f"{opts.repeat} run(s) each: median time, largest peak RSS; `distconv --help`: {help_s:.2f} s; planning alone "
+          f"(imports done, 1 rank): {plan_s:.2f} s")
+    print(f"{'run':60} {'time s':>7} {'wall s':>7} {'wall-time':>9} {'plan s':>6} {'GB/s':>6} {'read/weights':>12} "
+          f"{'rss r0 GB':>9} {'rss max other':>13} {'x copy':>6} {'speedup':>7} {'mem ratio':>9}")
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"  # noqa: E731
     table = []
     for name, r in rows.items():
         row = {
             "run": name, **r, "gb_per_s": weights / r["seconds"] / 1e9, "read_ratio": r["read_bytes"] / weights,
-            "x_limit": r["seconds"] / limit["seconds"],
+            "x_copy_limit": r["seconds"] / limit["seconds"],
             "speedup_vs_baseline": base["seconds"] / r["seconds"] if base else None,
             "memory_ratio_vs_baseline": base["rss_rank0"] / r["rss_rank0"] if base and r["rss_rank0"] else None,
         }
         table.append(row)
-        start = r["rss_start_rank0"] / 1e9 if r["rss_start_rank0"] else None
-        print(f"{name:52} {r['seconds']:7.1f} {r['wall_s']:7.1f} {row['gb_per_s']:6.2f} {row['read_ratio']:12.3f} "
-              f"{r['rss_rank0'] / 1e9:9.2f} {fmt(start, '8.2f')} {r['rss_other_max'] / 1e9:13.2f} "
-              f"{fmt(r['read_ahead_misses'], '6d')} {row['x_limit']:7.2f} "
-              f"{fmt(row['speedup_vs_baseline'], '7.2f')} {fmt(row['memory_ratio_vs_baseline'], '9.1f')}")
+        print(f"{name:60} {r['seconds']:7.1f} {r['wall_s']:7.1f} {r['wall_s'] - r['seconds']:9.1f} {fmt(r['plan_s'], '6.2f')} "
+              f"{row['gb_per_s']:6.2f} {row['read_ratio']:12.3f} {r['rss_rank0'] / 1e9:9.2f} {r['rss_other_max'] / 1e9:13.2f} "
+              f"{row['x_copy_limit']:6.2f} {fmt(row['speedup_vs_baseline'], '7.2f')} {fmt(row['memory_ratio_vs_baseline'], '9.1f')}")
     loads = [run["load_avg_1m"] for r in rows.values() for run in r.get("runs", [])]
     if loads:
         print(f"load average (1 min) after each run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} CPUs")
     return {"gb": gb, "model": shape, "source": str(source), "target": target.removeprefix(" -> ") or None, "weights_bytes": weights,
-            "optimizer_bytes": ckpt.other_bytes, "limit": limit, "rows": table}
+            "optimizer_bytes": ckpt.other_bytes, "copy_limit": limit, "help_s": help_s, "plan_alone_s": plan_s, "rows": table}
 
 
 def growth(sizes: list[dict]) -> list[dict]:
