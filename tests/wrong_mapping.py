@@ -1,7 +1,7 @@
-"""Deliberately wrong gpt-oss mappings (tests only), which the proofs must reject.
+"""Deliberately wrong mappings (tests only), which the proofs must reject.
 
-``wrong_mapping(name)`` makes export and import use a gpt-oss table with one expert rule broken,
-and puts the real one back on exit:
+``wrong_mapping(name)`` makes export and import use a family's table with one rule broken, and
+puts the real one back on exit. gpt-oss's experts:
 
 - ``down_not_transposed``: ``down_proj`` is fc2 as stored, ``[H, F]``, where HF wants ``[F, H]``:
   with square experts (F == H, as the released models' 2880 x 2880) the shapes still agree, so
@@ -10,6 +10,11 @@ and puts the real one back on exit:
   gate and up by column: the same shape for any sizes.
 
 Made the same way in both directions, each survives an HF -> Megatron -> HF round trip bit for bit.
+
+DeepSeek-V3's router (Kimi-K2's, Moonlight's):
+
+- ``expert_bias_zeroed``: ``e_score_correction_bias`` <-> ``router.expert_bias`` written as zeros
+  both ways (Megatron-Bridge #4657): every name, shape and dtype is right.
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ import torch
 
 from distconv.directions import export, import_
 from distconv.families import FAMILIES
-from distconv.families.base import Transform
+from distconv.families.base import Family, Transform
+from distconv.families.deepseek_v3 import DEEPSEEK_V3
 from distconv.families.gpt_oss import GPT_OSS
 from distconv.megatron.model import stand_ins
 from distconv.spec import ModelSpec
@@ -39,22 +45,34 @@ class _Concatenated(Transform):
         return t.transpose(0, 1) if t.dim() == 2 else t
 
 
-WRONG = {
-    "down_not_transposed": ("linear_fc2.weight", Transform()),
-    "gate_up_concatenated": ("linear_fc1.", _Concatenated()),
+class _Zeroed(Transform):
+    """Zeros of the tensor's shape and dtype, both ways."""
+
+    def export(self, t: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros_like(t),)
+
+    def import_values(self, t: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+
+# name -> (family, a part of the broken rules' Megatron names, the transform they get)
+WRONG: dict[str, tuple[Family, str, Transform]] = {
+    "down_not_transposed": (GPT_OSS, "{expert}.linear_fc2.weight", Transform()),
+    "gate_up_concatenated": (GPT_OSS, "{expert}.linear_fc1.", _Concatenated()),
+    "expert_bias_zeroed": (DEEPSEEK_V3, "mlp.router.expert_bias", _Zeroed()),
 }
 
 
 @contextlib.contextmanager
 def wrong_mapping(name: str | None) -> Iterator[None]:
-    """While active, export and import map gpt-oss with the broken rule ``name`` (None: nothing changes)."""
+    """While active, export and import map the family with the broken rule ``name`` (None: nothing changes)."""
     if name is None:
         yield
         return
-    part, transform = WRONG[name]
-    rules = tuple(dataclasses.replace(r, transform=transform) if part in r.megatron and "{expert}" in r.megatron else r
-                  for r in GPT_OSS.rules)
-    wrong = dataclasses.replace(GPT_OSS, rules=rules)
-    families = tuple(wrong if f is GPT_OSS else f for f in FAMILIES)
+    family, part, transform = WRONG[name]
+    rules = tuple(dataclasses.replace(r, transform=transform) if part in r.megatron else r for r in family.rules)
+    assert rules != family.rules, name
+    wrong = dataclasses.replace(family, rules=rules)
+    families = tuple(wrong if f is family else f for f in FAMILIES)
     with stand_ins([(export, "FAMILIES", families), (import_, "FAMILIES", families)]):
         yield

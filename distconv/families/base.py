@@ -192,6 +192,9 @@ class Family:
     unconverted: tuple[tuple[str, str], ...] = ()
     # what an export of ``spec`` should know though the folder is exact (a consumer that reads it otherwise)
     notes: Callable[[ModelSpec], list[str]] = lambda spec: []
+    # hub ``model_type``s transformers has no class for, whose ``config.json`` is this architecture's config
+    # with fields of its own (Kimi-K2's ``kimi_k2``): read from JSON into ``config_class`` (``hf.source.read_config``)
+    model_types: tuple[str, ...] = ()
 
     def unsupported(self, spec: ModelSpec) -> list[str]:
         """Reasons this family cannot express ``spec`` exactly (empty when it can)."""
