@@ -705,6 +705,7 @@ def test_kimi_hub_config_reads_as_deepseek_v3_without_its_code(tmp_path):
     from transformers import AutoConfig, DeepseekV3Config
 
     from distconv.hf.source import HUB_MODEL_TYPE, read_config
+    from distconv.inspect import inspect_hf
 
     folder = write_release(tmp_path / "kimi", kimi_config_of_args(megatron_args(**KIMI.args), 256))
     with pytest.raises(ValueError, match="custom code"):
@@ -713,6 +714,8 @@ def test_kimi_hub_config_reads_as_deepseek_v3_without_its_code(tmp_path):
     assert type(config) is DeepseekV3Config and getattr(config, HUB_MODEL_TYPE) == "kimi_k2"
     assert not hasattr(config, "auto_map") and config.n_group == 1 and config.routed_scaling_factor == KIMI_SCALING
     assert len(warnings) == 2 and "auto_map" in warnings[0] and "kimi_k2" in warnings[1]
+    report = inspect_hf(folder)
+    assert (report["model_type"], report["read_as"], report["auto_map"]) == ("kimi_k2", "DeepseekV3Config (DeepseekV3ForCausalLM)", True)
     other = write_release(tmp_path / "other", {**json.loads((folder / "config.json").read_text()),
                                                "architectures": ["KimiK25ForConditionalGeneration"]})
     with pytest.raises(DistconvError, match="read as DeepseekV3ForCausalLM only"):
