@@ -714,8 +714,8 @@ def test_moe_import_args_read_back_as_the_same_spec(name):
 
 def test_deepseek_v3_import_args_and_refusals():
     """The MLA and MTP args read back as the same spec; what Megatron-LM cannot carry is one clear
-    error: MTP layers with tied embeddings, RoPE other than MLA's YaRN, YaRN settings Megatron-LM
-    0.16 has no flags for, HF's non-interleaved rope weights."""
+    error: MTP layers with tied embeddings, RoPE other than MLA's YaRN, YaRN settings MLA has no
+    place for, HF's non-interleaved rope weights. YaRN's betas and original length carry into args."""
     import transformers
 
     from distconv.families import FAMILIES, pick_family
@@ -742,8 +742,13 @@ def test_deepseek_v3_import_args_and_refusals():
     with pytest.raises(DistconvError, match="mtp_conflict='MTP layers with tied embeddings'"):
         family.spec_from_hf_config(make(tie_word_embeddings=True), 256, torch.float32)
     yarn = dict(overrides["rope_parameters"])
-    for bad in ({**yarn, "beta_fast": 16.0}, {**yarn, "original_max_position_embeddings": 8192},
-                {**yarn, "attention_factor": 1.2}, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}):
+    other = {**yarn, "beta_fast": 1.0, "beta_slow": 2.0, "original_max_position_embeddings": 8192}  # carried in args
+    spec = family.spec_from_hf_config(make(rope_parameters=other), 256, torch.float32)
+    args = megatron_args(spec, Target(), divisible_by=64, tokenizer=None)
+    assert (args.beta_fast, args.beta_slow, args.original_max_position_embeddings) == (1.0, 2.0, 8192)
+    assert spec_from_args(args).with_vocab(VOCAB) == spec
+    for bad in ({**yarn, "attention_factor": 1.2}, {**yarn, "original_max_position_embeddings": 4096.5},
+                {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}):
         with pytest.raises(DistconvError, match="no Megatron-LM equivalent for MLA"):
             family.spec_from_hf_config(make(rope_parameters=bad), 256, torch.float32)
     with pytest.raises(DistconvError, match="rope_interleave"):
