@@ -730,3 +730,24 @@ def test_deepseek_norm_epsilon_other_than_latent_norms_converts_with_a_note():
     assert family.architecture == "DeepseekV3ForCausalLM" and family.hf_config(spec).rms_norm_eps == 1e-5
     assert any("latent q and kv" in note for note in family.notes(spec))
     assert family.notes(_spec(**DS)) == []
+
+
+def test_kimi_hub_config_with_other_yarn_betas_conflicts(tmp_path):
+    """An --hf-config is checked against the checkpoint on every YaRN setting, not only type and factor:
+    Kimi-K2's config with beta_fast 32 does not describe the Kimi-like checkpoint (beta_fast 1)."""
+    from distconv.hf.source import read_config
+
+    spec = spec_from_args(megatron_args(**KIMI.args)).with_vocab(256)
+    family = pick_family(FAMILIES, spec, "DeepseekV3ForCausalLM")
+    hub = kimi_config_of_args(megatron_args(**KIMI.args), 256)
+    family.check_config(read_config(write_release(tmp_path / "right", hub), "--hf-config")[0], spec)
+    wrong = write_release(tmp_path / "wrong", {**hub, "rope_scaling": {**KIMI_ROPE, "beta_fast": 32.0}})
+    with pytest.raises(DistconvError, match="rope scaling: HF config .*'beta_fast': 32.0"):
+        family.check_config(read_config(wrong, "--hf-config")[0], spec)
+
+
+def test_kimi_verify(exported, built):
+    """``distconv verify`` on CPU: megatron-core's Kimi-like checkpoint against its kimi_k2 export."""
+    folder = _kimi(exported, "tp1pp1")["save"]
+    proc = distconv_cli("verify", "--load", str(built / "vllm_kimi_k2" / "tp1pp1"), "--hf", str(folder))
+    assert proc.returncode == 0 and "-> OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -249,6 +249,15 @@ class Family:
                 conflicts.append(f"rope scaling: HF config {theirs!r}, checkpoint {_rope(ours)!r}")
             elif name != "rope_scaling" and (ours is not None or name in self.nullable) and theirs != ours and not _close(theirs, ours):
                 conflicts.append(f"{name}: HF config {theirs!r}, checkpoint {ours!r}")
+        reader = readers.get("rope_scaling")
+        if reader is not None and (spec.rope_scaling or {}).get("rope_type") == "yarn":  # YaRN: every setting, not type and factor only
+            try:
+                theirs = reader(config)
+            except DistconvError as e:
+                conflicts.append(f"rope scaling: {e}")
+            else:
+                if theirs != spec.rope_scaling:
+                    conflicts.append(f"rope scaling: HF config {theirs!r}, checkpoint {spec.rope_scaling!r}")
         if conflicts:
             raise DistconvError("--hf-config conflicts with the checkpoint: " + "; ".join(conflicts))
 
