@@ -256,8 +256,9 @@ class Family:
             except DistconvError as e:
                 conflicts.append(f"rope scaling: {e}")
             else:
-                if theirs != spec.rope_scaling:
-                    conflicts.append(f"rope scaling: HF config {theirs!r}, checkpoint {spec.rope_scaling!r}")
+                ours = {k: v for k, v in spec.rope_scaling.items() if k != "rope_theta"}  # a config class may have added it
+                if theirs != ours:
+                    conflicts.append(f"rope scaling: HF config {theirs!r}, checkpoint {ours!r}")
         if conflicts:
             raise DistconvError("--hf-config conflicts with the checkpoint: " + "; ".join(conflicts))
 
