@@ -470,6 +470,10 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("reshard kimi", op="reshard", load=meg("kimi_fp8", 1, 1), save=meg("kimi_resharded", 2, 1), tp=2, pp=1, ep=2, etp=1)
     add("export kimi resharded", op="export", load=meg("kimi_resharded", 2, 1), save=str(work / "back" / "kimi_resharded"),
         hf_config=str(kimi_fp8))
+    add("import kimi wrong", op="import", load=str(kimi_fp8), save=meg("kimi_wrong", 1, 1), tp=1, pp=1, ep=2, dtype="fp32",
+        divisible_by=64, wrong_mapping="expert_bias_zeroed")  # the deliberately wrong mapping, import side
+    add("check kimi wrong", op="check", root=meg("kimi_wrong", 1, 1), tp=1, pp=1, ep=2, tokens=TOKENS,
+        logits_out=str(work / "kimi_wrong.pt"))
     hf["moonlight release"] = moon = to_release(hf["moonlight"], work / "release")
     add("import moonlight", op="import", load=str(moon), save=meg("moonlight", 1, 2), tp=1, pp=2, ep=2, divisible_by=64)
     add("check moonlight", op="check", root=meg("moonlight", 1, 2), tp=1, pp=2, ep=2, tokens=TOKENS,
@@ -1059,3 +1063,15 @@ def test_moonlight_bf16_release_round_trip(jobs, tmp_path):
             assert back[key].dtype == t.dtype and torch.equal(back[key], t), key
     config = json.loads((jobs["work"] / "back" / "moonlight" / "config.json").read_text())
     assert (config["model_type"], config["rms_norm_eps"], config["q_lora_rank"]) == ("deepseek_v3", 1e-5, None)
+
+
+def test_kimi_zeroed_expert_bias_import_fails_the_logits(jobs, tmp_path):
+    """The wrong mapping on import (e_score_correction_bias read as zeros, Megatron-Bridge #4657): the
+    checkpoint loads strictly in megatron-core, every chunk in place; only its logits show the error."""
+    ok(jobs, "import kimi wrong")
+    check = ok(jobs, "check kimi wrong")
+    assert check["layout_equal"], check
+    megatron = torch.load(jobs["work"] / "kimi_wrong.pt")
+    diff = (megatron[..., :VOCAB] - _release_logits(jobs["hf"]["kimi_k2 dequantized"], tmp_path)).abs().max().item()
+    print(f"Kimi-K2 imported with the expert bias zeroed: megatron-core - transformers max |logits| {diff:.3g}")
+    assert diff > 10 * TOL
