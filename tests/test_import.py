@@ -133,7 +133,8 @@ MODELS["moonlight"] = ("DeepseekV3Config", dict(
 def to_release(hf: Path, out: Path) -> Path:
     """Kimi-K2's or Moonlight's HF model as its release writes it (``tests/kimi.py``): the hub config
     (``kimi_k2`` with YaRN's old spelling, or ``deepseek_v3``), an ``auto_map`` and the release's code
-    files; Moonlight's expert bias stored bf16, as on the hub."""
+    files; bf16 but for Kimi-K2's expert bias (float32) and the weights its FP8 release quantizes
+    (``to_fp8``), Moonlight's expert bias bf16 too, as on the hub."""
     c = {**SMALL, **MODELS[hf.name][1]}
     kimi = hf.name == "kimi_k2"
     config = hub_config(
@@ -145,9 +146,7 @@ def to_release(hf: Path, out: Path) -> Path:
         scaling=c["routed_scaling_factor"], rope_theta=c["rope_parameters"]["rope_theta"],
         rope_scaling=KIMI_ROPE if kimi else None, eps=c["rms_norm_eps"], max_positions=c["max_position_embeddings"])
     folder = write_release(out / f"{hf.name}_release", config)
-    state = tensors(hf)
-    if not kimi:
-        state = {k: v.bfloat16() for k, v in state.items()}
+    state = {k: v if kimi and k.endswith("e_score_correction_bias") else v.bfloat16() for k, v in tensors(hf).items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
@@ -467,6 +466,8 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("check kimi fp8", op="check", root=meg("kimi_fp8", 1, 1), tp=1, pp=1, ep=2, tokens=TOKENS,
         logits_out=str(work / "kimi_fp8.pt"))
     add("export kimi fp8", op="export", load=meg("kimi_fp8", 1, 1), save=str(work / "back" / "kimi_fp8"), hf_config=str(kimi_fp8))
+    add("export kimi fp8 again", op="export", load=meg("kimi_fp8", 1, 1), save=str(work / "back" / "kimi_fp8_again"),
+        hf_config=str(kimi_fp8), dtype="fp8")
     add("reshard kimi", op="reshard", load=meg("kimi_fp8", 1, 1), save=meg("kimi_resharded", 2, 1), tp=2, pp=1, ep=2, etp=1)
     add("export kimi resharded", op="export", load=meg("kimi_resharded", 2, 1), save=str(work / "back" / "kimi_resharded"),
         hf_config=str(kimi_fp8))
@@ -1010,7 +1011,8 @@ def test_kimi_fp8_release_imports_and_exports_back(jobs, tmp_path):
     """Kimi-K2's FP8 release (kimi_k2, its auto_map and code files, YaRN beta 1/1 in the old spelling)
     imports at EP2 without its code: megatron-core's logits equal transformers' on the release
     dequantized by the definition; its args carry the YaRN betas; the export under the release's config
-    is those dequantized weights bit for bit, named kimi_k2, and a TP2 x EP2 x ETP1 reshard exports the same."""
+    is those dequantized weights bit for bit, named kimi_k2, ``--dtype fp8`` gives the release back byte
+    for byte (FP8 weights, scales, bf16 and float32 tensors), and a TP2 x EP2 x ETP1 reshard exports the same."""
     report = ok(jobs, "import kimi fp8")
     assert any("auto_map" in w for w in report["warnings"]) and any("kimi_k2" in w for w in report["warnings"])
     check = ok(jobs, "check kimi fp8")
@@ -1030,6 +1032,13 @@ def test_kimi_fp8_release_imports_and_exports_back(jobs, tmp_path):
     assert sorted(back) == sorted(source) and all(torch.equal(back[k], source[k]) for k in source)
     config = json.loads((jobs["work"] / "back" / "kimi_fp8" / "config.json").read_text())
     assert config["model_type"] == "kimi_k2" and "auto_map" not in config and "quantization_config" not in config
+    ok(jobs, "export kimi fp8 again")  # --dtype fp8: the release itself, byte for byte
+    again, release = tensors(jobs["work"] / "back" / "kimi_fp8_again"), tensors(jobs["hf"]["kimi_k2 fp8"])
+    assert sorted(again) == sorted(release) and any(t.dtype == torch.float8_e4m3fn for t in release.values())
+    for key, t in release.items():
+        assert again[key].dtype == t.dtype and torch.equal(again[key].view(torch.uint8), t.view(torch.uint8)), key
+    config = json.loads((jobs["work"] / "back" / "kimi_fp8_again" / "config.json").read_text())
+    assert config["quantization_config"] == FP8 and config["model_type"] == "kimi_k2"
     ok(jobs, "reshard kimi")
     ok(jobs, "export kimi resharded")
     resharded = tensors(jobs["work"] / "back" / "kimi_resharded")
