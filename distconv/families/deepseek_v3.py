@@ -31,10 +31,10 @@ from transformers import DeepseekV3Config, PretrainedConfig
 from distconv.errors import DistconvError
 from distconv.families.base import Family, Rule
 from distconv.families.llama import RULES, H, L, spec_fields
-from distconv.spec import ModelSpec
 from distconv.families.moe import (
     SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields, with_mtp,
 )
+from distconv.spec import ModelSpec
 
 A = L + "self_attention."
 HA = H + "self_attn."
