@@ -135,6 +135,9 @@ def inspect_hf(folder: str | Path) -> dict[str, Any]:
         "path": str(folder.resolve()),
         "format": "hf-safetensors",
         "architectures": config.get("architectures"),
+        "model_type": config.get("model_type"),
+        "read_as": _read_as(config),
+        "auto_map": "auto_map" in config,
         "dtype": config.get("dtype", config.get("torch_dtype")),
         "quantization": quantization,
         "tensors": tensors,
@@ -143,11 +146,20 @@ def inspect_hf(folder: str | Path) -> dict[str, Any]:
     }
 
 
+def _read_as(config: dict[str, Any]) -> str | None:
+    """How distconv reads a ``model_type`` transformers lacks (``Family.model_types``), else None."""
+    family = next((f for f in FAMILIES if config.get("model_type") in f.model_types), None)
+    return f"{family.config_class} ({family.architecture})" if family else None
+
+
 def render_hf(report: dict[str, Any]) -> str:
     """The human-readable form of ``inspect_hf``'s report."""
+    read_as = f", read as {report['read_as']}" if report.get("read_as") else ""
     lines = [
         f"HF folder     {report['path']}",
         f"architecture  {', '.join(report['architectures'] or ['?'])}, dtype {report['dtype']}",
+        f"model_type    {report.get('model_type')}{read_as}"
+        + (", auto_map ignored (the folder's code is never run)" if report.get("auto_map") else ""),
         f"quantization  {json.dumps(report['quantization']) if report['quantization'] else 'none'}",
         "",
     ]

@@ -41,7 +41,7 @@ import torch
 from distconv.engine.plan import Read, numbered
 from distconv.engine.stream import heap_trimmer
 from distconv.errors import DistconvError, warn
-from distconv.hf.source import auto_map_file, remote_code
+from distconv.hf.source import auto_map_file, read_config, remote_code
 from distconv.megatron.args import arg
 from distconv.megatron.catalogue import COUNTS, other_spellings, stored_counts
 from distconv.megatron.checkpoint import Checkpoint
@@ -350,13 +350,13 @@ def _decoder_layers(model: torch.nn.Module, count: int) -> str:
 def export_model(hf: Path) -> tuple[Any, Any]:
     """transformers' model of the export's ``config.json`` on the meta device, and the export's tensors."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging
 
     logging.disable_progress_bar()
     remote = auto_map_file(hf)
+    config, warnings = read_config(hf, "--hf")
     try:
-        config = AutoConfig.from_pretrained(str(hf), trust_remote_code=False)
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
     except Exception as e:  # transformers raises many types for a bad folder
@@ -364,8 +364,8 @@ def export_model(hf: Path) -> tuple[Any, Any]:
             raise DistconvError(remote_code(remote, "--hf", False)) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DistconvError(f"--hf {hf}: transformers cannot build its model: {first}") from None
-    if remote:
-        warn(remote_code(remote, "--hf", True))
+    for warning in warnings:
+        warn(warning)
     return model, _export_tensors(hf, config)
 
 

@@ -23,6 +23,7 @@ from distconv.errors import DistconvError
 
 from conftest import ROOT, distconv_cli, torchrun
 from fixtures.build import FIXTURES
+from kimi import FP8, KIMI_ROPE, hub_config, transformers_copy, write_release
 from mtp_reference import hf_mtp_logits
 
 TOL = 1e-4
@@ -128,6 +129,38 @@ IMPORT_DTYPES = {"deepseek_v32": "fp32", "glm_moe_dsa": "fp32"}  # name -> impor
 MODELS["deepseek_v3_q_proj"] = ("DeepseekV3Config", dict(
     MODELS["deepseek_v3"][1], q_lora_rank=None, first_k_dense_replace=0, n_group=1, topk_group=1,
     max_position_embeddings=128, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), torch.float32)
+
+# Kimi-K2 (its FP8 release, kimi_k2) and Moonlight (bf16, deepseek_v3; no q LoRA, rms_norm_eps 1e-5, two
+# shared experts' width, no RoPE scaling): DeepSeek-V3's model with one group, no MTP layers
+KIMI_ROPE_V5 = {"rope_type": "yarn", "rope_theta": 50000.0, **{k: v for k, v in KIMI_ROPE.items() if k != "type"}}
+MODELS["kimi_k2"] = ("DeepseekV3Config", dict(
+    MODELS["deepseek_v3"][1], n_group=1, topk_group=1, routed_scaling_factor=2.827, num_nextn_predict_layers=0,
+    max_position_embeddings=131072, rope_parameters=KIMI_ROPE_V5), torch.float32)
+MODELS["moonlight"] = ("DeepseekV3Config", dict(
+    MODELS["deepseek_v3"][1], q_lora_rank=None, n_group=1, topk_group=1, routed_scaling_factor=2.446, n_shared_experts=2,
+    num_nextn_predict_layers=0, rms_norm_eps=1e-5, max_position_embeddings=128,
+    rope_parameters={"rope_type": "default", "rope_theta": 50000.0}), torch.bfloat16)
+
+
+def to_release(hf: Path, out: Path) -> Path:
+    """Kimi-K2's or Moonlight's HF model as its release writes it (``tests/kimi.py``): the hub config
+    (``kimi_k2`` with YaRN's old spelling, or ``deepseek_v3``), an ``auto_map`` and the release's code
+    files; bf16 but for Kimi-K2's expert bias (float32) and the weights its FP8 release quantizes
+    (``to_fp8``), Moonlight's expert bias bf16 too, as on the hub."""
+    c = {**SMALL, **MODELS[hf.name][1]}
+    kimi = hf.name == "kimi_k2"
+    config = hub_config(
+        model_type="kimi_k2" if kimi else "deepseek_v3", vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
+        dense_layers=c["first_k_dense_replace"], experts=c["n_routed_experts"], topk=c["num_experts_per_tok"],
+        expert_width=c["moe_intermediate_size"], shared=c["n_shared_experts"], q_lora_rank=c["q_lora_rank"],
+        kv_lora_rank=c["kv_lora_rank"], nope=c["qk_nope_head_dim"], rope=c["qk_rope_head_dim"], v=c["v_head_dim"],
+        scaling=c["routed_scaling_factor"], rope_theta=c["rope_parameters"]["rope_theta"],
+        rope_scaling=KIMI_ROPE if kimi else None, eps=c["rms_norm_eps"], max_positions=c["max_position_embeddings"])
+    folder = write_release(out / f"{hf.name}_release", config)
+    state = {k: v if kimi and k.endswith("e_score_correction_bias") else v.bfloat16() for k, v in tensors(hf).items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
 
 
 def moe_dir(name: str, tp: int, pp: int, ep: int, etp: int | None, grouped: bool, impl: str = TE) -> str:
@@ -438,6 +471,31 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("export gpt_oss wrong", op="export", load=meg("gpt_oss_wrong", 1, 1), save=str(work / "back" / "gpt_oss_wrong"),
         wrong_mapping="down_not_transposed")
 
+    # Kimi-K2's FP8 release at EP2 (fp32), back under its own config and resharded to TP2 x EP2 x ETP1;
+    # Moonlight's bf16 release at PP2 x EP2
+    kimi_fp8, kimi_deq = to_fp8(to_release(hf["kimi_k2"], work / "release"), work / "fp8")
+    write_release(kimi_fp8, json.loads((kimi_fp8 / "config.json").read_text()))
+    hf["kimi_k2 fp8"], hf["kimi_k2 dequantized"] = kimi_fp8, kimi_deq
+    add("import kimi fp8", op="import", load=str(kimi_fp8), save=meg("kimi_fp8", 1, 1), tp=1, pp=1, ep=2, dtype="fp32",
+        divisible_by=64)
+    add("check kimi fp8", op="check", root=meg("kimi_fp8", 1, 1), tp=1, pp=1, ep=2, tokens=TOKENS,
+        logits_out=str(work / "kimi_fp8.pt"))
+    add("export kimi fp8", op="export", load=meg("kimi_fp8", 1, 1), save=str(work / "back" / "kimi_fp8"), hf_config=str(kimi_fp8))
+    add("export kimi fp8 again", op="export", load=meg("kimi_fp8", 1, 1), save=str(work / "back" / "kimi_fp8_again"),
+        hf_config=str(kimi_fp8), dtype="fp8")
+    add("reshard kimi", op="reshard", load=meg("kimi_fp8", 1, 1), save=meg("kimi_resharded", 2, 1), tp=2, pp=1, ep=2, etp=1)
+    add("export kimi resharded", op="export", load=meg("kimi_resharded", 2, 1), save=str(work / "back" / "kimi_resharded"),
+        hf_config=str(kimi_fp8))
+    add("import kimi wrong", op="import", load=str(kimi_fp8), save=meg("kimi_wrong", 1, 1), tp=1, pp=1, ep=2, dtype="fp32",
+        divisible_by=64, wrong_mapping="expert_bias_zeroed")  # the deliberately wrong mapping, import side
+    add("check kimi wrong", op="check", root=meg("kimi_wrong", 1, 1), tp=1, pp=1, ep=2, tokens=TOKENS,
+        logits_out=str(work / "kimi_wrong.pt"))
+    hf["moonlight release"] = moon = to_release(hf["moonlight"], work / "release")
+    add("import moonlight", op="import", load=str(moon), save=meg("moonlight", 1, 2), tp=1, pp=2, ep=2, divisible_by=64)
+    add("check moonlight", op="check", root=meg("moonlight", 1, 2), tp=1, pp=2, ep=2, tokens=TOKENS,
+        logits_out=str(work / "moonlight.pt"))
+    add("export moonlight", op="export", load=meg("moonlight", 1, 2), save=str(work / "back" / "moonlight"), hf_config=str(moon))
+
     jobs_file, results_file = work / "jobs.json", work / "results.json"
     jobs_file.write_text(json.dumps(job_list))
     torchrun(4, str(ROOT / "tests" / "import_jobs.py"), str(jobs_file), str(results_file), timeout=2400)
@@ -676,8 +734,8 @@ def test_moe_import_args_read_back_as_the_same_spec(name):
 
 def test_deepseek_v3_import_args_and_refusals():
     """The MLA and MTP args read back as the same spec; what Megatron-LM cannot carry is one clear
-    error: MTP layers with tied embeddings, RoPE other than MLA's YaRN, YaRN settings Megatron-LM
-    0.16 has no flags for, HF's non-interleaved rope weights."""
+    error: MTP layers with tied embeddings, RoPE other than MLA's YaRN, YaRN settings MLA has no
+    place for, HF's non-interleaved rope weights. YaRN's betas and original length carry into args."""
     import transformers
 
     from distconv.families import FAMILIES, pick_family
@@ -704,8 +762,13 @@ def test_deepseek_v3_import_args_and_refusals():
     with pytest.raises(DistconvError, match="mtp_conflict='MTP layers with tied embeddings'"):
         family.spec_from_hf_config(make(tie_word_embeddings=True), 256, torch.float32)
     yarn = dict(overrides["rope_parameters"])
-    for bad in ({**yarn, "beta_fast": 16.0}, {**yarn, "original_max_position_embeddings": 8192},
-                {**yarn, "attention_factor": 1.2}, {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}):
+    other = {**yarn, "beta_fast": 1.0, "beta_slow": 2.0, "original_max_position_embeddings": 8192}  # carried in args
+    spec = family.spec_from_hf_config(make(rope_parameters=other), 256, torch.float32)
+    args = megatron_args(spec, Target(), divisible_by=64, tokenizer=None)
+    assert (args.beta_fast, args.beta_slow, args.original_max_position_embeddings) == (1.0, 2.0, 8192)
+    assert spec_from_args(args).with_vocab(VOCAB) == spec
+    for bad in ({**yarn, "attention_factor": 1.2}, {**yarn, "original_max_position_embeddings": 4096.5},
+                {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}):
         with pytest.raises(DistconvError, match="no Megatron-LM equivalent for MLA"):
             family.spec_from_hf_config(make(rope_parameters=bad), 256, torch.float32)
     with pytest.raises(DistconvError, match="rope_interleave"):
@@ -944,3 +1007,98 @@ def test_a_wrong_gpt_oss_mapping_survives_the_round_trip_but_not_the_logits(jobs
     diff = (megatron[..., :VOCAB] - hf_logits(jobs["hf"]["gpt_oss_square"])).abs().max().item()
     print(f"gpt-oss imported with down_proj untransposed: max |logit difference| = {diff:.3e}")
     assert diff > 100 * TOL
+
+
+def _release_logits(folder: Path, scratch: Path, latent_eps: float | None = None) -> torch.Tensor:
+    """transformers' logits (fp32) of a Kimi-K2 or Moonlight release, from a copy whose model_type is
+    deepseek_v3 (transformers has no kimi_k2; ``tests/kimi.py``); ``latent_eps`` replaces the 1e-6 of
+    the latent q/kv RMSNorms."""
+    from transformers import AutoModelForCausalLM
+
+    copy = transformers_copy(folder, scratch / folder.name)
+    model = AutoModelForCausalLM.from_pretrained(str(copy), dtype=torch.float32, trust_remote_code=False).eval()
+    if latent_eps is not None:
+        for name, module in model.named_modules():
+            if name.endswith(("q_a_layernorm", "kv_a_layernorm")):
+                module.variance_epsilon = latent_eps
+    with torch.no_grad():
+        return model(torch.tensor(TOKENS)).logits
+
+
+def test_kimi_fp8_release_imports_and_exports_back(jobs, tmp_path):
+    """Kimi-K2's FP8 release (kimi_k2, its auto_map and code files, YaRN beta 1/1 in the old spelling)
+    imports at EP2 without its code: megatron-core's logits equal transformers' on the release
+    dequantized by the definition; its args carry the YaRN betas; the export under the release's config
+    is those dequantized weights bit for bit, named kimi_k2, ``--dtype fp8`` gives the release back byte
+    for byte (FP8 weights, scales, bf16 and float32 tensors), and a TP2 x EP2 x ETP1 reshard exports the same."""
+    report = ok(jobs, "import kimi fp8")
+    assert any("auto_map" in w for w in report["warnings"]) and any("kimi_k2" in w for w in report["warnings"])
+    check = ok(jobs, "check kimi fp8")
+    assert check["layout_equal"], check
+    from distconv.megatron.source import describe
+
+    args = describe(jobs["work"] / "meg" / "kimi_fp8_tp1pp1").args
+    assert (args.rope_type, args.beta_fast, args.beta_slow, args.mscale, args.mscale_all_dim, args.rotary_scaling_factor,
+            args.original_max_position_embeddings, args.moe_router_topk_scaling_factor) == (
+        "yarn", 1.0, 1.0, 1.0, 1.0, 32.0, 4096, 2.827)
+    megatron = torch.load(jobs["work"] / "kimi_fp8.pt")
+    diff = (megatron[..., :VOCAB] - _release_logits(jobs["hf"]["kimi_k2 dequantized"], tmp_path)).abs().max().item()
+    print(f"Kimi-K2 FP8 release: megatron-core - transformers (dequantized) max |logits| {diff:.2e}")
+    assert diff <= TOL
+    ok(jobs, "export kimi fp8")
+    back, source = tensors(jobs["work"] / "back" / "kimi_fp8"), tensors(jobs["hf"]["kimi_k2 dequantized"])
+    assert sorted(back) == sorted(source) and all(torch.equal(back[k], source[k]) for k in source)
+    config = json.loads((jobs["work"] / "back" / "kimi_fp8" / "config.json").read_text())
+    assert config["model_type"] == "kimi_k2" and "auto_map" not in config and "quantization_config" not in config
+    ok(jobs, "export kimi fp8 again")  # --dtype fp8: the release itself, byte for byte
+    again, release = tensors(jobs["work"] / "back" / "kimi_fp8_again"), tensors(jobs["hf"]["kimi_k2 fp8"])
+    assert sorted(again) == sorted(release) and any(t.dtype == torch.float8_e4m3fn for t in release.values())
+    for key, t in release.items():
+        assert again[key].dtype == t.dtype and torch.equal(again[key].view(torch.uint8), t.view(torch.uint8)), key
+    config = json.loads((jobs["work"] / "back" / "kimi_fp8_again" / "config.json").read_text())
+    assert config["quantization_config"] == FP8 and config["model_type"] == "kimi_k2"
+    ok(jobs, "reshard kimi")
+    ok(jobs, "export kimi resharded")
+    resharded = tensors(jobs["work"] / "back" / "kimi_resharded")
+    assert sorted(resharded) == sorted(back) and all(torch.equal(resharded[k], back[k]) for k in back)
+
+
+def test_moonlight_bf16_release_round_trip(jobs, tmp_path):
+    """Moonlight's bf16 release (deepseek_v3 with an auto_map; its expert bias bf16, as on the hub) at
+    PP2 x EP2 and back: every tensor bit for bit, the bias float32 (megatron-core's and transformers'
+    dtype for it) holding the same values. megatron-core normalises the latent q/kv with the model's
+    1e-5 where transformers uses 1e-6 (the export warns): with transformers' latent epsilon set to
+    1e-5 the logits agree, and the difference the epsilon makes is printed."""
+    report = ok(jobs, "import moonlight")
+    assert any("auto_map" in w for w in report["warnings"])
+    check = ok(jobs, "check moonlight")
+    assert check["layout_equal"], check
+    megatron = torch.load(jobs["work"] / "moonlight.pt")[..., :VOCAB]
+    release = jobs["hf"]["moonlight release"]
+    same_eps = (megatron - _release_logits(release, tmp_path / "a", latent_eps=1e-5)).abs().max().item()
+    hf_eps = (megatron - _release_logits(release, tmp_path / "b")).abs().max().item()
+    print(f"Moonlight: megatron-core - transformers max |logits| {same_eps:.2e} (latent eps 1e-5), {hf_eps:.2e} (HF's 1e-6)")
+    assert same_eps <= TOL
+    export = ok(jobs, "export moonlight")
+    assert any("latent q and kv" in w for w in export["warnings"])
+    back, source = tensors(jobs["work"] / "back" / "moonlight"), tensors(release)
+    assert sorted(back) == sorted(source)
+    for key, t in source.items():
+        if key.endswith("e_score_correction_bias"):
+            assert t.dtype == torch.bfloat16 and back[key].dtype == torch.float32 and torch.equal(back[key], t.float()), key
+        else:
+            assert back[key].dtype == t.dtype and torch.equal(back[key], t), key
+    config = json.loads((jobs["work"] / "back" / "moonlight" / "config.json").read_text())
+    assert (config["model_type"], config["rms_norm_eps"], config["q_lora_rank"]) == ("deepseek_v3", 1e-5, None)
+
+
+def test_kimi_zeroed_expert_bias_import_fails_the_logits(jobs, tmp_path):
+    """The wrong mapping on import (e_score_correction_bias read as zeros, Megatron-Bridge #4657): the
+    checkpoint loads strictly in megatron-core, every chunk in place; only its logits show the error."""
+    ok(jobs, "import kimi wrong")
+    check = ok(jobs, "check kimi wrong")
+    assert check["layout_equal"], check
+    megatron = torch.load(jobs["work"] / "kimi_wrong.pt")
+    diff = (megatron[..., :VOCAB] - _release_logits(jobs["hf"]["kimi_k2 dequantized"], tmp_path)).abs().max().item()
+    print(f"Kimi-K2 imported with the expert bias zeroed: megatron-core - transformers max |logits| {diff:.3g}")
+    assert diff > 10 * TOL

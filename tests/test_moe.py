@@ -26,8 +26,9 @@ from distconv.megatron.checkpoint import Chunk, TensorInfo
 from distconv.megatron.source import describe
 
 from conftest import distconv_cli, hf_logits, run_export_jobs
-from fixtures.build import FIXTURES, layout_dir, parallel
+from fixtures.build import FIXTURES, VLLM_FIXTURES, layout_dir, parallel
 from fixtures.megatron_cpu import megatron_args
+from kimi import KIMI_ROPE, KIMI_SCALING, kimi_config_of_args, transformers_copy, write_release
 from mtp_reference import hf_mtp_logits
 
 TOL = 1e-4
@@ -40,6 +41,7 @@ ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qw
         "glm4_moe_plain": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "gpt_oss": "GptOssForCausalLM",
         "gpt_oss_square": "GptOssForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
 KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
+KIMI = VLLM_FIXTURES["vllm_kimi_k2"]
 WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
 
 
@@ -89,6 +91,13 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
             jobs[("deepseek_v32", "tp2pp2ep2etp1", world, "indexer_copied")] = {
                 "load": str(built / "deepseek_v32" / "tp2pp2ep2etp1"), "wrong_mapping": "indexer_copied",
                 "save": str(out / "deepseek_v32_indexer_copied")}
+            # Kimi-K2: its hub config (kimi_k2, auto_map, FP8, yarn with beta 1/1) names the export, from
+            # megatron-core's TP1PP1 and EP2 saves; and with the expert bias zeroed both ways (wrong_mapping)
+            kimi_hub = write_release(out / "kimi_hub", kimi_config_of_args(megatron_args(**KIMI.args), 256))
+            for layout, wrong_name in (("tp1pp1", None), ("tp1pp1ep2", None), ("tp1pp1ep2", "expert_bias_zeroed")):
+                jobs[("vllm_kimi_k2", layout, world, wrong_name or "kimi")] = {
+                    "load": str(built / "vllm_kimi_k2" / layout), "save": str(out / f"kimi_{layout}_{wrong_name}"),
+                    "hf_config": str(kimi_hub), **({"wrong_mapping": wrong_name} if wrong_name else {})}
             wrong = out / "mixtral_top1.json"
             wrong.write_text(json.dumps(_mixtral_config(num_experts_per_tok=1)))
             jobs[("mixtral", "tp1pp1ep2", world, "conflict")] = {
@@ -345,7 +354,6 @@ def test_family_inferred_from_args(args, arch):
     (dict(DS, moe_layer_freq=[1, 0]), "moe_layers"),  # HF: dense layers only first
     (dict(mtp_num_layers=1), "mtp_num_layers"),  # Mixtral has no MTP layers
     (dict(DS, untie_embeddings_and_output_weights=False), "mtp_conflict='MTP layers with tied embeddings'"),
-    (dict(DS, layernorm_epsilon=1e-5), "norm_epsilon"),  # HF's latent norms have a fixed 1e-6
     (dict(GLM, moe_layer_freq=[1, 1, 1, 0]), "mtp_conflict='MTP layers without experts'"),  # built like the last layer
     (dict(GLM, add_bias_linear=True), "add_bias_linear"),  # HF GLM-4.5 biases only q/k/v
     (dict(GLM, moe_shared_expert_gate=True), "moe_shared_gate"),
@@ -666,3 +674,139 @@ def test_an_untransposed_down_proj_of_rectangular_experts_is_refused_by_shape(ex
     result = exported[("gpt_oss", "tp1pp1", OTHER_WORLD, "down_not_transposed")]
     assert not result["ok"] and "shape mismatch" in result["error"] and "down_proj" in result["error"]
     assert not result["save"].exists()
+
+
+def _kimi_diff(built: Path, folder: Path, scratch: Path, zero: str | None = None, **config_override) -> float:
+    """Max |transformers - megatron-core| logits of a Kimi-K2 export (transformers loads a copy whose
+    model_type is deepseek_v3: it has no kimi_k2), with config fields changed or one HF tensor zeroed."""
+    from transformers import AutoModelForCausalLM
+
+    ref = torch.load(built / "refs" / "vllm_kimi_k2.pt")
+    copy = transformers_copy(folder, scratch / f"copy{len(list(scratch.glob('copy*')))}")
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, **config_override}))
+    model = AutoModelForCausalLM.from_pretrained(str(copy), dtype=torch.float32, trust_remote_code=False).eval()
+    with torch.no_grad():
+        if zero:
+            model.get_parameter_or_buffer(zero).zero_()
+        logits = model(ref["tokens"]).logits
+    return (logits - ref["logits"][..., : logits.shape[-1]]).abs().max().item()
+
+
+def _kimi(exported: dict, layout: str = "tp1pp1ep2", kind: str = "kimi") -> dict:
+    result = exported[("vllm_kimi_k2", layout, OTHER_WORLD, kind)]
+    assert result["ok"], result.get("error")
+    return result
+
+
+def test_kimi_export_keeps_its_hub_config_and_megatron_logits(exported, built, tmp_path):
+    """Kimi-K2's hub config (kimi_k2, which transformers lacks; an auto_map; FP8) names megatron-core's
+    EP2 save: the export keeps model_type kimi_k2 and the architecture vLLM loads, carries the routing
+    fields and YaRN (beta_fast 1, beta_slow 1) exactly, drops the auto_map and the FP8 quantization
+    config (its weights are not FP8), copies no code, and transformers computes megatron-core's logits."""
+    result = _kimi(exported)
+    folder = result["save"]
+    assert result["report"]["architecture"] == "DeepseekV3ForCausalLM"
+    assert any("model_type kimi_k2" in w for w in result["report"]["warnings"])
+    hub = json.loads((folder.parent / "kimi_hub" / "config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["model_type"], config["architectures"]) == ("kimi_k2", ["DeepseekV3ForCausalLM"])
+    assert "auto_map" not in config and "quantization_config" not in config and not list(folder.glob("*.py"))
+    for field in ("n_group", "topk_group", "routed_scaling_factor", "scoring_func", "topk_method", "norm_topk_prob",
+                  "first_k_dense_replace", "n_shared_experts", "q_lora_rank", "rope_theta"):
+        assert config[field] == hub[field], field
+    assert config["routed_scaling_factor"] == KIMI_SCALING
+    assert {k: v for k, v in config["rope_scaling"].items() if k in KIMI_ROPE} == KIMI_ROPE
+    biases = {k: v for k, v in tensors_of(folder).items() if k.endswith("e_score_correction_bias")}
+    assert len(biases) == 1 and all(b.dtype == torch.float32 and b.unique().numel() == b.numel() and bool(b.abs().min() > 0)
+                                    for b in biases.values())
+    assert _kimi_diff(built, folder, tmp_path) <= TOL
+
+
+def test_kimi_export_of_ep2_equals_that_of_tp1pp1(exported):
+    ep2, single = tensors_of(_kimi(exported)["save"]), tensors_of(_kimi(exported, "tp1pp1")["save"])
+    assert sorted(ep2) == sorted(single)
+    assert all(torch.equal(ep2[k], single[k]) for k in ep2)
+
+
+@pytest.mark.parametrize("change", [
+    dict(routed_scaling_factor=1.0), dict(norm_topk_prob=False), dict(rope_scaling={**KIMI_ROPE, "beta_fast": 32.0}),
+    dict(rope_scaling={**KIMI_ROPE, "mscale_all_dim": 0.0}), dict(zero="model.layers.1.mlp.gate.e_score_correction_bias"),
+], ids=["scaling", "norm-topk", "beta-fast", "mscale-all-dim", "expert-bias"])
+def test_kimi_routing_and_rope_decide_the_logits(exported, built, tmp_path, change):
+    """Each Kimi-K2 router and YaRN setting the export carries is needed to match megatron-core: the
+    routing depends on the expert bias, and beta_fast 1 is not MLATransformerConfig's default 32.
+    Measured: 0.12, 0.026, 3.6e-3 (on these 12 positions), 0.24, 0.16; the export itself 6e-7."""
+    assert _kimi_diff(built, _kimi(exported)["save"], tmp_path, **change) > 10 * TOL
+
+
+def test_kimi_zeroed_expert_bias_fails_the_logits(exported, built, tmp_path):
+    """The deliberately wrong mapping (Megatron-Bridge #4657: e_score_correction_bias left at zero) exports
+    without complaint, names and shapes right; only the logits show it."""
+    folder = _kimi(exported, kind="expert_bias_zeroed")["save"]
+    bias = tensors_of(folder)["model.layers.1.mlp.gate.e_score_correction_bias"]
+    assert bias.dtype == torch.float32 and not bias.any()
+    diff = _kimi_diff(built, folder, tmp_path)
+    print(f"Kimi-K2 export with the expert bias zeroed: max |logits - megatron-core| {diff:.3g}")
+    assert diff > 100 * TOL
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_kimi_hub_config_reads_as_deepseek_v3_without_its_code(tmp_path):
+    """transformers itself refuses kimi_k2 without the release's code; distconv reads its JSON into
+    DeepseekV3Config (the architecture it names), keeps the model type for the export and runs nothing."""
+    from transformers import AutoConfig, DeepseekV3Config
+
+    from distconv.hf.source import HUB_MODEL_TYPE, read_config
+    from distconv.inspect import inspect_hf
+
+    folder = write_release(tmp_path / "kimi", kimi_config_of_args(megatron_args(**KIMI.args), 256))
+    with pytest.raises(ValueError, match="custom code"):
+        AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+    config, warnings = read_config(folder, "--load")
+    assert type(config) is DeepseekV3Config and getattr(config, HUB_MODEL_TYPE) == "kimi_k2"
+    assert not hasattr(config, "auto_map") and config.n_group == 1 and config.routed_scaling_factor == KIMI_SCALING
+    assert len(warnings) == 2 and "auto_map" in warnings[0] and "kimi_k2" in warnings[1]
+    report = inspect_hf(folder)
+    assert (report["model_type"], report["read_as"], report["auto_map"]) == ("kimi_k2", "DeepseekV3Config (DeepseekV3ForCausalLM)", True)
+    other = write_release(tmp_path / "other", {**json.loads((folder / "config.json").read_text()),
+                                               "architectures": ["KimiK25ForConditionalGeneration"]})
+    with pytest.raises(DistconvError, match="read as DeepseekV3ForCausalLM only"):
+        read_config(other, "--load")
+
+
+def test_deepseek_norm_epsilon_other_than_latent_norms_converts_with_a_note():
+    """Moonlight's rms_norm_eps 1e-5: HF's latent q/kv norms keep 1e-6, megatron-core has one epsilon;
+    the export says so."""
+    spec = _spec(**{**DS, "layernorm_epsilon": 1e-5})
+    family = pick_family(FAMILIES, spec, None)
+    assert family.architecture == "DeepseekV3ForCausalLM" and family.hf_config(spec).rms_norm_eps == 1e-5
+    assert any("latent q and kv" in note for note in family.notes(spec))
+    assert family.notes(_spec(**DS)) == []
+
+
+def test_kimi_hub_config_with_other_yarn_betas_conflicts(tmp_path):
+    """An --hf-config is checked against the checkpoint on every YaRN setting, not only type and factor:
+    Kimi-K2's config with beta_fast 32 does not describe the Kimi-like checkpoint (beta_fast 1)."""
+    from distconv.hf.source import read_config
+
+    spec = spec_from_args(megatron_args(**KIMI.args)).with_vocab(256)
+    family = pick_family(FAMILIES, spec, "DeepseekV3ForCausalLM")
+    hub = kimi_config_of_args(megatron_args(**KIMI.args), 256)
+    family.check_config(read_config(write_release(tmp_path / "right", hub), "--hf-config")[0], spec)
+    wrong = write_release(tmp_path / "wrong", {**hub, "rope_scaling": {**KIMI_ROPE, "beta_fast": 32.0}})
+    with pytest.raises(DistconvError, match="rope scaling: HF config .*'beta_fast': 32.0"):
+        family.check_config(read_config(wrong, "--hf-config")[0], spec)
+
+
+def test_kimi_verify(exported, built):
+    """``distconv verify`` on CPU: megatron-core's Kimi-like checkpoint against its kimi_k2 export."""
+    folder = _kimi(exported, "tp1pp1")["save"]
+    proc = distconv_cli("verify", "--load", str(built / "vllm_kimi_k2" / "tp1pp1"), "--hf", str(folder))
+    assert proc.returncode == 0 and "-> OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]

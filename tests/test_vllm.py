@@ -46,7 +46,9 @@ import torch
 from distconv.families import FAMILIES
 
 from conftest import ROOT, hf_logits, run_export_jobs, venv_unavailable
-from fixtures.build import layout_dir
+from fixtures.build import VLLM_FIXTURES, layout_dir
+from fixtures.megatron_cpu import megatron_args
+from kimi import kimi_config_of_args, transformers_copy, write_release
 
 VENV = ROOT / ".venv-vllm"
 # the fixture exported -> its family: every family once, DeepSeek-V3 with and without q LoRA
@@ -69,6 +71,8 @@ BF16 = {"vllm_qwen3_next"}  # run by vLLM in bf16 and checked as bf16 (the docst
 BF16_TOL, BF16_TIE = 0.1, 0.1  # |logprob| (the docstring's measurements)
 # the Qwen3-Next fixture exported as Qwen3.5's text MoE model (by its HF config), which vLLM 0.32 lacks
 QWEN3_5 = ("qwen3_5_moe", "vllm_qwen3_next", "Qwen3_5MoeForCausalLM")
+# the Kimi-K2-style fixture exported under Kimi-K2's hub config (model_type kimi_k2, which transformers lacks)
+KIMI = ("kimi_k2", "vllm_kimi_k2")
 PROMPTS = [[5, 17, 33, 101, 7, 9, 200, 45, 150, 3, 88, 240], [3, 4, 5, 6, 7]]  # ids below every fixture's vocab (250)
 MAX_TOKENS = 8
 TOL = 1e-3  # |logprob| difference between vLLM and transformers (both fp32)
@@ -107,7 +111,7 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
     reason = _unavailable()
     if reason:
         pytest.skip(reason)
-    missing = [name for name in CASES if not (built / name).is_dir()]
+    missing = [name for name in (*CASES, KIMI[1]) if not (built / name).is_dir()]
     if missing:
         pytest.skip(f"the fixtures at {built} lack {', '.join(missing)} (built before VLLM_FIXTURES existed): rebuild them")
     out = tmp_path_factory.mktemp("vllm")
@@ -119,6 +123,8 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
     jobs.append({"load": str(layout_dir(built, "deepseek_v32", 1, 1)), "save": str(out / "deepseek_v32")})
     jobs.append({"load": str(layout_dir(built, "deepseek_v32", 1, 1)), "save": str(out / "glm_moe_dsa"),
                  "hf_config": str(_glm5_config(built, out))})
+    kimi_hub = write_release(out / "kimi_hub", kimi_config_of_args(megatron_args(**VLLM_FIXTURES[KIMI[1]].args), 256))
+    jobs.append({"load": str(layout_dir(built, KIMI[1], 1, 1)), "save": str(out / KIMI[0]), "hf_config": str(kimi_hub)})
     exports = run_export_jobs(1, jobs, out)
     failed = [f"{job['load']}: {r['error']}" for job, r in zip(jobs, exports) if not r["ok"]]
     assert not failed, failed
@@ -135,6 +141,7 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
     (folder / "config.json").write_text(json.dumps({**config, "swiglu_limit": GPT_OSS_LIMIT}))
     folders["gpt_oss_mxfp4"] = out / "gpt_oss_mxfp4"  # gpt-oss's hub layout (--dtype mxfp4)
     folders.update({name: out / name for name in DSA})
+    folders[KIMI[0]] = out / KIMI[0]
     request = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "folders": {name: str(f) for name, f in folders.items()}}
     for name in (*BF16, QWEN3_5[0]):
         request["folders"][name] = [str(folders[name]), {"dtype": "bfloat16"}]
@@ -146,6 +153,7 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
     assert (out / "vllm_results.json").exists(), f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     vllm = json.loads((out / "vllm_results.json").read_text())
     architectures = {name: r["report"]["architecture"] for name, r in zip((*CASES, QWEN3_5[0], "gpt_oss_mxfp4", *DSA), exports)}
+    architectures[KIMI[0]] = exports[-1]["report"]["architecture"]
     runs = {name: {"folder": folder, "architecture": architectures.get(name), "vllm": vllm.get(name, {"error": proc.stderr[-6000:]})}
             for name, folder in {**folders, "glm4_moe_mtp": folders["glm4_moe"]}.items()}
     runs[QWEN3_5[0]]["log"] = proc.stdout + proc.stderr  # vLLM logs (to stdout) why it could not inspect an architecture
@@ -322,3 +330,24 @@ def test_vllm_serves_the_gpt_oss_mxfp4_export(runs):
     assert "error" not in vllm, vllm.get("error")
     _, prompt_logprobs = _transformers(runs["gpt_oss_mxfp4"]["folder"])
     assert _max_diff(vllm["prompt_logprobs"], prompt_logprobs) <= BF16_TOL
+
+
+def test_vllm_serves_the_kimi_export(runs, built, tmp_path):
+    """Kimi-K2's export (model_type kimi_k2 as its release says, no auto_map) loads in vLLM without the
+    release's code (vLLM 0.32 reads kimi_k2 with transformers' DeepseekV3Config, and serves its
+    DeepseekV3ForCausalLM): greedy tokens and prompt logprobs equal transformers' on a copy named
+    deepseek_v3 (transformers has no kimi_k2), whose logits are megatron-core's."""
+    run = runs[KIMI[0]]
+    assert run["architecture"] == "DeepseekV3ForCausalLM"
+    assert json.loads((run["folder"] / "config.json").read_text())["model_type"] == "kimi_k2"
+    copy = transformers_copy(run["folder"], tmp_path / "copy")
+    ref = torch.load(built / "refs" / f"{KIMI[1]}.pt")
+    logits = hf_logits(copy, ref["tokens"])
+    assert (logits - ref["logits"][..., : logits.shape[-1]]).abs().max().item() <= REF_TOL
+    vllm = run["vllm"]
+    assert "error" not in vllm, vllm.get("error")
+    tokens, prompt_logprobs = _transformers(copy)
+    diff = _max_diff(vllm["prompt_logprobs"], prompt_logprobs)
+    print(f"{KIMI[0]} (DeepseekV3ForCausalLM, model_type kimi_k2): max |prompt logprob difference| vLLM - transformers = {diff:.2e}")
+    assert diff <= TOL
+    assert vllm["tokens"] == tokens

@@ -1,18 +1,26 @@
-"""Deliberately wrong gpt-oss and DSA mappings (tests only), which the proofs must reject.
+"""Deliberately wrong mappings (tests only), which the proofs must reject.
 
-``wrong_mapping(name)`` makes export and import use a table with its rules broken, and puts the
-real one back on exit:
+``wrong_mapping(name)`` makes export and import use a family's table with one rule broken, and
+puts the real one back on exit. gpt-oss's experts:
 
 - ``down_not_transposed``: ``down_proj`` is fc2 as stored, ``[H, F]``, where HF wants ``[F, H]``:
   with square experts (F == H, as the released models' 2880 x 2880) the shapes still agree, so
   only the numbers can tell (Megatron-Bridge #3162, #3271, #3743);
 - ``gate_up_concatenated``: ``gate_up_proj`` is ``[gate; up]`` transposed, where HF interleaves
-  gate and up by column: the same shape for any sizes;
-- ``indexer_copied`` (DeepSeek-V3.2): the DSA indexer's tensors copied as stored, without the
-  RoPE row order or the ``wq_b`` gamma fold (``families.dsa``): the same shapes, and the same
-  logits whenever the indexer's top-k covers the whole sequence.
+  gate and up by column: the same shape for any sizes.
 
 Made the same way in both directions, each survives an HF -> Megatron -> HF round trip bit for bit.
+
+DeepSeek-V3's router (Kimi-K2's, Moonlight's):
+
+- ``expert_bias_zeroed``: ``e_score_correction_bias`` <-> ``router.expert_bias`` written as zeros
+  both ways (Megatron-Bridge #4657): every name, shape and dtype is right.
+
+DeepSeek-V3.2's indexer:
+
+- ``indexer_copied``: the DSA indexer's tensors copied as stored, without the RoPE row order or
+  the ``wq_b`` gamma fold (``families.dsa``): the same shapes, and the same logits whenever the
+  indexer's top-k covers the whole sequence.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import torch
 
 from distconv.directions import export, import_
 from distconv.families import FAMILIES
-from distconv.families.base import JointTransform, Transform
+from distconv.families.base import Family, JointTransform, Transform
+from distconv.families.deepseek_v3 import DEEPSEEK_V3
 from distconv.families.dsa import DEEPSEEK_V32
 from distconv.families.gpt_oss import GPT_OSS
 from distconv.megatron.model import stand_ins
@@ -43,6 +52,16 @@ class _Concatenated(Transform):
         return t.transpose(0, 1) if t.dim() == 2 else t
 
 
+class _Zeroed(Transform):
+    """Zeros of the tensor's shape and dtype, both ways."""
+
+    def export(self, t: torch.Tensor, spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros_like(t),)
+
+    def import_values(self, t: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+        return torch.zeros_like(t)
+
+
 class _JointCopy(JointTransform):
     """Several tensors copied as they are, both ways."""
 
@@ -53,28 +72,26 @@ class _JointCopy(JointTransform):
         return ts
 
 
-# name -> (family, the part of the Megatron names whose rules break, with "{expert}" in them only?, transform)
-WRONG = {
-    "down_not_transposed": (GPT_OSS, "linear_fc2.weight", True, Transform()),
-    "gate_up_concatenated": (GPT_OSS, "linear_fc1.", True, _Concatenated()),
-    "indexer_copied": (DEEPSEEK_V32, "core_attention.indexer.", False, None),
+# name -> (family, a part of the broken rules' Megatron names, the transform they get; None: a copy)
+WRONG: dict[str, tuple[Family, str, Transform | None]] = {
+    "down_not_transposed": (GPT_OSS, "{expert}.linear_fc2.weight", Transform()),
+    "gate_up_concatenated": (GPT_OSS, "{expert}.linear_fc1.", _Concatenated()),
+    "expert_bias_zeroed": (DEEPSEEK_V3, "mlp.router.expert_bias", _Zeroed()),
+    "indexer_copied": (DEEPSEEK_V32, "core_attention.indexer.", None),
 }
 
 
 @contextlib.contextmanager
 def wrong_mapping(name: str | None) -> Iterator[None]:
-    """While active, export and import map with the broken rules ``name`` (None: nothing changes)."""
+    """While active, export and import map the family with the broken rule ``name`` (None: nothing changes)."""
     if name is None:
         yield
         return
-    family, part, experts_only, transform = WRONG[name]
-
-    def broken(r):
-        copy = transform or (_JointCopy() if r.joint else Transform())
-        return dataclasses.replace(r, transform=copy) if part in r.megatron and (
-            "{expert}" in r.megatron or not experts_only) else r
-
-    wrong = dataclasses.replace(family, rules=tuple(broken(r) for r in family.rules))
+    family, part, transform = WRONG[name]
+    rules = tuple(dataclasses.replace(r, transform=transform or (_JointCopy() if r.joint else Transform()))
+                  if part in r.megatron else r for r in family.rules)
+    assert rules != family.rules, name
+    wrong = dataclasses.replace(family, rules=rules)
     families = tuple(wrong if f is family else f for f in FAMILIES)
     with stand_ins([(export, "FAMILIES", families), (import_, "FAMILIES", families)]):
         yield

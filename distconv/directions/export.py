@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -38,7 +37,7 @@ from distconv.hf.sink import (
     write_index,
     write_tokenizer,
 )
-from distconv.hf.source import auto_map_file, remote_code
+from distconv.hf.source import read_config
 from distconv.hf.tokenizer import cached_hub_tokenizer, load_tokenizer
 from distconv.megatron.args import arg, parallel_sizes, spec_from_args
 from distconv.megatron.catalogue import canonical, items_of, split_expert, split_name
@@ -56,27 +55,13 @@ from distconv.spec import DTYPES, ModelSpec
 
 FORMATS = ("safetensors", "torch")
 def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None, list[str]]:
-    """``--hf-config`` (a folder or a ``config.json``): the config, its folder, and a warning when
-    its ``auto_map`` was ignored (it is not written into the export)."""
+    """``--hf-config`` (a folder or a ``config.json``): the config, its folder, and warnings
+    (``hf.source.read_config``: an ``auto_map`` is ignored and not written into the export)."""
     if path is None:
         return None, None, []
-    from transformers import AutoConfig
-
     path = Path(path)
-    remote = auto_map_file(path)
-    try:
-        if path.is_dir():
-            config, folder = AutoConfig.from_pretrained(str(path), trust_remote_code=False), path
-        else:
-            config, folder = AutoConfig.for_model(**json.loads(path.read_text())), path.parent
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DistconvError(remote_code(remote, "--hf-config", False) if remote
-                            else f"--hf-config {path}: cannot read an HF config: {e}") from None
-    if remote is None:
-        return config, folder, []
-    if hasattr(config, "auto_map"):
-        del config.auto_map
-    return config, folder, [remote_code(remote, "--hf-config", True)]
+    config, warnings = read_config(path, "--hf-config")
+    return config, path if path.is_dir() else path.parent, warnings
 
 
 def tokenizer_folder(explicit: str | Path | None, ckpt: Checkpoint) -> tuple[Path | None, str, list[str]]:

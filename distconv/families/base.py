@@ -201,6 +201,9 @@ class Family:
     unconverted: tuple[tuple[str, str], ...] = ()
     # what an export of ``spec`` should know though the folder is exact (a consumer that reads it otherwise)
     notes: Callable[[ModelSpec], list[str]] = lambda spec: []
+    # hub ``model_type``s transformers has no class for, whose ``config.json`` is this architecture's config
+    # with fields of its own (Kimi-K2's ``kimi_k2``): read from JSON into ``config_class`` (``hf.source.read_config``)
+    model_types: tuple[str, ...] = ()
 
     def unsupported(self, spec: ModelSpec) -> list[str]:
         """Reasons this family cannot express ``spec`` exactly (empty when it can)."""
@@ -257,6 +260,16 @@ class Family:
                 conflicts.append(f"rope scaling: HF config {theirs!r}, checkpoint {_rope(ours)!r}")
             elif name != "rope_scaling" and (ours is not None or name in self.nullable) and theirs != ours and not _close(theirs, ours):
                 conflicts.append(f"{name}: HF config {theirs!r}, checkpoint {ours!r}")
+        reader = readers.get("rope_scaling")
+        if reader is not None and (spec.rope_scaling or {}).get("rope_type") == "yarn":  # YaRN: every setting, not type and factor only
+            try:
+                theirs = reader(config)
+            except DistconvError as e:
+                conflicts.append(f"rope scaling: {e}")
+            else:
+                ours = {k: v for k, v in spec.rope_scaling.items() if k != "rope_theta"}  # a config class may have added it
+                if theirs != ours:
+                    conflicts.append(f"rope scaling: HF config {theirs!r}, checkpoint {ours!r}")
         if conflicts:
             raise DistconvError("--hf-config conflicts with the checkpoint: " + "; ".join(conflicts))
 

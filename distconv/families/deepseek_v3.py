@@ -2,13 +2,20 @@
 
 Megatron's MLA rotates the rope slice de-interleaved, which is HF's ``rope_interleave=True``:
 the weights copy unchanged. The router is ``moe.SIGMOID_*``'s (shared with GLM-4.5).
-HF's latent q/kv RMSNorms use a fixed epsilon of 1e-6, megatron-core one epsilon for every norm.
-HF's ``qk_head_dim`` is the whole query/key head (no-rope + rope part), megatron-core's the no-rope
+HF's latent q/kv RMSNorms use a fixed epsilon of 1e-6, megatron-core one epsilon for every norm:
+a model whose ``rms_norm_eps`` is not 1e-6 (Moonlight's 1e-5) converts with a warning, its latent
+norms' epsilon differing. HF's ``qk_head_dim`` is the whole query/key head (no-rope + rope part), megatron-core's the no-rope
 part only (``qk_nope_head_dim``).
 
-Import reads YaRN RoPE only with the settings Megatron-LM 0.16 can pass on (it has no flags for
-``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``: MLATransformerConfig's
-defaults 4096, 32, 1). MTP layers (``num_nextn_predict_layers``) convert both ways (``moe.MTP_RULES``).
+YaRN RoPE carries ``factor``, ``mscale``, ``mscale_all_dim``, ``original_max_position_embeddings``,
+``beta_fast`` and ``beta_slow`` (Kimi-K2: 1 and 1) into args of MLATransformerConfig's field names,
+which Megatron-LM's ``core_transformer_config_from_args`` copies; Megatron-LM 0.16 has no command-line
+flags for the last three (a run other than MLATransformerConfig's defaults 4096, 32, 1 sets them in its
+model provider, as Megatron-Bridge's Kimi-K2 provider does). MTP layers (``num_nextn_predict_layers``) convert both ways (``moe.MTP_RULES``).
+
+Kimi-K2's ``config.json`` (``model_type: kimi_k2``, which transformers lacks) is DeepSeek-V3's with
+fields of its own (``Family.model_types``); Moonlight's is ``deepseek_v3``. Both name
+``DeepseekV3ForCausalLM``, which vLLM loads; their ``auto_map`` is never followed.
 
 transformers ignores ``topk_method``, ``scoring_func`` and ``moe_layer_freq``, but vLLM and SGLang
 read them as DeepSeek's own configs write them: ``noaux_tc`` (the expert bias exists and takes
@@ -25,6 +32,7 @@ from distconv.families.llama import RULES, H, L, spec_fields
 from distconv.families.moe import (
     SIGMOID_FIELDS, SIGMOID_REQUIRES, SIGMOID_RULES, SIGMOID_SPEC, fields, with_fields, with_mtp,
 )
+from distconv.spec import ModelSpec
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -42,8 +50,8 @@ MLA_RULES = (
     Rule(A + "linear_kv_up_proj.weight", HA + "kv_b_proj.weight", fp8=True),
 )
 
-# what Megatron-LM 0.16 builds MLA's YaRN with, whatever the args say (no flags for these)
-YARN_FIXED = {"original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
+# MLATransformerConfig's defaults for the YaRN settings Megatron-LM 0.16 has no flags for
+YARN_DEFAULTS = {"original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0}
 
 
 def yarn_from_hf(config: PretrainedConfig) -> dict[str, Any] | None:
@@ -52,17 +60,27 @@ def yarn_from_hf(config: PretrainedConfig) -> dict[str, Any] | None:
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return None
-    known = {"rope_type", "type", "rope_theta", "factor", "mscale", "mscale_all_dim", *YARN_FIXED}
-    yarn = {"rope_type": "yarn", "factor": float(scaling.get("factor") or 0.0),
-            **{k: float(scaling.get(k) or v) for k, v in YARN_FIXED.items()},
-            "mscale": float(scaling.get("mscale") or 1.0), "mscale_all_dim": float(scaling.get("mscale_all_dim") or 0.0)}
-    yarn["original_max_position_embeddings"] = int(yarn["original_max_position_embeddings"])
+    known = {"rope_type", "type", "rope_theta", "factor", "mscale", "mscale_all_dim", *YARN_DEFAULTS}
+    given = lambda k, default: default if scaling.get(k) is None else float(scaling[k])  # noqa: E731
+    yarn = {"rope_type": "yarn", "factor": given("factor", 0.0),
+            **{k: given(k, v) for k, v in YARN_DEFAULTS.items()},
+            "mscale": given("mscale", 1.0), "mscale_all_dim": given("mscale_all_dim", 0.0)}
+    original = yarn["original_max_position_embeddings"]
     extra = sorted(k for k in scaling if k not in known and not (k == "truncate" and scaling[k] is True))
-    if kind != "yarn" or extra or yarn["factor"] <= 0 or any(yarn[k] != v for k, v in YARN_FIXED.items()):
+    if kind != "yarn" or extra or yarn["factor"] <= 0 or original != int(original) or original <= 0:
         raise DistconvError(f"RoPE scaling {scaling!r} has no Megatron-LM equivalent for MLA (supported: yarn with a "
-                            "factor, mscale, mscale_all_dim, and original_max_position_embeddings 4096, beta_fast 32, "
-                            "beta_slow 1)")
+                            "factor, mscale, mscale_all_dim, original_max_position_embeddings, beta_fast and beta_slow)")
+    yarn["original_max_position_embeddings"] = int(original)
     return yarn
+
+
+def _notes(spec: ModelSpec) -> list[str]:
+    """The latent norms' epsilon, where the model's is not HF's fixed 1e-6 (Moonlight's 1e-5)."""
+    if abs(spec.norm_epsilon - 1e-6) <= 1e-15:
+        return []
+    return [f"norm epsilon {spec.norm_epsilon:g}: transformers' and vLLM's DeepSeek-V3 normalise the latent q and kv "
+            "with 1e-6 whatever rms_norm_eps says, megatron-core with the model's one epsilon: their logits differ "
+            "slightly"]
 
 
 DEEPSEEK_V3 = Family(
@@ -76,8 +94,7 @@ DEEPSEEK_V3 = Family(
         "multi_latent_attention": True,
         "experimental_attention_variant": None,  # DSA: families.dsa
         "position_embedding": lambda p: p in ("rope", "none"),  # MLA applies its own rope either way
-        "qk_layernorm": True,  # HF always normalises the latent q and kv
-        "norm_epsilon": lambda eps: abs(eps - 1e-6) <= 1e-15,  # ... with eps 1e-6, whatever rms_norm_eps says
+        "qk_layernorm": True,  # HF always normalises the latent q and kv (with eps 1e-6: ``_notes``)
     },
     config_fields=fields(drop=("head_dim", "num_key_value_heads")) + SIGMOID_FIELDS + (
         ("num_key_value_heads", lambda s: s.num_attention_heads),
@@ -94,6 +111,8 @@ DEEPSEEK_V3 = Family(
     ),
     detect=lambda spec: spec.multi_latent_attention,
     nullable=("q_lora_rank",),  # None: a plain q_proj
+    notes=_notes,
+    model_types=("kimi_k2",),
     spec_fields=with_fields(
         spec_fields(
             num_query_groups=lambda c: c.num_attention_heads,  # num_key_value_heads is checked equal

@@ -20,6 +20,7 @@ import torch
 from distconv.engine.marker import HashedWrites
 from distconv.engine.plan import Output, Slab, file_order, whole
 from distconv.errors import DistconvError
+from distconv.hf.source import HUB_MODEL_TYPE
 
 _ST_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -228,12 +229,16 @@ def write_config(folder: Path, config: Any, dtype: torch.dtype, quantization: di
     (and ``quantization_config`` when given: the FP8 export).
 
     RoPE settings are also written in the pre-v5 spelling (``rope_theta``/``rope_scaling``)
-    so serving engines on older transformers read them too.
+    so serving engines on older transformers read them too. A config read under a hub-only
+    ``model_type`` (``hf.source.HUB_MODEL_TYPE``: Kimi-K2's ``kimi_k2``) is written with it.
     """
     config.dtype = dtype
     data = config.to_diff_dict()
+    if HUB_MODEL_TYPE in data:
+        data["model_type"] = data.pop(HUB_MODEL_TYPE)
     dtype_name = str(dtype).removeprefix("torch.")
     data["dtype"] = data["torch_dtype"] = dtype_name
+    data.pop("quantization_config", None)  # a given config's (a release's) describes its files, not these
     if quantization is not None:
         data["quantization_config"] = quantization
     rope = data.get("rope_parameters")

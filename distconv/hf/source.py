@@ -291,18 +291,66 @@ def remote_code(file: Path, what: str, loaded: bool) -> str:
             "have to run the folder's Python code, which distconv never does")
 
 
+# the attribute a config read under a family's hub-only ``model_type`` (``Family.model_types``) keeps
+# that ``model_type`` in, for the export to write it back (``hf.sink.write_config``)
+HUB_MODEL_TYPE = "_hub_model_type"
+
+
+def read_config(path: str | Path, what: str) -> tuple[Any, list[str]]:
+    """The HF config of a model folder (its ``config.json``) or of a JSON file, and warnings; never the
+    folder's own code (``trust_remote_code=False``), its ``auto_map`` dropped with a warning.
+
+    A ``model_type`` transformers lacks that a family reads (``Family.model_types``: Kimi-K2's
+    ``kimi_k2``, DeepSeek-V3's architecture under fields of its own) is read from the JSON into the
+    family's config class, its ``architectures`` required to be the family's; the ``model_type`` is
+    kept in ``HUB_MODEL_TYPE``, so an export writes it again (vLLM reads it; transformers needs the
+    class's own).
+    """
+    import transformers
+
+    from distconv.families import FAMILIES
+
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    remote = auto_map_file(path)
+    try:
+        data = json.loads(file.read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise DistconvError(f"{what} {path}: cannot read an HF config: {e}") from None
+    hub_type = data.get("model_type")
+    family = next((f for f in FAMILIES if hub_type in f.model_types), None)
+    warnings = [remote_code(remote, what, True)] if remote else []
+    try:
+        if family is not None:
+            if data.get("architectures") != [family.architecture]:
+                raise DistconvError(f"{what} {path}: model_type {hub_type} is read as {family.architecture} only, "
+                                    f"not architectures {data.get('architectures')!r}")
+            config_class = getattr(transformers, family.config_class)
+            config = config_class.from_dict({k: v for k, v in data.items() if k not in ("model_type", "auto_map")})
+            setattr(config, HUB_MODEL_TYPE, hub_type)
+            warnings.append(f"{what}: transformers {transformers.__version__} has no model_type {hub_type}: its config is read as "
+                            f"{family.config_class} (the {family.architecture} it names), and an export keeps "
+                            f"model_type {hub_type}, which vLLM loads; transformers loads such a folder only with "
+                            f"model_type {config_class.model_type} (docs/models.md)")
+        elif path.is_dir():
+            config = transformers.AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        else:
+            config = transformers.AutoConfig.for_model(**data)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DistconvError(remote_code(remote, what, False) if remote else f"{what} {path}: cannot read an HF config: {e}") from None
+    if hasattr(config, "auto_map"):
+        del config.auto_map
+    return config, warnings
+
+
 def open_hf(load: str | Path) -> HFSource:
     """An HF model folder: its tensors, its config, and itself as tokenizer if it holds one."""
-    from transformers import AutoConfig
-
     path = Path(load)
     if not (path / "config.json").exists():
         raise DistconvError(f"--load {path} is not an HF model folder (no config.json)")
-    remote = auto_map_file(path)
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as e:
-        raise DistconvError(remote_code(remote, "--load", False) if remote else f"--load {path}: cannot read config.json: {e}") from None
+    config, warnings = read_config(path, "--load")
     tokenizer = str(path.absolute()) if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else None
     _check_index(path)
     files = SafetensorsFiles(path)
@@ -314,5 +362,4 @@ def open_hf(load: str | Path) -> HFSource:
     else:
         tensors = files
     return HFSource(tensors, config, tokenizer, str(load), (load, *files_in(path)),
-                    file_identity(sorted(set(files.where.values())), path / "config.json"),
-                    [remote_code(remote, "--load", True)] if remote else [])
+                    file_identity(sorted(set(files.where.values())), path / "config.json"), warnings)

@@ -128,7 +128,7 @@ def _activation_config(spec: ModelSpec, args: argparse.Namespace) -> dict[str, A
 
 def _rope_scaling(args: argparse.Namespace) -> dict[str, Any] | None:
     if arg(args, "multi_latent_attention", default=False) and arg(args, "rope_type", default="yarn") == "yarn":
-        # MLA's YaRN; 0.16 has no CLI args for the last three (MLATransformerConfig defaults)
+        # MLA's YaRN; 0.16 has no CLI args for the last three (args of MLATransformerConfig's field names, else its defaults)
         return {
             "rope_type": "yarn",
             "factor": float(arg(args, "rotary_scaling_factor", default=40.0)),
@@ -223,8 +223,11 @@ def _mla_rope_config(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any
     yarn = _yarn(spec) or {"factor": float(arg(args, "rotary_scaling_factor", default=1.0)),
                            "mscale": float(arg(args, "mscale", default=1.0)),
                            "mscale_all_dim": float(arg(args, "mscale_all_dim", default=0.0))}
+    # YaRN's original length and beta_fast/beta_slow: the args' (MLATransformerConfig's field names, which
+    # Megatron-LM's ``core_transformer_config_from_args`` copies), else its defaults
+    rest = {k: yarn[k] for k in ("original_max_position_embeddings", "beta_fast", "beta_slow")} if _yarn(spec) else {}
     return dict(rope_type="yarn" if _yarn(spec) else "rope", rotary_base=spec.rotary_base, rotary_scaling_factor=yarn["factor"],
-                mscale=yarn["mscale"], mscale_all_dim=yarn["mscale_all_dim"])
+                mscale=yarn["mscale"], mscale_all_dim=yarn["mscale_all_dim"], **rest)
 
 
 def _moe_layers(args: argparse.Namespace) -> tuple[bool, ...]:
@@ -417,7 +420,8 @@ FIELDS: tuple[Field, ...] = (
     Field("rotary_base", ("rotary_base",), 10000, float, write=_rotary_base),
     Field("rotary_percent", ("rotary_percent",), 1.0, float),
     Field("rotary_interleaved", ("rotary_interleaved",), False, bool, "rotary_interleaved"),
-    # linear interpolation, Llama 3's, YaRN (MLA's: 0.16 has no flags for its last three, MLATransformerConfig's;
+    # linear interpolation, Llama 3's, YaRN (MLA's: 0.16 has no flags for its last three, args named as
+    # MLATransformerConfig's fields;
     # GPT's: core_v0.19's --yarn-* flags, ``GPT_YARN``)
     Field("rope_scaling", ("rotary_seq_len_interpolation_factor", "use_rope_scaling", "rope_scaling_factor", "rope_type",
                            "rotary_scaling_factor", "mscale", "mscale_all_dim", "original_max_position_embeddings",
