@@ -142,7 +142,7 @@ def _dsa_family(architecture: str, config_class: str, half_split: bool,
         ("dsa_indexer_topk", lambda c: c.index_topk),
     )
     return dataclasses.replace(
-        base, architecture=architecture, config_class=config_class, rules=rules,
+        base, architecture=architecture, config_class=config_class, rules=rules, model_types=(),
         requires={**base.requires, "experimental_attention_variant": "dsa", "q_lora_rank": lambda r: bool(r),
                   "dsa_indexer_head_dim": lambda d: bool(d)},
         config_fields=config_fields, spec_fields=spec_fields,
