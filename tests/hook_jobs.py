@@ -7,7 +7,7 @@ modules (distconv imports them inside ``export``), runs ``distconv.export`` RUNS
 fresh folders ``OUT/run{i}`` (writers alternating 1 and 2), then one export that fails mid-run
 on rank 0 alone (its output file may not grow past ``FAIL_AT`` bytes, the run reads in many
 small batches) followed by an ``all_reduce`` on the default group, then ``all_gather_object``
-and ``destroy_process_group()`` as tests/benchmarks/export_stats.py does. Before exiting it
+and ``destroy_process_group()``, as a training job ends. Before exiting it
 writes ``OUT/rank{R}.json``: the Python threads other than the main one alive after each
 export, the failed export's error, the threads alive after it and the ``all_reduce`` result,
 and the gloo threads alive after ``destroy_process_group()``. tests/test_hook.py also

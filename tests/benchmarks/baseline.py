@@ -25,7 +25,7 @@ from distconv.megatron.catalogue import canonical, items_of
 from distconv.megatron.checkpoint import safe_globals
 from distconv.megatron.source import describe
 
-from tests.benchmarks.export_stats import io_counters
+from tests.benchmarks.stats import io_counters
 
 
 def main() -> None:

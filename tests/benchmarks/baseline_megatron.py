@@ -31,7 +31,7 @@ from distconv.megatron.checkpoint import TRACKER, iteration_dir
 from distconv.megatron.model import no_device_calls, stand_ins
 from distconv.megatron.save import extra_state_object, sharded_tensor
 
-from tests.benchmarks.export_stats import current_rss, io_counters, warm_imports
+from tests.benchmarks.stats import current_rss, io_counters, warm_imports
 
 
 class InMemory:

@@ -10,7 +10,7 @@ import json
 import resource
 import time
 
-from tests.benchmarks.export_stats import current_rss, io_counters, warm_imports
+from tests.benchmarks.stats import current_rss, io_counters, warm_imports
 
 
 def main() -> None:
