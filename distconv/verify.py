@@ -15,15 +15,16 @@ own files only while the module using them runs, and put back on the meta device
 - transformers: one hook per decoder layer loading that layer's safetensors tensors through
   transformers' own loader (its renames and MoE fusions; block-wise FP8 dequantized as read).
 
-The embeddings, final norm and output layer of both stay materialized. Peak memory is about one HF
-decoder layer, one megatron-core module, the embeddings, and every layer's input and output hidden
-states for the few sequences (kept to feed and compare the HF layers).
+The embeddings, final norm and output layer of both stay materialized.
 
-The same seeded token sequences run through megatron-core's model; each decoder layer's input and
-output are kept. transformers runs the sequences twice in one batch: once on its own (its logits
-are the export's logits), once with every decoder layer fed megatron-core's input to the same
-layer, so each layer's output is compared on its own. The first layer whose max |diff| exceeds the
-tolerance is named (``decoder.layers.{i}`` / ``model.layers.{i}``).
+The same seeded token sequences run through both models in step: megatron-core's forward runs in a
+thread of its own and hands each decoder layer's input and output to transformers' forward, at
+most one layer ahead of it (``_Handoff``). transformers runs the sequences twice in one batch: once
+on its own (its logits are the export's logits), once with every decoder layer fed megatron-core's
+input to the same layer, so each layer's output is compared on its own. The first layer whose max
+|diff| exceeds the tolerance is named (``decoder.layers.{i}`` / ``model.layers.{i}``). Peak memory
+is about one HF decoder layer, one megatron-core decoder layer's module, the embeddings, and the
+hidden states of two layers, whatever the depth.
 
 megatron-core 0.16 makes a few CUDA calls unconditionally; on a machine without CUDA they are
 made harmless only while the model is built and run (``cpu_compat``), and restored after.
@@ -32,9 +33,11 @@ made harmless only while the model is built and run (``cpu_compat``), and restor
 from __future__ import annotations
 
 import argparse
+import queue
 import re
+import threading
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -190,10 +193,11 @@ def _megatron_args(ckpt: Checkpoint) -> argparse.Namespace:
     return args
 
 
-def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """megatron-core's logits (padded vocab) for ``tokens``, and each decoder layer's input and output
-    hidden states ([seq, batch, hidden]), from a model on the meta device whose weights are read from
-    the checkpoint module by module."""
+def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor,
+                    hand: Callable[[tuple[torch.Tensor, torch.Tensor]], None]) -> torch.Tensor:
+    """megatron-core's logits (padded vocab) for ``tokens`` from a model on the meta device whose weights
+    are read from the checkpoint module by module; ``hand`` gets each decoder layer's input and output
+    hidden states ([seq, batch, hidden]) as the layer finishes."""
     import torch.distributed as dist
     from accelerate import init_empty_weights
     from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
@@ -233,14 +237,13 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor) -> tuple[torch.Tenso
                 if streamed is not None:
                     attach_align_device_hook(streamed, execution_device=torch.device("cpu"), offload=True,
                                              weights_map=weights, module_name=prefix.rstrip("."))
-            inputs: list[torch.Tensor] = []
-            outputs: list[torch.Tensor] = []
+            current: list[torch.Tensor] = []  # the running layer's input
             hooks = []
             for layer in model.decoder.layers:
                 hooks.append(layer.register_forward_pre_hook(
-                    lambda m, a, k: inputs.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
+                    lambda m, a, k: current.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
                 hooks.append(layer.register_forward_hook(
-                    lambda m, a, out: outputs.append((out[0] if isinstance(out, tuple) else out).detach().clone())))
+                    lambda m, a, out: hand((current.pop(), (out[0] if isinstance(out, tuple) else out).detach().clone()))))
                 hooks.append(layer.register_forward_hook(lambda m, a, out: trim()))
             try:
                 logits = forward_logits(model, tokens).float()
@@ -248,7 +251,7 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor) -> tuple[torch.Tenso
                 for hook in hooks:
                     hook.remove()
                 remove_hook_from_submodules(model)
-            return logits, inputs, outputs
+            return logits
     finally:
         parallel_state.destroy_model_parallel()
         if owns:
@@ -369,13 +372,14 @@ def export_model(hf: Path) -> tuple[Any, Any]:
     return model, _export_tensors(hf, config)
 
 
-def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, inputs: list[torch.Tensor],
-              outputs: list[torch.Tensor]) -> dict[str, Any]:
-    """transformers' logits for ``tokens`` from the export (``export_model``), and, with each decoder
-    layer fed megatron-core's input to it (``inputs``), the max |diff| of its output against ``outputs``."""
+def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: int,
+              take: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """transformers' logits for ``tokens`` from the export (``export_model``), and, with each of its
+    ``count`` decoder layers fed megatron-core's input to it (``take``: the next layer's input and
+    output), the max |diff| of its output against megatron-core's."""
     from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
-    layers = _decoder_layers(model, len(inputs))
+    layers = _decoder_layers(model, count)
     export = _ExportLayers(hf, model, layers, tensors)
     export.load("", model)
     if getattr(model.config, "tie_word_embeddings", False):
@@ -385,17 +389,21 @@ def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, inputs: 
     diffs: list[float] = []
     embedding: list[float] = []
 
+    expected: list[torch.Tensor] = []  # megatron-core's output of the running layer
+
     def feed(i: int):
         def pre(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            given, output = take()
             if i == 0:
-                embedding.append((hidden[:b] - inputs[0].transpose(0, 1)).abs().max().item())
-            hidden[b:] = inputs[i].transpose(0, 1)
+                embedding.append((hidden[:b] - given.transpose(0, 1)).abs().max().item())
+            hidden[b:] = given.transpose(0, 1)
+            expected.append(output)
             return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
 
         def post(module: torch.nn.Module, args: tuple, kwargs: dict, out: Any) -> None:
             out = out[0] if isinstance(out, tuple) else out
-            diffs.append((out[b:] - outputs[i].transpose(0, 1)).abs().max().item())
+            diffs.append((out[b:] - expected.pop().transpose(0, 1)).abs().max().item())
         return pre, post
 
     hooks = []
@@ -415,12 +423,82 @@ def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, inputs: 
     return {"logits": logits, "layers": layers, "diffs": diffs, "embedding": embedding[0]}
 
 
+class _Cancelled(Exception):
+    """transformers' side stopped: megatron-core's forward stops too."""
+
+
+class _Ended(Exception):
+    """megatron-core's side stopped before handing over a layer transformers' side waits for."""
+
+
+class _Handoff:
+    """Each megatron-core decoder layer's input and output, handed from its forward (in a thread of
+    its own) to transformers' forward, at most one layer ahead; either side stopping stops the other."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=1)
+        self._cancelled = threading.Event()
+
+    def put(self, item: Any) -> None:
+        """megatron-core's side: wait until transformers' side took the previous layer."""
+        while True:
+            if self._cancelled.is_set():
+                raise _Cancelled
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def end(self) -> None:
+        """megatron-core's side is done (or failed): nothing more comes."""
+        try:
+            self.put(None)
+        except _Cancelled:
+            pass
+
+    def get(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' side: the next layer's input and output."""
+        item = self._queue.get()
+        if item is None:
+            raise _Ended
+        return item
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
 def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float = 1e-3
             ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """``verify``'s result for ``tokens``, with megatron-core's logits (padded vocab) and the export's."""
     model, tensors = export_model(Path(hf))  # a bad export is refused before megatron-core runs
-    ours, inputs, outputs = megatron_layers(ckpt, tokens)
-    theirs = hf_layers(Path(hf), model, tensors, tokens, inputs, outputs)
+    handoff = _Handoff()
+    megatron: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            megatron["logits"] = megatron_layers(ckpt, tokens, handoff.put)
+        except _Cancelled:
+            pass
+        except BaseException as e:  # raised in the caller's thread below
+            megatron["error"] = e
+        finally:
+            handoff.end()
+
+    thread = threading.Thread(target=run, name="distconv-verify-megatron", daemon=True)
+    thread.start()
+    try:
+        theirs = hf_layers(Path(hf), model, tensors, tokens, int(arg(ckpt.args, "num_layers")), handoff.get)
+    except _Ended:
+        theirs = None
+    finally:
+        handoff.cancel()
+        thread.join()
+    if "error" in megatron:
+        raise megatron["error"]
+    if theirs is None or "logits" not in megatron:  # one side ran out of layers before the other
+        raise DistconvError("megatron-core's model and the export's ran different numbers of decoder layers")
+    ours = megatron["logits"]
     vocab = theirs["logits"].shape[-1]
     if ours.shape[-1] < vocab:
         raise DistconvError(f"the HF vocab ({vocab}) is larger than the checkpoint's ({ours.shape[-1]})")
