@@ -487,15 +487,20 @@ def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float =
 
     thread = threading.Thread(target=run, name="distconv-verify-megatron", daemon=True)
     thread.start()
+    theirs, error = None, None
     try:
         theirs = hf_layers(Path(hf), model, tensors, tokens, int(arg(ckpt.args, "num_layers")), handoff.get)
     except _Ended:
-        theirs = None
+        pass
+    except BaseException as e:
+        error = e
     finally:
         handoff.cancel()
         thread.join()
-    if "error" in megatron:
+    if "error" in megatron:  # the checkpoint's own errors first, as when megatron-core ran alone
         raise megatron["error"]
+    if error is not None:
+        raise error
     if theirs is None or "logits" not in megatron:  # one side ran out of layers before the other
         raise DistconvError("megatron-core's model and the export's ran different numbers of decoder layers")
     ours = megatron["logits"]
