@@ -36,7 +36,8 @@ A, B = ("node0", "GPU-a"), ("node0", "GPU-b")
 @pytest.mark.parametrize("device,gpus,use_cuda,note", [
     ("auto", [A, B], True, None),
     ("auto", [A, ("node1", "GPU-a")], True, None),  # the same UUID string on two hosts is two GPUs
-    ("auto", [None, None], False, None),  # a CPU machine: gloo, nothing to say
+    ("auto", [None, None], False, "no rank sees a CUDA device"),  # no GPU anywhere (Slurm hid them?): said
+    ("auto", [None], False, None),  # a rank alone gathers nothing: nothing to say
     ("auto", [A, None], False, "rank 1 has no CUDA device"),  # mixed nodes: everyone on gloo
     ("auto", [A, A], False, "ranks 0, 1 would share GPU GPU-a on node0"),
     ("cpu", [A, B], False, None),

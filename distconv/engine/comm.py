@@ -2,6 +2,14 @@
 
 NCCL carries tensors when CUDA is available (``--device auto``), gloo otherwise. Control
 messages (error agreement) always go over a gloo group so they never need a GPU.
+
+A rank that fails does not wait for the others to agree: it writes its message under the run's
+key in the job's store (the one ``init_process_group`` rendezvoused through; the first message
+written wins) and raises at once. Every rank waiting on a transfer or an agreement polls that
+key and raises the same message, so peers learn within milliseconds, not at ``--timeout``, and
+no collective is needed after each unit. After an error the groups are aborted, not finalized
+(since torch 2.6 ``destroy_process_group`` waits for pending work, and a transfer to a dead
+peer never finishes).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from distconv.engine.plan import Read, Unit
 from distconv.errors import DistconvError, user_error, warn
@@ -25,6 +34,12 @@ _ALIGN = 16
 # NCCL's watchdog aborts the process (SIGABRT) once a transfer exceeds its group's timeout;
 # the data group gets this much longer, so that distconv's own deadline is the one that ends it
 _WATCHDOG_MARGIN = datetime.timedelta(seconds=60)
+_NOTICE_S = 0.02  # how often a waiting rank looks for a peer's failure in the store
+_IN_FLIGHT = 2  # sends a rank leaves unfinished while it goes on to the next units
+
+
+class PeerFailed(DistconvError):
+    """Another rank failed first: its message, as every rank raises it."""
 
 
 @dataclasses.dataclass
@@ -40,6 +55,10 @@ class Comm:
     overlap_reads: bool = True
     timeout_s: float = 1800.0
     staging: "HostBuffers" = dataclasses.field(default_factory=lambda: HostBuffers(pin=True))
+    store: Any = None  # the job's store, where a failing rank leaves its message (None: world 1)
+    key: str = ""  # this run's failure key in ``store``
+    sends: list[list[Any]] = dataclasses.field(default_factory=list)  # unfinished sends, oldest first
+    _noticed: float = 0.0
 
     @classmethod
     def setup(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Comm":
@@ -68,16 +87,19 @@ class Comm:
         control = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
         comm = cls(dist.get_rank(), world, torch.device("cpu"), owns, control, None, overlap, timeout_s=timeout_s)
         try:
+            if world > 1:
+                comm.store = _job_store()
+                comm.key = f"distconv/failed/{comm.shared_token()}"
             index = _visible_gpu(device, owns)
             mine = None if index is None else (os.uname().nodename, _gpu_id(index))
             use_cuda, note = decide_device(device, comm.collect(mine))
             if note and comm.rank == 0:
-                warn(note)
+                print(f"distconv: {note}", file=sys.stderr, flush=True)
             if use_cuda:
-                if owns:  # in the hook the caller's current device is kept
-                    torch.cuda.set_device(index)
                 comm.device = torch.device("cuda", index)
-                torch.cuda.reset_peak_memory_stats(comm.device)  # the report's peak is this run's
+                if owns:  # in the hook the caller's current device and memory statistics are kept
+                    torch.cuda.set_device(index)
+                    torch.cuda.reset_peak_memory_stats(comm.device)  # the report's peak is this run's
             if world > 1:
                 comm.data = _data_group(comm.device if use_cuda else None, timeout)
         except BaseException:
@@ -86,38 +108,84 @@ class Comm:
         return comm
 
     def close(self, clean: bool = False) -> None:
-        """Destroy the groups this run made. ``clean``: every rank got here; the GPU's transfers
-        are finished and the ranks meet at a barrier first. After an error nothing is waited for:
-        a transfer to a dead peer never finishes, and destroying its group aborts it."""
+        """End the groups this run made. ``clean``: every rank got here; the sends and the GPU's
+        transfers are finished, the ranks meet at a barrier, and the groups are destroyed. After
+        an error nothing is waited for: a transfer to a dead or hung peer never finishes, so the
+        groups are aborted (``abort_group``), the run's own default group too."""
         _unpin_default_group()
+        if clean:
+            self.flush()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            if self.control is not None:
+                dist.barrier(group=self.control)
+        self.sends.clear()
         self.staging.clear()
-        if clean and self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        if clean and self.control is not None:
-            dist.barrier(group=self.control)
+        end = dist.destroy_process_group if clean else abort_group
         for group in (self.data, self.control):
             if group is not None:
-                dist.destroy_process_group(group)
+                end(group)
+        self.data = self.control = None
         if self.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            end(None)
+        if clean and self.store is not None:
+            try:
+                self.store.delete_key(self.key)
+            except Exception:  # noqa: BLE001 - a store that cannot delete keeps one short key
+                pass
 
     def agree(self, error: BaseException | None) -> None:
         """Collective: if any rank failed, every rank raises ``DistconvError`` with one message.
 
-        The message is rank 0's own when it failed, else the first failing rank's.
+        The message is rank 0's own when it failed, else the first failing rank's. A rank that
+        failed elsewhere meanwhile (``fail``) never comes here: the others, polling the store
+        while they wait, raise its message.
         """
         if self.world == 1:
             if error is not None:
-                raise user_error(error)
+                raise self.fail(error) from error
             return
         flag = torch.tensor([0 if error is None else 1])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control)
+        self.wait([dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control, async_op=True)])
         if not flag.item():
             return
         messages: list[str | None] = [None] * self.world
-        dist.all_gather_object(messages, None if error is None else str(user_error(error)), group=self.control)
+        dist.all_gather_object(messages, None if error is None else str(_readable(error, self.world)), group=self.control)
         rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
         raise DistconvError(message if rank == 0 else f"{message} (on rank {rank})") from error
+
+    def fail(self, error: BaseException) -> DistconvError:
+        """This rank failed: the error every rank raises for it, left in the store for the others
+        (a failure learned from a peer, or one after a peer's, yields the first one's message)."""
+        if isinstance(error, PeerFailed):
+            return error
+        mine = str(_readable(error, self.world))
+        if self.rank != 0:
+            mine = f"{mine} (on rank {self.rank})"
+        if self.store is None:
+            return DistconvError(mine)
+        try:
+            first = self.store.compare_set(self.key, "", mine).decode()
+        except Exception:  # noqa: BLE001 - the store is gone too (its host died): keep our own message
+            return DistconvError(mine)
+        return DistconvError(mine) if first == mine else PeerFailed(first)
+
+    def check(self, error: BaseException | None = None) -> None:
+        """Raise ``error`` as every rank will (``fail``), or a peer's failure once one is in the store.
+        The store is asked at most every few milliseconds."""
+        if error is not None:
+            raise self.fail(error) from error
+        now = time.monotonic()
+        if self.store is None or now - self._noticed < _NOTICE_S:
+            return
+        self._noticed = now
+        try:
+            failed = self.store.check([self.key])
+            message = self.store.get(self.key).decode() if failed else None
+        except Exception:  # noqa: BLE001 - the store's host is gone: the transfers' own errors tell
+            return
+        if message is not None:
+            raise PeerFailed(message)
 
     def collect(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, on every rank (over the gloo control group)."""
@@ -140,13 +208,27 @@ class Comm:
         Returns the parts on the writer, None elsewhere. A rank's slices travel as one packed
         message; the writer posts its receives as one batch (``batch_isend_irecv``: under NCCL
         on the group's one communicator, not one per rank pair; gloo sends each on its own).
-        Where a single read is the whole part, that tensor is used as is.
+        Where a single read is the whole part, that tensor is used as is. A sender goes on to
+        the next units with up to ``_IN_FLIGHT`` sends unfinished, so that a unit's transfer to
+        one writer overlaps with the next one's to another. Any failure here is every rank's
+        (``fail``): the peers waiting on this rank learn it from the store.
         """
+        try:
+            return self._gather(unit, mine, dtype)
+        except Exception as e:
+            raise self.fail(e) from e
+
+    def _gather(self, unit: Unit, mine: list[torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor] | None:
         dst = unit.writer
         if self.rank != dst:
             if mine:
                 packed = _pack(mine, unit.reads_of(self.rank), dtype, self.device)
-                self.wait(dist.batch_isend_irecv([dist.P2POp(dist.isend, packed, dst, group=self.data)]))
+                works = dist.batch_isend_irecv([dist.P2POp(dist.isend, packed, dst, group=self.data)])
+                self.sends.append([works, packed])  # the buffer lives until its send finished
+                while len(self.sends) > _IN_FLIGHT:
+                    self.wait(self.sends.pop(0)[0])
+            else:
+                self.check()
             return None
         full: list[torch.Tensor | None] = [None] * len(unit.parts)
         for read, t in zip(unit.reads_of(dst), mine):
@@ -168,19 +250,73 @@ class Comm:
                 place(full, unit, read, t, dtype)
         return full  # type: ignore[return-value]
 
+    def flush(self) -> None:
+        """Wait for this rank's unfinished sends."""
+        while self.sends:
+            self.wait(self.sends.pop(0)[0])
+
     def wait(self, works: list[Any]) -> None:
-        """Wait for transfers. On GPUs ``Work.wait`` does not block the CPU and a dead peer
-        would stall the GPU until NCCL's watchdog aborts the process: poll, and past the run's
-        timeout fail like any other fault. gloo's own ``wait`` raises at its timeout."""
-        if self.device.type == "cuda":
-            deadline = time.monotonic() + self.timeout_s
-            while not all(w.is_completed() for w in works):
-                if time.monotonic() > deadline:
-                    raise DistconvError(f"a transfer between ranks did not finish within {self.timeout_s:g} s "
-                                        "(--timeout): a peer rank died or hangs")
-                time.sleep(0.001)
+        """Wait for transfers or a control collective, polling: a peer's failure in the store
+        ends the wait at once (``check``), and past the run's timeout it fails like any other
+        fault (on GPUs ``Work.wait`` does not block the CPU, and a dead peer would stall the GPU
+        until NCCL's watchdog aborts the process)."""
+        deadline = time.monotonic() + self.timeout_s
+        pause = 0.0001
+        while not all(w.is_completed() for w in works):
+            self.check()
+            if time.monotonic() > deadline:
+                raise DistconvError(f"a transfer between ranks did not finish within {self.timeout_s:g} s "
+                                    "(--timeout): a peer rank died or hangs")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
         for work in works:
             work.wait()
+
+
+def _readable(error: BaseException, world: int) -> DistconvError:
+    """``error`` as one readable line: distconv's own, memory that ran out, or (with peers) a
+    transfer that failed because contact with another rank was lost, as the command line words them."""
+    if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+        return DistconvError(f"out of memory ({user_error(error)})")
+    text = str(error).lower()
+    lost = isinstance(error, dist.DistBackendError) or (isinstance(error, RuntimeError) and (
+        "gloo" in text or "connection" in text or "timed out" in text))
+    if world > 1 and lost:
+        return DistconvError(f"lost contact with another rank ({user_error(error)})")
+    return user_error(error)
+
+
+def _job_store() -> Any:
+    """The store the job's default group rendezvoused through (torchrun's agent holds it, so it
+    outlives a rank that died); None where torch does not say."""
+    get = getattr(distributed_c10d, "_get_default_store", None)
+    try:
+        return get() if get is not None else None
+    except (RuntimeError, ValueError):
+        return None
+
+
+def abort_group(group: dist.ProcessGroup | None) -> None:
+    """Abort a process group (None: the default one, and with it every group): pending transfers
+    are dropped, not finalized. torch 2.11 to 2.14 have ``distributed_c10d._abort_process_group``
+    (which also forgets the group); else ``ProcessGroup.abort`` and then destroy it; else destroy."""
+    abort = getattr(distributed_c10d, "_abort_process_group", None)
+    if abort is not None:
+        try:
+            abort(group)
+            return
+        except (RuntimeError, ValueError, AttributeError):  # an older backend without abort: fall through
+            pass
+    pg = group if group is not None else distributed_c10d.GroupMember.WORLD
+    if pg is not None and hasattr(pg, "abort"):
+        try:
+            pg.abort()
+        except RuntimeError:
+            pass
+    try:
+        dist.destroy_process_group(group)
+    except (RuntimeError, ValueError, AssertionError):  # already forgotten by the abort above
+        pass
 
 
 def _data_group(device: torch.device | None, timeout: datetime.timedelta) -> dist.ProcessGroup:
@@ -205,8 +341,9 @@ def _visible_gpu(device: str, owns: bool) -> int | None:
     """This rank's GPU for ``device``, or None when it has none to offer."""
     if device == "cpu" or not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         return None
-    if not owns:  # the post-training hook: the caller's device
-        return torch.cuda.current_device()
+    if not owns:  # the post-training hook: the caller's device, if it uses CUDA at all (asking
+        # for the current device of a process that never used CUDA would open a context on GPU 0)
+        return torch.cuda.current_device() if torch.cuda.is_initialized() else None
     return local_gpu(dict(os.environ), torch.cuda.device_count())
 
 
@@ -217,10 +354,12 @@ def _gpu_id(index: int) -> str:
 
 
 def decide_device(device: str, gpus: list[tuple[str, str] | None]) -> tuple[bool, str | None]:
-    """From every rank's ``(host, GPU id)`` (None: no GPU), whether to gather over NCCL on GPUs.
+    """From every rank's ``(host, GPU id)`` (None: no GPU), whether to gather over NCCL on GPUs:
+    the same list on every rank, so the same choice.
 
     NCCL needs one distinct GPU per rank. ``--device cuda`` without that is an error;
-    ``--device auto`` then gathers over gloo, with a note when some rank had a GPU.
+    ``--device auto`` then gathers over gloo, with a note saying why, also when no rank sees a
+    GPU (a Slurm job that asked for none, say); a rank alone gathers nothing and gets no note.
     """
     if device == "cpu":
         return False, None
@@ -237,7 +376,10 @@ def decide_device(device: str, gpus: list[tuple[str, str] | None]) -> tuple[bool
     if device == "cuda":
         raise DistconvError(f"--device cuda: {problem} (NCCL needs one GPU per rank); "
                             "start at most one rank per GPU, or use --device cpu")
-    return False, (f"gathering over gloo on the CPU: {problem}" if ranks else None)
+    if len(gpus) == 1 and not ranks:
+        return False, None
+    why = problem if ranks else "no rank sees a CUDA device"
+    return False, f"gathering over gloo on the CPU: {why} (--device cpu chooses this without a note)"
 
 
 def _unpin_default_group() -> None:
@@ -262,25 +404,44 @@ def _unpin_default_group() -> None:
 
 class HostBuffers:
     """One host byte buffer per source rank, grown as needed and reused unit after unit, so
-    the writer holds at most one message per peer on the host (pinned: GPU -> CPU is a DMA copy)."""
+    the writer holds at most one message per peer on the host. ``pin``: page-locked (GPU -> CPU
+    is a DMA copy) by this class itself (``cudaHostRegister``), so ``clear`` hands the pages
+    back to the system; torch's pinned-memory cache would keep them for the rest of the process."""
 
     def __init__(self, pin: bool) -> None:
         self.pin = pin
         self._held: dict[int, torch.Tensor] = {}
+        self._pinned: set[int] = set()  # data pointers registered with CUDA
 
     def take(self, src: int, nbytes: int) -> torch.Tensor:
         """``nbytes`` bytes of ``src``'s buffer; valid until the next ``take`` for ``src``."""
         held = self._held.get(src)
         if held is None or held.numel() < nbytes:
-            held = self._held[src] = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
+            self._release(src)
+            held = self._held[src] = torch.empty(nbytes, dtype=torch.uint8)
+            if self.pin and nbytes and torch.cuda.is_initialized():
+                if int(torch.cuda.cudart().cudaHostRegister(held.data_ptr(), nbytes, 0)) == 0:
+                    self._pinned.add(held.data_ptr())  # else it stays pageable: slower, still right
         return held[:nbytes]
 
     def copy(self, src: int, buf: torch.Tensor) -> torch.Tensor:
         """``buf`` (one message from ``src``) copied into ``src``'s buffer."""
         return self.take(src, buf.numel()).copy_(buf)
 
+    def pinned_bytes(self) -> int:
+        """The bytes this object holds page-locked now."""
+        return sum(t.numel() for t in self._held.values() if t.data_ptr() in self._pinned)
+
+    def _release(self, src: int) -> None:
+        held = self._held.pop(src, None)
+        if held is not None and held.data_ptr() in self._pinned:
+            self._pinned.discard(held.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(held.data_ptr())
+
     def clear(self) -> None:
-        self._held.clear()
+        """Drop every buffer, unpinned first."""
+        for src in list(self._held):
+            self._release(src)
 
 
 def place(full: list[torch.Tensor | None], unit: Unit, read: Read, t: torch.Tensor, dtype: torch.dtype,
