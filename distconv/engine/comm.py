@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import inspect
 import os
 import sys
 import time
+import traceback
 import uuid
 from typing import Any
 
@@ -38,8 +40,8 @@ _NOTICE_S = 0.02  # how often a waiting rank looks for a peer's failure in the s
 _IN_FLIGHT = 2  # sends a rank leaves unfinished while it goes on to the next units
 
 
-class PeerFailed(DistconvError):
-    """Another rank failed first: its message, as every rank raises it."""
+class Agreed(DistconvError):
+    """An error every rank raises with this same message: the first failing rank's."""
 
 
 @dataclasses.dataclass
@@ -146,29 +148,45 @@ class Comm:
                 raise self.fail(error) from error
             return
         flag = torch.tensor([0 if error is None else 1])
-        self.wait([dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control, async_op=True)])
+        self.wait([dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control, async_op=True)], poll=True)
         if not flag.item():
             return
         messages: list[str | None] = [None] * self.world
         dist.all_gather_object(messages, None if error is None else str(_readable(error, self.world)), group=self.control)
         rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
-        raise DistconvError(message if rank == 0 else f"{message} (on rank {rank})") from error
+        raise Agreed(message if rank == 0 else f"{message} (on rank {rank})") from error
 
     def fail(self, error: BaseException) -> DistconvError:
         """This rank failed: the error every rank raises for it, left in the store for the others
-        (a failure learned from a peer, or one after a peer's, yields the first one's message)."""
-        if isinstance(error, PeerFailed):
+        (a failure learned from a peer, or one after a peer's, yields the first one's message).
+        The data group is aborted at once (``_drop_data``)."""
+        self._drop_data(error)
+        if isinstance(error, Agreed):
             return error
         mine = str(_readable(error, self.world))
         if self.rank != 0:
             mine = f"{mine} (on rank {self.rank})"
         if self.store is None:
-            return DistconvError(mine)
+            return DistconvError(mine) if self.world > 1 else Agreed(mine)
         try:
             first = self.store.compare_set(self.key, "", mine).decode()
         except Exception:  # noqa: BLE001 - the store is gone too (its host died): keep our own message
             return DistconvError(mine)
-        return DistconvError(mine) if first == mine else PeerFailed(first)
+        return Agreed(first)
+
+    def _drop_data(self, error: BaseException) -> None:
+        """Abort the data group and let go of it: gloo closes its connections only once the group
+        is freed, and that is what ends a peer's wait on a transfer with this rank (a gloo
+        transfer cannot be polled), so the frames of ``error``'s traceback let go of it too."""
+        if self.data is None:
+            return
+        group, self.data = self.data, None
+        self.sends.clear()
+        abort_group(group)
+        del group
+        if error.__traceback__ is not None:
+            traceback.clear_frames(error.__traceback__)
+        gc.collect()
 
     def check(self, error: BaseException | None = None) -> None:
         """Raise ``error`` as every rank will (``fail``), or a peer's failure once one is in the store.
@@ -185,7 +203,7 @@ class Comm:
         except Exception:  # noqa: BLE001 - the store's host is gone: the transfers' own errors tell
             return
         if message is not None:
-            raise PeerFailed(message)
+            raise Agreed(message)
 
     def collect(self, obj: Any) -> list[Any]:
         """Every rank's ``obj``, on every rank (over the gloo control group)."""
@@ -255,22 +273,29 @@ class Comm:
         while self.sends:
             self.wait(self.sends.pop(0)[0])
 
-    def wait(self, works: list[Any]) -> None:
-        """Wait for transfers or a control collective, polling: a peer's failure in the store
+    def wait(self, works: list[Any], poll: bool | None = None) -> None:
+        """Wait for transfers or a control collective. Where their completion can be polled (NCCL
+        transfers, gloo collectives: ``poll``, by default on GPUs) a peer's failure in the store
         ends the wait at once (``check``), and past the run's timeout it fails like any other
         fault (on GPUs ``Work.wait`` does not block the CPU, and a dead peer would stall the GPU
-        until NCCL's watchdog aborts the process)."""
-        deadline = time.monotonic() + self.timeout_s
-        pause = 0.0001
-        while not all(w.is_completed() for w in works):
-            self.check()
-            if time.monotonic() > deadline:
-                raise DistconvError(f"a transfer between ranks did not finish within {self.timeout_s:g} s "
-                                    "(--timeout): a peer rank died or hangs")
-            time.sleep(pause)
-            pause = min(pause * 2, 0.002)
-        for work in works:
-            work.wait()
+        until NCCL's watchdog aborts the process). A gloo transfer blocks until it is done, its
+        peer's group is freed (``_drop_data``) or gloo's timeout (the run's)."""
+        self.check()
+        if self.device.type == "cuda" if poll is None else poll:
+            deadline = time.monotonic() + self.timeout_s
+            pause = 0.0001
+            while not all(w.is_completed() for w in works):
+                self.check()
+                if time.monotonic() > deadline:
+                    raise DistconvError(f"a transfer between ranks did not finish within {self.timeout_s:g} s "
+                                        "(--timeout): a peer rank died or hangs")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.002)
+        try:
+            for work in works:
+                work.wait()
+        except Exception as e:  # a peer that failed first closed its connections: its message
+            raise self.fail(e) from e
 
 
 def _readable(error: BaseException, world: int) -> DistconvError:
@@ -297,25 +322,32 @@ def _job_store() -> Any:
 
 
 def abort_group(group: dist.ProcessGroup | None) -> None:
-    """Abort a process group (None: the default one, and with it every group): pending transfers
-    are dropped, not finalized. torch 2.11 to 2.14 have ``distributed_c10d._abort_process_group``
-    (which also forgets the group); else ``ProcessGroup.abort`` and then destroy it; else destroy."""
+    """End a process group after an error (None: the default one, and with it every group). A
+    group with NCCL is aborted: its pending transfers are dropped, not finalized (which since
+    torch 2.6 ``destroy_process_group`` does, waiting on a transfer to a dead peer until the
+    watchdog kills the process). torch 2.11 to 2.14 have ``distributed_c10d._abort_process_group``
+    (which also forgets the group); else ``ProcessGroup.abort``, then destroy. A gloo-only group
+    is destroyed: gloo has nothing to finalize, and destroying it also stops its threads."""
+    try:
+        nccl = "nccl" in str(dist.get_backend(group)).lower()
+    except (RuntimeError, ValueError):  # already gone
+        return
     abort = getattr(distributed_c10d, "_abort_process_group", None)
-    if abort is not None:
+    if nccl and abort is not None:
         try:
             abort(group)
             return
-        except (RuntimeError, ValueError, AttributeError):  # an older backend without abort: fall through
+        except (RuntimeError, ValueError, AttributeError):  # a build without it: the older way
             pass
     pg = group if group is not None else distributed_c10d.GroupMember.WORLD
-    if pg is not None and hasattr(pg, "abort"):
+    if nccl and pg is not None and hasattr(pg, "abort"):
         try:
             pg.abort()
         except RuntimeError:
             pass
     try:
         dist.destroy_process_group(group)
-    except (RuntimeError, ValueError, AssertionError):  # already forgotten by the abort above
+    except (RuntimeError, ValueError, AssertionError):  # already forgotten
         pass
 
 
