@@ -325,9 +325,9 @@ def abort_group(group: dist.ProcessGroup | None) -> None:
     """End a process group after an error (None: the default one, and with it every group). A
     group with NCCL is aborted: its pending transfers are dropped, not finalized (which since
     torch 2.6 ``destroy_process_group`` does, waiting on a transfer to a dead peer until the
-    watchdog kills the process). torch 2.11 to 2.14 have ``distributed_c10d._abort_process_group``
-    (which also forgets the group); else ``ProcessGroup.abort``, then destroy. A gloo-only group
-    is destroyed: gloo has nothing to finalize, and destroying it also stops its threads."""
+    watchdog kills the process): ``distributed_c10d._abort_process_group``, which also forgets the
+    group (read in torch 2.13.0 and 2.14.1); else ``ProcessGroup.abort``, then destroy. A gloo-only
+    group is destroyed: gloo has nothing to finalize, and destroying it also stops its threads."""
     try:
         nccl = "nccl" in str(dist.get_backend(group)).lower()
     except (RuntimeError, ValueError):  # already gone
