@@ -121,6 +121,11 @@ class Comm:
                 torch.cuda.synchronize(self.device)
             if self.control is not None:
                 dist.barrier(group=self.control)
+            if self.store is not None and self.rank == 0:  # every rank is past any use of the key
+                try:
+                    self.store.delete_key(self.key)
+                except Exception:  # noqa: BLE001 - a store that cannot delete keeps one short key
+                    pass
         self.sends.clear()
         self.staging.clear()
         end = dist.destroy_process_group if clean else abort_group
@@ -130,11 +135,7 @@ class Comm:
         self.data = self.control = None
         if self.owns_group and dist.is_initialized():
             end(None)
-        if clean and self.store is not None:
-            try:
-                self.store.delete_key(self.key)
-            except Exception:  # noqa: BLE001 - a store that cannot delete keeps one short key
-                pass
+        self.store = None
 
     def agree(self, error: BaseException | None) -> None:
         """Collective: if any rank failed, every rank raises ``DistconvError`` with one message.
