@@ -63,13 +63,14 @@ class Comm:
     _noticed: float = 0.0
 
     @classmethod
-    def setup(cls, device: str = "auto", timeout_s: float = 1800.0) -> "Comm":
+    def setup(cls, device: str = "auto", timeout_s: float = 1800.0, quiet: bool = False) -> "Comm":
         """Reuse an existing default group (post-training hook), else create one.
 
         Under torchrun/Slurm the environment names rank and world; a plain process runs as a
         group of one (megatron-core's ``load`` needs a process group even then). Whether the
         data group is NCCL on GPUs or gloo is agreed by all ranks over gloo before any NCCL
-        group exists (``decide_device``).
+        group exists (``decide_device``). Rank 0 warns when some rank has a GPU and yet gloo is
+        chosen, and notes it (unless ``quiet``) when no rank sees one.
         """
         if device not in ("auto", "cpu", "cuda"):
             raise DistconvError(f"--device {device}: choose auto, cpu or cuda")
@@ -94,9 +95,13 @@ class Comm:
                 comm.key = f"distconv/failed/{comm.shared_token()}"
             index = _visible_gpu(device, owns)
             mine = None if index is None else (os.uname().nodename, _gpu_id(index))
-            use_cuda, note = decide_device(device, comm.collect(mine))
+            gpus = comm.collect(mine)
+            use_cuda, note = decide_device(device, gpus)
             if note and comm.rank == 0:
-                print(f"distconv: {note}", file=sys.stderr, flush=True)
+                if any(gpus):
+                    warn(note)
+                elif not quiet:
+                    print(f"distconv: {note}", file=sys.stderr, flush=True)
             if use_cuda:
                 comm.device = torch.device("cuda", index)
                 if owns:  # in the hook the caller's current device and memory statistics are kept

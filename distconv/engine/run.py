@@ -135,7 +135,7 @@ def launch(make_job: Callable[[int], Job], opts: RunOptions, device: str = "cpu"
     default group exists, that one is reused and left as it was): ``make_job(world)`` planned and
     run, then the groups made for it destroyed (waiting for every rank only after a success), or
     after an error aborted, every rank raising the first failing rank's message (``Comm.fail``)."""
-    comm = Comm.setup(device, opts.timeout_s)
+    comm = Comm.setup(device, opts.timeout_s, opts.quiet)
     try:
         result = run(comm, lambda: make_job(comm.world), opts)
     except Exception as e:
