@@ -95,7 +95,7 @@ def watch(
     if not root.is_dir():
         raise DistconvError(f"--watch {root}: no such directory")
     refuse_overlap(target(save, 0), (root,))  # a bad pattern or a --save in the save root fails before any waiting
-    comm = Comm.setup(device, timeout_s)
+    comm = Comm.setup(device, timeout_s, quiet)
     try:
         done: set[int | str] = set()
         failures = 0

@@ -65,8 +65,11 @@ def _children(pid: int) -> dict[int, dict[str, str]]:
 
 
 def test_rank_killed_mid_run(built, tmp_path):
+    """Rank 1 SIGKILLed mid-gather: every rank ends non-zero soon after (rank 0 learns from the
+    closed connection, not at --timeout), with one message, from rank 0; nothing looks complete.
+    The ranks see no GPU, and --device auto says once, from rank 0, that it gathers over gloo."""
     out = tmp_path / "hf"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee", "3",
            "-m", "distconv", "export", "--load", str(layout_dir(built, "llama", 2, 2)), "--save", str(out), *SLOW]
     proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
@@ -74,7 +77,9 @@ def test_rank_killed_mid_run(built, tmp_path):
         rank1 = [pid for pid, env in _children(proc.pid).items() if env.get("RANK") == "1"]
         assert len(rank1) == 1
         os.kill(rank1[0], signal.SIGKILL)
-        _, stderr = proc.communicate(timeout=180)
+        killed = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=180)
+        took = time.monotonic() - killed
     finally:
         proc.kill()
     assert proc.returncode != 0
@@ -82,6 +87,48 @@ def test_rank_killed_mid_run(built, tmp_path):
     assert "Signal 9 (SIGKILL)" in stderr, stderr[-3000:]
     codes = dict(re.findall(r"rank\s*: (\d+) \(local_rank.*\n\s*exitcode\s*: (-?\d+)", stderr))
     assert sorted(codes) == ["0", "1"] and all(int(c) != 0 for c in codes.values()), stderr[-3000:]
+    assert took < 45, f"the job ended {took:.0f} s after the kill (--timeout 60): rank 0 waited it out"
+    lines = _worker_lines(stdout + stderr)
+    errors = [(rank, line) for rank, line in lines if line.startswith("distconv: error:")]
+    assert len(errors) == 1 and errors[0][0] == 0, f"want one error line, from rank 0:\n{stderr[-4000:]}"
+    notes = [(rank, line) for rank, line in lines if "gathering over gloo on the CPU: no rank sees a CUDA device" in line]
+    assert [rank for rank, _ in notes] == [0], f"want one note on the gloo fallback, from rank 0: {notes}"
+    _assert_nothing_complete(out)
+
+
+def test_peer_stuck_mid_run(built, tmp_path):
+    """Rank 1 frozen (SIGSTOP) mid-run: rank 0 gives up at its --timeout (a transfer, an agreement
+    or a load that never finishes), not at NCCL's or gloo's later ones and never hanging, and exits
+    with one message; once rank 1 runs again it ends too, non-zero. Nothing looks complete."""
+    out = tmp_path / "hf"
+    timeout = 20
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--tee", "3",
+           "-m", "distconv", "export", "--load", str(layout_dir(built, "llama", 2, 2)), "--save", str(out),
+           *SLOW[:-1], str(timeout)]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    workers: dict[int, int] = {}
+    try:
+        _wait_mid_run(proc, out)
+        workers = {int(env["RANK"]): pid for pid, env in _children(proc.pid).items() if "RANK" in env}
+        os.kill(workers[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        while workers[0] in _children(proc.pid) and time.monotonic() - stopped < 4 * timeout + 30:
+            time.sleep(0.2)
+        took = time.monotonic() - stopped
+        os.kill(workers[1], signal.SIGCONT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            for pid in workers.values():
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            proc.kill()
+    assert took < 2 * timeout + 20, f"rank 0 was still running {took:.0f} s after its peer froze (--timeout {timeout})"
+    _every_rank_failed(stderr)
+    message = _assert_one_error(proc, stdout + stderr)
+    assert f"within {timeout} s" in message or "lost contact" in message or "timed out" in message.lower(), message
     _assert_nothing_complete(out)
 
 

@@ -10,7 +10,10 @@ so besides several exits the test also asserts its cause directly: no thread out
 
 An export that fails on one rank mid-run must also end on every rank with ``DistconvError``
 and leave no thread behind: a reader thread left inside a ``dist_checkpointing`` load (a
-collective on the job's default group) would pair with the job's next collective.
+collective on the job's default group) would pair with the job's next collective. So must one
+whose gather fails on one rank (CUDA's out-of-memory error where the writer posts its
+receives): every rank raises that rank's message within seconds (the distributed timeout is
+60 s), and the job's group still works after it (the ``all_reduce``).
 """
 
 from __future__ import annotations
@@ -42,5 +45,13 @@ def test_hook_exports_then_the_job_exits_cleanly(built, tmp_path):
                 f"rank {rank}: {result['failure']}"
             assert result["threads_after_failure"] == [], f"rank {rank}: threads left running by the failed export()"
             assert result["all_reduce"] == [3.0] * 4, f"rank {rank}: the job's next collective went wrong"
+        faults = [json.loads((out / f"rank{rank}.json").read_text())["gather_fault"] for rank in range(2)]
+        errors = {f["error"] for f in faults}
+        assert len(errors) == 1, f"the ranks raised different errors for one failed gather: {faults}"
+        error = errors.pop()
+        assert error and error.startswith("DistconvError: out of memory") and "CUDA out of memory" in error, error
+        assert "(on rank" not in error, error  # rank 0's own message
+        spread = max(f["raised_at"] for f in faults) - min(f["raised_at"] for f in faults)
+        assert spread < 15, f"rank 1 raised {spread:.1f} s after rank 0: it did not learn of the failure promptly"
         for run in range(RUNS):
             assert marker.finished(out / f"run{run}", hf_sink.complete), f"launch {launch} run {run} is incomplete"

@@ -138,7 +138,7 @@ def test_sbatch_export_on_a_real_slurm(slurm, built, tmp_path):
     assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr}\n{text[-6000:]}"
     job = proc.stdout.strip().split(";")[0]
     host = socket.gethostname()
-    assert f"job {job}, 1 node(s) x 2 process(es), rendezvous {host}:" in text, text[-3000:]
+    assert f"job {job}, 1 node(s) x 2 process(es), 0 GPU(s) per node seen, rendezvous {host}:" in text, text[-3000:]
     assert "plan        2 rank(s)" in text and f"wrote LlamaForCausalLM to {out}" in text, text[-3000:]
     ref = torch.load(built / "refs" / "llama.pt")
     logits = hf_logits(out, ref["tokens"])

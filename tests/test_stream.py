@@ -174,3 +174,21 @@ def test_hashed_writes_hash_every_byte_large_and_small(tmp_path):
             writes.write(f, sha, data)
     writes.close()
     assert sha.hexdigest() == hashlib.sha256((tmp_path / "f").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("collective", [True, False])
+def test_the_walk_agrees_once_per_collective_batch_and_never_per_unit(built, collective):
+    """No lockstep: the ranks agree only before a collective reader's next load (once per batch of
+    ``window`` bytes), never per unit, and never with a local reader (a failure there reaches every
+    rank through the job's store, ``Comm.fail``)."""
+    plan = _plan(built)
+    comm = _alone()
+    agreed: list = []
+    comm.agree = agreed.append  # counts the agreements (this instance only)
+    window = 8 * WINDOW  # several units per load
+    stream = Stream(plan, _Recording(collective=collective), comm, window)
+    walked = [index for index, _ in stream.walk()]
+    stream.close()
+    assert walked == list(range(len(plan.units)))
+    assert len(agreed) == (len(plan.batches(window)) if collective else 0) and not any(agreed)
+    assert len(plan.units) > 2 * len(plan.batches(window))  # far more units than agreements

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from distconv.engine import marker
-from distconv.engine.comm import Comm
+from distconv.engine.comm import Agreed, Comm
 from distconv.engine.folder import OutputFolder
 from distconv.engine.plan import Plan
 from distconv.engine.progress import Tracker, check_report_path, plan_text
@@ -151,10 +151,20 @@ def run(comm: Comm, plan: Callable[[], Job], opts: RunOptions) -> dict[str, Any]
 def launch(make_job: Callable[[int], Job], opts: RunOptions, device: str = "cpu") -> dict[str, Any]:
     """Collective: one conversion in its own process groups (``Comm.setup``; inside a job whose
     default group exists, that one is reused and left as it was): ``make_job(world)`` planned and
-    run, then the groups made for it destroyed (waiting for every rank only after a success)."""
-    comm = Comm.setup(device, opts.timeout_s)
+    run, then the groups made for it destroyed (waiting for every rank only after a success), or
+    after an error aborted, every rank raising the first failing rank's message (``Comm.fail``)."""
+    comm = Comm.setup(device, opts.timeout_s, opts.quiet)
     try:
         result = run(comm, lambda: make_job(comm.world), opts)
+    except Exception as e:
+        agreed = comm.fail(e) if comm.world > 1 else e  # every rank's one message: the first failure's
+        comm.close(clean=False)
+        try:
+            if agreed is e and not isinstance(e, Agreed):
+                raise
+            raise DistconvError(str(agreed)) from e
+        finally:  # this frame must not hold the error its own traceback holds: a cycle would keep
+            del agreed  # the run's objects (and a job's process group with them) alive until a gc
     except BaseException:
         comm.close(clean=False)
         raise

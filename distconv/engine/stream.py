@@ -201,7 +201,7 @@ class Stream:
                  threaded: bool = True) -> None:
         if pull and reader.collective:
             raise RuntimeError("internal: a collective reader's units are walked, not pulled")
-        self._plan, self._comm = plan, comm
+        self._plan, self._comm, self._collective = plan, comm, reader.collective
         if pull:
             batches = [[i] for i, u in enumerate(plan.units) if u.writer == comm.rank]
         elif reader.collective:
@@ -218,16 +218,19 @@ class Stream:
     def walk(self, check: Callable[[], BaseException | None] = lambda: None, on_device: bool = False
              ) -> Iterator[tuple[int, list[torch.Tensor] | None]]:
         """Collective: ``(unit index, its parts on its writer, None elsewhere)`` for every unit in plan
-        order. Every rank agrees after each unit's reads, on them and on ``check()`` (the sink's
-        error): a failure anywhere is one ``DistconvError`` on every rank. A batch starts once every
-        rank agreed on the first unit of the batch before it. ``on_device``: ``Comm.gather``'s."""
+        order. A failure anywhere (a read, a transfer, ``check()``: the sink's error) is one
+        ``DistconvError`` on every rank, raised at once where it happened and by its peers as soon
+        as they wait on it (``Comm.fail``). The ranks agree only once per batch of a collective
+        reader, before its next load may start; no agreement holds back the units'
+        transfers. ``on_device``: ``Comm.gather``'s."""
         self._ahead.permit(1)
         for k, batch in enumerate(self._batches):
             per_unit, error = self._ahead.take(k)
-            for j, index in enumerate(batch):
+            if self._collective:
                 self._comm.agree(error or check())
-                if j == 0:
-                    self._ahead.permit(k + 2)
+                self._ahead.permit(k + 2)
+            for j, index in enumerate(batch):
+                self._comm.check(error or check())
                 unit = self._plan.units[index]
                 yield index, self._comm.gather(unit, per_unit[j], self._plan.dtype_of(unit), on_device)
 

@@ -14,6 +14,13 @@ driver, which adapts to the GPUs it finds:
    succeeds, one that fails on purpose, then the caller's NCCL group must still all_reduce;
 4. ``python -m distconv import`` with CUDA visible: how many CUDA contexts it opens, measured
    with nvidia-smi (calibrated first) and inside the process (tests/gpu/import_probe.py);
+4b. NCCL on one GPU (tests/gpu/loopback.py), once under a gloo default group (a plain process)
+   and once under an NCCL one (torchrun, as a training job): 200 rounds of varied messages sent
+   to itself through distconv's ``_pack``, ``batch_isend_irecv``, ``Comm.wait``, the pinned
+   staging and ``_unpack``, bit-exact; the staging unpinned by ``clear()``; ``Comm.setup`` in
+   the existing group keeping the peak-memory statistics; and a stalled receive that
+   ``Comm.wait`` ends within its deadline, whose group ``Comm.close`` aborts (the device then
+   synchronizes, and under gloo the process outlives NCCL's watchdog for that group);
 5. with two GPUs or more: world 2 (and 4) over NCCL, ``--writers 2``, a rank killed mid-run
    with ``--timeout 60``, and more ranks than GPUs with ``--device auto`` (gloo, a warning).
 
@@ -55,6 +62,8 @@ DENSE = ("llama", "tp2pp2")  # what the multi-rank checks export
 SLOW = ["--window", "1KB", "--max-shard-size", "20KB"]  # many small groups and files: a kill lands mid-run
 KILL_TIMEOUT_S = 60
 KILL_EXIT_WITHIN_S = 90
+LOOPBACK_ROUNDS = 200
+WATCHDOG_WAIT_S = 70  # past the stalled group's NCCL timeout (4 s deadline + 60 s margin)
 
 
 class Failed(Exception):
@@ -257,6 +266,26 @@ class Check:
         return (f"1-rank {backend} job: export ok (logits {diff:.2e}, peak_cuda_bytes {peak}), failing export raised "
                 f"DistconvError ({r['second']['error'][:80]!r}), then all_reduce on {r['tensor_device']} = "
                 f"{r['all_reduce']}, destroy_process_group, exit 0")
+
+    # ---- 4b. NCCL on one GPU: the loopback and the stalled teardown ---------------------
+    def loopbacks(self) -> None:
+        for default in ("gloo", "nccl"):
+            def one(default=default) -> str:
+                if self.dry:
+                    raise Skipped("dry run: the loopback needs a GPU (tests/gpu/loopback.py says SKIP without one)")
+                if self.gpus < 1:
+                    raise Skipped("no GPU visible")
+                result = self.work / f"loopback-{default}.json"
+                result.unlink(missing_ok=True)
+                wait = WATCHDOG_WAIT_S if default == "gloo" else 0
+                args = [str(ROOT / "tests" / "gpu" / "loopback.py"), default, str(result),
+                        "--rounds", str(LOOPBACK_ROUNDS), "--watchdog-wait", str(wait)]
+                cmd = [PY, *args] if default == "gloo" else self.torchrun(1, *args)
+                proc = self.run(f"loopback-{default}", cmd, timeout=240 + wait)
+                if not result.exists():
+                    raise Failed(f"exited {proc.returncode} without its result: {_last_error(proc.stderr)}")
+                return judge_loopback(json.loads(result.read_text()), proc.returncode, wait)
+            self.step(f"loopback-{default} 1 GPU", one)
 
     # ---- 4. import with CUDA visible -----------------------------------------------------
     def imports(self) -> None:
@@ -532,6 +561,7 @@ class Check:
         for model, layout in W1_CASES:
             self.world1(model, layout)
         self.step("hook-" + ("gloo" if self.dry else "nccl") + " 1-rank job", self.hook)
+        self.loopbacks()
         self.imports()
         self.multi()
         fails = [r for r in self.results if r[0] == "FAIL"]
@@ -550,6 +580,45 @@ class Check:
         skipped = ", ".join(["export at world 2/4 over NCCL", "--writers 2", "a rank killed mid-run",
                              "more ranks than GPUs"]) if self.gpus < 2 else ""
         return f"{self.gpus} CUDA device(s)" + (f"; with one GPU these are skipped: {skipped}" if skipped else "")
+
+
+def judge_loopback(r: dict, returncode: int, wait: float) -> str:
+    """tests/gpu/loopback.py's result: one PASS line, or Failed naming every problem."""
+    if "skipped" in r:
+        raise Failed(f"the loopback found no GPU although this machine has one: {r['skipped']}")
+    problems = []
+    if returncode != 0:
+        problems.append(f"the process exited {returncode}" + (" (NCCL's watchdog?)" if returncode in (-6, 134) else ""))
+    lb, hook, st = r.get("loopback", {}), r.get("hook", {}), r.get("stalled", {})
+    if not lb.get("ok"):
+        problems.append(f"loopback not bit-exact or failed: {lb}")
+    elif lb.get("rounds") != LOOPBACK_ROUNDS:
+        problems.append(f"{lb.get('rounds')} rounds, not {LOOPBACK_ROUNDS}")
+    if lb.get("ok") and not lb.get("pinned_bytes_before_clear"):
+        problems.append("the staging buffers were not pinned (cudaHostRegister failed?)")
+    if lb.get("pinned_bytes_after_clear"):
+        problems.append(f"{lb['pinned_bytes_after_clear']} bytes still pinned after clear()")
+    if hook.get("peak_after_setup", 0) < hook.get("peak_before", 0):
+        problems.append(f"Comm.setup in the caller's group reset its peak memory statistics: {hook}")
+    if hook.get("current_device_after") != 0:
+        problems.append(f"the caller's current device changed: {hook}")
+    raised = st.get("raised") or ""
+    if "did not finish within" not in raised:
+        problems.append(f"the stalled receive did not raise the timeout error: {raised!r}")
+    elif st.get("raised_after_s", 1e9) > 4 + 3:
+        problems.append(f"the stalled receive raised after {st['raised_after_s']} s (deadline 4 s)")
+    if not st.get("close_returned"):
+        problems.append("Comm.close(clean=False) did not return within 60 s (finalized instead of aborting?)")
+    if not st.get("synchronized_after_abort"):
+        problems.append("the device did not synchronize within 30 s after the abort (the stalled kernel stayed)")
+    if problems:
+        raise Failed("; ".join(problems))
+    return (f"{r['default']} default group, torch {r['torch']}, NCCL {r['nccl']}: {lb['rounds']} rounds, "
+            f"{lb['sent_bytes'] / 1e6:.1f} MB sent to itself bit-exact in {lb['seconds']} s, "
+            f"{lb['pinned_bytes_before_clear']} pinned bytes released by clear(); peak statistics kept "
+            f"({hook['peak_before']} -> {hook['peak_after_setup']}); stalled receive raised after "
+            f"{st['raised_after_s']} s, aborted in {st['close_s']} s, device synchronized"
+            + (f", alive {wait:.0f} s later" if wait else ""))
 
 
 # ---- helpers (CPU only) -------------------------------------------------------------------
