@@ -37,7 +37,7 @@ import queue
 import re
 import threading
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 import torch
 
@@ -49,6 +49,9 @@ from distconv.megatron.args import arg
 from distconv.megatron.catalogue import COUNTS, other_spellings, stored_counts
 from distconv.megatron.checkpoint import Checkpoint
 from distconv.megatron.source import describe
+
+
+T = TypeVar("T")
 
 
 def _legacy_sources(ckpt: Checkpoint, model: torch.nn.Module) -> Iterator[tuple[str, str, Any, torch.Tensor]]:
@@ -193,11 +196,12 @@ def _megatron_args(ckpt: Checkpoint) -> argparse.Namespace:
     return args
 
 
-def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor,
-                    hand: Callable[[tuple[torch.Tensor, torch.Tensor]], None]) -> torch.Tensor:
-    """megatron-core's logits (padded vocab) for ``tokens`` from a model on the meta device whose weights
-    are read from the checkpoint module by module; ``hand`` gets each decoder layer's input and output
-    hidden states ([seq, batch, hidden]) as the layer finishes."""
+def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tuple[torch.Tensor, torch.Tensor]], None],
+                    beside: Callable[[Callable[[], torch.Tensor]], T]) -> T:
+    """megatron-core's model of the checkpoint on the meta device, its weights read from the checkpoint
+    module by module, set up in the caller's thread; returns ``beside(forward)``, run while it is:
+    ``forward()`` gives megatron-core's logits (padded vocab) for ``tokens``, and ``hand`` each decoder
+    layer's input and output hidden states ([seq, batch, hidden]) as the layer finishes."""
     import torch.distributed as dist
     from accelerate import init_empty_weights
     from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
@@ -246,12 +250,11 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor,
                     lambda m, a, out: hand((current.pop(), (out[0] if isinstance(out, tuple) else out).detach().clone()))))
                 hooks.append(layer.register_forward_hook(lambda m, a, out: trim()))
             try:
-                logits = forward_logits(model, tokens).float()
+                return beside(lambda: forward_logits(model, tokens).float())
             finally:
                 for hook in hooks:
                     hook.remove()
                 remove_hook_from_submodules(model)
-            return logits
     finally:
         parallel_state.destroy_model_parallel()
         if owns:
@@ -473,37 +476,38 @@ def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float =
     """``verify``'s result for ``tokens``, with megatron-core's logits (padded vocab) and the export's."""
     model, tensors = export_model(Path(hf))  # a bad export is refused before megatron-core runs
     handoff = _Handoff()
-    megatron: dict[str, Any] = {}
 
-    def run() -> None:
+    def in_step(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """megatron-core's ``forward`` in a thread of its own, transformers' in this one, in step."""
+        megatron: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                megatron["logits"] = forward()
+            except _Cancelled:
+                pass
+            except BaseException as e:  # raised in the caller's thread below
+                megatron["error"] = e
+            finally:
+                handoff.end()
+
+        thread = threading.Thread(target=run, name="distconv-verify-megatron", daemon=True)
+        thread.start()
+        theirs = None
         try:
-            megatron["logits"] = megatron_layers(ckpt, tokens, handoff.put)
-        except _Cancelled:
+            theirs = hf_layers(Path(hf), model, tensors, tokens, int(arg(ckpt.args, "num_layers")), handoff.get)
+        except _Ended:
             pass
-        except BaseException as e:  # raised in the caller's thread below
-            megatron["error"] = e
         finally:
-            handoff.end()
+            handoff.cancel()
+            thread.join()
+        if "error" in megatron:
+            raise megatron["error"]
+        if theirs is None or "logits" not in megatron:  # one side ran out of layers before the other
+            raise DistconvError("megatron-core's model and the export's ran different numbers of decoder layers")
+        return megatron["logits"], theirs
 
-    thread = threading.Thread(target=run, name="distconv-verify-megatron", daemon=True)
-    thread.start()
-    theirs, error = None, None
-    try:
-        theirs = hf_layers(Path(hf), model, tensors, tokens, int(arg(ckpt.args, "num_layers")), handoff.get)
-    except _Ended:
-        pass
-    except BaseException as e:
-        error = e
-    finally:
-        handoff.cancel()
-        thread.join()
-    if "error" in megatron:  # the checkpoint's own errors first, as when megatron-core ran alone
-        raise megatron["error"]
-    if error is not None:
-        raise error
-    if theirs is None or "logits" not in megatron:  # one side ran out of layers before the other
-        raise DistconvError("megatron-core's model and the export's ran different numbers of decoder layers")
-    ours = megatron["logits"]
+    ours, theirs = megatron_layers(ckpt, tokens, handoff.put, in_step)
     vocab = theirs["logits"].shape[-1]
     if ours.shape[-1] < vocab:
         raise DistconvError(f"the HF vocab ({vocab}) is larger than the checkpoint's ({ours.shape[-1]})")
