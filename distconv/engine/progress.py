@@ -134,7 +134,9 @@ class Tracker:
         mine = {"rank": self.rank, "host": os.uname().nodename, "peak_rss_bytes": peak_rss_bytes(),
                 "bytes_read": self.bytes_read(),
                 "bytes_read_planned": self.plan.bytes_read_by(self.rank) if self.plan else 0}
-        if torch.cuda.is_initialized():  # NCCL gathering: device memory too
+        # NCCL gathering: device memory too; like peak_rss_bytes, the process's peak (the hook leaves
+        # the caller's statistics alone, so inside a training job it counts the training's too)
+        if torch.cuda.is_initialized():
             mine["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
         ranks = [mine]
         if self.world > 1:
