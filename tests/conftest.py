@@ -26,6 +26,16 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
+def hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of an HF folder's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
 def venv_unavailable(venv: Path, what: str, setup: str) -> str | None:
     """Why the real part ``what``, which ``tests/SETUP`` installs into its
     own ``venv``, cannot be used (the skip reason), or None when it is ready."""

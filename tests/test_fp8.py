@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from distconv.errors import DistconvError
 
-from conftest import ROOT, distconv_cli, hf_logits, torchrun
+from conftest import ROOT, distconv_cli, hf_logits, hf_tensors, torchrun
 
 B = 128
 QUANTIZED = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -54,13 +53,6 @@ def ref_dequantize(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def _bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 @pytest.mark.parametrize("shape", [(300, 200), (128, 256), (5, 130), (257, 1)])
@@ -107,7 +99,7 @@ def test_export_fp8_against_bf16_export(exports, name):
     """Quantized weights: the reference quantization of the weights as the checkpoint stores them
     (the as-stored export is bit-exact, see test_export_logits), not of a bf16 copy. The rest:
     equal to the bf16 export."""
-    fp8, bf16, stored = (_tensors(exports[f"{name}_{d}"]) for d in ("fp8", "bf16", "auto"))
+    fp8, bf16, stored = (hf_tensors(exports[f"{name}_{d}"]) for d in ("fp8", "bf16", "auto"))
     assert {t.dtype for t in stored.values()} == {torch.float32}  # the fixtures are fp32: a real difference
     scales = {n for n in fp8 if n.endswith("_scale_inv")}
     assert set(fp8) - scales == set(bf16)
@@ -140,7 +132,7 @@ def test_export_fp8_against_bf16_export(exports, name):
 def _dequantized_folder(src: Path, dst: Path) -> Path:
     """``src`` with every FP8 weight dequantized by the definition (float32), no quantization_config."""
     dst.mkdir()
-    tensors = _tensors(src)
+    tensors = hf_tensors(src)
     plain = {n: (ref_dequantize(t, tensors[n + "_scale_inv"]) if t.dtype == torch.float8_e4m3fn else t.float())
              for n, t in tensors.items() if not n.endswith("_scale_inv")}
     save_file(plain, str(dst / "model.safetensors"), metadata={"format": "pt"})
@@ -180,7 +172,7 @@ def test_import_fp8_round_trip(exports, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc = distconv_cli("export", "--load", str(megatron), "--save", str(back), "--dtype", "bf16", "--quiet", nproc=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    fp8, got = _tensors(exports["llama_fp8"]), _tensors(back)
+    fp8, got = hf_tensors(exports["llama_fp8"]), hf_tensors(back)
     assert set(got) == {n for n in fp8 if not n.endswith("_scale_inv")}
     for n, t in got.items():
         want = ref_dequantize(fp8[n], fp8[n + "_scale_inv"]).to(torch.bfloat16) if fp8[n].dtype == torch.float8_e4m3fn else fp8[n]
@@ -191,7 +183,7 @@ def _broken(src: Path, dst: Path, change) -> Path:
     """A copy of ``src`` whose tensors ``change`` edits (in place, a dict)."""
     shutil.copytree(src, dst)
     files = sorted(dst.glob("*.safetensors"))
-    tensors = _tensors(dst)
+    tensors = hf_tensors(dst)
     change(tensors)
     for f in files:
         f.unlink()
@@ -249,7 +241,7 @@ def test_inspect_hf_folder(exports):
     proc = distconv_cli("inspect", str(folder), "--json")
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout)
-    tensors = _tensors(folder)
+    tensors = hf_tensors(folder)
     assert report["quantization"]["weight_block_size"] == [128, 128]
     listed = {t["name"]: t for t in report["tensors"]}
     assert set(listed) == {n for n in tensors if not n.endswith("_scale_inv")}
@@ -350,7 +342,7 @@ def test_fp8_export_of_a_trained_model_keeps_its_top1_tokens(trained, record_pro
     from transformers import AutoModelForCausalLM
 
     work, tokens = trained["work"], trained["held_out"]
-    bf16, fp8 = _tensors(work / "bf16"), _tensors(work / "fp8")
+    bf16, fp8 = hf_tensors(work / "bf16"), hf_tensors(work / "fp8")
     quantized = {n for n in bf16 if n.split(".")[-2] in QUANTIZED}
     assert len(quantized) == 14 and set(fp8) == set(bf16) | {n + "_scale_inv" for n in quantized}
     for n in quantized:  # the import is bf16, so the bf16 export holds the stored weights exactly

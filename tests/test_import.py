@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from distconv.errors import DistconvError
 
-from conftest import ROOT, distconv_cli, torchrun
+from conftest import ROOT, distconv_cli, hf_tensors, torchrun
 from fixtures.build import FIXTURES
 from kimi import FP8, KIMI_ROPE, hub_config, transformers_copy, write_release
 from mtp_reference import hf_mtp_logits
@@ -158,7 +158,7 @@ def to_release(hf: Path, out: Path) -> Path:
         scaling=c["routed_scaling_factor"], rope_theta=c["rope_parameters"]["rope_theta"],
         rope_scaling=KIMI_ROPE if kimi else None, eps=c["rms_norm_eps"], max_positions=c["max_position_embeddings"])
     folder = write_release(out / f"{hf.name}_release", config)
-    state = {k: v if kimi and k.endswith("e_score_correction_bias") else v.bfloat16() for k, v in tensors(hf).items()}
+    state = {k: v if kimi and k.endswith("e_score_correction_bias") else v.bfloat16() for k, v in hf_tensors(hf).items()}
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder
 
@@ -247,12 +247,6 @@ def hf_logits(folder: Path) -> torch.Tensor:
         return model(torch.tensor(TOKENS)).logits
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 LEGACY_MS = [("model.embed_tokens.weight", "model.tok_embeddings.embedding_weight"), (".self_attn.q_proj.", ".attention.wq."),
              (".self_attn.k_proj.", ".attention.wk."), (".self_attn.v_proj.", ".attention.wv."),
@@ -272,7 +266,7 @@ MCORE_MS = [("model.embed_tokens.", "embedding.word_embeddings."), (".self_attn.
 def to_mindspore(hf: Path, out: Path, table: list[tuple[str, str]], extra: dict | None = None) -> Path:
     """Write the HF model's tensors under MindSpore Transformers names into one file."""
     renamed = {}
-    for name, t in tensors(hf).items():
+    for name, t in hf_tensors(hf).items():
         for a, b in table:
             name = name.replace(a, b)
         renamed[name] = t
@@ -292,7 +286,7 @@ def to_mxfp4(hf: Path, out: Path) -> Path:
     from test_mxfp4 import ref_quantize
 
     quantized = {}
-    for name, t in tensors(hf).items():
+    for name, t in hf_tensors(hf).items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             quantized[name + "_blocks"], quantized[name + "_scales"] = ref_quantize(t.transpose(-1, -2).float())
         else:
@@ -314,7 +308,7 @@ def to_fp8(hf: Path, out: Path) -> tuple[Path, Path]:
 
     config = json.loads((hf / "config.json").read_text())
     fp8, deq = {}, {}
-    for name, t in tensors(hf).items():
+    for name, t in hf_tensors(hf).items():
         if name.endswith(".weight") and name.split(".")[-2] in FP8_LINEARS:
             q, scale = ref_quantize(t)
             fp8[name], fp8[name + "_scale_inv"] = q, scale
@@ -525,7 +519,7 @@ def test_import_loads_strictly_in_megatron_with_hf_logits(jobs, name, tp, pp):
 @pytest.mark.parametrize("name", [n for n, _, _ in IMPORTS])
 def test_hf_megatron_hf_round_trip_is_bit_exact(jobs, name):
     ok(jobs, f"export {name}")
-    source, back = tensors(jobs["hf"][name]), tensors(jobs["work"] / "back" / name)
+    source, back = hf_tensors(jobs["hf"][name]), hf_tensors(jobs["work"] / "back" / name)
     assert sorted(source) == sorted(back)
     for key, t in source.items():
         assert back[key].dtype == t.dtype, key
@@ -543,7 +537,7 @@ def test_fp8_release_imports_as_its_dequantized_weights(jobs, name, tp, pp):
     assert ok(jobs, f"check {name} fp8")["layout_equal"]
     megatron = torch.load(jobs["work"] / f"{name}_fp8.pt")
     assert (megatron[..., :VOCAB] - hf_logits(jobs["hf"][f"{name} dequantized"])).abs().max().item() <= TOL
-    from_fp8, from_dequantized = (tensors(jobs["work"] / "back" / f"{name}_{k}") for k in ("fp8", "dequantized"))
+    from_fp8, from_dequantized = (hf_tensors(jobs["work"] / "back" / f"{name}_{k}") for k in ("fp8", "dequantized"))
     assert sorted(from_fp8) == sorted(from_dequantized)
     for key, t in from_dequantized.items():
         assert from_fp8[key].dtype == t.dtype == torch.float32 and torch.equal(from_fp8[key], t), key
@@ -566,7 +560,7 @@ def test_reshard_fixture_tp2pp2_to_tp1pp4(jobs):
     assert (megatron - jobs["ref"]["logits"]).abs().max().item() <= TOL
     ok(jobs, "export fx orig")
     ok(jobs, "export fx resharded")
-    orig, new = tensors(jobs["work"] / "back" / "fx_orig"), tensors(jobs["work"] / "back" / "fx_tp1pp4")
+    orig, new = hf_tensors(jobs["work"] / "back" / "fx_orig"), hf_tensors(jobs["work"] / "back" / "fx_tp1pp4")
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
 
@@ -576,7 +570,7 @@ def test_reshard_tp2pp2_to_tp4pp1(jobs):
     assert report["layout_equal"], report
     assert (torch.load(jobs["work"] / "mha_tp4.pt")[..., :VOCAB] - hf_logits(jobs["hf"]["llama_mha"])).abs().max().item() <= TOL
     ok(jobs, "export mha resharded")
-    orig, new = tensors(jobs["work"] / "back" / "llama_mha"), tensors(jobs["work"] / "back" / "mha_tp4pp1")
+    orig, new = hf_tensors(jobs["work"] / "back" / "llama_mha"), hf_tensors(jobs["work"] / "back" / "mha_tp4pp1")
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
 
@@ -668,7 +662,7 @@ def test_reshard_legacy_mp_rank_to_torch_dist(jobs):
     ok(jobs, "reshard legacy")
     ok(jobs, "export legacy orig")
     ok(jobs, "export legacy resharded")
-    orig, new = tensors(jobs["work"] / "back" / "legacy_orig"), tensors(jobs["work"] / "back" / "legacy_tp1pp2")
+    orig, new = hf_tensors(jobs["work"] / "back" / "legacy_orig"), hf_tensors(jobs["work"] / "back" / "legacy_tp1pp2")
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
 
@@ -868,7 +862,7 @@ def _check_mtp(jobs: dict, key: str, name: str) -> None:
 def test_moe_hf_megatron_hf_round_trip_is_bit_exact(jobs, case):
     key = moe_dir(*case)
     ok(jobs, f"export {key}")
-    source, back = tensors(jobs["hf"][case[0]]), tensors(jobs["work"] / "back" / key)
+    source, back = hf_tensors(jobs["hf"][case[0]]), hf_tensors(jobs["work"] / "back" / key)
     assert sorted(source) == sorted(back)
     for name, t in source.items():
         if case[0] in IMPORT_DTYPES:  # imported to, so exported as, float32: the same values
@@ -893,12 +887,12 @@ def test_moe_reshard_loads_strictly_and_exports_the_same_tensors(jobs, key):
         assert len(mtp) == len(ref["mtp_logits"])
         for ours, theirs in zip([megatron] + mtp, [ref["logits"]] + ref["mtp_logits"]):
             assert (ours[..., : theirs.shape[-1]] - theirs).abs().max().item() <= TOL
-        orig = tensors(jobs["work"] / "back" / source.replace("/", "_"))
+        orig = hf_tensors(jobs["work"] / "back" / source.replace("/", "_"))
     else:
         assert (megatron[..., :VOCAB] - hf_logits(jobs["hf"][name])).abs().max().item() <= TOL
         _check_mtp(jobs, key, name)
-        orig = tensors(jobs["hf"][name])
-    new = tensors(jobs["work"] / "back" / key)
+        orig = hf_tensors(jobs["hf"][name])
+    new = hf_tensors(jobs["work"] / "back" / key)
     assert sorted(orig) == sorted(new)
     assert all(torch.equal(orig[k], new[k]) for k in orig)
 
@@ -938,7 +932,7 @@ def test_mtp_layers_without_copies_import(jobs):
     the export writes the copies back, equal to the folder that had them, bit for bit."""
     ok(jobs, "import mtp no copies")
     ok(jobs, "export mtp no copies")
-    source, back = tensors(jobs["hf"]["glm4_moe"]), tensors(jobs["work"] / "back" / "no_copies")
+    source, back = hf_tensors(jobs["hf"]["glm4_moe"]), hf_tensors(jobs["work"] / "back" / "no_copies")
     assert sorted(source) == sorted(back) and "model.layers.5.shared_head.head.weight" in back
     assert all(torch.equal(source[k], back[k]) for k in source)
 
@@ -957,7 +951,7 @@ def test_bf16_deepseek_folder_keeps_its_float32_expert_bias(jobs):
     stored = {k: t.dtype for k, t in ckpt.tensors.items()}
     assert {d for k, d in stored.items() if k.endswith("router.expert_bias")} == {torch.float32}
     assert {d for k, d in stored.items() if not k.endswith("router.expert_bias")} == {torch.bfloat16}
-    source, back = tensors(jobs["hf"]["deepseek_v3_bf16"]), tensors(jobs["work"] / "back" / "deepseek_v3_bf16")
+    source, back = hf_tensors(jobs["hf"]["deepseek_v3_bf16"]), hf_tensors(jobs["work"] / "back" / "deepseek_v3_bf16")
     assert sorted(source) == sorted(back)
     for name, t in source.items():
         if name.endswith(".mlp.gate.weight"):
@@ -983,11 +977,11 @@ def test_gpt_oss_mxfp4_release_imports_dequantized_and_exports_back(jobs):
     for dtype in ("auto", "mxfp4"):
         ok(jobs, f"export gpt_oss mxfp4 {dtype}")
     loaded = AutoModelForCausalLM.from_pretrained(str(release), dtype=torch.bfloat16).state_dict()
-    bf16 = tensors(jobs["work"] / "back" / "gpt_oss_mxfp4_auto")
+    bf16 = hf_tensors(jobs["work"] / "back" / "gpt_oss_mxfp4_auto")
     assert sorted(bf16) == sorted(loaded)
     # (transformers loads the norms float32, ``_keep_in_fp32_modules``: the release holds them bf16)
     assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], loaded[k].bfloat16()) for k in loaded)
-    again, source = tensors(jobs["work"] / "back" / "gpt_oss_mxfp4_mxfp4"), tensors(release)
+    again, source = hf_tensors(jobs["work"] / "back" / "gpt_oss_mxfp4_mxfp4"), hf_tensors(release)
     assert sorted(again) == sorted(source)
     assert all(again[k].dtype == t.dtype and torch.equal(again[k], t) for k, t in source.items())
     assert json.loads((jobs["work"] / "back" / "gpt_oss_mxfp4_mxfp4" / "config.json").read_text())["quantization_config"] == \
@@ -1001,7 +995,7 @@ def test_a_wrong_gpt_oss_mapping_survives_the_round_trip_but_not_the_logits(jobs
     ok(jobs, "import gpt_oss wrong")
     assert ok(jobs, "check gpt_oss wrong")["layout_equal"]
     ok(jobs, "export gpt_oss wrong")
-    source, back = tensors(jobs["hf"]["gpt_oss_square"]), tensors(jobs["work"] / "back" / "gpt_oss_wrong")
+    source, back = hf_tensors(jobs["hf"]["gpt_oss_square"]), hf_tensors(jobs["work"] / "back" / "gpt_oss_wrong")
     assert sorted(source) == sorted(back) and all(torch.equal(source[k], back[k]) for k in source)
     megatron = torch.load(jobs["work"] / "gpt_oss_wrong.pt")
     diff = (megatron[..., :VOCAB] - hf_logits(jobs["hf"]["gpt_oss_square"])).abs().max().item()
@@ -1046,12 +1040,12 @@ def test_kimi_fp8_release_imports_and_exports_back(jobs, tmp_path):
     print(f"Kimi-K2 FP8 release: megatron-core - transformers (dequantized) max |logits| {diff:.2e}")
     assert diff <= TOL
     ok(jobs, "export kimi fp8")
-    back, source = tensors(jobs["work"] / "back" / "kimi_fp8"), tensors(jobs["hf"]["kimi_k2 dequantized"])
+    back, source = hf_tensors(jobs["work"] / "back" / "kimi_fp8"), hf_tensors(jobs["hf"]["kimi_k2 dequantized"])
     assert sorted(back) == sorted(source) and all(torch.equal(back[k], source[k]) for k in source)
     config = json.loads((jobs["work"] / "back" / "kimi_fp8" / "config.json").read_text())
     assert config["model_type"] == "kimi_k2" and "auto_map" not in config and "quantization_config" not in config
     ok(jobs, "export kimi fp8 again")  # --dtype fp8: the release itself, byte for byte
-    again, release = tensors(jobs["work"] / "back" / "kimi_fp8_again"), tensors(jobs["hf"]["kimi_k2 fp8"])
+    again, release = hf_tensors(jobs["work"] / "back" / "kimi_fp8_again"), hf_tensors(jobs["hf"]["kimi_k2 fp8"])
     assert sorted(again) == sorted(release) and any(t.dtype == torch.float8_e4m3fn for t in release.values())
     for key, t in release.items():
         assert again[key].dtype == t.dtype and torch.equal(again[key].view(torch.uint8), t.view(torch.uint8)), key
@@ -1059,7 +1053,7 @@ def test_kimi_fp8_release_imports_and_exports_back(jobs, tmp_path):
     assert config["quantization_config"] == FP8 and config["model_type"] == "kimi_k2"
     ok(jobs, "reshard kimi")
     ok(jobs, "export kimi resharded")
-    resharded = tensors(jobs["work"] / "back" / "kimi_resharded")
+    resharded = hf_tensors(jobs["work"] / "back" / "kimi_resharded")
     assert sorted(resharded) == sorted(back) and all(torch.equal(resharded[k], back[k]) for k in back)
 
 
@@ -1081,7 +1075,7 @@ def test_moonlight_bf16_release_round_trip(jobs, tmp_path):
     assert same_eps <= TOL
     export = ok(jobs, "export moonlight")
     assert any("latent q and kv" in w for w in export["warnings"])
-    back, source = tensors(jobs["work"] / "back" / "moonlight"), tensors(release)
+    back, source = hf_tensors(jobs["work"] / "back" / "moonlight"), hf_tensors(release)
     assert sorted(back) == sorted(source)
     for key, t in source.items():
         if key.endswith("e_score_correction_bias"):

@@ -30,9 +30,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import ROOT, hf_logits, torchrun, venv_unavailable
+from conftest import ROOT, hf_logits, hf_tensors, torchrun, venv_unavailable
 
 VENV = ROOT / ".venv-m019"
 TOL = 1e-4
@@ -116,12 +115,6 @@ def checked(m019: dict, key: str) -> dict:
     return result["report"]
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def test_fixtures_are_saved_as_megatron_lm_0192_saves(m019):
     """A training save root of 0.19.2: tracker, ``iter_0000100``, ``metadata.json``, no ``common.pt``;
@@ -204,7 +197,7 @@ def test_distconv_output_loads_strictly_in_megatron_core_0192(m019, out):
     if op == "import":  # the padding rows an import adds are zero
         assert torch.count_nonzero(logits[..., VOCAB:]) == 0
     ok(m019, f"export {out}")
-    first, again = tensors(m019["work"] / "hf" / name), tensors(m019["work"] / "hf" / out)
+    first, again = hf_tensors(m019["work"] / "hf" / name), hf_tensors(m019["work"] / "hf" / out)
     assert sorted(first) == sorted(again)
     assert all(first[k].dtype == again[k].dtype and torch.equal(first[k], again[k]) for k in first)
 

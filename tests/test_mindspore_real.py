@@ -23,16 +23,14 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import load_file
 
-from conftest import ROOT, distconv_cli, hf_logits, subprocess_env, torchrun, venv_unavailable
+from conftest import ROOT, distconv_cli, hf_logits, hf_tensors, subprocess_env, torchrun, venv_unavailable
 
 VENV = ROOT / ".venv-mindspore"
 TOL = 1e-4
@@ -98,12 +96,6 @@ def ok(real: dict, key: str) -> dict:
     return result["report"]
 
 
-def tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
-
 
 def test_mindformers_writes_what_the_import_reads(real):
     """The save roots are what MindFormers 1.9 writes: tracker, 8-digit iteration folder,
@@ -150,7 +142,7 @@ def test_qwen3_layouts_import_to_the_same_weights(real):
         ok(real, f"import {name}")
         assert ok(real, f"check {name}")["layout_equal"]
         ok(real, f"export {name}")
-        exports[name] = tensors(real["work"] / "hf" / name)
+        exports[name] = hf_tensors(real["work"] / "hf" / name)
     first = exports[QWEN3[0]]
     for name in QWEN3[1:]:
         assert sorted(exports[name]) == sorted(first)
@@ -167,7 +159,7 @@ def test_qwen3_layouts_import_to_the_same_weights(real):
 def test_qwen3_mindspore_projections_equal_the_exported_weights(real, name):
     """MindSpore's own layer-0 MLP and q/k/v split on one input, recomputed from the HF export."""
     ok(real, f"export {name}")
-    w = tensors(real["work"] / "hf" / name)
+    w = hf_tensors(real["work"] / "hf" / name)
     x = torch.from_numpy(np.load(real["ms"] / "qwen3_probe_input.npy")).double()  # [seq, batch, hidden]
     probe = {k: torch.from_numpy(v).double() for k, v in np.load(real["ms"] / f"{name}_probe.npz").items()}
     p = lambda n: w[f"model.layers.0.{n}.weight"].double()  # noqa: E731

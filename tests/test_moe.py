@@ -25,7 +25,7 @@ from distconv.megatron.catalogue import items_of
 from distconv.megatron.checkpoint import Chunk, TensorInfo
 from distconv.megatron.source import describe
 
-from conftest import distconv_cli, hf_logits, run_export_jobs
+from conftest import distconv_cli, hf_logits, hf_tensors, run_export_jobs
 from fixtures.build import FIXTURES, VLLM_FIXTURES, layout_dir, parallel
 from fixtures.megatron_cpu import megatron_args
 from kimi import KIMI_ROPE, KIMI_SCALING, kimi_config_of_args, transformers_copy, write_release
@@ -454,9 +454,7 @@ def test_mtp_layers_export_as_released(exported, built, tmp_path, name, layout):
     assert len(mtp) == len(ref["mtp_logits"]) == FIXTURES[name].args["mtp_num_layers"]
     for ours, theirs in zip([logits] + mtp, [ref["logits"]] + ref["mtp_logits"]):
         assert (ours - theirs[..., :vocab]).abs().max().item() <= TOL
-    state = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(str(f)))
+    state = hf_tensors(folder)
     n = json.loads((folder / "config.json").read_text())["num_hidden_layers"]
     enorm, hnorm = f"model.layers.{n}.enorm.weight", f"model.layers.{n}.hnorm.weight"
     state[enorm], state[hnorm] = state[hnorm], state[enorm]
@@ -717,14 +715,14 @@ def test_kimi_export_keeps_its_hub_config_and_megatron_logits(exported, built, t
         assert config[field] == hub[field], field
     assert config["routed_scaling_factor"] == KIMI_SCALING
     assert {k: v for k, v in config["rope_scaling"].items() if k in KIMI_ROPE} == KIMI_ROPE
-    biases = {k: v for k, v in tensors_of(folder).items() if k.endswith("e_score_correction_bias")}
+    biases = {k: v for k, v in hf_tensors(folder).items() if k.endswith("e_score_correction_bias")}
     assert len(biases) == 1 and all(b.dtype == torch.float32 and b.unique().numel() == b.numel() and bool(b.abs().min() > 0)
                                     for b in biases.values())
     assert _kimi_diff(built, folder, tmp_path) <= TOL
 
 
 def test_kimi_export_of_ep2_equals_that_of_tp1pp1(exported):
-    ep2, single = tensors_of(_kimi(exported)["save"]), tensors_of(_kimi(exported, "tp1pp1")["save"])
+    ep2, single = hf_tensors(_kimi(exported)["save"]), hf_tensors(_kimi(exported, "tp1pp1")["save"])
     assert sorted(ep2) == sorted(single)
     assert all(torch.equal(ep2[k], single[k]) for k in ep2)
 
@@ -744,18 +742,12 @@ def test_kimi_zeroed_expert_bias_fails_the_logits(exported, built, tmp_path):
     """The deliberately wrong mapping (Megatron-Bridge #4657: e_score_correction_bias left at zero) exports
     without complaint, names and shapes right; only the logits show it."""
     folder = _kimi(exported, kind="expert_bias_zeroed")["save"]
-    bias = tensors_of(folder)["model.layers.1.mlp.gate.e_score_correction_bias"]
+    bias = hf_tensors(folder)["model.layers.1.mlp.gate.e_score_correction_bias"]
     assert bias.dtype == torch.float32 and not bias.any()
     diff = _kimi_diff(built, folder, tmp_path)
     print(f"Kimi-K2 export with the expert bias zeroed: max |logits - megatron-core| {diff:.3g}")
     assert diff > 100 * TOL
 
-
-def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(str(f)))
-    return out
 
 
 def test_kimi_hub_config_reads_as_deepseek_v3_without_its_code(tmp_path):
