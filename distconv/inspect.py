@@ -9,7 +9,7 @@ from typing import Any
 
 from distconv.directions.export import tokenizer_folder
 from distconv.errors import DistconvError
-from distconv.families import FAMILIES, pick_family
+from distconv.families import FAMILIES, HUB_TYPES, pick_family
 from distconv.hf.fp8 import SCALE
 from distconv.megatron.args import arg, arg_names, parallel_sizes, spec_from_args
 from distconv.megatron.checkpoint import Checkpoint
@@ -147,9 +147,9 @@ def inspect_hf(folder: str | Path) -> dict[str, Any]:
 
 
 def _read_as(config: dict[str, Any]) -> str | None:
-    """How distconv reads a ``model_type`` transformers lacks (``Family.model_types``), else None."""
-    family = next((f for f in FAMILIES if config.get("model_type") in f.model_types), None)
-    return f"{family.config_class} ({family.architecture})" if family else None
+    """How distconv reads a ``model_type`` transformers lacks (``families.HUB_TYPES``), else None."""
+    read_as = HUB_TYPES.get(config.get("model_type"))
+    return f"{read_as[1]} ({read_as[0]})" if read_as else None
 
 
 def render_hf(report: dict[str, Any]) -> str:

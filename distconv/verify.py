@@ -44,6 +44,7 @@ import torch
 from distconv.engine.plan import Read, numbered
 from distconv.engine.stream import heap_trimmer
 from distconv.errors import DistconvError, warn
+from distconv.families import HUB_TYPES
 from distconv.hf.source import auto_map_file, read_config, remote_code
 from distconv.megatron.args import arg
 from distconv.megatron.catalogue import COUNTS, other_spellings, stored_counts
@@ -361,7 +362,7 @@ def export_model(hf: Path) -> tuple[Any, Any]:
 
     logging.disable_progress_bar()
     remote = auto_map_file(hf)
-    config, warnings = read_config(hf, "--hf")
+    config, warnings = read_config(hf, "--hf", HUB_TYPES)
     try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()

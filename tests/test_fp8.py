@@ -206,7 +206,7 @@ def test_import_refuses_bad_scales(exports, tmp_path):
     }
     for i, (change, message) in enumerate(cases.values()):
         with pytest.raises(DistconvError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            open_hf(_broken(exports["llama_fp8"], tmp_path / str(i), change))
+            open_hf(_broken(exports["llama_fp8"], tmp_path / str(i), change), {})
 
 
 def test_import_reads_multi_block_boxes(tmp_path):
@@ -225,7 +225,7 @@ def test_import_reads_multi_block_boxes(tmp_path):
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_attention_heads": 2,
         "quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                 "weight_block_size": [128, 128], "modules_to_not_convert": ["b"]}}))
-    source = open_hf(folder).tensors
+    source = open_hf(folder, {}).tensors
     assert source.names() == ["a.weight", "b.weight"]
     assert source.dtype("a.weight") == torch.bfloat16 and source.dtype("b.weight") == torch.bfloat16
     deq = ref_dequantize(q, s)

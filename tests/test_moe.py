@@ -755,13 +755,14 @@ def test_kimi_hub_config_reads_as_deepseek_v3_without_its_code(tmp_path):
     DeepseekV3Config (the architecture it names), keeps the model type for the export and runs nothing."""
     from transformers import AutoConfig, DeepseekV3Config
 
+    from distconv.families import HUB_TYPES
     from distconv.hf.source import HUB_MODEL_TYPE, read_config
     from distconv.inspect import inspect_hf
 
     folder = write_release(tmp_path / "kimi", kimi_config_of_args(megatron_args(**KIMI.args), 256))
     with pytest.raises(ValueError, match="custom code"):
         AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-    config, warnings = read_config(folder, "--load")
+    config, warnings = read_config(folder, "--load", HUB_TYPES)
     assert type(config) is DeepseekV3Config and getattr(config, HUB_MODEL_TYPE) == "kimi_k2"
     assert not hasattr(config, "auto_map") and config.n_group == 1 and config.routed_scaling_factor == KIMI_SCALING
     assert len(warnings) == 2 and "auto_map" in warnings[0] and "kimi_k2" in warnings[1]
@@ -770,7 +771,7 @@ def test_kimi_hub_config_reads_as_deepseek_v3_without_its_code(tmp_path):
     other = write_release(tmp_path / "other", {**json.loads((folder / "config.json").read_text()),
                                                "architectures": ["KimiK25ForConditionalGeneration"]})
     with pytest.raises(DistconvError, match="read as DeepseekV3ForCausalLM only"):
-        read_config(other, "--load")
+        read_config(other, "--load", HUB_TYPES)
 
 
 def test_deepseek_norm_epsilon_other_than_latent_norms_converts_with_a_note():
@@ -786,15 +787,16 @@ def test_deepseek_norm_epsilon_other_than_latent_norms_converts_with_a_note():
 def test_kimi_hub_config_with_other_yarn_betas_conflicts(tmp_path):
     """An --hf-config is checked against the checkpoint on every YaRN setting, not only type and factor:
     Kimi-K2's config with beta_fast 32 does not describe the Kimi-like checkpoint (beta_fast 1)."""
+    from distconv.families import HUB_TYPES
     from distconv.hf.source import read_config
 
     spec = spec_from_args(megatron_args(**KIMI.args)).with_vocab(256)
     family = pick_family(FAMILIES, spec, "DeepseekV3ForCausalLM")
     hub = kimi_config_of_args(megatron_args(**KIMI.args), 256)
-    family.check_config(read_config(write_release(tmp_path / "right", hub), "--hf-config")[0], spec)
+    family.check_config(read_config(write_release(tmp_path / "right", hub), "--hf-config", HUB_TYPES)[0], spec)
     wrong = write_release(tmp_path / "wrong", {**hub, "rope_scaling": {**KIMI_ROPE, "beta_fast": 32.0}})
     with pytest.raises(DistconvError, match="rope scaling: HF config .*'beta_fast': 32.0"):
-        family.check_config(read_config(wrong, "--hf-config")[0], spec)
+        family.check_config(read_config(wrong, "--hf-config", HUB_TYPES)[0], spec)
 
 
 def test_kimi_verify(exported, built):

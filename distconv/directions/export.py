@@ -25,7 +25,7 @@ from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, launch, parse_size
 from distconv.engine.stream import Stream, WriterThread
 from distconv.errors import DistconvError, warn
-from distconv.families import FAMILIES, Family, pick_family
+from distconv.families import FAMILIES, HUB_TYPES, Family, pick_family
 from distconv.hf import mxfp4
 from distconv.hf.fp8 import FP8, SCALE, quantization_config, scale_shape
 from distconv.hf.sink import (
@@ -60,7 +60,7 @@ def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None, list[str
     if path is None:
         return None, None, []
     path = Path(path)
-    config, warnings = read_config(path, "--hf-config")
+    config, warnings = read_config(path, "--hf-config", HUB_TYPES)
     return config, path if path.is_dir() else path.parent, warnings
 
 

@@ -24,7 +24,7 @@ from distconv.engine.folder import refuse_overlap
 from distconv.engine.plan import Read, Unit, numbered, numel
 from distconv.engine.run import launch, parse_size
 from distconv.errors import DistconvError
-from distconv.families import FAMILIES, Family, pick_family
+from distconv.families import FAMILIES, HUB_TYPES, Family, pick_family
 from distconv.families.base import Rule
 from distconv.hf.source import HFSource, Source, open_hf
 from distconv.megatron.args import linear_attention_freq, megatron_args, moe_layer_freq
@@ -266,7 +266,7 @@ class ImportJob(ToMegatron):
 def import_hf(load: str | Path, save: str | Path, **options: Any) -> dict[str, Any]:
     """HF folder -> Megatron torch_dist save root; ``options`` are ``MegatronOptions``' fields. Collective."""
     opts = MegatronOptions(save=save, **options)
-    return launch(lambda world: ImportJob(open_hf(load), opts, world), opts)
+    return launch(lambda world: ImportJob(open_hf(load, HUB_TYPES), opts, world), opts)
 
 
 def import_mindspore(load: str | Path, save: str | Path, *, ms_config: str | None, ms_args: Any,

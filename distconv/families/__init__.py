@@ -19,4 +19,8 @@ FAMILIES: tuple[Family, ...] = (GPT_OSS, QWEN3_NEXT, QWEN3_5_MOE, DEEPSEEK_V32, 
                                  GLM4_MOE, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT2, QWEN3,
                                  QWEN2, MISTRAL, LLAMA)
 
-__all__ = ["FAMILIES", "Family", "pick_family"]
+# hub ``model_type`` -> (architecture, transformers config class) for the types transformers lacks
+# (``Family.model_types``), handed to ``hf.source.read_config`` by whoever reads an HF config
+HUB_TYPES: dict[str, tuple[str, str]] = {t: (f.architecture, f.config_class) for f in FAMILIES for t in f.model_types}
+
+__all__ = ["FAMILIES", "HUB_TYPES", "Family", "pick_family"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -291,24 +292,22 @@ def remote_code(file: Path, what: str, loaded: bool) -> str:
             "have to run the folder's Python code, which distconv never does")
 
 
-# the attribute a config read under a family's hub-only ``model_type`` (``Family.model_types``) keeps
+# the attribute a config read under a hub-only ``model_type`` (``read_config``'s ``hub_types``) keeps
 # that ``model_type`` in, for the export to write it back (``hf.sink.write_config``)
 HUB_MODEL_TYPE = "_hub_model_type"
 
 
-def read_config(path: str | Path, what: str) -> tuple[Any, list[str]]:
+def read_config(path: str | Path, what: str, hub_types: Mapping[str, tuple[str, str]]) -> tuple[Any, list[str]]:
     """The HF config of a model folder (its ``config.json``) or of a JSON file, and warnings; never the
     folder's own code (``trust_remote_code=False``), its ``auto_map`` dropped with a warning.
 
-    A ``model_type`` transformers lacks that a family reads (``Family.model_types``: Kimi-K2's
-    ``kimi_k2``, DeepSeek-V3's architecture under fields of its own) is read from the JSON into the
-    family's config class, its ``architectures`` required to be the family's; the ``model_type`` is
-    kept in ``HUB_MODEL_TYPE``, so an export writes it again (vLLM reads it; transformers needs the
-    class's own).
+    ``hub_types`` maps a ``model_type`` transformers lacks to the architecture and config class that
+    read it (``families.HUB_TYPES``: Kimi-K2's ``kimi_k2``, DeepSeek-V3's architecture under fields of
+    its own): such a config is read from the JSON into that class, its ``architectures`` required to
+    be that one; the ``model_type`` is kept in ``HUB_MODEL_TYPE``, so an export writes it again (vLLM
+    reads it; transformers needs the class's own).
     """
     import transformers
-
-    from distconv.families import FAMILIES
 
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
@@ -320,18 +319,18 @@ def read_config(path: str | Path, what: str) -> tuple[Any, list[str]]:
     except (OSError, ValueError) as e:
         raise DistconvError(f"{what} {path}: cannot read an HF config: {e}") from None
     hub_type = data.get("model_type")
-    family = next((f for f in FAMILIES if hub_type in f.model_types), None)
     warnings = [remote_code(remote, what, True)] if remote else []
     try:
-        if family is not None:
-            if data.get("architectures") != [family.architecture]:
-                raise DistconvError(f"{what} {path}: model_type {hub_type} is read as {family.architecture} only, "
+        if hub_type in hub_types:
+            architecture, class_name = hub_types[hub_type]
+            if data.get("architectures") != [architecture]:
+                raise DistconvError(f"{what} {path}: model_type {hub_type} is read as {architecture} only, "
                                     f"not architectures {data.get('architectures')!r}")
-            config_class = getattr(transformers, family.config_class)
+            config_class = getattr(transformers, class_name)
             config = config_class.from_dict({k: v for k, v in data.items() if k not in ("model_type", "auto_map")})
             setattr(config, HUB_MODEL_TYPE, hub_type)
             warnings.append(f"{what}: transformers {transformers.__version__} has no model_type {hub_type}: its config is read as "
-                            f"{family.config_class} (the {family.architecture} it names), and an export keeps "
+                            f"{class_name} (the {architecture} it names), and an export keeps "
                             f"model_type {hub_type}, which vLLM loads; transformers loads such a folder only with "
                             f"model_type {config_class.model_type} (docs/models.md)")
         elif path.is_dir():
@@ -345,12 +344,12 @@ def read_config(path: str | Path, what: str) -> tuple[Any, list[str]]:
     return config, warnings
 
 
-def open_hf(load: str | Path) -> HFSource:
-    """An HF model folder: its tensors, its config, and itself as tokenizer if it holds one."""
+def open_hf(load: str | Path, hub_types: Mapping[str, tuple[str, str]]) -> HFSource:
+    """An HF model folder: its tensors, its config (``read_config``), and itself as tokenizer if it holds one."""
     path = Path(load)
     if not (path / "config.json").exists():
         raise DistconvError(f"--load {path} is not an HF model folder (no config.json)")
-    config, warnings = read_config(path, "--load")
+    config, warnings = read_config(path, "--load", hub_types)
     tokenizer = str(path.absolute()) if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")) else None
     _check_index(path)
     files = SafetensorsFiles(path)

@@ -26,6 +26,7 @@ from distconv.directions.import_ import ImportJob
 from distconv.directions.reshard import ReshardJob
 from distconv.directions.to_megatron import MegatronOptions
 from distconv.engine.stream import assemble
+from distconv.families import HUB_TYPES
 from distconv.hf.source import open_hf
 from distconv.megatron.checkpoint import TRACKER, iteration_dir
 from distconv.megatron.model import no_device_calls, stand_ins
@@ -70,7 +71,7 @@ def load_whole(op: str, load: str, opts: MegatronOptions):
     if op == "import":
         from safetensors.torch import load_file
 
-        source = open_hf(load)
+        source = open_hf(load, HUB_TYPES)
         files = sorted(set(source.tensors.where.values()))
         whole = {name: t for f in files for name, t in load_file(str(f)).items()}
         source.tensors = InMemory(whole)

@@ -34,9 +34,10 @@ def main() -> None:
         options = MegatronOptions(save="/nonexistent/plan-only", tp=opts.tp, pp=opts.pp)
         if opts.op == "import":
             from distconv.directions.import_ import ImportJob
+            from distconv.families import HUB_TYPES
             from distconv.hf.source import open_hf
 
-            plan = lambda: ImportJob(open_hf(opts.load), options, opts.world)  # noqa: E731
+            plan = lambda: ImportJob(open_hf(opts.load, HUB_TYPES), options, opts.world)  # noqa: E731
         else:
             from distconv.directions.reshard import ReshardJob
 
