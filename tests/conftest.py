@@ -89,7 +89,7 @@ def hf_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
     """Logits of an exported folder as transformers loads it (fp32)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False)
     model.eval()
     with torch.no_grad():
         return model(tokens).logits

@@ -32,16 +32,16 @@ def hf_mtp_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, lis
     (the token after the last is taken as id 0, as megatron-core rolls its inputs)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(folder))
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     n = config.num_hidden_layers
     depth = getattr(config, "num_mtp_layers", None) or config.num_nextn_predict_layers  # DeepSeek-V3.2: no alias
-    main = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    main = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False).eval()
     # the same folder with the MTP layers as ordinary decoder layers: transformers loads their weights
     # per-layer type lists (DeepSeek-V3.2's mlp_layer_types, ...) grow by the MTP layers, built like the last layer
     grown = {key: value + value[-1:] * depth for key in ("mlp_layer_types", "layer_types", "indexer_types")
              if isinstance(value := getattr(config, key, None), list)}
     extended = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, num_hidden_layers=n + depth,
-                                                    **grown).eval()
+                                                    **grown, trust_remote_code=False).eval()
     weights = {}
     for f in sorted(folder.glob("*.safetensors")):
         weights.update({k: v.float() for k, v in load_file(str(f)).items() if k.startswith("model.layers.")})

@@ -350,7 +350,7 @@ def test_fp8_export_of_a_trained_model_keeps_its_top1_tokens(trained, record_pro
         assert _bytes(fp8[n]) == _bytes(q) and torch.equal(fp8[n + "_scale_inv"], s), n
 
     # without a GPU transformers turns dequantize on itself (it warns) and builds plain Linears
-    models = {d: AutoModelForCausalLM.from_pretrained(str(work / d), dtype=torch.float32).eval() for d in ("hf", "bf16", "fp8")}
+    models = {d: AutoModelForCausalLM.from_pretrained(str(work / d), dtype=torch.float32, trust_remote_code=False).eval() for d in ("hf", "bf16", "fp8")}
     loaded = models["fp8"].state_dict()
     for n in quantized:
         assert torch.equal(loaded[n], ref_dequantize(fp8[n], fp8[n + "_scale_inv"])), n

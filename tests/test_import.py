@@ -242,7 +242,7 @@ def make_hf(folder: Path, name: str) -> Path:
 def hf_logits(folder: Path) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False).eval()
     with torch.no_grad():
         return model(torch.tensor(TOKENS)).logits
 
@@ -849,7 +849,7 @@ def _check_mtp(jobs: dict, key: str, name: str) -> None:
     """megatron-core's MTP layers, loaded from the checkpoint, against the published MTP formula on
     the HF source's tensors (``mtp_reference``), depth by depth."""
     mtp = torch.load(jobs["work"] / f"{key}.pt.mtp")
-    config = __import__("transformers").AutoConfig.from_pretrained(str(jobs["hf"][name]))
+    config = __import__("transformers").AutoConfig.from_pretrained(str(jobs["hf"][name]), trust_remote_code=False)
     depth = getattr(config, "num_mtp_layers", 0) or getattr(config, "num_nextn_predict_layers", 0)
     assert len(mtp) == depth
     if depth:
@@ -976,7 +976,7 @@ def test_gpt_oss_mxfp4_release_imports_dequantized_and_exports_back(jobs):
     assert (megatron[..., :VOCAB] - hf_logits(release)).abs().max().item() <= TOL
     for dtype in ("auto", "mxfp4"):
         ok(jobs, f"export gpt_oss mxfp4 {dtype}")
-    loaded = AutoModelForCausalLM.from_pretrained(str(release), dtype=torch.bfloat16).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(str(release), dtype=torch.bfloat16, trust_remote_code=False).state_dict()
     bf16 = hf_tensors(jobs["work"] / "back" / "gpt_oss_mxfp4_auto")
     assert sorted(bf16) == sorted(loaded)
     # (transformers loads the norms float32, ``_keep_in_fp32_modules``: the release holds them bf16)

@@ -141,10 +141,10 @@ def _logits_diff(built: Path, name: str, folder: Path, zero: str | None = None, 
     if config_override or zero:
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(str(folder))
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
         for k, v in config_override.items():
             setattr(config, k, v)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(folder), config=config, dtype=torch.float32, trust_remote_code=False).eval()
         with torch.no_grad():
             if zero:
                 model.get_parameter_or_buffer(zero).zero_()
@@ -645,7 +645,7 @@ def test_gpt_oss_mxfp4_export_is_the_bf16_export_quantized(exported):
     for name, t in ours.items():
         if name[: -len("_blocks")] not in experts and name[: -len("_scales")] not in experts:
             assert t.dtype == torch.bfloat16 and torch.equal(t, plain[name].bfloat16()), name
-    loaded = AutoModelForCausalLM.from_pretrained(str(mx["save"]), dtype=torch.float32).state_dict()
+    loaded = AutoModelForCausalLM.from_pretrained(str(mx["save"]), dtype=torch.float32, trust_remote_code=False).state_dict()
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     for name in experts:

@@ -313,7 +313,7 @@ def test_full_disk_while_writing_small_files_names_the_file(built, tmp_path, nam
         if name == "generation_config.json":
             write_generation_config(tmp_path, LlamaConfig(), None)
         elif name == "tokenizer_config.json":
-            write_tokenizer(tmp_path, AutoTokenizer.from_pretrained(str(built / "tokenizer")))
+            write_tokenizer(tmp_path, AutoTokenizer.from_pretrained(str(built / "tokenizer"), trust_remote_code=False))
         else:
             write_index(tmp_path, [Output("w", (2,), torch.float32, "model.safetensors")])
 

@@ -36,7 +36,7 @@ def test_without_tokenizer_the_ids_are_null(built, tmp_path, name):
 def test_with_a_tokenizer_the_ids_are_the_tokenizers(built, tmp_path):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(built / "tokenizer"))  # the llama fixture's args point at it
+    tokenizer = AutoTokenizer.from_pretrained(str(built / "tokenizer"), trust_remote_code=False)  # the llama fixture's args point at it
     config, generation, out = _export(layout_dir(built, "llama", 1, 1), tmp_path / "llama")
     assert _ids(config) == _ids(generation) == (tokenizer.bos_token_id, tokenizer.eos_token_id) != (None, None)
     assert "from the tokenizer" in out

@@ -193,7 +193,7 @@ def _transformers(folder: Path) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy tokens (no stop token) and the logprob of every prompt token after the first."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False).eval()
     tokens, prompt_logprobs = [], []
     for prompt in PROMPTS:
         ids = torch.tensor([prompt])

@@ -645,7 +645,7 @@ def logits_diff(fx: Path, model: str, folder: Path) -> float:
 
     _quiet_transformers()
     ref = torch.load(fx / "refs" / f"{model}.pt")
-    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False).eval()
     with torch.no_grad():
         logits = hf(ref["tokens"]).logits
     return (logits - ref["logits"][..., : logits.shape[-1]]).abs().max().item()
@@ -659,7 +659,7 @@ def hf_vs_hf(a: Path, b: Path) -> float:
     tokens = torch.randint(0, 250, (2, 12), generator=torch.Generator().manual_seed(11))
     out = []
     for folder in (a, b):
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=False).eval()
         with torch.no_grad():
             out.append(model(tokens).logits)
     return (out[0] - out[1]).abs().max().item()
