@@ -126,6 +126,37 @@ def test_metadata_that_is_not_dcp_metadata_is_one_line(ckpt, tmp_path, capsys):
     _refused(capsys, "does not hold DCP metadata", "inspect", str(ckpt))
 
 
+def _inflate(folder: Path, key: str, grow) -> None:
+    """Our own fixture's metadata (trusted), with ``key``'s global shape and chunks given by ``grow``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(folder)).read_metadata()
+    md = metadata.state_dict_metadata[key]
+    md.size, md.chunks = grow(md.size, md.chunks)
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("how", ["chunk", "outside"])
+def test_metadata_claiming_more_elements_than_its_bytes_is_refused_before_planning(ckpt, tmp_path, capsys, how):
+    """A crafted ``.metadata`` that makes the embedding's leading axis huge is refused before any box of
+    that size is allocated: a chunk must lie inside its tensor and its stored bytes hold its elements."""
+    import dataclasses
+
+    key = "embedding.word_embeddings.weight"
+
+    def grow(size, chunks):
+        rows = 10**12
+        if how == "chunk":  # the global shape and its one chunk grow together, the bytes stay as they were
+            return torch.Size((rows, *size[1:])), [dataclasses.replace(chunks[0], sizes=torch.Size((rows, *size[1:])))]
+        return size, [dataclasses.replace(c, sizes=torch.Size((rows, *c.sizes[1:]))) for c in chunks]
+
+    _inflate(ckpt / ITER, key, grow)
+    needle = "elements but stores" if how == "chunk" else "lies outside its shape"
+    _refused(capsys, needle, "inspect", str(ckpt))
+    _refused(capsys, needle, "export", "--load", str(ckpt), "--save", str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+
+
 def test_common_pt_payload_does_not_run(ckpt, tmp_path, capsys):
     flag = tmp_path / "pwned"
     torch.save({"args": _Payload(flag)}, ckpt / ITER / "common.pt")

@@ -165,8 +165,15 @@ class Comm:
     def fail(self, error: BaseException) -> DistconvError:
         """This rank failed: the error every rank raises for it, left in the store for the others
         (a failure learned from a peer, or one after a peer's, yields the first one's message).
-        The data group is aborted at once (``_drop_data``)."""
-        self._drop_data(error)
+        The data group is then aborted (``_drop_data``): only after the message is in the store, so
+        that a peer whose transfer with this rank breaks finds this rank's cause there, not its own
+        "lost contact"."""
+        try:
+            return self._agree(error)
+        finally:
+            self._drop_data(error)
+
+    def _agree(self, error: BaseException) -> DistconvError:
         if isinstance(error, Agreed):
             return error
         mine = str(_readable(error, self.world))

@@ -333,18 +333,30 @@ def read_tensor_index(folder: Path, metadata: Any) -> tuple[dict[str, TensorInfo
         if key.startswith(NON_MODEL_PREFIXES) or "._extra_state" in key:
             other += numel(shape) * md.properties.dtype.itemsize
             continue
-        tensors[key] = TensorInfo(key, shape, md.properties.dtype, stored_chunks(metadata, key, md))
+        tensors[key] = TensorInfo(key, shape, md.properties.dtype, stored_chunks(folder, metadata, key, md))
     return tensors, other
 
 
-def stored_chunks(metadata: Any, key: str, md: Any) -> tuple[Chunk, ...]:
-    """The chunks DCP ``metadata`` lists for ``key`` (``md``: its ``TensorStorageMetadata``), each with
-    its data file and the rank that wrote it (from ``__{rank}_{n}.distcp``)."""
+def stored_chunks(folder: Path, metadata: Any, key: str, md: Any) -> tuple[Chunk, ...]:
+    """The chunks ``folder``'s DCP ``metadata`` lists for ``key`` (``md``: its ``TensorStorageMetadata``), each with
+    its data file and the rank that wrote it (from ``__{rank}_{n}.distcp``).
+
+    A chunk must lie inside the tensor and its stored bytes must hold at least its elements: shapes
+    come from a file that may be crafted, and are trusted from here on (a box of that size is
+    allocated before the bytes are read)."""
     from torch.distributed.checkpoint.metadata import MetadataIndex
 
+    shape, itemsize = tuple(md.size), md.properties.dtype.itemsize
     chunks = []
     for c in md.chunks:
+        if len(c.offsets) != len(shape) or len(c.sizes) != len(shape) \
+                or any(o < 0 or s < 0 or o + s > g for o, s, g in zip(c.offsets, c.sizes, shape)):
+            raise DistconvError(f"{folder}/.metadata: a chunk of {key} at {tuple(c.offsets)} of {tuple(c.sizes)} lies outside "
+                                f"its shape {shape}")
         info = metadata.storage_data.get(MetadataIndex(key, torch.Size(c.offsets)))
+        if info is not None and info.length < numel(tuple(c.sizes)) * itemsize:
+            raise DistconvError(f"{folder}/.metadata: the chunk of {key} at {tuple(c.offsets)} has {numel(tuple(c.sizes))} "
+                                f"elements but stores {info.length} bytes")
         file = info.relative_path if info is not None else ""
         m = _WRITER_FILE.search(file)
         chunks.append(Chunk(tuple(c.offsets), tuple(c.sizes), file, int(m.group(1)) if m else 0))

@@ -110,7 +110,7 @@ def model_tensors(folder: Path, metadata: Any, fmt: str, swiglu: bool) -> tuple[
         if name == key or name.startswith(NON_MODEL_PREFIXES) or "._extra_state" in name:
             other += numel(tuple(md.size)) * md.properties.dtype.itemsize
             continue
-        chunks = tuple(dataclasses.replace(c, source=key) for c in stored_chunks(metadata, key, md))
+        chunks = tuple(dataclasses.replace(c, source=key) for c in stored_chunks(folder, metadata, key, md))
         info = TensorInfo(name, tuple(md.size), md.properties.dtype, chunks)
         half = _HALF.match(name) if fmt == "fsdp_dtensor" else None
         if half:
