@@ -16,6 +16,7 @@ and the same methods otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -77,6 +78,7 @@ class Weights:
         if model is not None and args is None:
             raise DistconvError("distconv.weights(model=...): give args=, the Megatron-LM args (or a Namespace of "
                                 "them) the model was built from")
+        self._failed = False
         self._models = None if model is None else list(model) if isinstance(model, (list, tuple)) else [model]
         self._args, self._opts = args, opts
         self._comm = Comm.setup(opts.device, opts.timeout_s)
@@ -155,44 +157,46 @@ class Weights:
         A failure on any rank, in the pass or in ``send``, raises one ``DistconvError`` on every rank
         before the next group. Returns the number of groups."""
         count = 0
-        for names, tensors, held in self._pass():
-            error = None
-            if held:
-                try:
-                    send(names, tensors)
-                except Exception as e:
-                    error = e
-            self._comm.agree(error)
-            count += 1
+        with self._failing():
+            for names, tensors, held in self._pass():
+                error = None
+                if held:
+                    try:
+                        send(names, tensors)
+                    except Exception as e:
+                        error = e
+                self._comm.agree(error)
+                count += 1
         return count
 
     def _pass(self) -> Iterator[tuple[list[str], list[torch.Tensor], bool]]:
         """Collective: every group, its tensors (on the rank holding it) and whether this rank does,
         once every rank agreed that the group was read and mapped without error."""
-        comm, mapped = self._comm, self._mapped
-        plan = mapped.plan
-        stream = Stream(plan, self._current_reader(), comm, self._window, threaded=comm.overlap_reads)
-        try:
-            walk = stream.walk()
-            for indices, names in self._groups:
-                tensors: list[torch.Tensor] = []
-                error: BaseException | None = None
-                for _ in indices:
-                    index, full = next(walk)
-                    if full is None or error is not None:
-                        continue
-                    try:
-                        for source, name, out in hf_outputs(mapped, plan.units[index], full):
-                            if count := nonfinite_count(out):
-                                raise nonfinite_error([nonfinite_entry(source, name, count, out)],
-                                                      "nothing of its layer group was handed out")
-                            tensors.append(out)
-                    except Exception as e:
-                        error = e
-                comm.agree(error)
-                yield list(names), tensors, names[0] in self._held
-        finally:
-            stream.close()
+        with self._failing():
+            comm, mapped = self._comm, self._mapped
+            plan = mapped.plan
+            stream = Stream(plan, self._current_reader(), comm, self._window, threaded=comm.overlap_reads)
+            try:
+                walk = stream.walk()
+                for indices, names in self._groups:
+                    tensors: list[torch.Tensor] = []
+                    error: BaseException | None = None
+                    for _ in indices:
+                        index, full = next(walk)
+                        if full is None or error is not None:
+                            continue
+                        try:
+                            for source, name, out in hf_outputs(mapped, plan.units[index], full):
+                                if count := nonfinite_count(out):
+                                    raise nonfinite_error([nonfinite_entry(source, name, count, out)],
+                                                          "nothing of its layer group was handed out")
+                                tensors.append(out)
+                        except Exception as e:
+                            error = e
+                    comm.agree(error)
+                    yield list(names), tensors, names[0] in self._held
+            finally:
+                stream.close()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for names, tensors in self.iter_groups():
@@ -200,17 +204,29 @@ class Weights:
 
     def agree(self, error: BaseException | None) -> None:
         """Collective: if any rank failed (e.g. its consumer refused a group), every rank raises."""
-        self._comm.agree(error)
+        with self._failing():
+            self._comm.agree(error)
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """A failure here fails the source: its groups are then aborted by ``close``, not met at a
+        barrier (a peer may have died)."""
+        try:
+            yield
+        except Exception:
+            self._failed = True
+            raise
 
     def close(self) -> None:
-        """Destroy the process groups this source made (the job's own are left as they were)."""
-        self._comm.close(clean=True)
+        """Destroy the process groups this source made (the job's own are left as they were); after
+        a failed pass (the source is of no more use), abort them without waiting for the peers."""
+        self._comm.close(clean=not self._failed)
 
     def __enter__(self) -> "Weights":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._comm.close(clean=exc[0] is None)
+        self._comm.close(clean=exc[0] is None and not self._failed)
 
     def _current_reader(self) -> Reader:
         """The reader of this pass: a live model's parts as they are now, in the layout planned."""
