@@ -11,9 +11,11 @@ the parameters are bit-identical to before the sync, have vLLM generate, save th
 megatron-core (``WORKDIR/ckpt{i}``) and export that checkpoint with ``distconv.export``
 (``WORKDIR/hf{i}``): the test compares vLLM with transformers on that folder. The first round
 also checks one more pass of the source, and of a bf16 and a block-FP8 source, bit for bit
-against the exports in fp32, bf16 and fp8 (FP8 weights with their ``weight_scale_inv``). Round 3 builds the model again at PP2 (rank 1 holds layer 1, the final norm
-and the output layer) and syncs it through the same link. Then ``distconv.weights(load=...)``
-syncs round 1's checkpoint from disk (no HF folder written for it). Then a sync of the PP2 model with a
+against the exports in fp32, bf16 and fp8 (FP8 weights with their ``weight_scale_inv``). Round 3
+builds the model again at PP2 (rank 1 holds layer 1, the final norm and the output layer) and syncs it with each stage sending its own layer groups
+(``senders="holders"``: nothing gathered; a second link into the same engine). Then
+``distconv.weights(load=...)`` syncs round 1's checkpoint from disk (no HF folder written for it)
+from rank 0 alone (a third link). Then a sync of the PP2 model with a
 NaN in rank 1's layer 1 must fail on every rank; vLLM's call log and what it then serves are
 recorded. Rounds 4 and 5: the same vLLM process replaces its engine by a Qwen3-MoE one (from
 ``WORKDIR/moe0/config.json``), and a Qwen3-MoE model at EP2 (each rank holds 4 of the 8 experts of
@@ -201,12 +203,22 @@ def main() -> None:
                         result["fp8_tensors"] = [m.name for m in fp8.metadata() if m.dtype == torch.float8_e4m3fn]
                 out["rounds"].append(result)
             source.close()
-        with model_parallel(1, 2):  # round 3 at PP2 (into the same engine), then the failure
+        with model_parallel(1, 2):  # round 3 at PP2 (into the same engine), each stage sending its own layers
             model, args = build(1, 2)
-            with distconv.weights(model=model, args=args, dtype="fp32") as source:
+            with distconv.weights(model=model, args=args, dtype="fp32", senders="holders") as source:
                 out["groups"].append(source.groups())
-                out["rounds"].append(sync_round(3, model, args, source, sender, client, work, rank))
+                out["pp2_gathered"] = [u.gathered for u in source._mapped.plan.units]
+                sender.close()
+                port = [free_port()]
+                dist.broadcast_object_list(port)
+                staged = GlooSender(source, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
+                out["rounds"].append(sync_round(3, model, args, source, staged, client, work, rank))
+                staged.close()
+            port = [free_port()]
+            dist.broadcast_object_list(port)
             with distconv.weights(load=work / "ckpt1", dtype="fp32") as disk:  # round 1's weights, from its checkpoint
+                # from rank 0 alone again, as the failure after it
+                sender = GlooSender(disk, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
                 out["from_checkpoint"] = {"sync": sender.send("ckpt1", disk)}
                 if rank == 0:
                     out["from_checkpoint"]["vllm"] = client.generate(PROMPTS, MAX_TOKENS)

@@ -47,6 +47,7 @@ class WeightsOptions:
     iteration: int | str | None = None  # load=: which iteration
     device: str = "auto"  # gather over NCCL on GPUs, else gloo
     timeout_s: float = 1800.0
+    senders: str = "rank0"  # rank0: every group gathered on rank 0; holders: on the rank holding most of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +105,16 @@ class Weights:
                 self._groups[-1][1].extend(o.name for o in unit.outputs)
             else:
                 self._groups.append(([index], [o.name for o in unit.outputs]))
+        if opts.senders not in ("rank0", "holders"):
+            raise DistconvError(f"distconv.weights: senders={opts.senders!r} is not rank0 or holders")
+        if opts.senders == "holders":  # a PP stage gathers and serves its own layers
+            for indices, _ in self._groups:
+                held = [0] * self._comm.world
+                for index in indices:
+                    for read in plan.units[index].reads:
+                        held[read.rank] += read.nbytes
+                for index in indices:
+                    plan.units[index].writer = held.index(max(held))
         self._held = frozenset(o.name for u in plan.units if u.writer == rank for o in u.outputs)
         self._meta = [TensorMeta(o.name, o.dtype, o.shape) for o in plan.outputs]
 
@@ -136,8 +147,13 @@ class Weights:
         return list(self._meta)
 
     def held_names(self) -> frozenset[str]:
-        """The tensors this rank yields (the writer rank's: all; the others: none)."""
+        """The tensors this rank yields: with ``senders="rank0"`` all on rank 0 and none elsewhere;
+        with ``"holders"`` the groups this rank holds most of (a PP stage's own layers)."""
         return self._held
+
+    def holders(self) -> list[int]:
+        """The rank holding each group of a pass, in order (the same on every rank)."""
+        return [self._mapped.plan.units[indices[0]].writer for indices, _ in self._groups]
 
     def groups(self) -> list[list[str]]:
         """This rank's layer groups, in metadata order (those it holds names of)."""
@@ -153,18 +169,18 @@ class Weights:
                 yield names, tensors
 
     def deliver(self, send: Callable[[list[str], list[torch.Tensor]], None]) -> int:
-        """Collective: one pass, ``send(names, tensors)`` called with each group on the rank holding it.
-        A failure on any rank, in the pass or in ``send``, raises one ``DistconvError`` on every rank
-        before the next group. Returns the number of groups."""
+        """Collective: one pass, ``send(names, tensors)`` called with each group on every rank (the
+        tensors on the rank holding it, none elsewhere). A failure on any rank, in the pass or in
+        ``send``, raises one ``DistconvError`` on every rank before the next group. Returns the
+        number of groups."""
         count = 0
         with self._failing():
-            for names, tensors, held in self._pass():
+            for names, tensors, _ in self._pass():
                 error = None
-                if held:
-                    try:
-                        send(names, tensors)
-                    except Exception as e:
-                        error = e
+                try:
+                    send(names, tensors)
+                except Exception as e:
+                    error = e
                 self._comm.agree(error)
                 count += 1
         return count

@@ -1,7 +1,7 @@
 """vLLM's worker side of ``distconv_gloo`` (imported inside vLLM's processes only).
 
-Each ``update_weights`` names a layer group (names, dtypes, shapes); the worker receives the
-tensors from the trainer over gloo and loads them with the model's own ``load_weights`` under
+Each ``update_weights`` names a layer group (names, dtypes, shapes) and the trainer's rank
+sending it; the worker receives the tensors from that rank over gloo and loads them with the model's own ``load_weights`` under
 vLLM's layerwise reload: ``start_weight_update`` moves the layers to the meta device, a layer is
 rebuilt once all its tensors arrived, and ``finish_weight_update`` restores any layer that got
 nothing. Between the two the engine must not serve: a layer still waiting is on the meta device.
@@ -29,15 +29,15 @@ from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedE
 from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-from distconv.vllm.link import DTYPES, broadcast, gloo_group
+from distconv.vllm.link import DTYPES, gloo_group
 
 
 @dataclasses.dataclass
 class GlooInitInfo(WeightTransferInitInfo):
     master_address: str
     master_port: int
-    world_size: int  # the trainer's sender and every vLLM worker
-    rank_offset: int = 1  # this engine's first worker's rank in the group
+    world_size: int  # the trainer's senders and every vLLM worker
+    rank_offset: int = 1  # this engine's first worker's rank in the group (after the senders)
     timeout_s: float = 600.0
 
 
@@ -46,6 +46,7 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
+    src: int = 0  # the group's rank of the trainer's sender of these tensors
 
 
 class GlooEngine(WeightTransferEngine):
@@ -82,7 +83,7 @@ class GlooEngine(WeightTransferEngine):
             raise ValueError(f"distconv_gloo: dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
         batch = [(n, torch.empty([int(s) for s in shape], dtype=DTYPES[d])) for n, d, shape in zip(names, dtypes, shapes)]
         for _, tensor in batch:
-            broadcast(self._group, tensor)
+            self._group.recv([tensor], update_info.src, 0).wait()
         self.model.load_weights(batch)
 
     def finish_weight_update(self) -> None:

@@ -13,11 +13,11 @@ In one run:
    then measures, each once, in this order:
    - the pass alone: every group gathered and mapped on rank 0, handed to nothing;
    - the sync: ``GlooSender.send`` into vLLM (start, one ``update_weights`` per group while rank
-     0 broadcasts it, finish);
+     0 sends it, finish);
    - the copy: the same bytes moved the way any sync through rank 0 must move them, with
      nothing else done: rank 1's share of the weights to rank 0 (over the job's gloo group, in
      16 MiB blocks) overlapped with every byte of the synced tensors from rank 0 to the receiver
-     process (over a gloo group like the sync's, in 16 MiB blocks);
+     process (point-to-point over a gloo group like the sync's, in 16 MiB blocks);
 3. prints the figures: seconds, GB/s of the synced bytes, sync / copy, the number of groups,
    each rank's peak RSS after building the model and after the sync (``ru_maxrss``), and the vLLM
    process's peak RSS, and writes them as JSON.
@@ -65,13 +65,13 @@ def receive(work: Path) -> None:
     """The copy's receiver: joins rank 0's gloo group and takes ``nbytes`` in ``BLOCK`` pieces."""
     import torch
 
-    from distconv.vllm.link import broadcast, gloo_group
+    from distconv.vllm.link import gloo_group
 
     port, nbytes = (int(x) for x in _wait_for(work / "copy_port").split())
     group = gloo_group("127.0.0.1", port, 1, 2, 600)
     buf = torch.empty(BLOCK, dtype=torch.uint8)
     for start in range(0, nbytes, BLOCK):
-        broadcast(group, buf[:min(BLOCK, nbytes - start)])
+        group.recv([buf[:min(BLOCK, nbytes - start)]], 0, 0).wait()
     (work / "copy_done").write_text("ok")
 
 
@@ -82,7 +82,7 @@ def job(work: Path, gb: float, tp: int, pp: int, dtype: str, window: str) -> Non
 
     import distconv
     from distconv.megatron.model import build_gpt, cpu_compat
-    from distconv.vllm.link import broadcast, gloo_group
+    from distconv.vllm.link import gloo_group
     from distconv.vllm.sender import GlooSender, Link
     from tests.benchmarks.make_checkpoint import shape_args
     from tests.fixtures.megatron_cpu import model_parallel
@@ -151,7 +151,7 @@ def job(work: Path, gb: float, tp: int, pp: int, dtype: str, window: str) -> Non
             for start in range(0, nbytes, BLOCK):
                 if start < share_bytes:
                     blocks.get()  # rank 1's block arrived before the same block goes on
-                broadcast(group, mine[:min(BLOCK, nbytes - start)])
+                group.send([mine[:min(BLOCK, nbytes - start)]], 1, 0).wait()
             while reader.is_alive() or not blocks.empty():  # rank 1's share beyond the synced bytes, if any
                 try:
                     blocks.get(timeout=0.1)
