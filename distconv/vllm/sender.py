@@ -1,13 +1,15 @@
 """The trainer's side of ``distconv_gloo``: a source's groups, sent into a running vLLM.
 
 Every rank of the job makes a ``GlooSender`` and calls ``send`` together (the source's pass is a
-collective); the rank holding the tensors (rank 0) drives vLLM through ``client`` (anything with
-vLLM's ``VLLMWeightSyncClient`` methods: ``init_weight_transfer_engine``,
-``start_weight_update``, ``update_weights``, ``finish_weight_update``; e.g. vLLM's
-``HTTPVLLMWeightSyncClient``) and broadcasts each group while vLLM's workers receive it. A
-failure anywhere (the model, the transfer, vLLM refusing a group) raises on every rank, and
-``finish_weight_update`` is then not called: vLLM keeps its update session open and must not
-serve until a complete update is finished.
+collective). The ranks holding the source's groups (rank 0, or each PP stage's with
+``distconv.weights(..., senders="holders")``) join one gloo group with vLLM's workers; the lowest
+of them drives vLLM through ``client`` (anything with vLLM's ``VLLMWeightSyncClient`` methods:
+``init_weight_transfer_engine``, ``start_weight_update``, ``update_weights``,
+``finish_weight_update``; e.g. vLLM's ``HTTPVLLMWeightSyncClient``), and the rank holding each
+group sends it to every worker while they receive it. A failure anywhere (the model, the
+transfer, vLLM refusing a group) raises on every rank, and ``finish_weight_update`` is then not
+called: vLLM keeps its update session open and must not serve until a complete update is
+finished.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ import time
 from typing import Any, Callable, Protocol
 
 import torch
+import torch.distributed as dist
 
-from distconv.vllm.link import broadcast, gloo_group
+from distconv.vllm.link import gloo_group
 
 
 class Client(Protocol):
@@ -34,7 +37,8 @@ class Client(Protocol):
 class Source(Protocol):
     """What ``send`` needs of ``distconv.weights``."""
 
-    def held_names(self) -> Any: ...
+    def metadata(self) -> list[Any]: ...
+    def holders(self) -> list[int]: ...
     def deliver(self, send: Callable[[list[str], list[torch.Tensor]], None]) -> int: ...
     def agree(self, error: BaseException | None) -> None: ...
 
@@ -51,43 +55,54 @@ class Link:
 
 
 class GlooSender:
-    """Collective: built on every rank of the job; only the rank holding the source's tensors
-    opens the group and talks to vLLM."""
+    """Collective: built on every rank of the job; the ranks holding the source's groups join the
+    gloo group, and the lowest of them (given ``client``) talks to vLLM."""
 
     def __init__(self, source: Source, client: Client | None, link: Link) -> None:
         self.source, self.client, self.link = source, client, link
-        self.sender = bool(source.held_names())
+        self.senders = sorted(set(source.holders()))
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.driver = self.rank == self.senders[0]
         self._group = None
         error = None
-        if self.sender:
+        if self.rank in self.senders:
             try:
-                if client is None:
-                    raise ValueError("the rank holding the weights needs a client of the vLLM engine")
-                init = {"master_address": link.host, "master_port": link.port, "world_size": link.workers + 1,
-                        "rank_offset": 1, "timeout_s": link.timeout_s}
+                if self.driver and client is None:
+                    raise ValueError(f"rank {self.rank}, the first holding weights, needs a client of the vLLM engine")
+                world = len(self.senders) + link.workers
+                init = {"master_address": link.host, "master_port": link.port, "world_size": world,
+                        "rank_offset": len(self.senders), "timeout_s": link.timeout_s}
                 with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                    rpc = pool.submit(client.init_weight_transfer_engine, init)
-                    self._group = gloo_group(link.host, link.port, 0, link.workers + 1, link.timeout_s)
-                    rpc.result()
+                    rpc = pool.submit(client.init_weight_transfer_engine, init) if self.driver else None
+                    self._group = gloo_group(link.host, link.port, self.senders.index(self.rank), world, link.timeout_s)
+                    if rpc is not None:
+                        rpc.result()
             except Exception as e:
                 error = e
         source.agree(error)
 
-    def _send_group(self, names: list[str], tensors: list[torch.Tensor]) -> None:
-        info = {"names": names, "dtype_names": [str(t.dtype).removeprefix("torch.") for t in tensors],
-                "shapes": [list(t.shape) for t in tensors]}
+    def _send_group(self, names: list[str], tensors: list[torch.Tensor], holder: int, meta: dict[str, Any]) -> None:
+        """The driver asks vLLM to take the group while its holder sends it to every worker."""
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            rpc = pool.submit(self.client.update_weights, info)
-            for tensor in tensors:
-                broadcast(self._group, tensor)
-            rpc.result()
+            rpc = None
+            if self.driver:
+                info = {"names": names, "dtype_names": [str(meta[n].dtype).removeprefix("torch.") for n in names],
+                        "shapes": [list(meta[n].shape) for n in names], "src": self.senders.index(holder)}
+                rpc = pool.submit(self.client.update_weights, info)
+            if self.rank == holder:
+                workers = range(len(self.senders), len(self.senders) + self.link.workers)
+                for tensor in tensors:
+                    for work in [self._group.send([tensor], worker, 0) for worker in workers]:
+                        work.wait()
+            if rpc is not None:
+                rpc.result()
 
-    def _on_sender(self, call: Callable[[], Any], source: Source) -> None:
+    def _on_driver(self, call: Callable[[], Any], source: Source) -> None:
         error = None
         try:
-            if bool(source.held_names()) != self.sender:
-                raise ValueError("the source's tensors are held by another rank than this link's sender")
-            if self.sender:
+            if sorted(set(source.holders())) != self.senders:
+                raise ValueError("the source's groups are held by other ranks than this link's senders")
+            if self.driver:
                 call()
         except Exception as e:
             error = e
@@ -95,14 +110,16 @@ class GlooSender:
 
     def send(self, weight_version: str | None = None, source: Source | None = None) -> dict[str, Any]:
         """Collective: one weight update, ``start`` .. one ``update_weights`` per group .. ``finish``,
-        from the sender's source or ``source`` (another source of the same job, also held by this
-        link's sender: e.g. the model after a change of layout). Returns the seconds it took and the
-        groups sent (the same on every rank)."""
+        from the link's source or ``source`` (another source of the same job held by the same
+        ranks: e.g. the model after a change of layout). Returns the seconds it took and the groups
+        sent (the same on every rank)."""
         start = time.perf_counter()
         source = source or self.source
-        self._on_sender(self.client.start_weight_update if self.sender else lambda: None, source)
-        groups = source.deliver(self._send_group)
-        self._on_sender(lambda: self.client.finish_weight_update(weight_version), source)
+        self._on_driver(lambda: self.client.start_weight_update(), source)
+        holders = iter(source.holders())
+        meta = {m.name: m for m in source.metadata()}
+        groups = source.deliver(lambda names, tensors: self._send_group(names, tensors, next(holders), meta))
+        self._on_driver(lambda: self.client.finish_weight_update(weight_version), source)
         return {"seconds": time.perf_counter() - start, "groups": groups}
 
     def close(self) -> None:
