@@ -213,8 +213,10 @@ class ImportJob(ToMegatron):
             raise DistconvError(f"--expert-model-parallel-size {ep}, --expert-tensor-parallel-size, --moe-grouped-gemm: "
                                 f"the {family.architecture} model has no experts")
         grouped = bool(opts.moe_grouped_gemm)
-        self.target, options = target_layout(opts, self.spec, opts.transformer_impl or "transformer_engine", grouped,
-                                       per_layer=per_layer_keys(moe_layer_freq(self.spec), experts,
+        hybrid = bool(self.spec.hybrid_pattern)  # megatron-core's one hybrid spec: transformer-engine's, per-layer keys
+        self.target, options = target_layout(opts, self.spec, "transformer_engine" if hybrid else opts.transformer_impl
+                                             or "transformer_engine", grouped,
+                                             per_layer=hybrid or per_layer_keys(moe_layer_freq(self.spec), experts,
                                                                 linear_attention_freq(self.spec) if self.spec.linear_attention else None))
         shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, self.target)]
         self.iteration = "release" if opts.iteration is None else opts.iteration
