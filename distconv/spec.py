@@ -130,6 +130,17 @@ class ModelSpec:
         return self.hybrid_pattern[min(layer, self.num_layers - 1)]
 
     @property
+    def routing(self) -> str | None:
+        """An MoE layer's routing in words (None without experts): the score function, then an expert
+        bias and a shared expert (gated or not) where the model has them."""
+        if not self.num_experts:
+            return None
+        parts = [self.moe_score_function] + ["expert bias"] * self.moe_expert_bias
+        if self.moe_shared_ffn_hidden_size:
+            parts.append("gated shared expert" if self.moe_shared_gate else "shared expert")
+        return ", ".join(parts)
+
+    @property
     def mamba_inner(self) -> int:
         """The Mamba mixer's inner width (heads x head size): z, x and the gated norm's rows."""
         return (self.mamba_num_heads or 0) * (self.mamba_head_dim or 0)

@@ -89,6 +89,8 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
         layers = range(spec.num_layers + spec.mtp_num_layers) if "{layer}" in rule.megatron else (None,)
         experts = range(spec.num_experts or 0) if "{expert}" in rule.megatron else (None,)
         for layer, expert in itertools.product(layers, experts):
+            if not rule.maps_layer(spec, layer):
+                continue
             fmt = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
             hf = tuple(h.format(**fmt) for h in rule.hf_names)
             if not any(h in expected for h in hf):
