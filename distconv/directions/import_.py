@@ -45,7 +45,7 @@ class Mapped:
     slab: int | None = None  # ``Rule.stacked``: the expert whose slab of the HF tensors it is made of
 
 
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_HF_LAYER = re.compile(r"^(?:model|backbone)\.layers\.(\d+)\.")  # backbone: Nemotron-H
 _HF_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 

@@ -340,7 +340,10 @@ CATALOGUE: tuple[ModuleKind, ...] = (
     # a hybrid model's final norm (``MambaStack.final_norm``, always a TENorm)
     ModuleKind("hybrid_final_norm", Scope.MODEL, _norm("decoder.final_norm."), (Spelling("decoder.final_norm"),),
                present=lambda spec, layer: bool(spec.hybrid_pattern)),
-    ModuleKind("output", Scope.MODEL, (Param("output_layer.weight", Split.VOCAB),)),
+    # the output layer's (empty) ``_extra_state``: ``GPTModel`` leaves it out of its save, the hybrid
+    # ``MambaModel`` keeps it
+    ModuleKind("output", Scope.MODEL, (Param("output_layer.weight", Split.VOCAB),), (Spelling("output_layer"),),
+               present=lambda spec, layer: bool(spec.hybrid_pattern)),
 )
 
 # a routed expert's key in other versions and formats -> the canonical ``mlp.experts.{e}.<name>``
