@@ -202,9 +202,8 @@ MOE_RESHARDS = {
     "fx_gpt_oss_pp2_to_tp2etp1": ("fx/gpt_oss/tp1pp2ep2", 2, 1, 2, 1, None, TE),
     # the DSA indexer (replicated): megatron-core's own TP2 x PP2 x EP2 x ETP1 save (MTP on the last stage) -> EP4
     "fx_deepseek_v32_to_ep4": ("fx/deepseek_v32/tp2pp2ep2etp1", 1, 1, 4, None, None, None),
-    # hybrid (Mamba) models: megatron-core's own TP2 x PP2 save -> TP2 x PP1, an import TP2 -> PP2
+    # hybrid (Mamba) models: megatron-core's own TP2 x PP2 save -> TP2 x PP1
     "fx_nemotron_h_to_tp2": ("fx/nemotron_h/tp2pp2", 2, 1, 1, None, None, None),
-    "nemotron_h_tp2_to_pp2": ("nemotron_h_tp2pp1ep1", 1, 2, 1, None, None, None),
 }
 
 
