@@ -11,14 +11,14 @@ from distconv.directions.export import tokenizer_folder
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, HUB_TYPES, pick_family
 from distconv.hf.fp8 import SCALE
-from distconv.megatron.args import arg, arg_names, parallel_sizes, spec_from_args
+from distconv.megatron.args import arg, arg_names, is_hybrid, parallel_sizes, spec_from_args
 from distconv.megatron.checkpoint import Checkpoint
 from distconv.megatron.source import describe
 from distconv.megatron.tokenizer import checkpoint_tokenizer, outside_checkpoint, tokenizer_file
 
 # The Megatron-LM args that decide how a checkpoint converts (missing ones are left out): the
 # model's (the args table's), its layout, tokenizer and layer spec.
-ARGS_THAT_MATTER = (*arg_names(), "make_vocab_size_divisible_by", "tokenizer_type", "tokenizer_model",
+ARGS_THAT_MATTER = (*arg_names(), "is_hybrid_model", "spec", "make_vocab_size_divisible_by", "tokenizer_type", "tokenizer_model",
                     "transformer_impl", "ckpt_format")
 
 
@@ -46,6 +46,7 @@ def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> 
         "iteration": ckpt.iteration,
         "layout": layout,
         "args": {name: _plain(getattr(args, name)) for name in ARGS_THAT_MATTER if getattr(args, name, None) is not None},
+        "megatron_model": megatron_model(args),
         "hf_family": family,
         "tokenizer": tokenizer_report(ckpt),
         "tensors": [
@@ -58,6 +59,15 @@ def inspect_checkpoint(load: str | Path, iteration: int | str | None = None) -> 
     if ckpt.format == "legacy":
         report["checkpoint_version"] = ckpt.common.get("checkpoint_version")
     return report
+
+
+def megatron_model(args: Any) -> str:
+    """The megatron-core model class the args build: a hybrid stack (``MambaModel``, ``HybridModel``
+    from megatron-core 0.18) or ``GPTModel``."""
+    try:
+        return "MambaModel (HybridModel in megatron-core 0.18+)" if is_hybrid(args) else "GPTModel"
+    except (TypeError, AttributeError):  # args of any type reach here
+        return "unknown"
 
 
 def tokenizer_report(ckpt: Checkpoint) -> dict[str, Any]:
@@ -205,6 +215,7 @@ def render(report: dict[str, Any]) -> str:
         + (f" EP{lay['expert_model_parallel_size']}" if lay["expert_model_parallel_size"] > 1 else "")
         + (f" DP{lay['data_parallel_size']}" if lay["data_parallel_size"] else "")
         + f"; {lay['files_or_writers']} {'rank files' if report['format'] == 'legacy' else 'writer ranks'}",
+        f"model        {report['megatron_model']}",
         f"HF family    {report['hf_family']}",
         f"tokenizer    {_tokenizer_line(report['tokenizer'])}",
         "args         " + ", ".join(f"{k}={v}" for k, v in report["args"].items()),

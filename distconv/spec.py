@@ -95,6 +95,13 @@ class ModelSpec:
     # to its linear half: ``act(min(g, c)) * (clamp(u, -c, c) + offset)``
     activation_clamp: float | None = None
     glu_linear_offset: float = 0.0
+    # megatron-core's hybrid model (``MambaModel``; ``HybridModel`` from 0.18): one symbol per layer,
+    # "M" a Mamba-2 mixer, "*" attention, "-" an MLP, "E" MoE (``hybrid_override_pattern``); "" for GPT
+    hybrid_pattern: str = ""
+    mamba_num_heads: int | None = None
+    mamba_head_dim: int | None = None
+    mamba_num_groups: int | None = None
+    mamba_state_dim: int | None = None
 
     @property
     def moe_group_score_topk(self) -> int | None:
@@ -115,6 +122,28 @@ class ModelSpec:
     def is_linear_attention(self, layer: int) -> bool:
         """Whether layer ``layer`` is a gated delta net (linear attention) rather than full attention."""
         return bool(self.linear_attention) and self.linear_attention[min(layer, self.num_layers - 1)]
+
+    def layer_kind(self, layer: int | None) -> str | None:
+        """A hybrid model's symbol for layer ``layer`` ("M", "*", "-", "E"); None outside hybrid models."""
+        if not self.hybrid_pattern or layer is None:
+            return None
+        return self.hybrid_pattern[min(layer, self.num_layers - 1)]
+
+    @property
+    def routing(self) -> str | None:
+        """An MoE layer's routing in words (None without experts): the score function, then an expert
+        bias and a shared expert (gated or not) where the model has them."""
+        if not self.num_experts:
+            return None
+        parts = [self.moe_score_function] + ["expert bias"] * self.moe_expert_bias
+        if self.moe_shared_ffn_hidden_size:
+            parts.append("gated shared expert" if self.moe_shared_gate else "shared expert")
+        return ", ".join(parts)
+
+    @property
+    def mamba_inner(self) -> int:
+        """The Mamba mixer's inner width (heads x head size): z, x and the gated norm's rows."""
+        return (self.mamba_num_heads or 0) * (self.mamba_head_dim or 0)
 
     @property
     def mtp_conflict(self) -> str | None:

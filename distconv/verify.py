@@ -250,6 +250,7 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
                 hooks.append(layer.register_forward_hook(
                     lambda m, a, out: hand((current.pop(), (out[0] if isinstance(out, tuple) else out).detach().clone()))))
                 hooks.append(layer.register_forward_hook(lambda m, a, out: trim()))
+            hooks += _mamba_cp_rebinds(model, weights)
             try:
                 return beside(lambda: forward_logits(model, tokens).float())
             finally:
@@ -260,6 +261,32 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
         parallel_state.destroy_model_parallel()
         if owns:
             dist.destroy_process_group()
+
+
+def _mamba_cp_rebinds(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> list[Any]:
+    """A Mamba mixer reads its conv1d's weight and bias without calling the module (so no hook reads
+    them), through a context-parallel helper that keeps the ``A_log``, ``D`` and ``dt_bias`` parameters
+    the mixer was built with, not those its hook puts in their place: once the mixer's hook has run
+    (its ``in_proj`` runs next), the conv1d's tensors are read and the helper pointed at the mixer's
+    own; after its ``out_proj`` the conv1d's go back to the meta device."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    def rebind(name: str, mixer: torch.nn.Module) -> list[Any]:
+        conv = [p for p, _ in mixer.conv1d.named_parameters()]
+
+        def before(module: torch.nn.Module, args: Any) -> None:
+            for p in conv:
+                set_module_tensor_to_device(mixer.conv1d, p, "cpu", value=weights[f"{name}.conv1d.{p}"])
+            mixer.cp.A_log_cp1, mixer.cp.D_cp1, mixer.cp.dt_bias_cp1 = mixer.A_log, mixer.D, mixer.dt_bias
+
+        def after(module: torch.nn.Module, args: Any, out: Any) -> None:
+            for p in conv:
+                set_module_tensor_to_device(mixer.conv1d, p, "meta")
+
+        return [mixer.in_proj.register_forward_pre_hook(before), mixer.out_proj.register_forward_hook(after)]
+
+    return [h for name, m in model.named_modules() if hasattr(getattr(m, "cp", None), "dt_bias_cp1")
+            for h in rebind(name, m)]
 
 
 def _export_tensors(hf: Path, config: Any) -> Any:

@@ -61,6 +61,8 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
     ("qwen3_5_moe", 2, 1, 2, 1, False, TE),
     # gpt-oss: expert biases only at expert TP 1; the TE spec's attention saves an extra state beside the sinks
     ("gpt_oss", 2, 1, 2, 1, False, TE), ("gpt_oss", 1, 2, 2, None, False, TE), ("gpt_oss", 1, 1, 2, None, False, LOCAL),
+    # Nemotron-H (megatron-core's hybrid MambaModel, its TE spec only): TP2 (the Mamba mixer's split keys), PP2
+    ("nemotron_h", 2, 1, 1, None, False, TE), ("nemotron_h", 1, 2, 1, None, False, TE),
 ]
 # block-wise FP8 MoE releases (every expert's and attention's projections quantized, the router,
 # norms, embeddings and MTP layers' own projection in high precision), imported at EP x ETP:
@@ -68,7 +70,7 @@ MOE_IMPORTS = [(n, *layout, TE) for n in MOE_NAMES for layout in
 FP8_MOE_IMPORTS = [("qwen3_moe", 2, 1, 2, 1), ("qwen2_moe", 1, 2, 2, None), ("deepseek_v3", 2, 1, 2, 1),
                    ("glm4_moe", 1, 2, 2, None), ("mixtral", 1, 1, 4, None), ("deepseek_v32", 1, 2, 2, None)]
 # exported back and compared with the source: each family at its most split layout, and each chunking
-MOE_ROUND_TRIPS = [c for c in MOE_IMPORTS if c[3:5] == (2, 1) or c[5] or c[3] == 4 or c[0] == "qwen3_next"]
+MOE_ROUND_TRIPS = [c for c in MOE_IMPORTS if c[3:5] == (2, 1) or c[5] or c[3] == 4 or c[0] in ("qwen3_next", "nemotron_h")]
 MOE = dict(intermediate_size=32)  # the experts' width (Mixtral); Qwen's dense layers keep SMALL's 128
 MODELS.update({
     "mixtral": ("MixtralConfig", dict(MOE, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
@@ -108,6 +110,15 @@ QWEN3_NEXT = dict(num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, li
                   moe_intermediate_size=32, shared_expert_intermediate_size=48, tie_word_embeddings=False)
 MODELS["qwen3_next"] = ("Qwen3NextConfig", dict(QWEN3_NEXT, mlp_only_layers=[0]), torch.float32)
 MODELS["qwen3_5_moe"] = ("Qwen3_5MoeTextConfig", dict(QWEN3_NEXT, num_experts=8, num_experts_per_tok=3), torch.float32)
+# Nemotron-H: Mamba (8 heads of 16, 2 groups, state 16), attention without RoPE (head_dim 16), squared-ReLU
+# MLP and MoE layers (sigmoid top-2 of 4 scaled 2.5 with a random e_score_correction_bias, a shared
+# expert), a Mamba layer on each of two PP stages
+NEMOTRON_H_PATTERN = "M*-EME"
+MODELS["nemotron_h"] = ("NemotronHConfig", dict(
+    hybrid_override_pattern=NEMOTRON_H_PATTERN, num_key_value_heads=2, head_dim=16, mamba_num_heads=8, mamba_head_dim=16,
+    n_groups=2, ssm_state_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+    moe_shared_expert_intermediate_size=48, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+    layer_norm_epsilon=1e-5, tie_word_embeddings=False), torch.float32)
 # gpt-oss (bf16, as released): sinks, a 4-token window on every other layer, YaRN (transformers' default),
 # biases everywhere, a GLU clamped at 0.5; and with square experts (F == H == 64), two layers
 MODELS["gpt_oss"] = ("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
@@ -191,6 +202,8 @@ MOE_RESHARDS = {
     "fx_gpt_oss_pp2_to_tp2etp1": ("fx/gpt_oss/tp1pp2ep2", 2, 1, 2, 1, None, TE),
     # the DSA indexer (replicated): megatron-core's own TP2 x PP2 x EP2 x ETP1 save (MTP on the last stage) -> EP4
     "fx_deepseek_v32_to_ep4": ("fx/deepseek_v32/tp2pp2ep2etp1", 1, 1, 4, None, None, None),
+    # hybrid (Mamba) models: megatron-core's own TP2 x PP2 save -> TP2 x PP1
+    "fx_nemotron_h_to_tp2": ("fx/nemotron_h/tp2pp2", 2, 1, 1, None, None, None),
 }
 
 
@@ -464,6 +477,13 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
         logits_out=str(work / "gpt_oss_wrong.pt"))
     add("export gpt_oss wrong", op="export", load=meg("gpt_oss_wrong", 1, 1), save=str(work / "back" / "gpt_oss_wrong"),
         wrong_mapping="down_not_transposed")
+    # Nemotron-H's Mamba in_proj with z and x swapped, the same way both ways, at TP2
+    add("import nemotron_h wrong", op="import", load=str(hf["nemotron_h"]), save=meg("nemotron_h_wrong", 2, 1), tp=2, pp=1,
+        divisible_by=64, wrong_mapping="mamba_z_x_swapped")
+    add("check nemotron_h wrong", op="check", root=meg("nemotron_h_wrong", 2, 1), tp=2, pp=1, tokens=TOKENS,
+        logits_out=str(work / "nemotron_h_wrong.pt"))
+    add("export nemotron_h wrong", op="export", load=meg("nemotron_h_wrong", 2, 1),
+        save=str(work / "back" / "nemotron_h_wrong"), wrong_mapping="mamba_z_x_swapped")
 
     # Kimi-K2's FP8 release at EP2 (fp32), back under its own config and resharded to TP2 x EP2 x ETP1;
     # Moonlight's bf16 release at PP2 x EP2
@@ -823,9 +843,12 @@ def _check_layout(jobs: dict, key: str, tp: int, pp: int, ep: int, etp: int | No
     assert args == (tp, pp, ep, etp or tp, _grouped(key), _impl(key))
     te_norm = [k for k in report["keys"] if k.endswith("pre_mlp_layernorm.weight")]
     local_norm = [k for k in report["keys"] if k.endswith("mlp.linear_fc1.layer_norm_weight")]
+    hybrid = moe_model(key) == "nemotron_h"
+    pattern = NEMOTRON_H_PATTERN if key.startswith("nemotron_h") else FIXTURES["nemotron_h"].args["hybrid_override_pattern"]
+    dense = tuple(f"decoder.layers.{i}." for i, c in enumerate(pattern) if c == "-") if hybrid else ("decoder.layers.0.",)
     if _impl(key) == TE:
-        # (qwen2_moe's dense layer 0 keeps the fused norm in either spec)
-        assert te_norm and all(k.startswith("decoder.layers.0.") for k in local_norm), report["keys"]
+        # (qwen2_moe's dense layer 0, a hybrid model's MLP layers keep the fused norm in either spec)
+        assert te_norm and all(k.startswith(dense) for k in local_norm), report["keys"]
     else:
         assert local_norm and not te_norm, report["keys"]
 
@@ -914,7 +937,8 @@ def test_te_spec_stand_in_undoes_itself():
 
 @pytest.mark.parametrize("key", ["mixtral_tp2pp1ep2etp1", "qwen2_moe_tp2pp1ep2etp1", "deepseek_v3_tp2pp1ep2etp1",
                                  "glm4_moe_tp2pp1ep2etp1", "qwen3_next_tp2pp1ep2", "qwen3_5_moe_tp2pp1ep2etp1",
-                                 "gpt_oss_tp2pp1ep2etp1", "deepseek_v32_tp2pp1ep2etp1", "glm_moe_dsa_tp2pp1ep2etp1"])
+                                 "gpt_oss_tp2pp1ep2etp1", "deepseek_v32_tp2pp1ep2etp1", "glm_moe_dsa_tp2pp1ep2etp1",
+                                 "nemotron_h_tp2pp1ep1"])
 def test_verify_reads_a_transformer_engine_moe_import(jobs, key):
     """``distconv verify`` (a local-spec model, on CPU) loads the TE spec's ``pre_mlp_layernorm`` keys,
     MLA's fused latent norms, MTP layers, and gpt-oss's sinks (beside TE's attention's extra state),
@@ -1000,6 +1024,20 @@ def test_a_wrong_gpt_oss_mapping_survives_the_round_trip_but_not_the_logits(jobs
     megatron = torch.load(jobs["work"] / "gpt_oss_wrong.pt")
     diff = (megatron[..., :VOCAB] - hf_logits(jobs["hf"]["gpt_oss_square"])).abs().max().item()
     print(f"gpt-oss imported with down_proj untransposed: max |logit difference| = {diff:.3e}")
+    assert diff > 100 * TOL
+
+
+def test_a_wrong_nemotron_h_mapping_survives_the_round_trip_but_not_the_logits(jobs):
+    """The Mamba in_proj's z and x swapped both ways (every shape agrees) passes HF -> Megatron -> HF
+    bit for bit; megatron-core's forward on the TP2 import misses transformers' logits on the source."""
+    ok(jobs, "import nemotron_h wrong")
+    assert ok(jobs, "check nemotron_h wrong")["layout_equal"]
+    ok(jobs, "export nemotron_h wrong")
+    source, back = hf_tensors(jobs["hf"]["nemotron_h"]), hf_tensors(jobs["work"] / "back" / "nemotron_h_wrong")
+    assert sorted(source) == sorted(back) and all(torch.equal(source[k], back[k]) for k in source)
+    megatron = torch.load(jobs["work"] / "nemotron_h_wrong.pt")
+    diff = (megatron[..., :VOCAB] - hf_logits(jobs["hf"]["nemotron_h"])).abs().max().item()
+    print(f"Nemotron-H imported with the Mamba in_proj's z and x swapped: max |logit difference| = {diff:.3e}")
     assert diff > 100 * TOL
 
 

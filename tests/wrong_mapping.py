@@ -21,6 +21,11 @@ DeepSeek-V3.2's indexer:
 - ``indexer_copied``: the DSA indexer's tensors copied as stored, without the RoPE row order or
   the ``wq_b`` gamma fold (``families.dsa``): the same shapes, and the same logits whenever the
   indexer's top-k covers the whole sequence.
+
+Nemotron-H's Mamba mixer:
+
+- ``mamba_z_x_swapped``: the packed ``in_proj`` read and written as ``[x; z; B; C; dt]``: the same
+  shapes (z and x are both the mixer's inner width), the gate and the scanned input exchanged.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from distconv.families.base import Family, JointTransform, Transform
 from distconv.families.deepseek_v3 import DEEPSEEK_V3
 from distconv.families.dsa import DEEPSEEK_V32
 from distconv.families.gpt_oss import GPT_OSS
+from distconv.families.nemotron_h import NEMOTRON_H, Concat, _in_proj_rows
 from distconv.megatron.model import stand_ins
 from distconv.spec import ModelSpec
 
@@ -72,12 +78,24 @@ class _JointCopy(JointTransform):
         return ts
 
 
+class _ZXSwapped(Concat):
+    """The Mamba in_proj with its first two components (z, x) in each other's place, both ways."""
+
+    def export(self, ts: tuple[torch.Tensor, ...], spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+        return super().export((ts[1], ts[0], *ts[2:]), spec)
+
+    def import_(self, ts: tuple[torch.Tensor, ...], spec: ModelSpec) -> tuple[torch.Tensor, ...]:
+        x, z, *rest = super().import_(ts, spec)
+        return (z, x, *rest)
+
+
 # name -> (family, a part of the broken rules' Megatron names, the transform they get; None: a copy)
 WRONG: dict[str, tuple[Family, str, Transform | None]] = {
     "down_not_transposed": (GPT_OSS, "{expert}.linear_fc2.weight", Transform()),
     "gate_up_concatenated": (GPT_OSS, "{expert}.linear_fc1.", _Concatenated()),
     "expert_bias_zeroed": (DEEPSEEK_V3, "mlp.router.expert_bias", _Zeroed()),
     "indexer_copied": (DEEPSEEK_V32, "core_attention.indexer.", None),
+    "mamba_z_x_swapped": (NEMOTRON_H, "mixer.in_proj.weight.z", _ZXSwapped(_in_proj_rows)),
 }
 
 

@@ -45,7 +45,7 @@ class Mapped:
     slab: int | None = None  # ``Rule.stacked``: the expert whose slab of the HF tensors it is made of
 
 
-_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_HF_LAYER = re.compile(r"^(?:model|backbone)\.layers\.(\d+)\.")  # backbone: Nemotron-H
 _HF_EXPERT = re.compile(r"\.experts\.(\d+)\.")
 
 
@@ -89,6 +89,8 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
         layers = range(spec.num_layers + spec.mtp_num_layers) if "{layer}" in rule.megatron else (None,)
         experts = range(spec.num_experts or 0) if "{expert}" in rule.megatron else (None,)
         for layer, expert in itertools.product(layers, experts):
+            if not rule.maps_layer(spec, layer):
+                continue
             fmt = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
             hf = tuple(h.format(**fmt) for h in rule.hf_names)
             if not any(h in expected for h in hf):
@@ -213,8 +215,10 @@ class ImportJob(ToMegatron):
             raise DistconvError(f"--expert-model-parallel-size {ep}, --expert-tensor-parallel-size, --moe-grouped-gemm: "
                                 f"the {family.architecture} model has no experts")
         grouped = bool(opts.moe_grouped_gemm)
-        self.target, options = target_layout(opts, self.spec, opts.transformer_impl or "transformer_engine", grouped,
-                                       per_layer=per_layer_keys(moe_layer_freq(self.spec), experts,
+        hybrid = bool(self.spec.hybrid_pattern)  # megatron-core's one hybrid spec: transformer-engine's, per-layer keys
+        self.target, options = target_layout(opts, self.spec, "transformer_engine" if hybrid else opts.transformer_impl
+                                             or "transformer_engine", grouped,
+                                             per_layer=hybrid or per_layer_keys(moe_layer_freq(self.spec), experts,
                                                                 linear_attention_freq(self.spec) if self.spec.linear_attention else None))
         shards = [s for item in self.items.values() for s in shards_of(item.name, item.shape, self.spec, self.target)]
         self.iteration = "release" if opts.iteration is None else opts.iteration

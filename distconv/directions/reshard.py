@@ -59,10 +59,12 @@ class ReshardJob(ToMegatron):
         grouped = experts and bool(arg(ckpt.args, "moe_grouped_gemm", default=False) if opts.moe_grouped_gemm is None
                                    else opts.moe_grouped_gemm)
         # the source's spelling of the keys does not matter: its names are read back to canonical ones
+        hybrid = bool(source_spec.hybrid_pattern)  # megatron-core's one hybrid spec: transformer-engine's, per-layer keys
         self.target, options = target_layout(
-            opts, self.spec, opts.transformer_impl or arg(ckpt.args, "transformer_impl", default="transformer_engine"),
-            grouped, per_layer=per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts,
-                                              arg(ckpt.args, "linear_attention_freq") if source_spec.linear_attention else None))
+            opts, self.spec, "transformer_engine" if hybrid else opts.transformer_impl
+            or arg(ckpt.args, "transformer_impl", default="transformer_engine"),
+            grouped, per_layer=hybrid or per_layer_keys(arg(ckpt.args, "moe_layer_freq", default=1), experts,
+                                                        arg(ckpt.args, "linear_attention_freq") if source_spec.linear_attention else None))
         # every per-layer (and per-expert) tensor of the source, under its canonical name
         self.items: dict[str, Part] = {}
         for info in ckpt.tensors.values():

@@ -149,6 +149,14 @@ class Rule:
     whole: bool = False
     # with ``fp8``: the indices of the rule's HF tensors that stay unquantized (a joint rule's norm)
     fp8_keep: tuple[int, ...] = ()
+    # a hybrid model's layer symbols the rule maps ("": every layer): where several rules share an HF
+    # name (Nemotron-H's ``norm.weight``, each layer's one norm), import reads it into each layer's own
+    kinds: str = ""
+
+    def maps_layer(self, spec: ModelSpec, layer: int | None) -> bool:
+        """Whether the rule maps layer ``layer`` of ``spec`` (``kinds``)."""
+        kind = spec.layer_kind(layer)
+        return not self.kinds or kind is None or kind in self.kinds
 
     def mtp_copies(self, spec: ModelSpec) -> tuple[str, ...]:
         """The HF names of this rule's copies in ``spec``'s MTP layers."""

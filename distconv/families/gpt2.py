@@ -76,6 +76,7 @@ GPT2 = Family(
         plain_mha=True,
         attention_output_gate=False,
         experimental_attention_variant=None,
+        hybrid_pattern="",  # a hybrid (Mamba) model: families.nemotron_h
         softmax_type="vanilla",
         activation_clamp=None,
         glu_linear_offset=0.0,

@@ -37,6 +37,7 @@ REQUIRES = dict(
     mtp_num_layers=0,
     attention_output_gate=False,
     experimental_attention_variant=None,
+    hybrid_pattern="",  # a hybrid (Mamba) model: families.nemotron_h
     softmax_type="vanilla",  # gpt-oss's attention sinks, clamped and offset GLU: no other family has them
     activation_clamp=None,
     glu_linear_offset=0.0,

@@ -233,6 +233,8 @@ def _mla_rope_config(spec: ModelSpec, args: argparse.Namespace) -> dict[str, Any
 def _moe_layers(args: argparse.Namespace) -> tuple[bool, ...]:
     """Which layers are MoE: ``moe_layer_freq`` is an int N (every N-th layer) or a 0/1 list."""
     num_layers = int(_field("num_layers").value(args))
+    if is_hybrid(args):  # the pattern's MoE layers
+        return tuple(c == "E" for c in _hybrid_pattern(args))
     if not arg(args, "num_experts"):
         return (False,) * num_layers
     freq = arg(args, "moe_layer_freq", default=1)
@@ -372,6 +374,49 @@ GDN_FIELDS: tuple[Field, ...] = (
     Field("linear_num_value_heads", ("linear_num_value_heads",), 32, int, "linear_num_value_heads"),
 )
 
+# megatron-core's hybrid model (``MambaModel``, renamed ``HybridModel`` in 0.18): no arg names the
+# class (Megatron-LM's ``--spec`` names its layer spec, ``--export-model-type`` is for ModelOpt
+# only); a checkpoint is one when its args carry a layer pattern (``hybrid_override_pattern``,
+# 0.19's ``hybrid_layer_pattern``), ``is_hybrid_model`` or a Mamba/hybrid ``spec``
+HYBRID_SYMBOLS = "M*-E"  # Mamba mixer, attention, MLP, MoE
+HYBRID_SPEC = ["megatron.core.models.mamba.mamba_layer_specs", "mamba_stack_spec"]
+
+
+def is_hybrid(args: argparse.Namespace) -> bool:
+    """Whether Megatron-LM ``args`` describe a hybrid (Mamba) model."""
+    spec = arg(args, "spec")
+    named = isinstance(spec, (list, tuple)) and any("mamba" in str(s) or "hybrid" in str(s) for s in spec)
+    return bool(arg(args, "hybrid_layer_pattern", "hybrid_override_pattern") or arg(args, "is_hybrid_model") or named)
+
+
+def _hybrid_pattern(args: argparse.Namespace) -> str:
+    """The layer pattern, one symbol per layer (``HYBRID_SYMBOLS``); what distconv cannot lay out
+    (a pattern left to ``hybrid_attention_ratio``/``hybrid_mlp_ratio``, 0.19's pipeline ``|`` and MTP
+    ``/`` separators, other layer kinds) is an error naming it."""
+    pattern = arg(args, "hybrid_layer_pattern", "hybrid_override_pattern")
+    if not pattern:
+        raise DistconvError("this hybrid (Mamba) checkpoint's args carry no hybrid_override_pattern: a layer "
+                            "allocation from hybrid_attention_ratio / hybrid_mlp_ratio is not supported")
+    pattern = str(pattern)
+    odd = sorted(set(pattern) - set(HYBRID_SYMBOLS))
+    if odd:
+        raise DistconvError(f"hybrid layer pattern {pattern!r}: distconv converts Mamba (M), attention (*), MLP (-) "
+                            f"and MoE (E) layers, not {' '.join(repr(c) for c in odd)}")
+    return pattern
+
+
+HYBRID_FIELDS: tuple[Field, ...] = (
+    Field("hybrid_pattern", ("hybrid_override_pattern", "hybrid_layer_pattern"), read=_hybrid_pattern,
+          write=lambda s: {"hybrid_override_pattern": s.hybrid_pattern, "is_hybrid_model": True, "spec": HYBRID_SPEC},
+          configure=lambda s, a: {"is_hybrid_model": True}),
+    Field("mamba_state_dim", ("mamba_state_dim",), 128, int, "mamba_state_dim"),
+    Field("mamba_head_dim", ("mamba_head_dim",), 64, int, "mamba_head_dim"),
+    Field("mamba_num_groups", ("mamba_num_groups",), 8, int, "mamba_num_groups"),
+    # megatron-core's default: twice the hidden size in heads of mamba_head_dim
+    Field("mamba_num_heads", ("mamba_num_heads",), lambda a: 2 * int(a.hidden_size) // int(arg(a, "mamba_head_dim", default=64)),
+          int, "mamba_num_heads"),
+)
+
 # DeepSeek sparse attention (``experimental_attention_variant="dsa"``, megatron-core 0.16 to 0.18):
 # the indexer's sizes (megatron-core has no defaults for them). Its loss weight is training's
 # (``dsa_indexer_loss_coeff``, ``dsa_indexer_use_sparse_loss``): neither read nor written.
@@ -478,23 +523,25 @@ FIELDS: tuple[Field, ...] = (
 
 
 def _field(spec_name: str) -> Field:
-    return next(f for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS if f.spec == spec_name)
+    return next(f for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS + HYBRID_FIELDS if f.spec == spec_name)
 
 
 def arg_names() -> tuple[str, ...]:
     """Every Megatron-LM arg the table reads or writes."""
-    return tuple(dict.fromkeys(n for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS for n in f.names))
+    return tuple(dict.fromkeys(n for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS + HYBRID_FIELDS for n in f.names))
 
 
 def arg_type(name: str) -> Callable[[Any], Any]:
     """The type of Megatron-LM arg ``name``'s value (for flags that take it on a command line)."""
-    return next(f.kind for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS if name in f.names)
+    return next(f.kind for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS + HYBRID_FIELDS if name in f.names)
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     """The ``ModelSpec`` of Megatron-LM ``args`` (0.12 to 0.19 spellings); an absent arg without
     Megatron-LM default is an error naming it. A dense model's router args mean nothing and keep
     ``ModelSpec``'s defaults; multi-latent attention's sizes are read for MLA models only."""
+    if is_hybrid(args) and arg(args, "num_layers") is None:  # Megatron-LM 0.19 derives it from the pattern
+        args = argparse.Namespace(**{**vars(args), "num_layers": len(_hybrid_pattern(args))})
     missing = [f.names[0] for f in FIELDS if f.default is REQUIRED and f.read is None and arg(args, *f.names) is None]
     if missing:
         raise DistconvError(f"checkpoint args lack {', '.join(missing)}: cannot describe the model")
@@ -508,6 +555,11 @@ def spec_from_args(args: argparse.Namespace) -> ModelSpec:
     if values["experimental_attention_variant"] == DSA:
         _dsa_writer(args)
         values.update({f.spec: f.value(args) for f in DSA_FIELDS})
+    if is_hybrid(args):
+        values.update({f.spec: f.value(args) for f in HYBRID_FIELDS})
+        if len(values["hybrid_pattern"]) != values["num_layers"]:
+            raise DistconvError(f"hybrid layer pattern {values['hybrid_pattern']!r} has {len(values['hybrid_pattern'])} "
+                                f"layers, but num_layers is {values['num_layers']}")
     return ModelSpec(**values)
 
 
@@ -535,6 +587,11 @@ def megatron_args(spec: ModelSpec, target: Target, *, divisible_by: int, tokeniz
     if spec.experimental_attention_variant == DSA:
         for f in DSA_FIELDS:
             written.update(f.written(spec))
+    if spec.hybrid_pattern:
+        for f in HYBRID_FIELDS:
+            written.update(f.written(spec))
+        if spec.num_experts:
+            written["moe_layer_freq"] = 1  # Megatron-LM's default: the pattern places the MoE layers
     for f in FIELDS:
         written.update(f.written(spec))
         if f.spec == "padded_vocab_size":
@@ -577,7 +634,8 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
     spec = spec_from_args(args)
     rows = (FIELDS + (MOE_FIELDS if spec.num_experts else ()) + (MLA_FIELDS if spec.multi_latent_attention else ())
             + (GDN_FIELDS if spec.experimental_attention_variant == GATED_DELTA_NET else ())
-            + (DSA_FIELDS if spec.experimental_attention_variant == DSA else ()))
+            + (DSA_FIELDS if spec.experimental_attention_variant == DSA else ())
+            + (HYBRID_FIELDS if spec.hybrid_pattern else ()))
     out: dict[str, Any] = {}
     for f in rows:
         out.update(f.configured(spec, args))
@@ -585,4 +643,6 @@ def config_fields(args: argparse.Namespace) -> dict[str, Any]:
         out.update(moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="allgather")
     if spec.experimental_attention_variant == DSA:  # no indexer loss in a forward pass
         out.update(dsa_indexer_loss_coeff=0.0)
+    if spec.hybrid_pattern and spec.num_experts:
+        out["moe_layer_freq"] = 1  # the pattern places the MoE layers (``MambaStack``)
     return out

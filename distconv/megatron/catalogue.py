@@ -55,8 +55,15 @@ last decoder layer.
 "gated_delta_net"``) replace attention in the layers ``linear_attention_freq`` marks; such models
 save per-layer keys. Each of the packed ``in_proj``'s components is saved as a tensor of its own.
 
-Adding a module kind (a Mamba mixer, an indexer) is one ``ModuleKind`` here, plus the family's
-rules (and the model builder, for ``verify``).
+**Hybrid models** (megatron-core's ``MambaModel``, Nemotron-H) build one module per symbol of
+``hybrid_override_pattern``: a Mamba-2 mixer ("M", ``mixer.*`` with its input norm fused into
+``in_proj``), attention ("*", no MLP), an MLP ("-", no attention, its norm fused into
+``linear_fc1``) or MoE ("E", ``pre_mlp_layernorm`` and the experts). Keys are per layer with global
+layer numbers; the final norm is ``decoder.final_norm``. A pipeline stage holds ``num_layers // PP``
+layers: megatron-core drops the rest without a word, so ``check_layout`` refuses such a PP.
+
+Adding a module kind (an indexer) is one ``ModuleKind`` here, plus the family's rules (and the
+model builder, for ``verify``).
 """
 
 from __future__ import annotations
@@ -102,17 +109,18 @@ class Spelling:
     (``te``), in MoE layers or dense ones (``moe``), in gated delta net layers or attention ones
     (``linear``); None: either. Reading, a spelling is taken back to the canonical name whatever the
     spec and layer (a checkpoint of any spec is read), but one used in MLA models only is read so in
-    MLA models only (``canonical``)."""
+    MLA models only (``canonical``). ``mamba``: in a hybrid model's Mamba layers or not."""
 
     key: str
     mla: bool | None = None
     te: bool | None = None
     moe: bool | None = None
     linear: bool | None = None
+    mamba: bool | None = None
 
-    def applies(self, mla: bool, te: bool, moe: bool, linear: bool = False) -> bool:
+    def applies(self, mla: bool, te: bool, moe: bool, linear: bool = False, mamba: bool = False) -> bool:
         return all(want is None or want == have for want, have in
-                   ((self.mla, mla), (self.te, te), (self.moe, moe), (self.linear, linear)))
+                   ((self.mla, mla), (self.te, te), (self.moe, moe), (self.linear, linear), (self.mamba, mamba)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,8 +159,19 @@ def _moe(spec: ModelSpec, layer: int | None) -> bool:
 
 
 def _attention(spec: ModelSpec, layer: int | None) -> bool:
-    """Softmax attention with fused QKV (not MLA; not a gated delta net layer)."""
-    return not spec.multi_latent_attention and not _gdn(spec, layer)
+    """Softmax attention with fused QKV (not MLA; not a gated delta net layer; a hybrid model's "*" layers)."""
+    return not spec.multi_latent_attention and not _gdn(spec, layer) and _kind(spec, layer, "*")
+
+
+def _kind(spec: ModelSpec, layer: int | None, symbols: str) -> bool:
+    """Outside hybrid models: True; in one, whether layer ``layer``'s pattern symbol is one of ``symbols``."""
+    kind = spec.layer_kind(layer)
+    return kind is None or kind in symbols
+
+
+def _mamba(spec: ModelSpec, layer: int | None) -> bool:
+    """A hybrid model's Mamba layer."""
+    return spec.layer_kind(layer) == "M"
 
 
 def _gdn(spec: ModelSpec, layer: int | None) -> bool:
@@ -163,6 +182,9 @@ def _gdn(spec: ModelSpec, layer: int | None) -> bool:
 _W, _B = "weight", "bias"
 GDN_IN_PROJ = ("query", "key", "value", "z", "beta", "alpha")  # the gated delta net's in_proj components
 GDN_CONV = ("query", "key", "value")  # ... and its conv1d's
+MAMBA_IN_PROJ = ("z", "x", "B", "C", "dt")  # the Mamba mixer's in_proj components, in its rows' order
+MAMBA_CONV = ("x", "B", "C")  # ... and its conv1d's
+_MX = "mixer."
 _SA, _MLP = "self_attention.", "mlp."
 _IX = _SA + "core_attention.indexer."
 PROJ = (Param(_SA + "linear_proj.weight", Split.ROW, aliases=("self_attention.dense.weight", "attention.dense.weight")),
@@ -220,12 +242,14 @@ CATALOGUE: tuple[ModuleKind, ...] = (
         present=lambda spec, layer: spec.multi_latent_attention and spec.experimental_attention_variant == "dsa"),
     # the norm before attention: fused into linear_qkv (TELayerNormColumnParallelLinear; the local
     # spec's module maps its keys there), a module of its own in MLA layers (both specs; a TENorm),
-    # fused into the gated delta net's in_proj in its layers
+    # fused into the gated delta net's in_proj in its layers and the Mamba mixer's in Mamba layers
+    # (a hybrid model's MLP and MoE layers have none)
     ModuleKind("input_norm", Scope.LAYER,
                _norm(_SA + "linear_qkv.layer_norm_", Spelling("input_layernorm.", mla=True),
-                     Spelling(_SA + "in_proj.layer_norm_", linear=True),
+                     Spelling(_SA + "in_proj.layer_norm_", linear=True), Spelling(_MX + "in_proj.layer_norm_", mamba=True),
                      aliases=("input_layernorm.", "input_norm.")),
-               (Spelling("input_layernorm", mla=True, te=True),)),
+               (Spelling("input_layernorm", mla=True, te=True),),
+               present=lambda spec, layer: _kind(spec, layer, "M*")),
     # attention sinks (--softmax-type learnable, gpt-oss): a logit per head, split over TP with its heads;
     # transformer-engine's attention then saves an (empty) ``_extra_state`` beside it
     ModuleKind("attention_sinks", Scope.LAYER, (Param(_SA + "core_attention.softmax_offset", Split.COLUMN),),
@@ -258,6 +282,23 @@ CATALOGUE: tuple[ModuleKind, ...] = (
         Param(_SA + "out_norm.weight"),
         Param(_SA + "out_proj.weight", Split.ROW),
     ), (Spelling(_SA + "in_proj"), Spelling(_SA + "out_norm", te=True), Spelling(_SA + "out_proj")), present=_gdn),
+    # the Mamba-2 mixer (``MambaMixer``, a hybrid model's "M" layers). In memory TP rank r's
+    # ``in_proj`` rows are ``[z_r; x_r; B_r; C_r; dt_r]`` and its conv1d channels ``[x_r; B_r; C_r]``:
+    # z and x the r-th 1/TP of the inner width, B and C whole groups, dt whole heads. megatron-core
+    # saves each component as a global tensor of its own (``in_proj.weight.z``, ..., its split factory),
+    # split over TP on dim 0, so no key's TP axis is the packed rows (a naive split of the packed rows
+    # mixes components). A_log, D and dt_bias per head, the gated norm's weight (groups of
+    # inner / groups) split over TP with whole groups. The input norm fused into in_proj is
+    # ``input_norm``'s.
+    ModuleKind("mamba_mixer", Scope.LAYER, (
+        *(Param(f"{_MX}in_proj.weight.{c}", Split.COLUMN) for c in MAMBA_IN_PROJ),
+        *(Param(f"{_MX}conv1d.{p}.{c}", Split.COLUMN) for p in (_W, _B) for c in MAMBA_CONV),
+        Param(_MX + "A_log", Split.COLUMN),
+        Param(_MX + "D", Split.COLUMN),
+        Param(_MX + "dt_bias", Split.COLUMN),
+        Param(_MX + "norm.weight", Split.COLUMN),
+        Param(_MX + "out_proj.weight", Split.ROW),
+    ), (Spelling(_MX + "in_proj"), Spelling(_MX + "out_proj")), present=_mamba),
     # the shared expert: a dense MLP split over TP, and its sigmoid gate (replicated)
     ModuleKind("shared_expert", Scope.LAYER,
                _linear(_MLP + "shared_experts.linear_fc1", Split.COLUMN, gated=True)
@@ -269,13 +310,13 @@ CATALOGUE: tuple[ModuleKind, ...] = (
                _linear(_MLP + "linear_fc1", Split.COLUMN, gated=True, aliases=("mlp.dense_h_to_4h",))
                + _linear(_MLP + "linear_fc2", Split.ROW, aliases=("mlp.dense_4h_to_h",)),
                (Spelling(_MLP + "linear_fc1"), Spelling(_MLP + "linear_fc2")),
-               present=lambda spec, layer: not spec.is_moe(layer)),
+               present=lambda spec, layer: not spec.is_moe(layer) and _kind(spec, layer, "-")),
     # the norm before the MLP: fused into linear_fc1 (the local spec maps its keys there); an MoE
     # layer of the transformer-engine spec has no fused fc1: a TENorm of its own
     ModuleKind("pre_mlp_norm", Scope.LAYER,
                _norm(_MLP + "linear_fc1.layer_norm_", Spelling("pre_mlp_layernorm.", te=True, moe=True),
                      aliases=("pre_mlp_layernorm.", "post_attention_layernorm.", "post_attention_norm.")),
-               (Spelling("pre_mlp_layernorm", te=True, moe=True),)),
+               (Spelling("pre_mlp_layernorm", te=True, moe=True),), present=lambda spec, layer: _kind(spec, layer, "-E")),
     # the router: its weight, its bias (--add-bias-linear) and the selection bias
     # (--moe-router-enable-expert-bias), replicated
     ModuleKind("router", Scope.LAYER, (Param(_MLP + "router.weight"), Param(_MLP + "router.bias"),
@@ -295,8 +336,14 @@ CATALOGUE: tuple[ModuleKind, ...] = (
     ), (Spelling("eh_proj"), Spelling("enorm", te=True), Spelling("hnorm", te=True), Spelling("final_layernorm", te=True)),
         present=lambda spec, layer: bool(spec.mtp_num_layers)),
     ModuleKind("final_norm", Scope.MODEL, _norm("decoder.final_layernorm."),
-               (Spelling("decoder.final_layernorm", te=True),)),
-    ModuleKind("output", Scope.MODEL, (Param("output_layer.weight", Split.VOCAB),)),
+               (Spelling("decoder.final_layernorm", te=True),), present=lambda spec, layer: not spec.hybrid_pattern),
+    # a hybrid model's final norm (``MambaStack.final_norm``, always a TENorm)
+    ModuleKind("hybrid_final_norm", Scope.MODEL, _norm("decoder.final_norm."), (Spelling("decoder.final_norm"),),
+               present=lambda spec, layer: bool(spec.hybrid_pattern)),
+    # the output layer's (empty) ``_extra_state``: ``GPTModel`` leaves it out of its save, the hybrid
+    # ``MambaModel`` keeps it
+    ModuleKind("output", Scope.MODEL, (Param("output_layer.weight", Split.VOCAB),), (Spelling("output_layer"),),
+               present=lambda spec, layer: bool(spec.hybrid_pattern)),
 )
 
 # a routed expert's key in other versions and formats -> the canonical ``mlp.experts.{e}.<name>``
@@ -497,7 +544,9 @@ def check_layout(spec: ModelSpec, target: Target) -> None:
         problems.append("sizes must be >= 1")
     else:
         if spec.num_layers % pp:
-            problems.append(f"num_layers {spec.num_layers} is not divisible by PP {pp}")
+            problems.append(f"num_layers {spec.num_layers} is not divisible by PP {pp}" + (
+                " (megatron-core's hybrid stack would build num_layers // PP layers per stage and silently drop the "
+                "last ones)" if spec.hybrid_pattern else ""))
         for what, n in (("num_attention_heads", spec.num_attention_heads), ("num_query_groups", spec.num_query_groups),
                         ("ffn_hidden_size", spec.ffn_hidden_size), ("padded vocab", spec.padded_vocab_size),
                         ("the shared expert's ffn size", spec.moe_shared_ffn_hidden_size or 0)):
@@ -518,6 +567,10 @@ def check_layout(spec: ModelSpec, target: Target) -> None:
                                 "Moe is only supported when ETP==1\"; pass --expert-tensor-parallel-size 1)")
         elif ep != 1 or etp != tp:
             problems.append("EP and expert TP need a model with experts")
+        if spec.hybrid_pattern:  # the Mamba mixer's heads and groups (megatron-core asserts both)
+            for what, n in (("mamba_num_heads", spec.mamba_num_heads), ("mamba_num_groups", spec.mamba_num_groups)):
+                if n % tp:
+                    problems.append(f"{what} {n} is not divisible by TP {tp}")
     if problems:
         raise DistconvError(f"the model cannot be laid out at {target.describe(bool(spec.num_experts))}: " + "; ".join(problems))
 
@@ -586,7 +639,8 @@ def key_of(name: str, spec: ModelSpec, target: Target, layer: int | None = None)
         sub = name.removeprefix("decoder.layers.")
     found = _PARAMS.get((False, sub)) if layer is not None else None
     if found:
-        context = (spec.multi_latent_attention, target.te, spec.is_moe(layer), spec.is_linear_attention(layer))
+        context = (spec.multi_latent_attention, target.te, spec.is_moe(layer), spec.is_linear_attention(layer),
+                   _mamba(spec, layer))
         spelled = next((s.key for s in found[1].spellings if s.applies(*context)), None)
         if spelled is not None:
             name = name.removesuffix(sub) + spelled
@@ -606,7 +660,7 @@ def _starts(box: tuple[slice, ...]) -> tuple[int, ...]:
 
 def _extra_paths(kind: ModuleKind, spec: ModelSpec, target: Target, layer: int | None) -> list[str]:
     context = (spec.multi_latent_attention, target.te, spec.is_moe(layer) if layer is not None else False,
-               _gdn(spec, layer))
+               _gdn(spec, layer), _mamba(spec, layer))
     return [s.key for s in kind.extra_state if s.applies(*context)] if kind.present(spec, layer) else []
 
 

@@ -65,7 +65,7 @@ class Norm(_EmptyExtraState, torch.nn.Module):
         return _normalize(x, self.normalization, self.weight, self.bias, self.eps, self.zero_centered)
 
 
-def _norm_column_parallel_linear() -> type:
+def norm_column_parallel_linear() -> type:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 
     class NormColumnParallelLinear(ColumnParallelLinear):
@@ -104,7 +104,7 @@ def spec_provider() -> type:
     from megatron.core.transformer.mlp import MLPSubmodules
     from megatron.core.transformer.moe.experts import GroupedMLP, SequentialMLP
 
-    fused = _norm_column_parallel_linear()
+    fused = norm_column_parallel_linear()
 
     class Provider(BackendSpecProvider):
         def column_parallel_linear(self) -> type:

@@ -5,8 +5,9 @@ args table, ``megatron.args``).
 with it. The model is built from megatron-core's local layer specs (no transformer-engine; the
 tests build models from its transformer-engine spec too, with stand-in modules); gated delta net
 models, which megatron-core builds from its transformer-engine spec only, from that spec with the
-stand-ins of ``distconv.megatron.gated_delta_net``, and DSA models (DeepSeek-V3.2, GLM-5) from its DSA
-attention spec with those of ``distconv.megatron.dsa``, active only while the model is built or run.
+stand-ins of ``distconv.megatron.gated_delta_net``, DSA models (DeepSeek-V3.2, GLM-5) from its DSA
+attention spec with those of ``distconv.megatron.dsa``, and hybrid models (Nemotron-H) as megatron-core's
+``MambaModel`` with those of ``distconv.megatron.mamba``, active only while the model is built or run.
 megatron-core 0.16 makes a few CUDA calls unconditionally; ``cpu_compat`` makes exactly those
 harmless on a machine without CUDA, only while it is active, and restores them on exit.
 """
@@ -20,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from distconv.megatron import dsa, gated_delta_net
+from distconv.megatron import dsa, gated_delta_net, mamba
 from distconv.megatron.args import DSA, GATED_DELTA_NET, arg, config_fields, gpt_yarn_attributes, rope_args, spec_from_args
 
 Change = tuple[Any, str, Any]  # (object, attribute, the value it takes while a context is active)
@@ -139,6 +140,8 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
 
     spec = spec_from_args(args)
     config = transformer_config(args, tp, pp, init)
+    if spec.hybrid_pattern:
+        return _build_hybrid(spec, config)
     gdn = spec.experimental_attention_variant == GATED_DELTA_NET
     sparse = spec.experimental_attention_variant == DSA
     if sparse:  # megatron-core's DSA spec: transformer-engine's layers (``distconv.megatron.dsa``)
@@ -189,6 +192,37 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
         )
 
 
+def _build_hybrid(spec: Any, config: Any) -> Any:
+    """megatron-core's ``MambaModel`` (its hybrid stack, ``spec.hybrid_pattern``) for this rank's stage."""
+    from megatron.core import parallel_state
+
+    with mamba.imported():
+        from megatron.core.models.mamba import MambaModel
+
+        with stand_ins(mamba.kernel_changes()):
+            return MambaModel(
+                config=config,
+                mamba_stack_spec=mamba.stack_spec(config),
+                vocab_size=spec.padded_vocab_size,
+                max_sequence_length=spec.max_position_embeddings,
+                hybrid_override_pattern=spec.hybrid_pattern,
+                pre_process=parallel_state.is_pipeline_first_stage(),
+                post_process=parallel_state.is_pipeline_last_stage(),
+                share_embeddings_and_output_weights=spec.tie_embeddings,
+                position_embedding_type=spec.position_embedding,
+                rotary_percent=spec.rotary_percent,
+                rotary_base=spec.rotary_base,
+            )
+
+
+def _kernel_changes(config: Any) -> list[Change]:
+    """The kernel stand-ins a model of ``config`` runs with (gated delta net, DSA, Mamba)."""
+    variant = config.experimental_attention_variant
+    if getattr(config, "is_hybrid_model", False):
+        return mamba.kernel_changes()
+    return gated_delta_net.kernel_changes() if variant == GATED_DELTA_NET else dsa.kernel_changes() if variant == DSA else []
+
+
 def _mla_core_attention():
     """megatron-core's local ``DotProductAttention``, taking MLA's separate key/value head sizes.
 
@@ -230,12 +264,10 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, mtp: bool = Fal
 
     With ``mtp``: ``(logits, [logits of each MTP layer])``; MTP layer ``k``'s logits at position
     ``i`` predict token ``i + k + 2``. megatron-core computes MTP outputs only as a loss (it needs
-    labels); they are taken from its MTP block's output, through the model's output layer. A gated
-    delta net model runs with ``distconv.megatron.gated_delta_net``'s kernel stand-ins.
+    labels); they are taken from its MTP block's output, through the model's output layer. Gated
+    delta net, DSA and hybrid models run with their kernel stand-ins (``_kernel_changes``).
     """
-    variant = model.config.experimental_attention_variant
-    with stand_ins(gated_delta_net.kernel_changes() if variant == GATED_DELTA_NET else
-                   dsa.kernel_changes() if variant == DSA else []):
+    with stand_ins(_kernel_changes(model.config)):
         return _forward(model, tokens, mtp)
 
 
