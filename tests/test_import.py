@@ -39,7 +39,9 @@ MODELS = {  # name -> (config class name, config overrides, dtype)
     # the window (64) is longer than the test sequence, so megatron-core's full attention agrees
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False), torch.float32),
 }
-IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2)]
+IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2), ("qwen3_5", 2, 2)]
+# and as block-wise FP8 releases (Qwen3.5's table has no FP8 layout)
+FP8_IMPORTS = [c for c in IMPORTS if c[0] != "qwen3_5"]
 # MoE imports: (name, TP, PP, EP, ETP (None: = TP), grouped GEMM, --transformer-impl); every layout
 # fits the launch's 4 ranks. transformer_engine (the default) is checked against megatron-core's TE
 # spec (under fixtures.te_spec's stand-ins), local against its local spec.
@@ -108,6 +110,11 @@ QWEN3_NEXT = dict(num_key_value_heads=2, head_dim=32, linear_num_key_heads=2, li
                   moe_intermediate_size=32, shared_expert_intermediate_size=48, tie_word_embeddings=False)
 MODELS["qwen3_next"] = ("Qwen3NextConfig", dict(QWEN3_NEXT, mlp_only_layers=[0]), torch.float32)
 MODELS["qwen3_5_moe"] = ("Qwen3_5MoeTextConfig", dict(QWEN3_NEXT, num_experts=8, num_experts_per_tok=3), torch.float32)
+# dense Qwen3.5: the same gated delta net and attention layers, every MLP dense, a pattern that is no
+# interval (Megatron-LM's linear_attention_freq as a list), tied embeddings
+MODELS["qwen3_5"] = ("Qwen3_5TextConfig", dict(
+    {k: v for k, v in QWEN3_NEXT.items() if k.startswith(("linear_", "num_key_value", "head_dim"))}, tie_word_embeddings=True,
+    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"]), torch.float32)
 # gpt-oss (bf16, as released): sinks, a 4-token window on every other layer, YaRN (transformers' default),
 # biases everywhere, a GLU clamped at 0.5; and with square experts (F == H == 64), two layers
 MODELS["gpt_oss"] = ("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
@@ -347,7 +354,7 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
         add(f"import {name}", op="import", load=str(hf[name]), save=meg(name, tp, pp), tp=tp, pp=pp, divisible_by=64)
         add(f"check {name}", op="check", root=meg(name, tp, pp), tp=tp, pp=pp, tokens=TOKENS, logits_out=str(work / f"{name}.pt"))
         add(f"export {name}", op="export", load=meg(name, tp, pp), save=str(work / "back" / name))
-    for name, tp, pp in IMPORTS:  # block-wise FP8 releases, imported to fp32
+    for name, tp, pp in FP8_IMPORTS:  # block-wise FP8 releases, imported to fp32
         fp8, deq = to_fp8(hf[name], work / "fp8")
         for kind, folder in (("fp8", fp8), ("dequantized", deq)):
             add(f"import {name} {kind}", op="import", load=str(folder), save=meg(f"{name}_{kind}", tp, pp), tp=tp, pp=pp,
@@ -373,6 +380,13 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("reshard mha", op="reshard", load=meg("llama_mha", 2, 2), save=meg("llama_mha", 4, 1), tp=4, pp=1)
     add("check mha", op="check", root=meg("llama_mha", 4, 1), tp=4, pp=1, tokens=TOKENS, logits_out=str(work / "mha_tp4.pt"))
     add("export mha resharded", op="export", load=meg("llama_mha", 4, 1), save=str(work / "back" / "mha_tp4pp1"))
+    # dense Qwen3.5 (megatron-core's own TP2 x PP2 save) -> TP1 x PP4: one gated delta net or attention layer a stage
+    q35 = str(built / "qwen3_5" / "tp2pp2")
+    add("reshard qwen3_5", op="reshard", load=q35, save=meg("fx_qwen3_5", 1, 4), tp=1, pp=4)
+    add("check qwen3_5", op="check", root=meg("fx_qwen3_5", 1, 4), tp=1, pp=4,
+        tokens=torch.load(built / "refs" / "qwen3_5.pt")["tokens"].tolist(), logits_out=str(work / "fx_qwen3_5.pt"))
+    add("export qwen3_5 orig", op="export", load=q35, save=str(work / "back" / "fx_qwen3_5_orig"))
+    add("export qwen3_5 resharded", op="export", load=meg("fx_qwen3_5", 1, 4), save=str(work / "back" / "fx_qwen3_5_tp1pp4"))
     # legacy mp_rank_* (Llama-style, TP2 PP2) -> torch_dist TP1 PP2
     legacy = str(legacy_built / "llama_v3" / "tp2pp2")
     add("reshard legacy", op="reshard", load=legacy, save=meg("legacy_llama", 1, 2), tp=1, pp=2)
@@ -526,7 +540,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(jobs, name):
         assert torch.equal(back[key], t), key
 
 
-@pytest.mark.parametrize("name,tp,pp", IMPORTS + [c[:3] for c in FP8_MOE_IMPORTS])
+@pytest.mark.parametrize("name,tp,pp", FP8_IMPORTS + [c[:3] for c in FP8_MOE_IMPORTS])
 def test_fp8_release_imports_as_its_dequantized_weights(jobs, name, tp, pp):
     """A block-wise FP8 release of each family (MoE ones at EP2): megatron-core's logits equal
     transformers' on the release dequantized by the definition (fp32), and the weights equal
@@ -561,6 +575,20 @@ def test_reshard_fixture_tp2pp2_to_tp1pp4(jobs):
     ok(jobs, "export fx orig")
     ok(jobs, "export fx resharded")
     orig, new = hf_tensors(jobs["work"] / "back" / "fx_orig"), hf_tensors(jobs["work"] / "back" / "fx_tp1pp4")
+    assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
+
+
+def test_reshard_dense_qwen3_5_tp2pp2_to_tp1pp4(jobs):
+    """megatron-core's own dense Qwen3.5 save (gated delta nets split per component over TP) at TP1 x
+    PP4: the chunks megatron-core declares, its logits, and the same exported tensors bit for bit."""
+    ok(jobs, "reshard qwen3_5")
+    report = ok(jobs, "check qwen3_5")
+    assert report["layout_equal"], report
+    megatron, ref = torch.load(jobs["work"] / "fx_qwen3_5.pt"), torch.load(jobs["built"] / "refs" / "qwen3_5.pt")
+    assert (megatron - ref["logits"]).abs().max().item() <= TOL
+    ok(jobs, "export qwen3_5 orig")
+    ok(jobs, "export qwen3_5 resharded")
+    orig, new = (hf_tensors(jobs["work"] / "back" / f"fx_qwen3_5_{k}") for k in ("orig", "tp1pp4"))
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
 

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.families.qwen3_next import GATED_QKV, PLAIN, QWEN3_5_MOE, QWEN3_NEXT, ZERO_CENTERED, PerKeyHead, _ba, _qkvz
+from distconv.families.qwen3_next import (
+    GATED_QKV, PLAIN, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT, ZERO_CENTERED, PerKeyHead, _ba, _qkvz,
+)
 from distconv.megatron.args import megatron_args as import_args
 from distconv.megatron.args import spec_from_args
 from distconv.megatron.catalogue import Target, check_layout, key_of, shards_of
@@ -26,6 +28,7 @@ from fixtures.build import FIXTURES
 from fixtures.megatron_cpu import megatron_args
 
 QN = FIXTURES["qwen3_next"].args
+Q35 = FIXTURES["qwen3_5"].args
 
 
 def _spec(**changes) -> ModelSpec:
@@ -178,15 +181,15 @@ def test_linear_attention_freq_reads_and_writes_back(freq, layers):
     assert spec_from_args(written).with_vocab(256) == spec
 
 
-@pytest.mark.parametrize("family", [QWEN3_NEXT, QWEN3_5_MOE], ids=lambda f: f.architecture)
+@pytest.mark.parametrize("family", [QWEN3_NEXT, QWEN3_5_MOE, QWEN3_5], ids=lambda f: f.architecture)
 def test_import_reads_the_spec_export_writes(family):
-    """HF config -> spec is the inverse of spec -> HF config (Qwen3.5 has no dense MLP, so no
-    ``intermediate_size``: its import sets Megatron-LM's unused ``ffn_hidden_size`` to the experts'),
-    and the args an import writes read back as the same spec."""
-    spec = _spec()
+    """HF config -> spec is the inverse of spec -> HF config (Qwen3.5's MoE model has no dense MLP, so
+    no ``intermediate_size``: its import sets Megatron-LM's unused ``ffn_hidden_size`` to the experts'),
+    and the args an import writes read back as the same spec (dense Qwen3.5: the dense fixture's)."""
+    spec = spec_from_args(megatron_args(**Q35)).with_vocab(256) if family is QWEN3_5 else _spec()
     config = family.hf_config(spec)
     read = family.spec_from_hf_config(config, 256, torch.float32)
-    assert read == (spec if family is QWEN3_NEXT else dataclasses.replace(spec, ffn_hidden_size=spec.moe_ffn_hidden_size))
+    assert read == (dataclasses.replace(spec, ffn_hidden_size=spec.moe_ffn_hidden_size) if family is QWEN3_5_MOE else spec)
     assert spec_from_args(import_args(read, Target(2, 1, 2, per_layer=True, te=True), divisible_by=64,
                                       tokenizer=None)).with_vocab(256) == read
     family.check_config(config, spec)
@@ -209,6 +212,16 @@ def test_qwen3_5_needs_every_layer_moe_and_renormalised_routing():
         with pytest.raises(DistconvError, match=named):
             pick_family(FAMILIES, _spec(**changes), "Qwen3_5MoeForCausalLM")
     assert pick_family(FAMILIES, _spec(), None) is QWEN3_NEXT  # Qwen3.5 only by --hf-config
+
+
+def test_a_gated_delta_net_model_without_experts_is_dense_qwen3_5():
+    """Qwen3-Next has no model without experts; dense Qwen3.5 is chosen for one, and refuses experts."""
+    dense = spec_from_args(megatron_args(**Q35)).with_vocab(256)
+    assert pick_family(FAMILIES, dense, None) is QWEN3_5
+    assert "num_experts=4" in QWEN3_5.unsupported(_spec())
+    for changes, named in ((dict(attention_output_gate=False), "attention_output_gate"), (dict(mtp_num_layers=1), "mtp_num_layers")):
+        with pytest.raises(DistconvError, match=named):
+            pick_family(FAMILIES, spec_from_args(megatron_args(**{**Q35, **changes})).with_vocab(256), None)
 
 
 @pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM"])
