@@ -195,8 +195,24 @@ def test_import_reads_the_spec_export_writes(family):
     family.check_config(config, spec)
 
 
+def test_qwen3_next_mtp_layer_count_goes_both_ways():
+    """One MTP layer: the HF config says ``mtp_num_hidden_layers`` (what vLLM reads), the import reads
+    it back, and the Megatron-LM args it writes read back as the same spec."""
+    spec = spec_from_args(megatron_args(**FIXTURES["qwen3_next_mtp"].args)).with_vocab(256)
+    config = QWEN3_NEXT.hf_config(spec)
+    assert config.mtp_num_hidden_layers == 1
+    read = QWEN3_NEXT.spec_from_hf_config(config, 256, torch.float32)
+    assert read == spec and read.mtp_num_layers == 1
+    assert spec_from_args(import_args(read, Target(1, 2, 2, per_layer=True, te=True), divisible_by=64,
+                                      tokenizer=None)).with_vocab(256) == read
+    assert QWEN3_NEXT.hf_name("model.layers.2.fc.weight", spec) == "mtp.fc.weight"
+    assert QWEN3_NEXT.hf_name("model.layers.2.self_attn.q_proj.weight", spec) == "mtp.layers.0.self_attn.q_proj.weight"
+    assert QWEN3_NEXT.hf_name("model.layers.1.self_attn.q_proj.weight", spec) == "model.layers.1.self_attn.q_proj.weight"
+
+
 @pytest.mark.parametrize("changes,named", [
-    (dict(mtp_num_layers=1), "mtp_num_layers"),  # transformers does not load Qwen3-Next's MTP layers
+    (dict(mtp_num_layers=2), "mtp_num_layers"),  # the release's layout holds one MTP layer
+    (dict(mtp_num_layers=1, untie_embeddings_and_output_weights=False), "mtp_conflict"),
     (dict(attention_output_gate=False), "attention_output_gate"),
     (dict(moe_shared_expert_gate=False), "moe_shared_gate"),
     (dict(qk_layernorm=False), "qk_layernorm"),
@@ -230,9 +246,9 @@ def test_other_families_refuse_a_gated_delta_net_model(arch):
         pick_family(FAMILIES, _spec(), arch)
 
 
-def test_import_refuses_a_folder_with_mtp_layers(tmp_path):
-    """A Qwen3-Next release holds MTP layers (``mtp.*``), which transformers does not load: refused,
-    saying so, before anything is written."""
+def test_import_refuses_a_folder_with_mtp_layers_its_config_does_not_count(tmp_path):
+    """A folder holding an MTP layer (``mtp.*``) whose config does not say so (no
+    ``mtp_num_hidden_layers``) is refused, saying so, before anything is written."""
     import transformers
 
     from distconv.directions.import_ import import_hf
@@ -245,6 +261,6 @@ def test_import_refuses_a_folder_with_mtp_layers(tmp_path):
     state["mtp.fc.weight"] = torch.zeros(64, 128)
     save_file(state, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen3NextForCausalLM"]
-    with pytest.raises(DistconvError, match=r"mtp\.fc\.weight \(MTP layers: transformers does not load them"):
+    with pytest.raises(DistconvError, match=r"mtp\.fc\.weight \(MTP layers the config does not count"):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "meg"), quiet=True)
     assert not (tmp_path / "meg").exists()

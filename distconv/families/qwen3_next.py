@@ -25,8 +25,10 @@ the same tensors:
   Adding 1 rounds in the weights' dtype; weights in ``[0.5, 2]`` (``gamma - 1`` in ``[-0.5, 1]``) go
   and come back exactly.
 
-MTP layers (the releases' ``mtp.*``) are not converted: transformers does not load them, so no
-logits could prove a mapping; a checkpoint or a folder holding them is refused. Qwen3.5 is written
+Qwen3-Next's MTP layer (the release's ``mtp.*``, ``MTP_RULES``) converts both ways; transformers
+does not load it, so its mapping is proven against megatron-core's MTP logits by the published MTP
+formula on the exported tensors (the tests' ``mtp_reference``). Qwen3.5's releases hold the same
+layer, not converted yet: a checkpoint or a folder holding one is refused. Qwen3.5 is written
 and read as its text models: ``Qwen3_5MoeForCausalLM`` (every layer MoE, top-k renormalised), chosen
 by an HF config naming it (Qwen3-Next expresses every such model too), and ``Qwen3_5ForCausalLM``
 (every layer a dense gated MLP, megatron-core's pre-MLP norm fused into ``linear_fc1``), the only
@@ -237,26 +239,44 @@ SPEC_FIELDS = with_fields(
     moe_shared_gate=lambda c: True,
 )
 
-MTP = (("mtp.", "MTP layers: transformers does not load them, and distconv does not convert them"),)
+# Multi-token prediction, as Qwen3-Next's release stores its one MTP layer: apart from the model's
+# layers (``Family.mtp_apart``), ``mtp.fc`` taking ``[pre_fc_norm_embedding(embedding);
+# pre_fc_norm_hidden(hidden)]`` (megatron-core's ``eh_proj`` of ``[enorm(embedding); hnorm(hidden)]``),
+# a decoder layer ``mtp.layers.0`` like the last one, ``mtp.norm``; the model's embedding and output
+# head (no copies); its norms zero-centred like the others. The config counts it as
+# ``mtp_num_hidden_layers`` (what vLLM reads; transformers keeps the field and ignores ``mtp.*``).
+MTP_RULES = (
+    Rule(L + "enorm.weight", H + "pre_fc_norm_embedding.weight", ZERO_CENTERED),
+    Rule(L + "hnorm.weight", H + "pre_fc_norm_hidden.weight", ZERO_CENTERED),
+    Rule(L + "eh_proj.weight", H + "fc.weight"),
+    Rule(L + "final_layernorm.weight", H + "norm.weight", ZERO_CENTERED),
+)
+MTP_APART = ("mtp.", ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "fc.weight", "norm.weight"))
+MTP_REQUIRES: dict[str, Any] = {"mtp_num_layers": lambda n: n in (0, 1), "mtp_conflict": None}
+MTP_FIELDS = (("mtp_num_hidden_layers", lambda s: s.mtp_num_layers or None),)
+MTP_UNCOUNTED = (("mtp.", "MTP layers the config does not count (mtp_num_hidden_layers)"),)
+# Qwen3.5's releases hold the same MTP layer; not converted yet (no proof of its mapping here)
+MTP = (("mtp.", "MTP layers: distconv does not convert Qwen3.5's yet"),)
 
 
 QWEN3_NEXT = Family(
     architecture="Qwen3NextForCausalLM",
     config_class="Qwen3NextConfig",
-    rules=COMMON_RULES + (
+    rules=MTP_RULES + COMMON_RULES + (
         Rule(_in_proj("query")[0], HL + "in_proj_qkvz.weight", PerKeyHead(_qkvz), joint=_in_proj("key", "value", "z")),
         Rule(_in_proj("beta")[0], HL + "in_proj_ba.weight", PerKeyHead(_ba), joint=_in_proj("alpha")),
     ),
-    requires=REQUIRES,
-    config_fields=CONFIG_FIELDS + (
+    requires={**REQUIRES, **MTP_REQUIRES},
+    config_fields=CONFIG_FIELDS + MTP_FIELDS + (
         ("norm_topk_prob", lambda s: not s.moe_pre_softmax),
         ("decoder_sparse_step", lambda s: 1),
         ("mlp_only_layers", dense_layers),
     ),
     detect=lambda spec: spec.experimental_attention_variant == GDN and bool(spec.num_experts),
-    spec_fields=SPEC_FIELDS,
+    spec_fields=with_fields(SPEC_FIELDS, mtp_num_layers=lambda c: getattr(c, "mtp_num_hidden_layers", None) or 0),
     spelled_by=QWEN_MOE_SPELLED_BY,
-    unconverted=MTP,
+    unconverted=MTP_UNCOUNTED,
+    mtp_apart=MTP_APART,
 )
 
 
