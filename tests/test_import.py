@@ -387,6 +387,13 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
         tokens=torch.load(built / "refs" / "qwen3_5.pt")["tokens"].tolist(), logits_out=str(work / "fx_qwen3_5.pt"))
     add("export qwen3_5 orig", op="export", load=q35, save=str(work / "back" / "fx_qwen3_5_orig"))
     add("export qwen3_5 resharded", op="export", load=meg("fx_qwen3_5", 1, 4), save=str(work / "back" / "fx_qwen3_5_tp1pp4"))
+    # Qwen3-Next's MTP layer as its release lays it out: megatron-core's PP2 x EP2 save exported, imported at TP2 x EP2
+    q3m = str(work / "back" / "qwen3_next_mtp")
+    add("export qwen3_next_mtp", op="export", load=str(built / "qwen3_next_mtp" / "tp1pp2ep2"), save=q3m)
+    add("import qwen3_next_mtp", op="import", load=q3m, save=meg("qwen3_next_mtp", 2, 1), tp=2, pp=1, ep=2, divisible_by=64)
+    add("check qwen3_next_mtp", op="check", root=meg("qwen3_next_mtp", 2, 1), tp=2, pp=1, ep=2,
+        tokens=torch.load(built / "refs" / "qwen3_next_mtp.pt")["tokens"].tolist(), logits_out=str(work / "qwen3_next_mtp.pt"))
+    add("export qwen3_next_mtp back", op="export", load=meg("qwen3_next_mtp", 2, 1), save=q3m + "_back")
     # legacy mp_rank_* (Llama-style, TP2 PP2) -> torch_dist TP1 PP2
     legacy = str(legacy_built / "llama_v3" / "tp2pp2")
     add("reshard legacy", op="reshard", load=legacy, save=meg("legacy_llama", 1, 2), tp=1, pp=2)
@@ -590,6 +597,26 @@ def test_reshard_dense_qwen3_5_tp2pp2_to_tp1pp4(jobs):
     ok(jobs, "export qwen3_5 resharded")
     orig, new = (hf_tensors(jobs["work"] / "back" / f"fx_qwen3_5_{k}") for k in ("orig", "tp1pp4"))
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
+
+
+def test_qwen3_next_mtp_layer_imports_and_exports_back(jobs):
+    """Qwen3-Next's export with its MTP layer (``mtp.*``, as released) imports at TP2 x EP2:
+    megatron-core declares exactly the stored chunks, and its logits and MTP logits equal those of
+    the checkpoint the folder was exported from; exported again, the folder is the same bit for bit."""
+    ok(jobs, "export qwen3_next_mtp")
+    ok(jobs, "import qwen3_next_mtp")
+    report = ok(jobs, "check qwen3_next_mtp")
+    assert report["layout_equal"], report
+    assert any(k.startswith("mtp.layers.0.transformer_layer.") for k in report["keys"])
+    ref = torch.load(jobs["built"] / "refs" / "qwen3_next_mtp.pt")
+    logits, mtp = (torch.load(jobs["work"] / f"qwen3_next_mtp.pt{suffix}") for suffix in ("", ".mtp"))
+    assert len(mtp) == len(ref["mtp_logits"]) == 1
+    for ours, theirs in zip([logits] + mtp, [ref["logits"]] + ref["mtp_logits"]):
+        assert (ours - theirs).abs().max().item() <= TOL
+    ok(jobs, "export qwen3_next_mtp back")
+    orig, again = (hf_tensors(jobs["work"] / "back" / name) for name in ("qwen3_next_mtp", "qwen3_next_mtp_back"))
+    assert sorted(orig) == sorted(again) and any(k.startswith("mtp.") for k in orig)
+    assert all(torch.equal(orig[k], again[k]) for k in orig)
 
 
 def test_reshard_tp2pp2_to_tp4pp1(jobs):
