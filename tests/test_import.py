@@ -394,6 +394,22 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("check qwen3_next_mtp", op="check", root=meg("qwen3_next_mtp", 2, 1), tp=2, pp=1, ep=2,
         tokens=torch.load(built / "refs" / "qwen3_next_mtp.pt")["tokens"].tolist(), logits_out=str(work / "qwen3_next_mtp.pt"))
     add("export qwen3_next_mtp back", op="export", load=meg("qwen3_next_mtp", 2, 1), save=q3m + "_back")
+    # ... and as Qwen3.5's MoE model (its HF config names the export; the import reads the folder's)
+    from distconv.families.qwen3_next import QWEN3_5_MOE
+    from distconv.megatron.args import spec_from_args
+    from fixtures.megatron_cpu import megatron_args as fixture_args
+
+    q35m_config = work / "qwen3_5_moe_mtp.json"
+    q35m_config.write_text(QWEN3_5_MOE.hf_config(
+        spec_from_args(fixture_args(**FIXTURES["qwen3_next_mtp"].args)).with_vocab(256)).to_json_string())
+    q35m = str(work / "back" / "qwen3_5_moe_mtp")
+    add("export qwen3_5_moe_mtp", op="export", load=str(built / "qwen3_next_mtp" / "tp1pp2ep2"), save=q35m,
+        hf_config=str(q35m_config))
+    add("import qwen3_5_moe_mtp", op="import", load=q35m, save=meg("qwen3_5_moe_mtp", 2, 1), tp=2, pp=1, ep=2, divisible_by=64)
+    add("check qwen3_5_moe_mtp", op="check", root=meg("qwen3_5_moe_mtp", 2, 1), tp=2, pp=1, ep=2,
+        tokens=torch.load(built / "refs" / "qwen3_next_mtp.pt")["tokens"].tolist(), logits_out=str(work / "qwen3_5_moe_mtp.pt"))
+    add("export qwen3_5_moe_mtp back", op="export", load=meg("qwen3_5_moe_mtp", 2, 1), save=q35m + "_back",
+        hf_config=str(q35m_config))
     # legacy mp_rank_* (Llama-style, TP2 PP2) -> torch_dist TP1 PP2
     legacy = str(legacy_built / "llama_v3" / "tp2pp2")
     add("reshard legacy", op="reshard", load=legacy, save=meg("legacy_llama", 1, 2), tp=1, pp=2)
@@ -599,22 +615,24 @@ def test_reshard_dense_qwen3_5_tp2pp2_to_tp1pp4(jobs):
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
 
-def test_qwen3_next_mtp_layer_imports_and_exports_back(jobs):
-    """Qwen3-Next's export with its MTP layer (``mtp.*``, as released) imports at TP2 x EP2:
-    megatron-core declares exactly the stored chunks, and its logits and MTP logits equal those of
-    the checkpoint the folder was exported from; exported again, the folder is the same bit for bit."""
-    ok(jobs, "export qwen3_next_mtp")
-    ok(jobs, "import qwen3_next_mtp")
-    report = ok(jobs, "check qwen3_next_mtp")
+@pytest.mark.parametrize("name", ["qwen3_next_mtp", "qwen3_5_moe_mtp"])
+def test_qwen3_next_mtp_layer_imports_and_exports_back(jobs, name):
+    """Qwen3-Next's export with its MTP layer (``mtp.*``, as released), and Qwen3.5's MoE model's,
+    imports at TP2 x EP2: megatron-core declares exactly the stored chunks, and its logits and MTP
+    logits equal those of the checkpoint the folder was exported from; exported again, the folder is
+    the same bit for bit."""
+    ok(jobs, f"export {name}")
+    ok(jobs, f"import {name}")
+    report = ok(jobs, f"check {name}")
     assert report["layout_equal"], report
     assert any(k.startswith("mtp.layers.0.transformer_layer.") for k in report["keys"])
     ref = torch.load(jobs["built"] / "refs" / "qwen3_next_mtp.pt")
-    logits, mtp = (torch.load(jobs["work"] / f"qwen3_next_mtp.pt{suffix}") for suffix in ("", ".mtp"))
+    logits, mtp = (torch.load(jobs["work"] / f"{name}.pt{suffix}") for suffix in ("", ".mtp"))
     assert len(mtp) == len(ref["mtp_logits"]) == 1
     for ours, theirs in zip([logits] + mtp, [ref["logits"]] + ref["mtp_logits"]):
         assert (ours - theirs).abs().max().item() <= TOL
-    ok(jobs, "export qwen3_next_mtp back")
-    orig, again = (hf_tensors(jobs["work"] / "back" / name) for name in ("qwen3_next_mtp", "qwen3_next_mtp_back"))
+    ok(jobs, f"export {name} back")
+    orig, again = (hf_tensors(jobs["work"] / "back" / folder) for folder in (name, f"{name}_back"))
     assert sorted(orig) == sorted(again) and any(k.startswith("mtp.") for k in orig)
     assert all(torch.equal(orig[k], again[k]) for k in orig)
 

@@ -78,6 +78,10 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
             for layout in ("tp2pp1ep2", "tp1pp2ep2"):
                 jobs[("qwen3_next", layout, world, "qwen3_5")] = {
                     "load": str(built / "qwen3_next" / layout), "save": str(out / f"qwen3_5_{layout}"), "hf_config": str(qwen3_5)}
+            qwen3_5_mtp = out / "qwen3_5_moe_mtp.json"  # and with the MTP layer
+            qwen3_5_mtp.write_text(_qwen3_5_config("qwen3_next_mtp").to_json_string())
+            jobs[("qwen3_next_mtp", "tp1pp2ep2", world, "qwen3_5")] = {
+                "load": str(built / "qwen3_next_mtp" / "tp1pp2ep2"), "save": str(out / "qwen3_5_mtp"), "hf_config": str(qwen3_5_mtp)}
             jobs[("gpt_oss", "tp2pp1ep2etp1", world, "mxfp4")] = {
                 "load": str(built / "gpt_oss" / "tp2pp1ep2etp1"), "save": str(out / "gpt_oss_mxfp4"), "dtype": "mxfp4"}
             for name, layout, wrong_name in (("gpt_oss_square", "tp1pp1ep2", "down_not_transposed"),
@@ -130,10 +134,10 @@ def _glm5_config(dsv32: Path) -> dict:
             "indexer_types": ["full"] * config["num_hidden_layers"]}
 
 
-def _qwen3_5_config():
+def _qwen3_5_config(fixture: str = "qwen3_next"):
     from distconv.families.qwen3_next import QWEN3_5_MOE
 
-    return QWEN3_5_MOE.hf_config(spec_from_args(megatron_args(**FIXTURES["qwen3_next"].args)).with_vocab(256))
+    return QWEN3_5_MOE.hf_config(spec_from_args(megatron_args(**FIXTURES[fixture].args)).with_vocab(256))
 
 
 def _logits_diff(built: Path, name: str, folder: Path, zero: str | None = None, **config_override) -> float:
@@ -491,12 +495,16 @@ def test_qwen3_next_config_carries_the_hybrid_layout(exported):
     assert (config["shared_expert_intermediate_size"], config["mlp_only_layers"], config["num_experts"]) == (48, [], 4)
 
 
-def test_qwen3_next_mtp_layer_exports_as_released(exported, built, tmp_path):
+@pytest.mark.parametrize("key", [("qwen3_next_mtp", "tp1pp2ep2", TRAINING_WORLD),
+                                 ("qwen3_next_mtp", "tp1pp2ep2", OTHER_WORLD, "qwen3_5")], ids=["qwen3_next", "qwen3_5_moe"])
+def test_qwen3_next_mtp_layer_exports_as_released(exported, built, tmp_path, key):
     """Qwen3-Next's MTP layer (PP2 x EP2, on the last stage) exports as the release lays it out
-    (``mtp.fc``, ``mtp.pre_fc_norm_*``, ``mtp.layers.0``, ``mtp.norm``; ``mtp_num_hidden_layers``), and
-    megatron-core's MTP logits equal the MTP formula on the exported tensors; the same folder with
-    the two input norms swapped does not."""
-    folder = exported[("qwen3_next_mtp", "tp1pp2ep2", TRAINING_WORLD)]["save"]
+    (``mtp.fc``, ``mtp.pre_fc_norm_*``, ``mtp.layers.0``, ``mtp.norm``; ``mtp_num_hidden_layers``), as
+    Qwen3-Next and as Qwen3.5's MoE model (by its HF config), and megatron-core's MTP logits equal the
+    MTP formula on the exported tensors; the same folder with the two input norms swapped does not."""
+    result = exported[key]
+    assert result["ok"], result.get("error")
+    folder = result["save"]
     assert json.loads((folder / "config.json").read_text())["mtp_num_hidden_layers"] == 1
     state = hf_tensors(folder)
     assert {"mtp.fc.weight", "mtp.norm.weight", "mtp.layers.0.self_attn.q_proj.weight",

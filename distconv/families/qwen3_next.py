@@ -27,8 +27,9 @@ the same tensors:
 
 Qwen3-Next's MTP layer (the release's ``mtp.*``, ``MTP_RULES``) converts both ways; transformers
 does not load it, so its mapping is proven against megatron-core's MTP logits by the published MTP
-formula on the exported tensors (the tests' ``mtp_reference``). Qwen3.5's releases hold the same
-layer, not converted yet: a checkpoint or a folder holding one is refused. Qwen3.5 is written
+formula on the exported tensors (the tests' ``mtp_reference``); Qwen3.5's MoE model's the same way.
+Dense Qwen3.5's releases hold the same layer, not converted yet: a checkpoint or a folder holding one is
+refused. Qwen3.5 is written
 and read as its text models: ``Qwen3_5MoeForCausalLM`` (every layer MoE, top-k renormalised), chosen
 by an HF config naming it (Qwen3-Next expresses every such model too), and ``Qwen3_5ForCausalLM``
 (every layer a dense gated MLP, megatron-core's pre-MLP norm fused into ``linear_fc1``), the only
@@ -255,8 +256,8 @@ MTP_APART = ("mtp.", ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight
 MTP_REQUIRES: dict[str, Any] = {"mtp_num_layers": lambda n: n in (0, 1), "mtp_conflict": None}
 MTP_FIELDS = (("mtp_num_hidden_layers", lambda s: s.mtp_num_layers or None),)
 MTP_UNCOUNTED = (("mtp.", "MTP layers the config does not count (mtp_num_hidden_layers)"),)
-# Qwen3.5's releases hold the same MTP layer; not converted yet (no proof of its mapping here)
-MTP = (("mtp.", "MTP layers: distconv does not convert Qwen3.5's yet"),)
+# dense Qwen3.5's releases hold the same MTP layer; not converted yet (no fixture proves its mapping)
+MTP = (("mtp.", "MTP layers: distconv does not convert dense Qwen3.5's yet"),)
 
 
 QWEN3_NEXT = Family(
@@ -295,17 +296,19 @@ FLAT_IN_PROJ = (
 QWEN3_5_MOE = Family(
     architecture="Qwen3_5MoeForCausalLM",
     config_class="Qwen3_5MoeTextConfig",
-    rules=COMMON_RULES + FLAT_IN_PROJ,
-    requires={**REQUIRES, "moe_layers": all, "moe_pre_softmax": False},  # HF: every layer MoE, renormalised
-    config_fields=tuple((n, fn) for n, fn in CONFIG_FIELDS if n != "intermediate_size"),
+    rules=MTP_RULES + COMMON_RULES + FLAT_IN_PROJ,
+    requires={**REQUIRES, **MTP_REQUIRES, "moe_layers": all, "moe_pre_softmax": False},  # HF: every layer MoE, renormalised
+    config_fields=tuple((n, fn) for n, fn in CONFIG_FIELDS if n != "intermediate_size") + MTP_FIELDS,
     detect=lambda spec: False,  # chosen by --hf-config's architecture: Qwen3-Next expresses every model it does
     spec_fields=with_fields(
         tuple((n, fn) for n, fn in SPEC_FIELDS if n not in ("ffn_hidden_size", "moe_layers", "moe_pre_softmax")),
         ffn_hidden_size=lambda c: c.moe_intermediate_size,  # no dense layer: Megatron-LM's ffn_hidden_size is unused
         moe_layers=_all_moe,
         moe_pre_softmax=lambda c: False,
+        mtp_num_layers=lambda c: getattr(c, "mtp_num_hidden_layers", None) or 0,
     ),
-    unconverted=MTP,
+    unconverted=MTP_UNCOUNTED,
+    mtp_apart=MTP_APART,
 )
 
 QWEN3_5 = Family(
