@@ -20,11 +20,11 @@ def hf_tensors(config: Any, family: Family, spec: ModelSpec) -> dict[str, tuple[
 
     transformers' model gives all but the MTP layers, which it does not build. They are laid out
     as DeepSeek's releases store them (what transformers' ``MtpModel`` and vLLM read), by the
-    family's rules (or apart, as ``Family.mtp_apart`` renames them): HF layer ``num_layers + m``
-    holds a decoder layer like the last one, the MTP
+    family's rules: HF layer ``num_layers + m`` holds a decoder layer like the last one, the MTP
     layer's own modules (their shapes the catalogue's), and the copies the rules repeat in every
     MTP layer (``Rule.mtp_copy``: the embedding and the output head; some releases, GLM-4.6's,
-    leave these out).
+    leave these out); or apart from the model's layers, as ``Family.mtp_apart`` renames them
+    (Qwen3-Next's ``mtp.*``).
     """
     expected = expected_hf_tensors(config)
     out = dict(expected)
