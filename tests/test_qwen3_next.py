@@ -213,6 +213,8 @@ def test_qwen3_next_mtp_layer_count_goes_both_ways():
 @pytest.mark.parametrize("changes,named", [
     (dict(mtp_num_layers=2), "mtp_num_layers"),  # the release's layout holds one MTP layer
     (dict(mtp_num_layers=1, untie_embeddings_and_output_weights=False), "mtp_conflict"),
+    # megatron-core builds the MTP layer like the last layer; HF's is always full attention
+    (dict(mtp_num_layers=1, linear_attention_freq=[1, 0, 1, 1]), "MTP layers after a gated delta net layer"),
     (dict(attention_output_gate=False), "attention_output_gate"),
     (dict(moe_shared_expert_gate=False), "moe_shared_gate"),
     (dict(qk_layernorm=False), "qk_layernorm"),
