@@ -385,7 +385,7 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("reshard qwen3_5", op="reshard", load=q35, save=meg("fx_qwen3_5", 1, 4), tp=1, pp=4)
     add("check qwen3_5", op="check", root=meg("fx_qwen3_5", 1, 4), tp=1, pp=4,
         tokens=torch.load(built / "refs" / "qwen3_5.pt")["tokens"].tolist(), logits_out=str(work / "fx_qwen3_5.pt"))
-    add("export qwen3_5 orig", op="export", load=q35, save=str(work / "back" / "fx_qwen3_5_orig"))
+    add("export qwen3_5_mtp", op="export", load=q35, save=str(work / "back" / "qwen3_5_mtp"))
     add("export qwen3_5 resharded", op="export", load=meg("fx_qwen3_5", 1, 4), save=str(work / "back" / "fx_qwen3_5_tp1pp4"))
     # Qwen3-Next's MTP layer as its release lays it out: megatron-core's PP2 x EP2 save exported, imported at TP2 x EP2
     q3m = str(work / "back" / "qwen3_next_mtp")
@@ -394,6 +394,12 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("check qwen3_next_mtp", op="check", root=meg("qwen3_next_mtp", 2, 1), tp=2, pp=1, ep=2,
         tokens=torch.load(built / "refs" / "qwen3_next_mtp.pt")["tokens"].tolist(), logits_out=str(work / "qwen3_next_mtp.pt"))
     add("export qwen3_next_mtp back", op="export", load=meg("qwen3_next_mtp", 2, 1), save=q3m + "_back")
+    # dense Qwen3.5's (exported above)
+    add("import qwen3_5_mtp", op="import", load=str(work / "back" / "qwen3_5_mtp"), save=meg("qwen3_5_mtp", 2, 2), tp=2, pp=2,
+        divisible_by=64)
+    add("check qwen3_5_mtp", op="check", root=meg("qwen3_5_mtp", 2, 2), tp=2, pp=2,
+        tokens=torch.load(built / "refs" / "qwen3_5.pt")["tokens"].tolist(), logits_out=str(work / "qwen3_5_mtp.pt"))
+    add("export qwen3_5_mtp back", op="export", load=meg("qwen3_5_mtp", 2, 2), save=str(work / "back" / "qwen3_5_mtp_back"))
     # ... and as Qwen3.5's MoE model (its HF config names the export; the import reads the folder's)
     from distconv.families.qwen3_next import QWEN3_5_MOE
     from distconv.megatron.args import spec_from_args
@@ -602,31 +608,34 @@ def test_reshard_fixture_tp2pp2_to_tp1pp4(jobs):
 
 
 def test_reshard_dense_qwen3_5_tp2pp2_to_tp1pp4(jobs):
-    """megatron-core's own dense Qwen3.5 save (gated delta nets split per component over TP) at TP1 x
-    PP4: the chunks megatron-core declares, its logits, and the same exported tensors bit for bit."""
+    """megatron-core's own dense Qwen3.5 save (gated delta nets split per component over TP, an MTP
+    layer) at TP1 x PP4: the chunks megatron-core declares, its logits and MTP logits, and the same
+    exported tensors bit for bit."""
     ok(jobs, "reshard qwen3_5")
     report = ok(jobs, "check qwen3_5")
     assert report["layout_equal"], report
     megatron, ref = torch.load(jobs["work"] / "fx_qwen3_5.pt"), torch.load(jobs["built"] / "refs" / "qwen3_5.pt")
     assert (megatron - ref["logits"]).abs().max().item() <= TOL
-    ok(jobs, "export qwen3_5 orig")
+    assert (torch.load(jobs["work"] / "fx_qwen3_5.pt.mtp")[0] - ref["mtp_logits"][0]).abs().max().item() <= TOL
+    ok(jobs, "export qwen3_5_mtp")
     ok(jobs, "export qwen3_5 resharded")
-    orig, new = (hf_tensors(jobs["work"] / "back" / f"fx_qwen3_5_{k}") for k in ("orig", "tp1pp4"))
+    orig, new = (hf_tensors(jobs["work"] / "back" / k) for k in ("qwen3_5_mtp", "fx_qwen3_5_tp1pp4"))
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
 
-@pytest.mark.parametrize("name", ["qwen3_next_mtp", "qwen3_5_moe_mtp"])
-def test_qwen3_next_mtp_layer_imports_and_exports_back(jobs, name):
-    """Qwen3-Next's export with its MTP layer (``mtp.*``, as released), and Qwen3.5's MoE model's,
-    imports at TP2 x EP2: megatron-core declares exactly the stored chunks, and its logits and MTP
-    logits equal those of the checkpoint the folder was exported from; exported again, the folder is
-    the same bit for bit."""
+@pytest.mark.parametrize("name,fixture", [("qwen3_next_mtp", "qwen3_next_mtp"), ("qwen3_5_moe_mtp", "qwen3_next_mtp"),
+                                          ("qwen3_5_mtp", "qwen3_5")])
+def test_qwen3_next_mtp_layer_imports_and_exports_back(jobs, name, fixture):
+    """Qwen3-Next's export with its MTP layer (``mtp.*``, as released), and Qwen3.5's (MoE and dense),
+    imports (TP2 x EP2; dense: TP2 x PP2): megatron-core declares exactly the stored chunks, and its
+    logits and MTP logits equal those of the checkpoint the folder was exported from; exported again,
+    the folder is the same bit for bit."""
     ok(jobs, f"export {name}")
     ok(jobs, f"import {name}")
     report = ok(jobs, f"check {name}")
     assert report["layout_equal"], report
     assert any(k.startswith("mtp.layers.0.transformer_layer.") for k in report["keys"])
-    ref = torch.load(jobs["built"] / "refs" / "qwen3_next_mtp.pt")
+    ref = torch.load(jobs["built"] / "refs" / f"{fixture}.pt")
     logits, mtp = (torch.load(jobs["work"] / f"{name}.pt{suffix}") for suffix in ("", ".mtp"))
     assert len(mtp) == len(ref["mtp_logits"]) == 1
     for ours, theirs in zip([logits] + mtp, [ref["logits"]] + ref["mtp_logits"]):

@@ -237,7 +237,7 @@ def test_a_gated_delta_net_model_without_experts_is_dense_qwen3_5():
     dense = spec_from_args(megatron_args(**Q35)).with_vocab(256)
     assert pick_family(FAMILIES, dense, None) is QWEN3_5
     assert "num_experts=4" in QWEN3_5.unsupported(_spec())
-    for changes, named in ((dict(attention_output_gate=False), "attention_output_gate"), (dict(mtp_num_layers=1), "mtp_num_layers")):
+    for changes, named in ((dict(attention_output_gate=False), "attention_output_gate"), (dict(mtp_num_layers=2), "mtp_num_layers")):
         with pytest.raises(DistconvError, match=named):
             pick_family(FAMILIES, spec_from_args(megatron_args(**{**Q35, **changes})).with_vocab(256), None)
 

@@ -27,9 +27,8 @@ the same tensors:
 
 Qwen3-Next's MTP layer (the release's ``mtp.*``, ``MTP_RULES``) converts both ways; transformers
 does not load it, so its mapping is proven against megatron-core's MTP logits by the published MTP
-formula on the exported tensors (the tests' ``mtp_reference``); Qwen3.5's MoE model's the same way.
-Dense Qwen3.5's releases hold the same layer, not converted yet: a checkpoint or a folder holding one is
-refused. Qwen3.5 is written
+formula on the exported tensors (the tests' ``mtp_reference``); Qwen3.5's (MoE and dense) the same
+way. Qwen3.5 is written
 and read as its text models: ``Qwen3_5MoeForCausalLM`` (every layer MoE, top-k renormalised), chosen
 by an HF config naming it (Qwen3-Next expresses every such model too), and ``Qwen3_5ForCausalLM``
 (every layer a dense gated MLP, megatron-core's pre-MLP norm fused into ``linear_fc1``), the only
@@ -256,8 +255,11 @@ MTP_APART = ("mtp.", ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight
 MTP_REQUIRES: dict[str, Any] = {"mtp_num_layers": lambda n: n in (0, 1), "mtp_conflict": None}
 MTP_FIELDS = (("mtp_num_hidden_layers", lambda s: s.mtp_num_layers or None),)
 MTP_UNCOUNTED = (("mtp.", "MTP layers the config does not count (mtp_num_hidden_layers)"),)
-# dense Qwen3.5's releases hold the same MTP layer; not converted yet (no fixture proves its mapping)
-MTP = (("mtp.", "MTP layers: distconv does not convert dense Qwen3.5's yet"),)
+
+
+def _mtp_layers(c: PretrainedConfig) -> int:
+    return getattr(c, "mtp_num_hidden_layers", None) or 0
+
 
 
 QWEN3_NEXT = Family(
@@ -274,7 +276,7 @@ QWEN3_NEXT = Family(
         ("mlp_only_layers", dense_layers),
     ),
     detect=lambda spec: spec.experimental_attention_variant == GDN and bool(spec.num_experts),
-    spec_fields=with_fields(SPEC_FIELDS, mtp_num_layers=lambda c: getattr(c, "mtp_num_hidden_layers", None) or 0),
+    spec_fields=with_fields(SPEC_FIELDS, mtp_num_layers=_mtp_layers),
     spelled_by=QWEN_MOE_SPELLED_BY,
     unconverted=MTP_UNCOUNTED,
     mtp_apart=MTP_APART,
@@ -305,7 +307,7 @@ QWEN3_5_MOE = Family(
         ffn_hidden_size=lambda c: c.moe_intermediate_size,  # no dense layer: Megatron-LM's ffn_hidden_size is unused
         moe_layers=_all_moe,
         moe_pre_softmax=lambda c: False,
-        mtp_num_layers=lambda c: getattr(c, "mtp_num_hidden_layers", None) or 0,
+        mtp_num_layers=_mtp_layers,
     ),
     unconverted=MTP_UNCOUNTED,
     mtp_apart=MTP_APART,
@@ -314,10 +316,11 @@ QWEN3_5_MOE = Family(
 QWEN3_5 = Family(
     architecture="Qwen3_5ForCausalLM",
     config_class="Qwen3_5TextConfig",
-    rules=DENSE_RULES + FLAT_IN_PROJ,
-    requires={**DENSE_REQUIRES, **GDN_REQUIRES},  # no experts: every layer a dense gated MLP
-    config_fields=GDN_FIELDS,
+    rules=MTP_RULES + DENSE_RULES + FLAT_IN_PROJ,
+    requires={**DENSE_REQUIRES, **GDN_REQUIRES, **MTP_REQUIRES},  # no experts: every layer a dense gated MLP
+    config_fields=GDN_FIELDS + MTP_FIELDS,
     detect=lambda spec: spec.experimental_attention_variant == GDN and not spec.num_experts,
-    spec_fields=DENSE_SPEC_FIELDS,
-    unconverted=MTP,
+    spec_fields=with_fields(DENSE_SPEC_FIELDS, mtp_num_layers=_mtp_layers),
+    unconverted=MTP_UNCOUNTED,
+    mtp_apart=MTP_APART,
 )
