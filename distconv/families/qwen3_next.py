@@ -25,16 +25,16 @@ the same tensors:
   Adding 1 rounds in the weights' dtype; weights in ``[0.5, 2]`` (``gamma - 1`` in ``[-0.5, 1]``) go
   and come back exactly.
 
-Qwen3-Next's MTP layer (the release's ``mtp.*``, ``MTP_RULES``) converts both ways; transformers
-does not load it, so its mapping is proven against megatron-core's MTP logits by the published MTP
-formula on the exported tensors (the tests' ``mtp_reference``); Qwen3.5's (MoE and dense) the same
-way. Qwen3.5 is written
-and read as its text models: ``Qwen3_5MoeForCausalLM`` (every layer MoE, top-k renormalised), chosen
-by an HF config naming it (Qwen3-Next expresses every such model too), and ``Qwen3_5ForCausalLM``
-(every layer a dense gated MLP, megatron-core's pre-MLP norm fused into ``linear_fc1``), the only
-class for a gated delta net model without experts, so chosen for one; the multimodal releases
-(``Qwen3_5*ForConditionalGeneration``) are not read. Qwen3.5's multimodal
-RoPE with text positions is the plain partial RoPE megatron-core applies.
+The releases' one MTP layer (``mtp.*``, ``MTP_RULES``) converts both ways, for all three classes;
+transformers does not load it, so its mapping is proven against megatron-core's MTP logits by the
+published MTP formula on the exported tensors (the tests' ``mtp_reference``).
+
+Qwen3.5 is written and read as its text models: ``Qwen3_5MoeForCausalLM`` (every layer MoE, top-k
+renormalised), chosen by an HF config naming it (Qwen3-Next expresses every such model too), and
+``Qwen3_5ForCausalLM`` (every layer a dense gated MLP, megatron-core's pre-MLP norm fused into
+``linear_fc1``), the only class for a gated delta net model without experts, so chosen for one; the
+multimodal releases (``Qwen3_5*ForConditionalGeneration``) are not read. Qwen3.5's multimodal RoPE
+with text positions is the plain partial RoPE megatron-core applies.
 """
 
 from __future__ import annotations
