@@ -382,11 +382,11 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("export mha resharded", op="export", load=meg("llama_mha", 4, 1), save=str(work / "back" / "mha_tp4pp1"))
     # dense Qwen3.5 (megatron-core's own TP2 x PP2 save) -> TP1 x PP4: one gated delta net or attention layer a stage
     q35 = str(built / "qwen3_5" / "tp2pp2")
-    add("reshard qwen3_5", op="reshard", load=q35, save=meg("fx_qwen3_5", 1, 4), tp=1, pp=4)
-    add("check qwen3_5", op="check", root=meg("fx_qwen3_5", 1, 4), tp=1, pp=4,
+    add("reshard fx qwen3_5", op="reshard", load=q35, save=meg("fx_qwen3_5", 1, 4), tp=1, pp=4)
+    add("check fx qwen3_5", op="check", root=meg("fx_qwen3_5", 1, 4), tp=1, pp=4,
         tokens=torch.load(built / "refs" / "qwen3_5.pt")["tokens"].tolist(), logits_out=str(work / "fx_qwen3_5.pt"))
     add("export qwen3_5_mtp", op="export", load=q35, save=str(work / "back" / "qwen3_5_mtp"))
-    add("export qwen3_5 resharded", op="export", load=meg("fx_qwen3_5", 1, 4), save=str(work / "back" / "fx_qwen3_5_tp1pp4"))
+    add("export fx qwen3_5 resharded", op="export", load=meg("fx_qwen3_5", 1, 4), save=str(work / "back" / "fx_qwen3_5_tp1pp4"))
     # Qwen3-Next's MTP layer as its release lays it out: megatron-core's PP2 x EP2 save exported, imported at TP2 x EP2
     q3m = str(work / "back" / "qwen3_next_mtp")
     add("export qwen3_next_mtp", op="export", load=str(built / "qwen3_next_mtp" / "tp1pp2ep2"), save=q3m)
@@ -611,14 +611,14 @@ def test_reshard_dense_qwen3_5_tp2pp2_to_tp1pp4(jobs):
     """megatron-core's own dense Qwen3.5 save (gated delta nets split per component over TP, an MTP
     layer) at TP1 x PP4: the chunks megatron-core declares, its logits and MTP logits, and the same
     exported tensors bit for bit."""
-    ok(jobs, "reshard qwen3_5")
-    report = ok(jobs, "check qwen3_5")
+    ok(jobs, "reshard fx qwen3_5")
+    report = ok(jobs, "check fx qwen3_5")
     assert report["layout_equal"], report
     megatron, ref = torch.load(jobs["work"] / "fx_qwen3_5.pt"), torch.load(jobs["built"] / "refs" / "qwen3_5.pt")
     assert (megatron - ref["logits"]).abs().max().item() <= TOL
     assert (torch.load(jobs["work"] / "fx_qwen3_5.pt.mtp")[0] - ref["mtp_logits"][0]).abs().max().item() <= TOL
     ok(jobs, "export qwen3_5_mtp")
-    ok(jobs, "export qwen3_5 resharded")
+    ok(jobs, "export fx qwen3_5 resharded")
     orig, new = (hf_tensors(jobs["work"] / "back" / k) for k in ("qwen3_5_mtp", "fx_qwen3_5_tp1pp4"))
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
 
