@@ -154,6 +154,8 @@ class ModelSpec:
             return "MTP layers with tied embeddings"
         if self.num_experts and not self.is_moe(self.num_layers):
             return "MTP layers without experts"
+        if self.is_linear_attention(self.num_layers):  # HF's (Qwen3-Next's) MTP layer is full attention
+            return "MTP layers after a gated delta net layer"
         return None
 
     def windowed(self, layer: int) -> bool:

@@ -16,6 +16,7 @@ here from the tensors, independently of distconv's tables.
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
@@ -66,3 +67,41 @@ def hf_mtp_logits(folder: Path, tokens: torch.Tensor) -> tuple[torch.Tensor, lis
         hidden = _rms(x, w["shared_head.norm.weight"], eps)
         per_depth.append(hidden @ w.get("shared_head.head.weight", main.lm_head.weight).T)
     return logits, per_depth
+
+
+@torch.no_grad()
+def qwen3_next_mtp_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """The MTP logits of a Qwen3-Next folder laid out as its release is (one MTP layer apart from the
+    model's: ``mtp.*``), by the same formula: ``h' = fc [RMSNorm(Emb(t_{i+1})); RMSNorm(h)]`` with
+    ``pre_fc_norm_embedding`` and ``pre_fc_norm_hidden``, the decoder layer ``mtp.layers.0`` (built
+    like the model's last), ``mtp.norm``, then the model's own output head. Its norms are zero-centred,
+    as every Qwen3-Next RMSNorm: ``x_hat * (1 + w)``. As vLLM's ``Qwen3NextMTP`` computes it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(folder))
+    n = config.num_hidden_layers
+    main = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    weights = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        weights.update({k.removeprefix("mtp."): v.float() for k, v in load_file(str(f)).items() if k.startswith("mtp.")})
+    # the decoder layer, loaded by transformers as layer n of the model grown by one layer like the last
+    with tempfile.TemporaryDirectory() as tmp:
+        grown = AutoConfig.from_pretrained(str(folder), num_hidden_layers=n + 1,
+                                           layer_types=config.layer_types + config.layer_types[-1:])
+        grown.save_pretrained(tmp)
+        state = {k: v for k, v in main.state_dict().items()}
+        state.update({f"model.layers.{n}." + k.removeprefix("layers.0."): v for k, v in weights.items() if k.startswith("layers.0.")})
+        main.__class__(grown).save_pretrained(tmp, state_dict=state)
+        layer = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval().model.layers[n]
+    hidden = main.model(input_ids=tokens).last_hidden_state
+    b, s = tokens.shape
+    positions = torch.arange(s).unsqueeze(0).expand(b, s)
+    mask = torch.full((s, s), float("-inf")).triu(1)[None, None].expand(b, 1, s, s)
+    eps = config.rms_norm_eps
+    ids = torch.cat([tokens[:, 1:], torch.zeros_like(tokens[:, :1])], dim=1)
+    emb = main.model.embed_tokens(ids)
+    x = torch.cat([_rms(emb, 1 + weights["pre_fc_norm_embedding.weight"], eps),
+                   _rms(hidden, 1 + weights["pre_fc_norm_hidden.weight"], eps)], dim=-1) @ weights["fc.weight"].T
+    x = layer(x, attention_mask=mask, position_ids=positions, position_embeddings=main.model.rotary_emb(x, positions))
+    x = x[0] if isinstance(x, tuple) else x
+    return _rms(x, 1 + weights["norm.weight"], eps) @ main.lm_head.weight.T

@@ -15,6 +15,7 @@ from safetensors import safe_open
 
 from conftest import distconv_cli, hf_logits, run_export_jobs
 from fixtures.build import FIXTURES, layout_dir
+from mtp_reference import qwen3_next_mtp_logits
 
 TOL = 1e-4
 DENSE = [name for name, fx in FIXTURES.items() if not fx.args.get("num_experts")]  # MoE: test_moe.py
@@ -63,6 +64,8 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
                                                         max_shard_size="100KB", window="60KB"),
                 ("llama", 2, 2, world, "stuck"): _job(built, out / "stuck", "llama", 2, 2, world, stuck_writer=True,
                                                       timeout_s=10),
+                ("qwen3_5", 2, 2, world, "wrong"): _job(built, out / "wrong", "qwen3_5", 2, 2, world,
+                                                        wrong_mapping="out_norm_offset_missing"),
             }
         results = run_export_jobs(world, jobs + list(extra.values()), out)
         for key, job, result in zip(keys + list(extra), jobs + list(extra.values()), results):
@@ -87,13 +90,34 @@ def test_logits_match_megatron(exported, built, name, tp, pp, world):
     assert _check_logits(built, name, result["save"]) <= TOL
 
 
+def test_dense_qwen3_5_carries_its_layout_and_a_wrong_norm_offset_fails(exported, built):
+    """Dense Qwen3.5 (gated delta net, every MLP dense, an MTP layer): the config says which layers are
+    linear attention, has no experts and counts the MTP layer, whose logits (``mtp.*``, as released;
+    TP2 x PP2, on the last stage) equal megatron-core's by the MTP formula; the same export with the
+    gated delta net's output norm copied without its +1 (``wrong_mapping``; every name and shape
+    right) is rejected by the logits."""
+    folder = exported[("qwen3_5", 2, 2, OTHER_WORLD)]["save"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["mtp_num_hidden_layers"] == 1
+    ref = torch.load(built / "refs" / "qwen3_5.pt")
+    mtp = qwen3_next_mtp_logits(folder, ref["tokens"])
+    assert (mtp - ref["mtp_logits"][0][..., : mtp.shape[-1]]).abs().max().item() <= TOL
+    assert config["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]
+    assert (config["model_type"], config["intermediate_size"], config["head_dim"]) == ("qwen3_5_text", 128, 32)
+    assert config["rope_parameters"]["partial_rotary_factor"] == 0.25 and "num_experts" not in config
+    wrong = exported[("qwen3_5", 2, 2, OTHER_WORLD, "wrong")]
+    assert wrong["ok"], wrong.get("error")
+    assert _check_logits(built, "qwen3_5", wrong["save"]) > 100 * TOL
+
+
 @pytest.mark.parametrize("name", DENSE)
 def test_folder_is_a_complete_hf_model(exported, name):
     folder = exported[(name, 2, 2, TRAINING_WORLD)]["save"]
     config = json.loads((folder / "config.json").read_text())
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     expected_arch = {"llama": "LlamaForCausalLM", "llama_tied_mqa": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}[name]
+                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel",
+                     "qwen3_5": "Qwen3_5ForCausalLM"}[name]
     assert config["architectures"] == [expected_arch]
     tied = not FIXTURES[name].args.get("untie_embeddings_and_output_weights", True)
     assert config["tie_word_embeddings"] is tied

@@ -39,7 +39,9 @@ MODELS = {  # name -> (config class name, config overrides, dtype)
     # the window (64) is longer than the test sequence, so megatron-core's full attention agrees
     "mistral": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=64, tie_word_embeddings=False), torch.float32),
 }
-IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2)]
+IMPORTS = [("llama", 2, 2), ("llama_mha", 2, 2), ("qwen2", 2, 2), ("qwen3", 2, 1), ("mistral", 1, 2), ("qwen3_5", 2, 2)]
+# and as block-wise FP8 releases (Qwen3.5's table has no FP8 layout)
+FP8_IMPORTS = [c for c in IMPORTS if c[0] != "qwen3_5"]
 # MoE imports: (name, TP, PP, EP, ETP (None: = TP), grouped GEMM, --transformer-impl); every layout
 # fits the launch's 4 ranks. transformer_engine (the default) is checked against megatron-core's TE
 # spec (under fixtures.te_spec's stand-ins), local against its local spec.
@@ -119,6 +121,11 @@ MODELS["nemotron_h"] = ("NemotronHConfig", dict(
     n_groups=2, ssm_state_size=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
     moe_shared_expert_intermediate_size=48, n_group=1, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True,
     layer_norm_epsilon=1e-5, tie_word_embeddings=False), torch.float32)
+# dense Qwen3.5: the same gated delta net and attention layers, every MLP dense, a pattern that is no
+# interval (Megatron-LM's linear_attention_freq as a list), tied embeddings
+MODELS["qwen3_5"] = ("Qwen3_5TextConfig", dict(
+    {k: v for k, v in QWEN3_NEXT.items() if k.startswith(("linear_", "num_key_value", "head_dim"))}, tie_word_embeddings=True,
+    layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"]), torch.float32)
 # gpt-oss (bf16, as released): sinks, a 4-token window on every other layer, YaRN (transformers' default),
 # biases everywhere, a GLU clamped at 0.5; and with square experts (F == H == 64), two layers
 MODELS["gpt_oss"] = ("GptOssConfig", dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2,
@@ -360,7 +367,7 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
         add(f"import {name}", op="import", load=str(hf[name]), save=meg(name, tp, pp), tp=tp, pp=pp, divisible_by=64)
         add(f"check {name}", op="check", root=meg(name, tp, pp), tp=tp, pp=pp, tokens=TOKENS, logits_out=str(work / f"{name}.pt"))
         add(f"export {name}", op="export", load=meg(name, tp, pp), save=str(work / "back" / name))
-    for name, tp, pp in IMPORTS:  # block-wise FP8 releases, imported to fp32
+    for name, tp, pp in FP8_IMPORTS:  # block-wise FP8 releases, imported to fp32
         fp8, deq = to_fp8(hf[name], work / "fp8")
         for kind, folder in (("fp8", fp8), ("dequantized", deq)):
             add(f"import {name} {kind}", op="import", load=str(folder), save=meg(f"{name}_{kind}", tp, pp), tp=tp, pp=pp,
@@ -386,6 +393,42 @@ def jobs(tmp_path_factory, built, legacy_built) -> dict:
     add("reshard mha", op="reshard", load=meg("llama_mha", 2, 2), save=meg("llama_mha", 4, 1), tp=4, pp=1)
     add("check mha", op="check", root=meg("llama_mha", 4, 1), tp=4, pp=1, tokens=TOKENS, logits_out=str(work / "mha_tp4.pt"))
     add("export mha resharded", op="export", load=meg("llama_mha", 4, 1), save=str(work / "back" / "mha_tp4pp1"))
+    # dense Qwen3.5 (megatron-core's own TP2 x PP2 save) -> TP1 x PP4: one gated delta net or attention layer a stage
+    q35 = str(built / "qwen3_5" / "tp2pp2")
+    add("reshard fx qwen3_5", op="reshard", load=q35, save=meg("fx_qwen3_5", 1, 4), tp=1, pp=4)
+    add("check fx qwen3_5", op="check", root=meg("fx_qwen3_5", 1, 4), tp=1, pp=4,
+        tokens=torch.load(built / "refs" / "qwen3_5.pt")["tokens"].tolist(), logits_out=str(work / "fx_qwen3_5.pt"))
+    add("export qwen3_5_mtp", op="export", load=q35, save=str(work / "back" / "qwen3_5_mtp"))
+    add("export fx qwen3_5 resharded", op="export", load=meg("fx_qwen3_5", 1, 4), save=str(work / "back" / "fx_qwen3_5_tp1pp4"))
+    # Qwen3-Next's MTP layer as its release lays it out: megatron-core's PP2 x EP2 save exported, imported at TP2 x EP2
+    q3m = str(work / "back" / "qwen3_next_mtp")
+    add("export qwen3_next_mtp", op="export", load=str(built / "qwen3_next_mtp" / "tp1pp2ep2"), save=q3m)
+    add("import qwen3_next_mtp", op="import", load=q3m, save=meg("qwen3_next_mtp", 2, 1), tp=2, pp=1, ep=2, divisible_by=64)
+    add("check qwen3_next_mtp", op="check", root=meg("qwen3_next_mtp", 2, 1), tp=2, pp=1, ep=2,
+        tokens=torch.load(built / "refs" / "qwen3_next_mtp.pt")["tokens"].tolist(), logits_out=str(work / "qwen3_next_mtp.pt"))
+    add("export qwen3_next_mtp back", op="export", load=meg("qwen3_next_mtp", 2, 1), save=q3m + "_back")
+    # dense Qwen3.5's (exported above)
+    add("import qwen3_5_mtp", op="import", load=str(work / "back" / "qwen3_5_mtp"), save=meg("qwen3_5_mtp", 2, 2), tp=2, pp=2,
+        divisible_by=64)
+    add("check qwen3_5_mtp", op="check", root=meg("qwen3_5_mtp", 2, 2), tp=2, pp=2,
+        tokens=torch.load(built / "refs" / "qwen3_5.pt")["tokens"].tolist(), logits_out=str(work / "qwen3_5_mtp.pt"))
+    add("export qwen3_5_mtp back", op="export", load=meg("qwen3_5_mtp", 2, 2), save=str(work / "back" / "qwen3_5_mtp_back"))
+    # ... and as Qwen3.5's MoE model (its HF config names the export; the import reads the folder's)
+    from distconv.families.qwen3_next import QWEN3_5_MOE
+    from distconv.megatron.args import spec_from_args
+    from fixtures.megatron_cpu import megatron_args as fixture_args
+
+    q35m_config = work / "qwen3_5_moe_mtp.json"
+    q35m_config.write_text(QWEN3_5_MOE.hf_config(
+        spec_from_args(fixture_args(**FIXTURES["qwen3_next_mtp"].args)).with_vocab(256)).to_json_string())
+    q35m = str(work / "back" / "qwen3_5_moe_mtp")
+    add("export qwen3_5_moe_mtp", op="export", load=str(built / "qwen3_next_mtp" / "tp1pp2ep2"), save=q35m,
+        hf_config=str(q35m_config))
+    add("import qwen3_5_moe_mtp", op="import", load=q35m, save=meg("qwen3_5_moe_mtp", 2, 1), tp=2, pp=1, ep=2, divisible_by=64)
+    add("check qwen3_5_moe_mtp", op="check", root=meg("qwen3_5_moe_mtp", 2, 1), tp=2, pp=1, ep=2,
+        tokens=torch.load(built / "refs" / "qwen3_next_mtp.pt")["tokens"].tolist(), logits_out=str(work / "qwen3_5_moe_mtp.pt"))
+    add("export qwen3_5_moe_mtp back", op="export", load=meg("qwen3_5_moe_mtp", 2, 1), save=q35m + "_back",
+        hf_config=str(q35m_config))
     # legacy mp_rank_* (Llama-style, TP2 PP2) -> torch_dist TP1 PP2
     legacy = str(legacy_built / "llama_v3" / "tp2pp2")
     add("reshard legacy", op="reshard", load=legacy, save=meg("legacy_llama", 1, 2), tp=1, pp=2)
@@ -546,7 +589,7 @@ def test_hf_megatron_hf_round_trip_is_bit_exact(jobs, name):
         assert torch.equal(back[key], t), key
 
 
-@pytest.mark.parametrize("name,tp,pp", IMPORTS + [c[:3] for c in FP8_MOE_IMPORTS])
+@pytest.mark.parametrize("name,tp,pp", FP8_IMPORTS + [c[:3] for c in FP8_MOE_IMPORTS])
 def test_fp8_release_imports_as_its_dequantized_weights(jobs, name, tp, pp):
     """A block-wise FP8 release of each family (MoE ones at EP2): megatron-core's logits equal
     transformers' on the release dequantized by the definition (fp32), and the weights equal
@@ -582,6 +625,45 @@ def test_reshard_fixture_tp2pp2_to_tp1pp4(jobs):
     ok(jobs, "export fx resharded")
     orig, new = hf_tensors(jobs["work"] / "back" / "fx_orig"), hf_tensors(jobs["work"] / "back" / "fx_tp1pp4")
     assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
+
+
+def test_reshard_dense_qwen3_5_tp2pp2_to_tp1pp4(jobs):
+    """megatron-core's own dense Qwen3.5 save (gated delta nets split per component over TP, an MTP
+    layer) at TP1 x PP4: the chunks megatron-core declares, its logits and MTP logits, and the same
+    exported tensors bit for bit."""
+    ok(jobs, "reshard fx qwen3_5")
+    report = ok(jobs, "check fx qwen3_5")
+    assert report["layout_equal"], report
+    megatron, ref = torch.load(jobs["work"] / "fx_qwen3_5.pt"), torch.load(jobs["built"] / "refs" / "qwen3_5.pt")
+    assert (megatron - ref["logits"]).abs().max().item() <= TOL
+    assert (torch.load(jobs["work"] / "fx_qwen3_5.pt.mtp")[0] - ref["mtp_logits"][0]).abs().max().item() <= TOL
+    ok(jobs, "export qwen3_5_mtp")
+    ok(jobs, "export fx qwen3_5 resharded")
+    orig, new = (hf_tensors(jobs["work"] / "back" / k) for k in ("qwen3_5_mtp", "fx_qwen3_5_tp1pp4"))
+    assert sorted(orig) == sorted(new) and all(torch.equal(orig[k], new[k]) for k in orig)
+
+
+@pytest.mark.parametrize("name,fixture", [("qwen3_next_mtp", "qwen3_next_mtp"), ("qwen3_5_moe_mtp", "qwen3_next_mtp"),
+                                          ("qwen3_5_mtp", "qwen3_5")])
+def test_qwen3_next_mtp_layer_imports_and_exports_back(jobs, name, fixture):
+    """Qwen3-Next's export with its MTP layer (``mtp.*``, as released), and Qwen3.5's (MoE and dense),
+    imports (TP2 x EP2; dense: TP2 x PP2): megatron-core declares exactly the stored chunks, and its
+    logits and MTP logits equal those of the checkpoint the folder was exported from; exported again,
+    the folder is the same bit for bit."""
+    ok(jobs, f"export {name}")
+    ok(jobs, f"import {name}")
+    report = ok(jobs, f"check {name}")
+    assert report["layout_equal"], report
+    assert any(k.startswith("mtp.layers.0.transformer_layer.") for k in report["keys"])
+    ref = torch.load(jobs["built"] / "refs" / f"{fixture}.pt")
+    logits, mtp = (torch.load(jobs["work"] / f"{name}.pt{suffix}") for suffix in ("", ".mtp"))
+    assert len(mtp) == len(ref["mtp_logits"]) == 1
+    for ours, theirs in zip([logits] + mtp, [ref["logits"]] + ref["mtp_logits"]):
+        assert (ours - theirs).abs().max().item() <= TOL
+    ok(jobs, f"export {name} back")
+    orig, again = (hf_tensors(jobs["work"] / "back" / folder) for folder in (name, f"{name}_back"))
+    assert sorted(orig) == sorted(again) and any(k.startswith("mtp.") for k in orig)
+    assert all(torch.equal(orig[k], again[k]) for k in orig)
 
 
 def test_reshard_tp2pp2_to_tp4pp1(jobs):

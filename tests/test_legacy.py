@@ -261,7 +261,7 @@ def test_inspect_torch_dist(built, name):
                 "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                 "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM",
                 "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_plain": "Glm4MoeForCausalLM",
-                "gpt_oss": "GptOssForCausalLM", "gpt_oss_square": "GptOssForCausalLM"}
+                "gpt_oss": "GptOssForCausalLM", "gpt_oss_square": "GptOssForCausalLM", "qwen3_5": "Qwen3_5ForCausalLM"}
     for (tp, pp, ep, _), report in zip(layouts, reports):
         assert report["format"] == "torch_dist" and report["iteration"] == fx.iteration
         lay = report["layout"]
@@ -275,7 +275,8 @@ def test_inspect_torch_dist(built, name):
     a = megatron_args(**fx.args)
     layers = {t["name"]: t["shape"] for t in reports[0]["tensors"]}
     assert layers["embedding.word_embeddings.weight"] == [a.padded_vocab_size, a.hidden_size]
-    if not a.num_experts:  # dense layers are stacked along a leading num_layers axis
+    if not a.num_experts and not a.experimental_attention_variant:  # dense layers are stacked along a leading
+        # num_layers axis (a gated delta net model's, different from layer to layer, are not)
         assert layers["decoder.layers.self_attention.linear_proj.weight"][0] == a.num_layers
 
 

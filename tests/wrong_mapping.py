@@ -16,6 +16,12 @@ DeepSeek-V3's router (Kimi-K2's, Moonlight's):
 - ``expert_bias_zeroed``: ``e_score_correction_bias`` <-> ``router.expert_bias`` written as zeros
   both ways (Megatron-Bridge #4657): every name, shape and dtype is right.
 
+Qwen3.5's gated delta net (dense ``Qwen3_5ForCausalLM``):
+
+- ``out_norm_offset_missing``: ``linear_attn.norm`` (plain gamma) <-> megatron-core's zero-centred
+  ``out_norm`` copied as stored, without the +1 (Megatron-Bridge's zero-centred norm mappings):
+  every name, shape and dtype is right.
+
 DeepSeek-V3.2's indexer:
 
 - ``indexer_copied``: the DSA indexer's tensors copied as stored, without the RoPE row order or
@@ -43,6 +49,7 @@ from distconv.families.deepseek_v3 import DEEPSEEK_V3
 from distconv.families.dsa import DEEPSEEK_V32
 from distconv.families.gpt_oss import GPT_OSS
 from distconv.families.nemotron_h import NEMOTRON_H, Concat, _in_proj_rows
+from distconv.families.qwen3_next import QWEN3_5
 from distconv.megatron.model import stand_ins
 from distconv.spec import ModelSpec
 
@@ -96,6 +103,7 @@ WRONG: dict[str, tuple[Family, str, Transform | None]] = {
     "expert_bias_zeroed": (DEEPSEEK_V3, "mlp.router.expert_bias", _Zeroed()),
     "indexer_copied": (DEEPSEEK_V32, "core_attention.indexer.", None),
     "mamba_z_x_swapped": (NEMOTRON_H, "mixer.in_proj.weight.z", _ZXSwapped(_in_proj_rows)),
+    "out_norm_offset_missing": (QWEN3_5, "self_attention.out_norm.weight", Transform()),
 }
 
 

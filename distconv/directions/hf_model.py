@@ -23,7 +23,8 @@ def hf_tensors(config: Any, family: Family, spec: ModelSpec) -> dict[str, tuple[
     family's rules: HF layer ``num_layers + m`` holds a decoder layer like the last one, the MTP
     layer's own modules (their shapes the catalogue's), and the copies the rules repeat in every
     MTP layer (``Rule.mtp_copy``: the embedding and the output head; some releases, GLM-4.6's,
-    leave these out).
+    leave these out); or apart from the model's layers, as ``Family.mtp_apart`` renames them
+    (Qwen3-Next's ``mtp.*``).
     """
     expected = expected_hf_tensors(config)
     out = dict(expected)
@@ -39,7 +40,7 @@ def hf_tensors(config: Any, family: Family, spec: ModelSpec) -> dict[str, tuple[
             sub = rule.megatron.removeprefix(_LAYER)
             for expert in range(spec.num_experts or 0) if "{expert}" in sub else (None,):
                 where = {} if expert is None else {"expert": expert}
-                names = [hf.format(layer=layer, **where) for hf in rule.hf_names]
+                names = [family.hf_name(hf.format(layer=layer, **where), spec) for hf in rule.hf_names]
                 if sub in own:
                     meta = torch.empty(own[sub], device="meta")
                     out.update({n: tuple(t.shape) for n, t in zip(names, rule.transform.export(meta, spec))})

@@ -61,14 +61,15 @@ def _check_counts(spec: ModelSpec, family: Family, source: Source, what: str) ->
         if held != experts:
             raise DistconvError(f"{what}: the config says {experts} experts, but the safetensors' {name} holds {held}; "
                                 "no model is built from a config that contradicts the tensors")
-    counts = (("layers", _HF_LAYER, spec.num_layers + spec.mtp_num_layers),) + (
+    mtp = 0 if family.mtp_apart else spec.mtp_num_layers  # MTP layers apart: not numbered among the model's
+    counts = (("layers", _HF_LAYER, spec.num_layers + mtp),) + (
         () if stacks else (("experts", _HF_EXPERT, experts),))
     for kind, pattern, said in counts:
         stored = {int(m.group(1)) for n in names if (m := pattern.search(n))}
         if not numbered(stored, said):
-            mtp = " (MTP layers included)" if kind == "layers" and spec.mtp_num_layers else ""
+            included = " (MTP layers included)" if kind == "layers" and mtp else ""
             held = f"{len(stored)} (numbered {min(stored)} to {max(stored)})" if stored else "none"
-            raise DistconvError(f"{what}: the config says {said} {kind}{mtp}, but the safetensors store {held}; "
+            raise DistconvError(f"{what}: the config says {said} {kind}{included}, but the safetensors store {held}; "
                                 "no model is built from a config that contradicts the tensors")
 
 
@@ -92,7 +93,7 @@ def _items(family: Family, spec: ModelSpec, source: Source, expected: dict[str, 
             if not rule.maps_layer(spec, layer):
                 continue
             fmt = {k: v for k, v in (("layer", layer), ("expert", expert)) if v is not None}
-            hf = tuple(h.format(**fmt) for h in rule.hf_names)
+            hf = tuple(family.hf_name(h.format(**fmt), spec) for h in rule.hf_names)
             if not any(h in expected for h in hf):
                 continue
             if not all(h in expected for h in hf):

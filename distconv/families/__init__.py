@@ -14,11 +14,11 @@ from distconv.families.qwen2_moe import QWEN2_MOE
 from distconv.families.qwen3_moe import QWEN3_MOE
 from distconv.families.qwen2 import QWEN2
 from distconv.families.qwen3 import QWEN3
-from distconv.families.qwen3_next import QWEN3_5_MOE, QWEN3_NEXT
+from distconv.families.qwen3_next import QWEN3_5, QWEN3_5_MOE, QWEN3_NEXT
 
-FAMILIES: tuple[Family, ...] = (NEMOTRON_H, GPT_OSS, QWEN3_NEXT, QWEN3_5_MOE, DEEPSEEK_V32, GLM_MOE_DSA, DEEPSEEK_V3,
-                                 GLM4_MOE, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT2, QWEN3,
-                                 QWEN2, MISTRAL, LLAMA)
+FAMILIES: tuple[Family, ...] = (NEMOTRON_H, GPT_OSS, QWEN3_NEXT, QWEN3_5_MOE, QWEN3_5, DEEPSEEK_V32, GLM_MOE_DSA,
+                                 DEEPSEEK_V3, GLM4_MOE, QWEN2_MOE, QWEN3_MOE, MIXTRAL, GPT2, QWEN3, QWEN2, MISTRAL,
+                                 LLAMA)
 
 # hub ``model_type`` -> (architecture, transformers config class) for the types transformers lacks
 # (``Family.model_types``), handed to ``hf.source.read_config`` by whoever reads an HF config

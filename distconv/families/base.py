@@ -109,6 +109,7 @@ GATE_UP = SplitGateUp()
 VOCAB = VocabRows()
 
 _PLACEHOLDER = re.compile(r"\{(\w+)\}")
+_HF_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,6 +213,20 @@ class Family:
     # hub ``model_type``s transformers has no class for, whose ``config.json`` is this architecture's config
     # with fields of its own (Kimi-K2's ``kimi_k2``): read from JSON into ``config_class`` (``hf.source.read_config``)
     model_types: tuple[str, ...] = ()
+    # releases keeping their MTP layer apart from the model's layers (Qwen3-Next's ``mtp.*``), as
+    # ``(prefix, own)``: the rules name MTP layer m as HF layer ``num_layers + m`` (DeepSeek's layout);
+    # here its own modules ``own`` (names after the layer's prefix) are ``prefix`` + name instead, and
+    # its decoder layer ``{prefix}layers.{m}.``; one MTP layer only (``own`` are not numbered)
+    mtp_apart: tuple[str, tuple[str, ...]] | None = None
+
+    def hf_name(self, name: str, spec: ModelSpec) -> str:
+        """An HF name as the rules make it, as the release spells it (``mtp_apart``)."""
+        m = _HF_LAYER.match(name) if self.mtp_apart else None
+        if m is None or int(m[1]) < spec.num_layers:
+            return name
+        prefix, own = self.mtp_apart
+        rest = name[m.end():]
+        return prefix + rest if rest in own else f"{prefix}layers.{int(m[1]) - spec.num_layers}.{rest}"
 
     def unsupported(self, spec: ModelSpec) -> list[str]:
         """Reasons this family cannot express ``spec`` exactly (empty when it can)."""
@@ -351,7 +366,7 @@ class Family:
 
     def _outputs(self, name: str, rule: Rule, groups: dict[str, str], out: Tensors, spec: ModelSpec,
                  fp8_rest: torch.dtype | None, mxfp4_rest: torch.dtype | None) -> list[tuple[str, torch.Tensor]]:
-        named = [(hf.format(**groups), x) for hf, x in zip(rule.hf_names, out)]
+        named = [(self.hf_name(hf.format(**groups), spec), x) for hf, x in zip(rule.hf_names, out)]
         named += [(copy, named[0][1]) for copy in rule.mtp_copies(spec)]
         if rule.float32:
             return [(hf, x.float()) for hf, x in named]

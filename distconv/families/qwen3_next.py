@@ -1,6 +1,7 @@
-"""Qwen3-Next (``Qwen3NextForCausalLM``) and Qwen3.5's text MoE model (``Qwen3_5MoeForCausalLM``):
-gated delta net layers (``linear_attn``) between gated attention layers, zero-centred RMSNorms,
-partial RoPE, routed experts with a sigmoid-gated shared expert.
+"""Qwen3-Next (``Qwen3NextForCausalLM``) and Qwen3.5's text models (``Qwen3_5MoeForCausalLM``,
+``Qwen3_5ForCausalLM``): gated delta net layers (``linear_attn``) between gated attention layers,
+zero-centred RMSNorms, partial RoPE, and routed experts with a sigmoid-gated shared expert (dense
+gated MLPs in every layer of the dense Qwen3.5).
 
 megatron-core 0.16 builds these as a GPT model with ``experimental_attention_variant=
 "gated_delta_net"``; ``linear_attention_freq`` <-> HF ``layer_types``. How the two formats lay out
@@ -24,11 +25,16 @@ the same tensors:
   Adding 1 rounds in the weights' dtype; weights in ``[0.5, 2]`` (``gamma - 1`` in ``[-0.5, 1]``) go
   and come back exactly.
 
-MTP layers (the releases' ``mtp.*``) are not converted: transformers does not load them, so no
-logits could prove a mapping; a checkpoint or a folder holding them is refused. Qwen3.5 is written
-and read as its text model, ``Qwen3_5MoeForCausalLM`` (every layer MoE, top-k renormalised); its
-multimodal releases (``Qwen3_5MoeForConditionalGeneration``) are not read. Qwen3.5's multimodal
-RoPE with text positions is the plain partial RoPE megatron-core applies.
+The releases' one MTP layer (``mtp.*``, ``MTP_RULES``) converts both ways, for all three classes;
+transformers does not load it, so its mapping is proven against megatron-core's MTP logits by the
+published MTP formula on the exported tensors (the tests' ``mtp_reference``).
+
+Qwen3.5 is written and read as its text models: ``Qwen3_5MoeForCausalLM`` (every layer MoE, top-k
+renormalised), chosen by an HF config naming it (Qwen3-Next expresses every such model too), and
+``Qwen3_5ForCausalLM`` (every layer a dense gated MLP, megatron-core's pre-MLP norm fused into
+``linear_fc1``), the only class for a gated delta net model without experts, so chosen for one; the
+multimodal releases (``Qwen3_5*ForConditionalGeneration``) are not read. Qwen3.5's multimodal RoPE
+with text positions is the plain partial RoPE megatron-core applies.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from distconv.families.base import GATE_UP, VOCAB, Family, JointTransform, Rule, Tensors, Transform, _hf_value
+from distconv.families.llama import REQUIRES as DENSE_REQUIRES
 from distconv.families.llama import H, L, spec_fields
 from distconv.families.moe import (
     QWEN_MOE_SPEC, QWEN_MOE_SPELLED_BY, SOFTMAX_REQUIRES, dense_layers, expert_rules, fields, shared_expert_rules,
@@ -141,39 +148,46 @@ def _in_proj(*components: str) -> tuple[str, ...]:
 CONV = Rule(A + "conv1d.weight.query", HL + "conv1d.weight", PerKeyHead(_qkv, grouped=False),
             joint=(A + "conv1d.weight.key", A + "conv1d.weight.value"))
 
-# every tensor but the gated delta net's input projection (no block-wise FP8 layout: ``fp8`` unset)
+# every tensor of a dense model but the gated delta net's input projection (no block-wise FP8 layout: ``fp8`` unset)
+DENSE_RULES = (
+    Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
+    Rule("output_layer.weight", "lm_head.weight", VOCAB),
+    Rule(A + "linear_qkv.layer_norm_weight", H + "input_layernorm.weight", ZERO_CENTERED),
+    Rule(A + "linear_qkv.weight", (HA + "q_proj.weight", HA + "k_proj.weight", HA + "v_proj.weight"), GATED_QKV),
+    Rule(A + "linear_proj.weight", HA + "o_proj.weight"),
+    Rule(A + "q_layernorm.weight", HA + "q_norm.weight", ZERO_CENTERED),
+    Rule(A + "k_layernorm.weight", HA + "k_norm.weight", ZERO_CENTERED),
+    Rule(L + "mlp.linear_fc1.layer_norm_weight", H + "post_attention_layernorm.weight", ZERO_CENTERED),
+    Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GATE_UP),
+    Rule(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight"),
+    Rule("decoder.final_layernorm.weight", "model.norm.weight", ZERO_CENTERED),
+    CONV,
+    Rule(A + "A_log", HL + "A_log"),
+    Rule(A + "dt_bias", HL + "dt_bias"),
+    Rule(A + "out_norm.weight", HL + "norm.weight", PLAIN),
+    Rule(A + "out_proj.weight", HL + "out_proj.weight"),
+)
+# ... and of a model with experts
 COMMON_RULES = (
-    (
-        Rule("embedding.word_embeddings.weight", "model.embed_tokens.weight", VOCAB),
-        Rule("output_layer.weight", "lm_head.weight", VOCAB),
-        Rule(A + "linear_qkv.layer_norm_weight", H + "input_layernorm.weight", ZERO_CENTERED),
-        Rule(A + "linear_qkv.weight", (HA + "q_proj.weight", HA + "k_proj.weight", HA + "v_proj.weight"), GATED_QKV),
-        Rule(A + "linear_proj.weight", HA + "o_proj.weight"),
-        Rule(A + "q_layernorm.weight", HA + "q_norm.weight", ZERO_CENTERED),
-        Rule(A + "k_layernorm.weight", HA + "k_norm.weight", ZERO_CENTERED),
-        Rule(L + "mlp.linear_fc1.layer_norm_weight", H + "post_attention_layernorm.weight", ZERO_CENTERED),
-        Rule(L + "mlp.linear_fc1.weight", (H + "mlp.gate_proj.weight", H + "mlp.up_proj.weight"), GATE_UP),
-        Rule(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight"),
-        Rule("decoder.final_layernorm.weight", "model.norm.weight", ZERO_CENTERED),
-        CONV,
-        Rule(A + "A_log", HL + "A_log"),
-        Rule(A + "dt_bias", HL + "dt_bias"),
-        Rule(A + "out_norm.weight", HL + "norm.weight", PLAIN),
-        Rule(A + "out_proj.weight", HL + "out_proj.weight"),
-        Rule(L + "mlp.shared_experts.gate_weight", H + "mlp.shared_expert_gate.weight"),
-    )
+    DENSE_RULES
+    + (Rule(L + "mlp.shared_experts.gate_weight", H + "mlp.shared_expert_gate.weight"),)
     + tuple(dataclasses.replace(r, fp8=False) for r in expert_rules("mlp.", "gate_proj.weight", "up_proj.weight",
                                                                     "down_proj.weight") + shared_expert_rules("shared_expert"))
 )
 
-REQUIRES: dict[str, Any] = {
-    **SOFTMAX_REQUIRES,
+# what every gated delta net model needs, with experts or without
+GDN_REQUIRES: dict[str, Any] = {
     "experimental_attention_variant": GDN,
     "attention_output_gate": True,
     "qk_layernorm": True,
     "zero_centered_gamma": lambda z: True,  # either: NormOffset
     "rotary_percent": lambda p: 0.0 < p <= 1.0,  # partial_rotary_factor
     "rope_scaling": None,
+}
+
+REQUIRES: dict[str, Any] = {
+    **SOFTMAX_REQUIRES,
+    **GDN_REQUIRES,
     "moe_shared_ffn_hidden_size": lambda n: bool(n),
     "moe_shared_gate": True,  # HF always gates the shared expert with a sigmoid
 }
@@ -183,7 +197,7 @@ def _layer_types(spec: ModelSpec) -> list[str]:
     return ["linear_attention" if linear else "full_attention" for linear in spec.linear_attention]
 
 
-CONFIG_FIELDS = fields() + (
+GDN_FIELDS = fields() + (
     ("partial_rotary_factor", lambda s: s.rotary_percent),
     ("attention_bias", lambda s: False),
     ("layer_types", _layer_types),
@@ -192,13 +206,15 @@ CONFIG_FIELDS = fields() + (
     ("linear_value_head_dim", lambda s: s.linear_value_head_dim),
     ("linear_num_key_heads", lambda s: s.linear_num_key_heads),
     ("linear_num_value_heads", lambda s: s.linear_num_value_heads),
+)
+CONFIG_FIELDS = GDN_FIELDS + (
     ("num_experts", lambda s: s.num_experts),
     ("num_experts_per_tok", lambda s: s.moe_topk),
     ("moe_intermediate_size", lambda s: s.moe_ffn_hidden_size),
     ("shared_expert_intermediate_size", lambda s: s.moe_shared_ffn_hidden_size),
 )
 
-SPEC_FIELDS = with_fields(
+DENSE_SPEC_FIELDS = with_fields(
     spec_fields(
         head_dim=lambda c: c.head_dim,
         add_bias_linear=lambda c: bool(c.attention_bias),  # q/k/v/o biases: refused (REQUIRES)
@@ -207,9 +223,6 @@ SPEC_FIELDS = with_fields(
         rotary_percent=lambda c: float(_hf_value(c, "partial_rotary_factor")),
         zero_centered_gamma=lambda c: True,  # what Megatron-Bridge trains these models with
     ),
-    **QWEN_MOE_SPEC,
-    moe_shared_ffn_hidden_size=lambda c: c.shared_expert_intermediate_size,
-    moe_shared_gate=lambda c: True,
     attention_output_gate=lambda c: True,
     experimental_attention_variant=lambda c: GDN,
     linear_attention=lambda c: tuple(t == "linear_attention" for t in c.layer_types),
@@ -219,27 +232,54 @@ SPEC_FIELDS = with_fields(
     linear_num_key_heads=lambda c: c.linear_num_key_heads,
     linear_num_value_heads=lambda c: c.linear_num_value_heads,
 )
+SPEC_FIELDS = with_fields(
+    DENSE_SPEC_FIELDS,
+    **QWEN_MOE_SPEC,
+    moe_shared_ffn_hidden_size=lambda c: c.shared_expert_intermediate_size,
+    moe_shared_gate=lambda c: True,
+)
 
-MTP = (("mtp.", "MTP layers: transformers does not load them, and distconv does not convert them"),)
+# Multi-token prediction, as Qwen3-Next's release stores its one MTP layer: apart from the model's
+# layers (``Family.mtp_apart``), ``mtp.fc`` taking ``[pre_fc_norm_embedding(embedding);
+# pre_fc_norm_hidden(hidden)]`` (megatron-core's ``eh_proj`` of ``[enorm(embedding); hnorm(hidden)]``),
+# a decoder layer ``mtp.layers.0`` like the last one, ``mtp.norm``; the model's embedding and output
+# head (no copies); its norms zero-centred like the others. The config counts it as
+# ``mtp_num_hidden_layers`` (what vLLM reads; transformers keeps the field and ignores ``mtp.*``).
+MTP_RULES = (
+    Rule(L + "enorm.weight", H + "pre_fc_norm_embedding.weight", ZERO_CENTERED),
+    Rule(L + "hnorm.weight", H + "pre_fc_norm_hidden.weight", ZERO_CENTERED),
+    Rule(L + "eh_proj.weight", H + "fc.weight"),
+    Rule(L + "final_layernorm.weight", H + "norm.weight", ZERO_CENTERED),
+)
+MTP_APART = ("mtp.", ("pre_fc_norm_embedding.weight", "pre_fc_norm_hidden.weight", "fc.weight", "norm.weight"))
+MTP_REQUIRES: dict[str, Any] = {"mtp_num_layers": lambda n: n in (0, 1), "mtp_conflict": None}
+MTP_FIELDS = (("mtp_num_hidden_layers", lambda s: s.mtp_num_layers or None),)
+MTP_UNCOUNTED = (("mtp.", "MTP layers the config does not count (mtp_num_hidden_layers)"),)
+
+
+def _mtp_layers(c: PretrainedConfig) -> int:
+    return getattr(c, "mtp_num_hidden_layers", None) or 0
+
 
 
 QWEN3_NEXT = Family(
     architecture="Qwen3NextForCausalLM",
     config_class="Qwen3NextConfig",
-    rules=COMMON_RULES + (
+    rules=MTP_RULES + COMMON_RULES + (
         Rule(_in_proj("query")[0], HL + "in_proj_qkvz.weight", PerKeyHead(_qkvz), joint=_in_proj("key", "value", "z")),
         Rule(_in_proj("beta")[0], HL + "in_proj_ba.weight", PerKeyHead(_ba), joint=_in_proj("alpha")),
     ),
-    requires=REQUIRES,
-    config_fields=CONFIG_FIELDS + (
+    requires={**REQUIRES, **MTP_REQUIRES},
+    config_fields=CONFIG_FIELDS + MTP_FIELDS + (
         ("norm_topk_prob", lambda s: not s.moe_pre_softmax),
         ("decoder_sparse_step", lambda s: 1),
         ("mlp_only_layers", dense_layers),
     ),
-    detect=lambda spec: spec.experimental_attention_variant == GDN,
-    spec_fields=SPEC_FIELDS,
+    detect=lambda spec: spec.experimental_attention_variant == GDN and bool(spec.num_experts),
+    spec_fields=with_fields(SPEC_FIELDS, mtp_num_layers=_mtp_layers),
     spelled_by=QWEN_MOE_SPELLED_BY,
-    unconverted=MTP,
+    unconverted=MTP_UNCOUNTED,
+    mtp_apart=MTP_APART,
 )
 
 
@@ -247,24 +287,40 @@ def _all_moe(c: PretrainedConfig) -> tuple[bool, ...]:
     return (True,) * c.num_hidden_layers
 
 
+# Qwen3.5's gated delta net input projection: flat, one HF tensor per Megatron one but q, k, v
+FLAT_IN_PROJ = (
+    Rule(_in_proj("query")[0], HL + "in_proj_qkv.weight", PerKeyHead(_qkv, grouped=False), joint=_in_proj("key", "value")),
+    Rule(_in_proj("z")[0], HL + "in_proj_z.weight"),
+    Rule(_in_proj("beta")[0], HL + "in_proj_b.weight"),
+    Rule(_in_proj("alpha")[0], HL + "in_proj_a.weight"),
+)
+
 QWEN3_5_MOE = Family(
     architecture="Qwen3_5MoeForCausalLM",
     config_class="Qwen3_5MoeTextConfig",
-    rules=COMMON_RULES + (
-        Rule(_in_proj("query")[0], HL + "in_proj_qkv.weight", PerKeyHead(_qkv, grouped=False),
-             joint=_in_proj("key", "value")),
-        Rule(_in_proj("z")[0], HL + "in_proj_z.weight"),
-        Rule(_in_proj("beta")[0], HL + "in_proj_b.weight"),
-        Rule(_in_proj("alpha")[0], HL + "in_proj_a.weight"),
-    ),
-    requires={**REQUIRES, "moe_layers": all, "moe_pre_softmax": False},  # HF: every layer MoE, renormalised
-    config_fields=tuple((n, fn) for n, fn in CONFIG_FIELDS if n != "intermediate_size"),
+    rules=MTP_RULES + COMMON_RULES + FLAT_IN_PROJ,
+    requires={**REQUIRES, **MTP_REQUIRES, "moe_layers": all, "moe_pre_softmax": False},  # HF: every layer MoE, renormalised
+    config_fields=tuple((n, fn) for n, fn in CONFIG_FIELDS if n != "intermediate_size") + MTP_FIELDS,
     detect=lambda spec: False,  # chosen by --hf-config's architecture: Qwen3-Next expresses every model it does
     spec_fields=with_fields(
         tuple((n, fn) for n, fn in SPEC_FIELDS if n not in ("ffn_hidden_size", "moe_layers", "moe_pre_softmax")),
         ffn_hidden_size=lambda c: c.moe_intermediate_size,  # no dense layer: Megatron-LM's ffn_hidden_size is unused
         moe_layers=_all_moe,
         moe_pre_softmax=lambda c: False,
+        mtp_num_layers=_mtp_layers,
     ),
-    unconverted=MTP,
+    unconverted=MTP_UNCOUNTED,
+    mtp_apart=MTP_APART,
+)
+
+QWEN3_5 = Family(
+    architecture="Qwen3_5ForCausalLM",
+    config_class="Qwen3_5TextConfig",
+    rules=MTP_RULES + DENSE_RULES + FLAT_IN_PROJ,
+    requires={**DENSE_REQUIRES, **GDN_REQUIRES, **MTP_REQUIRES},  # no experts: every layer a dense gated MLP
+    config_fields=GDN_FIELDS + MTP_FIELDS,
+    detect=lambda spec: spec.experimental_attention_variant == GDN and not spec.num_experts,
+    spec_fields=with_fields(DENSE_SPEC_FIELDS, mtp_num_layers=_mtp_layers),
+    unconverted=MTP_UNCOUNTED,
+    mtp_apart=MTP_APART,
 )

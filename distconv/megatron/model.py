@@ -170,8 +170,9 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
     if spec.mtp_num_layers:  # MTP layers (on the last stage), built like the last decoder layer
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
-        with stand_ins(dsa.spec_changes() if sparse else []):
-            mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, layers, use_transformer_engine=transformer_engine or sparse)
+        with stand_ins(dsa.spec_changes() if sparse else gated_delta_net.spec_changes() if gdn else []):
+            mtp["mtp_block_spec"] = get_gpt_mtp_block_spec(config, layers,
+                                                           use_transformer_engine=transformer_engine or sparse or gdn)
     rope = rope_args(spec)
     with stand_ins(gated_delta_net.kernel_changes() if gdn else dsa.spec_changes() if sparse else []):
         return GPTModel(
