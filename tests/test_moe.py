@@ -528,7 +528,7 @@ def _broken_qwen3_next(how: str):
     import dataclasses
 
     from distconv.families import qwen3_next as q
-    from distconv.families.base import Transform
+    from distconv.families.base import Concat, Transform
 
     class Twice(Transform):  # the norm offset applied twice
         def export(self, t, spec):
@@ -541,7 +541,7 @@ def _broken_qwen3_next(how: str):
             return heads.transpose(0, 1).reshape(q_proj.shape), k, v
 
     wrong = {"norm-offset-twice": (q.A + "out_norm.weight", Twice()),
-             "flat-in-proj": (q.A + "in_proj.weight.query", q.PerKeyHead(q._qkvz, grouped=False)),
+             "flat-in-proj": (q.A + "in_proj.weight.query", Concat(q._qkvz)),
              "gate-after-queries": (q.A + "linear_qkv.weight", GateAfterQueries())}[how]
     rules = tuple(dataclasses.replace(r, transform=wrong[1]) if r.megatron == wrong[0] else r for r in q.QWEN3_NEXT.rules)
     return dataclasses.replace(q.QWEN3_NEXT, rules=rules)

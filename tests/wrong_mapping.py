@@ -44,11 +44,11 @@ import torch
 
 from distconv.directions import export, import_
 from distconv.families import FAMILIES
-from distconv.families.base import Family, JointTransform, Transform
+from distconv.families.base import Concat, Family, JointTransform, Transform
 from distconv.families.deepseek_v3 import DEEPSEEK_V3
 from distconv.families.dsa import DEEPSEEK_V32
 from distconv.families.gpt_oss import GPT_OSS
-from distconv.families.nemotron_h import NEMOTRON_H, Concat, _in_proj_rows
+from distconv.families.nemotron_h import NEMOTRON_H, _in_proj_rows
 from distconv.families.qwen3_next import QWEN3_5
 from distconv.megatron.model import stand_ins
 from distconv.spec import ModelSpec

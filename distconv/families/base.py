@@ -57,6 +57,21 @@ class JointTransform:
         raise NotImplementedError
 
 
+class Concat(JointTransform):
+    """One HF tensor that is several Megatron tensors stacked on their rows (``rows(spec)`` rows each):
+    Nemotron-H's Mamba ``in_proj`` and ``conv1d``, Qwen3.5's ``in_proj_qkv``, the gated delta net's ``conv1d``."""
+
+    def __init__(self, rows: Callable[[ModelSpec], tuple[int, ...]]) -> None:
+        self.rows = rows
+
+    def export(self, ts: Tensors, spec: ModelSpec) -> Tensors:
+        return (torch.cat(ts, dim=0),)
+
+    def import_(self, ts: Tensors, spec: ModelSpec) -> Tensors:
+        (t,) = ts
+        return tuple(t.split(list(self.rows(spec)), dim=0))
+
+
 class SplitQKV(Transform):
     """Megatron's fused ``linear_qkv`` is grouped per KV head: ``[q_g (r heads), k_g, v_g] x ng``."""
 

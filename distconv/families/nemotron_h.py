@@ -31,9 +31,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
-from distconv.families.base import QKV, VOCAB, Family, JointTransform, Rule, Tensors
+from distconv.families.base import QKV, VOCAB, Concat, Family, Rule
 from distconv.families.llama import REQUIRES as LLAMA_REQUIRES
 from distconv.families.llama import spec_fields
 from distconv.spec import ModelSpec
@@ -53,20 +51,6 @@ CONV_KERNEL = 4  # megatron-core's ``MambaMixer`` d_conv: no arg changes it
 BLOCK_TYPES = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 HF_BLOCK_TYPES = {"M": "linear_attention", "*": "full_attention", "-": "mlp", "E": "moe"}
 _FROM_HF = {**{v: k for k, v in BLOCK_TYPES.items()}, **{v: k for k, v in HF_BLOCK_TYPES.items()}}
-
-
-class Concat(JointTransform):
-    """One HF tensor that is several Megatron tensors stacked on their rows (``rows(spec)`` each)."""
-
-    def __init__(self, rows: Callable[[ModelSpec], tuple[int, ...]]) -> None:
-        self.rows = rows
-
-    def export(self, ts: Tensors, spec: ModelSpec) -> Tensors:
-        return (torch.cat(ts, dim=0),)
-
-    def import_(self, ts: Tensors, spec: ModelSpec) -> Tensors:
-        (t,) = ts
-        return tuple(t.split(list(self.rows(spec)), dim=0))
 
 
 def _in_proj_rows(s: ModelSpec) -> tuple[int, ...]:

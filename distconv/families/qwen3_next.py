@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from distconv.families.base import GATE_UP, VOCAB, Family, JointTransform, Rule, Tensors, Transform, _hf_value
+from distconv.families.base import GATE_UP, VOCAB, Concat, Family, JointTransform, Rule, Tensors, Transform, _hf_value
 from distconv.families.llama import REQUIRES as DENSE_REQUIRES
 from distconv.families.llama import H, L, spec_fields
 from distconv.families.moe import (
@@ -84,21 +84,17 @@ class NormOffset(Transform):
 class PerKeyHead(JointTransform):
     """One HF tensor made of several Megatron tensors (``rows(spec)`` rows each), grouped by the
     gated delta net's key heads: for each key head, each Megatron tensor's rows of that head in
-    turn (Qwen3-Next's ``in_proj_qkvz``: ``[q_h, k_h, v_h*, z_h*]`` per key head h). With
-    ``grouped=False`` they are simply concatenated (Qwen3.5's ``in_proj_qkv``, both conv1d's)."""
+    turn (Qwen3-Next's ``in_proj_qkvz``: ``[q_h, k_h, v_h*, z_h*]`` per key head h)."""
 
-    def __init__(self, rows: Callable[[ModelSpec], tuple[int, ...]], grouped: bool = True) -> None:
-        self.rows, self.grouped = rows, grouped
-
-    def _groups(self, spec: ModelSpec) -> int:
-        return spec.linear_num_key_heads if self.grouped else 1
+    def __init__(self, rows: Callable[[ModelSpec], tuple[int, ...]]) -> None:
+        self.rows = rows
 
     def export(self, ts: Tensors, spec: ModelSpec) -> Tensors:
-        g, rest = self._groups(spec), ts[0].shape[1:]
+        g, rest = spec.linear_num_key_heads, ts[0].shape[1:]
         return (torch.cat([t.reshape(g, -1, *rest) for t in ts], dim=1).reshape(-1, *rest),)
 
     def import_(self, ts: Tensors, spec: ModelSpec) -> Tensors:
-        g, (t,) = self._groups(spec), ts
+        g, (t,) = spec.linear_num_key_heads, ts
         rest = t.shape[1:]
         sizes = [rows // g for rows in self.rows(spec)]
         return tuple(p.reshape(-1, *rest) for p in t.reshape(g, sum(sizes), *rest).split(sizes, dim=1))
@@ -145,7 +141,7 @@ def _in_proj(*components: str) -> tuple[str, ...]:
     return tuple(f"{A}in_proj.weight.{c}" for c in components)
 
 
-CONV = Rule(A + "conv1d.weight.query", HL + "conv1d.weight", PerKeyHead(_qkv, grouped=False),
+CONV = Rule(A + "conv1d.weight.query", HL + "conv1d.weight", Concat(_qkv),
             joint=(A + "conv1d.weight.key", A + "conv1d.weight.value"))
 
 # every tensor of a dense model but the gated delta net's input projection (no block-wise FP8 layout: ``fp8`` unset)
@@ -289,7 +285,7 @@ def _all_moe(c: PretrainedConfig) -> tuple[bool, ...]:
 
 # Qwen3.5's gated delta net input projection: flat, one HF tensor per Megatron one but q, k, v
 FLAT_IN_PROJ = (
-    Rule(_in_proj("query")[0], HL + "in_proj_qkv.weight", PerKeyHead(_qkv, grouped=False), joint=_in_proj("key", "value")),
+    Rule(_in_proj("query")[0], HL + "in_proj_qkv.weight", Concat(_qkv), joint=_in_proj("key", "value")),
     Rule(_in_proj("z")[0], HL + "in_proj_z.weight"),
     Rule(_in_proj("beta")[0], HL + "in_proj_b.weight"),
     Rule(_in_proj("alpha")[0], HL + "in_proj_a.weight"),
