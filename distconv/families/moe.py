@@ -101,17 +101,22 @@ SIGMOID_REQUIRES: dict[str, Any] = {
     "mtp_conflict": None,
 }
 
+# the sigmoid router's groups and scaling, as DeepSeek-V3's config names them (Nemotron-H's too)
+SIGMOID_ROUTER_FIELDS: tuple[tuple[str, Callable[[ModelSpec], Any]], ...] = (
+    # megatron-core limits routing to groups only when moe_router_group_topk is set
+    ("n_group", lambda s: s.moe_num_groups if s.moe_group_topk else 1),
+    ("topk_group", lambda s: s.moe_group_topk or 1),
+    ("norm_topk_prob", lambda s: s.moe_topk > 1),  # megatron-core renormalises sigmoid scores when k > 1
+    ("routed_scaling_factor", lambda s: float(s.moe_scaling_factor or 1.0)),
+)
+
 SIGMOID_FIELDS: tuple[tuple[str, Callable[[ModelSpec], Any]], ...] = (
     ("n_routed_experts", lambda s: s.num_experts),
     ("num_experts_per_tok", lambda s: s.moe_topk),
     ("moe_intermediate_size", lambda s: s.moe_ffn_hidden_size),
     ("n_shared_experts", lambda s: s.moe_shared_experts),
     ("first_k_dense_replace", lambda s: len(dense_layers(s))),
-    # megatron-core limits routing to groups only when moe_router_group_topk is set
-    ("n_group", lambda s: s.moe_num_groups if s.moe_group_topk else 1),
-    ("topk_group", lambda s: s.moe_group_topk or 1),
-    ("norm_topk_prob", lambda s: s.moe_topk > 1),  # megatron-core renormalises sigmoid scores when k > 1
-    ("routed_scaling_factor", lambda s: float(s.moe_scaling_factor or 1.0)),
+    *SIGMOID_ROUTER_FIELDS,
     ("num_mtp_layers", lambda s: s.mtp_num_layers),  # written as num_nextn_predict_layers
 )
 
@@ -141,17 +146,22 @@ def _groups(c: PretrainedConfig) -> int | None:
     return c.n_group if c.n_group > 1 else None
 
 
-# import: the sigmoid router, shared experts and leading dense layers of DeepSeek-V3 and GLM-4.5 configs
-SIGMOID_SPEC: dict[str, Callable[[PretrainedConfig], Any]] = dict(
-    num_experts=lambda c: c.n_routed_experts,
-    moe_layers=lambda c: tuple(i >= c.first_k_dense_replace for i in range(c.num_hidden_layers)),
-    moe_ffn_hidden_size=lambda c: c.moe_intermediate_size,
+# import: the sigmoid router (``SIGMOID_ROUTER_FIELDS`` read back), for DeepSeek-V3's and Nemotron-H's configs
+SIGMOID_ROUTER_SPEC: dict[str, Callable[[PretrainedConfig], Any]] = dict(
     moe_topk=lambda c: c.num_experts_per_tok,
     moe_score_function=lambda c: "sigmoid",
     moe_expert_bias=lambda c: True,
     moe_scaling_factor=lambda c: float(c.routed_scaling_factor),
     moe_num_groups=_groups,
     moe_group_topk=lambda c: c.topk_group if _groups(c) else None,
+)
+
+# import: the sigmoid router, shared experts and leading dense layers of DeepSeek-V3 and GLM-4.5 configs
+SIGMOID_SPEC: dict[str, Callable[[PretrainedConfig], Any]] = dict(
+    num_experts=lambda c: c.n_routed_experts,
+    moe_layers=lambda c: tuple(i >= c.first_k_dense_replace for i in range(c.num_hidden_layers)),
+    moe_ffn_hidden_size=lambda c: c.moe_intermediate_size,
+    **SIGMOID_ROUTER_SPEC,
     moe_shared_ffn_hidden_size=lambda c: c.n_shared_experts * c.moe_intermediate_size or None,
     mtp_num_layers=lambda c: c.num_mtp_layers or 0,
 )

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from distconv.families.base import QKV, VOCAB, Concat, Family, Rule
 from distconv.families.llama import REQUIRES as LLAMA_REQUIRES
 from distconv.families.llama import spec_fields
+from distconv.families.moe import SIGMOID_ROUTER_FIELDS, SIGMOID_ROUTER_SPEC
 from distconv.spec import ModelSpec
 
 if TYPE_CHECKING:
@@ -155,11 +156,7 @@ CONFIG_FIELDS: tuple[tuple[str, Callable[[ModelSpec], Any]], ...] = (
     ("num_experts_per_tok", _moe(lambda s: s.moe_topk)),
     ("moe_intermediate_size", _moe(lambda s: s.moe_ffn_hidden_size)),
     ("moe_shared_expert_intermediate_size", _moe(lambda s: s.moe_shared_ffn_hidden_size)),
-    # megatron-core limits routing to groups only when moe_router_group_topk is set
-    ("n_group", _moe(lambda s: s.moe_num_groups if s.moe_group_topk else 1)),
-    ("topk_group", _moe(lambda s: s.moe_group_topk or 1)),
-    ("norm_topk_prob", _moe(lambda s: s.moe_topk > 1)),  # megatron-core renormalises sigmoid scores when k > 1
-    ("routed_scaling_factor", _moe(lambda s: float(s.moe_scaling_factor or 1.0))),
+    *((name, _moe(fn)) for name, fn in SIGMOID_ROUTER_FIELDS),
     ("moe_latent_size", lambda s: None),  # no latent projection (nullable: a config with one is refused)
     ("num_nextn_predict_layers", lambda s: 0),
 )
@@ -171,6 +168,10 @@ def _pattern(c: PretrainedConfig) -> str:
 
 def _has_moe(c: PretrainedConfig) -> bool:
     return "E" in _pattern(c)
+
+
+# the router fields of a model without MoE layers that are not None: megatron-core's defaults
+DENSE_ROUTER = {"moe_topk": 1, "moe_score_function": "softmax", "moe_expert_bias": False}
 
 
 def _if_moe(fn: Callable[[PretrainedConfig], Any], dense: Any = None) -> Callable[[PretrainedConfig], Any]:
@@ -197,12 +198,7 @@ SPEC_FIELDS = spec_fields(
     ("num_experts", _if_moe(lambda c: c.n_routed_experts)),
     ("moe_layers", lambda c: tuple(t == "E" for t in _pattern(c))),
     ("moe_ffn_hidden_size", _if_moe(lambda c: c.moe_intermediate_size)),
-    ("moe_topk", _if_moe(lambda c: c.num_experts_per_tok, 1)),
-    ("moe_score_function", _if_moe(lambda c: "sigmoid", "softmax")),
-    ("moe_expert_bias", _if_moe(lambda c: True, False)),
-    ("moe_scaling_factor", _if_moe(lambda c: float(c.routed_scaling_factor))),
-    ("moe_num_groups", _if_moe(lambda c: c.n_group if c.n_group > 1 else None)),
-    ("moe_group_topk", _if_moe(lambda c: c.topk_group if c.n_group > 1 else None)),
+    *((name, _if_moe(fn, DENSE_ROUTER.get(name))) for name, fn in SIGMOID_ROUTER_SPEC.items()),
     ("moe_shared_ffn_hidden_size", _if_moe(lambda c: c.moe_shared_expert_intermediate_size)),
 )
 
