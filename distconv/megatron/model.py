@@ -134,7 +134,6 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
     Megatron-LM builds models by default (needs transformer-engine's modules, or the tests'
     stand-ins).
     """
-    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 
@@ -177,43 +176,39 @@ def build_gpt(args: argparse.Namespace, tp: int, pp: int, init: bool = True, tra
     with stand_ins(gated_delta_net.kernel_changes() if gdn else dsa.spec_changes() if sparse else []):
         return GPTModel(
             **mtp,
-            config=config,
+            **_language_model_args(spec, config),
             transformer_layer_spec=layers,
-            vocab_size=spec.padded_vocab_size,
-            max_sequence_length=spec.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(),
-            post_process=parallel_state.is_pipeline_last_stage(),
-            share_embeddings_and_output_weights=spec.tie_embeddings,
-            position_embedding_type=spec.position_embedding,
-            rotary_percent=spec.rotary_percent,
-            rotary_base=spec.rotary_base,
             rope_scaling=rope["use_rope_scaling"],
             rope_scaling_factor=rope["rope_scaling_factor"],
             seq_len_interpolation_factor=rope["rotary_seq_len_interpolation_factor"],
         )
 
 
-def _build_hybrid(spec: Any, config: Any) -> Any:
-    """megatron-core's ``MambaModel`` (its hybrid stack, ``spec.hybrid_pattern``) for this rank's stage."""
+def _language_model_args(spec: Any, config: Any) -> dict[str, Any]:
+    """The arguments ``GPTModel`` and ``MambaModel`` share, for this rank's pipeline stage."""
     from megatron.core import parallel_state
 
+    return dict(
+        config=config,
+        vocab_size=spec.padded_vocab_size,
+        max_sequence_length=spec.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=spec.tie_embeddings,
+        position_embedding_type=spec.position_embedding,
+        rotary_percent=spec.rotary_percent,
+        rotary_base=spec.rotary_base,
+    )
+
+
+def _build_hybrid(spec: Any, config: Any) -> Any:
+    """megatron-core's ``MambaModel`` (its hybrid stack, ``spec.hybrid_pattern``) for this rank's stage."""
     with mamba.imported():
         from megatron.core.models.mamba import MambaModel
 
         with stand_ins(mamba.kernel_changes()):
-            return MambaModel(
-                config=config,
-                mamba_stack_spec=mamba.stack_spec(config),
-                vocab_size=spec.padded_vocab_size,
-                max_sequence_length=spec.max_position_embeddings,
-                hybrid_override_pattern=spec.hybrid_pattern,
-                pre_process=parallel_state.is_pipeline_first_stage(),
-                post_process=parallel_state.is_pipeline_last_stage(),
-                share_embeddings_and_output_weights=spec.tie_embeddings,
-                position_embedding_type=spec.position_embedding,
-                rotary_percent=spec.rotary_percent,
-                rotary_base=spec.rotary_base,
-            )
+            return MambaModel(**_language_model_args(spec, config), mamba_stack_spec=mamba.stack_spec(config),
+                              hybrid_override_pattern=spec.hybrid_pattern)
 
 
 def _kernel_changes(config: Any) -> list[Change]:
