@@ -521,19 +521,22 @@ FIELDS: tuple[Field, ...] = (
     Field("init_std", ("init_method_std",), 0.02, float, "init_method_std"),
 )
 
+# every row of the table, the model kinds' own included
+ALL_FIELDS = FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS + HYBRID_FIELDS
+
 
 def _field(spec_name: str) -> Field:
-    return next(f for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS + HYBRID_FIELDS if f.spec == spec_name)
+    return next(f for f in ALL_FIELDS if f.spec == spec_name)
 
 
 def arg_names() -> tuple[str, ...]:
     """Every Megatron-LM arg the table reads or writes."""
-    return tuple(dict.fromkeys(n for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS + HYBRID_FIELDS for n in f.names))
+    return tuple(dict.fromkeys(n for f in ALL_FIELDS for n in f.names))
 
 
 def arg_type(name: str) -> Callable[[Any], Any]:
     """The type of Megatron-LM arg ``name``'s value (for flags that take it on a command line)."""
-    return next(f.kind for f in FIELDS + MOE_FIELDS + MLA_FIELDS + GDN_FIELDS + DSA_FIELDS + HYBRID_FIELDS if name in f.names)
+    return next(f.kind for f in ALL_FIELDS if name in f.names)
 
 
 def spec_from_args(args: argparse.Namespace) -> ModelSpec:
