@@ -22,7 +22,12 @@ driver, which adapts to the GPUs it finds:
    ``Comm.wait`` ends within its deadline, whose group ``Comm.close`` aborts (the device then
    synchronizes, and under gloo the process outlives NCCL's watchdog for that group);
 5. with two GPUs or more: world 2 (and 4) over NCCL, ``--writers 2``, a rank killed mid-run
-   with ``--timeout 60``, and more ranks than GPUs with ``--device auto`` (gloo, a warning).
+   with ``--timeout 60``, and more ranks than GPUs with ``--device auto`` (gloo, a warning);
+6. an ``fsdp_dtensor`` save written by Megatron-FSDP itself (tests/gpu/fsdp_save.py, on up to
+   two GPUs, the Llama and Mixtral fixtures): exported on the CPU, transformers' logits against
+   megatron-core's; its DCP metadata (keys, shapes, dtypes, stored chunks) and its export's bytes
+   equal to those of the suite's CPU emulation at the same data parallelism
+   (tests/fixtures/fsdp_dtensor.py), which proves the emulation.
 
 Every check prints one line, ``PASS name details``, ``FAIL name details`` or ``SKIP name why``;
 the exit status is 1 if any FAIL. The summary (summary.txt) and one log per command (logs/)
@@ -57,6 +62,7 @@ PY = sys.executable
 TOL = 1e-4
 FIXTURES = ("llama", "mixtral", "deepseek_v3")
 LAYOUTS = ("2x2", "1x1x2")  # build.py keeps 1x1 (the reference) too
+FSDP_FIXTURES = ("llama", "mixtral")  # saved by Megatron-FSDP itself: SwiGLU dense, SwiGLU experts
 W1_CASES = (("llama", "tp2pp2"), ("mixtral", "tp1pp1ep2"), ("deepseek_v3", "tp1pp1ep2"))
 DENSE = ("llama", "tp2pp2")  # what the multi-rank checks export
 SLOW = ["--window", "1KB", "--max-shard-size", "20KB"]  # many small groups and files: a kill lands mid-run
@@ -483,6 +489,43 @@ class Check:
         self.step(f"rank-killed {model}-{layout}", kill)
         self.step(f"more-ranks-than-gpus {model}-{layout}", oversubscribed)
 
+    # ---- 6. an fsdp_dtensor save written by Megatron-FSDP itself ------------------------
+    def megatron_fsdp(self) -> str:
+        if self.dry:
+            raise Skipped("dry run: Megatron-FSDP needs CUDA (the suite's fsdp_dtensor saves are its CPU emulation)")
+        self.need_gpus(1)
+        nproc = min(2, self.gpus)
+        real, emulated = self.work / "megatron-fsdp", self.work / "fsdp-emulated"
+        for folder in (real, emulated):
+            shutil.rmtree(folder, ignore_errors=True)
+        built = ["--built", str(self.fx)]
+        for name, cmd, cuda in (
+                ("megatron-fsdp-save", self.torchrun(nproc, str(ROOT / "tests" / "gpu" / "fsdp_save.py"), *built,
+                                                     "--out", str(real), "--only", *FSDP_FIXTURES), True),
+                ("fsdp-emulated-save", self.torchrun(nproc, "-m", "tests.fixtures.fsdp_dtensor", *built,
+                                                     "--out", str(emulated)), False)):
+            proc = self.run(name, cmd, timeout=420, cuda=cuda)
+            if proc.returncode != 0:
+                raise Failed(f"{name} exited {proc.returncode}: {_last_error(proc.stderr)} (log {self.logs / name}.log)")
+        done = []
+        for model in FSDP_FIXTURES:
+            exports = {}
+            for label, save in (("real", real / f"{model}_megatron_fsdp"), ("emulated", emulated / f"{model}_fsdp")):
+                out = self.work / "exports" / f"{model}_{label}_fsdp"
+                name = f"export-{label}-fsdp-{model}"
+                proc = self.run(name, [PY, "-m", "distconv", "export", "--load", str(save), "--save", str(out),
+                                       "--device", "cpu", "--overwrite"], timeout=300, cuda=False)
+                if proc.returncode != 0:
+                    raise Failed(f"exporting {save} exited {proc.returncode}: {_last_error(proc.stderr)}")
+                exports[label] = out
+            diff = logits_diff(self.fx, model, exports["real"])
+            if not diff <= TOL:
+                raise Failed(f"{model}: Megatron-FSDP's save exported: max |logits - megatron-core| {diff:.3e} > {TOL:g}")
+            layout = same_dcp_layout(real / f"{model}_megatron_fsdp", emulated / f"{model}_fsdp")
+            files = same_safetensors(exports["real"], exports["emulated"])
+            done.append(f"{model}: logits {diff:.2e}, {layout}, export byte-identical to the emulation's ({files} file(s))")
+        return f"Megatron-FSDP at DP{nproc}: " + "; ".join(done)
+
     def need_gpus(self, n: int) -> None:
         self.need_fixtures()
         if not self.dry and self.gpus < n:
@@ -564,6 +607,7 @@ class Check:
         self.loopbacks()
         self.imports()
         self.multi()
+        self.step("megatron-fsdp fsdp_dtensor save", self.megatron_fsdp)
         fails = [r for r in self.results if r[0] == "FAIL"]
         counts = {s: sum(r[0] == s for r in self.results) for s in ("PASS", "FAIL", "SKIP")}
         tail = f"# {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped; summary {self.summary}, logs {self.logs}"
@@ -694,6 +738,25 @@ def same_safetensors(a: Path, b: Path) -> int:
     if differ:
         raise Failed(f"{len(differ)} of {len(files_a)} safetensors files differ in bytes: {differ[:4]}")
     return len(files_a)
+
+
+def same_dcp_layout(a: Path, b: Path) -> str:
+    """The model tensors of two DCP saves: the same keys, global shapes, dtypes and stored chunks."""
+    import torch.distributed.checkpoint as dcp
+
+    def layout(root: Path) -> dict:
+        folder = next(root.glob("iter_*"))
+        meta = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+        return {k: (tuple(v.size), str(v.properties.dtype), sorted((tuple(c.offsets), tuple(c.sizes)) for c in v.chunks))
+                for k, v in meta.items() if k.startswith("model.") and hasattr(v, "chunks")}
+
+    la, lb = layout(a), layout(b)
+    if la != lb:
+        only = sorted(set(la) ^ set(lb))
+        differ = [k for k in sorted(set(la) & set(lb)) if la[k] != lb[k]]
+        raise Failed(f"{a.name} vs {b.name}: keys in one only {only[:4]}, differing shape/dtype/chunks {differ[:4]}"
+                     + (f" ({la[differ[0]]} vs {lb[differ[0]]})" if differ else ""))
+    return f"{len(la)} model keys with the same shapes, dtypes and chunks as the emulation's"
 
 
 def same_tensors(a: Path, b: Path) -> int:
