@@ -13,8 +13,9 @@
 # (it also needs triton from PyPI, and runs 0.19.2 on a Python it does not support).
 MEGATRON_VERSION=0.19.2
 TORCH_VERSION=2.13.0
-# psutil: 0.19.2's dist_checkpointing save imports it (strategies/filesystem_async.py) but does not declare it
-PINS="megatron-core==$MEGATRON_VERSION torch==$TORCH_VERSION psutil==7.2.2"
+# psutil: 0.19.2's dist_checkpointing save imports it (strategies/filesystem_async.py) but does not declare it;
+# einops: distconv's model builder for hybrid (Mamba) models runs here too (tests/megatron019_builder.py)
+PINS="megatron-core==$MEGATRON_VERSION torch==$TORCH_VERSION psutil==7.2.2 einops==0.8.2"
 cd "$(dirname "$0")/.." || exit 0
 NAME=setup_megatron019 VENV=.venv-m019 TESTS=tests/test_megatron019.py
 . tests/setup_venv.sh

@@ -103,6 +103,34 @@ def m019(tmp_path_factory) -> dict:
     return {"work": work, "fx": fx, "refs": refs, "results": {k: results[i] for k, i in index.items()}, "checked": checked}
 
 
+BUILT_BY_DISTCONV = ("llama", "deepseek_v3", "qwen3_next", "qwen3_5", "nemotron_h")  # GPT, MLA, gated delta net, Mamba
+
+
+@pytest.fixture(scope="module")
+def builder_019(built, tmp_path_factory) -> dict:
+    """``tests/megatron019_builder.py`` in the 0.19.2 venv, this project on its path: distconv's
+    ``build_gpt`` (``verify``'s model) of 0.16.1 fixtures, run by 0.19.2."""
+    reason = _unavailable()
+    if reason:
+        pytest.skip(reason)
+    result = tmp_path_factory.mktemp("m019_builder") / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [str(VENV / "bin" / "python"), str(ROOT / "tests" / "megatron019_builder.py"), str(built), str(result),
+           *BUILT_BY_DISTCONV]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=result.parent)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-6000:]}"
+    return json.loads(result.read_text())
+
+
+@pytest.mark.parametrize("name", BUILT_BY_DISTCONV)
+def test_distconv_builds_its_models_with_megatron_core_0192(builder_019, name):
+    """With megatron-core 0.19.2 installed, distconv's model of a 0.16.1 checkpoint (its stand-ins
+    for transformer-engine, fla and mamba_ssm included) builds, loads and computes 0.16.1's logits."""
+    result = builder_019[name]
+    assert "error" not in result, f"{result['error']}\n{result['traceback']}"
+    assert result["diff"] <= TOL, result
+
+
 def ok(m019: dict, key: str) -> dict:
     result = m019["results"][key]
     assert result["ok"], f"{key}: {result.get('error')}"

@@ -156,8 +156,8 @@ def kernel_changes() -> list[Change]:
     if not mamba_mixer.HAVE_MAMBA_SSM or vars(mamba_mixer).get("mamba_split_conv1d_scan_combined") is None:
         changes += [(mamba_mixer, "HAVE_MAMBA_SSM", True), (mamba_mixer, "ExtendedRMSNorm", GatedRMSNorm),
                     (mamba_mixer, "mamba_split_conv1d_scan_combined", split_conv1d_scan)]
-    if importlib.util.find_spec("transformer_engine") is None:
-        changes.append((mamba_block, "TENorm", gated_delta_net.Norm))
+    if importlib.util.find_spec("transformer_engine") is None:  # in the stack's own module (0.19: models/hybrid/)
+        changes.append((sys.modules[mamba_block.MambaStack.__module__], "TENorm", gated_delta_net.Norm))
     return changes
 
 
