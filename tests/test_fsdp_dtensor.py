@@ -20,6 +20,7 @@ from distconv import export
 from distconv.cli import main
 from distconv.megatron import fsdp_dtensor
 from distconv.megatron.checkpoint import read_dcp_metadata
+from distconv.megatron.source import describe
 
 TOL = 1e-4
 ITER = "iter_0000100"
@@ -97,6 +98,7 @@ def test_reshard_to_torch_dist_keeps_the_weights_and_verify_says_to(saves, built
 
     reshard(saves / "llama_fsdp", tmp_path / "tp2", tp=2, quiet=True)
     assert _logits_error(tmp_path, built, "tp2", "llama", tmp_path / "hf") <= TOL
+    assert describe(tmp_path / "tp2", None).args.ckpt_format == "torch_dist"  # not the source's fsdp_dtensor
     capsys.readouterr()
     assert main(["verify", "--load", str(saves / "llama_fsdp"), "--hf", str(tmp_path / "hf")]) == 1
     assert "`distconv reshard` writes it as torch_dist" in capsys.readouterr().err

@@ -4,7 +4,8 @@ another TP x PP (x EP x ETP).
 No family is involved: every stored tensor is read back to the catalogue's canonical names, and
 a target chunk is cut out of whatever chunking the source has, by its writer alone (a local
 read), the vocab padding rows re-padded for the new TP as Megatron-LM pads them
-(``make_vocab_size_divisible_by x TP``). The source's args are kept, with the new layout.
+(``make_vocab_size_divisible_by x TP``). The source's args are kept, with the new layout and
+``ckpt_format`` torch_dist.
 """
 
 from __future__ import annotations
@@ -85,6 +86,7 @@ class ReshardJob(ToMegatron):
         for name, value in layout_args(self.target).items():
             setattr(args, name, value)
         args.padded_vocab_size, args.transformer_impl = padded, options["transformer_impl"]
+        args.ckpt_format = "torch_dist"  # what is written, whatever the source was (legacy, fsdp_dtensor, torch_dcp)
         if experts:
             args.moe_grouped_gemm = grouped
         self.common = {k: v for k, v in ckpt.common.items() if k not in ("optimizer", "content_metadata", "rng_state")}
