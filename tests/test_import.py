@@ -1181,10 +1181,11 @@ def test_moonlight_bf16_release_round_trip(jobs, tmp_path):
     """Moonlight's bf16 release (deepseek_v3 with an auto_map; its expert bias bf16, as on the hub) at
     PP2 x EP2 and back: every tensor bit for bit, the bias float32 (megatron-core's and transformers'
     dtype for it) holding the same values. megatron-core normalises the latent q/kv with the model's
-    1e-5 where transformers uses 1e-6 (the export warns): with transformers' latent epsilon set to
-    1e-5 the logits agree, and the difference the epsilon makes is printed."""
+    1e-5 where transformers uses 1e-6 (the import and the export warn): with transformers' latent
+    epsilon set to 1e-5 the logits agree, and the difference the epsilon makes is printed."""
     report = ok(jobs, "import moonlight")
     assert any("auto_map" in w for w in report["warnings"])
+    assert any("latent q and kv" in w for w in report["warnings"])
     check = ok(jobs, "check moonlight")
     assert check["layout_equal"], check
     megatron = torch.load(jobs["work"] / "moonlight.pt")[..., :VOCAB]

@@ -430,7 +430,7 @@ def map_model(ckpt: Checkpoint, spec: ModelSpec, user_config: Any, dtype: str, w
     _check_counts(plan, spec, ckpt)
     _check_against_hf(plan, config, family, spec)
     quantization = quantization_config() if fp8 else mxfp4.quantization_config() if mx else None
-    return Mapped(family, spec, config, plan, out_dtype, fp8, fp8_rest, mx, mxfp4_rest, quantization, tuple(family.notes(spec)))
+    return Mapped(family, spec, config, plan, out_dtype, fp8, fp8_rest, mx, mxfp4_rest, quantization, tuple(family.notes(spec) + family.serving_notes(spec)))
 
 
 def hf_outputs(mapped: Mapped, unit: Unit, full: list[torch.Tensor]) -> Iterator[tuple[str, str, torch.Tensor]]:

@@ -238,7 +238,7 @@ class ImportJob(ToMegatron):
         self.identity = {"source": source.identity, "options": {
             **options, "dtype": str(dtype).removeprefix("torch."), "divisible_by": opts.divisible_by,
             "iteration": self.iteration}}
-        self.warnings: list[str] = list(source.warnings)
+        self.warnings: list[str] = list(source.warnings) + self.family.notes(self.spec)
 
     def _reads(self, shard: Shard) -> list[Read]:
         """A chunk's reads: a box of each Megatron tensor it is cut from (grouped-GEMM chunks: one per

@@ -223,8 +223,10 @@ class Family:
     # HF name prefixes of tensors releases hold and no rule converts, and why (an import refuses a
     # folder holding them, saying so): Qwen3-Next's MTP layers
     unconverted: tuple[tuple[str, str], ...] = ()
-    # what an export of ``spec`` should know though the folder is exact (a consumer that reads it otherwise)
+    # what a conversion of ``spec`` either way should know though it is exact (transformers' model
+    # computes otherwise than megatron-core's), and what only an export should (a server reading it otherwise)
     notes: Callable[[ModelSpec], list[str]] = lambda spec: []
+    serving_notes: Callable[[ModelSpec], list[str]] = lambda spec: []
     # hub ``model_type``s transformers has no class for, whose ``config.json`` is this architecture's config
     # with fields of its own (Kimi-K2's ``kimi_k2``): read from JSON into ``config_class`` (``hf.source.read_config``)
     model_types: tuple[str, ...] = ()

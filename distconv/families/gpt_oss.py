@@ -220,7 +220,7 @@ GPT_OSS = Family(
     ),
     detect=lambda spec: spec.softmax_type == "learnable" and bool(spec.num_experts),
     nullable=("sliding_window",),
-    notes=_vllm_notes,
+    serving_notes=_vllm_notes,
     spec_fields=with_fields(
         spec_fields(
             ffn_hidden_size=lambda c: c.intermediate_size,
