@@ -404,7 +404,7 @@ class _ExpertWindows:
                  fused: list[str], size: int) -> None:
         self.export, self.name, self.module = export, name, module
         self.experts, self.fused, self.size = experts, fused, size
-        self.shapes = {p: tuple(t.shape) for p, t in module.state_dict().items()}
+        self.params = {p: (tuple(t.shape[1:]), t.dtype) for p, t in module.named_parameters(recurse=False)}
 
     @classmethod
     def plan(cls, export: _ExportLayers, name: str, module: torch.nn.Module,
@@ -425,8 +425,9 @@ class _ExpertWindows:
         reason = None
         if implementation not in _WINDOWED_IMPLEMENTATIONS:
             reason = f"its experts implementation {implementation!r} is not one of {', '.join(_WINDOWED_IMPLEMENTATIONS)}"
-        elif any("." in p or s[:1] != (count,) for p, s in shapes.items()):
-            reason = f"not all of its tensors are its own, stacked by expert ({count} experts)"
+        elif set(shapes) != {p for p, _ in module.named_parameters(recurse=False)} or any(
+                s[:1] != (count,) for s in shapes.values()):
+            reason = f"not all of its tensors are parameters of its own stacked by expert ({count} experts)"
         for (target, pattern), names in lists.items():
             if pattern is not None and len(names) == count:  # one tensor per expert, stacked in this order by the loader
                 for e, key in enumerate(sorted(names, key=dot_natural_key)):
@@ -434,7 +435,8 @@ class _ExpertWindows:
             elif len(names) == 1 and export.tensors.shape(names[0])[:1] == (count,):
                 fused += names
             elif reason is None:
-                reason = f"the export's {names[0]} is neither one of {count} tensors (one per expert) nor all experts stacked"
+                reason = (f"the export holds {len(names)} tensors like {names[0]} for {target}, neither one per expert "
+                          f"({count}) nor one with every expert's rows")
         per_expert = total // max(count, 1)
         if reason is None:
             return cls(export, name, module, experts, fused, max(1, window // per_expert))
@@ -449,26 +451,21 @@ class _ExpertWindows:
         for a in range(0, count, self.size):
             yield a, min(a + self.size, count)
 
+    def _empty(self, count: int) -> None:
+        """The module's parameters on the meta device, for ``count`` experts."""
+        for p, (shape, dtype) in self.params.items():
+            setattr(self.module, p, torch.nn.Parameter(torch.empty((count, *shape), dtype=dtype, device="meta"),
+                                                       requires_grad=False))
+        self.module.num_experts = count
+
     def _materialize(self, a: int, b: int) -> None:
         """The parameters of experts [a, b) from the export, in parameters of that shape."""
-        for p, shape in self.shapes.items():
-            old = getattr(self.module, p)
-            setattr(self.module, p, torch.nn.Parameter(torch.empty((b - a, *shape[1:]), dtype=old.dtype, device="meta"),
-                                                       requires_grad=False))
-        self.module.num_experts = b - a
+        self._empty(b - a)
         state = {key: self.export.read(key) for e in range(a, b) for key in self.experts[e]}
         state.update({key: self.export.read(key, slice(a, b)) for key in self.fused})
         self.export.convert(state)
         del state
         self.export.check(self.name, self.module)
-
-    def _drop(self) -> None:
-        """Back to the meta device, at the module's own shapes."""
-        for p, shape in self.shapes.items():
-            old = getattr(self.module, p)
-            setattr(self.module, p, torch.nn.Parameter(torch.empty(shape, dtype=old.dtype, device="meta"),
-                                                       requires_grad=False))
-        self.module.num_experts = len(self.experts)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
@@ -485,7 +482,7 @@ class _ExpertWindows:
                            torch.where(inside, top_k_weights, torch.zeros_like(top_k_weights)))
                 out = part if out is None else out + part
         finally:
-            self._drop()
+            self._empty(len(self.experts))  # the last window dropped, the module as it was built
             self.module._is_expert_parallel = parallel
         return out
 
