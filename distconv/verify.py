@@ -13,7 +13,9 @@ own files only while the module using them runs, and put back on the meta device
   legacy ``mp_rank_*`` one through distconv's legacy reader). MoE experts are modules of their own
   (``SequentialMLP``'s ``local_experts.{e}``): one expert's linear layer is in memory at a time.
 - transformers: one hook per decoder layer loading that layer's safetensors tensors through
-  transformers' own loader (its renames and MoE fusions; block-wise FP8 dequantized as read).
+  transformers' own loader (its renames and MoE fusions; block-wise FP8 dequantized as read). A
+  layer's routed experts are left out of it and run a window of experts at a time, each window
+  read through the same loader (``_ExpertWindows``): at most ``--window`` bytes of them (fp32).
 
 The embeddings, final norm and output layer of both stay materialized.
 
@@ -24,7 +26,7 @@ on its own (its logits are the export's logits), once with every decoder layer f
 input to the same layer, so each layer's output is compared on its own. The first layer whose max
 |diff| exceeds the tolerance is named (``decoder.layers.{i}`` / ``model.layers.{i}``). Peak memory
 is about one HF decoder layer, one megatron-core decoder layer's module, the embeddings, and the
-hidden states of two layers, whatever the depth.
+hidden states of two layers, whatever the depth (an MoE layer's routed experts bounded by ``--window``).
 
 megatron-core 0.16 makes a few CUDA calls unconditionally; on a machine without CUDA they are
 made harmless only while the model is built and run (``cpu_compat``), and restored after.
@@ -42,6 +44,7 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 import torch
 
 from distconv.engine.plan import Read, numbered
+from distconv.engine.run import parse_size
 from distconv.engine.stream import heap_trimmer
 from distconv.errors import DistconvError, warn
 from distconv.families import HUB_TYPES
@@ -53,6 +56,7 @@ from distconv.megatron.source import describe
 
 
 T = TypeVar("T")
+WINDOW = 256 * 2**20  # the default --window: bytes of routed experts transformers' side holds at once (fp32)
 
 
 def _legacy_sources(ckpt: Checkpoint, model: torch.nn.Module) -> Iterator[tuple[str, str, Any, torch.Tensor]]:
@@ -307,9 +311,11 @@ def _export_tensors(hf: Path, config: Any) -> Any:
 class _ExportLayers:
     """The HF model's tensors loaded a decoder layer at a time (everything outside the layers at once)
     by transformers' own loader, with the weight conversions ``from_pretrained`` applies (renames,
-    MoE experts fused into one tensor per layer): each layer holds its tensors only while it runs."""
+    MoE experts fused into one tensor per layer): each layer holds its tensors only while it runs.
+    A layer's routed experts (``_ExpertWindows``) are left out of it: they are loaded a window of
+    experts at a time while they run, at most ``window`` bytes of them (fp32)."""
 
-    def __init__(self, hf: Path, model: Any, layers: str, tensors: Any) -> None:
+    def __init__(self, hf: Path, model: Any, layers: str, tensors: Any, window: int) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
@@ -319,22 +325,42 @@ class _ExportLayers:
         converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
         state = model.state_dict()
         number = re.compile(rf"{re.escape(layers)}\.(\d+)\.")
+        experts = {name: m for name, m in model.get_submodule(layers).named_modules(prefix=layers) if _routed_experts(m)}
         self.groups: dict[str, list[str]] = {}
+        found: dict[str, list[tuple[str, str, str | None]]] = {name: [] for name in experts}
         for key in tensors.names():
-            target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
             if target in state:  # not a tensor of the model transformers builds (MTP layers)
+                owner = next((name for name in experts if target.startswith(f"{name}.")), None)
+                if owner is not None:
+                    found[owner].append((key, target, pattern))
+                    continue
                 layer = number.match(target)
                 self.groups.setdefault(f"{layers}.{layer.group(1)}" if layer else "", []).append(key)
+        self.windows: dict[str, _ExpertWindows] = {}
+        for name, module in experts.items():
+            windows = _ExpertWindows.plan(self, name, module, found[name], window)
+            if windows is None:  # read with its layer
+                layer = number.match(f"{name}.")
+                self.groups.setdefault(f"{layers}.{layer.group(1)}", []).extend(key for key, _, _ in found[name])
+            else:
+                self.windows[name] = windows
 
     def load(self, group: str, module: torch.nn.Module) -> None:
-        """Materialize ``module`` (named ``group``; ``""``: the whole model, layers excepted) from its files."""
+        """Materialize ``module`` (named ``group``; ``""``: the whole model, layers excepted) from its
+        files, its windowed experts excepted."""
+        self.convert({key: self.read(key) for key in self.groups.get(group, [])})
+
+    def read(self, key: str, first: slice = slice(None)) -> torch.Tensor:
+        """The export's tensor ``key`` (``first``: its rows along the first dimension) in fp32."""
+        rest = tuple(slice(None) for _ in self.tensors.shape(key)[1:])
+        return self.tensors.read(key, (first, *rest)).to(torch.float32)
+
+    def convert(self, state: dict[str, torch.Tensor]) -> None:
+        """``state`` (the export's tensors by their saved names) through transformers' loader into the model."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        state = {}
-        for key in self.groups.get(group, []):
-            shape = self.tensors.shape(key)
-            state[key] = self.tensors.read(key, tuple(slice(None) for _ in shape)).to(torch.float32)
         convert_and_load_state_dict_in_model(self.model, state, LoadStateDictConfig(dtype=torch.float32,
                                                                                      weight_mapping=self.mapping))
         del state
@@ -345,7 +371,7 @@ class _ExportLayers:
         for name in module.state_dict():
             set_module_tensor_to_device(module, name, "meta")
 
-    def check(self, group: str, module: torch.nn.Module, skip: str | None = None) -> None:
+    def check(self, group: str, module: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
         empty = [name for name, t in module.state_dict().items()
                  if t.device.type == "meta" and not (skip and name.startswith(skip))]
         if empty:
@@ -354,15 +380,123 @@ class _ExportLayers:
                                 f"{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}")
 
 
-def _streamed_layer_hook(export: _ExportLayers, group: str) -> Any:
-    """An accelerate hook materializing one HF decoder layer just before it runs, and dropping it after."""
+def _routed_experts(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is a routed-experts module of transformers' experts interface
+    (``use_experts_implementation``): ``forward(hidden_states, top_k_index, top_k_weights)`` over
+    tensors stacked by expert, ``num_experts`` of them, with its expert-parallel flag."""
+    return hasattr(module, "_is_expert_parallel") and isinstance(getattr(module, "num_experts", None), int)
+
+
+# transformers' experts functions that skip expert ids >= num_experts when _is_expert_parallel is set
+# (its expert-parallel contract: a rank holding some of the experts); "eager" is each class's own
+# forward, which some classes (gpt-oss) do not give that contract
+_WINDOWED_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
+
+
+class _ExpertWindows:
+    """One routed-experts module run a window of experts [a, b) at a time: each window's tensors are
+    read and converted by transformers' loader into parameters of the window's shape (the module's
+    ``num_experts`` set to b - a), the module's own forward runs on the routing restricted to the
+    window the way transformers' expert parallelism restricts it to a rank's experts (other experts'
+    ids past the window's last, their weights 0), and the windows' outputs are summed."""
+
+    def __init__(self, export: _ExportLayers, name: str, module: torch.nn.Module, experts: list[list[str]],
+                 fused: list[str], size: int) -> None:
+        self.export, self.name, self.module = export, name, module
+        self.experts, self.fused, self.size = experts, fused, size
+        self.params = {p: (tuple(t.shape[1:]), t.dtype) for p, t in module.named_parameters(recurse=False)}
+
+    @classmethod
+    def plan(cls, export: _ExportLayers, name: str, module: torch.nn.Module,
+             keys: list[tuple[str, str, str | None]], window: int) -> _ExpertWindows | None:
+        """The windows of ``module`` given its export ``keys`` (saved name, target, converter pattern),
+        or ``None`` where it is read whole with its layer (its experts fit in ``window``)."""
+        from transformers.core_model_loading import dot_natural_key
+
+        count = module.num_experts
+        shapes = {p: tuple(t.shape) for p, t in module.state_dict().items()}
+        total = 4 * sum(torch.Size(s).numel() for s in shapes.values())
+        lists: dict[tuple[str, str | None], list[str]] = {}
+        for key, target, pattern in keys:
+            lists.setdefault((target, pattern), []).append(key)
+        experts: list[list[str]] = [[] for _ in range(count)]
+        fused: list[str] = []
+        implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
+        reason = None
+        if implementation not in _WINDOWED_IMPLEMENTATIONS:
+            reason = f"its experts implementation {implementation!r} is not one of {', '.join(_WINDOWED_IMPLEMENTATIONS)}"
+        elif set(shapes) != {p for p, _ in module.named_parameters(recurse=False)} or any(
+                s[:1] != (count,) for s in shapes.values()):
+            reason = f"not all of its tensors are parameters of its own stacked by expert ({count} experts)"
+        for (target, pattern), names in lists.items():
+            if pattern is not None and len(names) == count:  # one tensor per expert, stacked in this order by the loader
+                for e, key in enumerate(sorted(names, key=dot_natural_key)):
+                    experts[e].append(key)
+            elif len(names) == 1 and export.tensors.shape(names[0])[:1] == (count,):
+                fused += names
+            elif reason is None:
+                reason = (f"the export holds {len(names)} tensors like {names[0]} for {target}, neither one per expert "
+                          f"({count}) nor one with every expert's rows")
+        per_expert = total // max(count, 1)
+        if reason is None:
+            return cls(export, name, module, experts, fused, max(1, window // per_expert))
+        if total > window:
+            raise DistconvError(f"--hf {export.hf}: {name} ({type(module).__name__}) cannot be read a window of experts "
+                                f"at a time ({reason}), and its {count} experts hold {total} bytes in fp32, more than "
+                                f"--window {window}: give --window {total} or more to read them whole")
+        return None
+
+    def windows(self) -> Iterator[tuple[int, int]]:
+        count = len(self.experts)
+        for a in range(0, count, self.size):
+            yield a, min(a + self.size, count)
+
+    def _empty(self, count: int) -> None:
+        """The module's parameters on the meta device, for ``count`` experts."""
+        for p, (shape, dtype) in self.params.items():
+            setattr(self.module, p, torch.nn.Parameter(torch.empty((count, *shape), dtype=dtype, device="meta"),
+                                                       requires_grad=False))
+        self.module.num_experts = count
+
+    def _materialize(self, a: int, b: int) -> None:
+        """The parameters of experts [a, b) from the export, in parameters of that shape."""
+        self._empty(b - a)
+        state = {key: self.export.read(key) for e in range(a, b) for key in self.experts[e]}
+        state.update({key: self.export.read(key, slice(a, b)) for key in self.fused})
+        self.export.convert(state)
+        del state
+        self.export.check(self.name, self.module)
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        """The module's forward, window by window (installed as the module's ``forward`` while verify runs)."""
+        run = type(self.module).forward  # transformers' dispatch to the configured experts function
+        parallel = self.module._is_expert_parallel
+        out = None
+        try:
+            self.module._is_expert_parallel = True
+            for a, b in self.windows():
+                self._materialize(a, b)
+                inside = (top_k_index >= a) & (top_k_index < b)
+                part = run(self.module, hidden_states, torch.where(inside, top_k_index - a, b - a),
+                           torch.where(inside, top_k_weights, torch.zeros_like(top_k_weights)))
+                out = part if out is None else out + part
+        finally:
+            self._empty(len(self.experts))  # the last window dropped, the module as it was built
+            self.module._is_expert_parallel = parallel
+        return out
+
+
+def _streamed_layer_hook(export: _ExportLayers, group: str, skip: tuple[str, ...]) -> Any:
+    """An accelerate hook materializing one HF decoder layer just before it runs (its windowed experts,
+    named ``skip``, excepted), and dropping it after."""
     from accelerate.hooks import ModelHook
 
     trim = heap_trimmer()
     class LayerHook(ModelHook):
         def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
             export.load(group, module)
-            export.check(group, module)
+            export.check(group, module, skip)
             return args, kwargs
 
         def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
@@ -404,18 +538,19 @@ def export_model(hf: Path) -> tuple[Any, Any]:
 
 
 def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: int,
-              take: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+              take: Callable[[], tuple[torch.Tensor, torch.Tensor]], window: int = WINDOW) -> dict[str, Any]:
     """transformers' logits for ``tokens`` from the export (``export_model``), and, with each of its
     ``count`` decoder layers fed megatron-core's input to it (``take``: the next layer's input and
-    output), the max |diff| of its output against megatron-core's."""
+    output), the max |diff| of its output against megatron-core's; routed experts are read at most
+    ``window`` bytes (fp32) of them at a time."""
     from accelerate.hooks import add_hook_to_module, remove_hook_from_module
 
     layers = _decoder_layers(model, count)
-    export = _ExportLayers(hf, model, layers, tensors)
+    export = _ExportLayers(hf, model, layers, tensors, window)
     export.load("", model)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
-    export.check("", model, skip=f"{layers}.")
+    export.check("", model, skip=(f"{layers}.",))
     b = tokens.shape[0]
     diffs: list[float] = []
     embedding: list[float] = []
@@ -442,7 +577,11 @@ def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: i
         pre, post = feed(i)
         hooks += [layer.register_forward_pre_hook(pre, with_kwargs=True),
                   layer.register_forward_hook(post, with_kwargs=True)]
-        add_hook_to_module(layer, _streamed_layer_hook(export, f"{layers}.{i}"))
+        group = f"{layers}.{i}"
+        skip = tuple(f"{name.removeprefix(group)[1:]}." for name in export.windows if name.startswith(f"{group}."))
+        add_hook_to_module(layer, _streamed_layer_hook(export, group, skip))
+    for windows in export.windows.values():
+        windows.module.forward = windows.forward
     try:
         with torch.no_grad():
             logits = model(torch.cat([tokens, tokens])).logits[:b].float()
@@ -451,6 +590,8 @@ def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: i
             hook.remove()
         for layer in model.get_submodule(layers):
             remove_hook_from_module(layer)
+        for windows in export.windows.values():
+            del windows.module.forward
     return {"logits": logits, "layers": layers, "diffs": diffs, "embedding": embedding[0]}
 
 
@@ -499,9 +640,10 @@ class _Handoff:
         self._cancelled.set()
 
 
-def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float = 1e-3
+def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float = 1e-3, window: int = WINDOW
             ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """``verify``'s result for ``tokens``, with megatron-core's logits (padded vocab) and the export's."""
+    """``verify``'s result for ``tokens``, with megatron-core's logits (padded vocab) and the export's
+    (``window``: the most bytes of routed experts transformers' side holds at once, in fp32)."""
     model, tensors = export_model(Path(hf))  # a bad export is refused before megatron-core runs
     handoff = _Handoff()
 
@@ -523,7 +665,8 @@ def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float =
         thread.start()
         theirs = None
         try:
-            theirs = hf_layers(Path(hf), model, tensors, tokens, int(arg(ckpt.args, "num_layers")), handoff.get)
+            theirs = hf_layers(Path(hf), model, tensors, tokens, int(arg(ckpt.args, "num_layers")), handoff.get,
+                               window)
         except _Ended:
             pass
         finally:
@@ -567,10 +710,15 @@ def verify(
     length: int = 32,
     seed: int = 0,
     tol: float = 1e-3,
+    window: str | int = WINDOW,
 ) -> dict[str, Any]:
     """Compare ``sequences`` random token sequences layer by layer and by logits; ``ok`` when the
-    logits' max |diff|, the embeddings' and every decoder layer's are all <= ``tol``."""
+    logits' max |diff|, the embeddings' and every decoder layer's are all <= ``tol``. MoE layers'
+    routed experts are read a window of them at a time, at most ``window`` bytes in fp32 (at least
+    one expert)."""
     import json
+
+    window = parse_size(window, "--window")
 
     try:
         config = json.loads((Path(hf) / "config.json").read_text())
@@ -586,4 +734,4 @@ def verify(
                             f"{ckpt.format}; `distconv reshard` writes it as torch_dist, which verify loads")
     length = min(length, int(arg(ckpt.args, "max_position_embeddings", "seq_length", default=length)))
     tokens = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))
-    return compare(ckpt, hf, tokens, tol=tol)[0]
+    return compare(ckpt, hf, tokens, tol=tol, window=window)[0]
