@@ -19,7 +19,10 @@ from rank 0 alone (a third link). Then a sync of the PP2 model with a
 NaN in rank 1's layer 1 must fail on every rank; vLLM's call log and what it then serves are
 recorded. Rounds 4 and 5: the same vLLM process replaces its engine by a Qwen3-MoE one (from
 ``WORKDIR/moe0/config.json``), and a Qwen3-MoE model at EP2 (each rank holds 4 of the 8 experts of
-each layer) refits it as above. Last, rank 1 dies (``os._exit``: its connections close as a killed
+each layer) refits it as above, with ``senders="holders"``: each EP rank sends its own experts
+(rank 0 the rest), both into the same ``update_weights`` of a layer; the source's groups, holders
+and held names, its plan's gathered units and the last sync's ``update_weights`` infos (names and
+per-tensor sources, as vLLM got them) are recorded. Last, rank 1 dies (``os._exit``: its connections close as a killed
 process's do) in the middle of a MoE sync, after the first group went to vLLM: rank 0 records its
 error, vLLM's call log and what vLLM then serves, and ends without the job's teardown (a peer is
 gone). ``WORKDIR/rank{R}.json`` holds the results (rank 1 writes its file before it dies).
@@ -230,8 +233,11 @@ def main() -> None:
             sender.close()
         with model_parallel(1, 1, expert_model_parallel_size=2):  # rounds 4 and 5: Qwen3-MoE at EP2, then rank 1 dies
             model, args = build(1, 1, 2, MOE)
-            with distconv.weights(model=model, args=args, dtype="fp32") as source:
+            with distconv.weights(model=model, args=args, dtype="fp32", senders="holders") as source:
                 out["moe_groups"] = source.groups()
+                out["moe_holders"] = source.holders()
+                out["moe_held"] = sorted(source.held_names())
+                out["moe_gathered"] = [o.name for u in source._mapped.plan.units if u.gathered for o in u.outputs]
                 if rank == 0:
                     (work / "moe0").mkdir()
                     source.config.to_json_file(str(work / "moe0" / "config.json"))
@@ -239,8 +245,11 @@ def main() -> None:
                 port = [free_port()]
                 dist.broadcast_object_list(port)
                 sender = GlooSender(source, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
+                out["moe_senders"] = sender.senders
                 for i in (4, 5):
                     out["rounds"].append(sync_round(i, model, args, source, sender, client, work, rank, MOE))
+                if rank == 0:
+                    out["moe_updates"] = client.updates()  # round 5's
                 dist.barrier()
                 if rank == 1:  # written before it dies
                     (work / f"rank{rank}.json").write_text(json.dumps(out))
