@@ -24,7 +24,8 @@ each layer) refits it as above, with ``senders="holders"``: each EP rank sends i
 and held names, its plan's gathered units and the last sync's ``update_weights`` infos (names and
 per-tensor sources, as vLLM got them) are recorded. Last, rank 1 dies (``os._exit``: its connections close as a killed
 process's do) in the middle of a MoE sync, after the first group went to vLLM: rank 0 records its
-error, vLLM's call log and what vLLM then serves, and ends without the job's teardown (a peer is
+error, vLLM's call log and what vLLM then serves, then sends vLLM an ``update_weights`` naming a
+source that is no sender (it must refuse it), and ends without the job's teardown (a peer is
 gone). ``WORKDIR/rank{R}.json`` holds the results (rank 1 writes its file before it dies).
 """
 
@@ -171,6 +172,16 @@ def killed_sync(source, sender: GlooSender, rank: int) -> dict | None:
         return {"error": str(e), "seconds": time.perf_counter() - started}
 
 
+def refused_update(client) -> str | None:
+    """An ``update_weights`` naming a source that is no sender (the gloo group's rank 2 is vLLM's
+    worker): the error vLLM answered (None: none)."""
+    try:
+        client.update_weights({"names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[64]], "srcs": [2]})
+        return None
+    except xmlrpc.client.Fault as e:
+        return e.faultString
+
+
 def main() -> None:
     work = Path(sys.argv[1])
     dist.init_process_group("gloo")
@@ -257,6 +268,7 @@ def main() -> None:
             if rank == 0:
                 out["calls_killed"] = client.calls()
                 out["served_after_killed"] = client.generate(PROMPTS, 2)
+                out["bad_src"] = refused_update(client)
                 client.stop()
     (work / f"rank{rank}.json").write_text(json.dumps(out))
     exit_now()  # rank 1 is gone: no teardown of the job's groups (it would wait on it)

@@ -157,3 +157,10 @@ def test_a_rank_that_dies_mid_sync_fails_the_others_and_vllm_is_never_finished(l
     assert calls.count("serve") == 1 and calls[calls.index("serve"):].count("finish") == 2  # rounds 4 and 5 only
     served = rank0["served_after_killed"]
     assert "error" in served and "meta" in served["error"], served
+
+
+def test_vllm_refuses_an_update_naming_a_source_that_is_no_sender(live):
+    """``srcs`` comes from outside (an HTTP body): a rank that is no trainer's sender is refused
+    before anything is received."""
+    refused = live["ranks"][0]["bad_src"]
+    assert refused is not None and "src 2 is not a sender's rank (0 to 1)" in refused, refused
