@@ -21,8 +21,9 @@ recorded. Rounds 4 and 5: the same vLLM process replaces its engine by a Qwen3-M
 ``WORKDIR/moe0/config.json``), and a Qwen3-MoE model at EP2 (each rank holds 4 of the 8 experts of
 each layer) refits it as above, with ``senders="holders"``: each EP rank sends its own experts
 (rank 0 the rest), both into the same ``update_weights`` of a layer; the source's groups, holders
-and held names, its plan's gathered units and the last sync's ``update_weights`` infos (names and
-per-tensor sources, as vLLM got them) are recorded. Last, rank 1 dies (``os._exit``: its connections close as a killed
+and held names, its plan's gathered units, one pass of ``iter_groups()`` (which tensors it yields)
+and the last sync's ``update_weights`` infos (names and per-tensor sources, as vLLM got them) are
+recorded. Last, rank 1 dies (``os._exit``: its connections close as a killed
 process's do) in the middle of a MoE sync, after the first group went to vLLM: rank 0 records its
 error, vLLM's call log and what vLLM then serves, then sends vLLM an ``update_weights`` naming a
 source that is no sender (it must refuse it), and ends without the job's teardown (a peer is
@@ -249,6 +250,8 @@ def main() -> None:
                 out["moe_holders"] = source.holders()
                 out["moe_held"] = sorted(source.held_names())
                 out["moe_gathered"] = [o.name for u in source._mapped.plan.units if u.gathered for o in u.outputs]
+                # one pass through the WeightSource API: each group's names and which tensors this rank yields
+                out["moe_iter"] = [[names, [t is not None for t in tensors]] for names, tensors in source.iter_groups()]
                 if rank == 0:
                     (work / "moe0").mkdir()
                     source.config.to_json_file(str(work / "moe0" / "config.json"))

@@ -117,6 +117,9 @@ def test_each_ep_rank_sends_its_own_experts_into_one_update_per_layer(live):
         assert experts == {f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight" for layer in (0, 1)
                            for e in own[r] for proj in ("gate_proj", "up_proj", "down_proj")}
     assert sorted(rank0["moe_held"] + rank1["moe_held"]) == sorted(names)  # each name held by one rank
+    for rank in live["ranks"]:  # iter_groups(): its groups whole, a tensor for its own names, None for the rest
+        assert [g for g, _ in rank["moe_iter"]] == rank["moe_groups"]
+        assert sorted(n for g, has in rank["moe_iter"] for n, h in zip(g, has) if h) == rank["moe_held"]
     assert not any(_expert(n) is not None for n in rank0["moe_gathered"])  # no expert gathered elsewhere
     assert rank0["moe_gathered"] == []  # nor anything else: the rest is rank 0's own replica
     want = [[int(_expert(n) is not None and _expert(n) >= 4) for n in g] for g in moe]
