@@ -19,9 +19,14 @@ from rank 0 alone (a third link). Then a sync of the PP2 model with a
 NaN in rank 1's layer 1 must fail on every rank; vLLM's call log and what it then serves are
 recorded. Rounds 4 and 5: the same vLLM process replaces its engine by a Qwen3-MoE one (from
 ``WORKDIR/moe0/config.json``), and a Qwen3-MoE model at EP2 (each rank holds 4 of the 8 experts of
-each layer) refits it as above. Last, rank 1 dies (``os._exit``: its connections close as a killed
+each layer) refits it as above, with ``senders="holders"``: each EP rank sends its own experts
+(rank 0 the rest), both into the same ``update_weights`` of a layer; the source's groups, holders
+and held names, its plan's gathered units, one pass of ``iter_groups()`` (which tensors it yields)
+and the last sync's ``update_weights`` infos (names and per-tensor sources, as vLLM got them) are
+recorded. Last, rank 1 dies (``os._exit``: its connections close as a killed
 process's do) in the middle of a MoE sync, after the first group went to vLLM: rank 0 records its
-error, vLLM's call log and what vLLM then serves, and ends without the job's teardown (a peer is
+error, vLLM's call log and what vLLM then serves, then sends vLLM an ``update_weights`` naming a
+source that is no sender (it must refuse it), and ends without the job's teardown (a peer is
 gone). ``WORKDIR/rank{R}.json`` holds the results (rank 1 writes its file before it dies).
 """
 
@@ -168,6 +173,16 @@ def killed_sync(source, sender: GlooSender, rank: int) -> dict | None:
         return {"error": str(e), "seconds": time.perf_counter() - started}
 
 
+def refused_update(client) -> str | None:
+    """An ``update_weights`` naming a source that is no sender (the gloo group's rank 2 is vLLM's
+    worker): the error vLLM answered (None: none)."""
+    try:
+        client.update_weights({"names": ["model.norm.weight"], "dtype_names": ["float32"], "shapes": [[64]], "srcs": [2]})
+        return None
+    except xmlrpc.client.Fault as e:
+        return e.faultString
+
+
 def main() -> None:
     work = Path(sys.argv[1])
     dist.init_process_group("gloo")
@@ -230,8 +245,13 @@ def main() -> None:
             sender.close()
         with model_parallel(1, 1, expert_model_parallel_size=2):  # rounds 4 and 5: Qwen3-MoE at EP2, then rank 1 dies
             model, args = build(1, 1, 2, MOE)
-            with distconv.weights(model=model, args=args, dtype="fp32") as source:
+            with distconv.weights(model=model, args=args, dtype="fp32", senders="holders") as source:
                 out["moe_groups"] = source.groups()
+                out["moe_holders"] = source.holders()
+                out["moe_held"] = sorted(source.held_names())
+                out["moe_gathered"] = [o.name for u in source._mapped.plan.units if u.gathered for o in u.outputs]
+                # one pass through the WeightSource API: each group's names and which tensors this rank yields
+                out["moe_iter"] = [[names, [t is not None for t in tensors]] for names, tensors in source.iter_groups()]
                 if rank == 0:
                     (work / "moe0").mkdir()
                     source.config.to_json_file(str(work / "moe0" / "config.json"))
@@ -239,8 +259,11 @@ def main() -> None:
                 port = [free_port()]
                 dist.broadcast_object_list(port)
                 sender = GlooSender(source, client, Link("127.0.0.1", port[0], workers=1, timeout_s=120))
+                out["moe_senders"] = sender.senders
                 for i in (4, 5):
                     out["rounds"].append(sync_round(i, model, args, source, sender, client, work, rank, MOE))
+                if rank == 0:
+                    out["moe_updates"] = client.updates()  # round 5's
                 dist.barrier()
                 if rank == 1:  # written before it dies
                     (work / f"rank{rank}.json").write_text(json.dumps(out))
@@ -248,6 +271,7 @@ def main() -> None:
             if rank == 0:
                 out["calls_killed"] = client.calls()
                 out["served_after_killed"] = client.generate(PROMPTS, 2)
+                out["bad_src"] = refused_update(client)
                 client.stop()
     (work / f"rank{rank}.json").write_text(json.dumps(out))
     exit_now()  # rank 1 is gone: no teardown of the job's groups (it would wait on it)

@@ -10,6 +10,7 @@ the vLLM venv, in-process engine) run side by side; see those files for the step
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -48,7 +49,7 @@ def live(tmp_path_factory) -> dict:
             "vllm": json.loads((work / "vllm_live.json").read_text())}
 
 
-@pytest.mark.parametrize("round_", [1, 2, 3, 4, 5])  # TP2, TP2, PP2 (each stage sending), Qwen3-MoE at EP2 twice
+@pytest.mark.parametrize("round_", [1, 2, 3, 4, 5])  # TP2, TP2, PP2 (each stage sending), Qwen3-MoE at EP2 twice (each EP rank too)
 def test_synced_vllm_matches_transformers_on_the_export(live, round_):
     result = live["ranks"][0]["rounds"][round_ - 1]
     vllm = result["vllm"]
@@ -92,12 +93,43 @@ def test_training_state_is_untouched_and_the_pass_is_the_export(live):
     stage2 = live["ranks"][1]["groups"][1]
     assert [len(g) for g in stage2] == [9, 2] and stage2[0][0].startswith("model.layers.1.") and stage2[1] == tp2[-1]
     assert not any(live["ranks"][0]["pp2_gathered"])
-    # EP2: a layer's group holds its attention, router and all 8 experts (4 of them gathered from rank 1);
-    # tied embeddings: no lm_head
-    moe = live["ranks"][0]["moe_groups"]
+    assert live["ranks"][1]["groups"][0] == []  # TP2: rank 1 only takes part in the gathers
+
+
+def _expert(name: str) -> int | None:
+    m = re.search(r"\.mlp\.experts\.(\d+)\.", name)
+    return int(m[1]) if m else None
+
+
+def test_each_ep_rank_sends_its_own_experts_into_one_update_per_layer(live):
+    """EP2 with senders="holders": a layer's group (attention, router, all 8 experts) is one
+    ``update_weights``, but each EP rank yields and sends its own 4 experts (nothing is gathered),
+    and rank 0 the rest (it holds the replicated tensors); tied embeddings: no lm_head."""
+    rank0, rank1 = live["ranks"]
+    moe = rank0["moe_groups"]
     assert [len(g) for g in moe] == [1, 9 + 8 * 3, 9 + 8 * 3, 1] and moe[-1] == ["model.norm.weight"]
     assert {f"model.layers.1.mlp.experts.{e}.down_proj.weight" for e in range(8)} <= set(moe[2])
-    assert live["ranks"][1]["groups"][0] == [] and live["ranks"][1]["moe_groups"] == []  # it only takes part in the gathers
+    assert rank1["moe_groups"] == moe[1:3]  # whole layer groups: the ones it yields names of
+    names = [n for g in moe for n in g]
+    own = {0: range(0, 4), 1: range(4, 8)}  # EP rank r holds experts 4r .. 4r+3
+    for r, rank in enumerate(live["ranks"]):
+        experts = {n for n in rank["moe_held"] if _expert(n) is not None}
+        assert experts == {f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight" for layer in (0, 1)
+                           for e in own[r] for proj in ("gate_proj", "up_proj", "down_proj")}
+    assert sorted(rank0["moe_held"] + rank1["moe_held"]) == sorted(names)  # each name held by one rank
+    for rank in live["ranks"]:  # iter_groups(): its groups whole, a tensor for its own names, None for the rest
+        assert [g for g, _ in rank["moe_iter"]] == rank["moe_groups"]
+        assert sorted(n for g, has in rank["moe_iter"] for n, h in zip(g, has) if h) == rank["moe_held"]
+    assert not any(_expert(n) is not None for n in rank0["moe_gathered"])  # no expert gathered elsewhere
+    assert rank0["moe_gathered"] == []  # nor anything else: the rest is rank 0's own replica
+    want = [[int(_expert(n) is not None and _expert(n) >= 4) for n in g] for g in moe]
+    assert rank0["moe_holders"] == rank1["moe_holders"] == want
+    assert rank0["moe_senders"] == rank1["moe_senders"] == [0, 1]
+    # what vLLM got in round 5: one update per layer group, naming each tensor's sender (the gloo
+    # group's rank: the trainer's rank here), both ranks within one layer's update
+    updates = rank0["moe_updates"]
+    assert [u["names"] for u in updates] == moe and [u["srcs"] for u in updates] == want
+    assert [sorted(set(u["srcs"])) for u in updates] == [[0], [0, 1], [0, 1], [0]]
 
 
 def test_a_failed_sync_fails_every_rank_and_never_finishes(live):
@@ -128,3 +160,10 @@ def test_a_rank_that_dies_mid_sync_fails_the_others_and_vllm_is_never_finished(l
     assert calls.count("serve") == 1 and calls[calls.index("serve"):].count("finish") == 2  # rounds 4 and 5 only
     served = rank0["served_after_killed"]
     assert "error" in served and "meta" in served["error"], served
+
+
+def test_vllm_refuses_an_update_naming_a_source_that_is_no_sender(live):
+    """``srcs`` comes from outside (an HTTP body): a rank that is no trainer's sender is refused
+    before anything is received."""
+    refused = live["ranks"][0]["bad_src"]
+    assert refused is not None and "src 2 is not a sender's rank (0 to 1)" in refused, refused

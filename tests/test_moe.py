@@ -273,10 +273,11 @@ def test_conflicting_hf_config_is_refused(exported):
     assert not result["save"].exists()
 
 
-def _plan(root: Path, world: int, window: int = 1 << 30):
+def _plan(root: Path, world: int, window: int = 1 << 30, cut_at_holders: bool = False):
     ckpt = describe(root)
     spec = spec_from_args(ckpt.args).with_vocab(256)
-    return ckpt, make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, world, max_shard_size=5 * 10**9, window=window)
+    return ckpt, make_plan(ckpt, spec, pick_family(FAMILIES, spec, None), torch.float32, world, max_shard_size=5 * 10**9,
+                           window=window, cut_at_holders=cut_at_holders)
 
 
 @pytest.mark.parametrize("layout", ["tp1pp1ep2", "tp2pp1ep2", "tp2pp1ep2etp1"])
@@ -295,6 +296,29 @@ def test_each_rank_reads_only_the_experts_it_saved(built, layout):
                 assert read.rank == chunk.writer
     # EP2 over 4 experts: an EP rank owns experts {0, 1} or {2, 3}; both halves are read, by different ranks
     assert sorted(map(sorted, experts_of.values())) == [[0, 1], [0, 1], [2, 3], [2, 3]]
+
+
+@pytest.mark.parametrize("layout", ["tp1pp1ep2", "tp2pp1ep2etp1"])
+def test_units_cut_at_holders_are_each_ep_ranks_own_experts(built, layout):
+    """``cut_at_holders`` (``distconv.weights(senders="holders")``), on 2 ranks as in an EP2 job: a
+    unit of experts is read by one rank alone, the EP rank holding them (so it maps them with
+    nothing gathered), where the plain plan reads a layer's experts from both ranks into one unit;
+    the outputs stay the same."""
+    root = built / "mixtral" / layout
+    _, plain = _plan(root, OTHER_WORLD)
+    _, cut = _plan(root, OTHER_WORLD, cut_at_holders=True)
+    assert [(o.name, o.shape) for o in cut.outputs] == [(o.name, o.shape) for o in plain.outputs]
+
+    def experts(unit) -> set[int]:
+        return {int(m[1]) for p in unit.parts if (m := re.search(r"\.mlp\.experts\.(\d+)\.", p.name))}
+
+    assert any(experts(u) == {0, 1, 2, 3} and len({r.rank for r in u.reads}) == 2 for u in plain.units)
+    ranks_of: dict[frozenset[int], set[int]] = {}
+    for unit in cut.units:
+        if experts(unit):
+            ranks_of.setdefault(frozenset(experts(unit)), set()).update(r.rank for r in unit.reads)
+    # EP2 over 4 experts: {0, 1} on rank 0, {2, 3} on rank 1
+    assert ranks_of == {frozenset({0, 1}): {0}, frozenset({2, 3}): {1}}
 
 
 @pytest.mark.parametrize("layout, ranks", [("tp1pp1ep2", 2), ("tp2pp1ep2", 4), ("tp2pp1ep2etp1", 2), ("tp1pp2ep2", 4)])

@@ -7,7 +7,8 @@ Run by the vLLM venv's python (``tests/setup_vllm.sh``) with the repository on `
 It waits for ``WORKDIR/hf0/config.json`` (written by the trainer: the served model's config; the
 engine starts with vLLM's dummy weights, so nothing but a sync gives it real ones), starts an
 in-process ``LLM`` (``DTYPE``: float32 unless given) with ``weight_transfer_config={"backend": "distconv_gloo"}`` and serves its
-weight-update calls, plus ``generate`` and the log of calls, to the trainer over XML-RPC on
+weight-update calls, plus ``generate``, the log of calls and the last sync's ``update_weights``
+infos (``updates``: each one's names and per-tensor sources), to the trainer over XML-RPC on
 127.0.0.1 (no pickle): the four calls are those of vLLM's ``VLLMWeightSyncClient``. The port goes
 into ``WORKDIR/rpc_port``. ``serve(NAME)`` replaces the engine by one of ``WORKDIR/NAME/config.json``
 (the Qwen3-MoE rounds: the same process, a second model). ``stop`` ends it;
@@ -52,6 +53,7 @@ def main() -> None:
     engine: list = []
     startup: list[float] = []
     calls: list[str] = []
+    updates: list[dict[str, list]] = []  # the update infos since the last start: names and srcs
     done = []
 
     def serve(name: str) -> None:
@@ -83,6 +85,14 @@ def main() -> None:
             return True if result is None else result
         return call
 
+    def start() -> None:
+        updates.clear()
+        llm().start_weight_update()
+
+    def update(info: dict[str, Any]) -> None:
+        updates.append({"names": info["names"], "srcs": info["srcs"]})
+        llm().update_weights({"update_info": info})
+
     def finish(version: str | None = None) -> None:
         llm().finish_weight_update(version)
         llm().reset_prefix_cache()  # KV blocks computed with the old weights must not be reused
@@ -100,12 +110,13 @@ def main() -> None:
     server = SimpleXMLRPCServer(("127.0.0.1", 0), allow_none=True, logRequests=False)
     server.register_function(logged("init", lambda info: llm().init_weight_transfer_engine({"init_info": info})),
                              "init_weight_transfer_engine")
-    server.register_function(logged("start", lambda: llm().start_weight_update()), "start_weight_update")
-    server.register_function(logged("update", lambda info: llm().update_weights({"update_info": info})), "update_weights")
+    server.register_function(logged("start", start), "start_weight_update")
+    server.register_function(logged("update", update), "update_weights")
     server.register_function(logged("finish", finish), "finish_weight_update")
     server.register_function(logged("generate", generate), "generate")
     server.register_function(logged("serve", serve), "serve")
     server.register_function(lambda: list(calls), "calls")
+    server.register_function(lambda: list(updates), "updates")
     server.register_function(lambda: done.append(True) or True, "stop")
     (work / "rpc_port.tmp").write_text(str(server.server_address[1]))
     (work / "rpc_port.tmp").rename(work / "rpc_port")

@@ -12,7 +12,7 @@ import dataclasses
 import itertools
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -233,21 +233,26 @@ def _order(item: Part) -> tuple[int, int, str, int]:
     return (2, 0, item.name, 0)
 
 
-def _split(items: list[Part], window: int, itemsize: int, family: Family) -> list[list[Part]]:
+def _split(items: list[Part], window: int, itemsize: int, family: Family,
+           holder: Callable[[list[Part]], int] | None = None) -> list[list[Part]]:
     """Cut a run of items into pieces of at most ``window`` bytes (an item is never cut, nor are the
-    items a family maps together: ``Family.group_of``)."""
+    items a family maps together: ``Family.group_of``); with ``holder``, also between two such
+    groups held by different ranks (``holder(group)``)."""
     groups: dict[str, list[Part]] = {}
     for item in items:
         groups.setdefault(family.group_of(item.name), []).append(item)
     pieces: list[list[Part]] = [[]]
     size = 0
+    owner = None  # the holder of the piece's groups
     for group in groups.values():
         n = sum(numel(item.shape) for item in group) * itemsize
-        if pieces[-1] and size + n > window:
+        rank = holder(group) if holder is not None else None
+        if pieces[-1] and (size + n > window or rank != owner):
             pieces.append([])
             size = 0
         pieces[-1] += group
         size += n
+        owner = rank
     return pieces
 
 
@@ -263,6 +268,7 @@ def make_plan(
     writers: int = 1,
     fp8_rest: torch.dtype | None = None,
     mxfp4_rest: torch.dtype | None = None,
+    cut_at_holders: bool = False,
 ) -> Plan:
     """Units of a layer's items (split by ``window`` bytes), their reads, and the HF outputs.
 
@@ -274,6 +280,9 @@ def make_plan(
     ``mxfp4_rest`` likewise for MXFP4. Tensors a ``Rule.float32`` maps that the checkpoint stores
     float32 are read in float32, in units of their own. A ``Rule.stacked`` tensor's outputs are slabs
     (``engine.plan.Slab``) of HF tensors holding every expert, planned in one run in one file.
+    With ``cut_at_holders`` a unit is also cut where the rank holding most of its tensors changes
+    (at EP, each rank's experts of a layer are units of their own), so that each can be mapped by
+    the rank holding it (``distconv.weights``).
     """
     if not 1 <= writers <= world:
         raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
@@ -295,20 +304,31 @@ def make_plan(
         return (dtype != torch.float32 and ckpt.tensors[item.key].dtype == torch.float32
                 and any(r.match(item.name) is not None for r in float32_rules))
 
+    def reads_of(item: Part, pos: int, itemsize: int) -> list[Read]:
+        tensor = ckpt.tensors[item.key]
+        if item.key not in indexes:
+            indexes[item.key] = _chunks_by_index(tensor, len(item.index))
+        return _reads_for(item, pos, tensor, indexes[item.key].get(item.index, []), world, itemsize)
+
+    def holder(group: list[Part]) -> int:
+        """The rank holding most of a group's elements (the lowest of a tie)."""
+        held = [0] * world
+        for item in group:
+            for read in reads_of(item, 0, 1):
+                held[read.rank] += read.nbytes
+        return held.index(max(held))
+
+    cut = holder if cut_at_holders else None
     for unit_items in by_unit.values():
         kept: list[Part] = []
         rest: list[Part] = []
         for item in unit_items:
             (kept if float32(item) else rest).append(item)
         for kind, part in ((torch.float32, kept), (None, rest)):
-            for piece in _split(part, window, (kind or dtype).itemsize, family) if part else ():
+            for piece in _split(part, window, (kind or dtype).itemsize, family, cut) if part else ():
                 reads = []
                 for pos, item in enumerate(piece):
-                    tensor = ckpt.tensors[item.key]
-                    if item.key not in indexes:
-                        indexes[item.key] = _chunks_by_index(tensor, len(item.index))
-                    chunks = indexes[item.key].get(item.index, [])
-                    reads += _reads_for(item, pos, tensor, chunks, world, (kind or dtype).itemsize)
+                    reads += reads_of(item, pos, (kind or dtype).itemsize)
                 metas = [(item.name, torch.empty(item.shape, dtype=kind or dtype, device="meta")) for item in piece]
                 outs = [(name, t, Slab(*slab) if (slab := family.slab_of(source, spec)) else None)
                         for name, t, source in family.export_tensors(metas, spec, fp8_rest, mxfp4_rest)]
@@ -394,10 +414,12 @@ class Mapped:
 
 
 def map_model(ckpt: Checkpoint, spec: ModelSpec, user_config: Any, dtype: str, world: int, *, window: int,
-              max_shard_size: int, writers: int, bos_eos: tuple[int | None, int | None] = (None, None)) -> Mapped:
+              max_shard_size: int, writers: int, bos_eos: tuple[int | None, int | None] = (None, None),
+              cut_at_holders: bool = False) -> Mapped:
     """The family, HF config and plan of a described model (``spec`` with its true vocab) in ``dtype``
     (``auto``, ``bf16``, ``fp16``, ``fp32`` or ``fp8``), checked against the HF model: what export and
-    ``distconv.weights`` share, whether the model is a checkpoint or live."""
+    ``distconv.weights`` share, whether the model is a checkpoint or live. ``cut_at_holders``:
+    ``make_plan``'s."""
     arch = (user_config.architectures or [None])[0] if user_config is not None else None
     family = pick_family(FAMILIES, spec, arch)
     has_output = "output_layer.weight" in ckpt.tensors
@@ -426,7 +448,8 @@ def map_model(ckpt: Checkpoint, spec: ModelSpec, user_config: Any, dtype: str, w
     fp8_rest = out_dtype if fp8 else None
     mxfp4_rest = out_dtype if mx else None
     plan = make_plan(ckpt, spec, family, gather_dtype, world, max_shard_size=max_shard_size,
-                     window=window, writers=writers, fp8_rest=fp8_rest, mxfp4_rest=mxfp4_rest)
+                     window=window, writers=writers, fp8_rest=fp8_rest, mxfp4_rest=mxfp4_rest,
+                     cut_at_holders=cut_at_holders)
     _check_counts(plan, spec, ckpt)
     _check_against_hf(plan, config, family, spec)
     quantization = quantization_config() if fp8 else mxfp4.quantization_config() if mx else None

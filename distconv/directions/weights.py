@@ -7,8 +7,10 @@ checkpoint) or a checkpoint (``load=``). Either way it is export's plan, familie
 gather (``export.map_model``, ``engine.stream``): no second mapping. The plan is made once, from
 metadata only, and gives ``metadata()``; each pass reads the model as it is then (a live model's
 ``sharded_state_dict()`` taken afresh and checked against the plan), a layer group at a time, with
-at most ``window`` bytes read ahead, each group gathered on the one rank that hands it out (rank 0,
-or with ``senders="holders"`` the rank holding most of it: a PP stage its own layers).
+at most ``window`` bytes read ahead. With ``senders="rank0"`` every group is gathered on rank 0;
+with ``"holders"`` each of the plan's units (cut where the rank holding its tensors changes) is
+gathered on the rank holding most of it, so a PP stage hands out its own layers and an EP rank its
+own experts, and a layer group may come from several ranks.
 
 It is vLLM's ``WeightSource`` (``vllm.distributed.weight_transfer.base``) where vLLM is importable,
 and the same methods otherwise.
@@ -48,7 +50,7 @@ class WeightsOptions:
     iteration: int | str | None = None  # load=: which iteration
     device: str = "auto"  # gather over NCCL on GPUs, else gloo
     timeout_s: float = 1800.0
-    senders: str = "rank0"  # rank0: every group gathered on rank 0; holders: on the rank holding most of it
+    senders: str = "rank0"  # rank0: every group gathered on rank 0; holders: each unit on the rank holding most of it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +82,8 @@ class Weights:
         if model is not None and args is None:
             raise DistconvError("distconv.weights(model=...): give args=, the Megatron-LM args (or a Namespace of "
                                 "them) the model was built from")
+        if opts.senders not in ("rank0", "holders"):
+            raise DistconvError(f"distconv.weights: senders={opts.senders!r} is not rank0 or holders")
         self._failed = False
         self._models = None if model is None else list(model) if isinstance(model, (list, tuple)) else [model]
         self._args, self._opts = args, opts
@@ -106,17 +110,16 @@ class Weights:
                 self._groups[-1][1].extend(o.name for o in unit.outputs)
             else:
                 self._groups.append(([index], [o.name for o in unit.outputs]))
-        if opts.senders not in ("rank0", "holders"):
-            raise DistconvError(f"distconv.weights: senders={opts.senders!r} is not rank0 or holders")
-        if opts.senders == "holders":  # a PP stage gathers and serves its own layers
-            for indices, _ in self._groups:
+        if opts.senders == "holders":  # each unit on the rank holding most of it: a PP stage's layers, EP experts
+            for unit in plan.units:
                 held = [0] * self._comm.world
-                for index in indices:
-                    for read in plan.units[index].reads:
-                        held[read.rank] += read.nbytes
-                for index in indices:
-                    plan.units[index].writer = held.index(max(held))
+                for read in unit.reads:
+                    held[read.rank] += read.nbytes
+                unit.writer = held.index(max(held))
+        self._holders = [[plan.units[i].writer for i in indices for _ in plan.units[i].outputs]
+                         for indices, _ in self._groups]  # of each tensor of each group
         self._held = frozenset(o.name for u in plan.units if u.writer == rank for o in u.outputs)
+        self._mine = [rank in holders for holders in self._holders]
         self._meta = [TensorMeta(o.name, o.dtype, o.shape) for o in plan.outputs]
 
     def _map(self):
@@ -132,7 +135,8 @@ class Weights:
             for w in warnings + ([warning] if warning else []):
                 warn(w)
         mapped = map_model(ckpt, spec.with_vocab(vocab), user_config, opts.dtype, self._comm.world,
-                           window=self._window, max_shard_size=1 << 62, writers=1)
+                           window=self._window, max_shard_size=1 << 62, writers=1,
+                           cut_at_holders=opts.senders == "holders")
         if self._comm.rank == 0:
             for note in mapped.notes:
                 warn(note)
@@ -149,34 +153,38 @@ class Weights:
 
     def held_names(self) -> frozenset[str]:
         """The tensors this rank yields: with ``senders="rank0"`` all on rank 0 and none elsewhere;
-        with ``"holders"`` the groups this rank holds most of (a PP stage's own layers)."""
+        with ``"holders"`` those of the plan's units it holds most of (a PP stage's own layers, an
+        EP rank's own experts)."""
         return self._held
 
-    def holders(self) -> list[int]:
-        """The rank holding each group of a pass, in order (the same on every rank)."""
-        return [self._mapped.plan.units[indices[0]].writer for indices, _ in self._groups]
+    def holders(self) -> list[list[int]]:
+        """For every layer group of a pass (every rank's, in metadata order: those ``deliver``
+        hands out), the rank yielding each of its tensors, in order (the same on every rank)."""
+        return [list(holders) for holders in self._holders]
 
     def groups(self) -> list[list[str]]:
-        """This rank's layer groups, in metadata order (those it holds names of)."""
-        return [list(names) for _, names in self._groups if names[0] in self._held]
+        """This rank's layer groups, in metadata order: vLLM's ``layerwise_groups`` of every name,
+        those holding a name of ``held_names()``; each whole (names other ranks yield included)."""
+        return [list(names) for (_, names), mine in zip(self._groups, self._mine) if mine]
 
-    def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor]]]:
-        """Collective, a fresh pass each call: ``(names, tensors)`` per group of ``groups()``; every
-        rank must exhaust it (a rank holding nothing yields nothing but takes part in the gathers).
-        A failure on any rank (a read, a NaN or Inf) raises one ``DistconvError`` on every rank
+    def iter_groups(self) -> Iterator[tuple[list[str], list[torch.Tensor | None]]]:
+        """Collective, a fresh pass each call: ``(names, tensors)`` per group of ``groups()``, with
+        ``None`` for each name another rank yields (vLLM's ``WeightSource`` contract); every rank
+        must exhaust it (a rank holding nothing yields nothing but takes part in the gathers). A
+        failure on any rank (a read, a NaN or Inf) raises one ``DistconvError`` on every rank
         before the group it is in is handed out."""
-        for names, tensors, held in self._pass():
-            if held:
+        for (names, tensors), mine in zip(self._pass(), self._mine):
+            if mine:
                 yield names, tensors
 
-    def deliver(self, send: Callable[[list[str], list[torch.Tensor]], None]) -> int:
-        """Collective: one pass, ``send(names, tensors)`` called with each group on every rank (the
-        tensors on the rank holding it, none elsewhere). A failure on any rank, in the pass or in
-        ``send``, raises one ``DistconvError`` on every rank before the next group. Returns the
-        number of groups."""
+    def deliver(self, send: Callable[[list[str], list[torch.Tensor | None]], None]) -> int:
+        """Collective: one pass, ``send(names, tensors)`` called with every layer group on every rank
+        (``None`` for each tensor another rank yields: ``holders()``). A failure on any rank, in the
+        pass or in ``send``, raises one ``DistconvError`` on every rank before the next group.
+        Returns the number of groups."""
         count = 0
         with self._failing():
-            for names, tensors, _ in self._pass():
+            for names, tensors in self._pass():
                 error = None
                 try:
                     send(names, tensors)
@@ -186,9 +194,9 @@ class Weights:
                 count += 1
         return count
 
-    def _pass(self) -> Iterator[tuple[list[str], list[torch.Tensor], bool]]:
-        """Collective: every group, its tensors (on the rank holding it) and whether this rank does,
-        once every rank agreed that the group was read and mapped without error."""
+    def _pass(self) -> Iterator[tuple[list[str], list[torch.Tensor | None]]]:
+        """Collective: every group and its tensors (``None`` for those another rank yields), once
+        every rank agreed that the group was read and mapped without error."""
         with self._failing():
             comm, mapped = self._comm, self._mapped
             plan = mapped.plan
@@ -196,11 +204,12 @@ class Weights:
             try:
                 walk = stream.walk()
                 for indices, names in self._groups:
-                    tensors: list[torch.Tensor] = []
+                    tensors: list[torch.Tensor | None] = []
                     error: BaseException | None = None
                     for _ in indices:
                         index, full = next(walk)
                         if full is None or error is not None:
+                            tensors += [None] * len(plan.units[index].outputs)
                             continue
                         try:
                             for source, name, out in hf_outputs(mapped, plan.units[index], full):
@@ -211,7 +220,7 @@ class Weights:
                         except Exception as e:
                             error = e
                     comm.agree(error)
-                    yield list(names), tensors, names[0] in self._held
+                    yield list(names), tensors
             finally:
                 stream.close()
 

@@ -1,7 +1,9 @@
 """vLLM's worker side of ``distconv_gloo`` (imported inside vLLM's processes only).
 
 Each ``update_weights`` names a layer group (names, dtypes, shapes) and the trainer's rank
-sending it; the worker receives the tensors from that rank over gloo and loads them with the
+sending each of its tensors; the worker receives each tensor, in the group's order, from its
+sender over gloo (a group's tensors may come from several ranks: a PP stage's layers, an EP
+rank's experts; each sender sends its own in the same order) and loads them with the
 model's own ``load_weights`` under vLLM's layerwise reload: ``start_weight_update`` moves the
 layers to the meta device, a layer is rebuilt once all its tensors arrived, and
 ``finish_weight_update`` restores any layer that got nothing. Between the two the engine must not serve: a layer still waiting is on the meta device.
@@ -46,7 +48,7 @@ class GlooUpdateInfo(WeightTransferUpdateInfo):
     names: list[str]
     dtype_names: list[str]
     shapes: list[list[int]]
-    src: int = 0  # the group's rank of the trainer's sender of these tensors
+    srcs: list[int]  # the gloo group's rank of the trainer's sender of each tensor
 
 
 class GlooEngine(WeightTransferEngine):
@@ -58,12 +60,14 @@ class GlooEngine(WeightTransferEngine):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._group = None
+        self._senders = 0  # the trainer's senders: the group's ranks below the workers'
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         pc = self.parallel_config
         rank = pc.data_parallel_index * pc.world_size + pc.rank + init_info.rank_offset
         self._group = gloo_group(init_info.master_address, init_info.master_port, rank, init_info.world_size,
                                  init_info.timeout_s)
+        self._senders = init_info.rank_offset
 
     def start_weight_update(self) -> None:
         initialize_layerwise_reload(self.model)
@@ -73,17 +77,21 @@ class GlooEngine(WeightTransferEngine):
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
-        names, dtypes, shapes = update_info.names, update_info.dtype_names, update_info.shapes
+        names, dtypes, shapes, srcs = update_info.names, update_info.dtype_names, update_info.shapes, update_info.srcs
         if self._group is None:
             raise RuntimeError("distconv_gloo: init_weight_transfer_engine was not called")
-        if not len(names) == len(dtypes) == len(shapes):
-            raise ValueError(f"distconv_gloo: {len(names)} names, {len(dtypes)} dtypes and {len(shapes)} shapes")
+        if not len(names) == len(dtypes) == len(shapes) == len(srcs):
+            raise ValueError(f"distconv_gloo: {len(names)} names, {len(dtypes)} dtypes, {len(shapes)} shapes and "
+                             f"{len(srcs)} srcs")
         bad = [d for d in dtypes if d not in DTYPES]
         if bad:
             raise ValueError(f"distconv_gloo: dtype {bad[0]!r} is not one of {', '.join(DTYPES)}")
+        wrong = [s for s in srcs if not (isinstance(s, int) and 0 <= s < self._senders)]
+        if wrong:
+            raise ValueError(f"distconv_gloo: src {wrong[0]!r} is not a sender's rank (0 to {self._senders - 1})")
         batch = [(n, torch.empty([int(s) for s in shape], dtype=DTYPES[d])) for n, d, shape in zip(names, dtypes, shapes)]
-        for _, tensor in batch:
-            self._group.recv([tensor], update_info.src, 0).wait()
+        for (_, tensor), src in zip(batch, srcs):
+            self._group.recv([tensor], src, 0).wait()
         self.model.load_weights(batch)
 
     def finish_weight_update(self) -> None:

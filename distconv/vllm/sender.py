@@ -1,15 +1,16 @@
 """The trainer's side of ``distconv_gloo``: a source's groups, sent into a running vLLM.
 
 Every rank of the job makes a ``GlooSender`` and calls ``send`` together (the source's pass is a
-collective). The ranks holding the source's groups (rank 0, or each PP stage's with
-``distconv.weights(..., senders="holders")``) join one gloo group with vLLM's workers; the lowest
-of them drives vLLM through ``client`` (anything with vLLM's ``VLLMWeightSyncClient`` methods:
-``init_weight_transfer_engine``, ``start_weight_update``, ``update_weights``,
-``finish_weight_update``; e.g. vLLM's ``HTTPVLLMWeightSyncClient``), and the rank holding each
-group sends it to every worker while they receive it. A failure anywhere (the model, the
-transfer, vLLM refusing a group) raises on every rank, and ``finish_weight_update`` is then not
-called: vLLM keeps its update session open and must not serve until a complete update is
-finished.
+collective). The ranks yielding any of the source's tensors (rank 0, or with
+``distconv.weights(..., senders="holders")`` each PP stage and EP rank) join one gloo group with
+vLLM's workers; the lowest of them drives vLLM through ``client`` (anything with vLLM's
+``VLLMWeightSyncClient`` methods: ``init_weight_transfer_engine``, ``start_weight_update``,
+``update_weights``, ``finish_weight_update``; e.g. vLLM's ``HTTPVLLMWeightSyncClient``). Per layer
+group it asks vLLM to take the whole group, naming the sender of each tensor, while each sender
+sends its own tensors of the group, in the group's order, to every worker. A failure anywhere
+(the model, the transfer, vLLM refusing a group) raises on every rank, and
+``finish_weight_update`` is then not called: vLLM keeps its update session open and must not serve
+until a complete update is finished.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class Source(Protocol):
     """What ``send`` needs of ``distconv.weights``."""
 
     def metadata(self) -> list[Any]: ...
-    def holders(self) -> list[int]: ...
-    def deliver(self, send: Callable[[list[str], list[torch.Tensor]], None]) -> int: ...
+    def holders(self) -> list[list[int]]: ...
+    def deliver(self, send: Callable[[list[str], list[torch.Tensor | None]], None]) -> int: ...
     def agree(self, error: BaseException | None) -> None: ...
 
 
@@ -54,13 +55,18 @@ class Link:
     timeout_s: float = 600.0
 
 
+def _senders(source: Source) -> list[int]:
+    """The ranks yielding any of the source's tensors, in order."""
+    return sorted({rank for holders in source.holders() for rank in holders})
+
+
 class GlooSender:
-    """Collective: built on every rank of the job; the ranks holding the source's groups join the
-    gloo group, and the lowest of them (given ``client``) talks to vLLM."""
+    """Collective: built on every rank of the job; the ranks yielding any of the source's tensors
+    join the gloo group, and the lowest of them (given ``client``) talks to vLLM."""
 
     def __init__(self, source: Source, client: Client | None, link: Link) -> None:
         self.source, self.client, self.link = source, client, link
-        self.senders = sorted(set(source.holders()))
+        self.senders = _senders(source)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.driver = self.rank == self.senders[0]
         self._group = None
@@ -81,27 +87,31 @@ class GlooSender:
                 error = e
         source.agree(error)
 
-    def _send_group(self, names: list[str], tensors: list[torch.Tensor], holder: int, meta: dict[str, Any]) -> None:
-        """The driver asks vLLM to take the group while its holder sends it to every worker."""
+    def _send_group(self, names: list[str], tensors: list[torch.Tensor | None], holders: list[int],
+                    meta: dict[str, Any]) -> None:
+        """The driver asks vLLM to take the group, naming each tensor's sender, while each sender
+        sends its own tensors to every worker in the group's order (the order a worker receives
+        them in, each from its sender: gloo keeps each pair's messages in order)."""
+        mine = [t for t, holder in zip(tensors, holders, strict=True) if holder == self.rank]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             rpc = None
             if self.driver:
                 info = {"names": names, "dtype_names": [str(meta[n].dtype).removeprefix("torch.") for n in names],
-                        "shapes": [list(meta[n].shape) for n in names], "src": self.senders.index(holder)}
+                        "shapes": [list(meta[n].shape) for n in names],
+                        "srcs": [self.senders.index(holder) for holder in holders]}
                 rpc = pool.submit(self.client.update_weights, info)
-            if self.rank == holder:
-                workers = range(len(self.senders), len(self.senders) + self.link.workers)
-                for tensor in tensors:
-                    for work in [self._group.send([tensor], worker, 0) for worker in workers]:
-                        work.wait()
+            workers = range(len(self.senders), len(self.senders) + self.link.workers)
+            for tensor in mine:
+                for work in [self._group.send([tensor], worker, 0) for worker in workers]:
+                    work.wait()
             if rpc is not None:
                 rpc.result()
 
     def _on_driver(self, call: Callable[[], Any], source: Source) -> None:
         error = None
         try:
-            if sorted(set(source.holders())) != self.senders:
-                raise ValueError("the source's groups are held by other ranks than this link's senders")
+            if _senders(source) != self.senders:
+                raise ValueError("the source's tensors are yielded by other ranks than this link's senders")
             if self.driver:
                 call()
         except Exception as e:
