@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--tol", type=float, default=1e-3, help="largest allowed max |logit diff| (default 1e-3)")
     ver.add_argument("--window", default="256MiB", help="most bytes of an MoE layer's routed experts transformers' side "
                      "holds at once, in fp32 (at least one expert; default 256MiB)")
+    ver.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="where both models run: cpu (default), or cuda (LOCAL_RANK's GPU under torchrun)")
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
 
     lay = sub.add_parser("layout", help="print the training's model-parallel size (TP x PP x EP), for launchers")
@@ -201,7 +203,7 @@ def _dispatch(opts: argparse.Namespace) -> int:
         from distconv.verify import verify
 
         result = verify(opts.load, opts.hf, iteration=opts.iteration, sequences=opts.sequences,
-                        length=opts.length, seed=opts.seed, tol=opts.tol, window=opts.window)
+                        length=opts.length, seed=opts.seed, tol=opts.tol, window=opts.window, device=opts.device)
         if opts.json:
             print(json.dumps(result))
         else:

@@ -35,6 +35,7 @@ made harmless only while the model is built and run (``cpu_compat``), and restor
 from __future__ import annotations
 
 import argparse
+import os
 import queue
 import re
 import threading
@@ -206,7 +207,8 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
     """megatron-core's model of the checkpoint on the meta device, its weights read from the checkpoint
     module by module, set up in the caller's thread; returns ``beside(forward)``, run while it is:
     ``forward()`` gives megatron-core's logits (padded vocab) for ``tokens``, and ``hand`` each decoder
-    layer's input and output hidden states ([seq, batch, hidden]) as the layer finishes."""
+    layer's input and output hidden states ([seq, batch, hidden]) as the layer finishes. It runs on
+    ``tokens``' device: each module's weights are put there as it runs."""
     import torch.distributed as dist
     from accelerate import init_empty_weights
     from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
@@ -215,6 +217,7 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
 
     from distconv.megatron.model import build_gpt, cpu_compat, forward_logits
 
+    device = tokens.device
     trim = heap_trimmer()  # a layer's freed weights handed back to the system (see heap_trimmer)
     args = _megatron_args(ckpt)
     owns = not dist.is_initialized()
@@ -235,16 +238,19 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
             missing = [name for name, _ in model.named_parameters() if name not in weights]
             if missing:
                 raise DistconvError(f"{ckpt.path}: the checkpoint gives no value for {', '.join(missing[:8])}")
-            buffers = {name for name, _ in model.named_buffers()}
             for name, _ in model.named_parameters():
                 if not name.startswith(_STREAMED):
-                    set_module_tensor_to_device(model, name, "cpu", value=weights[name])
-            for name in buffers & set(weights):  # persistent buffers (a router's expert bias): small, read once
-                set_module_tensor_to_device(model, name, "cpu", value=weights[name])
+                    set_module_tensor_to_device(model, name, device, value=weights[name])
+            stored = set(weights)
+            for name, buffer in model.named_buffers():
+                if name in stored:  # persistent (a router's expert bias): small, read once
+                    set_module_tensor_to_device(model, name, device, value=weights[name])
+                elif buffer.device != device and not buffer.is_meta:  # computed (RoPE's): moved
+                    set_module_tensor_to_device(model, name, device)
             for prefix in _STREAMED:
                 streamed = model.get_submodule(prefix.rstrip(".")) if hasattr(model, prefix.split(".")[0]) else None
                 if streamed is not None:
-                    attach_align_device_hook(streamed, execution_device=torch.device("cpu"), offload=True,
+                    attach_align_device_hook(streamed, execution_device=device, offload=True,
                                              weights_map=weights, module_name=prefix.rstrip("."))
             current: list[torch.Tensor] = []  # the running layer's input
             hooks = []
@@ -254,7 +260,7 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
                 hooks.append(layer.register_forward_hook(
                     lambda m, a, out: hand((current.pop(), (out[0] if isinstance(out, tuple) else out).detach().clone()))))
                 hooks.append(layer.register_forward_hook(lambda m, a, out: trim()))
-            hooks += _mamba_cp_rebinds(model, weights)
+            hooks += _mamba_cp_rebinds(model, weights, device)
             try:
                 return beside(lambda: forward_logits(model, tokens).float())
             finally:
@@ -267,7 +273,7 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
             dist.destroy_process_group()
 
 
-def _mamba_cp_rebinds(model: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> list[Any]:
+def _mamba_cp_rebinds(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], device: torch.device) -> list[Any]:
     """A Mamba mixer reads its conv1d's weight and bias without calling the module (so no hook reads
     them), through a context-parallel helper that keeps the ``A_log``, ``D`` and ``dt_bias`` parameters
     the mixer was built with, not those its hook puts in their place: once the mixer's hook has run
@@ -280,7 +286,7 @@ def _mamba_cp_rebinds(model: torch.nn.Module, weights: Mapping[str, torch.Tensor
 
         def before(module: torch.nn.Module, args: Any) -> None:
             for p in conv:
-                set_module_tensor_to_device(mixer.conv1d, p, "cpu", value=weights[f"{name}.conv1d.{p}"])
+                set_module_tensor_to_device(mixer.conv1d, p, device, value=weights[f"{name}.conv1d.{p}"])
             mixer.cp.A_log_cp1, mixer.cp.D_cp1, mixer.cp.dt_bias_cp1 = mixer.A_log, mixer.D, mixer.dt_bias
 
         def after(module: torch.nn.Module, args: Any, out: Any) -> None:
@@ -315,11 +321,11 @@ class _ExportLayers:
     A layer's routed experts (``_ExpertWindows``) are left out of it: they are loaded a window of
     experts at a time while they run, at most ``window`` bytes of them (fp32)."""
 
-    def __init__(self, hf: Path, model: Any, layers: str, tensors: Any, window: int) -> None:
+    def __init__(self, hf: Path, model: Any, layers: str, tensors: Any, window: int, device: torch.device) -> None:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-        self.hf, self.model, self.tensors = hf, model, tensors
+        self.hf, self.model, self.tensors, self.device = hf, model, tensors, device
         self.mapping = get_model_conversion_mapping(model)
         renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
@@ -361,8 +367,8 @@ class _ExportLayers:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        convert_and_load_state_dict_in_model(self.model, state, LoadStateDictConfig(dtype=torch.float32,
-                                                                                     weight_mapping=self.mapping))
+        config = LoadStateDictConfig(dtype=torch.float32, weight_mapping=self.mapping, device_map={"": self.device})
+        convert_and_load_state_dict_in_model(self.model, state, config)
         del state
 
     def unload(self, module: torch.nn.Module) -> None:
@@ -542,12 +548,16 @@ def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: i
     """transformers' logits for ``tokens`` from the export (``export_model``), and, with each of its
     ``count`` decoder layers fed megatron-core's input to it (``take``: the next layer's input and
     output), the max |diff| of its output against megatron-core's; routed experts are read at most
-    ``window`` bytes (fp32) of them at a time."""
+    ``window`` bytes (fp32) of them at a time. It runs on ``tokens``' device."""
     from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+    from accelerate.utils import set_module_tensor_to_device
 
     layers = _decoder_layers(model, count)
-    export = _ExportLayers(hf, model, layers, tensors, window)
+    export = _ExportLayers(hf, model, layers, tensors, window, tokens.device)
     export.load("", model)
+    for name, buffer in model.named_buffers():  # computed ones (RoPE's), where the layers run
+        if buffer.device != tokens.device and not buffer.is_meta:
+            set_module_tensor_to_device(model, name, tokens.device)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     export.check("", model, skip=(f"{layers}.",))
@@ -643,7 +653,8 @@ class _Handoff:
 def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float = 1e-3, window: int = WINDOW
             ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """``verify``'s result for ``tokens``, with megatron-core's logits (padded vocab) and the export's
-    (``window``: the most bytes of routed experts transformers' side holds at once, in fp32)."""
+    (``window``: the most bytes of routed experts transformers' side holds at once, in fp32). Both
+    models run on ``tokens``' device; the logits returned are on the CPU."""
     model, tensors = export_model(Path(hf))  # a bad export is refused before megatron-core runs
     handoff = _Handoff()
 
@@ -698,7 +709,7 @@ def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float =
         "first_mismatch": first and {"megatron": first["megatron"], "hf": first["hf"]},
     }
     result["ok"] = result["max_abs_diff"] <= tol and first is None and theirs["embedding"] <= tol
-    return result, ours, theirs["logits"]
+    return result, ours.cpu(), theirs["logits"].cpu()
 
 
 def verify(
@@ -711,14 +722,17 @@ def verify(
     seed: int = 0,
     tol: float = 1e-3,
     window: str | int = WINDOW,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Compare ``sequences`` random token sequences layer by layer and by logits; ``ok`` when the
     logits' max |diff|, the embeddings' and every decoder layer's are all <= ``tol``. MoE layers'
     routed experts are read a window of them at a time, at most ``window`` bytes in fp32 (at least
-    one expert)."""
+    one expert). ``device`` ``cuda``: both models run on this process's GPU (``LOCAL_RANK``'s under
+    torchrun), each module's weights put there as it runs."""
     import json
 
     window = parse_size(window, "--window")
+    where = _device(device)
 
     try:
         config = json.loads((Path(hf) / "config.json").read_text())
@@ -734,4 +748,17 @@ def verify(
                             f"{ckpt.format}; `distconv reshard` writes it as torch_dist, which verify loads")
     length = min(length, int(arg(ckpt.args, "max_position_embeddings", "seq_length", default=length)))
     tokens = torch.randint(0, vocab, (sequences, length), generator=torch.Generator().manual_seed(seed))
-    return compare(ckpt, hf, tokens, tol=tol, window=window)[0]
+    return compare(ckpt, hf, tokens.to(where), tol=tol, window=window)[0]
+
+
+def _device(name: str) -> torch.device:
+    """``--device``: ``cpu``, or ``cuda`` (the GPU of ``LOCAL_RANK`` under torchrun, else the current one)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if name != "cuda":
+        raise DistconvError(f"--device {name}: choose cpu or cuda")
+    if not torch.cuda.is_available():
+        raise DistconvError("--device cuda: torch sees no CUDA device here")
+    index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    torch.cuda.set_device(index)  # megatron-core places what it computes on the current device
+    return torch.device("cuda", index)

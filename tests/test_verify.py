@@ -143,3 +143,12 @@ def test_verify_reads_experts_it_cannot_window_whole_or_says_so(built, exports, 
     with pytest.raises(DistconvError, match=r"model\.layers\.0\.mlp\.experts \(MixtralExperts\) cannot be read a window "
                        r"of experts at a time \(its experts implementation 'eager' .* give --window 98304 or more"):
         verify(load, eager, sequences=2, length=8, tol=TOL, window="64KiB")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA runs verify --device cuda (tests/gpu/check.py)")
+def test_verify_on_cuda_without_a_gpu_says_so(tmp_path, capsys):
+    """``--device cuda`` where torch sees no GPU: one message, before anything is read."""
+    from distconv.cli import main
+
+    assert main(["verify", "--load", str(tmp_path / "none"), "--hf", str(tmp_path / "none"), "--device", "cuda"]) != 0
+    assert "--device cuda: torch sees no CUDA device here" in capsys.readouterr().err

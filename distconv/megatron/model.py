@@ -256,7 +256,7 @@ def sharded_state_dict(model: torch.nn.Module) -> dict[str, Any]:
 
 @torch.no_grad()
 def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, mtp: bool = False) -> Any:
-    """megatron-core's own forward pass on CPU (one stage): logits [batch, seq, padded_vocab].
+    """megatron-core's own forward pass (one stage), on ``tokens``' device: logits [batch, seq, padded_vocab].
 
     With ``mtp``: ``(logits, [logits of each MTP layer])``; MTP layer ``k``'s logits at position
     ``i`` predict token ``i + k + 2``. megatron-core computes MTP outputs only as a loss (it needs
@@ -270,8 +270,8 @@ def forward_logits(model: torch.nn.Module, tokens: torch.Tensor, mtp: bool = Fal
 def _forward(model: torch.nn.Module, tokens: torch.Tensor, mtp: bool) -> Any:
     model.eval()
     b, s = tokens.shape
-    position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
-    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1).view(1, 1, s, s)
+    position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=tokens.device), diagonal=1).view(1, 1, s, s)
     block = getattr(model, "mtp", None)
     if block is None:
         logits = model(tokens, position_ids, mask)

@@ -9,7 +9,8 @@ driver, which adapts to the GPUs it finds:
    CUDA hidden, as the test suite does;
 2. exports each at world 1 with ``--device cuda``: transformers' logits against megatron-core's
    recorded ones (fp32, <= 1e-4), every safetensors file byte-identical to the same export
-   with ``--device cpu``, and the run report showing the rank worked on CUDA;
+   with ``--device cpu``, the run report showing the rank worked on CUDA, and (Llama, Mixtral)
+   ``distconv verify --device cuda`` of it agreeing with ``--device cpu``;
 3. the post-training hook in a one-rank NCCL job (tests/gpu/hook_job.py): one export that
    succeeds, one that fails on purpose, then the caller's NCCL group must still all_reduce;
 4. ``python -m distconv import`` with CUDA visible: how many CUDA contexts it opens, measured
@@ -66,6 +67,8 @@ FSDP_FIXTURES = ("llama", "mixtral")  # saved by Megatron-FSDP itself: SwiGLU de
 W1_CASES = (("llama", "tp2pp2"), ("mixtral", "tp1pp1ep2"), ("deepseek_v3", "tp1pp1ep2"))
 DENSE = ("llama", "tp2pp2")  # what the multi-rank checks export
 SLOW = ["--window", "1KB", "--max-shard-size", "20KB"]  # many small groups and files: a kill lands mid-run
+VERIFY_MODELS = ("llama", "mixtral")  # verify --device cuda against --device cpu: dense, and MoE experts windowed
+VERIFY_SAME = 1e-5  # verify's max |diff| on the GPU against the CPU's: the same numbers up to kernel order
 KILL_TIMEOUT_S = 60
 KILL_EXIT_WITHIN_S = 90
 LOOPBACK_ROUNDS = 200
@@ -224,9 +227,32 @@ class Check:
             return (f"--report: peak_cuda_bytes {peaks} on {len(ranks)} rank(s) (present only when the rank "
                     "initialised CUDA; 0 means no tensor went through GPU memory: at world 1 nothing is sent)")
 
+        def verify() -> str:
+            if "dev" not in state:
+                raise Skipped("the export above failed")
+            results = []
+            for tag, device in (("first", self.device), ("cpu", "cpu")):  # the dry run: cpu twice
+                proc = self.run(f"verify-w1-{key}-{tag}", [PY, "-m", "distconv", "verify", "--load",
+                                                          str(self.fx / model / layout), "--hf", str(state["dev"]),
+                                                          "--device", device, "--json"], timeout=300)
+                if proc.returncode not in (0, 1) or not proc.stdout.strip():
+                    raise Failed(f"verify --device {device} exited {proc.returncode}: {_last_error(proc.stderr)}")
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            ours, cpu = results
+            if not (ours["ok"] and cpu["ok"]):
+                raise Failed(f"verify not ok: --device {self.device} {ours['max_abs_diff']:.3e}, "
+                             f"cpu {cpu['max_abs_diff']:.3e}")
+            if abs(ours["max_abs_diff"] - cpu["max_abs_diff"]) > VERIFY_SAME:
+                raise Failed(f"verify --device {self.device}'s max |diff| {ours['max_abs_diff']:.3e} is not --device "
+                             f"cpu's {cpu['max_abs_diff']:.3e} (within {VERIFY_SAME:g})")
+            return (f"verify --device {self.device}: max |diff| {ours['max_abs_diff']:.2e} over "
+                    f"{len(ours['layers'])} layers, --device cpu {cpu['max_abs_diff']:.2e}")
+
         self.step(f"export-w1 {key}", main_export)
         self.step(f"identical-w1 {key}", identical)
         self.step(f"cuda-report-w1 {key}", report)
+        if model in VERIFY_MODELS:
+            self.step(f"verify-w1 {key}", verify)
 
     # ---- 3. the hook in a one-rank NCCL job --------------------------------------------
     def hook(self) -> str:
