@@ -167,16 +167,27 @@ class _CheckpointWeights(Mapping[str, torch.Tensor]):
             return where.merge_fn(dict_list_map_inplace(self._sharded, where.build()))
         return self._sharded(where)
 
+    def __contains__(self, name: object) -> bool:
+        """Whether the checkpoint stores ``name``, from its metadata (Mapping's own would read the tensor)."""
+        where = self._where.get(name)  # type: ignore[call-overload]
+        if where is None or isinstance(where, tuple) or hasattr(where, "merge_fn"):
+            return where is not None
+        return self._stored(where)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
 
-    def _sharded(self, t: Any) -> torch.Tensor:
+    def _stored(self, t: Any) -> bool:
+        """Whether the checkpoint stores ``t`` whole, under its key or another spelling (``t.key`` set to it)."""
         if t.key not in self.ckpt.tensors:
             t.key = next((key for key in other_spellings(t.key) if key in self.ckpt.tensors), t.key)
-        if t.key not in self.ckpt.tensors or t.flattened_range is not None:
+        return t.key in self.ckpt.tensors and t.flattened_range is None
+
+    def _sharded(self, t: Any) -> torch.Tensor:
+        if not self._stored(t):
             raise DistconvError(f"{self.ckpt.path}: the checkpoint gives no value for {t.key}")
         sizes = (1,) * t.prepend_axis_num + tuple(t.local_shape)
         return self._box(t.key, tuple(t.global_shape), tuple(t.global_offset), sizes).reshape(t.local_shape)
@@ -445,7 +456,8 @@ def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: i
         add_hook_to_module(layer, _streamed_layer_hook(export, f"{layers}.{i}"))
     try:
         with torch.no_grad():
-            logits = model(torch.cat([tokens, tokens])).logits[:b].float()
+            # no KV cache: it would keep every layer's keys and values to the end
+            logits = model(torch.cat([tokens, tokens]), use_cache=False).logits[:b].float()
     finally:
         for hook in hooks:
             hook.remove()
