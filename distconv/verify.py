@@ -33,6 +33,7 @@ made harmless only while the model is built and run (``cpu_compat``), and restor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import queue
 import re
 import threading
@@ -330,6 +331,14 @@ class _ExportLayers:
         converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
         state = model.state_dict()
         number = re.compile(rf"{re.escape(layers)}\.(\d+)\.")
+        self.states: dict[str, dict[str, torch.Tensor]] = {}  # the meta model's state_dict, by group
+        self.buffers: dict[str, list[tuple[str, torch.Tensor]]] = {}  # its buffers, by group
+        for name, tensor in state.items():
+            layer = number.match(name)
+            self.states.setdefault(f"{layers}.{layer.group(1)}" if layer else "", {})[name] = tensor
+        for name, tensor in model.named_buffers():
+            layer = number.match(name)
+            self.buffers.setdefault(f"{layers}.{layer.group(1)}" if layer else "", []).append((name, tensor))
         self.groups: dict[str, list[str]] = {}
         for key in tensors.names():
             target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
@@ -343,12 +352,27 @@ class _ExportLayers:
         from transformers.modeling_utils import LoadStateDictConfig
 
         state = {}
-        for key in self.groups.get(group, []):
-            shape = self.tensors.shape(key)
-            state[key] = self.tensors.read(key, tuple(slice(None) for _ in shape)).to(torch.float32)
-        convert_and_load_state_dict_in_model(self.model, state, LoadStateDictConfig(dtype=torch.float32,
-                                                                                     weight_mapping=self.mapping))
+        with getattr(self.tensors, "files", self.tensors).kept_open():  # one opening of each file per group
+            for key in self.groups.get(group, []):
+                shape = self.tensors.shape(key)
+                state[key] = self.tensors.read(key, tuple(slice(None) for _ in shape)).to(torch.float32)
+        with self._only(group):
+            convert_and_load_state_dict_in_model(self.model, state, LoadStateDictConfig(dtype=torch.float32,
+                                                                                         weight_mapping=self.mapping))
         del state
+
+    @contextlib.contextmanager
+    def _only(self, group: str) -> Iterator[None]:
+        """transformers' loader asks the model for its whole state_dict and buffers on each call (every
+        layer's names: a time quadratic in the depth); it is given the group's part of them, which
+        names the group's tensors the same way. The instance's attributes are removed after."""
+        model = self.model
+        model.state_dict = lambda *args, **kwargs: dict(self.states.get(group, {}))
+        model.named_buffers = lambda *args, **kwargs: iter(self.buffers.get(group, []))
+        try:
+            yield
+        finally:
+            del model.state_dict, model.named_buffers
 
     def unload(self, module: torch.nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
