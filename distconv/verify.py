@@ -35,6 +35,7 @@ made harmless only while the model is built and run (``cpu_compat``), and restor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
 import re
@@ -172,16 +173,27 @@ class _CheckpointWeights(Mapping[str, torch.Tensor]):
             return where.merge_fn(dict_list_map_inplace(self._sharded, where.build()))
         return self._sharded(where)
 
+    def __contains__(self, name: object) -> bool:
+        """Whether the checkpoint stores ``name``, from its metadata (Mapping's own would read the tensor)."""
+        where = self._where.get(name)  # type: ignore[call-overload]
+        if where is None or isinstance(where, tuple) or hasattr(where, "merge_fn"):
+            return where is not None
+        return self._stored(where)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
 
-    def _sharded(self, t: Any) -> torch.Tensor:
+    def _stored(self, t: Any) -> bool:
+        """Whether the checkpoint stores ``t`` whole, under its key or another spelling (``t.key`` set to it)."""
         if t.key not in self.ckpt.tensors:
             t.key = next((key for key in other_spellings(t.key) if key in self.ckpt.tensors), t.key)
-        if t.key not in self.ckpt.tensors or t.flattened_range is not None:
+        return t.key in self.ckpt.tensors and t.flattened_range is None
+
+    def _sharded(self, t: Any) -> torch.Tensor:
+        if not self._stored(t):
             raise DistconvError(f"{self.ckpt.path}: the checkpoint gives no value for {t.key}")
         sizes = (1,) * t.prepend_axis_num + tuple(t.local_shape)
         return self._box(t.key, tuple(t.global_shape), tuple(t.global_offset), sizes).reshape(t.local_shape)
@@ -332,6 +344,9 @@ class _ExportLayers:
         state = model.state_dict()
         number = re.compile(rf"{re.escape(layers)}\.(\d+)\.")
         experts = {name: m for name, m in model.get_submodule(layers).named_modules(prefix=layers) if _routed_experts(m)}
+        # the meta model's state_dict and buffers outside the decoder layers (``_only``)
+        self.rest = {name: t for name, t in state.items() if not number.match(name)}
+        self.rest_buffers = [(name, t) for name, t in model.named_buffers() if not number.match(name)]
         self.groups: dict[str, list[str]] = {}
         found: dict[str, list[tuple[str, str, str | None]]] = {name: [] for name in experts}
         for key in tensors.names():
@@ -355,21 +370,48 @@ class _ExportLayers:
     def load(self, group: str, module: torch.nn.Module) -> None:
         """Materialize ``module`` (named ``group``; ``""``: the whole model, layers excepted) from its
         files, its windowed experts excepted."""
-        self.convert({key: self.read(key) for key in self.groups.get(group, [])})
+        with self.kept_open():
+            state = {key: self.read(key) for key in self.groups.get(group, [])}
+        self.convert(state, group)
+
+    def kept_open(self) -> contextlib.AbstractContextManager:
+        """Reads inside open each export file once (a safetensors header is parsed at each opening)."""
+        return getattr(self.tensors, "files", self.tensors).kept_open()
 
     def read(self, key: str, first: slice = slice(None)) -> torch.Tensor:
         """The export's tensor ``key`` (``first``: its rows along the first dimension) in fp32."""
         rest = tuple(slice(None) for _ in self.tensors.shape(key)[1:])
         return self.tensors.read(key, (first, *rest)).to(torch.float32)
 
-    def convert(self, state: dict[str, torch.Tensor]) -> None:
-        """``state`` (the export's tensors by their saved names) through transformers' loader into the model."""
+    def convert(self, state: dict[str, torch.Tensor], module: str) -> None:
+        """``state`` (the export's tensors by their saved names, all of the model's ``module``: a decoder
+        layer, an experts module, or ``""`` for the rest) through transformers' loader into the model."""
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
         config = LoadStateDictConfig(dtype=torch.float32, weight_mapping=self.mapping, device_map={"": self.device})
-        convert_and_load_state_dict_in_model(self.model, state, config)
+        with self._only(module):
+            convert_and_load_state_dict_in_model(self.model, state, config)
         del state
+
+    @contextlib.contextmanager
+    def _only(self, module: str) -> Iterator[None]:
+        """transformers' loader asks the model for its whole state_dict and buffers on each call (every
+        layer's names: a time quadratic in the depth); it is given those of ``module`` alone (as they
+        are now: an experts module's window-shaped ones), which names its tensors the same way. The
+        instance's attributes are removed after."""
+        model = self.model
+        if module:
+            part = model.get_submodule(module)
+            state, buffers = part.state_dict(prefix=f"{module}."), list(part.named_buffers(prefix=module))
+        else:
+            state, buffers = dict(self.rest), list(self.rest_buffers)
+        model.state_dict = lambda *args, **kwargs: dict(state)
+        model.named_buffers = lambda *args, **kwargs: iter(buffers)
+        try:
+            yield
+        finally:
+            del model.state_dict, model.named_buffers
 
     def unload(self, module: torch.nn.Module) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -467,9 +509,10 @@ class _ExpertWindows:
     def _materialize(self, a: int, b: int) -> None:
         """The parameters of experts [a, b) from the export, in parameters of that shape."""
         self._empty(b - a)
-        state = {key: self.export.read(key) for e in range(a, b) for key in self.experts[e]}
-        state.update({key: self.export.read(key, slice(a, b)) for key in self.fused})
-        self.export.convert(state)
+        with self.export.kept_open():
+            state = {key: self.export.read(key) for e in range(a, b) for key in self.experts[e]}
+            state.update({key: self.export.read(key, slice(a, b)) for key in self.fused})
+        self.export.convert(state, self.name)
         del state
         self.export.check(self.name, self.module)
 
@@ -594,7 +637,8 @@ def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: i
         windows.module.forward = windows.forward
     try:
         with torch.no_grad():
-            logits = model(torch.cat([tokens, tokens])).logits[:b].float()
+            # no KV cache: it would keep every layer's keys and values to the end
+            logits = model(torch.cat([tokens, tokens]), use_cache=False).logits[:b].float()
     finally:
         for hook in hooks:
             hook.remove()

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -31,7 +32,9 @@ class SafetensorsFiles:
     """Tensors of one ``.safetensors`` file or a folder of them, read by slice.
 
     The headers are read once; each read opens its file and closes it again, so the pages it
-    mapped stop counting in the process's memory as soon as the slice is copied out.
+    mapped stop counting in the process's memory as soon as the slice is copied out. Inside
+    ``kept_open`` the reads share one opening of each file instead (safetensors parses a file's
+    whole header at each opening: for many tensors of one file read together).
     """
 
     def __init__(self, path: str | Path | list[Path], same_name: str = "") -> None:
@@ -57,6 +60,18 @@ class SafetensorsFiles:
                     piece = handle.get_slice(name)
                     self.where[name] = f
                     self._header[name] = (tuple(piece.get_shape()), piece.get_dtype())
+        self._kept: dict[Path, Any] | None = None
+
+    @contextlib.contextmanager
+    def kept_open(self) -> Iterator[None]:
+        """Reads inside open each file once; the files are closed at the end."""
+        self._kept = {}
+        try:
+            yield
+        finally:
+            kept, self._kept = self._kept, None
+            for handle in kept.values():
+                handle.__exit__(None, None, None)
 
     @staticmethod
     def _open(file: Path) -> Any:
@@ -90,6 +105,10 @@ class SafetensorsFiles:
         file = self.where[name]
         if not file.exists():
             raise DistconvError(f"source file {file} is missing (it was there when the run was planned)")
+        if self._kept is not None:
+            if file not in self._kept:
+                self._kept[file] = self._open(file).__enter__()
+            return self._kept[file].get_slice(name)[box]
         with self._open(file) as handle:
             return handle.get_slice(name)[box]
 

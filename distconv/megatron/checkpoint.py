@@ -8,7 +8,9 @@ types Megatron-LM stores in ``args``, and a restricted unpickler for DCP metadat
 from __future__ import annotations
 
 import argparse
+import bisect
 import dataclasses
+import functools
 import importlib
 import io
 import os
@@ -53,6 +55,22 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return numel(self.shape) * self.dtype.itemsize
+
+    def chunks_near(self, read: Read) -> tuple[Chunk, ...]:
+        """The chunks whose range on the first axis meets ``read``'s (``overlaps`` checks the rest): a
+        bisection, where a stacked tensor holds a chunk per layer and rank, so that reading every
+        layer's box costs no time quadratic in the depth."""
+        if not self.shape:
+            return self.chunks
+        chunks, starts, longest = self._by_start
+        lo = bisect.bisect_left(starts, read.offsets[0] - longest + 1)
+        return chunks[lo:bisect.bisect_left(starts, read.offsets[0] + read.sizes[0])]
+
+    @functools.cached_property
+    def _by_start(self) -> tuple[tuple[Chunk, ...], list[int], int]:
+        """The chunks sorted by their first offset, those offsets, and the longest chunk's first size."""
+        chunks = tuple(sorted(self.chunks, key=lambda c: c.offsets[0]))
+        return chunks, [c.offsets[0] for c in chunks], max((c.sizes[0] for c in chunks), default=0)
 
 
 def overlaps(read: Read, chunks: tuple[Chunk, ...]) -> Iterator[tuple[Chunk, tuple[slice, ...], tuple[slice, ...]]]:

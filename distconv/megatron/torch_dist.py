@@ -126,7 +126,7 @@ class TorchDistReader:
         return self._load(reads, dtype) if self.collective else [self._cut(read, dtype) for read in reads]
 
     def files(self, reads: list[Read]) -> list[str]:
-        return sorted({c.file for r in reads for c, _, _ in overlaps(r, self.ckpt.tensors[r.key].chunks)})
+        return sorted({c.file for r in reads for c, _, _ in overlaps(r, self.ckpt.tensors[r.key].chunks_near(r))})
 
     def _load(self, reads: list[Read], dtype: torch.dtype) -> list[torch.Tensor]:
         from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
@@ -144,7 +144,7 @@ class TorchDistReader:
 
     def _cut(self, read: Read, dtype: torch.dtype) -> torch.Tensor:
         box = torch.empty(read.sizes, dtype=dtype)
-        for chunk, src, dst in overlaps(read, self.ckpt.tensors[read.key].chunks):
+        for chunk, src, dst in overlaps(read, self.ckpt.tensors[read.key].chunks_near(read)):
             box[dst] = self._chunk(read.key, chunk)[src]
         return box
 

@@ -4,7 +4,7 @@
         [--experts 8 --ep 2]
 
 A Llama-shaped ``GPTModel`` (hidden 1024 unless ``--hidden``, head size 64, 4 query heads per
-key-value group, SwiGLU with FFN 2.75 x hidden, vocab 32000, untied, bf16) with as many layers as
+key-value group but at least one group per TP rank, SwiGLU with FFN 2.75 x hidden, vocab 32000, untied, bf16) with as many layers as
 the requested weight size needs (with ``--experts N``, Mixtral-shaped: every layer's MLP is N
 experts of that FFN width, top-2 routing, saved at ``--ep`` with expert TP 1), random bf16
 weights, and Adam moments (fp32 ``exp_avg`` and
@@ -32,7 +32,7 @@ HIDDEN, HEAD_DIM, VOCAB = 1024, 64, 32000
 def shape_args(gb: float, tp: int, pp: int, world: int, hidden: int = HIDDEN, experts: int = 0,
                ep: int = 1) -> argparse.Namespace:
     heads = hidden // HEAD_DIM
-    groups = max(1, heads // 4)
+    groups = max(tp, heads // 4)  # at least one key-value group per TP rank (narrow models)
     ffn = round(2.75 * hidden / 64) * 64
     mlp = (3 * ffn * hidden + hidden) * experts if experts else 3 * ffn * hidden  # experts and router, or one MLP
     per_layer = ((heads + 2 * groups) * HEAD_DIM * hidden + hidden * heads * HEAD_DIM + mlp + 2 * hidden) * 2
@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--pp", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=HIDDEN,
-                        help="hidden size (a multiple of 256): wider models have larger chunks and fewer layers")
+                        help="hidden size (a multiple of 128): wider models have larger chunks and fewer layers, narrower ones "
+                             "more layers (deep models for the per-layer costs of verify)")
     parser.add_argument("--experts", type=int, default=0, help="experts per layer (0: a dense model)")
     parser.add_argument("--ep", type=int, default=2, help="with --experts: the expert-parallel size saved at")
     parser.add_argument("--no-optimizer", action="store_true",
