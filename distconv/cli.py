@@ -7,7 +7,7 @@ import json
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from distconv.errors import DistconvError
 
@@ -126,6 +126,22 @@ def _on_sigterm(signum, frame) -> None:
     raise Stopped("stopped by SIGTERM (another rank failed, or the job was cancelled)")
 
 
+def _unraisable(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``sys.unraisablehook`` while a command runs: a ``Stopped`` raised where Python swallows
+    exceptions (the SIGTERM handler ran inside a finalizer or a weakref callback) is not printed as
+    a traceback; the signal is sent again a moment later, to stop the run outside it."""
+    import threading
+
+    def handle(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, Stopped):
+            again = threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM))
+            again.daemon = True
+            again.start()
+        else:
+            hook(unraisable)
+    return handle
+
+
 def _record(error: BaseException) -> None:
     """torchelastic's error file: torchrun shows this rank's message as the failure's cause."""
     if os.environ.get("TORCHELASTIC_ERROR_FILE"):
@@ -146,9 +162,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(opts: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
-    signal.signal(signal.SIGTERM, _on_sigterm)  # unwind, so that partial output is removed
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # unwind, so that partial output is removed
+    hook, sys.unraisablehook = sys.unraisablehook, _unraisable(sys.unraisablehook)
     try:
-        return _dispatch(opts)
+        try:
+            return _dispatch(opts)
+        finally:
+            # the run is over: a SIGTERM now (torchrun stopping the ranks after one failed) must not
+            # raise into the report, a finalizer or the interpreter's shutdown (a traceback)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
     except (DistconvError, Stopped) as e:
         _record(e)
         if rank == 0:
@@ -159,6 +181,9 @@ def _main(opts: argparse.Namespace) -> int:
         if rank == 0:
             print(f"distconv: error: {_runtime_error(e)}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        sys.unraisablehook = hook
 
 
 def _runtime_error(e: BaseException) -> str:
