@@ -20,7 +20,7 @@ from distconv.directions.hf_model import hf_tensors
 from distconv.engine import marker
 from distconv.engine.comm import Comm
 from distconv.engine.folder import files_in, refuse_overlap
-from distconv.engine.plan import Output, Part, Plan, Read, Slab, Unit, numbered, numel, whole
+from distconv.engine.plan import Output, Part, Plan, Read, Slab, Unit, most_held, numbered, numel, whole
 from distconv.engine.progress import Tracker
 from distconv.engine.run import RunOptions, launch, parse_size
 from distconv.engine.stream import Stream, WriterThread
@@ -312,11 +312,7 @@ def make_plan(
 
     def holder(group: list[Part]) -> int:
         """The rank holding most of a group's elements (the lowest of a tie)."""
-        held = [0] * world
-        for item in group:
-            for read in reads_of(item, 0, 1):
-                held[read.rank] += read.nbytes
-        return held.index(max(held))
+        return most_held([read for item in group for read in reads_of(item, 0, 1)], world)
 
     cut = holder if cut_at_holders else None
     for unit_items in by_unit.values():

@@ -30,7 +30,7 @@ import torch
 from distconv.directions.export import (_load_hf_config, _load_tokenizer, _true_vocab, hf_outputs, map_model,
                                        nonfinite_count, nonfinite_entry, nonfinite_error)
 from distconv.engine.comm import Comm
-from distconv.engine.plan import Plan
+from distconv.engine.plan import Plan, most_held
 from distconv.engine.run import agreed, parse_size
 from distconv.engine.stream import Reader, Stream
 from distconv.errors import DistconvError, warn
@@ -112,10 +112,7 @@ class Weights:
                 self._groups.append(([index], [o.name for o in unit.outputs]))
         if opts.senders == "holders":  # each unit on the rank holding most of it: a PP stage's layers, EP experts
             for unit in plan.units:
-                held = [0] * self._comm.world
-                for read in unit.reads:
-                    held[read.rank] += read.nbytes
-                unit.writer = held.index(max(held))
+                unit.writer = most_held(unit.reads, self._comm.world)
         self._holders = [[plan.units[i].writer for i in indices for _ in plan.units[i].outputs]
                          for indices, _ in self._groups]  # of each tensor of each group
         self._held = frozenset(o.name for u in plan.units if u.writer == rank for o in u.outputs)

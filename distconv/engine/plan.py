@@ -183,6 +183,15 @@ class Plan:
         return sum(u.nbytes for u in self.units if u.writer == rank)
 
 
+def most_held(reads: list[Read], world: int) -> int:
+    """The rank whose ``reads`` hold most bytes (the lowest of a tie): the one that can hand their
+    tensors out with the least gathered from others."""
+    held = [0] * world
+    for read in reads:
+        held[read.rank] += read.nbytes
+    return held.index(max(held))
+
+
 def numbered(indices: set[int], n: int) -> bool:
     """``indices`` are exactly ``0 .. n-1`` (layers or experts, none missing, none extra), checked
     without building ``range(n)``: ``n`` may be a hostile claim."""
