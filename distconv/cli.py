@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("--window", default="256MiB", help="most bytes of an MoE layer's routed experts transformers' side "
                      "holds at once, in fp32 (at least one expert; default 256MiB)")
     ver.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                     help="where both models run: cpu (default), or cuda (LOCAL_RANK's GPU under torchrun)")
+                     help="where both models run: cpu (default), or cuda (the local rank's GPU under torchrun or srun)")
     ver.add_argument("--json", action="store_true", help="print the result as JSON")
 
     lay = sub.add_parser("layout", help="print the training's model-parallel size (TP x PP x EP), for launchers")

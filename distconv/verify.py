@@ -253,12 +253,10 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
             for name, _ in model.named_parameters():
                 if not name.startswith(_STREAMED):
                     set_module_tensor_to_device(model, name, device, value=weights[name])
-            stored = set(weights)
-            for name, buffer in model.named_buffers():
-                if name in stored:  # persistent (a router's expert bias): small, read once
-                    set_module_tensor_to_device(model, name, device, value=weights[name])
-                elif buffer.device != device and not buffer.is_meta:  # computed (RoPE's): moved
-                    set_module_tensor_to_device(model, name, device)
+            # persistent buffers (a router's expert bias): small, read once; computed ones moved
+            for name in {name for name, _ in model.named_buffers()} & set(weights):
+                set_module_tensor_to_device(model, name, device, value=weights[name])
+            _buffers_to(model, device)
             for prefix in _STREAMED:
                 streamed = model.get_submodule(prefix.rstrip(".")) if hasattr(model, prefix.split(".")[0]) else None
                 if streamed is not None:
@@ -283,6 +281,15 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
         parallel_state.destroy_model_parallel()
         if owns:
             dist.destroy_process_group()
+
+
+def _buffers_to(model: torch.nn.Module, device: torch.device) -> None:
+    """The model's real buffers (computed ones: RoPE's) put on ``device``, where its layers run."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, buffer in model.named_buffers():
+        if buffer.device != device and not buffer.is_meta:
+            set_module_tensor_to_device(model, name, device)
 
 
 def _mamba_cp_rebinds(model: torch.nn.Module, weights: Mapping[str, torch.Tensor], device: torch.device) -> list[Any]:
@@ -593,14 +600,11 @@ def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: i
     output), the max |diff| of its output against megatron-core's; routed experts are read at most
     ``window`` bytes (fp32) of them at a time. It runs on ``tokens``' device."""
     from accelerate.hooks import add_hook_to_module, remove_hook_from_module
-    from accelerate.utils import set_module_tensor_to_device
 
     layers = _decoder_layers(model, count)
     export = _ExportLayers(hf, model, layers, tensors, window, tokens.device)
     export.load("", model)
-    for name, buffer in model.named_buffers():  # computed ones (RoPE's), where the layers run
-        if buffer.device != tokens.device and not buffer.is_meta:
-            set_module_tensor_to_device(model, name, tokens.device)
+    _buffers_to(model, tokens.device)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     export.check("", model, skip=(f"{layers}.",))
@@ -771,8 +775,8 @@ def verify(
     """Compare ``sequences`` random token sequences layer by layer and by logits; ``ok`` when the
     logits' max |diff|, the embeddings' and every decoder layer's are all <= ``tol``. MoE layers'
     routed experts are read a window of them at a time, at most ``window`` bytes in fp32 (at least
-    one expert). ``device`` ``cuda``: both models run on this process's GPU (``LOCAL_RANK``'s under
-    torchrun), each module's weights put there as it runs."""
+    one expert). ``device`` ``cuda``: both models run on this process's GPU (its local rank's under
+    torchrun or srun), each module's weights put there as it runs."""
     import json
 
     window = parse_size(window, "--window")
@@ -796,13 +800,15 @@ def verify(
 
 
 def _device(name: str) -> torch.device:
-    """``--device``: ``cpu``, or ``cuda`` (the GPU of ``LOCAL_RANK`` under torchrun, else the current one)."""
+    """``--device``: ``cpu``, or ``cuda`` (this process's GPU as export takes it: ``engine.comm.local_gpu``)."""
+    from distconv.engine.comm import local_gpu
+
     if name == "cpu":
         return torch.device("cpu")
     if name != "cuda":
         raise DistconvError(f"--device {name}: choose cpu or cuda")
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
         raise DistconvError("--device cuda: torch sees no CUDA device here")
-    index = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    index = local_gpu(dict(os.environ), torch.cuda.device_count())
     torch.cuda.set_device(index)  # megatron-core places what it computes on the current device
     return torch.device("cuda", index)
