@@ -49,6 +49,16 @@ def gloo_threads() -> list[str]:
     return sorted(n for n in names if "gloo" in n)
 
 
+def gloo_threads_ending(within: float = 10.0) -> list[str]:
+    """``gloo_threads()`` once they are gone, or as they are ``within`` seconds from now: a destroyed
+    group's threads are joined as its last reference goes, which a loaded machine may delay a
+    moment; a group still referenced somewhere keeps them for good."""
+    deadline = time.monotonic() + within
+    while (names := gloo_threads()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return names
+
+
 def other_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t is not threading.main_thread()]
 
@@ -122,7 +132,7 @@ def main() -> None:
     dist.destroy_process_group()
     result = {"threads_after_export": after_export, "failure": error, "gather_fault": gather_fault,
               "threads_after_failure": threads_after_failure,
-              "all_reduce": total.tolist(), "gloo_threads_after_destroy": gloo_threads()}
+              "all_reduce": total.tolist(), "gloo_threads_after_destroy": gloo_threads_ending()}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
