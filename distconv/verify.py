@@ -257,14 +257,13 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
             for name in {name for name, _ in model.named_buffers()} & set(weights):
                 set_module_tensor_to_device(model, name, device, value=weights[name])
             _buffers_to(model, device)
-            for prefix in _STREAMED:
-                streamed = model.get_submodule(prefix.rstrip(".")) if hasattr(model, prefix.split(".")[0]) else None
-                if streamed is not None:
-                    attach_align_device_hook(streamed, execution_device=device, offload=True,
-                                             weights_map=weights, module_name=prefix.rstrip("."))
+            if hasattr(model, "mtp"):
+                attach_align_device_hook(model.mtp, execution_device=device, offload=True, weights_map=weights,
+                                         module_name="mtp")
             current: list[torch.Tensor] = []  # the running layer's input
             hooks = []
-            for layer in model.decoder.layers:
+            for i, layer in enumerate(model.decoder.layers):
+                hooks += _hooked_while_running(layer, f"decoder.layers.{i}", device, weights)
                 hooks.append(layer.register_forward_pre_hook(
                     lambda m, a, k: current.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
                 hooks.append(layer.register_forward_hook(
@@ -281,6 +280,26 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
         parallel_state.destroy_model_parallel()
         if owns:
             dist.destroy_process_group()
+
+
+def _hooked_while_running(layer: torch.nn.Module, name: str, device: torch.device,
+                          weights: Mapping[str, torch.Tensor]) -> list[Any]:
+    """accelerate's offload hooks attached to the decoder layer ``name``'s modules just before it runs
+    (each module's weights read from ``weights`` as it runs, dropped after) and removed once it has:
+    a deep model's hooks, a few kB per module, are not all held for the whole forward."""
+    from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
+
+    if next(layer.parameters(recurse=False), None) is not None:  # its own hook could not start mid-call
+        attach_align_device_hook(layer, execution_device=device, offload=True, weights_map=weights, module_name=name)
+        return []
+
+    def attach(module: torch.nn.Module, args: Any) -> None:
+        attach_align_device_hook(layer, execution_device=device, offload=True, weights_map=weights, module_name=name)
+
+    def remove(module: torch.nn.Module, args: Any, out: Any) -> None:
+        remove_hook_from_submodules(layer)
+
+    return [layer.register_forward_pre_hook(attach), layer.register_forward_hook(remove)]
 
 
 def _buffers_to(model: torch.nn.Module, device: torch.device) -> None:
@@ -344,7 +363,7 @@ class _ExportLayers:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
-        self.hf, self.model, self.tensors, self.device = hf, model, tensors, device
+        self.hf, self.model, self.layers, self.tensors, self.device = hf, model, layers, tensors, device
         self.mapping = get_model_conversion_mapping(model)
         renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
@@ -543,16 +562,20 @@ class _ExpertWindows:
         return out
 
 
-def _streamed_layer_hook(export: _ExportLayers, group: str, skip: tuple[str, ...]) -> Any:
-    """An accelerate hook materializing one HF decoder layer just before it runs (its windowed experts,
-    named ``skip``, excepted), and dropping it after."""
+def _streamed_layer_hooks(export: _ExportLayers) -> Callable[[str, tuple[str, ...]], Any]:
+    """The class of the accelerate hooks that materialize one HF decoder layer (``group``) just before
+    it runs (its windowed experts, named ``skip``, excepted) and drop it after: made once, not per layer."""
     from accelerate.hooks import ModelHook
 
     trim = heap_trimmer()
+
     class LayerHook(ModelHook):
+        def __init__(self, group: str, skip: tuple[str, ...]) -> None:
+            self.group, self.skip = group, skip
+
         def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            export.load(group, module)
-            export.check(group, module, skip)
+            export.load(self.group, module)
+            export.check(self.group, module, self.skip)
             return args, kwargs
 
         def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
@@ -560,7 +583,7 @@ def _streamed_layer_hook(export: _ExportLayers, group: str, skip: tuple[str, ...
             trim()
             return output
 
-    return LayerHook()
+    return LayerHook
 
 
 def _decoder_layers(model: torch.nn.Module, count: int) -> str:
@@ -593,21 +616,31 @@ def export_model(hf: Path) -> tuple[Any, Any]:
     return model, _export_tensors(hf, config)
 
 
-def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: int,
-              take: Callable[[], tuple[torch.Tensor, torch.Tensor]], window: int = WINDOW) -> dict[str, Any]:
-    """transformers' logits for ``tokens`` from the export (``export_model``), and, with each of its
-    ``count`` decoder layers fed megatron-core's input to it (``take``: the next layer's input and
-    output), the max |diff| of its output against megatron-core's; routed experts are read at most
-    ``window`` bytes (fp32) of them at a time. It runs on ``tokens``' device."""
-    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
-
+def export_rest(hf: Path, model: Any, tensors: Any, count: int, device: torch.device, window: int = WINDOW
+                ) -> _ExportLayers:
+    """The export's model (``export_model``) with everything outside its ``count`` decoder layers read
+    onto ``device``, ready to run a layer at a time; routed experts will be read at most ``window``
+    bytes (fp32) of them at a time. Done before megatron-core's side starts, so that this reading's
+    transient memory never meets megatron-core's running layers."""
     layers = _decoder_layers(model, count)
-    export = _ExportLayers(hf, model, layers, tensors, window, tokens.device)
+    export = _ExportLayers(hf, model, layers, tensors, window, device)
     export.load("", model)
-    _buffers_to(model, tokens.device)
+    _buffers_to(model, device)
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     export.check("", model, skip=(f"{layers}.",))
+    heap_trimmer()()  # the reads' bf16 copies handed back before megatron-core's side allocates
+    return export
+
+
+def hf_layers(export: _ExportLayers, tokens: torch.Tensor, take: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+              ) -> dict[str, Any]:
+    """transformers' logits for ``tokens`` from the export (``export_rest``), and, with each of its
+    decoder layers fed megatron-core's input to it (``take``: the next layer's input and output), the
+    max |diff| of its output against megatron-core's. It runs on ``tokens``' device."""
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    model, layers = export.model, export.layers
     b = tokens.shape[0]
     diffs: list[float] = []
     embedding: list[float] = []
@@ -630,13 +663,14 @@ def hf_layers(hf: Path, model: Any, tensors: Any, tokens: torch.Tensor, count: i
         return pre, post
 
     hooks = []
+    layer_hook = _streamed_layer_hooks(export)
     for i, layer in enumerate(model.get_submodule(layers)):
         pre, post = feed(i)
         hooks += [layer.register_forward_pre_hook(pre, with_kwargs=True),
                   layer.register_forward_hook(post, with_kwargs=True)]
         group = f"{layers}.{i}"
         skip = tuple(f"{name.removeprefix(group)[1:]}." for name in export.windows if name.startswith(f"{group}."))
-        add_hook_to_module(layer, _streamed_layer_hook(export, group, skip))
+        add_hook_to_module(layer, layer_hook(group, skip))
     for windows in export.windows.values():
         windows.module.forward = windows.forward
     try:
@@ -704,6 +738,7 @@ def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float =
     (``window``: the most bytes of routed experts transformers' side holds at once, in fp32). Both
     models run on ``tokens``' device; the logits returned are on the CPU."""
     model, tensors = export_model(Path(hf))  # a bad export is refused before megatron-core runs
+    export = export_rest(Path(hf), model, tensors, int(arg(ckpt.args, "num_layers")), tokens.device, window)
     handoff = _Handoff()
 
     def in_step(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -724,8 +759,7 @@ def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float =
         thread.start()
         theirs = None
         try:
-            theirs = hf_layers(Path(hf), model, tensors, tokens, int(arg(ckpt.args, "num_layers")), handoff.get,
-                               window)
+            theirs = hf_layers(export, tokens, handoff.get)
         except _Ended:
             pass
         finally:
