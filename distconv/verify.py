@@ -4,14 +4,17 @@ Both models are built on the meta device with accelerate's ``init_empty_weights`
 RoPE's ``inv_freq`` stay real): megatron-core's ``GPTModel`` from the checkpoint's args at TP1 PP1
 (``distconv.megatron.model``, local layer specs, fp32), transformers' ``AutoModelForCausalLM`` from
 the export's ``config.json`` (``trust_remote_code=False``). Weights are materialized from each side's
-own files only while the module using them runs, and put back on the meta device after:
+own files only while the module using them runs; after it, the module gets back the meta tensors
+it was built with (so that running a deep model creates no objects that outlive their layer):
 
-- megatron-core: one accelerate ``AlignDevicesHook`` per module holding parameters under the
-  decoder (and MTP) layers, over a lazy map that reads each parameter when asked: the box of the
-  checkpoint tensor megatron-core's ``sharded_state_dict`` names for it (a torch_dist folder read
-  by byte range, each chunk unpickled with distconv's allow-list and no ``_extra_state`` read; a
-  legacy ``mp_rank_*`` one through distconv's legacy reader). MoE experts are modules of their own
-  (``SequentialMLP``'s ``local_experts.{e}``): one expert's linear layer is in memory at a time.
+- megatron-core: one accelerate ``ModelHook`` per module holding parameters under the decoder (and
+  MTP) layers, attached to a decoder layer's modules only while it runs (``_hooked_while_running``),
+  each parameter put in place by accelerate's ``set_module_tensor_to_device`` from a lazy map that
+  reads it when asked: the box of the checkpoint tensor megatron-core's ``sharded_state_dict``
+  names for it (a torch_dist folder read by byte range, each chunk unpickled with distconv's
+  allow-list and no ``_extra_state`` read; a legacy ``mp_rank_*`` one through distconv's legacy
+  reader). MoE experts are modules of their own (``SequentialMLP``'s ``local_experts.{e}``): one
+  expert's linear layer is in memory at a time.
 - transformers: one hook per decoder layer loading that layer's safetensors tensors through
   transformers' own loader (its renames and MoE fusions; block-wise FP8 dequantized as read). A
   layer's routed experts are left out of it and run a window of experts at a time, each window
@@ -223,7 +226,7 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
     ``tokens``' device: each module's weights are put there as it runs."""
     import torch.distributed as dist
     from accelerate import init_empty_weights
-    from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
+    from accelerate.hooks import remove_hook_from_submodules
     from accelerate.utils import set_module_tensor_to_device
     from megatron.core import parallel_state
 
@@ -257,13 +260,13 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
             for name in {name for name, _ in model.named_buffers()} & set(weights):
                 set_module_tensor_to_device(model, name, device, value=weights[name])
             _buffers_to(model, device)
+            module_hook = _checkpoint_module_hook(weights, device)
             if hasattr(model, "mtp"):
-                attach_align_device_hook(model.mtp, execution_device=device, offload=True, weights_map=weights,
-                                         module_name="mtp")
+                _attach(module_hook, model.mtp, "mtp")
             current: list[torch.Tensor] = []  # the running layer's input
             hooks = []
             for i, layer in enumerate(model.decoder.layers):
-                hooks += _hooked_while_running(layer, f"decoder.layers.{i}", device, weights)
+                hooks += _hooked_while_running(module_hook, layer, f"decoder.layers.{i}")
                 hooks.append(layer.register_forward_pre_hook(
                     lambda m, a, k: current.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
                 hooks.append(layer.register_forward_hook(
@@ -282,24 +285,51 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
             dist.destroy_process_group()
 
 
-def _hooked_while_running(layer: torch.nn.Module, name: str, device: torch.device,
-                          weights: Mapping[str, torch.Tensor]) -> list[Any]:
-    """accelerate's offload hooks attached to the decoder layer ``name``'s modules just before it runs
-    (each module's weights read from ``weights`` as it runs, dropped after) and removed once it has:
-    a deep model's hooks, a few kB per module, are not all held for the whole forward."""
-    from accelerate.hooks import attach_align_device_hook, remove_hook_from_submodules
+def _checkpoint_module_hook(weights: Mapping[str, torch.Tensor], device: torch.device) -> Callable[[str], Any]:
+    """The class of the accelerate hooks that read one megatron-core module's own parameters (the
+    module named by the hook) from ``weights`` onto ``device`` as it runs, and put back the meta ones
+    it was built with once it has (no new objects per layer: a deep model's run keeps its memory)."""
+    from accelerate.hooks import ModelHook
+    from accelerate.utils import set_module_tensor_to_device
 
-    if next(layer.parameters(recurse=False), None) is not None:  # its own hook could not start mid-call
-        attach_align_device_hook(layer, execution_device=device, offload=True, weights_map=weights, module_name=name)
+    class ModuleHook(ModelHook):
+        def __init__(self, name: str) -> None:
+            self.name, self.built = name, {}
+
+        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            self.built = {p: t for p, t in module._parameters.items() if t is not None}
+            for p in self.built:
+                set_module_tensor_to_device(module, p, device, value=weights[f"{self.name}.{p}"])
+            return args, kwargs
+
+        def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
+            module._parameters.update(self.built)
+            self.built = {}
+            return output
+
+    return ModuleHook
+
+
+def _attach(module_hook: Callable[[str], Any], module: torch.nn.Module, name: str) -> None:
+    """A ``module_hook`` on each module under ``module`` (named ``name``) that holds parameters of its own."""
+    from accelerate.hooks import add_hook_to_module
+
+    for sub, part in module.named_modules(prefix=name):
+        if any(t is not None for t in part._parameters.values()):
+            add_hook_to_module(part, module_hook(sub))
+
+
+def _hooked_while_running(module_hook: Callable[[str], Any], layer: torch.nn.Module, name: str) -> list[Any]:
+    """``module_hook``s attached to the decoder layer ``name``'s modules just before it runs and
+    removed once it has: a deep model's hooks, a few kB per module, are not all held for the whole
+    forward."""
+    from accelerate.hooks import remove_hook_from_submodules
+
+    if any(t is not None for t in layer._parameters.values()):  # its own hook could not start mid-call
+        _attach(module_hook, layer, name)
         return []
-
-    def attach(module: torch.nn.Module, args: Any) -> None:
-        attach_align_device_hook(layer, execution_device=device, offload=True, weights_map=weights, module_name=name)
-
-    def remove(module: torch.nn.Module, args: Any, out: Any) -> None:
-        remove_hook_from_submodules(layer)
-
-    return [layer.register_forward_pre_hook(attach), layer.register_forward_hook(remove)]
+    return [layer.register_forward_pre_hook(lambda module, args: _attach(module_hook, layer, name)),
+            layer.register_forward_hook(lambda module, args, out: remove_hook_from_submodules(layer))]
 
 
 def _buffers_to(model: torch.nn.Module, device: torch.device) -> None:
@@ -439,11 +469,17 @@ class _ExportLayers:
         finally:
             del model.state_dict, model.named_buffers
 
-    def unload(self, module: torch.nn.Module) -> None:
-        from accelerate.utils import set_module_tensor_to_device
+    @staticmethod
+    def built(module: torch.nn.Module) -> list[tuple[dict[str, Any], str, Any]]:
+        """``module``'s parameters and buffers as they are (before ``load``), to be ``put_back``."""
+        return [(table, name, t) for part in module.modules() for table in (part._parameters, part._buffers)
+                for name, t in table.items()]
 
-        for name in module.state_dict():
-            set_module_tensor_to_device(module, name, "meta")
+    @staticmethod
+    def put_back(built: list[tuple[dict[str, Any], str, Any]]) -> None:
+        """The module's loaded tensors dropped for the meta ones it was built with (no new objects)."""
+        for table, name, t in built:
+            table[name] = t
 
     def check(self, group: str, module: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
         empty = [name for name, t in module.state_dict().items()
@@ -571,15 +607,17 @@ def _streamed_layer_hooks(export: _ExportLayers) -> Callable[[str, tuple[str, ..
 
     class LayerHook(ModelHook):
         def __init__(self, group: str, skip: tuple[str, ...]) -> None:
-            self.group, self.skip = group, skip
+            self.group, self.skip, self.built = group, skip, []
 
         def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            self.built = export.built(module)
             export.load(self.group, module)
             export.check(self.group, module, self.skip)
             return args, kwargs
 
         def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-            export.unload(module)
+            export.put_back(self.built)
+            self.built = []
             trim()
             return output
 
