@@ -293,15 +293,19 @@ def _checkpoint_module_hook(weights: Mapping[str, torch.Tensor], device: torch.d
     from accelerate.utils import set_module_tensor_to_device
 
     class ModuleHook(ModelHook):
+        # as accelerate's own hooks: a module called inside a torch.compile'd function (gated delta net's
+        # gated norm) runs its hook eagerly, not traced
         def __init__(self, name: str) -> None:
             self.name, self.built = name, {}
 
+        @torch.compiler.disable
         def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
             self.built = {p: t for p, t in module._parameters.items() if t is not None}
             for p in self.built:
                 set_module_tensor_to_device(module, p, device, value=weights[f"{self.name}.{p}"])
             return args, kwargs
 
+        @torch.compiler.disable
         def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
             module._parameters.update(self.built)
             self.built = {}
