@@ -780,6 +780,7 @@ def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float =
     (``window``: the most bytes of routed experts transformers' side holds at once, in fp32). Both
     models run on ``tokens``' device; the logits returned are on the CPU."""
     model, tensors = export_model(Path(hf))  # a bad export is refused before megatron-core runs
+    _check_args(ckpt, _megatron_args(ckpt))  # the layer count export_rest takes is the checkpoint's
     export = export_rest(Path(hf), model, tensors, int(arg(ckpt.args, "num_layers")), tokens.device, window)
     handoff = _Handoff()
 
