@@ -150,19 +150,24 @@ def read_shard(source: Source, item: Mapped, box: tuple[slice, ...], spec: Model
     base = max(rows_in) + 1
     codes = tuple(torch.arange(n, dtype=torch.int64) + (i + 1) * base for i, n in enumerate(rows_in))
     rowmap = item.rule.import_rows(codes, spec, item.part)[box[0]]
-    out = torch.zeros(tuple(s.stop - s.start for s in box), dtype=dtype)
+    shape = tuple(s.stop - s.start for s in box)
+    out = torch.empty(shape, dtype=dtype) if bool((rowmap > 0).all()) else torch.zeros(shape, dtype=dtype)
     for i, name in enumerate(item.hf):
-        sel = rowmap // base == i + 1
-        if not bool(sel.any()):
+        at = (rowmap // base == i + 1).nonzero().squeeze(1)  # the rows of ``out`` this tensor fills
+        if not len(at):
             continue
-        rows = rowmap[sel] % base
+        rows = rowmap[at] % base
         lo, hi = int(rows.min()), int(rows.max()) + 1
         data = source.read(name, (slice(lo, hi),) + box[1:])
         for copy in item.copies:
             if not torch.equal(source.read(copy, (slice(lo, hi),) + box[1:]), data):
                 raise DistconvError(f"{copy} differs from {name}: megatron-core's MTP layers share the model's "
                                     f"{item.name.split('.')[0]} tensor, so the two must be equal")
-        out[sel] = data.to(dtype)[rows - lo]
+        first, n = int(at[0]), len(at)
+        if int(at[-1]) - first + 1 == n and hi - lo == n and bool((rows[1:] > rows[:-1]).all()):
+            out[first:first + n] = data  # rows in order, into a block of rows: one copy
+        else:
+            out.index_copy_(0, at, data.index_select(0, rows - lo).to(dtype))
     return item.rule.import_values(out, spec)
 
 
