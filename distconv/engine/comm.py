@@ -269,10 +269,7 @@ class Comm:
             return None
         full: list[torch.Tensor | None] = [None] * len(unit.parts)
         for read, t in zip(unit.reads_of(dst), mine):
-            if t.shape == unit.parts[read.part].shape and full[read.part] is None and t.device == where:
-                full[read.part] = t  # the read is the whole part: no copy
-            else:
-                place(full, unit, read, t, dtype, device=where)
+            place(full, unit, read, t, dtype, device=where, adopt=True)
         pending = []
         for src in range(self.world):
             reads = unit.reads_of(src) if src != dst else []
@@ -497,11 +494,18 @@ class HostBuffers:
 
 
 def place(full: list[torch.Tensor | None], unit: Unit, read: Read, t: torch.Tensor, dtype: torch.dtype,
-          fill: bool = False, device: torch.device | None = None) -> None:
+          fill: bool = False, device: torch.device | None = None, adopt: bool = False) -> None:
     """Put a read's data where it lands in its part (made on first use, on ``device``, the host by
-    default: empty, or zeros with ``fill`` where reads may leave rows uncovered: padding rows)."""
+    default: empty, or zeros with ``fill`` where reads may leave rows uncovered: padding rows).
+    ``adopt``: ``t`` is the caller's to give away (a read's own tensor, not a view of a reused
+    buffer), and if it is the whole part it becomes the part: no copy."""
+    shape = unit.parts[read.part].shape
+    if (adopt and full[read.part] is None and t.shape == shape and t.dtype == dtype
+            and t.device == torch.device(device or "cpu")):
+        full[read.part] = t
+        return
     if full[read.part] is None:
-        full[read.part] = (torch.zeros if fill else torch.empty)(unit.parts[read.part].shape, dtype=dtype, device=device)
+        full[read.part] = (torch.zeros if fill else torch.empty)(shape, dtype=dtype, device=device)
     target = full[read.part][read.dest]
     target.copy_(t.reshape(target.shape))
 

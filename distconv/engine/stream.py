@@ -185,7 +185,7 @@ def assemble(unit: Unit, data: list[torch.Tensor], dtype: torch.dtype) -> list[t
     """A unit's parts from all its reads' ``data`` (rows no read covers are zeros: padding)."""
     parts: list[torch.Tensor | None] = [None] * len(unit.parts)
     for read, tensor in zip(unit.reads, data):
-        place(parts, unit, read, tensor, dtype, fill=True)
+        place(parts, unit, read, tensor, dtype, fill=True, adopt=True)
     return [p if p is not None else torch.zeros(part.shape, dtype=dtype) for p, part in zip(parts, unit.parts)]
 
 

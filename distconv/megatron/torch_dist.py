@@ -143,8 +143,14 @@ class TorchDistReader:
         return [loaded[f"r{i}"].reshape(r.sizes) for i, r in enumerate(reads)]
 
     def _cut(self, read: Read, dtype: torch.dtype) -> torch.Tensor:
+        pieces = list(overlaps(read, self.ckpt.tensors[read.key].chunks_near(read)))
+        if (len(pieces) == 1 and (tuple(pieces[0][0].offsets), tuple(pieces[0][0].sizes)) == (tuple(read.offsets), tuple(read.sizes))
+                and not pieces[0][0].source_offsets):
+            whole = self._chunk(read.key, pieces[0][0])  # the box is one stored chunk: no copy
+            self._last = None  # the caller may change it in place
+            return whole.to(dtype)
         box = torch.empty(read.sizes, dtype=dtype)
-        for chunk, src, dst in overlaps(read, self.ckpt.tensors[read.key].chunks_near(read)):
+        for chunk, src, dst in pieces:
             box[dst] = self._chunk(read.key, chunk)[src]
         return box
 
