@@ -210,16 +210,20 @@ _STREAMED = ("decoder.layers.", "mtp.")  # materialized module by module; the re
 
 
 def _megatron_args(ckpt: Checkpoint) -> argparse.Namespace:
+    """The checkpoint's args for one process (TP, PP, EP and expert TP 1), checked against its
+    tensors (``_check_args``)."""
     args = argparse.Namespace(**vars(ckpt.args))
     for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "expert_model_parallel_size", "expert_tensor_parallel_size"):
         setattr(args, name, 1)
+    _check_args(ckpt, args)
     return args
 
 
-def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tuple[torch.Tensor, torch.Tensor]], None],
+def megatron_layers(ckpt: Checkpoint, args: argparse.Namespace, tokens: torch.Tensor,
+                    hand: Callable[[tuple[torch.Tensor, torch.Tensor]], None],
                     beside: Callable[[Callable[[], torch.Tensor]], T]) -> T:
-    """megatron-core's model of the checkpoint on the meta device, its weights read from the checkpoint
+    """megatron-core's model of the checkpoint (of ``args``: ``_megatron_args``) on the meta device, its weights read from the checkpoint
     module by module, set up in the caller's thread; returns ``beside(forward)``, run while it is:
     ``forward()`` gives megatron-core's logits (padded vocab) for ``tokens``, and ``hand`` each decoder
     layer's input and output hidden states ([seq, batch, hidden]) as the layer finishes. It runs on
@@ -234,14 +238,12 @@ def megatron_layers(ckpt: Checkpoint, tokens: torch.Tensor, hand: Callable[[tupl
 
     device = tokens.device
     trim = heap_trimmer()  # a layer's freed weights handed back to the system (see heap_trimmer)
-    args = _megatron_args(ckpt)
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with cpu_compat():
             parallel_state.initialize_model_parallel(1, 1)
-            _check_args(ckpt, args)
             try:
                 with torch.device("meta"):  # nothing allocated, buffers included: checked before the model is built
                     _check_shapes(ckpt, build_gpt(args, 1, 1, init=False))
@@ -780,8 +782,8 @@ def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float =
     (``window``: the most bytes of routed experts transformers' side holds at once, in fp32). Both
     models run on ``tokens``' device; the logits returned are on the CPU."""
     model, tensors = export_model(Path(hf))  # a bad export is refused before megatron-core runs
-    _check_args(ckpt, _megatron_args(ckpt))  # the layer count export_rest takes is the checkpoint's
-    export = export_rest(Path(hf), model, tensors, int(arg(ckpt.args, "num_layers")), tokens.device, window)
+    args = _megatron_args(ckpt)  # checked before the export's layers are listed by its layer count
+    export = export_rest(Path(hf), model, tensors, int(args.num_layers), tokens.device, window)
     handoff = _Handoff()
 
     def in_step(forward: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -814,7 +816,7 @@ def compare(ckpt: Checkpoint, hf: str | Path, tokens: torch.Tensor, tol: float =
             raise DistconvError("megatron-core's model and the export's ran different numbers of decoder layers")
         return megatron["logits"], theirs
 
-    ours, theirs = megatron_layers(ckpt, tokens, handoff.put, in_step)
+    ours, theirs = megatron_layers(ckpt, args, tokens, handoff.put, in_step)
     vocab = theirs["logits"].shape[-1]
     if ours.shape[-1] < vocab:
         raise DistconvError(f"the HF vocab ({vocab}) is larger than the checkpoint's ({ours.shape[-1]})")
