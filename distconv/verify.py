@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import queue
 import re
@@ -74,8 +75,11 @@ def _legacy_sources(ckpt: Checkpoint, model: torch.nn.Module) -> Iterator[tuple[
         data = getattr(sharded, "data", None)
         if key is None or not isinstance(data, torch.Tensor) or name.endswith("_extra_state"):
             continue
-        layer = re.match(r"decoder\.layers\.(\d+)\.", name)
-        source = f"decoder.layers.{layer.group(1)}.{key.removeprefix('decoder.layers.')}" if layer else key
+        # a decoder layer's tensor is stored under the layer's number in the whole model (a pipeline stage
+        # numbers its layers from 0; megatron-core's layer_number counts from 1 in the whole model)
+        local = re.match(r"decoder\.layers\.(\d+)\.", name)
+        layer = model.decoder.layers[int(local.group(1))].layer_number - 1 if local else None
+        source = f"decoder.layers.{layer}.{key.removeprefix('decoder.layers.')}" if local else key
         info = ckpt.tensors.get(source)
         if info is None:
             raise DistconvError(f"{ckpt.path}: the legacy checkpoint holds no {source} (megatron-core's {name})")
@@ -146,24 +150,29 @@ class _CheckpointWeights(Mapping[str, torch.Tensor]):
     ``weights_only=False``. Legacy: the whole tensor from the rank files, through the legacy reader.
     """
 
-    def __init__(self, ckpt: Checkpoint, model: torch.nn.Module) -> None:
+    def __init__(self, ckpt: Checkpoint, model: torch.nn.Module, reader: Any) -> None:
         from megatron.core.dist_checkpointing.mapping import ShardedObject
 
         from distconv.megatron.model import sharded_state_dict
 
-        self.ckpt = ckpt
+        self.ckpt, self._reader = ckpt, reader
         if ckpt.format == "legacy":
-            from distconv.megatron.legacy import LegacyReader
-
-            self._reader: Any = LegacyReader(ckpt)
             self._where: dict[str, Any] = {name: (source, tuple(info.shape))
                                            for name, source, info, _ in _legacy_sources(ckpt, model)}
         else:
-            from distconv.megatron.torch_dist import TorchDistReader
-
-            self._reader = TorchDistReader(ckpt, collective=False)
             self._where = {name: value for name, value in _as_stored(sharded_state_dict(model), ckpt).items()
                            if not isinstance(value, ShardedObject) and not name.endswith("_extra_state")}
+
+    @staticmethod
+    def reader(ckpt: Checkpoint) -> Any:
+        """The checkpoint's reader for every stage's map (a legacy one keeps each rank file it opened)."""
+        if ckpt.format == "legacy":
+            from distconv.megatron.legacy import LegacyReader
+
+            return LegacyReader(ckpt)
+        from distconv.megatron.torch_dist import TorchDistReader
+
+        return TorchDistReader(ckpt, collective=False)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         where = self._where[name]
@@ -207,6 +216,9 @@ class _CheckpointWeights(Mapping[str, torch.Tensor]):
 
 
 _STREAMED = ("decoder.layers.", "mtp.")  # materialized module by module; the rest stays in memory
+# held while megatron-core's side builds a stage under accelerate's init_empty_weights (which makes
+# every module's new parameters meta, in any thread) and while transformers' side loads tensors
+_REGISTERING = threading.Lock()
 
 
 def _megatron_args(ckpt: Checkpoint) -> argparse.Namespace:
@@ -223,88 +235,146 @@ def _megatron_args(ckpt: Checkpoint) -> argparse.Namespace:
 def megatron_layers(ckpt: Checkpoint, args: argparse.Namespace, tokens: torch.Tensor,
                     hand: Callable[[tuple[torch.Tensor, torch.Tensor]], None],
                     beside: Callable[[Callable[[], torch.Tensor]], T]) -> T:
-    """megatron-core's model of the checkpoint (of ``args``: ``_megatron_args``) on the meta device, its weights read from the checkpoint
-    module by module, set up in the caller's thread; returns ``beside(forward)``, run while it is:
-    ``forward()`` gives megatron-core's logits (padded vocab) for ``tokens``, and ``hand`` each decoder
-    layer's input and output hidden states ([seq, batch, hidden]) as the layer finishes. It runs on
-    ``tokens``' device: each module's weights are put there as it runs."""
+    """megatron-core's model of the checkpoint (of ``args``: ``_megatron_args``), built and run a
+    pipeline stage of one decoder layer at a time (``_Stage``), its first stage set up in the caller's
+    thread; returns ``beside(forward)``, run while it is: ``forward()`` gives megatron-core's logits
+    (padded vocab) for ``tokens``, and ``hand`` each decoder layer's input and output hidden states
+    ([seq, batch, hidden]) as the layer finishes. It runs on ``tokens``' device: each module's
+    weights are put there as it runs."""
     import torch.distributed as dist
-    from accelerate import init_empty_weights
-    from accelerate.hooks import remove_hook_from_submodules
-    from accelerate.utils import set_module_tensor_to_device
     from megatron.core import parallel_state
 
-    from distconv.megatron.model import build_gpt, cpu_compat, forward_logits
+    from distconv.megatron.model import cpu_compat
 
-    device = tokens.device
-    trim = heap_trimmer()  # a layer's freed weights handed back to the system (see heap_trimmer)
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         with cpu_compat():
             parallel_state.initialize_model_parallel(1, 1)
-            try:
-                with torch.device("meta"):  # nothing allocated, buffers included: checked before the model is built
-                    _check_shapes(ckpt, build_gpt(args, 1, 1, init=False))
-            except (AttributeError, TypeError, ValueError, AssertionError) as e:  # megatron-core checks args by assert too
-                raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
-            with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (RoPE's) computed
-                model = build_gpt(args, 1, 1, init=False)
-            weights = _CheckpointWeights(ckpt, model)
-            missing = [name for name, _ in model.named_parameters() if name not in weights]
-            if missing:
-                raise DistconvError(f"{ckpt.path}: the checkpoint gives no value for {', '.join(missing[:8])}")
-            for name, _ in model.named_parameters():
-                if not name.startswith(_STREAMED):
-                    set_module_tensor_to_device(model, name, device, value=weights[name])
-            # persistent buffers (a router's expert bias): small, read once; computed ones moved
-            for name in {name for name, _ in model.named_buffers()} & set(weights):
-                set_module_tensor_to_device(model, name, device, value=weights[name])
-            _buffers_to(model, device)
-            module_hook = _checkpoint_module_hook(weights, device)
-            if hasattr(model, "mtp"):
-                _attach(module_hook, model.mtp, "mtp")
-            current: list[torch.Tensor] = []  # the running layer's input
-            hooks = []
-            for i, layer in enumerate(model.decoder.layers):
-                hooks += _hooked_while_running(module_hook, layer, f"decoder.layers.{i}")
-                hooks.append(layer.register_forward_pre_hook(
-                    lambda m, a, k: current.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
-                hooks.append(layer.register_forward_hook(
-                    lambda m, a, out: hand((current.pop(), (out[0] if isinstance(out, tuple) else out).detach().clone()))))
-                hooks.append(layer.register_forward_hook(lambda m, a, out: trim()))
-            hooks += _mamba_cp_rebinds(model, weights, device)
-            try:
-                return beside(lambda: forward_logits(model, tokens).float())
-            finally:
-                for hook in hooks:
-                    hook.remove()
-                remove_hook_from_submodules(model)
+            stages = _Stages(ckpt, args, tokens.device, hand)
+            first = _Stage(stages, 0)  # a checkpoint its args contradict is refused before the run
+
+            def forward() -> torch.Tensor:
+                out = first.run(tokens, None)
+                for stage in range(1, stages.count):
+                    out = _Stage(stages, stage).run(tokens, out)
+                return out.float()
+
+            return beside(forward)
     finally:
         parallel_state.destroy_model_parallel()
         if owns:
             dist.destroy_process_group()
 
 
-def _checkpoint_module_hook(weights: Mapping[str, torch.Tensor], device: torch.device) -> Callable[[str], Any]:
-    """The class of the accelerate hooks that read one megatron-core module's own parameters (the
-    module named by the hook) from ``weights`` onto ``device`` as it runs, and put back the meta ones
-    it was built with once it has (no new objects per layer: a deep model's run keeps its memory)."""
+class _Stages:
+    """What every stage of megatron-core's model of the checkpoint shares: one stage per decoder
+    layer (``count``), the checkpoint's reader, the device they run on, where each layer's input and
+    output are handed, and the hook class and heap trimmer made once."""
+
+    def __init__(self, ckpt: Checkpoint, args: argparse.Namespace, device: torch.device,
+                 hand: Callable[[tuple[torch.Tensor, torch.Tensor]], None]) -> None:
+        self.ckpt, self.args, self.device, self.hand = ckpt, args, device, hand
+        self.count = int(args.num_layers)
+        self.reader = _CheckpointWeights.reader(ckpt)
+        self.hook = _module_hook()
+        self.trim = heap_trimmer()  # a layer's freed weights handed back to the system (see heap_trimmer)
+
+
+class _Stage:
+    """Pipeline stage ``stage`` of megatron-core's model of the checkpoint (``pipeline_stage``: this
+    process builds each stage and runs it in turn, so that one stage's modules exist at a time,
+    however deep the model), built on the meta device after its shapes are checked against the
+    checkpoint's, with everything outside its decoder (and MTP) layers read onto the device. Its
+    decoder layers' modules are read as they run (a ``ModuleHook`` on each module holding
+    parameters, attached to a layer's modules only while it runs), and dropped with the stage."""
+
+    def __init__(self, stages: _Stages, stage: int) -> None:
+        from accelerate import init_empty_weights
+        from accelerate.utils import set_module_tensor_to_device
+
+        from distconv.megatron.model import build_gpt, pipeline_stage
+
+        self.stages, self.stage = stages, stage
+        ckpt, args, device = stages.ckpt, stages.args, stages.device
+        with pipeline_stage(stage, stages.count):
+            try:
+                with torch.device("meta"):  # nothing allocated, buffers included: checked before the stage is built
+                    _check_shapes(ckpt, build_gpt(args, 1, stages.count, init=False))
+            except (AttributeError, TypeError, ValueError, AssertionError) as e:  # megatron-core checks args by assert too
+                raise DistconvError(f"cannot build the megatron-core model from the checkpoint's args: {e}") from None
+            # parameters on meta, buffers (RoPE's) computed; init_empty_weights patches nn.Module for every thread
+            with _REGISTERING, init_empty_weights(include_buffers=False):
+                self.model = model = build_gpt(args, 1, stages.count, init=False)
+            self.weights = weights = _CheckpointWeights(ckpt, model, stages.reader)
+        missing = [name for name, _ in model.named_parameters() if name not in weights]
+        if missing:
+            raise DistconvError(f"{ckpt.path}: the checkpoint gives no value for {', '.join(missing[:8])}")
+        for name, _ in model.named_parameters():
+            if not name.startswith(_STREAMED):
+                set_module_tensor_to_device(model, name, device, value=weights[name])
+        # persistent buffers (a router's expert bias): small, read once; computed ones moved
+        for name in {name for name, _ in model.named_buffers()} & set(weights):
+            set_module_tensor_to_device(model, name, device, value=weights[name])
+        _buffers_to(model, device)
+
+    def run(self, tokens: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """The stage's forward on ``tokens`` (the first stage) or on the previous stage's output
+        (``hidden``): its output hidden states, or the logits on the last stage. The stage is dropped
+        after."""
+        from accelerate.hooks import remove_hook_from_submodules
+
+        from distconv.megatron.model import forward_logits, pipeline_stage
+
+        model, weights, stages = self.model, self.weights, self.stages
+        del self.model, self.weights  # held by this call alone
+
+        def module_hook(name: str) -> Any:
+            return stages.hook(weights, stages.device, name)
+
+        current: list[torch.Tensor] = []  # the running layer's input
+        hooks = []
+        if hasattr(model, "mtp"):
+            _attach(module_hook, model.mtp, "mtp")
+        for i, layer in enumerate(model.decoder.layers):
+            hooks += _hooked_while_running(module_hook, layer, f"decoder.layers.{i}")
+            hooks.append(layer.register_forward_pre_hook(
+                lambda m, a, k: current.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
+            hooks.append(layer.register_forward_hook(
+                lambda m, a, out: stages.hand((current.pop(), (out[0] if isinstance(out, tuple) else out).detach().clone()))))
+            hooks.append(layer.register_forward_hook(lambda m, a, out: stages.trim()))
+        hooks += _mamba_cp_rebinds(model, weights, stages.device)
+        try:
+            with pipeline_stage(self.stage, stages.count):
+                if hidden is not None:
+                    model.set_input_tensor(hidden)
+                return forward_logits(model, tokens)
+        finally:
+            for hook in hooks:
+                hook.remove()
+            remove_hook_from_submodules(model)
+
+
+@functools.cache
+def _module_hook() -> type:
+    """The class (made once) of the accelerate hooks that read one megatron-core module's own
+    parameters (the module named by the hook) from ``weights`` onto ``device`` as it runs, and put
+    back the meta ones it was built with once it has (no new objects per layer)."""
     from accelerate.hooks import ModelHook
     from accelerate.utils import set_module_tensor_to_device
 
     class ModuleHook(ModelHook):
         # as accelerate's own hooks: a module called inside a torch.compile'd function (gated delta net's
         # gated norm) runs its hook eagerly, not traced
-        def __init__(self, name: str) -> None:
-            self.name, self.built = name, {}
+        def __init__(self, weights: Mapping[str, torch.Tensor], device: torch.device, name: str) -> None:
+            self.weights, self.device, self.name, self.built = weights, device, name, {}
 
         @torch.compiler.disable
         def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
             self.built = {p: t for p, t in module._parameters.items() if t is not None}
             for p in self.built:
-                set_module_tensor_to_device(module, p, device, value=weights[f"{self.name}.{p}"])
+                set_module_tensor_to_device(module, p, self.device, value=self.weights[f"{self.name}.{p}"])
             return args, kwargs
 
         @torch.compiler.disable
@@ -452,7 +522,7 @@ class _ExportLayers:
         from transformers.modeling_utils import LoadStateDictConfig
 
         config = LoadStateDictConfig(dtype=torch.float32, weight_mapping=self.mapping, device_map={"": self.device})
-        with self._only(module):
+        with _REGISTERING, self._only(module):
             convert_and_load_state_dict_in_model(self.model, state, config)
         del state
 

@@ -84,6 +84,37 @@ def cpu_compat() -> Iterator[None]:
         yield
 
 
+class _StageGroup:
+    """The pipeline group of one stage of a model whose stages this one process builds and runs in
+    turn (``pipeline_stage``): its rank and size; no collective ever runs on it."""
+
+    def __init__(self, rank: int, size: int) -> None:
+        self._rank, self._size = rank, size
+
+    def rank(self) -> int:
+        return self._rank
+
+    def size(self) -> int:
+        return self._size
+
+
+@contextlib.contextmanager
+def pipeline_stage(stage: int, stages: int) -> Iterator[None]:
+    """While active, megatron-core's parallel state says that this process is pipeline stage
+    ``stage`` of ``stages`` (of a world of one: TP, EP and DP stay 1), so that ``build_gpt(args, 1,
+    stages)`` builds that stage's layers, numbered as in the whole model, and its forward takes the
+    previous stage's output (``set_input_tensor``). There is no embedding group (a tied output
+    layer is not synchronised with the first stage's embedding: the caller reads its weights).
+    Put back on exit."""
+    from megatron.core import parallel_state as state
+
+    names = ("_PIPELINE_MODEL_PARALLEL_GROUP", "_EMBEDDING_GROUP", "_POSITION_EMBEDDING_GROUP",
+             "_MPU_PIPELINE_MODEL_PARALLEL_RANK", "_MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE")
+    with stand_ins([(state, name, value) for name, value in zip(names, (_StageGroup(stage, stages), None, None,
+                                                                         stage, stages))]):
+        yield
+
+
 def _sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
     """megatron-core's sliding-window mask on the CPU: True where query ``q`` may not see key ``k``,
     i.e. outside ``[q - left, q + right]`` (queries are the last ``sq`` of ``skv`` positions)."""
