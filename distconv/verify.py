@@ -1,11 +1,15 @@
 """``distconv verify --load CKPT --hf OUT``: the export against megatron-core's own forward, layer by layer.
 
-Both models are built on the meta device with accelerate's ``init_empty_weights`` (buffers such as
-RoPE's ``inv_freq`` stay real): megatron-core's ``GPTModel`` from the checkpoint's args at TP1 PP1
-(``distconv.megatron.model``, local layer specs, fp32), transformers' ``AutoModelForCausalLM`` from
-the export's ``config.json`` (``trust_remote_code=False``). Weights are materialized from each side's
-own files only while the module using them runs; after it, the module gets back the meta tensors
-it was built with (so that running a deep model creates no objects that outlive their layer):
+Neither model is ever built whole, so that a deep model costs no more memory than a shallow one
+of the same width. megatron-core's ``GPTModel`` (``distconv.megatron.model``, local layer specs,
+fp32, from the checkpoint's args) is built and run one pipeline stage of one decoder layer at a
+time: this process plays each stage of a model split into as many stages as it has layers in turn
+(``pipeline_stage``), each stage's output the next one's input. transformers'
+``AutoModelForCausalLM`` (from the export's ``config.json``, ``trust_remote_code=False``) is built
+with a stand-in for each decoder layer (``_LazyLayer``), the layer built again by its own class
+while it runs. Both are built on the meta device with accelerate's ``init_empty_weights`` (buffers
+such as RoPE's ``inv_freq`` stay real), and their weights are materialized from each side's own
+files only while the module using them runs:
 
 - megatron-core: one accelerate ``ModelHook`` per module holding parameters under the decoder (and
   MTP) layers, attached to a decoder layer's modules only while it runs (``_hooked_while_running``),
@@ -14,13 +18,13 @@ it was built with (so that running a deep model creates no objects that outlive 
   names for it (a torch_dist folder read by byte range, each chunk unpickled with distconv's
   allow-list and no ``_extra_state`` read; a legacy ``mp_rank_*`` one through distconv's legacy
   reader). MoE experts are modules of their own (``SequentialMLP``'s ``local_experts.{e}``): one
-  expert's linear layer is in memory at a time.
-- transformers: one hook per decoder layer loading that layer's safetensors tensors through
-  transformers' own loader (its renames and MoE fusions; block-wise FP8 dequantized as read). A
-  layer's routed experts are left out of it and run a window of experts at a time, each window
-  read through the same loader (``_ExpertWindows``): at most ``--window`` bytes of them (fp32).
-
-The embeddings, final norm and output layer of both stay materialized.
+  expert's linear layer is in memory at a time. The embeddings are read with the first stage, the
+  final norm and output layer with the last.
+- transformers: each decoder layer's safetensors tensors loaded as it runs through transformers'
+  own loader (its renames and MoE fusions; block-wise FP8 dequantized as read). A layer's routed
+  experts are left out of it and run a window of experts at a time, each window read through the
+  same loader (``_ExpertWindows``): at most ``--window`` bytes of them (fp32). The embeddings, final
+  norm and output layer stay materialized.
 
 The same seeded token sequences run through both models in step: megatron-core's forward runs in a
 thread of its own and hands each decoder layer's input and output to transformers' forward, at
@@ -29,7 +33,9 @@ on its own (its logits are the export's logits), once with every decoder layer f
 input to the same layer, so each layer's output is compared on its own. The first layer whose max
 |diff| exceeds the tolerance is named (``decoder.layers.{i}`` / ``model.layers.{i}``). Peak memory
 is about one HF decoder layer, one megatron-core decoder layer's module, the embeddings, and the
-hidden states of two layers, whatever the depth (an MoE layer's routed experts bounded by ``--window``).
+hidden states of two layers, whatever the depth (an MoE layer's routed experts bounded by
+``--window``), beside what grows with the depth without being a model: the checkpoint's metadata
+and the export's index.
 
 megatron-core 0.16 makes a few CUDA calls unconditionally; on a machine without CUDA they are
 made harmless only while the model is built and run (``cpu_compat``), and restored after.
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import os
 import queue
@@ -473,17 +480,20 @@ class _ExportLayers:
         self.mapping = get_model_conversion_mapping(model)
         renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
         converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
-        state = model.state_dict()
+        lazy = model.get_submodule(layers)
+        # the meta model's state_dict and buffers outside the decoder layers (``_only``), and every name
+        # its tensors have, the layers' included (as transformers' loader is given it: a name is known)
+        self.rest = model.state_dict()
+        self.rest_buffers = list(model.named_buffers())
+        names = dict.fromkeys(self.rest, True)
+        names.update((f"{layers}.{i}.{name}", True) for i, layer in enumerate(lazy) for name in layer.names)
+        experts = {f"{layers}.{i}.{name}": shape for i, layer in enumerate(lazy) for name, shape in layer.experts.items()}
         number = re.compile(rf"{re.escape(layers)}\.(\d+)\.")
-        experts = {name: m for name, m in model.get_submodule(layers).named_modules(prefix=layers) if _routed_experts(m)}
-        # the meta model's state_dict and buffers outside the decoder layers (``_only``)
-        self.rest = {name: t for name, t in state.items() if not number.match(name)}
-        self.rest_buffers = [(name, t) for name, t in model.named_buffers() if not number.match(name)]
         self.groups: dict[str, list[str]] = {}
         found: dict[str, list[tuple[str, str, str | None]]] = {name: [] for name in experts}
         for key in tensors.names():
-            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
-            if target in state:  # not a tensor of the model transformers builds (MTP layers)
+            target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+            if target in names:  # not a tensor of the model transformers builds (MTP layers)
                 owner = next((name for name in experts if target.startswith(f"{name}.")), None)
                 if owner is not None:
                     found[owner].append((key, target, pattern))
@@ -491,13 +501,44 @@ class _ExportLayers:
                 layer = number.match(target)
                 self.groups.setdefault(f"{layers}.{layer.group(1)}" if layer else "", []).append(key)
         self.windows: dict[str, _ExpertWindows] = {}
-        for name, module in experts.items():
-            windows = _ExpertWindows.plan(self, name, module, found[name], window)
+        for name, shape in experts.items():
+            windows = _ExpertWindows.plan(self, name, shape, found[name], window)
             if windows is None:  # read with its layer
                 layer = number.match(f"{name}.")
                 self.groups.setdefault(f"{layers}.{layer.group(1)}", []).extend(key for key, _, _ in found[name])
             else:
                 self.windows[name] = windows
+        self.trim = heap_trimmer()
+        for i, layer in enumerate(lazy):
+            layer.run = functools.partial(self.run, i)
+
+    def run(self, i: int, *args: Any, **kwargs: Any) -> Any:
+        """Decoder layer ``i``'s forward: the layer built on the meta device by its own class and put in
+        the model's list in place of its ``_LazyLayer`` (so that transformers' loader finds its
+        tensors by name), materialized from the export (its routed experts a window at a time, as
+        they run), run, and dropped."""
+        from accelerate import init_empty_weights
+
+        lazy = self.model.get_submodule(self.layers)
+        stand_in = lazy[i]
+        with _REGISTERING, init_empty_weights(include_buffers=False):  # buffers (RoPE's) computed
+            layer = stand_in.build().train(stand_in.training)  # in eval mode, as the model is
+        _buffers_to(layer, self.device)
+        group = f"{self.layers}.{i}"
+        windows = {name.removeprefix(group)[1:]: w for name, w in self.windows.items() if name.startswith(f"{group}.")}
+        lazy[i] = layer
+        try:
+            for name, w in windows.items():
+                w.bind(layer.get_submodule(name))
+            self.load(group, layer)
+            self.check(group, layer, tuple(f"{name}." for name in windows))
+            return layer(*args, **kwargs)
+        finally:
+            for w in windows.values():
+                w.unbind()
+            lazy[i] = stand_in
+            del layer
+            self.trim()
 
     def load(self, group: str, module: torch.nn.Module) -> None:
         """Materialize ``module`` (named ``group``; ``""``: the whole model, layers excepted) from its
@@ -545,18 +586,6 @@ class _ExportLayers:
         finally:
             del model.state_dict, model.named_buffers
 
-    @staticmethod
-    def built(module: torch.nn.Module) -> list[tuple[dict[str, Any], str, Any]]:
-        """``module``'s parameters and buffers as they are (before ``load``), to be ``put_back``."""
-        return [(table, name, t) for part in module.modules() for table in (part._parameters, part._buffers)
-                for name, t in table.items()]
-
-    @staticmethod
-    def put_back(built: list[tuple[dict[str, Any], str, Any]]) -> None:
-        """The module's loaded tensors dropped for the meta ones it was built with (no new objects)."""
-        for table, name, t in built:
-            table[name] = t
-
     def check(self, group: str, module: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
         empty = [name for name, t in module.state_dict().items()
                  if t.device.type == "meta" and not (skip and name.startswith(skip))]
@@ -579,6 +608,25 @@ def _routed_experts(module: torch.nn.Module) -> bool:
 _WINDOWED_IMPLEMENTATIONS = ("grouped_mm", "batched_mm")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Experts:
+    """What planning a routed-experts module's windows needs of it, taken while its layer was built
+    (``_LazyLayer``): its class's name, its expert count, its state_dict's shapes, its own
+    parameters' shapes (one expert's) and dtypes, and its experts implementation."""
+
+    kind: str
+    count: int
+    shapes: dict[str, tuple[int, ...]]
+    params: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    implementation: str | None
+
+    @classmethod
+    def of(cls, module: torch.nn.Module) -> _Experts:
+        return cls(type(module).__name__, module.num_experts, {p: tuple(t.shape) for p, t in module.state_dict().items()},
+                   {p: (tuple(t.shape[1:]), t.dtype) for p, t in module.named_parameters(recurse=False)},
+                   getattr(getattr(module, "config", None), "_experts_implementation", None))
+
+
 class _ExpertWindows:
     """One routed-experts module run a window of experts [a, b) at a time: each window's tensors are
     read and converted by transformers' loader into parameters of the window's shape (the module's
@@ -586,32 +634,31 @@ class _ExpertWindows:
     window the way transformers' expert parallelism restricts it to a rank's experts (other experts'
     ids past the window's last, their weights 0), and the windows' outputs are summed."""
 
-    def __init__(self, export: _ExportLayers, name: str, module: torch.nn.Module, experts: list[list[str]],
+    def __init__(self, export: _ExportLayers, name: str, shape: _Experts, experts: list[list[str]],
                  fused: list[str], size: int) -> None:
-        self.export, self.name, self.module = export, name, module
+        self.export, self.name, self.params = export, name, shape.params
         self.experts, self.fused, self.size = experts, fused, size
-        self.params = {p: (tuple(t.shape[1:]), t.dtype) for p, t in module.named_parameters(recurse=False)}
+        self.module: Any = None  # the module of the running layer (``bind``)
 
     @classmethod
-    def plan(cls, export: _ExportLayers, name: str, module: torch.nn.Module,
+    def plan(cls, export: _ExportLayers, name: str, shape: _Experts,
              keys: list[tuple[str, str, str | None]], window: int) -> _ExpertWindows | None:
-        """The windows of ``module`` given its export ``keys`` (saved name, target, converter pattern),
-        or ``None`` where it is read whole with its layer (its experts fit in ``window``)."""
+        """The windows of the module ``name`` (of ``shape``) given its export ``keys`` (saved name,
+        target, converter pattern), or ``None`` where it is read whole with its layer (its experts fit
+        in ``window``)."""
         from transformers.core_model_loading import dot_natural_key
 
-        count = module.num_experts
-        shapes = {p: tuple(t.shape) for p, t in module.state_dict().items()}
+        count, shapes, implementation = shape.count, shape.shapes, shape.implementation
         total = 4 * sum(torch.Size(s).numel() for s in shapes.values())
         lists: dict[tuple[str, str | None], list[str]] = {}
         for key, target, pattern in keys:
             lists.setdefault((target, pattern), []).append(key)
         experts: list[list[str]] = [[] for _ in range(count)]
         fused: list[str] = []
-        implementation = getattr(getattr(module, "config", None), "_experts_implementation", None)
         reason = None
         if implementation not in _WINDOWED_IMPLEMENTATIONS:
             reason = f"its experts implementation {implementation!r} is not one of {', '.join(_WINDOWED_IMPLEMENTATIONS)}"
-        elif set(shapes) != {p for p, _ in module.named_parameters(recurse=False)} or any(
+        elif set(shapes) != set(shape.params) or any(
                 s[:1] != (count,) for s in shapes.values()):
             reason = f"not all of its tensors are parameters of its own stacked by expert ({count} experts)"
         for (target, pattern), names in lists.items():
@@ -625,12 +672,20 @@ class _ExpertWindows:
                           f"({count}) nor one with every expert's rows")
         per_expert = total // max(count, 1)
         if reason is None:
-            return cls(export, name, module, experts, fused, max(1, window // per_expert))
+            return cls(export, name, shape, experts, fused, max(1, window // per_expert))
         if total > window:
-            raise DistconvError(f"--hf {export.hf}: {name} ({type(module).__name__}) cannot be read a window of experts "
+            raise DistconvError(f"--hf {export.hf}: {name} ({shape.kind}) cannot be read a window of experts "
                                 f"at a time ({reason}), and its {count} experts hold {total} bytes in fp32, more than "
                                 f"--window {window}: give --window {total} or more to read them whole")
         return None
+
+    def bind(self, module: torch.nn.Module) -> None:
+        """Run the freshly built ``module`` window by window."""
+        self.module, module.forward = module, self.forward
+
+    def unbind(self) -> None:
+        del self.module.forward
+        self.module = None
 
     def windows(self) -> Iterator[tuple[int, int]]:
         count = len(self.experts)
@@ -656,7 +711,7 @@ class _ExpertWindows:
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
                 ) -> torch.Tensor:
-        """The module's forward, window by window (installed as the module's ``forward`` while verify runs)."""
+        """The module's forward, window by window (installed as the module's ``forward`` while it runs: ``bind``)."""
         run = type(self.module).forward  # transformers' dispatch to the configured experts function
         parallel = self.module._is_expert_parallel
         out = None
@@ -674,36 +729,57 @@ class _ExpertWindows:
         return out
 
 
-def _streamed_layer_hooks(export: _ExportLayers) -> Callable[[str, tuple[str, ...]], Any]:
-    """The class of the accelerate hooks that materialize one HF decoder layer (``group``) just before
-    it runs (its windowed experts, named ``skip``, excepted) and drop it after: made once, not per layer."""
-    from accelerate.hooks import ModelHook
+class _LazyLayer(torch.nn.Module):
+    """A decoder layer of the HF model as transformers built its list (``_layers_built_lazily``): its
+    class and the arguments it was built with, the names of its tensors and its routed-experts
+    modules' shapes (``_Experts``), and its plain attributes (a block or attention type the model's
+    forward reads); the layer itself was dropped once these were taken. Its forward (``run``, set by
+    ``_ExportLayers``) builds it again, materialized, only while it runs."""
 
-    trim = heap_trimmer()
+    def __init__(self, cls: type, args: tuple, kwargs: dict) -> None:
+        super().__init__()
+        self.cls, self.args, self.kwargs = cls, args, kwargs
+        layer = self.build()
+        self.names = tuple(layer.state_dict())
+        self.experts = {name: _Experts.of(m) for name, m in layer.named_modules() if _routed_experts(m)}
+        for name, value in vars(layer).items():
+            if not name.startswith("_") and name not in vars(self) and isinstance(value, (bool, int, float, str, type(None))):
+                setattr(self, name, value)
 
-    class LayerHook(ModelHook):
-        def __init__(self, group: str, skip: tuple[str, ...]) -> None:
-            self.group, self.skip, self.built = group, skip, []
+    def build(self) -> torch.nn.Module:
+        return self.cls(*self.args, **self.kwargs)
 
-        def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            self.built = export.built(module)
-            export.load(self.group, module)
-            export.check(self.group, module, self.skip)
-            return args, kwargs
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(*args, **kwargs)
 
-        def post_forward(self, module: torch.nn.Module, output: Any) -> Any:
-            export.put_back(self.built)
-            self.built = []
-            trim()
-            return output
 
-    return LayerHook
+def _layers_built_lazily(config: Any) -> contextlib.AbstractContextManager:
+    """While transformers builds the causal LM of ``config``, the classes its ``_no_split_modules``
+    names (its decoder layer), as its modeling module looks them up, make ``_LazyLayer``s: one layer
+    exists at a time, however deep the model."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from distconv.megatron.model import stand_ins
+
+    model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    module = sys.modules[model_class.__module__]
+    classes = [(name, getattr(module, name, None)) for name in model_class._no_split_modules or ()]
+    return stand_ins([(module, name, functools.partial(_lazy, cls)) for name, cls in classes if isinstance(cls, type)])
+
+
+def _lazy(cls: type, *args: Any, **kwargs: Any) -> _LazyLayer:
+    return _LazyLayer(cls, args, kwargs)
 
 
 def _decoder_layers(model: torch.nn.Module, count: int) -> str:
     """The name of the HF model's list of decoder layers (``model.layers``, ``transformer.h``)."""
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == count and name.endswith((".layers", ".h")):
+            if not all(isinstance(layer, _LazyLayer) for layer in module):
+                raise DistconvError(f"transformers' {type(model).__name__} does not build its decoder layers from the "
+                                    "class it names in _no_split_modules: verify cannot build them one at a time")
             return name
     raise DistconvError(f"the HF model has no list of {count} decoder layers (the checkpoint's count)")
 
@@ -718,7 +794,7 @@ def export_model(hf: Path) -> tuple[Any, Any]:
     remote = auto_map_file(hf)
     config, warnings = read_config(hf, "--hf", HUB_TYPES)
     try:
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=False), _layers_built_lazily(config):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False).eval()
     except Exception as e:  # transformers raises many types for a bad folder
         if remote:
@@ -752,8 +828,6 @@ def hf_layers(export: _ExportLayers, tokens: torch.Tensor, take: Callable[[], tu
     """transformers' logits for ``tokens`` from the export (``export_rest``), and, with each of its
     decoder layers fed megatron-core's input to it (``take``: the next layer's input and output), the
     max |diff| of its output against megatron-core's. It runs on ``tokens``' device."""
-    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
-
     model, layers = export.model, export.layers
     b = tokens.shape[0]
     diffs: list[float] = []
@@ -777,16 +851,10 @@ def hf_layers(export: _ExportLayers, tokens: torch.Tensor, take: Callable[[], tu
         return pre, post
 
     hooks = []
-    layer_hook = _streamed_layer_hooks(export)
     for i, layer in enumerate(model.get_submodule(layers)):
         pre, post = feed(i)
         hooks += [layer.register_forward_pre_hook(pre, with_kwargs=True),
                   layer.register_forward_hook(post, with_kwargs=True)]
-        group = f"{layers}.{i}"
-        skip = tuple(f"{name.removeprefix(group)[1:]}." for name in export.windows if name.startswith(f"{group}."))
-        add_hook_to_module(layer, layer_hook(group, skip))
-    for windows in export.windows.values():
-        windows.module.forward = windows.forward
     try:
         with torch.no_grad():
             # no KV cache: it would keep every layer's keys and values to the end
@@ -794,10 +862,6 @@ def hf_layers(export: _ExportLayers, tokens: torch.Tensor, take: Callable[[], tu
     finally:
         for hook in hooks:
             hook.remove()
-        for layer in model.get_submodule(layers):
-            remove_hook_from_module(layer)
-        for windows in export.windows.values():
-            del windows.module.forward
     return {"logits": logits, "layers": layers, "diffs": diffs, "embedding": embedding[0]}
 
 

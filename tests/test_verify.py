@@ -50,6 +50,33 @@ def test_streamed_verify_agrees_with_the_whole_models(built, exports, name):
     assert all(layer["max_abs_diff"] <= TOL for layer in result["layers"]) and result["embedding_max_abs_diff"] <= TOL
 
 
+def test_verify_builds_one_decoder_layer_of_each_model_at_a_time(built, exports):
+    """While verify runs the 4 layers of llama, each side's decoder layer class has one instance at
+    a time (counted in the thread that builds and runs that side's layers, after a collection):
+    megatron-core's model is built a pipeline stage of one layer at a time, the export's a layer at
+    a time. A model built whole would show 4."""
+    import gc
+
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from distconv.verify import verify
+
+    most = {TransformerLayer: 0, LlamaDecoderLayer: 0}
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        if type(module) in most:
+            gc.collect()
+            most[type(module)] = max(most[type(module)], sum(type(o) is type(module) for o in gc.get_objects()))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        result = verify(layout_dir(built, "llama", 1, 1), exports / "llama", sequences=1, length=8, tol=TOL)
+    finally:
+        handle.remove()
+    assert result["ok"] and len(result["layers"]) == 4, result
+    assert most == {TransformerLayer: 1, LlamaDecoderLayer: 1}
+
 @pytest.mark.parametrize("name,tensor", [("llama", "self_attn.o_proj.weight"), ("mixtral", "block_sparse_moe.experts.1.w2.weight")])
 def test_verify_names_the_layer_a_swapped_tensor_is_in(built, exports, tmp_path, name, tensor):
     """One layer's tensor replaced by another layer's: layers before it agree, it is the first named."""

@@ -100,19 +100,26 @@ class _StageGroup:
 
 @contextlib.contextmanager
 def pipeline_stage(stage: int, stages: int) -> Iterator[None]:
-    """While active, megatron-core's parallel state says that this process is pipeline stage
-    ``stage`` of ``stages`` (of a world of one: TP, EP and DP stay 1), so that ``build_gpt(args, 1,
-    stages)`` builds that stage's layers, numbered as in the whole model, and its forward takes the
-    previous stage's output (``set_input_tensor``). There is no embedding group (a tied output
-    layer is not synchronised with the first stage's embedding: the caller reads its weights).
-    Put back on exit."""
+    """While active, megatron-core's parallel state says that this process (rank 0 of a world of
+    one: TP, EP and DP stay 1) is pipeline stage ``stage`` of ``stages``, so that ``build_gpt(args,
+    1, stages)`` builds that stage's layers, numbered as in the whole model, and its forward takes
+    the previous stage's output (``set_input_tensor``). Its pipeline group is registered with
+    torch.distributed under its rank, as megatron-core 0.19's hybrid models ask torch for it. There
+    is no embedding group (a tied output layer is not synchronised with the first stage's
+    embedding: the caller reads its weights). Put back on exit."""
+    import torch.distributed as dist
     from megatron.core import parallel_state as state
 
+    group = _StageGroup(stage, stages)
     names = ("_PIPELINE_MODEL_PARALLEL_GROUP", "_EMBEDDING_GROUP", "_POSITION_EMBEDDING_GROUP",
              "_MPU_PIPELINE_MODEL_PARALLEL_RANK", "_MPU_PIPELINE_MODEL_PARALLEL_WORLD_SIZE")
-    with stand_ins([(state, name, value) for name, value in zip(names, (_StageGroup(stage, stages), None, None,
-                                                                         stage, stages))]):
-        yield
+    ranks = dist.distributed_c10d._world.pg_group_ranks
+    ranks[group] = {dist.get_rank(): stage}
+    try:
+        with stand_ins([(state, name, value) for name, value in zip(names, (group, None, None, stage, stages))]):
+            yield
+    finally:
+        del ranks[group]
 
 
 def _sliding_window_mask(sq: int, skv: int, window_size: tuple[int, int]) -> torch.Tensor:
