@@ -101,7 +101,8 @@ def main() -> None:
                             "in_layers": grew / large["layer_fp32_bytes"]}
         print(f"peak RSS grew {grew / 1e6:.0f} MB from {small['gb']:g} to {large['gb']:g} GB: "
               f"{result['growth']['in_layers']:.2f} of one layer's fp32 bytes")
-    out = opts.json or opts.workdir / f"bench-verify-{'-'.join(f'{gb:g}' for gb in sorted(opts.gb))}gb.json"
+    wide = f"-h{opts.hidden}" if opts.hidden != 1024 else ""  # as make_inputs names the inputs
+    out = opts.json or opts.workdir / f"bench-verify-{'-'.join(f'{gb:g}' for gb in sorted(opts.gb))}gb{wide}.json"
     out.write_text(json.dumps(result, indent=1))
     print(f"written {out}")
 
