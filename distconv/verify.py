@@ -11,15 +11,15 @@ while it runs. Both are built on the meta device with accelerate's ``init_empty_
 such as RoPE's ``inv_freq`` stay real), and their weights are materialized from each side's own
 files only while the module using them runs:
 
-- megatron-core: one accelerate ``ModelHook`` per module holding parameters under the decoder (and
-  MTP) layers, attached to a decoder layer's modules only while it runs (``_hooked_while_running``),
-  each parameter put in place by accelerate's ``set_module_tensor_to_device`` from a lazy map that
-  reads it when asked: the box of the checkpoint tensor megatron-core's ``sharded_state_dict``
-  names for it (a torch_dist folder read by byte range, each chunk unpickled with distconv's
-  allow-list and no ``_extra_state`` read; a legacy ``mp_rank_*`` one through distconv's legacy
-  reader). MoE experts are modules of their own (``SequentialMLP``'s ``local_experts.{e}``): one
-  expert's linear layer is in memory at a time. The embeddings are read with the first stage, the
-  final norm and output layer with the last.
+- megatron-core: one accelerate ``ModelHook`` per module holding parameters under the stage's
+  decoder (and MTP) layers, attached while the stage runs, each parameter put in place by
+  accelerate's ``set_module_tensor_to_device`` from a lazy map that reads it when asked: the box
+  of the checkpoint tensor megatron-core's ``sharded_state_dict`` names for it (a torch_dist
+  folder read by byte range, each chunk unpickled with distconv's allow-list and no
+  ``_extra_state`` read; a legacy ``mp_rank_*`` one through distconv's legacy reader). MoE
+  experts are modules of their own (``SequentialMLP``'s ``local_experts.{e}``): one expert's
+  linear layer is in memory at a time. The embeddings are read with the first stage, the final
+  norm and output layer with the last.
 - transformers: each decoder layer's safetensors tensors loaded as it runs through transformers'
   own loader (its renames and MoE fusions; block-wise FP8 dequantized as read). A layer's routed
   experts are left out of it and run a window of experts at a time, each window read through the
@@ -295,7 +295,7 @@ class _Stage:
     however deep the model), built on the meta device after its shapes are checked against the
     checkpoint's, with everything outside its decoder (and MTP) layers read onto the device. Its
     decoder layers' modules are read as they run (a ``ModuleHook`` on each module holding
-    parameters, attached to a layer's modules only while it runs), and dropped with the stage."""
+    parameters), and dropped with the stage."""
 
     def __init__(self, stages: _Stages, stage: int) -> None:
         from accelerate import init_empty_weights
@@ -345,7 +345,7 @@ class _Stage:
         if hasattr(model, "mtp"):
             _attach(module_hook, model.mtp, "mtp")
         for i, layer in enumerate(model.decoder.layers):
-            hooks += _hooked_while_running(module_hook, layer, f"decoder.layers.{i}")
+            _attach(module_hook, layer, f"decoder.layers.{i}")
             hooks.append(layer.register_forward_pre_hook(
                 lambda m, a, k: current.append((a[0] if a else k["hidden_states"]).detach().clone()), with_kwargs=True))
             hooks.append(layer.register_forward_hook(
@@ -367,7 +367,7 @@ class _Stage:
 def _module_hook() -> type:
     """The class (made once) of the accelerate hooks that read one megatron-core module's own
     parameters (the module named by the hook) from ``weights`` onto ``device`` as it runs, and put
-    back the meta ones it was built with once it has (no new objects per layer)."""
+    back the meta ones it was built with once it has (its weights dropped as soon as it has run)."""
     from accelerate.hooks import ModelHook
     from accelerate.utils import set_module_tensor_to_device
 
@@ -400,19 +400,6 @@ def _attach(module_hook: Callable[[str], Any], module: torch.nn.Module, name: st
     for sub, part in module.named_modules(prefix=name):
         if any(t is not None for t in part._parameters.values()):
             add_hook_to_module(part, module_hook(sub))
-
-
-def _hooked_while_running(module_hook: Callable[[str], Any], layer: torch.nn.Module, name: str) -> list[Any]:
-    """``module_hook``s attached to the decoder layer ``name``'s modules just before it runs and
-    removed once it has: a deep model's hooks, a few kB per module, are not all held for the whole
-    forward."""
-    from accelerate.hooks import remove_hook_from_submodules
-
-    if any(t is not None for t in layer._parameters.values()):  # its own hook could not start mid-call
-        _attach(module_hook, layer, name)
-        return []
-    return [layer.register_forward_pre_hook(lambda module, args: _attach(module_hook, layer, name)),
-            layer.register_forward_hook(lambda module, args, out: remove_hook_from_submodules(layer))]
 
 
 def _buffers_to(model: torch.nn.Module, device: torch.device) -> None:
