@@ -10,7 +10,8 @@ export's ``.safetensors``), and ``distconv verify`` in one fresh process (4 sequ
 its default), the page cache dropped for both folders first. Reported: time (the call) and wall
 (with interpreter start-up and imports), bytes read from storage against the two folders' weights,
 peak RSS (start-up included) and the RSS after imports. For several sizes, how the peak grew
-against one decoder layer's fp32 bytes (the issue's bound: less than one layer's worth).
+against one decoder layer's fp32 bytes (the issue's bound: less than one layer's worth), from the
+largest and from the median peaks of ``--repeat`` runs, with how far one size's peaks spread.
 ``--hidden 128`` makes deep, narrow models (``--gb 0.06 0.24``: 102 and 524 layers of 0.85 MB in
 fp32), where what verify costs per layer, not per byte, shows.
 """
@@ -67,11 +68,12 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
         runs.append({**json.loads(stats.read_text()), "wall_s": wall, "load_avg_1m": os.getloadavg()[0]})
     run = sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
-    peak = max(r["peak_rss"] for r in runs)
+    peaks = sorted(r["peak_rss"] for r in runs)
+    peak = peaks[-1]
     row = {"gb": gb, "layers": ckpt.args.num_layers, "hidden": ckpt.args.hidden_size, "weights_bytes": weights,
            "hf_bytes": hf_bytes, "layer_fp32_bytes": layer_fp32, "limit_s": limit, "seconds": run["seconds"],
            "wall_s": run["wall_s"], "x_limit": run["seconds"] / limit, "read_ratio": run["read_bytes"] / (weights + hf_bytes),
-           "peak_rss": peak, "rss_before": run["rss_before"], "ok": run["ok"], "max_abs_diff": run["max_abs_diff"],
+           "peak_rss": peak, "median_peak_rss": peaks[(len(peaks) - 1) // 2], "rss_before": run["rss_before"], "ok": run["ok"], "max_abs_diff": run["max_abs_diff"],
            "runs": runs}
     print(f"{gb:g} GB ({row['layers']} layers of hidden {row['hidden']}; one layer {layer_fp32 / 1e6:.0f} MB in fp32): "
           f"limit {limit:.1f} s, verify {run['seconds']:.1f} s (wall {run['wall_s']:.1f} s, x limit {row['x_limit']:.2f}), "
@@ -96,11 +98,16 @@ def main() -> None:
     result: dict = {"sizes": sizes}
     if len(sizes) > 1:
         small, large = sizes[0], sizes[-1]
+        layer = large["layer_fp32_bytes"]
         grew = large["peak_rss"] - small["peak_rss"]
-        result["growth"] = {"peak_rss_bytes": grew, "layer_fp32_bytes": large["layer_fp32_bytes"],
-                            "in_layers": grew / large["layer_fp32_bytes"]}
+        grew_median = large["median_peak_rss"] - small["median_peak_rss"]
+        spread = max(max(r["peak_rss"] for r in size["runs"]) - min(r["peak_rss"] for r in size["runs"]) for size in sizes)
+        result["growth"] = {"peak_rss_bytes": grew, "layer_fp32_bytes": layer, "in_layers": grew / layer,
+                            "median_peak_rss_bytes": grew_median, "median_in_layers": grew_median / layer,
+                            "largest_spread_bytes": spread}
         print(f"peak RSS grew {grew / 1e6:.0f} MB from {small['gb']:g} to {large['gb']:g} GB: "
-              f"{result['growth']['in_layers']:.2f} of one layer's fp32 bytes")
+              f"{grew / layer:.2f} of one layer's fp32 bytes (largest peaks; medians: {grew_median / 1e6:.0f} MB, "
+              f"{grew_median / layer:.2f}); one size's peaks spread over up to {spread / 1e6:.0f} MB")
     wide = f"-h{opts.hidden}" if opts.hidden != 1024 else ""  # as make_inputs names the inputs
     out = opts.json or opts.workdir / f"bench-verify-{'-'.join(f'{gb:g}' for gb in sorted(opts.gb))}gb{wide}.json"
     out.write_text(json.dumps(result, indent=1))
