@@ -1217,3 +1217,35 @@ def test_kimi_zeroed_expert_bias_import_fails_the_logits(jobs, tmp_path):
     diff = (megatron[..., :VOCAB] - _release_logits(jobs["hf"]["kimi_k2 dequantized"], tmp_path)).abs().max().item()
     print(f"Kimi-K2 imported with the expert bias zeroed: megatron-core - transformers max |logits| {diff:.3g}")
     assert diff > 10 * TOL
+
+
+def test_a_kept_open_source_file_is_opened_again_after_its_budget(tmp_path, monkeypatch):
+    """``SafetensorsFiles.kept_open(budget)``, which import reads through: one opening of a file per
+    ``budget`` bytes read, not one per read, and the same values as reads that each open the file."""
+    from distconv.hf.source import SafetensorsFiles
+
+    tensors = {f"t{i}": torch.arange(256, dtype=torch.float32) * (i + 1.5) + 0.25 * i for i in range(6)}  # 1 KiB each
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    files = SafetensorsFiles(tmp_path)
+    opened: list[Path] = []
+    real = SafetensorsFiles._open
+    monkeypatch.setattr(SafetensorsFiles, "_open", staticmethod(lambda f: opened.append(f) or real(f)))
+    box = (slice(8, 200),)  # 768 bytes a read
+
+    def read_all() -> list[torch.Tensor]:
+        return [files.read(n, box) for n in tensors]
+
+    plain = read_all()
+    assert len(opened) == 6
+    with files.kept_open(2048):  # reopened after the third read of each opening: 2304 bytes >= 2048
+        budgeted = read_all()
+    assert len(opened) == 6 + 2
+    with files.kept_open():
+        kept = read_all()
+    assert len(opened) == 6 + 2 + 1
+    for name, a, b, c in zip(tensors, plain, budgeted, kept):
+        assert torch.equal(a, tensors[name][box]) and torch.equal(b, a) and torch.equal(c, a)
+    (tmp_path / "model.safetensors").write_bytes(b"\xff" * 64)  # the file spoilt after it was planned
+    with pytest.raises(DistconvError, match="not a readable safetensors file"):
+        with files.kept_open(2048):
+            files.read("t0", box)

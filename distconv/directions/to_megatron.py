@@ -14,6 +14,7 @@ non-fp8 TE specs save them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,10 @@ class ToMegatron:
         """The source tensors ``unit``'s chunk is read from, for messages."""
         raise NotImplementedError
 
+    def opened(self) -> contextlib.AbstractContextManager:
+        """What holds the source open while the chunks are read (nothing, unless a direction says)."""
+        return contextlib.nullcontext()
+
     def _planned(self, chunks: list[tuple[Shard, torch.dtype, list[Read]]], world: int) -> None:
         """The plan of ``chunks``, its files (a DCP file per rank that saves chunks or extra state,
         and the checkpoint's metadata files) and the small files, for ``--dry-run``."""
@@ -137,7 +142,6 @@ class ToMegatron:
                 if u.writer == comm.rank}
         written = 0
         trim = heap_trimmer()  # chunks written and freed go back to the system, not to glibc's heaps
-        stream = Stream(plan, self.reader, comm, self.window, pull=True)
 
         def fetch(key: str, offsets: tuple[int, ...]) -> torch.Tensor:
             nonlocal written
@@ -153,11 +157,13 @@ class ToMegatron:
 
         chunks = [(plan.units[n].outputs[0].place, plan.units[n].dtype) for n in mine.values()]
         extras = [e for e in self.extras if e.target_rank % comm.world == comm.rank]
-        try:
-            known = save_root(comm, tmp, chunks=chunks, extras=extras, fetch=fetch, common=self.common,
-                              iteration=self.iteration)  # its files hashed as written
-        finally:
-            stream.close()
+        with self.opened():
+            stream = Stream(plan, self.reader, comm, self.window, pull=True)
+            try:
+                known = save_root(comm, tmp, chunks=chunks, extras=extras, fetch=fetch, common=self.common,
+                                  iteration=self.iteration)  # its files hashed as written
+            finally:
+                stream.close()  # joins the reader
         tracker.converted(written)
         misses = sum(comm.collect(stream.misses))
         return {"save": str(self.save), "layout": self.layout, "padded_vocab_size": self.spec.padded_vocab_size,
