@@ -61,7 +61,7 @@ from distconv.engine.run import parse_size
 from distconv.engine.stream import heap_trimmer
 from distconv.errors import DistconvError, warn
 from distconv.families import HUB_TYPES
-from distconv.hf.source import auto_map_file, read_config, remote_code
+from distconv.hf.source import auto_map_file, kept_open, read_config, remote_code
 from distconv.megatron.args import arg
 from distconv.megatron.catalogue import COUNTS, other_spellings, stored_counts
 from distconv.megatron.checkpoint import Checkpoint
@@ -487,14 +487,14 @@ class _ExportLayers:
                     continue
                 layer = number.match(target)
                 self.groups.setdefault(f"{layers}.{layer.group(1)}" if layer else "", []).append(key)
-        self.windows: dict[str, _ExpertWindows] = {}
+        self.windows: dict[str, dict[str, _ExpertWindows]] = {}  # layer -> its windowed modules, by name in it
         for name, shape in experts.items():
             windows = _ExpertWindows.plan(self, name, shape, found[name], window)
+            group = f"{layers}.{number.match(f'{name}.').group(1)}"
             if windows is None:  # read with its layer
-                layer = number.match(f"{name}.")
-                self.groups.setdefault(f"{layers}.{layer.group(1)}", []).extend(key for key, _, _ in found[name])
+                self.groups.setdefault(group, []).extend(key for key, _, _ in found[name])
             else:
-                self.windows[name] = windows
+                self.windows.setdefault(group, {})[name.removeprefix(group)[1:]] = windows
         self.trim = heap_trimmer()
         for i, layer in enumerate(lazy):
             layer.run = functools.partial(self.run, i)
@@ -512,7 +512,7 @@ class _ExportLayers:
             layer = stand_in.build().train(stand_in.training)  # in eval mode, as the model is
         _buffers_to(layer, self.device)
         group = f"{self.layers}.{i}"
-        windows = {name.removeprefix(group)[1:]: w for name, w in self.windows.items() if name.startswith(f"{group}.")}
+        windows = self.windows.get(group, {})
         lazy[i] = layer
         try:
             for name, w in windows.items():
@@ -536,7 +536,7 @@ class _ExportLayers:
 
     def kept_open(self) -> contextlib.AbstractContextManager:
         """Reads inside open each export file once (a safetensors header is parsed at each opening)."""
-        return getattr(self.tensors, "files", self.tensors).kept_open()
+        return kept_open(self.tensors)
 
     def read(self, key: str, first: slice = slice(None)) -> torch.Tensor:
         """The export's tensor ``key`` (``first``: its rows along the first dimension) in fp32."""

@@ -77,6 +77,7 @@ def test_verify_builds_one_decoder_layer_of_each_model_at_a_time(built, exports)
     assert result["ok"] and len(result["layers"]) == 4, result
     assert most == {TransformerLayer: 1, LlamaDecoderLayer: 1}
 
+
 @pytest.mark.parametrize("name,tensor", [("llama", "self_attn.o_proj.weight"), ("mixtral", "block_sparse_moe.experts.1.w2.weight")])
 def test_verify_names_the_layer_a_swapped_tensor_is_in(built, exports, tmp_path, name, tensor):
     """One layer's tensor replaced by another layer's: layers before it agree, it is the first named."""
