@@ -35,6 +35,10 @@ def generate(folder: Path, prompts: list[list[int]], max_tokens: int, options: d
 
     has_tokenizer = (folder / "tokenizer_config.json").exists()
     speculative = options.get("speculative_config")
+    if json.loads((folder / "config.json").read_text()).get("kv_lora_rank"):
+        # MLA: on a CPU with AMX tiles vLLM picks its AMX_MLA backend, which takes bf16 weights only
+        # (it fails on these float32 runs); CPU_MLA is the backend it uses on every other CPU
+        options = {"attention_backend": "CPU_MLA", **options}
     llm = LLM(**{"model": str(folder), "dtype": "float32", "enforce_eager": True, "skip_tokenizer_init": not has_tokenizer,
                  "max_model_len": 64, "max_num_seqs": len(prompts), "seed": 0, "disable_log_stats": speculative is None,
                  **options})
