@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from distconv.directions.export import make_plan
+from distconv.engine.plan import numel
 from distconv.families import FAMILIES, pick_family
 from distconv.megatron.args import spec_from_args
 from distconv.megatron.source import describe
@@ -45,6 +46,20 @@ def test_every_world_size_is_served(built):
         ckpt, plan = _plan(built, "llama", 2, 2, world)
         assert sum(plan.bytes_read_by(r) for r in range(world)) == ckpt.weight_bytes
         assert {r.rank for g in plan.units for r in g.reads} <= set(range(world))
+
+
+def test_a_tensor_one_rank_reads_all_of_is_one_read(built):
+    """At one rank every tensor is one read of its whole box, whatever chunks TP split it into (the
+    reader puts each chunk in its place in the tensor); at 4 ranks the split ones are a read per
+    chunk, each by the rank that saved it."""
+    _, split = _plan(built, "llama", 2, 2, 4)
+    assert sum(len(u.reads) > len(u.parts) for u in split.units) >= 4  # TP-split tensors in every layer
+    ckpt, plan = _plan(built, "llama", 2, 2, 1)
+    for unit in plan.units:
+        assert len(unit.reads) == len(unit.parts)
+        for read in unit.reads:
+            assert numel(read.sizes) == numel(unit.parts[read.part].shape)
+    assert plan.bytes_read_by(0) == ckpt.weight_bytes
 
 
 def test_units_are_bounded_by_the_window_not_the_model(built):

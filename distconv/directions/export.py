@@ -206,7 +206,10 @@ def _chunks_by_index(tensor: TensorInfo, lead: int) -> dict[tuple[int, ...], lis
 
 
 def _reads_for(item: Part, pos: int, tensor: TensorInfo, chunks: list[Chunk], world: int, itemsize: int) -> list[Read]:
-    """Intersect the item's box with the stored chunks; the chunk's writer rank reads it."""
+    """Intersect the item's box with the stored chunks; the chunk's writer rank reads it. Where one
+    rank reads every piece (one rank, or a tensor its writer saved whole), the item is one read of
+    its whole box: the reader puts each stored chunk straight into its place in the part, not into
+    a tensor of its own that is then copied there."""
     lead = len(item.index)
     offsets = item.index + (0,) * len(item.shape)
     box = Read(pos, 0, tensor.key, tensor.shape, offsets, (1,) * lead + item.shape, (), 0)
@@ -218,6 +221,9 @@ def _reads_for(item: Part, pos: int, tensor: TensorInfo, chunks: list[Chunk], wo
     covered = sum(numel(r.sizes) for r in reads)
     if covered != numel(item.shape):
         raise DistconvError(f"checkpoint tensor {item.key} is incomplete: its stored chunks cover {covered} of {numel(item.shape)} elements of {item.name}")
+    if len(reads) > 1 and len({r.rank for r in reads}) == 1:
+        whole = tuple(slice(0, s) for s in item.shape)
+        return [dataclasses.replace(box, rank=reads[0].rank, dest=whole, nbytes=sum(r.nbytes for r in reads))]
     return reads
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
-from distconv.engine.plan import Read, Unit
+from distconv.engine.plan import Read, Unit, numel
 from distconv.errors import DistconvError, user_error, warn
 
 _ALIGN = 16
@@ -498,11 +498,12 @@ def place(full: list[torch.Tensor | None], unit: Unit, read: Read, t: torch.Tens
     """Put a read's data where it lands in its part (made on first use, on ``device``, the host by
     default: empty, or zeros with ``fill`` where reads may leave rows uncovered: padding rows).
     ``adopt``: ``t`` is the caller's to give away (a read's own tensor, not a view of a reused
-    buffer), and if it is the whole part it becomes the part: no copy."""
+    buffer), and if it is the whole part it becomes the part (seen in the part's shape: a stored
+    tensor's leading layer or expert axis dropped): no copy."""
     shape = unit.parts[read.part].shape
-    if (adopt and full[read.part] is None and t.shape == shape and t.dtype == dtype
+    if (adopt and full[read.part] is None and t.numel() == numel(shape) and t.is_contiguous() and t.dtype == dtype
             and t.device == torch.device(device or "cpu")):
-        full[read.part] = t
+        full[read.part] = t.view(shape)
         return
     if full[read.part] is None:
         full[read.part] = (torch.zeros if fill else torch.empty)(shape, dtype=dtype, device=device)
