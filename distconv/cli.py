@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where gathering happens (auto: NCCL on CUDA if available)")
     exp.add_argument("--window", default="256MiB", help="largest group rank 0 gathers at once; it holds about 3 (default 256MiB)")
     exp.add_argument("--writers", type=int, default=1, help="ranks that write safetensors files in parallel (default 1: rank 0)")
+    exp.add_argument("--read-at", default="saver", choices=["saver", "writer"],
+                     help="who reads a stored chunk: saver (default: the rank at its saver's position; each rank reads "
+                          "its own shard) or writer (its unit's writer, which gathers nothing: every rank must see "
+                          "every file, e.g. a shared file system)")
     exp.add_argument("--timeout", type=float, default=1800.0, help="distributed timeout in seconds")
     exp.add_argument("--quiet", action="store_true", help="print nothing but warnings and errors")
     exp.add_argument("--allow-nonfinite", action="store_true", help="export tensors holding NaN or Inf (default: an error naming them)")
@@ -204,7 +208,7 @@ def export_keywords(opts: argparse.Namespace) -> dict[str, Any]:
     return dict(
         iteration=opts.iteration, hf_config=opts.hf_config, tokenizer=opts.tokenizer, dtype=opts.dtype,
         max_shard_size=opts.max_shard_size, overwrite=opts.overwrite, device=opts.device, window=opts.window,
-        writers=opts.writers, timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
+        writers=opts.writers, read_at=opts.read_at, timeout_s=opts.timeout, quiet=opts.quiet, dry_run=opts.dry_run, report=opts.report,
         format=opts.format, allow_nonfinite=opts.allow_nonfinite, vocab_size=opts.vocab_size,
     )
 

@@ -62,6 +62,8 @@ def exported(built, tmp_path_factory) -> dict[tuple, dict]:
                 ("llama", 2, 2, world, "shards"): _job(built, out / "shards", "llama", 2, 2, world, max_shard_size="200KB"),
                 ("qwen3", 2, 2, world, "writers"): _job(built, out / "writers", "qwen3", 2, 2, world, writers=2,
                                                         max_shard_size="100KB", window="60KB"),
+                ("qwen3", 2, 2, world, "read-at-writer"): _job(built, out / "read-at-writer", "qwen3", 2, 2, world,
+                                                               writers=2, read_at="writer", window="60KB"),
                 ("llama", 2, 2, world, "stuck"): _job(built, out / "stuck", "llama", 2, 2, world, stuck_writer=True,
                                                       timeout_s=10),
                 ("qwen3_5", 2, 2, world, "wrong"): _job(built, out / "wrong", "qwen3_5", 2, 2, world,
@@ -185,6 +187,20 @@ def test_parallel_writers_and_small_windows(exported, built):
     assert result["ok"], result.get("error")
     index = json.loads((result["save"] / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) >= 2
+    assert _check_logits(built, "qwen3", result["save"]) <= TOL
+
+
+def test_writers_reading_their_units_themselves(exported, built):
+    """--read-at writer: each of the 2 writers reads its own units' chunks, whichever rank saved
+    them, and nothing is gathered; the same export by the savers' positions gathers the TP halves
+    the other rank holds. Both give megatron-core's logits."""
+    saver = exported[("qwen3", 2, 2, OTHER_WORLD, "writers")]
+    result = exported[("qwen3", 2, 2, OTHER_WORLD, "read-at-writer")]
+    assert saver["ok"] and result["ok"], result.get("error")
+    saver, report = saver["report"], result["report"]
+    assert saver["bytes_gathered"] > 0 and report["bytes_gathered"] == 0
+    assert all(r["bytes_read_planned"] > 0 for r in report["ranks"])
+    assert report["bytes_read_planned"] == saver["bytes_read_planned"]
     assert _check_logits(built, "qwen3", result["save"]) <= TOL
 
 

@@ -75,7 +75,8 @@ def test_bytes_read_is_measured_or_null(monkeypatch, tmp_path):
         before = progress.storage_bytes_read()
         assert isinstance(before, int) and progress.storage_bytes_read() >= before
     plan = SimpleNamespace(tensors=3, files=["model.safetensors"], total_bytes=1000, world=1,
-                           bytes_read_by=lambda rank: 1200, bytes_written_by=lambda rank: 1000)
+                           bytes_read_by=lambda rank: 1200, bytes_written_by=lambda rank: 1000,
+                           gathered_bytes=0)
 
     def run(counters):
         monkeypatch.setattr(progress, "storage_bytes_read", lambda: next(counters))

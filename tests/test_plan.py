@@ -62,6 +62,22 @@ def test_a_tensor_one_rank_reads_all_of_is_one_read(built):
     assert plan.bytes_read_by(0) == ckpt.weight_bytes
 
 
+def test_read_at_writer_reads_each_unit_whole_on_its_writer(built):
+    """``read_at="writer"``: every read lies on its unit's writer, one read per tensor, and the
+    bytes read are the same as by the savers' positions."""
+    ckpt = describe(layout_dir(built, "llama", 2, 2))
+    spec = spec_from_args(ckpt.args).with_vocab(250)
+    family = pick_family(FAMILIES, spec, None)
+    by_saver = make_plan(ckpt, spec, family, torch.float32, 4, max_shard_size=10**6, writers=2)
+    plan = make_plan(ckpt, spec, family, torch.float32, 4, max_shard_size=10**6, writers=2, read_at="writer")
+    assert by_saver.gathered_bytes > 0 and plan.gathered_bytes == 0
+    for unit in plan.units:
+        assert [r.part for r in unit.reads] == list(range(len(unit.parts)))
+        assert all(r.rank == unit.writer and numel(r.sizes) == numel(unit.parts[r.part].shape) for r in unit.reads)
+    assert plan.bytes_read_by(1) == plan.bytes_read_by(3) == 0  # not writers
+    assert sum(plan.bytes_read_by(r) for r in (0, 2)) == ckpt.weight_bytes
+
+
 def test_units_are_bounded_by_the_window_not_the_model(built):
     window = 40_000
     ckpt, plan = _plan(built, "llama", 1, 1, 1, window=window)

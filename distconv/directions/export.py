@@ -54,6 +54,7 @@ from distconv.megatron.tokenizer import (
 from distconv.spec import DTYPES, ModelSpec
 
 FORMATS = ("safetensors", "torch")
+READ_AT = ("saver", "writer")  # which rank reads a stored chunk: make_plan's read_at
 def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None, list[str]]:
     """``--hf-config`` (a folder or a ``config.json``): the config, its folder, and warnings
     (``hf.source.read_config``: an ``auto_map`` is ignored and not written into the export)."""
@@ -222,9 +223,15 @@ def _reads_for(item: Part, pos: int, tensor: TensorInfo, chunks: list[Chunk], wo
     if covered != numel(item.shape):
         raise DistconvError(f"checkpoint tensor {item.key} is incomplete: its stored chunks cover {covered} of {numel(item.shape)} elements of {item.name}")
     if len(reads) > 1 and len({r.rank for r in reads}) == 1:
-        whole = tuple(slice(0, s) for s in item.shape)
-        return [dataclasses.replace(box, rank=reads[0].rank, dest=whole, nbytes=sum(r.nbytes for r in reads))]
+        return [_whole_read(item, reads, reads[0].rank)]
     return reads
+
+
+def _whole_read(item: Part, reads: list[Read], rank: int) -> Read:
+    """``item``'s ``reads`` (covering it) as one read of its whole box by ``rank``."""
+    lead = len(item.index)
+    return Read(reads[0].part, rank, item.key, reads[0].global_shape, item.index + (0,) * len(item.shape),
+                (1,) * lead + item.shape, tuple(slice(0, s) for s in item.shape), sum(r.nbytes for r in reads))
 
 
 def _order(item: Part) -> tuple[int, int, str, int]:
@@ -275,6 +282,7 @@ def make_plan(
     fp8_rest: torch.dtype | None = None,
     mxfp4_rest: torch.dtype | None = None,
     cut_at_holders: bool = False,
+    read_at: str = "saver",
 ) -> Plan:
     """Units of a layer's items (split by ``window`` bytes), their reads, and the HF outputs.
 
@@ -289,7 +297,13 @@ def make_plan(
     With ``cut_at_holders`` a unit is also cut where the rank holding most of its tensors changes
     (at EP, each rank's experts of a layer are units of their own), so that each can be mapped by
     the rank holding it (``distconv.weights``).
+    ``read_at``: which rank reads a stored chunk: ``saver``, the rank at the position of the one
+    that saved it (each rank reads its own shard), or ``writer``, the unit's writer, which then
+    reads its units whole and gathers nothing (where every rank sees every file: a shared file
+    system, or one node).
     """
+    if read_at not in READ_AT:
+        raise DistconvError(f"--read-at {read_at}: choose {' or '.join(READ_AT)}")
     if not 1 <= writers <= world:
         raise DistconvError(f"--writers {writers} must be between 1 and the number of ranks ({world})")
     # sorted by the stored names (the outputs' order), then named as the mappings name them
@@ -344,6 +358,9 @@ def make_plan(
     outputs, files = _assign_files(named, ranges, max_shard_size)
     for unit_outputs, unit, r in zip(outputs, units, [r for r, rng in enumerate(ranges) for _ in rng]):
         unit.outputs, unit.writer = unit_outputs, writer_ranks[r]
+        if read_at == "writer":
+            unit.reads = [_whole_read(item, [read for read in unit.reads if read.part == pos], unit.writer)
+                          for pos, item in enumerate(unit.parts)]
     order = [u for batch in itertools.zip_longest(*ranges) for u in batch if u is not None]
     flat = [o for outs in outputs for o in outs]
     return Plan([units[u] for u in order], flat, files, dtype, world, writer_ranks[: len(ranges)])
@@ -417,11 +434,11 @@ class Mapped:
 
 def map_model(ckpt: Checkpoint, spec: ModelSpec, user_config: Any, dtype: str, world: int, *, window: int,
               max_shard_size: int, writers: int, bos_eos: tuple[int | None, int | None] = (None, None),
-              cut_at_holders: bool = False) -> Mapped:
+              cut_at_holders: bool = False, read_at: str = "saver") -> Mapped:
     """The family, HF config and plan of a described model (``spec`` with its true vocab) in ``dtype``
     (``auto``, ``bf16``, ``fp16``, ``fp32`` or ``fp8``), checked against the HF model: what export and
-    ``distconv.weights`` share, whether the model is a checkpoint or live. ``cut_at_holders``:
-    ``make_plan``'s."""
+    ``distconv.weights`` share, whether the model is a checkpoint or live. ``cut_at_holders`` and
+    ``read_at``: ``make_plan``'s."""
     arch = (user_config.architectures or [None])[0] if user_config is not None else None
     family = pick_family(FAMILIES, spec, arch)
     has_output = "output_layer.weight" in ckpt.tensors
@@ -451,7 +468,7 @@ def map_model(ckpt: Checkpoint, spec: ModelSpec, user_config: Any, dtype: str, w
     mxfp4_rest = out_dtype if mx else None
     plan = make_plan(ckpt, spec, family, gather_dtype, world, max_shard_size=max_shard_size,
                      window=window, writers=writers, fp8_rest=fp8_rest, mxfp4_rest=mxfp4_rest,
-                     cut_at_holders=cut_at_holders)
+                     cut_at_holders=cut_at_holders, read_at=read_at)
     _check_counts(plan, spec, ckpt)
     _check_against_hf(plan, config, family, spec)
     quantization = quantization_config() if fp8 else mxfp4.quantization_config() if mx else None
@@ -476,6 +493,7 @@ class ExportOptions(RunOptions):
     max_shard_size: str | int = "5GB"
     device: str = "auto"
     writers: int = 1
+    read_at: str = "saver"
     format: str = "safetensors"
     allow_nonfinite: bool = False
     vocab_size: int | None = None
@@ -505,7 +523,8 @@ class ExportJob:
         self.window = parse_size(opts.window, "--window")
         shard_size = parse_size(max_shard_size, "--max-shard-size")
         self.mapped = mapped = map_model(self.ckpt, spec.with_vocab(vocab), user_config, opts.dtype, world, window=self.window,
-                                         max_shard_size=shard_size, writers=writers, bos_eos=(bos, eos))
+                                         max_shard_size=shard_size, writers=writers, bos_eos=(bos, eos),
+                                         read_at=opts.read_at)
         self.warnings += mapped.notes
         self.identity = marker.source_of(self.ckpt, {
             "dtype": str(self.dtype).removeprefix("torch."), "max_shard_size": shard_size,

@@ -179,6 +179,11 @@ class Plan:
     def bytes_read_by(self, rank: int) -> int:
         return sum(r.nbytes for u in self.units for r in u.reads if r.rank == rank)
 
+    @property
+    def gathered_bytes(self) -> int:
+        """Bytes of the reads made on other ranks than their unit's writer (at the source's cost)."""
+        return sum(r.nbytes for u in self.units for r in u.reads if r.rank != u.writer)
+
     def bytes_written_by(self, rank: int) -> int:
         return sum(u.nbytes for u in self.units if u.writer == rank)
 

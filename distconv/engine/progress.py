@@ -129,7 +129,8 @@ class Tracker:
         """Collective: the run report with every rank's peak memory and reads, on every rank.
 
         ``bytes_read`` is measured (``None`` where unmeasurable; never the plan's figure under
-        that name); ``bytes_read_planned`` is the tensor bytes the plan had the rank read.
+        that name); ``bytes_read_planned`` is the tensor bytes the plan had the rank read, and
+        ``bytes_gathered`` those read on other ranks than the writer they went to.
         """
         mine = {"rank": self.rank, "host": os.uname().nodename, "peak_rss_bytes": peak_rss_bytes(),
                 "bytes_read": self.bytes_read(),
@@ -153,6 +154,7 @@ class Tracker:
             "world_size": self.world,
             "bytes_read": read,
             "bytes_read_planned": sum(r["bytes_read_planned"] for r in ranks),
+            "bytes_gathered": self.plan.gathered_bytes,
             "bytes_written": self.plan.total_bytes,
             "seconds": {"plan": round(plan_s, 3), "convert": round(convert_s, 3)},
             "read_gbps": _gbps(read, convert_s),
