@@ -16,7 +16,8 @@ For each ``--gb`` size:
    least. Also ``python -m distconv --help``'s wall time and the planning time alone
    (``plan_time.py``: imports done, one rank).
 3. Runs ``torchrun -m distconv`` at each ``--ranks`` count, as a user would: ``export`` (with
-   ``--writers``; at 2 ranks also ``--writers 2`` when ``--writers`` is 1) to an HF folder;
+   ``--writers``; at 2 ranks also ``--writers 2``, with and without ``--read-at writer``, when
+   ``--writers`` is 1) to an HF folder;
    ``import`` (HF folder) and ``reshard`` (the checkpoint) to a torch_dist save root at ``--tp``
    x ``--pp`` (default TP2 PP1 for import, TP1 PP2 for reshard), and for an MoE model at
    ``--ep`` x ``--etp`` (default EP2 with expert TP 1 for import, EP4 for reshard). "time" is
@@ -230,22 +231,23 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
             return result
         return go
 
-    runs = [(n, min(opts.writers, n)) for n in opts.ranks]
+    runs = [(n, min(opts.writers, n), "saver") for n in opts.ranks]
     if opts.op == "export" and 2 in opts.ranks and opts.writers == 1:
-        runs.append((2, 2))  # --writers 2 at 2 ranks beside --writers 1
-    for n, writers in runs:
+        runs += [(2, 2, "saver"), (2, 2, "writer")]  # --writers 2 at 2 ranks beside --writers 1, and gathering nothing
+    for n, writers, read_at in runs:
         report = scratch / f"report{n}.json"
         save = scratch / f"{opts.op}{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "distconv",
                opts.op, "--load", str(ckpt_root if opts.op == "export" else hf or ckpt_root), "--save", str(save),
                "--overwrite", "--quiet", "--report", str(report), "--window", opts.window]
         if opts.op == "export":
-            cmd += ["--writers", str(writers), "--dtype", opts.dtype]
+            cmd += ["--writers", str(writers), "--read-at", read_at, "--dtype", opts.dtype]
         else:
             cmd += ["--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
                     "--expert-model-parallel-size", str(ep), *(["--expert-tensor-parallel-size", str(etp)] if etp else []),
                     *(["--dtype", opts.dtype] if opts.op == "import" else [])]
-        name = f"distconv {opts.op}{target}, {n} rank(s)" + (f", --writers {writers}" if opts.op == "export" else "")
+        name = f"distconv {opts.op}{target}, {n} rank(s)" + (
+            f", --writers {writers}" + (" --read-at writer" if read_at == "writer" else "") if opts.op == "export" else "")
         rows[name] = repeated(once(run_measured, cmd, report, save), opts.repeat)
     base_name = None
     if not opts.skip_baseline:
