@@ -28,7 +28,7 @@ from distconv.megatron.args import spec_from_args
 from distconv.megatron.legacy import _qkv_to_core
 from distconv.megatron.source import describe
 
-from conftest import distconv_cli, hf_logits, run_export_jobs
+from conftest import distconv_cli, hf_logits, hf_tensors, run_export_jobs
 from export_jobs import drop_page_cache
 from fixtures.build import FIXTURES, layout_dir, parallel, torch_format_dir
 from fixtures.legacy import LEGACY_FIXTURES, PADDED_VOCAB, VOCAB, hf_model
@@ -52,6 +52,8 @@ def exported(legacy_built, built, tmp_path_factory) -> dict[tuple, dict]:
     for name, tp, pp in CORE_TORCH:
         jobs[("core", name, tp, pp)] = {"load": str(torch_format_dir(built, name, tp, pp)), "save": str(out / f"core_{name}_{tp}_{pp}")}
     jobs["torch"] = {"load": str(legacy_built / "gpt2_v3" / "tp2pp2"), "save": str(out / "torch"), "format": "torch"}
+    jobs["read_at_writer"] = {"load": str(legacy_built / "gpt2_v3" / "tp2pp2"), "save": str(out / "read_at_writer"),
+                              "writers": 2, "read_at": "writer"}
     # conversion from storage, not the page cache, so that each rank's bytes_read shows its files
     jobs[("gpt2_v3", 2, 2)]["cold"] = str(legacy_built / "gpt2_v3" / "tp2pp2")
     results = run_export_jobs(WORLD, list(jobs.values()), out)
@@ -142,6 +144,17 @@ def test_each_rank_reads_only_its_own_files(exported, legacy_built):
         assert touched == own[r["rank"]], (r["rank"], result["mapped"])
     assert report["bytes_read"] == sum(r["bytes_read"] for r in report["ranks"])
     assert report["bytes_read_planned"] == sum(r["bytes_read_planned"] for r in report["ranks"])
+
+
+def test_writers_reading_rank_files_themselves(exported, legacy_built):
+    """--read-at writer on legacy rank files: each of the 2 writers opens whichever rank files
+    its units lie in, nothing is gathered, and the tensors equal those of the export by saver."""
+    result, by_saver = exported["read_at_writer"], exported[("gpt2_v3", 2, 2)]
+    assert result["ok"] and by_saver["ok"], result.get("error")
+    assert result["report"]["bytes_gathered"] == 0 and by_saver["report"]["bytes_gathered"] > 0
+    assert all(r["bytes_read_planned"] > 0 for r in result["report"]["ranks"])
+    mine, theirs = (hf_tensors(f) for f in (result["save"], by_saver["save"]))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
 
 
 def test_virtual_pipeline_chunks(exported, legacy_built):
