@@ -10,10 +10,10 @@ For each ``--gb`` size:
    checkpoint of ``--gb`` GB of bf16 weights (plus fp32 Adam moments unless ``--no-optimizer``),
    saved by 4 ranks at TP2 PP2 (with ``--experts N``: a Mixtral-shaped MoE model, saved at EP2
    with expert TP 1); for ``--op import`` also the HF folder distconv exports from it (one process).
-2. Measures the copy limit: a plain streaming copy of the weights' byte count from the source's
-   files (``.distcp``, or ``.safetensors`` for import) into one file on the same disk, a reader
-   thread and the writer overlapped, fsync'ed: what any conversion of these bytes needs at
-   least. Also ``python -m distconv --help``'s wall time and the planning time alone
+2. Measures the copy limit: a plain streaming copy of the bytes the conversion reads (the
+   weights' stored byte ranges in the ``.distcp`` files, by the DCP metadata; for import the
+   ``.safetensors`` files) into one file on the same disk, a reader thread and the writer
+   overlapped, fsync'ed: what any conversion of these bytes needs at least. Also ``python -m distconv --help``'s wall time and the planning time alone
    (``plan_time.py``: imports done, one rank).
 3. Runs ``torchrun -m distconv`` at each ``--ranks`` count, as a user would: ``export`` (with
    ``--writers``; at 2 ranks also ``--writers 2``, with and without ``--read-at writer``, when
@@ -51,6 +51,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 BLOCK = 16 << 20
@@ -75,27 +76,57 @@ def drop_cache(folder: Path) -> None:
                 os.close(fd)
 
 
-def copy_limit(folder: Path, files: list[Path], nbytes: int, scratch: Path) -> dict[str, float]:
-    """The copy limit: a plain streaming copy of ``nbytes`` from ``files`` (in order, from the start)
-    into one file on the output's disk, a reader thread and the writer overlapped through a queue
-    of 4 blocks, fsync'ed: what any conversion of these bytes needs at least."""
+def weight_ranges(ckpt) -> list[tuple[Path, int, int]]:
+    """The stored byte ranges of a torch_dist checkpoint's weights (its DCP ``.metadata``: file,
+    offset, length of every chunk of every model tensor), in file order: the bytes an export or
+    a reshard reads, the optimizer state around them left out."""
+    import torch
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    ranges = []
+    for key, tensor in ckpt.tensors.items():
+        for chunk in tensor.chunks:
+            info = ckpt.metadata.storage_data[MetadataIndex(key, torch.Size(chunk.offsets))]
+            ranges.append((ckpt.path / info.relative_path, info.offset, info.length))
+    return sorted(ranges)
+
+
+def file_ranges(files: list[Path], nbytes: int) -> list[tuple[Path, int, int]]:
+    """The first ``nbytes`` of ``files`` (an HF folder's safetensors: weights and their headers)."""
+    ranges = []
+    for path in files:
+        n = min(path.stat().st_size, nbytes - sum(r[2] for r in ranges))
+        if n <= 0:
+            break
+        ranges.append((path, 0, n))
+    return ranges
+
+
+def copy_limit(folder: Path, ranges: list[tuple[Path, int, int]], scratch: Path) -> dict[str, float]:
+    """The copy limit: a plain streaming copy of the source's byte ``ranges`` (file, offset,
+    length; in order) into one file on the output's disk, a reader thread and the writer
+    overlapped through a queue of 4 blocks, fsync'ed: what any conversion of these bytes needs
+    at least."""
     drop_cache(folder)
     blocks: queue.Queue = queue.Queue(maxsize=4)
 
     def read() -> None:
-        left = nbytes
-        for path in files:
-            with open(path, "rb", buffering=0) as f:
-                while left > 0:
-                    buf = bytearray(min(BLOCK, left))
+        opened: dict[Path, Any] = {}
+        try:
+            for path, offset, length in ranges:
+                f = opened.get(path) or opened.setdefault(path, open(path, "rb", buffering=0))
+                f.seek(offset)
+                while length > 0:
+                    buf = bytearray(min(BLOCK, length))
                     n = f.readinto(buf)
                     if not n:
                         break
                     blocks.put(memoryview(buf)[:n])
-                    left -= n
-            if left <= 0:
-                break
-        blocks.put(None)
+                    length -= n
+        finally:
+            for f in opened.values():
+                f.close()
+            blocks.put(None)
 
     target = scratch / "limit.bin"
     start = time.perf_counter()
@@ -217,7 +248,8 @@ def measure(opts: argparse.Namespace, gb: float) -> dict:
     if opts.op != "export":
         target = f" -> TP{tp} PP{pp}" + (f" EP{ep}" + (f" ETP{etp}" if etp else "") if opts.experts else "")
 
-    limits = [copy_limit(source, source_files, weights, scratch) for _ in range(opts.repeat)]
+    ranges = file_ranges(source_files, weights) if opts.op == "import" else weight_ranges(ckpt)
+    limits = [copy_limit(source, ranges, scratch) for _ in range(opts.repeat)]
     limit = dict(sorted(limits, key=lambda x: x["seconds"])[(len(limits) - 1) // 2], runs=limits)
     rows = {"copy limit (streaming copy, fsync'ed)": {
         "seconds": limit["seconds"], "wall_s": limit["seconds"], "plan_s": None, "read_bytes": weights,
