@@ -55,6 +55,8 @@ from distconv.spec import DTYPES, ModelSpec
 
 FORMATS = ("safetensors", "torch")
 READ_AT = ("saver", "writer")  # which rank reads a stored chunk: make_plan's read_at
+
+
 def _load_hf_config(path: str | Path | None) -> tuple[Any, Path | None, list[str]]:
     """``--hf-config`` (a folder or a ``config.json``): the config, its folder, and warnings
     (``hf.source.read_config``: an ``auto_map`` is ignored and not written into the export)."""
