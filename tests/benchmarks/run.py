@@ -13,8 +13,9 @@ For each ``--gb`` size:
 2. Measures the copy limit: a plain streaming copy of the bytes the conversion reads (the
    weights' stored byte ranges in the ``.distcp`` files, by the DCP metadata; for import the
    ``.safetensors`` files) into one file on the same disk, a reader thread and the writer
-   overlapped, fsync'ed: what any conversion of these bytes needs at least. Also ``python -m distconv --help``'s wall time and the planning time alone
-   (``plan_time.py``: imports done, one rank).
+   overlapped, fsync'ed: what any conversion of these bytes needs at least. Also
+   ``python -m distconv --help``'s wall time and the planning time alone (``plan_time.py``:
+   imports done, one rank).
 3. Runs ``torchrun -m distconv`` at each ``--ranks`` count, as a user would: ``export`` (with
    ``--writers``; at 2 ranks also ``--writers 2``, with and without ``--read-at writer``, when
    ``--writers`` is 1) to an HF folder;
@@ -86,7 +87,8 @@ def weight_ranges(ckpt) -> list[tuple[Path, int, int]]:
     ranges = []
     for key, tensor in ckpt.tensors.items():
         for chunk in tensor.chunks:
-            info = ckpt.metadata.storage_data[MetadataIndex(key, torch.Size(chunk.offsets))]
+            stored = MetadataIndex(chunk.source or key, torch.Size(chunk.stored_offsets or chunk.offsets))
+            info = ckpt.metadata.storage_data[stored]
             ranges.append((ckpt.path / info.relative_path, info.offset, info.length))
     return sorted(ranges)
 
