@@ -1,6 +1,4 @@
-import sys
-
-from distconv.cli import main
+from distconv.cli import exit_process, main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from distconv.errors import DistconvError
 
@@ -276,6 +277,14 @@ def _dispatch(opts: argparse.Namespace) -> int:
     return 2
 
 
+def exit_process(code: int) -> NoReturn:
+    """End the process with ``code``, the interpreter's last full garbage collection skipped
+    (``gc.freeze``): the system frees the run's and the libraries' objects anyway, and that
+    traversal of them took over a second after a 2 GB export. ``atexit`` handlers still run."""
+    gc.freeze()
+    sys.exit(code)
+
+
 def main_entry() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    exit_process(main())

@@ -93,6 +93,18 @@ def test_bytes_read_is_measured_or_null(monkeypatch, tmp_path):
     assert report["bytes_read_planned"] == 1200
 
 
+def test_the_command_line_exits_without_the_last_collection():
+    """``python -m distconv`` ends through ``exit_process``: the exit status is kept, ``atexit``
+    handlers still run, and the objects are frozen first (``gc.freeze``), out of reach of the
+    interpreter's final garbage collection."""
+    code = ("import atexit, gc\nfrom distconv.cli import exit_process\n"
+            "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+            "exit_process(3)")
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3 and proc.stdout.strip() == "frozen True", (proc.stdout, proc.stderr[-2000:])
+    assert "exit_process(main())" in (ROOT / "distconv" / "__main__.py").read_text()
+
+
 def test_padded_vocab_kept_with_a_warning(built, tmp_path):
     """qwen3's args name no tokenizer and no vocab_size: the padded rows stay, and the run says how to trim them."""
     out, report = tmp_path / "hf", tmp_path / "report.json"
