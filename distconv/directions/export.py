@@ -361,8 +361,10 @@ def make_plan(
     for unit_outputs, unit, r in zip(outputs, units, [r for r, rng in enumerate(ranges) for _ in rng]):
         unit.outputs, unit.writer = unit_outputs, writer_ranks[r]
         if read_at == "writer":
-            unit.reads = [_whole_read(item, [read for read in unit.reads if read.part == pos], unit.writer)
-                          for pos, item in enumerate(unit.parts)]
+            by_part: dict[int, list[Read]] = {}
+            for read in unit.reads:
+                by_part.setdefault(read.part, []).append(read)
+            unit.reads = [_whole_read(item, by_part[pos], unit.writer) for pos, item in enumerate(unit.parts)]
     order = [u for batch in itertools.zip_longest(*ranges) for u in batch if u is not None]
     flat = [o for outs in outputs for o in outs]
     return Plan([units[u] for u in order], flat, files, dtype, world, writer_ranks[: len(ranges)])
