@@ -13,11 +13,11 @@ from distconv.megatron.source import describe
 from fixtures.build import layout_dir
 
 
-def _plan(built, name, tp, pp, world, window=1 << 30):
+def _plan(built, name, tp, pp, world, window=1 << 30, **options):
     ckpt = describe(layout_dir(built, name, tp, pp))
     spec = spec_from_args(ckpt.args).with_vocab(250)
     family = pick_family(FAMILIES, spec, None)
-    return ckpt, make_plan(ckpt, spec, family, torch.float32, world, max_shard_size=5 * 10**9, window=window)
+    return ckpt, make_plan(ckpt, spec, family, torch.float32, world, max_shard_size=5 * 10**9, window=window, **options)
 
 
 def test_optimizer_state_is_present_but_never_read(built):
@@ -65,11 +65,8 @@ def test_a_tensor_one_rank_reads_all_of_is_one_read(built):
 def test_read_at_writer_reads_each_unit_whole_on_its_writer(built):
     """``read_at="writer"``: every read lies on its unit's writer, one read per tensor, and the
     bytes read are the same as by the savers' positions."""
-    ckpt = describe(layout_dir(built, "llama", 2, 2))
-    spec = spec_from_args(ckpt.args).with_vocab(250)
-    family = pick_family(FAMILIES, spec, None)
-    by_saver = make_plan(ckpt, spec, family, torch.float32, 4, max_shard_size=10**6, writers=2)
-    plan = make_plan(ckpt, spec, family, torch.float32, 4, max_shard_size=10**6, writers=2, read_at="writer")
+    _, by_saver = _plan(built, "llama", 2, 2, 4, writers=2)
+    ckpt, plan = _plan(built, "llama", 2, 2, 4, writers=2, read_at="writer")
     assert by_saver.gathered_bytes > 0 and plan.gathered_bytes == 0
     for unit in plan.units:
         assert [r.part for r in unit.reads] == list(range(len(unit.parts)))
